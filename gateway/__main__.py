@@ -1,0 +1,151 @@
+"""The command line: gateway serve | demo | migrate | token."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import logging
+import secrets
+import signal
+import sys
+import time
+
+import asyncpg
+import jwt
+from aiohttp import web
+
+from .catalog import PolicyError
+from .db import EmbeddedPostgres, migrate
+from .settings import ConfigError, Settings
+
+log = logging.getLogger("gateway")
+DEV_SECRET_FILE = "dev-jwt-secret"
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="gateway", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+    sub.add_parser("serve", help="run the gateway (configured from GATEWAY_* variables)")
+    demo = sub.add_parser("demo", help="embedded database, demo backends, gateway and tokens")
+    demo.add_argument("--port", type=int, default=None, help="gateway port (default from "
+                      "GATEWAY_LISTEN, 8080)")
+    sub.add_parser("migrate", help="apply the SQL migrations and exit")
+    tok = sub.add_parser("token", help="mint a development token (HS256)")
+    tok.add_argument("--role", required=True,
+                     choices=("provider_staff", "partner", "euo_admin", "user"))
+    tok.add_argument("--sub", required=True)
+    tok.add_argument("--partner")
+    tok.add_argument("--euo")
+    tok.add_argument("--ttl", type=int, default=3600, help="lifetime in seconds")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s %(message)s")
+    for noisy in ("pgserver", "casbin", "casbin.policy", "casbin.enforcer", "casbin.role"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+    try:
+        settings = Settings.from_env()
+        if args.command == "serve":
+            return _serve(settings)
+        if args.command == "demo":
+            from .demo.run import run_demo
+            return run_demo(settings, args.port)
+        if args.command == "migrate":
+            return _with_database(settings, _migrate)
+        if args.command == "token":
+            print(mint_token(settings, args.role, args.sub, args.partner, args.euo, args.ttl))
+            return 0
+    except (ConfigError, PolicyError) as e:
+        print(f"gateway: {e}", file=sys.stderr)
+        return 2
+    return 1
+
+
+def dev_secret(settings: Settings) -> str:
+    """GATEWAY_JWT_SECRET, or a development secret generated once under the data dir."""
+    if settings.jwt_secret:
+        return settings.jwt_secret
+    path = settings.data_dir / DEV_SECRET_FILE
+    if not path.exists():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(secrets.token_urlsafe(48))
+        path.chmod(0o600)
+    return path.read_text().strip()
+
+
+def mint_token(settings: Settings, role: str, sub: str, partner: str | None, euo: str | None,
+               ttl: int) -> str:
+    """A signed development token for this role and tenant."""
+    if role == "partner" and not partner:
+        raise ConfigError("a partner token needs --partner")
+    if role in ("euo_admin", "user") and not euo:
+        raise ConfigError(f"a {role} token needs --euo")
+    now = int(time.time())
+    claims = {"sub": sub, "role": role, "iat": now, "exp": now + ttl}
+    if partner and role == "partner":
+        claims["partner"] = partner
+    if euo and role in ("euo_admin", "user"):
+        claims["euo"] = euo
+    if settings.jwt_issuer:
+        claims["iss"] = settings.jwt_issuer
+    if settings.jwt_audience:
+        claims["aud"] = settings.jwt_audience
+    return jwt.encode(claims, dev_secret(settings), algorithm="HS256")
+
+
+def database_url(settings: Settings, stack: contextlib.ExitStack) -> str:
+    """GATEWAY_DATABASE_URL, or an embedded PostgreSQL stopped when the stack closes."""
+    if settings.database_url:
+        return settings.database_url
+    embedded = EmbeddedPostgres(settings.data_dir)
+    dsn = embedded.start()
+    stack.callback(embedded.stop)
+    log.info("embedded PostgreSQL under %s", embedded.pgdata)
+    return dsn
+
+
+def _with_database(settings: Settings, job) -> int:
+    with contextlib.ExitStack() as stack:
+        dsn = database_url(settings, stack)
+        return asyncio.run(job(dsn))
+
+
+async def _migrate(dsn: str) -> int:
+    conn = await asyncpg.connect(dsn)
+    try:
+        applied = await migrate(conn)
+    finally:
+        await conn.close()
+    print("applied: " + ", ".join(applied) if applied else "database is up to date")
+    return 0
+
+
+def _serve(settings: Settings) -> int:
+    settings.check_for_serving()
+    from .app import create_app
+
+    _use_uvloop()
+    with contextlib.ExitStack() as stack:
+        dsn = database_url(settings, stack)
+        app = create_app(settings, dsn)
+        web.run_app(app, host=settings.listen_host, port=settings.listen_port,
+                    access_log=None, print=lambda s: log.info(s.strip()))
+    return 0
+
+
+def _use_uvloop() -> None:
+    with contextlib.suppress(ImportError):
+        import uvloop
+        asyncio.set_event_loop_policy(uvloop.EventLoopPolicy())
+
+
+async def wait_for_signal() -> None:
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    await stop.wait()
+
+
+if __name__ == "__main__":
+    sys.exit(main())
+

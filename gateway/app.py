@@ -1,0 +1,231 @@
+"""create_app(settings, dsn): the only place the gateway is wired together."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import re
+import time
+import uuid
+from collections.abc import Awaitable, Callable
+from datetime import date
+
+import aiohttp
+import asyncpg
+import orjson
+from aiohttp import web
+
+from . import pipeline
+from .audit import AuditRow, AuditWriter
+from .authn import Authenticator
+from .authz import Policy, load_policy
+from .catalog import ROLES, load_catalog
+from .contracts import ContractCache
+from .db import create_pool, migrate, query
+from .errors import Denied, error_response
+from .principal import Principal
+from .proxy import Backends, normalise_path
+from .redact import now_utc
+from .settings import Settings
+
+log = logging.getLogger("gateway")
+
+SETTINGS = web.AppKey("settings", Settings)
+POOL = web.AppKey("pool", asyncpg.Pool)
+_REQUEST_ID = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
+
+
+def create_app(settings: Settings, dsn: str) -> web.Application:
+    """The gateway application; resources open and close with its cleanup contexts."""
+    catalog = load_catalog(settings.policy_dir)
+    policy = load_policy(settings.policy_dir, catalog)
+    app = web.Application(middlewares=[_request_ids], client_max_size=settings.max_body_bytes)
+    app[SETTINGS] = settings
+    app.cleanup_ctx.append(_resources(settings, dsn, catalog, policy))
+    app.router.add_get("/healthz", healthz)
+    app.router.add_get("/readyz", readyz)
+    app.router.add_get("/v1/catalog", catalog_view)
+    app.router.add_put("/v1/admin/euos/{euo}", put_contract)
+    app.router.add_delete("/v1/admin/euos/{euo}", delete_contract)
+    for service in settings.upstreams:
+        app.router.add_route("*", f"/{service}/{{tail:.*}}", pipeline.handle)
+    return app
+
+
+def _resources(settings: Settings, dsn: str, catalog, policy: Policy):
+    async def ctx(app: web.Application):
+        pool = await create_pool(dsn, settings.db_pool_min, settings.db_pool_max)
+        async with pool.acquire() as conn:
+            await migrate(conn)
+        contracts = ContractCache(pool, dsn)
+        await contracts.start()
+        audit = AuditWriter(pool, settings.audit_queue_max)
+        audit.start()
+        connector = aiohttp.TCPConnector(limit=settings.backend_connections,
+                                         limit_per_host=settings.backend_connections,
+                                         keepalive_timeout=30)
+        session = aiohttp.ClientSession(connector=connector, auto_decompress=False)
+        backends = Backends(settings.upstreams, session, settings.backend_read_timeout_s,
+                            settings.backend_connect_timeout_s)
+        app[POOL] = pool
+        app[pipeline.GATEWAY] = pipeline.Gateway(
+            catalog=catalog, policy=policy, authn=Authenticator(settings, session),
+            contracts=contracts, backends=backends, audit=audit,
+            max_body_bytes=settings.max_body_bytes)
+        try:
+            yield
+        finally:
+            await audit.close()
+            await contracts.close()
+            await session.close()
+            await pool.close()
+    return ctx
+
+
+@web.middleware
+async def _request_ids(request: web.Request, handler) -> web.StreamResponse:
+    """Give every request an id, echo it, and turn every failure into a SPEC §4 body."""
+    given = request.headers.get("X-Request-Id", "")
+    request_id = given if _REQUEST_ID.match(given) else uuid.uuid4().hex
+    request["request_id"] = request_id
+    try:
+        if request.path.startswith(("/telephony/", "/meeting/")):
+            normalise_path(request.raw_path)
+        response = await handler(request)
+    except Denied as d:
+        response = error_response(d.status, d.code, d.message, request_id)
+    except web.HTTPRequestEntityTooLarge:
+        response = error_response(413, "body_too_large", "the request body is too large",
+                                  request_id)
+    except web.HTTPException as e:
+        code = {404: "not_found", 405: "method_not_allowed"}.get(e.status, "bad_request")
+        status = e.status if e.status in (400, 401, 403, 404, 413) else (
+            404 if e.status == 405 else 400)
+        response = error_response(status, code, e.reason or "request refused", request_id)
+    except asyncio.CancelledError:
+        raise
+    except Exception:
+        log.exception("unhandled error in request %s", request_id)
+        response = error_response(502, "internal_error",
+                                  "the gateway could not complete the request", request_id)
+    if not response.prepared:
+        response.headers["X-Request-Id"] = request_id
+    return response
+
+
+# --- the gateway's own API -------------------------------------------------------------
+
+async def healthz(request: web.Request) -> web.Response:
+    return web.json_response({"status": "ok"})
+
+
+async def readyz(request: web.Request) -> web.Response:
+    gw = request.app[pipeline.GATEWAY]
+    try:
+        async with asyncio.timeout(2):
+            await request.app[POOL].fetchval("select 1")
+        database = True
+    except (TimeoutError, OSError, asyncpg.PostgresError):
+        database = False
+    backends = await gw.backends.ready()
+    ok = database and all(backends.values())
+    return web.json_response(
+        {"status": "ready" if ok else "not_ready", "database": database, "backends": backends},
+        status=200 if ok else 503, dumps=_dumps)
+
+
+Handler = Callable[[web.Request, Principal, AuditRow], Awaitable[web.Response]]
+
+
+def _api(route: str, roles: tuple[str, ...] = ROLES) -> Callable[[Handler], Callable]:
+    """Authenticate and audit a gateway API call; only `roles` may make it."""
+    def wrap(handler: Handler):
+        async def endpoint(request: web.Request) -> web.StreamResponse:
+            gw = request.app[pipeline.GATEWAY]
+            started = time.perf_counter()
+            row = AuditRow(at=now_utc(), request_id=request["request_id"],
+                           method=request.method, path=request.raw_path[:2048],
+                           service="gateway", route=f"gateway:{route}",
+                           client_addr=request.remote)
+            try:
+                principal = await gw.authn.authenticate(request.headers.get("Authorization"))
+                row.actor_sub, row.actor_role, row.actor_partner, row.actor_euo = (
+                    principal.audit_fields())
+                if principal.role not in roles:
+                    raise Denied(403, "role_not_permitted",
+                                 f"only {', '.join(roles)} may call this endpoint")
+                try:
+                    response = await handler(request, principal, row)
+                except (TimeoutError, asyncpg.PostgresError, asyncpg.InterfaceError, OSError):
+                    raise Denied(503, "database_unavailable",
+                                 "the gateway's database cannot be reached") from None
+            except Denied as d:
+                row.decision, row.reason, row.status = "deny", d.code, d.status
+                row.duration_ms = (time.perf_counter() - started) * 1000
+                gw.audit.record_nowait(row)
+                raise
+            row.decision, row.status = "allow", response.status
+            row.bytes = response.content_length or 0
+            row.duration_ms = (time.perf_counter() - started) * 1000
+            await gw.audit.commit(row)
+            return response
+        return endpoint
+    return wrap
+
+
+@_api("/v1/catalog")
+async def catalog_view(request: web.Request, principal: Principal, row: AuditRow) -> web.Response:
+    """The data sets with their purpose, retention and who may see them under the policy."""
+    gw = request.app[pipeline.GATEWAY]
+    policy = gw.policy
+    out = []
+    for ds in gw.catalog.data_sets.values():
+        entry = ds.public()
+        entry["visible_to"] = policy.who_may(ds.name)
+        out.append(entry)
+    return web.json_response({"data_sets": out}, dumps=_dumps)
+
+
+@_api("/v1/admin/euos/{euo}", roles=("provider_staff",))
+async def put_contract(request: web.Request, principal: Principal, row: AuditRow) -> web.Response:
+    """Create or change the commercial relationship of an EUO with its partner."""
+    euo = request.match_info["euo"]
+    row.subject_euo = euo
+    try:
+        body = orjson.loads(await request.read())
+    except orjson.JSONDecodeError:
+        raise Denied(400, "bad_json", "the body is not valid JSON") from None
+    if not isinstance(body, dict):
+        raise Denied(400, "bad_json", "the body must be a JSON object")
+    partner = body.get("partner_id")
+    if not isinstance(partner, str) or not partner.strip():
+        raise Denied(400, "invalid_contract", "partner_id must be a non-empty string")
+    end = body.get("contract_end")
+    if end is not None:
+        try:
+            end = date.fromisoformat(end) if isinstance(end, str) and len(end) == 10 else None
+        except ValueError:
+            end = None
+        if end is None:
+            raise Denied(400, "invalid_contract", "contract_end must be YYYY-MM-DD or null")
+    record = await request.app[POOL].fetchrow(query("put_contract"), euo, partner, end)
+    request.app[pipeline.GATEWAY].contracts.remember(euo, partner, end)
+    return web.json_response({"euo_id": record["euo_id"], "partner_id": record["partner_id"],
+                              "contract_end": end.isoformat() if end else None}, dumps=_dumps)
+
+
+@_api("/v1/admin/euos/{euo}", roles=("provider_staff",))
+async def delete_contract(request: web.Request, principal: Principal,
+                          row: AuditRow) -> web.Response:
+    """End the relationship outright: the partner loses access at once."""
+    euo = request.match_info["euo"]
+    row.subject_euo = euo
+    deleted = await request.app[POOL].fetchval(query("delete_contract"), euo)
+    if deleted is None:
+        raise Denied(404, "no_contract", "this EUO has no contract")
+    request.app[pipeline.GATEWAY].contracts.remember(euo, None, None)
+    return web.Response(status=204)
+
+
+def _dumps(obj) -> str:
+    return orjson.dumps(obj).decode()

@@ -1,0 +1,126 @@
+"""The audit writer: one per process, group commit, fail closed.
+
+Requests hand their row to `record()`; the writer gathers rows for a few milliseconds,
+writes them with one COPY, commits, and only then resolves every waiting future. A
+response that carries personal data awaits its future before it is sent, so it leaves
+the gateway only once its row is committed. When the queue is full or the database
+fails, the waiting requests get 503 `audit_unavailable` and no data.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from dataclasses import astuple, dataclass, field, fields
+from datetime import datetime
+
+import asyncpg
+
+from .errors import Denied
+
+log = logging.getLogger("gateway.audit")
+
+BATCH_MAX = 2000
+GATHER_S = 0.002
+
+
+@dataclass(slots=True)
+class AuditRow:
+    at: datetime
+    request_id: str
+    actor_sub: str | None = None
+    actor_role: str | None = None
+    actor_partner: str | None = None
+    actor_euo: str | None = None
+    method: str = ""
+    path: str = ""
+    service: str | None = None
+    route: str | None = None
+    data_sets: list[str] = field(default_factory=list)
+    fields_removed: list[str] = field(default_factory=list)
+    subject_euo: str | None = None
+    subject_users: list[str] = field(default_factory=list)
+    decision: str = "deny"
+    reason: str | None = None
+    status: int = 0
+    bytes: int = 0
+    duration_ms: float = 0.0
+    client_addr: str | None = None
+
+
+COLUMNS = tuple(f.name for f in fields(AuditRow))
+
+
+def unavailable() -> Denied:
+    return Denied(503, "audit_unavailable",
+                  "the access log cannot be written right now; no data is served until it can")
+
+
+class AuditWriter:
+    def __init__(self, pool: asyncpg.Pool, queue_max: int):
+        self.pool = pool
+        self.queue: asyncio.Queue[tuple[AuditRow, asyncio.Future]] = asyncio.Queue(queue_max)
+        self._task: asyncio.Task | None = None
+
+    def record(self, row: AuditRow) -> asyncio.Future:
+        """Queue a row; the future resolves once it is committed (raises Denied if it cannot)."""
+        fut = asyncio.get_running_loop().create_future()
+        try:
+            self.queue.put_nowait((row, fut))
+        except asyncio.QueueFull:
+            fut.set_exception(unavailable())
+        return fut
+
+    def record_nowait(self, row: AuditRow) -> None:
+        """Queue a row nobody waits for (denials carry no personal data)."""
+        self.record(row).add_done_callback(_retrieve)
+
+    async def commit(self, row: AuditRow) -> None:
+        """Queue a row and wait until it is durable."""
+        await self.record(row)
+
+    def start(self) -> None:
+        self._task = asyncio.create_task(self._run())
+
+    async def close(self) -> None:
+        """Write what is queued, then stop."""
+        if self._task is None:
+            return
+        await self.queue.join()
+        self._task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await self._task
+
+    async def _run(self) -> None:
+        while True:
+            batch = [await self.queue.get()]
+            await asyncio.sleep(GATHER_S)
+            while len(batch) < BATCH_MAX:
+                try:
+                    batch.append(self.queue.get_nowait())
+                except asyncio.QueueEmpty:
+                    break
+            await self._write(batch)
+            for _ in batch:
+                self.queue.task_done()
+
+    async def _write(self, batch: list[tuple[AuditRow, asyncio.Future]]) -> None:
+        try:
+            async with self.pool.acquire(timeout=2) as conn:
+                await conn.copy_records_to_table(
+                    "audit_log", records=[astuple(r) for r, _ in batch], columns=COLUMNS)
+        except Exception as e:  # any failure means the rows are not durable: fail closed
+            log.error("audit write of %d rows failed: %s", len(batch), e)
+            for _, fut in batch:
+                if not fut.done():
+                    fut.set_exception(unavailable())
+            return
+        for _, fut in batch:
+            if not fut.done():
+                fut.set_result(None)
+
+
+def _retrieve(fut: asyncio.Future) -> None:
+    if not fut.cancelled():
+        fut.exception()  # logged by the writer already; retrieved so asyncio stays quiet

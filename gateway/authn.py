@@ -1,0 +1,174 @@
+"""Bearer token -> Principal, or Denied(401) with a stable reason id.
+
+HS256 with GATEWAY_JWT_SECRET; RS256/ES256 with a PEM public key or a JWKS URL (cached,
+refetched when a token names an unknown `kid`). Each algorithm is checked only against a
+key of its own kind, so a token signed with HS256 over a public key is refused. Verified
+tokens are cached until they expire: a repeat caller costs one dictionary look-up.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+import aiohttp
+import jwt
+from cryptography.hazmat.primitives.asymmetric import ec, rsa
+from cryptography.hazmat.primitives.serialization import load_pem_public_key
+
+from .catalog import ROLES
+from .errors import Denied
+from .principal import Principal
+from .settings import ConfigError, Settings
+
+TENANT_CLAIM = {"provider_staff": None, "partner": "partner", "euo_admin": "euo", "user": "euo"}
+LEEWAY_S = 10
+CACHE_MAX = 100_000
+JWKS_MIN_REFETCH_S = 10.0
+
+_REASONS = [  # most specific first: several are subclasses of others
+    (jwt.ExpiredSignatureError, "token_expired", "the token has expired"),
+    (jwt.ImmatureSignatureError, "token_not_yet_valid", "the token is not valid yet (nbf/iat)"),
+    (jwt.InvalidAudienceError, "wrong_audience", "the token is not meant for this gateway"),
+    (jwt.InvalidIssuerError, "wrong_issuer", "the token comes from an unexpected issuer"),
+    (jwt.MissingRequiredClaimError, "missing_claim", "the token lacks a required claim"),
+    (jwt.InvalidSignatureError, "bad_signature", "the token's signature does not verify"),
+    (jwt.DecodeError, "malformed_token", "the token cannot be decoded"),
+]
+
+
+def _unauthorized(code: str, message: str) -> Denied:
+    return Denied(401, code, message)
+
+
+class Authenticator:
+    """Verifies bearer tokens against the configured keys."""
+
+    def __init__(self, settings: Settings, session: aiohttp.ClientSession | None = None):
+        self.secret = settings.jwt_secret
+        self.issuer = settings.jwt_issuer
+        self.audience = settings.jwt_audience
+        self.jwks_url = settings.jwt_jwks_url
+        self.session = session
+        self.public_key = None
+        self.public_alg = None
+        if settings.jwt_public_key_file:
+            self.public_key, self.public_alg = _load_public_key(settings.jwt_public_key_file)
+        self._jwks: dict[str, jwt.PyJWK] = {}
+        self._jwks_fetched_at = 0.0
+        self._jwks_lock = asyncio.Lock()
+        self._cache: dict[str, Principal] = {}
+
+    async def authenticate(self, authorization: str | None) -> Principal:
+        """The caller's principal; raise Denied(401) when the token is absent or bad."""
+        if not authorization:
+            raise _unauthorized("missing_token", "send Authorization: Bearer <token>")
+        scheme, _, token = authorization.partition(" ")
+        token = token.strip()
+        if scheme.lower() != "bearer" or not token:
+            raise _unauthorized("malformed_authorization", "expected Authorization: Bearer <token>")
+        cached = self._cache.get(token)
+        if cached is not None:
+            if cached.exp > time.time() - LEEWAY_S:
+                return cached
+            del self._cache[token]
+        principal = await self._verify(token)
+        if len(self._cache) >= CACHE_MAX:
+            self._cache.clear()
+        self._cache[token] = principal
+        return principal
+
+    async def _verify(self, token: str) -> Principal:
+        try:
+            header = jwt.get_unverified_header(token)
+        except jwt.PyJWTError:
+            raise _unauthorized("malformed_token", "the token cannot be decoded") from None
+        alg = header.get("alg")
+        key = await self._key_for(alg, header.get("kid"))
+        try:
+            claims = jwt.decode(
+                token, key, algorithms=[alg], audience=self.audience, issuer=self.issuer,
+                leeway=LEEWAY_S,
+                options={"require": ["exp", "sub", "role"], "verify_aud": bool(self.audience),
+                         "verify_iss": bool(self.issuer)},
+            )
+        except jwt.PyJWTError as e:
+            for kind, code, message in _REASONS:
+                if isinstance(e, kind):
+                    raise _unauthorized(code, message) from None
+            raise _unauthorized("invalid_token", "the token is not valid") from None
+        return _principal(claims)
+
+    async def _key_for(self, alg: object, kid: object):
+        if alg == "HS256":
+            if not self.secret:
+                raise _unauthorized("unsupported_algorithm", "HS256 tokens are not accepted here")
+            return self.secret
+        if alg in ("RS256", "ES256"):
+            if self.public_key is not None and alg == self.public_alg:
+                return self.public_key
+            if self.jwks_url:
+                return await self._jwks_key(alg, kid)
+            raise _unauthorized("unsupported_algorithm", f"{alg} tokens are not accepted here")
+        raise _unauthorized("unsupported_algorithm", f"algorithm {alg!r} is not accepted")
+
+    async def _jwks_key(self, alg: str, kid: object):
+        if not isinstance(kid, str):
+            raise _unauthorized("unknown_key", "the token names no key id (kid)")
+        jwk = self._jwks.get(kid)
+        if jwk is None:
+            async with self._jwks_lock:
+                jwk = self._jwks.get(kid)
+                if jwk is None and time.monotonic() - self._jwks_fetched_at > JWKS_MIN_REFETCH_S:
+                    await self._fetch_jwks()
+                    jwk = self._jwks.get(kid)
+        if jwk is None:
+            raise _unauthorized("unknown_key", "the token's key id is not in the key set")
+        if jwk.algorithm_name != alg:
+            raise _unauthorized("unsupported_algorithm", "the token's alg does not match its key")
+        return jwk.key
+
+    async def _fetch_jwks(self) -> None:
+        self._jwks_fetched_at = time.monotonic()
+        session = self.session
+        if session is None:
+            raise _unauthorized("unknown_key", "no client to fetch the key set with")
+        try:
+            async with session.get(self.jwks_url, timeout=aiohttp.ClientTimeout(total=5)) as r:
+                r.raise_for_status()
+                data = await r.json(content_type=None)
+            keys = jwt.PyJWKSet.from_dict(data).keys
+        except (TimeoutError, aiohttp.ClientError, ValueError, jwt.PyJWTError):
+            # keep the keys we had; the token is refused as having an unknown key
+            return
+        self._jwks = {k.key_id: k for k in keys if k.key_id}
+
+
+def _principal(claims: dict) -> Principal:
+    role = claims.get("role")
+    if role not in ROLES:
+        raise _unauthorized("unknown_role", f"role must be one of {', '.join(ROLES)}")
+    sub = claims.get("sub")
+    if not isinstance(sub, str) or not sub:
+        raise _unauthorized("missing_claim", "the token has no subject (sub)")
+    tenant = TENANT_CLAIM[role]
+    values = {"partner": None, "euo": None}
+    if tenant is not None:
+        value = claims.get(tenant)
+        if not isinstance(value, str) or not value:
+            raise _unauthorized("missing_tenant_claim",
+                                f"a {role} token must carry the {tenant!r} claim")
+        values[tenant] = value
+    return Principal(sub=sub, role=role, exp=float(claims["exp"]), **values)
+
+
+def _load_public_key(path) -> tuple[object, str]:
+    try:
+        key = load_pem_public_key(path.read_bytes())
+    except (OSError, ValueError) as e:
+        raise ConfigError(f"GATEWAY_JWT_PUBLIC_KEY_FILE {path}: not a PEM public key ({e})") from None
+    if isinstance(key, rsa.RSAPublicKey):
+        return key, "RS256"
+    if isinstance(key, ec.EllipticCurvePublicKey):
+        return key, "ES256"
+    raise ConfigError(f"GATEWAY_JWT_PUBLIC_KEY_FILE {path}: only RSA and EC keys are supported")

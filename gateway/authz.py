@@ -1,0 +1,144 @@
+"""Casbin decisions over (role, relation, data set, action), and the floors check.
+
+Casbin is asked once per (role, relation, action, data set) when the policy loads; the
+answers are kept as sets, so a request costs a few dictionary look-ups however long the
+policy is. Relations come from the principal's claims, the path and the contracts cache.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+from functools import lru_cache
+from pathlib import Path
+
+import casbin
+
+from .catalog import ACTIONS, RELATIONS, ROLES, Catalog, PolicyError
+from .errors import Denied
+from .principal import Principal
+
+# The relations each role can hold; the code that computes relations guarantees it.
+ROLE_RELATIONS = {
+    "provider_staff": frozenset({"any"}),
+    "partner": frozenset({"contracted_partner"}),
+    "euo_admin": frozenset({"same_euo"}),
+    "user": frozenset({"same_euo", "self", "organizer", "author"}),
+}
+
+
+class Policy:
+    """The allow-lines of policy.csv as look-up tables, checked against the floors."""
+
+    def __init__(self, catalog: Catalog, enforcer: casbin.Enforcer):
+        self.catalog = catalog
+        self._lines: dict[tuple[str, str, str], frozenset[str]] = {}
+        for role in ROLES:
+            for rel in RELATIONS:
+                for act in ACTIONS:
+                    self._lines[role, rel, act] = frozenset(
+                        ds for ds in catalog.data_sets if enforcer.enforce(role, rel, ds, act))
+        self._unknown = _unknown_terms(enforcer, catalog)
+        self.granted = lru_cache(maxsize=4096)(self._granted)
+
+    def _granted(self, role: str, relations: frozenset[str], action: str) -> frozenset[str]:
+        """The data sets a caller of this role holding these relations may act on."""
+        out: frozenset[str] = frozenset()
+        for rel in relations:
+            out |= self._lines.get((role, rel, action), frozenset())
+        return out
+
+    def who_may(self, data_set: str) -> list[dict[str, object]]:
+        """Who may do what with a data set: [{role, relation, actions}]."""
+        out = []
+        for role in ROLES:
+            for rel in RELATIONS:
+                acts = [a for a in ACTIONS if data_set in self._lines[role, rel, a]]
+                if acts:
+                    out.append({"role": role, "relation": rel, "actions": acts})
+        return out
+
+    def check_floors(self) -> None:
+        """Raise PolicyError listing every floor of SPEC §2 this policy breaks."""
+        problems = list(self._unknown)
+        data_sets = self.catalog.data_sets
+        for (role, rel, act), granted in self._lines.items():
+            if not granted:
+                continue
+            if rel not in ROLE_RELATIONS[role]:
+                problems.append(f"{role} can never hold relation {rel!r} "
+                                f"(a {role} is limited to {sorted(ROLE_RELATIONS[role])})")
+            for name in sorted(granted):
+                ds = data_sets[name]
+                if role in ds.hidden_from:
+                    problems.append(f"{role} may {act} {name}, which the seed marks (**) "
+                                    f"as hidden from {role}")
+                if ds.subject == "author" and rel != "author":
+                    problems.append(f"{role} may {act} {name} as {rel}: only its author may")
+                if role == "user" and rel == "same_euo" and ds.subject in ("user", "meeting"):
+                    problems.append(f"a user may {act} another user's {name}")
+                if role == "user" and rel == "organizer" and ds.subject != "meeting":
+                    problems.append(f"a meeting organizer may {act} {name}, not meeting data")
+        own = self._lines["user", "self", "read"]
+        for name, ds in data_sets.items():
+            if ds.subject == "user" and name not in own:
+                problems.append(f"a user may not read their own {name} (right of access)")
+            if ds.subject == "meeting" and name not in self._lines["user", "organizer", "read"]:
+                problems.append(f"a meeting organizer may not read {name} of their meeting")
+            if ds.subject == "author" and name not in self._lines["user", "author", "read"]:
+                problems.append(f"the author of {name} may not read them")
+        if problems:
+            raise PolicyError("the policy breaks the floors of SPEC §2:\n  - "
+                              + "\n  - ".join(problems))
+
+
+def load_policy(policy_dir: Path, catalog: Catalog) -> Policy:
+    """Load model.conf and policy.csv with Casbin and refuse a policy that breaks a floor."""
+    model, lines = policy_dir / "model.conf", policy_dir / "policy.csv"
+    for path in (model, lines):
+        if not path.is_file():
+            raise PolicyError(f"cannot read {path}")
+    try:
+        enforcer = casbin.Enforcer(str(model), str(lines))
+    except Exception as e:  # casbin raises bare exceptions of many kinds on bad files
+        raise PolicyError(f"Casbin could not load {model} / {lines}: {e}") from None
+    policy = Policy(catalog, enforcer)
+    policy.check_floors()
+    return policy
+
+
+def _unknown_terms(enforcer: casbin.Enforcer, catalog: Catalog) -> Iterable[str]:
+    """Policy lines naming a role, relation, data set or action nobody knows: typos."""
+    for line in enforcer.get_policy():
+        if len(line) != 4:
+            yield f"policy line {line} does not have 4 fields"
+            continue
+        role, rel, ds, act = line
+        if role not in ROLES:
+            yield f"policy line {line}: unknown role {role!r}"
+        if rel not in RELATIONS:
+            yield f"policy line {line}: unknown relation {rel!r}"
+        if ds not in catalog.data_sets:
+            yield f"policy line {line}: unknown data set {ds!r}"
+        if act not in ACTIONS:
+            yield f"policy line {line}: unknown action {act!r}"
+
+
+def path_relations(principal: Principal, euo: str, user: str | None,
+                   active_partner: Callable[[str], str | None]) -> frozenset[str]:
+    """The relations the caller holds to a resource of this EUO (and user), or Denied.
+
+    `active_partner(euo)` names the partner holding an active contract with the EUO.
+    """
+    role = principal.role
+    if role == "provider_staff":
+        return frozenset({"any"})
+    if role == "partner":
+        if active_partner(euo) != principal.partner:
+            raise Denied(403, "no_active_contract",
+                         "your partner holds no active contract with this EUO")
+        return frozenset({"contracted_partner"})
+    if principal.euo != euo:
+        raise Denied(403, "other_euo", "this resource belongs to another EUO")
+    if role == "user" and user is not None and user == principal.sub:
+        return frozenset({"same_euo", "self"})
+    return frozenset({"same_euo"})

@@ -1,0 +1,302 @@
+"""The data-set catalog and the route table, loaded from policies/ and checked."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+ROLES = ("provider_staff", "partner", "euo_admin", "user")
+RELATIONS = ("any", "contracted_partner", "same_euo", "self", "organizer", "author")
+ACTIONS = ("read", "write", "delete")
+SUBJECT_KINDS = ("euo", "user", "meeting", "author")
+IDENTIFIER = "identifier"
+SERVICES = ("telephony", "meeting")
+ACTION_OF_METHOD = {"GET": "read", "HEAD": "read", "PATCH": "write", "PUT": "write",
+                    "POST": "write", "DELETE": "delete"}
+
+
+class PolicyError(Exception):
+    """The policy files are missing, malformed, or break a floor of SPEC §2."""
+
+
+@dataclass(frozen=True)
+class DataSet:
+    name: str
+    service: tuple[str, ...]
+    seed: str
+    purpose: str
+    retention: str
+    collected_by: str
+    mandatory: bool
+    hidden_from: frozenset[str]
+    subject: str
+    anonymise_after_days: int | None = None
+
+    def public(self) -> dict[str, Any]:
+        return {
+            "name": self.name, "service": list(self.service), "seed": self.seed,
+            "purpose": self.purpose, "retention": self.retention,
+            "collected_by": self.collected_by, "mandatory": self.mandatory,
+            "hidden_from": sorted(self.hidden_from), "subject": self.subject,
+        }
+
+
+# --- body shapes -------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class Leaf:
+    """A value that belongs wholly to one data set (None: an identifier)."""
+    data_set: str | None
+
+
+@dataclass(frozen=True)
+class ListOf:
+    item: Node
+
+
+@dataclass(frozen=True)
+class Mask:
+    data_set: str
+    fields: tuple[str, ...]
+    age_field: str
+
+
+@dataclass(frozen=True, eq=False)
+class ObjectOf:
+    fields: dict[str, Node]
+    subject: tuple[tuple[str, str], ...] = ()          # (relation, field)
+    dataset_by: tuple[str, dict[str, str]] | None = None
+    mask: Mask | None = None
+
+
+Node = Leaf | ListOf | ObjectOf
+
+# which relation a `subject:` key of the route table grants when it names the caller
+SUBJECT_RELATION = {"user": "self", "organizer": "organizer", "author": "author"}
+
+
+@dataclass(frozen=True, eq=False)
+class Route:
+    service: str
+    path: str
+    methods: frozenset[str]
+    param_names: tuple[str, ...]
+    subject_euo: str | None
+    subject_user: str | None
+    body: Node | None
+    binary: tuple[str, ...]
+    data_sets: frozenset[str]
+    # relations only the backend's answer can decide (meeting organizer, CDR owner, ...):
+    # before forwarding they count as possible, after it the body decides
+    body_relations: frozenset[str]
+    # true when the answer's top object decides a relation (the meeting's organizer):
+    # a caller who then sees nothing of it gets 403 rather than an empty shell
+    top_decided: bool
+
+    @property
+    def name(self) -> str:
+        return f"{self.service}:{self.path}"
+
+
+@dataclass
+class Catalog:
+    data_sets: dict[str, DataSet]
+    routes: list[Route]
+    data_subject_relations: frozenset[str]
+    _trie: dict[str, dict] = field(default_factory=dict, repr=False)
+
+    def match(self, service: str, segments: list[str]) -> tuple[Route, dict[str, str]] | None:
+        """Find the route for a normalised path; the cost depends on its length only."""
+        node = self._trie.get(service)
+        values = []
+        for seg in segments:
+            if node is None:
+                return None
+            nxt = node.get(seg)
+            if nxt is None:
+                nxt = node.get(None)
+                values.append(seg)
+            node = nxt
+        if node is None or "" not in node:
+            return None
+        route = node[""]
+        return route, dict(zip(route.param_names, values, strict=True))
+
+    def public(self) -> dict[str, Any]:
+        return {"data_sets": [d.public() for d in self.data_sets.values()]}
+
+
+def load_catalog(policy_dir: Path) -> Catalog:
+    """Load datasets.yaml and routes.yaml; raise PolicyError on anything malformed."""
+    raw_ds = _yaml(policy_dir / "datasets.yaml").get("datasets")
+    if not isinstance(raw_ds, dict) or not raw_ds:
+        raise PolicyError("datasets.yaml: no `datasets:` mapping")
+    data_sets = {name: _data_set(name, spec) for name, spec in raw_ds.items()}
+
+    raw_routes = _yaml(policy_dir / "routes.yaml")
+    shapes_raw = raw_routes.get("shapes") or {}
+    subject_rels = frozenset(raw_routes.get("data_subject_relations") or ())
+    if not subject_rels <= set(RELATIONS):
+        raise PolicyError(f"routes.yaml: unknown data_subject_relations {sorted(subject_rels)}")
+    builder = _ShapeBuilder(shapes_raw, data_sets)
+    routes = [_route(i, spec, builder, data_sets) for i, spec in
+              enumerate(raw_routes.get("routes") or [])]
+    if not routes:
+        raise PolicyError("routes.yaml: no routes")
+    catalog = Catalog(data_sets, routes, subject_rels)
+    for route in routes:
+        _insert(catalog._trie, route)
+    return catalog
+
+
+def _yaml(path: Path) -> dict:
+    try:
+        with open(path, encoding="utf-8") as f:
+            doc = yaml.safe_load(f)
+    except OSError as e:
+        raise PolicyError(f"cannot read {path}: {e.strerror}") from None
+    except yaml.YAMLError as e:
+        raise PolicyError(f"{path} is not valid YAML: {e}") from None
+    if not isinstance(doc, dict):
+        raise PolicyError(f"{path}: expected a mapping at top level")
+    return doc
+
+
+def _data_set(name: str, spec: Any) -> DataSet:
+    if not isinstance(spec, dict):
+        raise PolicyError(f"datasets.yaml: {name}: expected a mapping")
+    try:
+        hidden = frozenset(spec.get("hidden_from") or ())
+        ds = DataSet(
+            name=name, service=tuple(spec["service"]), seed=str(spec["seed"]),
+            purpose=str(spec["purpose"]), retention=str(spec["retention"]),
+            collected_by=str(spec["collected_by"]), mandatory=bool(spec["mandatory"]),
+            hidden_from=hidden, subject=str(spec["subject"]),
+            anonymise_after_days=spec.get("anonymise_after_days"),
+        )
+    except KeyError as e:
+        raise PolicyError(f"datasets.yaml: {name}: missing {e.args[0]}") from None
+    if not hidden <= set(ROLES):
+        raise PolicyError(f"datasets.yaml: {name}: unknown role in hidden_from")
+    if ds.subject not in SUBJECT_KINDS:
+        raise PolicyError(f"datasets.yaml: {name}: subject must be one of {SUBJECT_KINDS}")
+    return ds
+
+
+class _ShapeBuilder:
+    def __init__(self, shapes: dict, data_sets: dict[str, DataSet]):
+        self.raw = shapes
+        self.data_sets = data_sets
+        self.built: dict[str, Node] = {}
+
+    def build(self, spec: Any, where: str) -> Node:
+        if isinstance(spec, str):
+            if spec == IDENTIFIER:
+                return Leaf(None)
+            self._known(spec, where)
+            return Leaf(spec)
+        if not isinstance(spec, dict):
+            raise PolicyError(f"routes.yaml: {where}: a shape is a string or a mapping")
+        if "shape" in spec:
+            name = spec["shape"]
+            if name not in self.built:
+                if name not in self.raw:
+                    raise PolicyError(f"routes.yaml: {where}: unknown shape {name!r}")
+                self.built[name] = self.build(self.raw[name], f"shapes.{name}")
+            return self.built[name]
+        if "list" in spec:
+            return ListOf(self.build(spec["list"], f"{where}[]"))
+        if "object" in spec:
+            fields = {k: self.build(v, f"{where}.{k}") for k, v in spec["object"].items()}
+            subject = []
+            for kind, fld in (spec.get("subject") or {}).items():
+                if kind not in SUBJECT_RELATION:
+                    raise PolicyError(f"routes.yaml: {where}: unknown subject kind {kind!r}")
+                subject.append((SUBJECT_RELATION[kind], fld))
+            dataset_by = None
+            if "dataset_by" in spec:
+                by = spec["dataset_by"]
+                for ds in by["values"].values():
+                    self._known(ds, where)
+                dataset_by = (by["field"], dict(by["values"]))
+            mask = None
+            if "mask" in spec:
+                m = spec["mask"]
+                self._known(m["data_set"], where)
+                if self.data_sets[m["data_set"]].anonymise_after_days is None:
+                    raise PolicyError(f"routes.yaml: {where}: {m['data_set']} has no "
+                                      "anonymise_after_days in datasets.yaml")
+                mask = Mask(m["data_set"], tuple(m["fields"]), m["age_field"])
+            return ObjectOf(fields, tuple(subject), dataset_by, mask)
+        raise PolicyError(f"routes.yaml: {where}: unknown shape {spec!r}")
+
+    def _known(self, ds: str, where: str) -> None:
+        if ds not in self.data_sets:
+            raise PolicyError(f"routes.yaml: {where}: unknown data set {ds!r}")
+
+
+def _route(i: int, spec: dict, builder: _ShapeBuilder, data_sets: dict) -> Route:
+    where = f"routes[{i}]"
+    try:
+        service, path = spec["service"], spec["path"]
+        methods = frozenset(m.upper() for m in spec["methods"])
+    except (KeyError, TypeError) as e:
+        raise PolicyError(f"routes.yaml: {where}: missing {e}") from None
+    if service not in SERVICES:
+        raise PolicyError(f"routes.yaml: {where}: unknown service {service!r}")
+    if not methods <= set(ACTION_OF_METHOD):
+        raise PolicyError(f"routes.yaml: {where}: unsupported method in {sorted(methods)}")
+    segments = [s for s in path.split("/") if s]
+    params = tuple(s[1:-1] for s in segments if s.startswith("{"))
+    subject = spec.get("subject") or {}
+    for p in subject.values():
+        if p not in params:
+            raise PolicyError(f"routes.yaml: {where}: subject names unknown parameter {p!r}")
+    body = builder.build(spec["body"], f"{where}.body") if "body" in spec else None
+    binary = tuple(spec.get("binary") or ())
+    for ds in binary:
+        builder._known(ds, where)
+    if (body is None) == (not binary):
+        raise PolicyError(f"routes.yaml: {where}: give exactly one of body or binary")
+    found: set[str] = set(binary)
+    top: set[str] = set()
+    nested: set[str] = set()
+    if body is not None:
+        if isinstance(body, ObjectOf):
+            top.update(rel for rel, _ in body.subject)
+            if "user" in subject:
+                top.discard("self")          # the path already says whose record it is
+        _walk(body, found, nested, top=True)
+    if "euo" not in subject:
+        raise PolicyError(f"routes.yaml: {where}: every route names its EUO parameter")
+    return Route(service, "/" + "/".join(segments), methods, params, subject.get("euo"),
+                 subject.get("user"), body, binary, frozenset(found),
+                 frozenset(top | nested), bool(top))
+
+
+def _walk(node: Node, found: set[str], nested: set[str], top: bool = False) -> None:
+    """Collect the data sets a shape mentions and the relations its inner objects decide."""
+    if isinstance(node, Leaf):
+        if node.data_set:
+            found.add(node.data_set)
+    elif isinstance(node, ListOf):
+        _walk(node.item, found, nested)
+    else:
+        if not top:
+            nested.update(rel for rel, _ in node.subject)
+        if node.dataset_by:
+            found.update(node.dataset_by[1].values())
+        for child in node.fields.values():
+            _walk(child, found, nested)
+
+
+def _insert(trie: dict, route: Route) -> None:
+    node = trie.setdefault(route.service, {})
+    for seg in route.path.split("/")[1:]:
+        node = node.setdefault(None if seg.startswith("{") else seg, {})
+    if "" in node:
+        raise PolicyError(f"routes.yaml: {route.path} is listed twice")
+    node[""] = route

@@ -1,0 +1,197 @@
+"""Demo telephony and meeting backends: exactly the reference API of SPEC §3."""
+
+from __future__ import annotations
+
+import copy
+
+import orjson
+from aiohttp import web
+
+from .data import DemoData
+
+DATA = web.AppKey("data", DemoData)
+
+
+def _json(obj, status: int = 200) -> web.Response:
+    return web.Response(body=orjson.dumps(obj), status=status, content_type="application/json")
+
+
+def _missing() -> web.HTTPNotFound:
+    return web.HTTPNotFound(body=orjson.dumps({"error": "not found"}),
+                            content_type="application/json")
+
+
+def _user(request: web.Request) -> dict:
+    d = request.app[DATA]
+    euo, uid = request.match_info["euo"], request.match_info["user"]
+    user = d.users.get(uid)
+    if user is None or user["euo_id"] != euo:
+        raise _missing()
+    return user
+
+
+def _blob(request: web.Request, listing: dict[str, list[dict]]) -> web.Response:
+    user = _user(request)
+    item_id = request.match_info["id"]
+    if not any(i["id"] == item_id for i in listing.get(user["id"], [])):
+        raise _missing()
+    kind, data = request.app[DATA].blobs[item_id]
+    if request.method == "DELETE":
+        listing[user["id"]] = [i for i in listing[user["id"]] if i["id"] != item_id]
+        return web.Response(status=204)
+    return web.Response(body=data, content_type=kind)
+
+
+async def _patch(request: web.Request, record: dict) -> web.Response:
+    try:
+        changes = orjson.loads(await request.read())
+    except orjson.JSONDecodeError:
+        return _json({"error": "bad json"}, 400)
+    if not isinstance(changes, dict) or not set(changes) <= set(record) - {"id", "euo_id"}:
+        return _json({"error": "unknown or read-only field"}, 422)
+    record.update(changes)
+    return _json(record)
+
+
+def telephony_app(data: DemoData) -> web.Application:
+    app = web.Application()
+    app[DATA] = data
+    r = web.RouteTableDef()
+
+    def euo_of(request: web.Request) -> str:
+        euo = request.match_info["euo"]
+        if euo not in data.euos:
+            raise _missing()
+        return euo
+
+    @r.get("/")
+    async def root(request):
+        return _json({"service": "telephony"})
+
+    @r.get("/euos/{euo}")
+    async def euo(request):
+        return _json(data.euos[euo_of(request)])
+
+    @r.get("/euos/{euo}/directory")
+    async def directory(request):
+        return _json({"entries": data.directories.get(euo_of(request), [])})
+
+    @r.get("/euos/{euo}/users")
+    async def users(request):
+        euo = euo_of(request)
+        return _json({"users": [u for u in data.users.values() if u["euo_id"] == euo]})
+
+    @r.get("/euos/{euo}/users/{user}")
+    async def user(request):
+        return _json(_user(request))
+
+    @r.patch("/euos/{euo}/users/{user}")
+    async def patch_user(request):
+        return await _patch(request, _user(request))
+
+    @r.get("/euos/{euo}/users/{user}/personal-directory")
+    async def personal_directory(request):
+        return _json({"entries": _user(request)["personal_directory"]})
+
+    @r.get("/euos/{euo}/users/{user}/voicemails")
+    async def voicemails(request):
+        return _json({"voicemails": data.voicemails.get(_user(request)["id"], [])})
+
+    @r.route("*", "/euos/{euo}/users/{user}/voicemails/{id}")
+    async def voicemail(request):
+        return _blob(request, data.voicemails)
+
+    @r.get("/euos/{euo}/users/{user}/faxes")
+    async def faxes(request):
+        return _json({"faxes": data.faxes.get(_user(request)["id"], [])})
+
+    @r.get("/euos/{euo}/users/{user}/faxes/{id}")
+    async def fax(request):
+        return _blob(request, data.faxes)
+
+    @r.get("/euos/{euo}/users/{user}/recordings")
+    async def recordings(request):
+        return _json({"recordings": data.recordings.get(_user(request)["id"], [])})
+
+    @r.route("*", "/euos/{euo}/users/{user}/recordings/{id}")
+    async def recording(request):
+        return _blob(request, data.recordings)
+
+    @r.get("/euos/{euo}/cdrs")
+    async def cdrs(request):
+        rows = data.cdrs[euo_of(request)]
+        if "user" in request.query:
+            rows = [c for c in rows if c["user_id"] == request.query["user"]]
+        return _json({"cdrs": rows})
+
+    @r.get("/euos/{euo}/trunks/{trunk}/cdrs")
+    async def trunk_cdrs(request):
+        key = (euo_of(request), request.match_info["trunk"])
+        if key not in data.trunk_cdrs:
+            raise _missing()
+        return _json({"cdrs": data.trunk_cdrs[key]})
+
+    app.add_routes(r)
+    return app
+
+
+def meeting_app(data: DemoData) -> web.Application:
+    app = web.Application()
+    app[DATA] = data
+    r = web.RouteTableDef()
+
+    def organizer(request: web.Request) -> dict:
+        euo, uid = request.match_info["euo"], request.match_info["user"]
+        found = data.organizers.get(uid)
+        if found is None or data.users[uid]["euo_id"] != euo:
+            raise _missing()
+        return found
+
+    @r.get("/")
+    async def root(request):
+        return _json({"service": "meeting"})
+
+    @r.get("/accounts/{euo}")
+    async def account(request):
+        found = data.accounts.get(request.match_info["euo"])
+        if found is None:
+            raise _missing()
+        return _json(found)
+
+    @r.get("/accounts/{euo}/organizers/{user}")
+    async def get_organizer(request):
+        return _json(organizer(request))
+
+    @r.patch("/accounts/{euo}/organizers/{user}")
+    async def patch_organizer(request):
+        return await _patch(request, organizer(request))
+
+    @r.get("/accounts/{euo}/organizers/{user}/documents/{id}")
+    async def document(request):
+        org = organizer(request)
+        doc_id = request.match_info["id"]
+        if not any(doc["id"] == doc_id for doc in org["documents"]):
+            raise _missing()
+        kind, blob = data.blobs[doc_id]
+        return web.Response(body=blob, content_type=kind)
+
+    @r.get("/accounts/{euo}/meetings/{meeting}")
+    async def meeting(request):
+        found = data.meetings.get(request.match_info["meeting"])
+        if found is None or found["euo"] != request.match_info["euo"]:
+            raise _missing()
+        body = copy.copy(found)
+        del body["euo"]
+        return _json(body)
+
+    @r.get("/accounts/{euo}/connection-stats")
+    async def stats(request):
+        rows = data.stats.get(request.match_info["euo"])
+        if rows is None:
+            raise _missing()
+        if "user" in request.query:
+            rows = [s for s in rows if s["user_id"] == request.query["user"]]
+        return _json({"stats": rows})
+
+    app.add_routes(r)
+    return app

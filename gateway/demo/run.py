@@ -1,0 +1,112 @@
+"""`gateway demo`: embedded PostgreSQL, the demo backends, the gateway, and a token and a
+curl line per role that show what each role sees."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import socket
+
+import asyncpg
+from aiohttp import web
+
+from ..__main__ import _use_uvloop, database_url, dev_secret, mint_token, wait_for_signal
+from ..db import migrate, query
+from ..settings import Settings
+from . import data as demo_data
+from .backends import meeting_app, telephony_app
+
+# (label, role, sub, partner, euo, path): what each printed curl line shows
+SHOWCASE = [
+    ("provider staff: a user record, personal directory removed", "provider_staff",
+     "staff-sam", None, None, "/telephony/euos/euo-acme/users/u-alice"),
+    ("provider staff: voicemails are refused", "provider_staff", "staff-sam", None, None,
+     "/telephony/euos/euo-acme/users/u-alice/voicemails"),
+    ("partner: a contracted EUO's call history (old numbers masked)", "partner",
+     "pat@northwind", "p-northwind", None, "/telephony/euos/euo-acme/cdrs"),
+    ("partner: an EUO of another partner is refused", "partner", "pat@northwind",
+     "p-northwind", None, "/telephony/euos/euo-initech"),
+    ("partner: an ended contract is refused", "partner", "bea@bluesky", "p-bluesky", None,
+     "/telephony/euos/euo-umbrella"),
+    ("EUO admin: call recordings of a user", "euo_admin", "admin@acme", None, "euo-acme",
+     "/telephony/euos/euo-acme/users/u-bob/recordings"),
+    ("EUO admin: meeting content is refused", "euo_admin", "admin@acme", None, "euo-acme",
+     "/meeting/accounts/euo-acme/meetings/mtg-acme-1"),
+    ("user: their own record, untouched", "user", "u-alice", None, "euo-acme",
+     "/telephony/euos/euo-acme/users/u-alice"),
+    ("user: their own voicemail, as WAV", "user", "u-alice", None, "euo-acme",
+     "/telephony/euos/euo-acme/users/u-alice/voicemails/vm-u-alice-1 -o voicemail.wav"),
+    ("user: a colleague's voicemails are refused", "user", "u-alice", None, "euo-acme",
+     "/telephony/euos/euo-acme/users/u-bob/voicemails"),
+    ("organizer: their meeting, others' private notes removed", "user", "u-alice", None,
+     "euo-acme", "/meeting/accounts/euo-acme/meetings/mtg-acme-1"),
+    ("participant: only their own private note", "user", "u-bob", None, "euo-acme",
+     "/meeting/accounts/euo-acme/meetings/mtg-acme-1"),
+]
+
+
+def run_demo(settings: Settings, port: int | None) -> int:
+    _use_uvloop()
+    if port is not None:
+        settings = settings.with_(listen_port=port)
+    settings = settings.with_(jwt_secret=dev_secret(settings), jwt_jwks_url=None,
+                              jwt_public_key_file=None)
+    with contextlib.ExitStack() as stack:
+        dsn = database_url(settings, stack)
+        asyncio.run(_run(settings, dsn))
+    return 0
+
+
+async def seed_contracts(dsn: str, data: demo_data.DemoData) -> None:
+    conn = await asyncpg.connect(dsn)
+    try:
+        await migrate(conn)
+        for euo, (partner, end) in data.contracts().items():
+            await conn.execute(query("put_contract"), euo, partner, end)
+    finally:
+        await conn.close()
+
+
+async def start_site(app: web.Application, host: str, port: int) -> tuple[web.AppRunner, int]:
+    """Serve an app on host:port (0: any free port); return the runner and the port."""
+    runner = web.AppRunner(app, access_log=None)
+    await runner.setup()
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.bind((host, port))
+    site = web.SockSite(runner, sock)
+    await site.start()
+    return runner, sock.getsockname()[1]
+
+
+async def _run(settings: Settings, dsn: str) -> None:
+    from ..app import create_app
+
+    data = demo_data.build()
+    await seed_contracts(dsn, data)
+    runners = []
+    upstreams = {}
+    for service, make in (("telephony", telephony_app), ("meeting", meeting_app)):
+        runner, port = await start_site(make(data), "127.0.0.1", 0)
+        runners.append(runner)
+        upstreams[service] = f"http://127.0.0.1:{port}"
+    settings = settings.with_(upstreams=upstreams)
+    runner, port = await start_site(create_app(settings, dsn), settings.listen_host,
+                                    settings.listen_port)
+    runners.append(runner)
+    base = f"http://{settings.listen_host}:{port}"
+    print(f"\nGateway demo on {base}  (backends: {upstreams['telephony']}, "
+          f"{upstreams['meeting']})")
+    print("Partners: p-northwind (euo-acme, euo-globex), p-bluesky (euo-initech; euo-umbrella "
+          "ended 2025-06-30)\n")
+    for label, role, sub, partner, euo, path in SHOWCASE:
+        token = mint_token(settings, role, sub, partner, euo, 8 * 3600)
+        print(f"# {label}\n  TOKEN={token}\n  curl -s -H \"Authorization: Bearer $TOKEN\" "
+              f"{base}{path}\n")
+    print("More tokens: gateway token --role user --euo euo-acme --sub u-bob  "
+          f"(same GATEWAY_DATA_DIR={settings.data_dir})\nCtrl-C stops the demo.")
+    try:
+        await wait_for_signal()
+    finally:
+        for r in reversed(runners):
+            await r.cleanup()

@@ -1,0 +1,199 @@
+"""Pure redaction: (document, redaction plan) -> document, plus what was served and removed.
+
+A plan is made once per (route, role, relations) and says whether the backend's bytes
+can pass untouched. When they cannot, the body is walked along the route's shape:
+fields of data sets the viewer may not read are removed (not nulled), list elements of
+which nothing but identifiers would remain are dropped, and old call records are masked.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+from .catalog import Catalog, Leaf, ListOf, Node, ObjectOf, Route
+
+_DROP = object()
+
+Granted = Callable[[str, frozenset[str], str], frozenset[str]]
+
+
+class Unmappable(Exception):
+    """The backend's answer does not have the shape the route table declares."""
+
+
+@dataclass(frozen=True, eq=False)
+class RedactionPlan:
+    route: Route
+    role: str
+    relations: frozenset[str]
+    granted: frozenset[str]            # data sets readable at the document level
+    passthrough: bool                  # nothing can change: send the backend's bytes
+
+    @property
+    def visible(self) -> frozenset[str]:
+        return self.route.data_sets & self.granted
+
+
+@dataclass
+class Outcome:
+    """What a redaction served, removed and whom it was about (for the audit row)."""
+    served: set[str] = field(default_factory=set)
+    removed: set[str] = field(default_factory=set)
+    subjects: set[str] = field(default_factory=set)
+
+
+def make_plan(route: Route, role: str, relations: frozenset[str], catalog: Catalog,
+              granted: Granted) -> RedactionPlan:
+    """Decide once what a viewer of this role and relations may see of this route."""
+    readable = granted(role, relations, "read")
+    passthrough = (
+        route.data_sets <= readable
+        and bool(relations & catalog.data_subject_relations)
+        and not route.body_relations - relations
+        and not _has_mask(route.body)
+    )
+    return RedactionPlan(route, role, relations, readable, passthrough)
+
+
+def redact(document: Any, plan: RedactionPlan, sub: str, catalog: Catalog, granted: Granted,
+           now: datetime) -> tuple[Any, Outcome]:
+    """Apply the plan to a parsed body; raise Unmappable when it does not fit the shape."""
+    walker = _Walker(plan.role, sub, catalog, granted, now)
+    out = walker.value(document, plan.route.body, plan.relations, "")
+    if out is _DROP:
+        out = {}
+    return out, walker.outcome
+
+
+class _Walker:
+    def __init__(self, role: str, sub: str, catalog: Catalog, granted: Granted, now: datetime):
+        self.role = role
+        self.sub = sub
+        self.catalog = catalog
+        self.granted = granted
+        self.now = now
+        self.outcome = Outcome()
+        self.subject_relations = catalog.data_subject_relations
+
+    def value(self, value: Any, node: Node, relations: frozenset[str], path: str) -> Any:
+        """The redacted value, or _DROP when none of it may be seen."""
+        if isinstance(node, Leaf):
+            if node.data_set is None:
+                return value
+            if node.data_set in self.granted(self.role, relations, "read"):
+                self.outcome.served.add(node.data_set)
+                return value
+            self.outcome.removed.add(path)
+            return _DROP
+        if value is None:
+            return None
+        if isinstance(node, ListOf):
+            if not isinstance(value, list):
+                raise Unmappable(f"{path or 'body'} is not a list")
+            kept = []
+            for item in value:
+                r = self.value(item, node.item, relations, path + "[]")
+                if r is not _DROP:
+                    kept.append(r)
+            if value and not kept and not _decides_relations(node.item):
+                return _DROP    # filtered by permission, not by whose it is: the field goes
+            return kept
+        return self.object(value, node, relations, path)
+
+    def object(self, value: Any, node: ObjectOf, relations: frozenset[str], path: str) -> Any:
+        if not isinstance(value, dict):
+            raise Unmappable(f"{path or 'body'} is not an object")
+        for rel, fld in node.subject:
+            named = value.get(fld)
+            if rel in ("self", "organizer") and isinstance(named, str):
+                self.outcome.subjects.add(named)
+            if self.role == "user" and named == self.sub:
+                relations = relations | {rel}
+            else:
+                relations = relations - {rel}
+        readable = self.granted(self.role, relations, "read")
+        is_subject = bool(relations & self.subject_relations)
+
+        if node.dataset_by is not None:
+            fld, values = node.dataset_by
+            ds = values.get(value.get(fld))
+            if ds is not None and ds in readable:
+                self.outcome.served.add(ds)
+                return value
+            if ds is None and is_subject:
+                return value
+            self.outcome.removed.add(path or "body")
+            return _DROP
+
+        result: dict[str, Any] = {}
+        has_data = removed_any = False
+        for key, child in value.items():
+            spec = node.fields.get(key)
+            sub_path = f"{path}.{key}" if path else key
+            if spec is None:
+                if is_subject:
+                    result[key] = child
+                    has_data = True
+                else:
+                    self.outcome.removed.add(sub_path)
+                    removed_any = True
+                continue
+            r = self.value(child, spec, relations, sub_path)
+            if r is _DROP:
+                removed_any = True
+                continue
+            result[key] = r
+            if not (isinstance(spec, Leaf) and spec.data_set is None):
+                has_data = True
+        if removed_any and not has_data:
+            return _DROP
+        if node.mask is not None:
+            self.mask(result, node)
+        return result
+
+    def mask(self, record: dict[str, Any], node: ObjectOf) -> None:
+        mask = node.mask
+        days = self.catalog.data_sets[mask.data_set].anonymise_after_days
+        when = record.get(mask.age_field)
+        if when is None:
+            return
+        try:
+            at = datetime.fromisoformat(str(when))
+        except ValueError:
+            raise Unmappable(f"{mask.age_field}={when!r} is not an ISO 8601 time") from None
+        if at.tzinfo is None:
+            at = at.replace(tzinfo=UTC)
+        if self.now - at > timedelta(days=days):
+            for fld in mask.fields:
+                if isinstance(record.get(fld), str):
+                    record[fld] = mask_number(record[fld])
+
+
+def mask_number(number: str) -> str:
+    """Replace the last three digits of a phone number with X (the seed's anonymisation)."""
+    chars = list(number)
+    left = 3
+    for i in range(len(chars) - 1, -1, -1):
+        if left and chars[i].isdigit():
+            chars[i] = "X"
+            left -= 1
+    return "".join(chars)
+
+
+def now_utc() -> datetime:
+    return datetime.now(UTC)
+
+
+def _decides_relations(node: Node) -> bool:
+    return isinstance(node, ObjectOf) and bool(node.subject)
+
+
+def _has_mask(node: Node | None) -> bool:
+    if node is None or isinstance(node, Leaf):
+        return False
+    if isinstance(node, ListOf):
+        return _has_mask(node.item)
+    return node.mask is not None or any(_has_mask(c) for c in node.fields.values())

@@ -1,0 +1,142 @@
+"""Frozen settings, read once from the environment (SPEC §6) and checked at start-up."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from urllib.parse import urlsplit
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+DEFAULT_POLICY_DIR = REPO_ROOT / "policies"
+SQL_DIR = REPO_ROOT / "sql"
+
+
+class ConfigError(Exception):
+    """A configuration mistake, with a message an operator can act on."""
+
+
+@dataclass(frozen=True)
+class Settings:
+    listen_host: str = "127.0.0.1"
+    listen_port: int = 8080
+    database_url: str | None = None
+    data_dir: Path = Path(".gateway")
+    upstreams: Mapping[str, str] = field(default_factory=dict)
+    jwt_secret: str | None = None
+    jwt_jwks_url: str | None = None
+    jwt_public_key_file: Path | None = None
+    jwt_issuer: str | None = None
+    jwt_audience: str | None = None
+    policy_dir: Path = DEFAULT_POLICY_DIR
+    max_body_bytes: int = 1 << 20
+    backend_connect_timeout_s: float = 3.0
+    backend_read_timeout_s: float = 15.0
+    backend_connections: int = 200
+    db_pool_min: int = 2
+    db_pool_max: int = 10
+    audit_queue_max: int = 50_000
+
+    @classmethod
+    def from_env(cls, env: Mapping[str, str] | None = None) -> Settings:
+        """Build settings from GATEWAY_* variables; raise ConfigError on a malformed value."""
+        env = os.environ if env is None else env
+        host, port = _parse_listen(env.get("GATEWAY_LISTEN", "127.0.0.1:8080"))
+        upstreams = {}
+        for service in ("telephony", "meeting"):
+            url = env.get(f"GATEWAY_UPSTREAM_{service.upper()}")
+            if url:
+                upstreams[service] = _check_url(f"GATEWAY_UPSTREAM_{service.upper()}", url)
+        policy_dir = env.get("GATEWAY_POLICY_DIR")
+        key_file = env.get("GATEWAY_JWT_PUBLIC_KEY_FILE")
+        return cls(
+            listen_host=host,
+            listen_port=port,
+            database_url=env.get("GATEWAY_DATABASE_URL") or None,
+            data_dir=Path(env.get("GATEWAY_DATA_DIR", ".gateway")),
+            upstreams=upstreams,
+            jwt_secret=env.get("GATEWAY_JWT_SECRET") or None,
+            jwt_jwks_url=env.get("GATEWAY_JWT_JWKS_URL") or None,
+            jwt_public_key_file=Path(key_file) if key_file else None,
+            jwt_issuer=env.get("GATEWAY_JWT_ISSUER") or None,
+            jwt_audience=env.get("GATEWAY_JWT_AUDIENCE") or None,
+            policy_dir=Path(policy_dir) if policy_dir else _default_policy_dir(),
+            max_body_bytes=_int(env, "GATEWAY_MAX_BODY_BYTES", cls.max_body_bytes),
+            backend_read_timeout_s=_float(env, "GATEWAY_BACKEND_TIMEOUT_S", 15.0),
+            db_pool_max=_int(env, "GATEWAY_DB_POOL_MAX", cls.db_pool_max),
+        )
+
+    def with_(self, **changes) -> Settings:
+        return replace(self, **changes)
+
+    def check_for_serving(self) -> None:
+        """Raise ConfigError with every mistake that would stop `gateway serve`."""
+        problems = []
+        for service in ("telephony", "meeting"):
+            if service not in self.upstreams:
+                problems.append(
+                    f"GATEWAY_UPSTREAM_{service.upper()} is not set: the base URL of the "
+                    f"{service} backend is required"
+                )
+        if not (self.jwt_secret or self.jwt_jwks_url or self.jwt_public_key_file):
+            problems.append(
+                "no JWT key: set GATEWAY_JWT_SECRET (HS256), GATEWAY_JWT_PUBLIC_KEY_FILE "
+                "or GATEWAY_JWT_JWKS_URL (RS256/ES256)"
+            )
+        if self.jwt_secret and len(self.jwt_secret) < 32:
+            problems.append("GATEWAY_JWT_SECRET is shorter than 32 characters")
+        if self.jwt_public_key_file and not _readable(self.jwt_public_key_file):
+            problems.append(f"GATEWAY_JWT_PUBLIC_KEY_FILE {self.jwt_public_key_file} is not readable")
+        for name in ("model.conf", "policy.csv", "datasets.yaml", "routes.yaml"):
+            if not _readable(self.policy_dir / name):
+                problems.append(f"policy file {self.policy_dir / name} is not readable")
+        if problems:
+            raise ConfigError("; ".join(problems))
+
+
+def _default_policy_dir() -> Path:
+    local = Path("policies")
+    return local if (local / "routes.yaml").is_file() else DEFAULT_POLICY_DIR
+
+
+def _readable(path: Path) -> bool:
+    try:
+        with open(path, "rb"):
+            return True
+    except OSError:
+        return False
+
+
+def _parse_listen(value: str) -> tuple[str, int]:
+    host, sep, port = value.rpartition(":")
+    if not sep or not port.isdigit() or not 0 < int(port) < 65536:
+        raise ConfigError(f"GATEWAY_LISTEN={value!r} is not host:port")
+    return host.strip("[]") or "127.0.0.1", int(port)
+
+
+def _check_url(name: str, value: str) -> str:
+    parts = urlsplit(value)
+    if parts.scheme not in ("http", "https") or not parts.netloc:
+        raise ConfigError(f"{name}={value!r} is not an http(s) URL")
+    return value.rstrip("/")
+
+
+def _int(env: Mapping[str, str], name: str, default: int) -> int:
+    raw = env.get(name)
+    if raw is None or raw == "":
+        return default
+    try:
+        return int(raw)
+    except ValueError:
+        raise ConfigError(f"{name}={raw!r} is not an integer") from None
+
+
+def _float(env: Mapping[str, str], name: str, default: float) -> float:
+    raw = env.get(name)
+    if raw is None or raw == "":
+        return default
+    try:
+        return float(raw)
+    except ValueError:
+        raise ConfigError(f"{name}={raw!r} is not a number") from None
