@@ -32,6 +32,7 @@ log = logging.getLogger("gateway")
 
 SETTINGS = web.AppKey("settings", Settings)
 POOL = web.AppKey("pool", asyncpg.Pool)
+REQUEST_ID = pipeline.REQUEST_ID
 _REQUEST_ID = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
 
 
@@ -87,21 +88,20 @@ async def _request_ids(request: web.Request, handler) -> web.StreamResponse:
     """Give every request an id, echo it, and turn every failure into a SPEC §4 body."""
     given = request.headers.get("X-Request-Id", "")
     request_id = given if _REQUEST_ID.match(given) else uuid.uuid4().hex
-    request["request_id"] = request_id
+    request[REQUEST_ID] = request_id
+    started = time.perf_counter()
     try:
-        if request.path.startswith(("/telephony/", "/meeting/")):
+        if request.raw_path != "/":
             normalise_path(request.raw_path)
         response = await handler(request)
     except Denied as d:
         response = error_response(d.status, d.code, d.message, request_id)
-    except web.HTTPRequestEntityTooLarge:
-        response = error_response(413, "body_too_large", "the request body is too large",
-                                  request_id)
+        if d.code == "bad_path":
+            pipeline.record_denial(request, pipeline.new_row(request), d, started)
     except web.HTTPException as e:
-        code = {404: "not_found", 405: "method_not_allowed"}.get(e.status, "bad_request")
-        status = e.status if e.status in (400, 401, 403, 404, 413) else (
-            404 if e.status == 405 else 400)
-        response = error_response(status, code, e.reason or "request refused", request_id)
+        d = _http_denial(e)
+        pipeline.record_denial(request, pipeline.new_row(request), d, started)
+        response = error_response(d.status, d.code, d.message, request_id)
     except asyncio.CancelledError:
         raise
     except Exception:
@@ -111,6 +111,15 @@ async def _request_ids(request: web.Request, handler) -> web.StreamResponse:
     if not response.prepared:
         response.headers["X-Request-Id"] = request_id
     return response
+
+
+def _http_denial(e: web.HTTPException) -> Denied:
+    """aiohttp's own refusals (no route, wrong method, body too large) as SPEC §4 errors."""
+    if e.status == 413:
+        return Denied(413, "body_too_large", "the request body is too large")
+    if e.status in (404, 405):
+        return Denied(404, "not_found", "no such endpoint")
+    return Denied(400, "bad_request", e.reason or "request refused")
 
 
 # --- the gateway's own API -------------------------------------------------------------
@@ -143,7 +152,7 @@ def _api(route: str, roles: tuple[str, ...] = ROLES) -> Callable[[Handler], Call
         async def endpoint(request: web.Request) -> web.StreamResponse:
             gw = request.app[pipeline.GATEWAY]
             started = time.perf_counter()
-            row = AuditRow(at=now_utc(), request_id=request["request_id"],
+            row = AuditRow(at=now_utc(), request_id=request[REQUEST_ID],
                            method=request.method, path=request.raw_path[:2048],
                            service="gateway", route=f"gateway:{route}",
                            client_addr=request.remote)

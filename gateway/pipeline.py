@@ -50,18 +50,27 @@ class Gateway:
         return make_plan(route, role, relations, self.catalog, self.policy.granted)
 
 
+def new_row(request: web.Request) -> AuditRow:
+    return AuditRow(at=now_utc(), request_id=request[REQUEST_ID], method=request.method,
+                    path=request.raw_path[:2048], client_addr=request.remote)
+
+
+def record_denial(request: web.Request, row: AuditRow, denial: Denied, started: float) -> None:
+    """Audit a refused request; nobody waits, since a refusal carries no personal data."""
+    row.decision, row.reason, row.status = "deny", denial.code, denial.status
+    row.duration_ms = (time.perf_counter() - started) * 1000
+    request.app[GATEWAY].audit.record_nowait(row)
+
+
 async def handle(request: web.Request) -> web.StreamResponse:
     gw: Gateway = request.app[GATEWAY]
     started = time.perf_counter()
-    row = AuditRow(at=now_utc(), request_id=request["request_id"], method=request.method,
-                   path=request.raw_path[:2048], client_addr=request.remote)
+    row = new_row(request)
     try:
         return await _serve(request, gw, row, started)
     except Exception as e:
         denial = e if isinstance(e, Denied) else _internal(e, row.request_id)
-        row.decision, row.reason, row.status = "deny", denial.code, denial.status
-        row.duration_ms = (time.perf_counter() - started) * 1000
-        gw.audit.record_nowait(row)
+        record_denial(request, row, denial, started)
         return error_response(denial.status, denial.code, denial.message, row.request_id)
 
 
@@ -238,3 +247,4 @@ async def _stream(request: web.Request, gw: Gateway, route: Route, upstream, row
 
 
 GATEWAY = web.AppKey("gateway", Gateway)
+REQUEST_ID = web.RequestKey("request_id", str)

@@ -39,7 +39,7 @@ def normalise_path(raw_path: str) -> tuple[str, list[str]]:
     if any(bad in lowered for bad in _BAD_IN_RAW):
         raise Denied(400, "bad_path", "the path contains encoded or forbidden characters")
     segments = path.split("/")[1:]
-    if len(segments) < 2 or any(s in ("", ".", "..") for s in segments):
+    if not path.startswith("/") or any(s in ("", ".", "..") for s in segments):
         raise Denied(400, "bad_path", "the path has empty, '.' or '..' segments")
     decoded = [unquote(s) for s in segments]
     if any(not s.isprintable() or "/" in s for s in decoded):

@@ -53,8 +53,8 @@ async def _patch(request: web.Request, record: dict) -> web.Response:
     return _json(record)
 
 
-def telephony_app(data: DemoData) -> web.Application:
-    app = web.Application()
+def telephony_app(data: DemoData, middlewares=()) -> web.Application:
+    app = web.Application(middlewares=list(middlewares))
     app[DATA] = data
     r = web.RouteTableDef()
 
@@ -135,8 +135,8 @@ def telephony_app(data: DemoData) -> web.Application:
     return app
 
 
-def meeting_app(data: DemoData) -> web.Application:
-    app = web.Application()
+def meeting_app(data: DemoData, middlewares=()) -> web.Application:
+    app = web.Application(middlewares=list(middlewares))
     app[DATA] = data
     r = web.RouteTableDef()
 

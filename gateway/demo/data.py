@@ -148,7 +148,8 @@ def build(now: datetime | None = None) -> DemoData:
                              "browser": "Firefox 140", "rtt_ms": 23 + n, "jitter_ms": 3,
                              "packet_loss": 0.1, "quality": "good", "errors": []})
     for euo in EUOS:
-        d.trunk_cdrs[(euo, "trunk-1")] = [dict(c, id=c["id"] + "-t") for c in d.cdrs[euo][:2]]
+        d.trunk_cdrs[(euo, "trunk-1")] = [dict(c, id=c["id"] + "-t") for c in d.cdrs[euo]
+                                          if c["id"].endswith(("-0", "-2"))]
         members = [u for u, v in USERS.items() if v[0] == euo]
         organizer, others = members[0], members[1:]
         mid = f"mtg-{euo[4:]}-1"

@@ -1,0 +1,170 @@
+"""Fixtures: a real PostgreSQL, real backends on loopback, the real gateway in front."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import time
+from collections.abc import AsyncIterator, Callable
+from pathlib import Path
+
+import aiohttp
+import asyncpg
+import jwt
+import pytest
+import pytest_asyncio
+from aiohttp import web
+from multidict import CIMultiDict
+
+from gateway.app import create_app
+from gateway.db import EmbeddedPostgres
+from gateway.demo import data as demo_data
+from gateway.demo.backends import meeting_app, telephony_app
+from gateway.demo.run import seed_contracts, start_site
+from gateway.settings import DEFAULT_POLICY_DIR, Settings
+
+SECRET = "test-only-secret-" + "x" * 32          # a test key, not a secret
+ISSUER = "https://issuer.test"
+AUDIENCE = "partner-gateway"
+
+
+@pytest.fixture(scope="session")
+def database_url(tmp_path_factory) -> str:
+    """GATEWAY_TEST_DATABASE_URL, or an embedded PostgreSQL for this test session."""
+    given = os.environ.get("GATEWAY_TEST_DATABASE_URL")
+    if given:
+        yield given
+        return
+    server = EmbeddedPostgres(tmp_path_factory.mktemp("db"))
+    yield server.start()
+    server.stop()
+
+
+@pytest.fixture(scope="session")
+def demo() -> demo_data.DemoData:
+    return demo_data.build()
+
+
+class Seen:
+    """What the backends received: (method, path_qs, headers) per request."""
+
+    def __init__(self):
+        self.requests: list[tuple[str, str, dict[str, str]]] = []
+
+    def middleware(self):
+        @web.middleware
+        async def record(request, handler):
+            self.requests.append((request.method, request.path_qs, dict(request.headers)))
+            return await handler(request)
+        return record
+
+    def paths(self) -> list[str]:
+        return [p for _, p, _ in self.requests]
+
+
+@pytest_asyncio.fixture(scope="session")
+async def backends(demo) -> AsyncIterator[dict]:
+    """The demo telephony and meeting backends on loopback, recording what they receive."""
+    seen = Seen()
+    runners, urls = [], {}
+    for service, make in (("telephony", telephony_app), ("meeting", meeting_app)):
+        runner, port = await start_site(make(demo, [seen.middleware()]), "127.0.0.1", 0)
+        runners.append(runner)
+        urls[service] = f"http://127.0.0.1:{port}"
+    yield {"urls": urls, "seen": seen}
+    for r in runners:
+        await r.cleanup()
+
+
+def gateway_settings(upstreams: dict[str, str], **changes) -> Settings:
+    base = Settings(upstreams=upstreams, jwt_secret=SECRET, jwt_issuer=ISSUER,
+                    jwt_audience=AUDIENCE, policy_dir=DEFAULT_POLICY_DIR)
+    return base.with_(**changes)
+
+
+@contextlib.asynccontextmanager
+async def running_gateway(settings: Settings, dsn: str) -> AsyncIterator[str]:
+    """A gateway on a free loopback port; yields its base URL."""
+    runner, port = await start_site(create_app(settings, dsn), "127.0.0.1", 0)
+    try:
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        await runner.cleanup()
+
+
+@pytest_asyncio.fixture(scope="session")
+async def gateway(backends, database_url, demo) -> AsyncIterator[str]:
+    """The gateway in front of the demo backends, contracts seeded; its base URL."""
+    await seed_contracts(database_url, demo)
+    async with running_gateway(gateway_settings(backends["urls"]), database_url) as url:
+        yield url
+
+
+@pytest_asyncio.fixture(scope="session")
+async def http() -> AsyncIterator[aiohttp.ClientSession]:
+    async with aiohttp.ClientSession() as session:
+        yield session
+
+
+@pytest_asyncio.fixture(scope="session")
+async def db(database_url) -> AsyncIterator[asyncpg.Pool]:
+    pool = await asyncpg.create_pool(database_url, min_size=1, max_size=3)
+    yield pool
+    await pool.close()
+
+
+def make_token(role: str, sub: str, *, partner: str | None = None, euo: str | None = None,
+               key=SECRET, alg: str = "HS256", ttl: int = 600, headers=None, **claims) -> str:
+    now = int(time.time())
+    body = {"sub": sub, "role": role, "iss": ISSUER, "aud": AUDIENCE, "iat": now,
+            "exp": now + ttl}
+    if partner:
+        body["partner"] = partner
+    if euo:
+        body["euo"] = euo
+    body.update(claims)
+    body = {k: v for k, v in body.items() if v is not None}
+    return jwt.encode(body, key, algorithm=alg, headers=headers)
+
+
+# The callers of the visibility matrix, by name.
+CALLERS = {
+    "staff": dict(role="provider_staff", sub="staff-sam"),
+    "partner": dict(role="partner", sub="pat@northwind", partner="p-northwind"),
+    "admin": dict(role="euo_admin", sub="admin@acme", euo="euo-acme"),
+    "alice": dict(role="user", sub="u-alice", euo="euo-acme"),
+    "bob": dict(role="user", sub="u-bob", euo="euo-acme"),
+}
+
+
+@pytest.fixture(scope="session")
+def token_for() -> Callable[..., str]:
+    """token_for("alice") or token_for(role=..., sub=..., ...): a valid bearer token."""
+    def make(name: str | None = None, **kwargs) -> str:
+        spec = dict(CALLERS[name]) if name else {}
+        spec.update(kwargs)
+        return make_token(spec.pop("role"), spec.pop("sub"), **spec)
+    return make
+
+
+async def call(http: aiohttp.ClientSession, method: str, url: str, token: str | None = None,
+               **kwargs) -> tuple[int, CIMultiDict[str], bytes]:
+    headers = dict(kwargs.pop("headers", {}) or {})
+    if token:
+        headers["Authorization"] = f"Bearer {token}"
+    async with http.request(method, url, headers=headers, **kwargs) as r:
+        return r.status, CIMultiDict(r.headers), await r.read()
+
+
+async def wait_for(predicate, timeout: float = 3.0):
+    """Poll an async predicate until it is truthy; return its last value."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = await predicate()
+        if value or time.monotonic() > deadline:
+            return value
+        await asyncio.sleep(0.05)
+
+
+POLICY_DIR = Path(DEFAULT_POLICY_DIR)
