@@ -24,7 +24,6 @@ from .settings import ConfigError, Settings
 TENANT_CLAIM = {"provider_staff": None, "partner": "partner", "euo_admin": "euo", "user": "euo"}
 LEEWAY_S = 10
 CACHE_MAX = 100_000
-JWKS_MIN_REFETCH_S = 10.0
 
 _REASONS = [  # most specific first: several are subclasses of others
     (jwt.ExpiredSignatureError, "token_expired", "the token has expired"),
@@ -49,13 +48,14 @@ class Authenticator:
         self.issuer = settings.jwt_issuer
         self.audience = settings.jwt_audience
         self.jwks_url = settings.jwt_jwks_url
+        self.jwks_min_refetch_s = settings.jwt_jwks_min_refetch_s
         self.session = session
         self.public_key = None
         self.public_alg = None
         if settings.jwt_public_key_file:
             self.public_key, self.public_alg = _load_public_key(settings.jwt_public_key_file)
         self._jwks: dict[str, jwt.PyJWK] = {}
-        self._jwks_fetched_at = 0.0
+        self._jwks_fetched_at = -float("inf")
         self._jwks_lock = asyncio.Lock()
         self._cache: dict[str, Principal] = {}
 
@@ -119,7 +119,7 @@ class Authenticator:
         if jwk is None:
             async with self._jwks_lock:
                 jwk = self._jwks.get(kid)
-                if jwk is None and time.monotonic() - self._jwks_fetched_at > JWKS_MIN_REFETCH_S:
+                if jwk is None and time.monotonic() - self._jwks_fetched_at >= self.jwks_min_refetch_s:
                     await self._fetch_jwks()
                     jwk = self._jwks.get(kid)
         if jwk is None:

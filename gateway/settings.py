@@ -29,6 +29,7 @@ class Settings:
     jwt_public_key_file: Path | None = None
     jwt_issuer: str | None = None
     jwt_audience: str | None = None
+    jwt_jwks_min_refetch_s: float = 5.0     # an unknown kid refetches the key set at most this often
     policy_dir: Path = DEFAULT_POLICY_DIR
     max_body_bytes: int = 1 << 20
     backend_connect_timeout_s: float = 3.0

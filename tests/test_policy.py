@@ -1,0 +1,140 @@
+"""The floors check refuses a policy that would lower a floor of SPEC §2, and the route
+table and catalog are data: a new data set or route needs no Python change."""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+import sys
+
+import pytest
+
+from gateway.authz import load_policy
+from gateway.catalog import PolicyError, load_catalog
+
+from .conftest import POLICY_DIR
+
+
+@pytest.fixture
+def policy_dir(tmp_path):
+    """A writable copy of the shipped policies."""
+    target = tmp_path / "policies"
+    shutil.copytree(POLICY_DIR, target)
+    return target
+
+
+def load(path):
+    return load_policy(path, load_catalog(path))
+
+
+def test_the_shipped_policy_holds_every_floor():
+    load(POLICY_DIR)
+
+
+@pytest.mark.parametrize(("line", "complaint"), [
+    ("p, provider_staff, any, voicemails, read", "hidden from provider_staff"),
+    ("p, provider_staff, any, personal_directory, read", "hidden from provider_staff"),
+    ("p, provider_staff, any, call_recordings, delete", "hidden from provider_staff"),
+    ("p, partner, contracted_partner, chat_messages, read", "hidden from partner"),
+    ("p, partner, any, euo_identity, read", "can never hold relation 'any'"),
+    ("p, euo_admin, any, user_name, read", "can never hold relation 'any'"),
+    ("p, user, same_euo, user_mobile, read", "another user's user_mobile"),
+    ("p, user, same_euo, call_history, read", "another user's call_history"),
+    ("p, user, organizer, private_notes, read", "only its author may"),
+    ("p, euo_admin, same_euo, private_notes, read", "only its author may"),
+    ("p, user, self, voicemail, read", "unknown data set 'voicemail'"),
+    ("p, auditor, any, euo_identity, read", "unknown role 'auditor'"),
+])
+def test_a_policy_that_lowers_a_floor_is_refused(policy_dir, line, complaint):
+    with open(policy_dir / "policy.csv", "a") as f:
+        f.write("\n" + line + "\n")
+    with pytest.raises(PolicyError) as e:
+        load(policy_dir)
+    assert complaint in str(e.value)
+
+
+def test_taking_a_users_own_data_away_is_refused(policy_dir):
+    """Right of access: removing the user's own voicemails is a broken floor."""
+    text = (policy_dir / "policy.csv").read_text()
+    (policy_dir / "policy.csv").write_text(text.replace("p, user, self, voicemails, read\n", ""))
+    with pytest.raises(PolicyError, match="may not read their own voicemails"):
+        load(policy_dir)
+
+
+def test_the_gateway_refuses_to_start_with_a_bad_policy(policy_dir, tmp_path):
+    """`gateway serve` exits with a message naming the broken floor, before listening."""
+    with open(policy_dir / "policy.csv", "a") as f:
+        f.write("\np, provider_staff, any, faxes_incoming, read\n")
+    env = {"GATEWAY_POLICY_DIR": str(policy_dir), "GATEWAY_JWT_SECRET": "k" * 40,
+           "GATEWAY_UPSTREAM_TELEPHONY": "http://127.0.0.1:9", "GATEWAY_DATA_DIR": str(tmp_path),
+           "GATEWAY_UPSTREAM_MEETING": "http://127.0.0.1:9", "GATEWAY_DATABASE_URL": "postgresql://x"}
+    done = subprocess.run([sys.executable, "-m", "gateway", "serve"], env=env, capture_output=True,
+                          text=True, timeout=60)
+    assert done.returncode == 2
+    assert "faxes_incoming" in done.stderr and "floors" in done.stderr
+
+
+@pytest.mark.parametrize(("env", "message"), [
+    ({}, "GATEWAY_UPSTREAM_TELEPHONY is not set"),
+    ({"GATEWAY_UPSTREAM_TELEPHONY": "ftp://x"}, "is not an http(s) URL"),
+    ({"GATEWAY_UPSTREAM_TELEPHONY": "http://a", "GATEWAY_UPSTREAM_MEETING": "http://b"},
+     "no JWT key"),
+    ({"GATEWAY_JWT_PUBLIC_KEY_FILE": "/nonexistent.pem"}, "is not readable"),
+    ({"GATEWAY_POLICY_DIR": "/nonexistent"}, "policy file /nonexistent/model.conf is not readable"),
+    ({"GATEWAY_LISTEN": "localhost"}, "is not host:port"),
+])
+def test_configuration_mistakes_are_named(env, message, tmp_path):
+    done = subprocess.run([sys.executable, "-m", "gateway", "serve"],
+                          env={"GATEWAY_DATA_DIR": str(tmp_path), **env},
+                          capture_output=True, text=True, timeout=60)
+    assert done.returncode == 2
+    assert message in done.stderr
+
+
+def test_a_new_data_set_and_route_need_only_policy_files(policy_dir):
+    """Adding voicemail transcripts is a catalog row, a route and a policy line."""
+    with open(policy_dir / "datasets.yaml", "a") as f:
+        f.write("""
+  voicemail_transcripts:
+    service: [telephony]
+    seed: Voicemail transcripts (**)
+    purpose: Read voicemails as text
+    retention: As voicemails
+    collected_by: The platform
+    mandatory: false
+    hidden_from: [provider_staff]
+    subject: user
+""")
+    with open(policy_dir / "routes.yaml", "a") as f:
+        f.write("""
+  - service: telephony
+    path: /euos/{euo}/users/{user}/transcripts
+    methods: [GET]
+    subject: {euo: euo, user: user}
+    body:
+      object:
+        transcripts: voicemail_transcripts
+""")
+    with open(policy_dir / "policy.csv", "a") as f:
+        f.write("\np, user, self, voicemail_transcripts, read\n")
+    policy = load(policy_dir)
+    route, params = policy.catalog.match("telephony", ["euos", "e", "users", "u", "transcripts"])
+    assert params == {"euo": "e", "user": "u"}
+    assert policy.granted("user", frozenset({"same_euo", "self"}), "read") >= {"voicemail_transcripts"}
+    assert "voicemail_transcripts" not in policy.granted("provider_staff", frozenset({"any"}), "read")
+
+
+@pytest.mark.parametrize(("broken", "message"), [
+    ("routes.yaml", "unknown data set"),
+    ("datasets.yaml", "missing"),
+])
+def test_malformed_policy_files_are_refused(policy_dir, broken, message):
+    path = policy_dir / broken
+    text = path.read_text()
+    if broken == "routes.yaml":
+        text = text.replace("name: euo_identity", "name: euo_identty")
+    else:
+        text = text.replace("    purpose: Invoicing\n", "", 1)
+    path.write_text(text)
+    with pytest.raises(PolicyError, match=message):
+        load(policy_dir)

@@ -1,0 +1,75 @@
+"""Redaction as a pure function: no server, just a plan and a document."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+
+import pytest
+
+from gateway.authz import load_policy
+from gateway.catalog import load_catalog
+from gateway.redact import make_plan, mask_number, redact
+
+from .conftest import POLICY_DIR
+
+NOW = datetime(2026, 11, 22, tzinfo=UTC)
+
+
+@pytest.fixture(scope="module")
+def policy():
+    return load_policy(POLICY_DIR, load_catalog(POLICY_DIR))
+
+
+def run(policy, service, path, role, relations, doc, sub="someone"):
+    route, _ = policy.catalog.match(service, path.strip("/").split("/"))
+    plan = make_plan(route, role, frozenset(relations), policy.catalog, policy.granted)
+    return plan, *redact(doc, plan, sub, policy.catalog, policy.granted, NOW)
+
+
+@pytest.mark.parametrize(("number", "masked"), [
+    ("+32470111201", "+32470111XXX"), ("+32 2 555 01 23", "+32 2 555 0X XX"), ("12", "XX"),
+])
+def test_mask_number_replaces_the_last_three_digits(number, masked):
+    assert mask_number(number) == masked
+
+
+def test_undeclared_fields_reach_only_the_data_subject(policy):
+    doc = {"id": "u1", "euo_id": "e", "first_name": "A", "shoe_size": 44}
+    _, out, outcome = run(policy, "telephony", "euos/e/users/u1", "euo_admin", {"same_euo"}, doc)
+    assert out == {"id": "u1", "euo_id": "e", "first_name": "A"}
+    assert outcome.removed == {"shoe_size"}
+    plan, out, _ = run(policy, "telephony", "euos/e/users/u1", "user", {"same_euo", "self"}, doc,
+                       sub="u1")
+    assert out == doc and plan.passthrough
+
+
+def test_unmapped_answer_shapes_are_errors(policy):
+    from gateway.redact import Unmappable
+    with pytest.raises(Unmappable):
+        run(policy, "telephony", "euos/e/users", "provider_staff", {"any"}, {"users": "nope"})
+
+
+def test_faxes_of_an_unknown_direction_are_dropped_for_non_subjects(policy):
+    doc = {"faxes": [{"id": "f1", "direction": "sideways"}, {"id": "f2", "direction": "in"}]}
+    _, out, _ = run(policy, "telephony", "euos/e/users/u1/faxes", "euo_admin", {"same_euo"}, doc)
+    assert out == {}   # nothing of the list may be seen: the field goes
+
+
+def test_a_non_organizer_sees_only_their_own_note(policy):
+    doc = {"id": "m", "organizer_id": "u1", "topic": "T", "participants": [{"name": "X"}],
+           "private_notes": [{"author_id": "u1", "text": "a"}, {"author_id": "u2", "text": "b"}]}
+    _, out, outcome = run(policy, "meeting", "accounts/e/meetings/m", "user", {"same_euo"}, doc,
+                          sub="u2")
+    assert out == {"id": "m", "organizer_id": "u1", "private_notes": [{"author_id": "u2", "text": "b"}]}
+    assert outcome.served == {"private_notes"}
+
+
+def test_old_cdrs_are_masked_for_everyone_recent_ones_are_not(policy):
+    doc = {"cdrs": [
+        {"id": "1", "user_id": "u1", "caller": "+3222222222", "callee": "+3233333333",
+         "start": "2026-01-01T00:00:00+00:00"},
+        {"id": "2", "user_id": "u1", "caller": "+3222222222", "callee": "+3233333333",
+         "start": "2026-11-20T00:00:00Z"},
+    ]}
+    _, out, _ = run(policy, "telephony", "euos/e/cdrs", "user", {"same_euo"}, doc, sub="u1")
+    assert [c["caller"] for c in out["cdrs"]] == ["+3222222XXX", "+3222222222"]
