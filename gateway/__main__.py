@@ -31,6 +31,17 @@ def main(argv: list[str] | None = None) -> int:
     demo.add_argument("--port", type=int, default=None, help="gateway port (default from "
                       "GATEWAY_LISTEN, 8080)")
     sub.add_parser("migrate", help="apply the SQL migrations and exit")
+    audit = sub.add_parser("audit", help="verify, prune or query the access audit log")
+    audit_sub = audit.add_subparsers(dest="audit_command", required=True)
+    audit_sub.add_parser("verify", help="check every hash chain; exit 1 on a break")
+    prune = audit_sub.add_parser("prune", help="drop whole month partitions past retention")
+    prune.add_argument("--older-than", type=_days, default=None, metavar="DAYS",
+                       help="e.g. 400d (default: GATEWAY_AUDIT_RETENTION_DAYS)")
+    prune.add_argument("--dry-run", action="store_true", help="only list what would go")
+    q = audit_sub.add_parser("query", help="print matching rows (all scopes) as NDJSON or CSV")
+    for name in ("actor", "subject-user", "euo", "dataset", "decision", "from", "to", "limit"):
+        q.add_argument(f"--{name}")
+    q.add_argument("--format", choices=("ndjson", "csv"), default="ndjson")
     tok = sub.add_parser("token", help="mint a development token (HS256)")
     tok.add_argument("--role", required=True,
                      choices=("provider_staff", "partner", "euo_admin", "user"))
@@ -51,6 +62,9 @@ def main(argv: list[str] | None = None) -> int:
             return run_demo(settings, args.port)
         if args.command == "migrate":
             return _with_database(settings, _migrate)
+        if args.command == "audit":
+            from .audit import cli
+            return _with_database(settings, lambda dsn: cli.run(dsn, settings, args))
         if args.command == "token":
             print(mint_token(settings, args.role, args.sub, args.partner, args.euo, args.ttl))
             return 0
@@ -58,6 +72,13 @@ def main(argv: list[str] | None = None) -> int:
         print(f"gateway: {e}", file=sys.stderr)
         return 2
     return 1
+
+
+def _days(value: str) -> int:
+    digits = value[:-1] if value.endswith("d") else value
+    if not digits.isdigit():
+        raise argparse.ArgumentTypeError("give a number of days, e.g. 400d")
+    return int(digits)
 
 
 def dev_secret(settings: Settings) -> str:

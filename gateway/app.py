@@ -7,7 +7,6 @@ import logging
 import re
 import time
 import uuid
-from collections.abc import Awaitable, Callable
 from datetime import date
 
 import aiohttp
@@ -17,21 +16,21 @@ from aiohttp import web
 
 from . import pipeline
 from .audit import AuditRow, AuditWriter
+from .audit import api as audit_api
 from .authn import Authenticator
 from .authz import Policy, load_policy
-from .catalog import ROLES, load_catalog
+from .catalog import load_catalog
 from .contracts import ContractCache
-from .db import create_pool, migrate, query
+from .db import POOL, create_pool, migrate, query
+from .endpoints import api
 from .errors import Denied, error_response
 from .principal import Principal
 from .proxy import Backends, normalise_path
-from .redact import now_utc
 from .settings import Settings
 
 log = logging.getLogger("gateway")
 
 SETTINGS = web.AppKey("settings", Settings)
-POOL = web.AppKey("pool", asyncpg.Pool)
 REQUEST_ID = pipeline.REQUEST_ID
 _REQUEST_ID = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
 
@@ -48,6 +47,7 @@ def create_app(settings: Settings, dsn: str) -> web.Application:
     app.router.add_get("/v1/catalog", catalog_view)
     app.router.add_put("/v1/admin/euos/{euo}", put_contract)
     app.router.add_delete("/v1/admin/euos/{euo}", delete_contract)
+    audit_api.add_routes(app)
     for service in settings.upstreams:
         app.router.add_route("*", f"/{service}/{{tail:.*}}", pipeline.handle)
     return app
@@ -143,46 +143,7 @@ async def readyz(request: web.Request) -> web.Response:
         status=200 if ok else 503, dumps=_dumps)
 
 
-Handler = Callable[[web.Request, Principal, AuditRow], Awaitable[web.Response]]
-
-
-def _api(route: str, roles: tuple[str, ...] = ROLES) -> Callable[[Handler], Callable]:
-    """Authenticate and audit a gateway API call; only `roles` may make it."""
-    def wrap(handler: Handler):
-        async def endpoint(request: web.Request) -> web.StreamResponse:
-            gw = request.app[pipeline.GATEWAY]
-            started = time.perf_counter()
-            row = AuditRow(at=now_utc(), request_id=request[REQUEST_ID],
-                           method=request.method, path=request.raw_path[:2048],
-                           service="gateway", route=f"gateway:{route}",
-                           client_addr=request.remote)
-            try:
-                principal = await gw.authn.authenticate(request.headers.get("Authorization"))
-                row.actor_sub, row.actor_role, row.actor_partner, row.actor_euo = (
-                    principal.audit_fields())
-                if principal.role not in roles:
-                    raise Denied(403, "role_not_permitted",
-                                 f"only {', '.join(roles)} may call this endpoint")
-                try:
-                    response = await handler(request, principal, row)
-                except (TimeoutError, asyncpg.PostgresError, asyncpg.InterfaceError, OSError):
-                    raise Denied(503, "database_unavailable",
-                                 "the gateway's database cannot be reached") from None
-            except Denied as d:
-                row.decision, row.reason, row.status = "deny", d.code, d.status
-                row.duration_ms = (time.perf_counter() - started) * 1000
-                gw.audit.record_nowait(row)
-                raise
-            row.decision, row.status = "allow", response.status
-            row.bytes = response.content_length or 0
-            row.duration_ms = (time.perf_counter() - started) * 1000
-            await gw.audit.commit(row)
-            return response
-        return endpoint
-    return wrap
-
-
-@_api("/v1/catalog")
+@api("/v1/catalog")
 async def catalog_view(request: web.Request, principal: Principal, row: AuditRow) -> web.Response:
     """The data sets with their purpose, retention and who may see them under the policy."""
     gw = request.app[pipeline.GATEWAY]
@@ -195,7 +156,7 @@ async def catalog_view(request: web.Request, principal: Principal, row: AuditRow
     return web.json_response({"data_sets": out}, dumps=_dumps)
 
 
-@_api("/v1/admin/euos/{euo}", roles=("provider_staff",))
+@api("/v1/admin/euos/{euo}", roles=("provider_staff",))
 async def put_contract(request: web.Request, principal: Principal, row: AuditRow) -> web.Response:
     """Create or change the commercial relationship of an EUO with its partner."""
     euo = request.match_info["euo"]
@@ -223,7 +184,7 @@ async def put_contract(request: web.Request, principal: Principal, row: AuditRow
                               "contract_end": end.isoformat() if end else None}, dumps=_dumps)
 
 
-@_api("/v1/admin/euos/{euo}", roles=("provider_staff",))
+@api("/v1/admin/euos/{euo}", roles=("provider_staff",))
 async def delete_contract(request: web.Request, principal: Principal,
                           row: AuditRow) -> web.Response:
     """End the relationship outright: the partner loses access at once."""

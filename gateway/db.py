@@ -8,13 +8,15 @@ from functools import cache
 from pathlib import Path
 
 import asyncpg
+from aiohttp import web
 
 from .settings import SQL_DIR
 
 log = logging.getLogger("gateway.db")
 
 _MIGRATION = re.compile(r"^(\d{3})_[\w-]+\.sql$")
-MIGRATION_LOCK = 0x6761_7465  # an advisory lock id: one migrating process at a time
+MIGRATION_LOCK = 0x6761_7465
+POOL = web.AppKey("pool", asyncpg.Pool)  # an advisory lock id: one migrating process at a time
 
 
 class EmbeddedPostgres:

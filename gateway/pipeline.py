@@ -207,11 +207,16 @@ async def _json(gw: Gateway, route: Route, principal: Principal, relations: froz
                          len(body), sorted(outcome.served), sorted(outcome.removed))
 
 
+def finish(row: AuditRow, status: int, size: int, started: float) -> None:
+    """Fill in an allowed request's outcome."""
+    row.decision, row.status, row.bytes = "allow", status, size
+    row.duration_ms = (time.perf_counter() - started) * 1000
+
+
 async def _answer(gw: Gateway, row: AuditRow, started: float, response: web.Response,
                   size: int, served: list[str], removed: list[str]) -> web.Response:
-    row.decision, row.status, row.bytes = "allow", response.status, size
+    finish(row, response.status, size, started)
     row.data_sets, row.fields_removed = served, removed
-    row.duration_ms = (time.perf_counter() - started) * 1000
     await gw.audit.commit(row)
     return response
 
@@ -219,10 +224,8 @@ async def _answer(gw: Gateway, row: AuditRow, started: float, response: web.Resp
 async def _stream(request: web.Request, gw: Gateway, route: Route, upstream, row: AuditRow,
                   started: float) -> web.StreamResponse:
     """Commit the audit row, then copy the binary body through in chunks."""
-    size = upstream.content_length or 0
-    row.decision, row.status, row.bytes = "allow", upstream.status, size
+    finish(row, upstream.status, upstream.content_length or 0, started)
     row.data_sets = sorted(route.binary)
-    row.duration_ms = (time.perf_counter() - started) * 1000
     try:
         await gw.audit.commit(row)
     except Denied:

@@ -106,10 +106,11 @@ class _Walker:
     def object(self, value: Any, node: ObjectOf, relations: frozenset[str], path: str) -> Any:
         if not isinstance(value, dict):
             raise Unmappable(f"{path or 'body'} is not an object")
+        subjects = []
         for rel, fld in node.subject:
             named = value.get(fld)
             if rel in ("self", "organizer") and isinstance(named, str):
-                self.outcome.subjects.add(named)
+                subjects.append(named)
             if self.role == "user" and named == self.sub:
                 relations = relations | {rel}
             else:
@@ -122,8 +123,10 @@ class _Walker:
             ds = values.get(value.get(fld))
             if ds is not None and ds in readable:
                 self.outcome.served.add(ds)
+                self.outcome.subjects.update(subjects)
                 return value
             if ds is None and is_subject:
+                self.outcome.subjects.update(subjects)
                 return value
             self.outcome.removed.add(path or "body")
             return _DROP
@@ -150,6 +153,8 @@ class _Walker:
                 has_data = True
         if removed_any and not has_data:
             return _DROP
+        if has_data:
+            self.outcome.subjects.update(subjects)   # only those whose data was served
         if node.mask is not None:
             self.mask(result, node)
         return result

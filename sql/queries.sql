@@ -14,3 +14,52 @@ returning euo_id, partner_id, contract_end, updated_at;
 
 -- name: delete_contract
 delete from contracts where euo_id = $1 returning euo_id;
+
+-- name: ensure_audit_partition
+select audit_ensure_partition($1::date);
+
+-- name: audit_chains
+select chain_id, count(*) as rows, min(seq) as first_seq, max(seq) as last_seq
+  from audit_log group by chain_id order by chain_id;
+
+-- name: audit_chain_rows
+select * from audit_log where chain_id = $1 order by seq;
+
+-- name: audit_query
+-- Filters are optional ($n null: no filter). $11/$12 narrow to a caller's scope:
+-- an EUO admin's EUO, or a partner's own actions and the EUOs it held while it held them.
+select * from audit_log a
+ where ($1::text is null or a.actor_sub = $1)
+   and ($2::text is null or a.subject_users @> array[$2::text])
+   and ($3::text is null or a.subject_euo = $3)
+   and ($4::text is null or a.data_sets @> array[$4::text])
+   and ($5::text is null or a.decision = $5)
+   and ($6::timestamptz is null or a.at >= $6)
+   and ($7::timestamptz is null or a.at < $7)
+   and ($8::timestamptz is null or (a.at, a.chain_id, a.seq) < ($8, $9::uuid, $10::bigint))
+   and ($11::text is null or a.subject_euo = $11)
+   and ($12::text is null or a.actor_partner = $12 or exists (
+        select 1 from contract_history h
+         where h.partner_id = $12 and h.euo_id = a.subject_euo
+           and a.at >= h.started_at
+           and (h.ended_at is null or a.at < h.ended_at)
+           and (h.contract_end is null or a.at < h.contract_end::timestamptz)))
+ order by a.at desc, a.chain_id desc, a.seq desc
+ limit $13;
+
+-- name: access_log
+-- What others did with one user's data: never the user's own requests.
+select a.at, a.chain_id, a.seq, a.actor_role, a.actor_partner, a.actor_euo, a.method,
+       a.route, a.data_sets, a.decision, a.reason
+  from audit_log a
+ where a.subject_users @> array[$1::text]
+   and a.subject_euo = $2
+   and a.actor_sub is distinct from $1
+   and ($3::timestamptz is null or a.at >= $3)
+   and ($4::timestamptz is null or a.at < $4)
+   and ($5::timestamptz is null or (a.at, a.chain_id, a.seq) < ($5, $6::uuid, $7::bigint))
+ order by a.at desc, a.chain_id desc, a.seq desc
+ limit $8;
+
+-- name: audit_prune
+select partition, ends from audit_prune($1, $2);

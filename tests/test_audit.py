@@ -1,22 +1,41 @@
-"""Audit, first version: one row per request, allowed or denied, committed before any
-personal data leaves; a database outage means 503 and no data, then recovery."""
+"""The access audit: committed before any personal data leaves, append-only, chained,
+answerable within each caller's scope, and survives a crash of the gateway."""
 
 from __future__ import annotations
 
 import asyncio
+import csv
+import io
+import os
+import signal
+import subprocess
+import sys
+import uuid
+from datetime import UTC, datetime
 
+import asyncpg
 import orjson
+import pytest
 
+from gateway.audit.chain import GENESIS, HASHED, canonical, link
+from gateway.audit.writer import COLUMNS
 from gateway.db import EmbeddedPostgres
 from gateway.demo.run import seed_contracts
 
-from .conftest import call, gateway_settings, running_gateway, wait_for
+from .conftest import SECRET, call, gateway_settings, running_gateway, wait_for
+
+ALICE = "/telephony/euos/euo-acme/users/u-alice"
+
+
+async def row_of(db, request_id):
+    async def fetch():
+        return await db.fetchrow("select * from audit_log where request_id = $1", request_id)
+    return await wait_for(fetch)
 
 
 async def test_an_allowed_read_is_committed_with_what_it_served_and_removed(gateway, http, db,
                                                                            token_for):
-    status, headers, _ = await call(http, "GET", gateway + "/telephony/euos/euo-acme/users/u-alice",
-                                    token_for("partner"))
+    status, headers, _ = await call(http, "GET", gateway + ALICE, token_for("partner"))
     assert status == 200
     # the response was sent after its row was committed: no waiting needed
     row = await db.fetchrow("select * from audit_log where request_id = $1", headers["X-Request-Id"])
@@ -31,46 +50,230 @@ async def test_an_allowed_read_is_committed_with_what_it_served_and_removed(gate
 
 
 async def test_a_denial_is_recorded_with_its_reason(gateway, http, db, token_for):
-    status, headers, _ = await call(http, "GET",
-                                    gateway + "/telephony/euos/euo-acme/users/u-alice/voicemails",
-                                    token_for("staff"))
+    status, headers, _ = await call(http, "GET", gateway + ALICE + "/voicemails", token_for("staff"))
     assert status == 403
-
-    async def row():
-        return await db.fetchrow("select * from audit_log where request_id = $1",
-                                 headers["X-Request-Id"])
-    found = await wait_for(row)
+    found = await row_of(db, headers["X-Request-Id"])
     assert found["decision"] == "deny" and found["reason"] == "dataset_not_permitted"
     assert found["status"] == 403 and found["data_sets"] == []
 
 
-async def test_list_answers_record_every_data_subject(gateway, http, db, token_for):
+async def test_list_answers_record_the_data_subjects_served(gateway, http, db, token_for):
     _, headers, _ = await call(http, "GET", gateway + "/telephony/euos/euo-acme/cdrs",
                                token_for("admin"))
-    row = await db.fetchrow("select subject_users from audit_log where request_id = $1",
-                            headers["X-Request-Id"])
+    row = await row_of(db, headers["X-Request-Id"])
     assert set(row["subject_users"]) == {"u-alice", "u-bob", "u-carla"}
+    _, headers, _ = await call(http, "GET", gateway + "/telephony/euos/euo-acme/cdrs",
+                               token_for("bob"))
+    row = await row_of(db, headers["X-Request-Id"])
+    assert row["subject_users"] == ["u-bob"]
 
 
-async def test_audit_rows_cannot_be_changed(db):
-    import asyncpg
-    import pytest
+async def test_audit_rows_cannot_be_changed_or_removed(db):
     with pytest.raises(asyncpg.RaiseError, match="append-only"):
-        await db.execute("update audit_log set status = 200 where id = (select min(id) from audit_log)")
+        await db.execute("update audit_log set status = 200 where seq = 1")
     with pytest.raises(asyncpg.RaiseError, match="append-only"):
-        await db.execute("delete from audit_log")
+        await db.execute("delete from audit_log where seq = 1")
+
+
+async def verify(http, gateway, token_for):
+    status, _, body = await call(http, "GET", gateway + "/v1/audit/verify", token_for("staff"))
+    assert status == 200
+    return orjson.loads(body)
+
+
+async def set_actor_role(db, row, role: str) -> None:
+    """Change a row as a superuser can: with triggers switched off for the session."""
+    async with db.acquire() as conn, conn.transaction():
+        await conn.execute("set local session_replication_role = replica")
+        await conn.execute("update audit_log set actor_role = $3 where chain_id = $1 and seq = $2",
+                           row["chain_id"], row["seq"], role)
+
+
+async def test_verify_finds_a_row_altered_with_superuser_rights(gateway, http, db, token_for):
+    """Verification reports the altered row as the first break, and is clean once undone."""
+    _, headers, _ = await call(http, "GET", gateway + ALICE, token_for("admin"))
+    report = await verify(http, gateway, token_for)
+    assert report["ok"] and report["rows_checked"] > 0 and report["chains_checked"] >= 1
+    row = await row_of(db, headers["X-Request-Id"])
+    await set_actor_role(db, row, "provider_staff")
+    try:
+        report = await verify(http, gateway, token_for)
+        assert not report["ok"]
+        assert report["first_break"] == {"chain_id": str(row["chain_id"]), "seq": row["seq"],
+                                         "problem": "the row was altered after it was written"}
+    finally:
+        await set_actor_role(db, row, row["actor_role"])
+    assert (await verify(http, gateway, token_for))["ok"]
+
+
+async def test_verify_is_for_provider_staff_only(gateway, http, token_for):
+    for who in ("partner", "admin", "alice"):
+        assert (await call(http, "GET", gateway + "/v1/audit/verify", token_for(who)))[0] == 403
+
+
+async def query(http, gateway, token, **params):
+    status, _, body = await call(http, "GET", gateway + "/v1/audit", token, params=params)
+    assert status == 200, body
+    return orjson.loads(body)
+
+
+async def test_each_caller_reads_only_their_scope(gateway, http, token_for):
+    """A partner never sees rows of another partner's EUOs; an EUO admin never another EUO's;
+    users are refused."""
+    for path, who in (("/telephony/euos/euo-initech", "staff"),
+                      ("/telephony/euos/euo-globex/users", "staff"),
+                      ("/telephony/euos/euo-acme", "staff")):
+        await call(http, "GET", gateway + path, token_for(who))
+    partner = await query(http, gateway, token_for("partner"), limit=1000)
+    assert partner["rows"]
+    for r in partner["rows"]:
+        assert r["actor_partner"] == "p-northwind" or r["subject_euo"] in ("euo-acme", "euo-globex")
+    admin = await query(http, gateway, token_for("admin"), limit=1000)
+    assert admin["rows"] and {r["subject_euo"] for r in admin["rows"]} == {"euo-acme"}
+    staff = await query(http, gateway, token_for("staff"), euo="euo-initech")
+    assert staff["rows"]
+    status, _, body = await call(http, "GET", gateway + "/v1/audit", token_for("alice"))
+    assert status == 403 and orjson.loads(body)["error"]["code"] == "role_not_permitted"
+
+
+async def test_a_partner_sees_an_euo_only_for_the_time_it_held_the_contract(gateway, http,
+                                                                           token_for):
+    staff, bluesky = token_for("staff"), token_for(role="partner", sub="bea", partner="p-bluesky")
+    actor = f"probe-{uuid.uuid4().hex[:8]}"
+    probe = token_for(role="provider_staff", sub=actor)
+    await call(http, "GET", gateway + "/telephony/euos/euo-globex", probe)       # before
+    await call(http, "PUT", gateway + "/v1/admin/euos/euo-globex", staff,
+               json={"partner_id": "p-bluesky", "contract_end": None})
+    await call(http, "GET", gateway + "/telephony/euos/euo-globex/directory", probe)  # during
+    await call(http, "PUT", gateway + "/v1/admin/euos/euo-globex", staff,
+               json={"partner_id": "p-northwind", "contract_end": None})
+    await call(http, "GET", gateway + "/telephony/euos/euo-globex/users", probe)  # after
+    seen = await query(http, gateway, bluesky, actor=actor)
+    assert [r["route"] for r in seen["rows"]] == ["telephony:/euos/{euo}/directory"]
+
+
+async def test_cursor_paging_returns_every_row_once(gateway, http, token_for):
+    actor = f"pager-{uuid.uuid4().hex[:8]}"
+    token = token_for(role="provider_staff", sub=actor)
+    for _ in range(23):
+        await call(http, "GET", gateway + "/telephony/euos/euo-acme", token)
+    seen, cursor = [], None
+    while True:
+        params = {"actor": actor, "limit": 5} | ({"cursor": cursor} if cursor else {})
+        page = await query(http, gateway, token_for("staff"), **params)
+        seen += [(r["chain_id"], r["seq"]) for r in page["rows"]]
+        cursor = page["next_cursor"]
+        if not cursor:
+            break
+    assert len(seen) == 23 and len(set(seen)) == 23
+
+
+@pytest.mark.parametrize(("params", "code"), [
+    ({"limit": "lots"}, "bad_filter"), ({"limit": "0"}, "bad_filter"),
+    ({"from": "yesterday"}, "bad_filter"), ({"from": "2026-01-01T00:00:00"}, "bad_filter"),
+    ({"decision": "maybe"}, "bad_filter"), ({"cursor": "garbage!"}, "bad_cursor"),
+])
+async def test_bad_filters_are_400(gateway, http, token_for, params, code):
+    status, _, body = await call(http, "GET", gateway + "/v1/audit", token_for("staff"),
+                                 params=params)
+    assert status == 400 and orjson.loads(body)["error"]["code"] == code
+
+
+async def test_csv_and_ndjson_downloads_parse_back_to_the_same_rows(gateway, http, token_for):
+    actor = f"dl-{uuid.uuid4().hex[:8]}"
+    token = token_for(role="provider_staff", sub=actor)
+    for path in ("/telephony/euos/euo-acme", ALICE, ALICE + "/voicemails"):
+        await call(http, "GET", gateway + path, token)
+
+    async def all_three():   # the denial's row is written without the client waiting
+        rows = (await query(http, gateway, token_for("staff"), actor=actor))["rows"]
+        return rows if len(rows) == 3 else None
+    rows = await wait_for(all_three)
+    assert rows
+    _, headers, body = await call(http, "GET", gateway + "/v1/audit", token_for("staff"),
+                                  params={"actor": actor}, headers={"Accept": "application/x-ndjson"})
+    assert headers["Content-Type"].startswith("application/x-ndjson")
+    assert [orjson.loads(line) for line in body.splitlines()] == rows
+    _, headers, body = await call(http, "GET", gateway + "/v1/audit", token_for("staff"),
+                                  params={"actor": actor}, headers={"Accept": "text/csv"})
+    parsed = list(csv.DictReader(io.StringIO(body.decode())))
+    assert len(parsed) == 3
+    for got, want in zip(parsed, rows, strict=True):
+        for key, value in want.items():
+            if isinstance(value, list):
+                assert orjson.loads(got[key]) == value
+            elif value is None:
+                assert got[key] == ""
+            else:
+                assert got[key] == str(value)
+
+
+async def test_a_user_sees_who_accessed_their_data_by_organisation(gateway, http, token_for):
+    """Accesses by staff, partner and admin appear with role and organisation; never a
+    person's identity, never the user's own requests."""
+    for who in ("staff", "partner", "admin", "alice"):
+        await call(http, "GET", gateway + ALICE, token_for(who))
+    await call(http, "GET", gateway + ALICE + "/voicemails", token_for("staff"))   # denied
+    status, _, body = await call(http, "GET", gateway + "/v1/me/access-log", token_for("alice"))
+    assert status == 200
+    entries = orjson.loads(body)["accesses"]
+    accessors = {(e["accessor"]["role"], e["accessor"]["organisation"]) for e in entries}
+    assert {("provider_staff", "Provider"), ("partner", "p-northwind"),
+            ("euo_admin", "euo-acme")} <= accessors
+    assert ("user", "euo-acme") not in accessors
+    assert any(e["decision"] == "deny" and "voicemails" in e["route"] for e in entries)
+    for name in (b"staff-sam", b"pat@northwind", b"admin@acme"):
+        assert name not in body
+    assert (await call(http, "GET", gateway + "/v1/me/access-log", token_for("admin")))[0] == 403
+
+
+def cli(database_url, *args, check=True):
+    env = dict(os.environ, GATEWAY_DATABASE_URL=database_url)
+    done = subprocess.run([sys.executable, "-m", "gateway", "audit", *args], env=env,
+                          capture_output=True, text=True, timeout=120)
+    if check:
+        assert done.returncode == 0, done.stderr
+    return done
+
+
+async def test_prune_drops_whole_old_partitions_with_a_dry_run_first(gateway, db, database_url):
+    values = {name: None for name in HASHED} | {
+        "at": datetime(2020, 3, 5, tzinfo=UTC), "chain_id": uuid.uuid4(), "seq": 1,
+        "request_id": "old-1", "method": "GET", "path": "/old", "data_sets": [],
+        "fields_removed": [], "subject_users": [], "decision": "deny", "status": 404,
+        "bytes": 0, "duration_ms": 1.0}
+    record = tuple(values[c] for c in HASHED) + (GENESIS, link(GENESIS, canonical(values)))
+    async with db.acquire() as conn:
+        await conn.execute("select audit_ensure_partition('2020-03-01')")
+        await conn.copy_records_to_table("audit_log", records=[record], columns=COLUMNS)
+    dry = cli(database_url, "prune", "--older-than", "400d", "--dry-run")
+    assert "would drop audit_log_y2020m03" in dry.stdout
+    assert await db.fetchval("select count(*) from audit_log where request_id = 'old-1'") == 1
+    done = cli(database_url, "prune", "--older-than", "400d")
+    assert "dropped audit_log_y2020m03" in done.stdout
+    assert await db.fetchval("select count(*) from audit_log where request_id = 'old-1'") == 0
+    assert cli(database_url, "verify").returncode == 0
+
+
+async def test_cli_query_prints_ndjson(gateway, http, token_for, database_url):
+    actor = f"cli-{uuid.uuid4().hex[:8]}"
+    await call(http, "GET", gateway + "/telephony/euos/euo-acme",
+               token_for(role="provider_staff", sub=actor))
+    done = cli(database_url, "query", "--actor", actor)
+    rows = [orjson.loads(line) for line in done.stdout.splitlines()]
+    assert len(rows) == 1 and rows[0]["actor_sub"] == actor
 
 
 async def test_database_outage_fails_closed_and_recovers(backends, http, token_for, demo,
                                                          tmp_path):
-    """With the database down no personal data is served (503 audit_unavailable); when it
-    returns the gateway serves again by itself."""
+    """With the database down no personal data is served (503); when it returns the
+    gateway serves again by itself."""
     server = EmbeddedPostgres(tmp_path)
     dsn = server.start()
     try:
         await seed_contracts(dsn, demo)
         async with running_gateway(gateway_settings(backends["urls"]), dsn) as gw:
-            url = gw + "/telephony/euos/euo-acme/users/u-alice"
+            url = gw + ALICE
             assert (await call(http, "GET", url, token_for("alice")))[0] == 200
             await asyncio.to_thread(server.stop)
             status, _, body = await call(http, "GET", url, token_for("alice"))
@@ -85,5 +288,55 @@ async def test_database_outage_fails_closed_and_recovers(backends, http, token_f
             async def served():
                 return (await call(http, "GET", url, token_for("alice")))[0] == 200
             assert await wait_for(served, timeout=10)
+
+            async def partner_served():   # the contracts listener reconnects and reloads
+                return (await call(http, "GET", gw + "/telephony/euos/euo-acme",
+                                   token_for("partner")))[0] == 200
+            assert await wait_for(partner_served, timeout=10)
     finally:
         await asyncio.to_thread(server.stop)
+
+
+async def test_kill_9_loses_no_row_of_an_answered_request(backends, database_url, http,
+                                                          token_for, db, tmp_path):
+    """Every 2xx a client received before the gateway was killed has its committed row."""
+    port = 18000 + os.getpid() % 2000
+    env = dict(os.environ, GATEWAY_DATABASE_URL=database_url, GATEWAY_LISTEN=f"127.0.0.1:{port}",
+               GATEWAY_UPSTREAM_TELEPHONY=backends["urls"]["telephony"],
+               GATEWAY_UPSTREAM_MEETING=backends["urls"]["meeting"], GATEWAY_JWT_SECRET=SECRET,
+               GATEWAY_JWT_ISSUER="https://issuer.test", GATEWAY_JWT_AUDIENCE="partner-gateway",
+               GATEWAY_DATA_DIR=str(tmp_path))
+    proc = subprocess.Popen([sys.executable, "-m", "gateway", "serve"], env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    base = f"http://127.0.0.1:{port}"
+    try:
+        async def up():
+            try:
+                return (await call(http, "GET", base + "/healthz"))[0] == 200
+            except OSError:
+                return False
+        assert await wait_for(up, timeout=30)
+        answered: list[str] = []
+        token = token_for("alice")
+
+        async def client(n: int):
+            for i in range(10_000):
+                request_id = f"k9-{n}-{i}-{uuid.uuid4().hex[:6]}"
+                try:
+                    status, _, _ = await call(http, "GET", base + ALICE, token,
+                                              headers={"X-Request-Id": request_id})
+                except (TimeoutError, OSError, Exception):
+                    return
+                if status == 200:
+                    answered.append(request_id)
+        clients = [asyncio.create_task(client(n)) for n in range(8)]
+        await asyncio.sleep(1.5)
+        proc.send_signal(signal.SIGKILL)
+        await asyncio.gather(*clients)
+    finally:
+        proc.kill()
+        proc.wait()
+    assert len(answered) > 20
+    stored = await db.fetch("select request_id from audit_log where request_id = any($1::text[])",
+                            answered)
+    assert {r["request_id"] for r in stored} == set(answered)

@@ -1,0 +1,220 @@
+"""GET /v1/audit, /v1/audit/verify and /v1/me/access-log: asking "who saw this?".
+
+Each caller is narrowed to their scope in SQL: provider staff see everything; a partner
+its own actions and the EUOs it held, for the time it held them; an EUO admin its EUO.
+Filters and the keyset cursor are parameters of one named query. A download
+(`Accept: text/csv` or `application/x-ndjson`) streams from a server-side cursor, so its
+memory stays flat however many rows match.
+"""
+
+from __future__ import annotations
+
+import base64
+import csv
+import io
+import uuid
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any
+
+import orjson
+from aiohttp import web
+
+from ..db import POOL, query
+from ..endpoints import AUDITED, STARTED, api
+from ..errors import Denied
+from ..pipeline import GATEWAY, finish
+from ..principal import Principal
+from .chain import verify
+from .writer import AuditRow
+
+DEFAULT_LIMIT, MAX_LIMIT = 100, 1000
+PREFETCH = 1000
+PUBLIC_FIELDS = ("at", "chain_id", "seq", "request_id", "actor_sub", "actor_role", "actor_partner",
+                 "actor_euo", "method", "path", "service", "route", "data_sets", "fields_removed",
+                 "subject_euo", "subject_users", "decision", "reason", "status", "bytes",
+                 "duration_ms", "client_addr")
+DOWNLOADS = {"text/csv": "csv", "application/x-ndjson": "ndjson"}
+
+
+@dataclass(frozen=True)
+class Filters:
+    actor: str | None = None
+    subject_user: str | None = None
+    euo: str | None = None
+    dataset: str | None = None
+    decision: str | None = None
+    since: datetime | None = None
+    until: datetime | None = None
+    cursor: tuple[datetime, uuid.UUID, int] | None = None
+    limit: int | None = DEFAULT_LIMIT
+
+    def args(self, scope_euo: str | None, scope_partner: str | None) -> list[Any]:
+        at, chain, seq = self.cursor or (None, None, None)
+        return [self.actor, self.subject_user, self.euo, self.dataset, self.decision,
+                self.since, self.until, at, chain, seq, scope_euo, scope_partner, self.limit]
+
+
+def parse_filters(params, download: bool) -> Filters:
+    """Filters from query parameters; Denied(400, bad_filter) for a malformed one."""
+    decision = params.get("decision")
+    if decision not in (None, "allow", "deny"):
+        raise Denied(400, "bad_filter", "decision must be allow or deny")
+    raw_limit = params.get("limit")
+    if raw_limit is None:
+        limit = None if download else DEFAULT_LIMIT
+    else:
+        try:
+            limit = int(raw_limit)
+        except ValueError:
+            raise Denied(400, "bad_filter", "limit must be an integer") from None
+        if not 1 <= limit <= (10**9 if download else MAX_LIMIT):
+            raise Denied(400, "bad_filter", f"limit must be between 1 and {MAX_LIMIT}")
+    return Filters(
+        actor=params.get("actor"), subject_user=params.get("subject_user"),
+        euo=params.get("euo"), dataset=params.get("dataset"), decision=decision,
+        since=_time(params, "from"), until=_time(params, "to"),
+        cursor=decode_cursor(params["cursor"]) if "cursor" in params else None, limit=limit)
+
+
+def _time(params, name: str) -> datetime | None:
+    raw = params.get(name)
+    if raw is None:
+        return None
+    try:
+        value = datetime.fromisoformat(raw)
+    except ValueError:
+        raise Denied(400, "bad_filter", f"{name} must be an ISO 8601 time") from None
+    if value.tzinfo is None:
+        raise Denied(400, "bad_filter", f"{name} must carry a time zone (e.g. Z)")
+    return value
+
+
+def encode_cursor(row) -> str:
+    raw = orjson.dumps([row["at"].isoformat(), str(row["chain_id"]), row["seq"]])
+    return base64.urlsafe_b64encode(raw).decode().rstrip("=")
+
+
+def decode_cursor(token: str) -> tuple[datetime, uuid.UUID, int]:
+    try:
+        at, chain, seq = orjson.loads(base64.urlsafe_b64decode(token + "=" * (-len(token) % 4)))
+        return datetime.fromisoformat(at), uuid.UUID(chain), int(seq)
+    except (ValueError, TypeError, orjson.JSONDecodeError):
+        raise Denied(400, "bad_cursor", "the cursor is not one this API gave out") from None
+
+
+def public(row) -> dict[str, Any]:
+    out = {name: row[name] for name in PUBLIC_FIELDS}
+    out["at"] = row["at"].isoformat()
+    out["chain_id"] = str(row["chain_id"])
+    return out
+
+
+def scope(principal: Principal) -> tuple[str | None, str | None]:
+    """(EUO, partner) the caller's rows are narrowed to; (None, None) for provider staff."""
+    if principal.role == "provider_staff":
+        return None, None
+    if principal.role == "partner":
+        return None, principal.partner
+    return principal.euo, None
+
+
+@api("/v1/audit", roles=("provider_staff", "partner", "euo_admin"))
+async def audit_query(request: web.Request, principal: Principal, row: AuditRow):
+    """The access log within the caller's scope: a page of JSON, or a CSV/NDJSON download."""
+    kind = DOWNLOADS.get(request.headers.get("Accept", "").split(";")[0].strip())
+    filters = parse_filters(request.query, download=kind is not None)
+    args = filters.args(*scope(principal))
+    pool = request.app[POOL]
+    if kind is None:
+        async with pool.acquire() as conn, conn.transaction():
+            await conn.execute("set local plan_cache_mode = force_custom_plan")
+            rows = await conn.fetch(query("audit_query"), *args)
+        next_cursor = (encode_cursor(rows[-1])
+                       if filters.limit is not None and len(rows) == filters.limit else None)
+        return _json({"rows": [public(r) for r in rows], "next_cursor": next_cursor})
+    return await _download(request, row, kind, query("audit_query"), args)
+
+
+async def _download(request: web.Request, row: AuditRow, kind: str, sql: str, args: list):
+    """Commit the audit row, then stream every matching row from a server-side cursor."""
+    gw = request.app[GATEWAY]
+    finish(row, 200, 0, request[STARTED])
+    await gw.audit.commit(row)
+    request[AUDITED] = True
+    response = web.StreamResponse(headers={
+        "Content-Type": "text/csv; charset=utf-8" if kind == "csv" else "application/x-ndjson",
+        "Content-Disposition": f'attachment; filename="audit.{kind}"'})
+    await response.prepare(request)
+    buf = io.StringIO()
+    writer = csv.writer(buf)
+    if kind == "csv":
+        writer.writerow(PUBLIC_FIELDS)
+    async with request.app[POOL].acquire() as conn, conn.transaction():
+        await conn.execute("set local plan_cache_mode = force_custom_plan")
+        chunk: list[bytes] = []
+        async for record in conn.cursor(sql, *args, prefetch=PREFETCH):
+            item = public(record)
+            if kind == "csv":
+                writer.writerow([_cell(item[f]) for f in PUBLIC_FIELDS])
+                chunk.append(buf.getvalue().encode())
+                buf.seek(0)
+                buf.truncate()
+            else:
+                chunk.append(orjson.dumps(item) + b"\n")
+            if len(chunk) >= PREFETCH:
+                await response.write(b"".join(chunk))
+                chunk = []
+        if chunk:
+            await response.write(b"".join(chunk))
+    await response.write_eof()
+    return response
+
+
+def _cell(value: Any) -> Any:
+    if isinstance(value, list):
+        return orjson.dumps(value).decode()
+    return "" if value is None else value
+
+
+@api("/v1/audit/verify", roles=("provider_staff",))
+async def audit_verify(request: web.Request, principal: Principal, row: AuditRow):
+    """Check every hash chain; say what was checked and where the first break is."""
+    async with request.app[POOL].acquire() as conn:
+        report = await verify(conn)
+    return _json(report.public())
+
+
+ORGANISATION = {"provider_staff": lambda r: "Provider", "partner": lambda r: r["actor_partner"],
+                "euo_admin": lambda r: r["actor_euo"], "user": lambda r: r["actor_euo"]}
+
+
+@api("/v1/me/access-log", roles=("user",))
+async def access_log(request: web.Request, principal: Principal, row: AuditRow):
+    """Who (by role and organisation, never a person) accessed the caller's data."""
+    row.subject_euo, row.subject_users = principal.euo, [principal.sub]
+    filters = parse_filters(request.query, download=False)
+    at, chain, seq = filters.cursor or (None, None, None)
+    async with request.app[POOL].acquire() as conn, conn.transaction():
+        await conn.execute("set local plan_cache_mode = force_custom_plan")
+        rows = await conn.fetch(query("access_log"), principal.sub, principal.euo, filters.since,
+                                filters.until, at, chain, seq, filters.limit)
+    entries = [{
+        "at": r["at"].isoformat(),
+        "accessor": {"role": r["actor_role"],
+                     "organisation": ORGANISATION.get(r["actor_role"], lambda _: None)(r)},
+        "action": r["method"], "route": r["route"], "data_sets": r["data_sets"],
+        "decision": r["decision"], "reason": r["reason"],
+    } for r in rows]
+    next_cursor = encode_cursor(rows[-1]) if len(rows) == filters.limit else None
+    return _json({"accesses": entries, "next_cursor": next_cursor})
+
+
+def _json(body: dict) -> web.Response:
+    return web.Response(body=orjson.dumps(body), content_type="application/json")
+
+
+def add_routes(app: web.Application) -> None:
+    app.router.add_get("/v1/audit", audit_query)
+    app.router.add_get("/v1/audit/verify", audit_verify)
+    app.router.add_get("/v1/me/access-log", access_log)
