@@ -242,7 +242,8 @@ async def test_prune_drops_whole_old_partitions_with_a_dry_run_first(gateway, db
         "request_id": "old-1", "method": "GET", "path": "/old", "data_sets": [],
         "fields_removed": [], "subject_users": [], "decision": "deny", "status": 404,
         "bytes": 0, "duration_ms": 1.0}
-    record = tuple(values[c] for c in HASHED) + (GENESIS, link(GENESIS, canonical(values)))
+    ordered = tuple(values[c] for c in HASHED)
+    record = (*ordered, GENESIS, link(GENESIS, canonical(ordered)))
     async with db.acquire() as conn:
         await conn.execute("select audit_ensure_partition('2020-03-01')")
         await conn.copy_records_to_table("audit_log", records=[record], columns=COLUMNS)

@@ -15,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import operator
 import uuid
 from dataclasses import dataclass, field
 from datetime import date, datetime
@@ -54,6 +55,10 @@ class AuditRow:
     bytes: int = 0
     duration_ms: float = 0.0
     client_addr: str | None = None
+
+
+_REST_OF_ROW = operator.attrgetter(*HASHED[3:])   # the row's fields after at, chain_id, seq
+assert HASHED[:3] == ("at", "chain_id", "seq")
 
 
 def unavailable() -> Denied:
@@ -121,10 +126,9 @@ class AuditWriter:
         chain_id = self.chain_id
         for row, _ in batch:
             seq += 1
-            values = {name: getattr(row, name) for name in AuditRow.__slots__}
-            values["chain_id"], values["seq"] = chain_id, seq
+            values = (row.at, chain_id, seq, *_REST_OF_ROW(row))
             row_hash = link(prev, canonical(values))
-            records.append(tuple(values[c] for c in HASHED) + (prev, row_hash))
+            records.append((*values, prev, row_hash))
             prev = row_hash
         return records, prev
 

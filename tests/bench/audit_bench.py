@@ -1,0 +1,137 @@
+"""Audit benchmarks: ingest rate of the writer, and "who accessed user X in the last
+90 days" on a large audit log.
+
+    .venv/bin/python -m tests.bench.audit_bench [--rows 10000000] [--ingest 200000]
+
+Runs against a fresh embedded PostgreSQL under a temporary directory (or
+GATEWAY_BENCH_DATABASE_URL, which it fills with rows: use a scratch database).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import random
+import statistics
+import tempfile
+import time
+from datetime import UTC, datetime, timedelta
+
+import asyncpg
+
+from gateway.audit.writer import AuditRow, AuditWriter
+from gateway.db import EmbeddedPostgres, create_pool, migrate, query
+
+USERS = 100_000
+EUOS = 1_000
+
+
+async def ingest(dsn: str, rows: int) -> float:
+    """Rows per second through the real writer (chain hashing, group commit, COPY)."""
+    pool = await create_pool(dsn, 2, 4)
+    writer = AuditWriter(pool, queue_max=rows + 1)
+    writer.start()
+    now = datetime.now(UTC)
+    template = dict(method="GET", path="/telephony/euos/euo-1/users/u-1", service="telephony",
+                    route="telephony:/euos/{euo}/users/{user}", actor_sub="bench",
+                    actor_role="partner", actor_partner="p-1", subject_euo="euo-1",
+                    data_sets=["user_name", "user_email"], fields_removed=["personal_directory"],
+                    decision="allow", status=200, bytes=512, duration_ms=1.5,
+                    client_addr="127.0.0.1")
+    started = time.perf_counter()
+    waiting = []
+    for i in range(rows):
+        waiting.append(writer.record(AuditRow(at=now, request_id=f"bench-{i}",
+                                              subject_users=[f"u-{i % USERS}"], **template)))
+        if len(waiting) >= 20_000:            # clients arrive in waves, as they would
+            await asyncio.gather(*waiting)
+            waiting = []
+    await asyncio.gather(*waiting)
+    elapsed = time.perf_counter() - started
+    await writer.close()
+    await pool.close()
+    return rows / elapsed
+
+
+LOAD = """
+insert into audit_log
+select now() - (g % 180) * interval '1 day' - (g % 86400) * interval '1 second',
+       '00000000-0000-0000-0000-000000000001'::uuid, g, 'load-' || g,
+       'actor-' || (g % 5000), (array['provider_staff','partner','euo_admin','user'])[1 + g % 4],
+       'p-' || (g % 50), 'euo-' || (g % $2), 'GET', '/telephony/euos/x/users/y', 'telephony',
+       'telephony:/euos/{euo}/users/{user}', array['user_name','user_email'], '{}',
+       'euo-' || ((g * 7919) % $3 % $2), array['u-' || ((g * 7919) % $3)], 'allow', null, 200,
+       400, 1.0,
+       '127.0.0.1', '\\x00'::bytea, '\\x00'::bytea
+  from generate_series($1::bigint, $4::bigint) as g
+"""
+
+
+async def query_latency(dsn: str, rows: int, samples: int) -> dict[str, float]:
+    """Fill the log with `rows` rows over 180 days, then time the access-log query."""
+    conn = await asyncpg.connect(dsn)
+    try:
+        have = await conn.fetchval("select count(*) from audit_log where request_id like 'load-%'")
+        if have < rows:
+            for m in range(-7, 1):
+                await conn.execute(query("ensure_audit_partition"),
+                                   (datetime.now(UTC) + timedelta(days=31 * m)).date())
+            started = time.perf_counter()
+            step = 1_000_000
+            for lo in range(have + 1, rows + 1, step):
+                await conn.execute(LOAD, lo, EUOS, USERS, min(lo + step - 1, rows))
+                print(f"  loaded {min(lo + step - 1, rows):,} rows", flush=True)
+            await conn.execute("analyze audit_log")
+            print(f"  load took {time.perf_counter() - started:.0f} s")
+        since = datetime.now(UTC) - timedelta(days=90)
+        sql = query("access_log")
+        times, counts = [], []
+        for _ in range(samples):
+            u = random.randrange(USERS)
+            t = time.perf_counter()
+            async with conn.transaction():
+                await conn.execute("set local plan_cache_mode = force_custom_plan")
+                found = await conn.fetch(sql, f"u-{u}", f"euo-{u % EUOS}", since, None, None,
+                                         None, None, 1000)
+            times.append((time.perf_counter() - t) * 1000)
+            counts.append(len(found))
+        times.sort()
+        return {"p50_ms": statistics.median(times), "p95_ms": times[int(len(times) * 0.95) - 1],
+                "max_ms": times[-1], "rows_per_answer": statistics.mean(counts)}
+    finally:
+        await conn.close()
+
+
+async def main_async(args) -> None:
+    dsn = os.environ.get("GATEWAY_BENCH_DATABASE_URL")
+    server = None
+    if not dsn:
+        server = EmbeddedPostgres(tempfile.mkdtemp(prefix="gateway-bench-"))
+        dsn = server.start()
+    try:
+        conn = await asyncpg.connect(dsn)
+        await migrate(conn)
+        await conn.close()
+        rate = await ingest(dsn, args.ingest)
+        print(f"ingest: {rate:,.0f} audit rows/s ({args.ingest:,} rows through the writer)")
+        if args.rows:
+            lat = await query_latency(dsn, args.rows, args.samples)
+            print(f"who accessed user X in the last 90 days, {args.rows:,} rows: "
+                  f"p50 {lat['p50_ms']:.1f} ms, p95 {lat['p95_ms']:.1f} ms, max {lat['max_ms']:.1f} ms "
+                  f"({lat['rows_per_answer']:.0f} rows per answer)")
+    finally:
+        if server:
+            server.stop()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--rows", type=int, default=10_000_000)
+    parser.add_argument("--ingest", type=int, default=200_000)
+    parser.add_argument("--samples", type=int, default=200)
+    asyncio.run(main_async(parser.parse_args()))
+
+
+if __name__ == "__main__":
+    main()
