@@ -37,6 +37,7 @@ def canonical(values: Sequence[Any]) -> bytes:
     Works alike on what the writer holds and on an asyncpg record read back."""
     v = list(values)
     v[0] = v[0].astimezone(UTC)
+    v[1] = str(v[1])          # asyncpg's UUID type and uuid.UUID print alike
     v[_DURATION] = float(v[_DURATION])
     return orjson.dumps(v)
 
