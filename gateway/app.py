@@ -26,6 +26,7 @@ from .endpoints import api
 from .errors import Denied, error_response
 from .principal import Principal
 from .proxy import Backends, normalise_path
+from .restrictions import RestrictionCache
 from .settings import Settings
 
 log = logging.getLogger("gateway")
@@ -60,6 +61,8 @@ def _resources(settings: Settings, dsn: str, catalog, policy: Policy):
             await migrate(conn)
         contracts = ContractCache(pool, dsn)
         await contracts.start()
+        restrictions = RestrictionCache(pool, dsn)
+        await restrictions.start()
         audit = AuditWriter(pool, settings.audit_queue_max)
         audit.start()
         connector = aiohttp.TCPConnector(limit=settings.backend_connections,
@@ -71,13 +74,14 @@ def _resources(settings: Settings, dsn: str, catalog, policy: Policy):
         app[POOL] = pool
         app[pipeline.GATEWAY] = pipeline.Gateway(
             catalog=catalog, policy=policy, authn=Authenticator(settings, session),
-            contracts=contracts, backends=backends, audit=audit,
+            contracts=contracts, restrictions=restrictions, backends=backends, audit=audit,
             max_body_bytes=settings.max_body_bytes)
         try:
             yield
         finally:
             await audit.close()
             await contracts.close()
+            await restrictions.close()
             await session.close()
             await pool.close()
     return ctx

@@ -106,6 +106,7 @@ class Catalog:
     data_sets: dict[str, DataSet]
     routes: list[Route]
     data_subject_relations: frozenset[str]
+    restriction_blocks: frozenset[str] = frozenset()
     _trie: dict[str, dict] = field(default_factory=dict, repr=False)
 
     def match(self, service: str, segments: list[str]) -> tuple[Route, dict[str, str]] | None:
@@ -141,12 +142,15 @@ def load_catalog(policy_dir: Path) -> Catalog:
     subject_rels = frozenset(raw_routes.get("data_subject_relations") or ())
     if not subject_rels <= set(RELATIONS):
         raise PolicyError(f"routes.yaml: unknown data_subject_relations {sorted(subject_rels)}")
+    blocks = frozenset(raw_routes.get("processing_restriction_blocks") or ())
+    if not blocks <= set(ROLES):
+        raise PolicyError(f"routes.yaml: unknown role in processing_restriction_blocks {sorted(blocks)}")
     builder = _ShapeBuilder(shapes_raw, data_sets)
     routes = [_route(i, spec, builder, data_sets) for i, spec in
               enumerate(raw_routes.get("routes") or [])]
     if not routes:
         raise PolicyError("routes.yaml: no routes")
-    catalog = Catalog(data_sets, routes, subject_rels)
+    catalog = Catalog(data_sets, routes, subject_rels, blocks)
     for route in routes:
         _insert(catalog._trie, route)
     return catalog

@@ -11,8 +11,10 @@ from __future__ import annotations
 
 import logging
 import time
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from functools import lru_cache
+from typing import Any
 
 import aiohttp
 import orjson
@@ -27,6 +29,7 @@ from .errors import Denied, error_response
 from .principal import Principal
 from .proxy import CHUNK, Backends, forward_headers, normalise_path, response_headers
 from .redact import RedactionPlan, Unmappable, make_plan, now_utc, redact
+from .restrictions import RestrictionCache
 
 log = logging.getLogger("gateway.pipeline")
 JSON_ANSWER_LIMIT = 64 << 20
@@ -39,6 +42,7 @@ class Gateway:
     policy: Policy
     authn: Authenticator
     contracts: ContractCache
+    restrictions: RestrictionCache
     backends: Backends
     audit: AuditWriter
     max_body_bytes: int
@@ -74,53 +78,136 @@ async def handle(request: web.Request) -> web.StreamResponse:
         return error_response(denial.status, denial.code, denial.message, row.request_id)
 
 
-async def _serve(request: web.Request, gw: Gateway, row: AuditRow,
-                 started: float) -> web.StreamResponse:
-    # 1. match route
-    service, segments = normalise_path(request.raw_path)
+@dataclass(frozen=True, slots=True)
+class Target:
+    """A backend call the caller may make: the route, and who they are to its resource."""
+    route: Route
+    service: str
+    path_qs: str
+    action: str
+    principal: Principal
+    relations: frozenset[str]
+    blocked: Callable[[str], bool] | None     # restricted users, for roles a restriction blocks
+
+
+def match_route(gw: Gateway, method: str, raw_path: str,
+                row: AuditRow) -> tuple[Route, dict[str, str], str]:
+    """Stage 1: the route table entry for this path, or 404 (never forwarded)."""
+    service, segments = normalise_path(raw_path)
     row.service = service
     matched = gw.catalog.match(service, segments)
-    if matched is None or request.method not in matched[0].methods:
+    if matched is None or method not in matched[0].methods:
         raise Denied(404, "unknown_route", "no such route in the gateway's route table")
     route, params = matched
     row.route = route.name
+    row.subject_euo = params[route.subject_euo]
+    if route.subject_user:
+        row.subject_users = [params[route.subject_user]]
+    return route, params, service
+
+
+def authorize(gw: Gateway, principal: Principal, method: str, raw_path: str, route: Route,
+              params: dict[str, str], service: str) -> Target:
+    """Stage 3: what the path alone decides (tenancy, restriction, any visible data set)."""
     euo = params[route.subject_euo]
     user = params.get(route.subject_user) if route.subject_user else None
-    row.subject_euo = euo
-    if user:
-        row.subject_users = [user]
+    relations = path_relations(principal, euo, user, gw.contracts.active_partner)
+    blocked = None
+    if principal.role in gw.catalog.restriction_blocks:
+        blocked = gw.restrictions.is_restricted
+        if user is not None and blocked(user):
+            raise Denied(403, "processing_restricted",
+                         "this user has restricted the processing of their data")
+    action = ACTION_OF_METHOD[method]
+    _check_route(gw, route, principal, relations, action)
+    return Target(route, service, raw_path[len(service) + 1:], action, principal, relations,
+                  blocked)
 
-    # 2. authenticate
+
+async def _serve(request: web.Request, gw: Gateway, row: AuditRow,
+                 started: float) -> web.StreamResponse:
+    route, params, service = match_route(gw, request.method, request.raw_path, row)
     principal = await gw.authn.authenticate(request.headers.get("Authorization"))
     row.actor_sub, row.actor_role, row.actor_partner, row.actor_euo = principal.audit_fields()
+    target = authorize(gw, principal, request.method, request.raw_path, route, params, service)
+    body = await _request_body(request, gw, target)
+    upstream = await send(gw, target, request.method, request.headers, row, request.remote, body)
+    if route.binary:
+        return await _stream(request, gw, route, upstream, row, started)
+    answer = await read_json(gw, target, upstream, row)
+    if answer.body is None:
+        answer = answer.encoded()
+    response = web.Response(status=answer.status, body=answer.body, headers=answer.headers)
+    await commit(gw, row, started, answer.status, len(answer.body or b""), answer.served,
+                 answer.removed)
+    return response
 
-    # 3. authorize what the path alone can decide
-    relations = path_relations(principal, euo, user, gw.contracts.active_partner)
-    action = ACTION_OF_METHOD[request.method]
-    body = await _request_body(request, gw, route, principal, relations, action)
-    _check_route(gw, route, principal, relations, action)
 
-    # 4. forward
-    prefix_len = len(service) + 1
-    upstream = await gw.backends.send(
-        service, request.raw_path[prefix_len:], request.method,
-        forward_headers(request.headers, row.request_id, request.remote), body)
+async def send(gw: Gateway, target: Target, method: str, headers, row: AuditRow,
+               client: str | None, body: bytes | None = None) -> aiohttp.ClientResponse:
+    """Stage 4: forward; a backend error status becomes our own error, its body dropped."""
+    upstream = await gw.backends.send(target.service, target.path_qs, method,
+                                      forward_headers(headers, row.request_id, client), body)
     if upstream.status >= 300:
         upstream.release()
         raise _upstream_error(upstream.status)
-
-    # 5. redact, 6. audit, then answer
-    if route.binary:
-        return await _stream(request, gw, route, upstream, row, started)
-    return await _json(gw, route, principal, relations, upstream, row, started)
+    return upstream
 
 
-async def _request_body(request: web.Request, gw: Gateway, route: Route,
-                        principal: Principal, relations: frozenset[str],
-                        action: str) -> bytes | None:
+@dataclass(slots=True)
+class JsonAnswer:
+    status: int
+    headers: dict[str, str]
+    body: bytes | None                 # the bytes to send (None: encode `document`)
+    document: Any = None               # the redacted document, when it was parsed
+    served: list[str] = field(default_factory=list)
+    removed: list[str] = field(default_factory=list)
+
+    def encoded(self) -> JsonAnswer:
+        self.body = orjson.dumps(self.document)
+        self.headers["Content-Type"] = "application/json"
+        return self
+
+    def parsed(self) -> Any:
+        if self.document is None and self.body:
+            self.document = orjson.loads(self.body)
+        return self.document
+
+
+async def read_json(gw: Gateway, target: Target, upstream, row: AuditRow) -> JsonAnswer:
+    """Stage 5: the backend's JSON, redacted for the caller (bytes untouched if nothing must go)."""
+    status = upstream.status
+    headers = response_headers(upstream.headers)
+    content_type = upstream.headers.get("Content-Type", "")
+    raw = await gw.backends.read(upstream, JSON_ANSWER_LIMIT)
+    if status == 204 or not raw:
+        return JsonAnswer(status, headers, b"")
+    if "json" not in content_type:
+        raise Denied(502, "backend_unmappable", "the backend's answer is not JSON")
+    route, principal = target.route, target.principal
+    plan = gw.plan(route, principal.role, target.relations)
+    if plan.passthrough and target.blocked is None:
+        return JsonAnswer(status, headers, raw, served=sorted(plan.visible))
+    try:
+        document = orjson.loads(raw)
+        redacted, outcome = redact(document, plan, principal.sub, gw.catalog, gw.policy.granted,
+                                   now_utc(), target.blocked)
+    except (orjson.JSONDecodeError, Unmappable):
+        raise Denied(502, "backend_unmappable",
+                     "the backend's answer does not match the route table") from None
+    if route.top_decided and not outcome.served:
+        raise Denied(403, "dataset_not_permitted", "you may not see any data of this resource")
+    if outcome.subjects:
+        row.subject_users = sorted(outcome.subjects | set(row.subject_users))
+    return JsonAnswer(status, headers, None, redacted, sorted(outcome.served),
+                      sorted(outcome.removed))
+
+
+async def _request_body(request: web.Request, gw: Gateway, target: Target) -> bytes | None:
     """Read a write's JSON body (bounded) and check every field it sets may be written."""
-    if action != "write":
+    if target.action != "write":
         return None
+    route, principal, relations = target.route, target.principal, target.relations
     if request.content_length and request.content_length > gw.max_body_bytes:
         raise Denied(413, "body_too_large", f"request bodies are limited to {gw.max_body_bytes} bytes")
     try:
@@ -175,50 +262,18 @@ def _upstream_error(status: int) -> Denied:
     return Denied(502, "backend_error", f"the backend answered {status}")
 
 
-async def _json(gw: Gateway, route: Route, principal: Principal, relations: frozenset[str],
-                upstream, row: AuditRow, started: float) -> web.StreamResponse:
-    status = upstream.status
-    headers = response_headers(upstream.headers)
-    content_type = upstream.headers.get("Content-Type", "")
-    raw = await gw.backends.read(upstream, JSON_ANSWER_LIMIT)
-    if status == 204 or not raw:
-        return await _answer(gw, row, started, web.Response(status=status, headers=headers),
-                             0, [], [])
-    if "json" not in content_type:
-        raise Denied(502, "backend_unmappable", "the backend's answer is not JSON")
-    plan = gw.plan(route, principal.role, relations)
-    if plan.passthrough:
-        return await _answer(gw, row, started, web.Response(status=status, body=raw,
-                             headers=headers), len(raw), sorted(plan.visible), [])
-    try:
-        document = orjson.loads(raw)
-        redacted, outcome = redact(document, plan, principal.sub, gw.catalog,
-                                   gw.policy.granted, now_utc())
-    except (orjson.JSONDecodeError, Unmappable):
-        raise Denied(502, "backend_unmappable",
-                     "the backend's answer does not match the route table") from None
-    if route.top_decided and not outcome.served:
-        raise Denied(403, "dataset_not_permitted", "you may not see any data of this resource")
-    if outcome.subjects:
-        row.subject_users = sorted(outcome.subjects | set(row.subject_users))
-    body = orjson.dumps(redacted)
-    headers["Content-Type"] = "application/json"
-    return await _answer(gw, row, started, web.Response(status=status, body=body, headers=headers),
-                         len(body), sorted(outcome.served), sorted(outcome.removed))
-
-
 def finish(row: AuditRow, status: int, size: int, started: float) -> None:
     """Fill in an allowed request's outcome."""
     row.decision, row.status, row.bytes = "allow", status, size
     row.duration_ms = (time.perf_counter() - started) * 1000
 
 
-async def _answer(gw: Gateway, row: AuditRow, started: float, response: web.Response,
-                  size: int, served: list[str], removed: list[str]) -> web.Response:
-    finish(row, response.status, size, started)
+async def commit(gw: Gateway, row: AuditRow, started: float, status: int, size: int,
+                 served: list[str], removed: list[str]) -> None:
+    """Stage 6: the allowed request's row, committed before its answer may leave."""
+    finish(row, status, size, started)
     row.data_sets, row.fields_removed = served, removed
     await gw.audit.commit(row)
-    return response
 
 
 async def _stream(request: web.Request, gw: Gateway, route: Route, upstream, row: AuditRow,

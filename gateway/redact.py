@@ -59,9 +59,11 @@ def make_plan(route: Route, role: str, relations: frozenset[str], catalog: Catal
 
 
 def redact(document: Any, plan: RedactionPlan, sub: str, catalog: Catalog, granted: Granted,
-           now: datetime) -> tuple[Any, Outcome]:
-    """Apply the plan to a parsed body; raise Unmappable when it does not fit the shape."""
-    walker = _Walker(plan.role, sub, catalog, granted, now)
+           now: datetime, blocked: Callable[[str], bool] | None = None) -> tuple[Any, Outcome]:
+    """Apply the plan to a parsed body; raise Unmappable when it does not fit the shape.
+
+    `blocked(user)` says a user's data may not reach this viewer at all (a restriction)."""
+    walker = _Walker(plan.role, sub, catalog, granted, now, blocked)
     out = walker.value(document, plan.route.body, plan.relations, "")
     if out is _DROP:
         out = {}
@@ -69,12 +71,14 @@ def redact(document: Any, plan: RedactionPlan, sub: str, catalog: Catalog, grant
 
 
 class _Walker:
-    def __init__(self, role: str, sub: str, catalog: Catalog, granted: Granted, now: datetime):
+    def __init__(self, role: str, sub: str, catalog: Catalog, granted: Granted, now: datetime,
+                 blocked: Callable[[str], bool] | None):
         self.role = role
         self.sub = sub
         self.catalog = catalog
         self.granted = granted
         self.now = now
+        self.blocked = blocked
         self.outcome = Outcome()
         self.subject_relations = catalog.data_subject_relations
 
@@ -115,6 +119,9 @@ class _Walker:
                 relations = relations | {rel}
             else:
                 relations = relations - {rel}
+        if self.blocked is not None and any(self.blocked(s) for s in subjects):
+            self.outcome.removed.add(path or "body")
+            return _DROP
         readable = self.granted(self.role, relations, "read")
         is_subject = bool(relations & self.subject_relations)
 

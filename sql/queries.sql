@@ -63,3 +63,40 @@ select a.at, a.chain_id, a.seq, a.actor_role, a.actor_partner, a.actor_euo, a.me
 
 -- name: audit_prune
 select partition, ends from audit_prune($1, $2);
+
+-- name: restricted_users
+select distinct user_sub from dsr_requests
+ where type = 'restriction' and status in ('open', 'accepted');
+
+-- name: is_restricted
+select exists (select 1 from dsr_requests
+                where user_sub = $1 and type = 'restriction' and status in ('open', 'accepted'));
+
+-- name: create_request
+insert into dsr_requests (user_sub, euo_id, type, data_sets, detail)
+values ($1, $2, $3, $4, $5)
+returning *;
+
+-- name: my_requests
+select * from dsr_requests where user_sub = $1 order by created_at desc limit 500;
+
+-- name: requests_in_scope
+-- $1: an EUO admin's EUO, $2: a partner (its EUOs under an active contract); both null:
+-- provider staff. Overdue unresolved requests first, then by due date.
+select * from dsr_requests r
+ where ($1::text is null or r.euo_id = $1)
+   and ($2::text is null or r.euo_id in (
+        select c.euo_id from contracts c
+         where c.partner_id = $2 and (c.contract_end is null or c.contract_end > current_date)))
+   and ($3::text is null or r.status = $3)
+ order by (r.status in ('open', 'accepted') and r.due_at < now()) desc, r.due_at, r.id
+ limit 1000;
+
+-- name: get_request
+select * from dsr_requests where id = $1;
+
+-- name: update_request
+update dsr_requests
+   set status = $2, resolution = coalesce($3, resolution), resolved_by = $4, updated_at = now()
+ where id = $1
+returning *;

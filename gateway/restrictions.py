@@ -1,0 +1,38 @@
+"""Users whose processing is restricted (an open or accepted restriction request),
+mirrored in memory (see notified.py). While the mirror cannot be trusted, the roles a
+restriction blocks are refused (503 `restrictions_unavailable`)."""
+
+from __future__ import annotations
+
+import asyncpg
+
+from .db import query
+from .notified import NotifiedCache
+
+
+class RestrictionCache(NotifiedCache):
+    channel = "gateway_restrictions"
+    unavailable_code = "restrictions_unavailable"
+    what = "processing restrictions"
+
+    def __init__(self, pool: asyncpg.Pool, dsn: str):
+        super().__init__(pool, dsn)
+        self._users: set[str] = set()
+
+    def is_restricted(self, user: str) -> bool:
+        self.check_fresh()
+        return user in self._users
+
+    def remember(self, user: str, restricted: bool) -> None:
+        """Record a change this process made itself (others hear of it by NOTIFY)."""
+        if restricted:
+            self._users.add(user)
+        else:
+            self._users.discard(user)
+
+    async def load_all(self, conn: asyncpg.Connection) -> int:
+        self._users = {r["user_sub"] for r in await conn.fetch(query("restricted_users"))}
+        return len(self._users)
+
+    async def reload(self, conn: asyncpg.Pool, user: str) -> None:
+        self.remember(user, await conn.fetchval(query("is_restricted"), user))
