@@ -14,7 +14,7 @@ import asyncpg
 import orjson
 from aiohttp import web
 
-from . import pipeline
+from . import export, pipeline, subject_requests
 from .audit import AuditRow, AuditWriter
 from .audit import api as audit_api
 from .authn import Authenticator
@@ -22,7 +22,7 @@ from .authz import Policy, load_policy
 from .catalog import load_catalog
 from .contracts import ContractCache
 from .db import POOL, create_pool, migrate, query
-from .endpoints import api
+from .endpoints import api, json_response
 from .errors import Denied, error_response
 from .principal import Principal
 from .proxy import Backends, normalise_path
@@ -49,6 +49,8 @@ def create_app(settings: Settings, dsn: str) -> web.Application:
     app.router.add_put("/v1/admin/euos/{euo}", put_contract)
     app.router.add_delete("/v1/admin/euos/{euo}", delete_contract)
     audit_api.add_routes(app)
+    subject_requests.add_routes(app)
+    export.add_routes(app, settings.policy_dir, catalog)
     for service in settings.upstreams:
         app.router.add_route("*", f"/{service}/{{tail:.*}}", pipeline.handle)
     return app
@@ -101,10 +103,10 @@ async def _request_ids(request: web.Request, handler) -> web.StreamResponse:
     except Denied as d:
         response = error_response(d.status, d.code, d.message, request_id)
         if d.code == "bad_path":
-            pipeline.record_denial(request, pipeline.new_row(request), d, started)
+            pipeline.record_denial(request.app[pipeline.GATEWAY], pipeline.new_row(request), d, started)
     except web.HTTPException as e:
         d = _http_denial(e)
-        pipeline.record_denial(request, pipeline.new_row(request), d, started)
+        pipeline.record_denial(request.app[pipeline.GATEWAY], pipeline.new_row(request), d, started)
         response = error_response(d.status, d.code, d.message, request_id)
     except asyncio.CancelledError:
         raise
@@ -142,9 +144,9 @@ async def readyz(request: web.Request) -> web.Response:
         database = False
     backends = await gw.backends.ready()
     ok = database and all(backends.values())
-    return web.json_response(
+    return json_response(
         {"status": "ready" if ok else "not_ready", "database": database, "backends": backends},
-        status=200 if ok else 503, dumps=_dumps)
+        status=200 if ok else 503)
 
 
 @api("/v1/catalog")
@@ -157,7 +159,7 @@ async def catalog_view(request: web.Request, principal: Principal, row: AuditRow
         entry = ds.public()
         entry["visible_to"] = policy.who_may(ds.name)
         out.append(entry)
-    return web.json_response({"data_sets": out}, dumps=_dumps)
+    return json_response({"data_sets": out})
 
 
 @api("/v1/admin/euos/{euo}", roles=("provider_staff",))
@@ -184,8 +186,8 @@ async def put_contract(request: web.Request, principal: Principal, row: AuditRow
             raise Denied(400, "invalid_contract", "contract_end must be YYYY-MM-DD or null")
     record = await request.app[POOL].fetchrow(query("put_contract"), euo, partner, end)
     request.app[pipeline.GATEWAY].contracts.remember(euo, partner, end)
-    return web.json_response({"euo_id": record["euo_id"], "partner_id": record["partner_id"],
-                              "contract_end": end.isoformat() if end else None}, dumps=_dumps)
+    return json_response({"euo_id": record["euo_id"], "partner_id": record["partner_id"],
+                          "contract_end": end.isoformat() if end else None})
 
 
 @api("/v1/admin/euos/{euo}", roles=("provider_staff",))
@@ -199,7 +201,3 @@ async def delete_contract(request: web.Request, principal: Principal,
         raise Denied(404, "no_contract", "this EUO has no contract")
     request.app[pipeline.GATEWAY].contracts.remember(euo, None, None)
     return web.Response(status=204)
-
-
-def _dumps(obj) -> str:
-    return orjson.dumps(obj).decode()

@@ -6,6 +6,7 @@ import time
 from collections.abc import Awaitable, Callable
 
 import asyncpg
+import orjson
 from aiohttp import web
 
 from . import pipeline
@@ -43,7 +44,7 @@ def api(route: str, roles: tuple[str, ...] = ROLES) -> Callable[[Handler], Calla
                     raise Denied(503, "database_unavailable",
                                  "the gateway's database cannot be reached") from None
             except Denied as d:
-                pipeline.record_denial(request, row, d, started)
+                pipeline.record_denial(request.app[pipeline.GATEWAY], row, d, started)
                 raise
             if not request.get(AUDITED):
                 pipeline.finish(row, response.status, response.content_length or 0, started)
@@ -51,3 +52,8 @@ def api(route: str, roles: tuple[str, ...] = ROLES) -> Callable[[Handler], Calla
             return response
         return endpoint
     return wrap
+
+
+def json_response(body: object, status: int = 200) -> web.Response:
+    """A JSON answer encoded with orjson."""
+    return web.Response(body=orjson.dumps(body), status=status, content_type="application/json")

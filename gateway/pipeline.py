@@ -59,11 +59,11 @@ def new_row(request: web.Request) -> AuditRow:
                     path=request.raw_path[:2048], client_addr=request.remote)
 
 
-def record_denial(request: web.Request, row: AuditRow, denial: Denied, started: float) -> None:
+def record_denial(gw: Gateway, row: AuditRow, denial: Denied, started: float) -> None:
     """Audit a refused request; nobody waits, since a refusal carries no personal data."""
     row.decision, row.reason, row.status = "deny", denial.code, denial.status
     row.duration_ms = (time.perf_counter() - started) * 1000
-    request.app[GATEWAY].audit.record_nowait(row)
+    gw.audit.record_nowait(row)
 
 
 async def handle(request: web.Request) -> web.StreamResponse:
@@ -74,7 +74,7 @@ async def handle(request: web.Request) -> web.StreamResponse:
         return await _serve(request, gw, row, started)
     except Exception as e:
         denial = e if isinstance(e, Denied) else _internal(e, row.request_id)
-        record_denial(request, row, denial, started)
+        record_denial(gw, row, denial, started)
         return error_response(denial.status, denial.code, denial.message, row.request_id)
 
 

@@ -91,7 +91,7 @@ class Settings:
             problems.append("GATEWAY_JWT_SECRET is shorter than 32 characters")
         if self.jwt_public_key_file and not _readable(self.jwt_public_key_file):
             problems.append(f"GATEWAY_JWT_PUBLIC_KEY_FILE {self.jwt_public_key_file} is not readable")
-        for name in ("model.conf", "policy.csv", "datasets.yaml", "routes.yaml"):
+        for name in ("model.conf", "policy.csv", "datasets.yaml", "routes.yaml", "export.yaml"):
             if not _readable(self.policy_dir / name):
                 problems.append(f"policy file {self.policy_dir / name} is not readable")
         if problems:

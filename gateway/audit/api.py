@@ -21,7 +21,7 @@ import orjson
 from aiohttp import web
 
 from ..db import POOL, query
-from ..endpoints import AUDITED, STARTED, api
+from ..endpoints import AUDITED, STARTED, api, json_response
 from ..errors import Denied
 from ..pipeline import GATEWAY, finish
 from ..principal import Principal
@@ -132,7 +132,7 @@ async def audit_query(request: web.Request, principal: Principal, row: AuditRow)
             rows = await conn.fetch(query("audit_query"), *args)
         next_cursor = (encode_cursor(rows[-1])
                        if filters.limit is not None and len(rows) == filters.limit else None)
-        return _json({"rows": [public(r) for r in rows], "next_cursor": next_cursor})
+        return json_response({"rows": [public(r) for r in rows], "next_cursor": next_cursor})
     return await _download(request, row, kind, query("audit_query"), args)
 
 
@@ -182,7 +182,7 @@ async def audit_verify(request: web.Request, principal: Principal, row: AuditRow
     """Check every hash chain; say what was checked and where the first break is."""
     async with request.app[POOL].acquire() as conn:
         report = await verify(conn)
-    return _json(report.public())
+    return json_response(report.public())
 
 
 ORGANISATION = {"provider_staff": lambda r: "Provider", "partner": lambda r: r["actor_partner"],
@@ -207,11 +207,7 @@ async def access_log(request: web.Request, principal: Principal, row: AuditRow):
         "decision": r["decision"], "reason": r["reason"],
     } for r in rows]
     next_cursor = encode_cursor(rows[-1]) if len(rows) == filters.limit else None
-    return _json({"accesses": entries, "next_cursor": next_cursor})
-
-
-def _json(body: dict) -> web.Response:
-    return web.Response(body=orjson.dumps(body), content_type="application/json")
+    return json_response({"accesses": entries, "next_cursor": next_cursor})
 
 
 def add_routes(app: web.Application) -> None:

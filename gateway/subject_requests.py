@@ -1,0 +1,136 @@
+"""The data-subject requests ledger: a user files rectification, erasure, restriction or
+objection requests; the admins whose scope covers that user answer them within 30 days.
+
+A restriction that is open or accepted is enforced in the request path at once (see
+restrictions.py); every change here is audited like any access.
+"""
+
+from __future__ import annotations
+
+import uuid
+from typing import Any
+
+import orjson
+from aiohttp import web
+
+from .audit import AuditRow
+from .db import POOL, query
+from .endpoints import api, json_response
+from .errors import Denied
+from .pipeline import GATEWAY
+from .principal import Principal
+
+TYPES = ("rectification", "erasure", "restriction", "objection")
+STATUSES = ("open", "accepted", "rejected", "completed")
+RESTRICTING = ("open", "accepted")
+MAX_DETAIL = 10_000
+
+
+def public(row) -> dict[str, Any]:
+    out = dict(row)
+    out["id"] = str(out["id"])
+    for key in ("created_at", "due_at", "updated_at"):
+        out[key] = out[key].isoformat()
+    return out
+
+
+async def _body(request: web.Request) -> dict:
+    try:
+        body = orjson.loads(await request.read())
+    except orjson.JSONDecodeError:
+        raise Denied(400, "bad_json", "the body is not valid JSON") from None
+    if not isinstance(body, dict):
+        raise Denied(400, "bad_json", "the body must be a JSON object")
+    return body
+
+
+@api("/v1/me/requests", roles=("user",))
+async def create_request(request: web.Request, principal: Principal, row: AuditRow):
+    """File a request about the caller's own data; it is due 30 days from now."""
+    body = await _body(request)
+    kind = body.get("type")
+    if kind not in TYPES:
+        raise Denied(400, "invalid_request", f"type must be one of {', '.join(TYPES)}")
+    data_sets = body.get("data_sets")
+    catalog = request.app[GATEWAY].catalog
+    if (not isinstance(data_sets, list) or not data_sets
+            or not all(isinstance(d, str) and d in catalog.data_sets for d in data_sets)):
+        raise Denied(400, "invalid_request", "data_sets must list data sets of GET /v1/catalog")
+    detail = body.get("detail", "")
+    if not isinstance(detail, str) or len(detail) > MAX_DETAIL:
+        raise Denied(400, "invalid_request", f"detail must be text of at most {MAX_DETAIL} characters")
+    row.subject_euo, row.subject_users, row.data_sets = principal.euo, [principal.sub], data_sets
+    created = await request.app[POOL].fetchrow(query("create_request"), principal.sub,
+                                               principal.euo, kind, data_sets, detail)
+    if kind == "restriction":
+        request.app[GATEWAY].restrictions.remember(principal.sub, True)
+    return json_response(public(created), status=201)
+
+
+@api("/v1/me/requests", roles=("user",))
+async def my_requests(request: web.Request, principal: Principal, row: AuditRow):
+    row.subject_euo, row.subject_users = principal.euo, [principal.sub]
+    rows = await request.app[POOL].fetch(query("my_requests"), principal.sub)
+    return json_response({"requests": [public(r) for r in rows]})
+
+
+def _scope(principal: Principal) -> tuple[str | None, str | None]:
+    if principal.role == "euo_admin":
+        return principal.euo, None
+    if principal.role == "partner":
+        return None, principal.partner
+    return None, None
+
+
+@api("/v1/requests", roles=("provider_staff", "partner", "euo_admin"))
+async def list_requests(request: web.Request, principal: Principal, row: AuditRow):
+    """The requests of users in the caller's scope, overdue ones first."""
+    status = request.query.get("status")
+    if status is not None and status not in STATUSES:
+        raise Denied(400, "bad_filter", f"status must be one of {', '.join(STATUSES)}")
+    rows = await request.app[POOL].fetch(query("requests_in_scope"), *_scope(principal), status)
+    row.subject_users = sorted({r["user_sub"] for r in rows})
+    return json_response({"requests": [public(r) for r in rows]})
+
+
+@api("/v1/requests/{id}", roles=("provider_staff", "partner", "euo_admin"))
+async def update_request(request: web.Request, principal: Principal, row: AuditRow):
+    """Accept, reject or complete a request in the caller's scope."""
+    try:
+        request_id = uuid.UUID(request.match_info["id"])
+    except ValueError:
+        raise Denied(404, "no_such_request", "no such request") from None
+    body = await _body(request)
+    status = body.get("status")
+    if status not in STATUSES:
+        raise Denied(400, "invalid_request", f"status must be one of {', '.join(STATUSES)}")
+    resolution = body.get("resolution")
+    if resolution is not None and (not isinstance(resolution, str) or len(resolution) > MAX_DETAIL):
+        raise Denied(400, "invalid_request", "resolution must be text")
+    pool = request.app[POOL]
+    gw = request.app[GATEWAY]
+    current = await pool.fetchrow(query("get_request"), request_id)
+    if current is None or not _covers(gw, principal, current):
+        raise Denied(404, "no_such_request", "no such request in your scope")
+    row.subject_euo, row.subject_users = current["euo_id"], [current["user_sub"]]
+    updated = await pool.fetchrow(query("update_request"), request_id, status, resolution,
+                                  f"{principal.role}:{principal.partner or principal.euo or 'provider'}")
+    if updated["type"] == "restriction":
+        restricted = await pool.fetchval(query("is_restricted"), updated["user_sub"])
+        gw.restrictions.remember(updated["user_sub"], restricted)
+    return json_response(public(updated))
+
+
+def _covers(gw, principal: Principal, req) -> bool:
+    if principal.role == "provider_staff":
+        return True
+    if principal.role == "euo_admin":
+        return req["euo_id"] == principal.euo
+    return gw.contracts.active_partner(req["euo_id"]) == principal.partner
+
+
+def add_routes(app: web.Application) -> None:
+    app.router.add_post("/v1/me/requests", create_request)
+    app.router.add_get("/v1/me/requests", my_requests)
+    app.router.add_get("/v1/requests", list_requests)
+    app.router.add_patch("/v1/requests/{id}", update_request)
