@@ -6,8 +6,11 @@ import argparse
 import asyncio
 import contextlib
 import logging
+import multiprocessing
+import os
 import secrets
 import signal
+import socket
 import sys
 import time
 
@@ -26,7 +29,9 @@ DEV_SECRET_FILE = "dev-jwt-secret"
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="gateway", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
-    sub.add_parser("serve", help="run the gateway (configured from GATEWAY_* variables)")
+    serve = sub.add_parser("serve", help="run the gateway (configured from GATEWAY_* variables)")
+    serve.add_argument("--workers", type=int, default=1,
+                       help="worker processes sharing the port (SO_REUSEPORT)")
     demo = sub.add_parser("demo", help="embedded database, demo backends, gateway and tokens")
     demo.add_argument("--port", type=int, default=None, help="gateway port (default from "
                       "GATEWAY_LISTEN, 8080)")
@@ -56,7 +61,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         settings = Settings.from_env()
         if args.command == "serve":
-            return _serve(settings)
+            return _serve(settings, args.workers)
         if args.command == "demo":
             from .demo.run import run_demo
             return run_demo(settings, args.port)
@@ -140,17 +145,47 @@ async def _migrate(dsn: str) -> int:
     return 0
 
 
-def _serve(settings: Settings) -> int:
+def _serve(settings: Settings, workers: int = 1) -> int:
     settings.check_for_serving()
+    if workers < 1:
+        raise ConfigError("--workers must be at least 1")
     from .app import create_app
+    from .authz import load_policy
+    from .catalog import load_catalog
 
-    _use_uvloop()
+    load_policy(settings.policy_dir, load_catalog(settings.policy_dir))   # fail before forking
     with contextlib.ExitStack() as stack:
         dsn = database_url(settings, stack)
-        app = create_app(settings, dsn)
-        web.run_app(app, host=settings.listen_host, port=settings.listen_port,
-                    access_log=None, print=lambda s: log.info(s.strip()))
-    return 0
+        if workers == 1:
+            _run_worker(settings, dsn, create_app)
+            return 0
+        ctx = multiprocessing.get_context("fork")
+        procs = [ctx.Process(target=_run_worker, args=(settings, dsn, create_app), daemon=False)
+                 for _ in range(workers)]
+        for p in procs:
+            p.start()
+        log.info("%d workers on %s:%d", workers, settings.listen_host, settings.listen_port)
+
+        def stop(signum, _frame):
+            for p in procs:
+                if p.is_alive():
+                    os.kill(p.pid, signal.SIGTERM)
+        signal.signal(signal.SIGTERM, stop)
+        signal.signal(signal.SIGINT, stop)
+        for p in procs:
+            p.join()
+        return max((p.exitcode or 0) for p in procs)
+
+
+def _run_worker(settings: Settings, dsn: str, create_app) -> None:
+    """One serving process: its own event loop, pools and audit chain, a shared port."""
+    _use_uvloop()
+    sock = socket.socket(socket.AF_INET6 if ":" in settings.listen_host else socket.AF_INET)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+    sock.bind((settings.listen_host, settings.listen_port))
+    web.run_app(create_app(settings, dsn), sock=sock, access_log=None,
+                print=lambda s: log.info(s.strip()))
 
 
 def _use_uvloop() -> None:

@@ -1,0 +1,229 @@
+"""Proxy benchmark: the gateway against a bare aiohttp + uvloop pass-through proxy, in one
+run, alternating, with wrk (Debian package `wrk`).
+
+    .venv/bin/python -m tests.bench.proxy_bench [--duration 10] [--connections 32]
+                                                [--euos 100000] [--workers 1]
+
+It starts the demo telephony backend, a bare proxy and `gateway serve` (full enforcement,
+durable audit) as separate processes, then measures four scenarios and prints req/s,
+p50, p99 and the ratios to the bare proxy:
+
+    fields removed   provider staff reading a user record (personal directory removed)
+    nothing removed  a user reading their own record (bytes passed through)
+    binary           a user downloading their voicemail (WAV streamed)
+    denied           provider staff asking for a user's voicemails (403)
+
+`--euos N` first fills the contracts table with N extra EUOs, to show per-request cost
+does not grow with tenants.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import re
+import shutil
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+
+import aiohttp
+import asyncpg
+from aiohttp import web
+
+from gateway.db import EmbeddedPostgres, migrate
+from gateway.demo import data as demo_data
+from gateway.demo.backends import meeting_app, telephony_app
+from gateway.demo.run import seed_contracts
+from tests.conftest import AUDIENCE, ISSUER, SECRET, make_token
+
+USER = "/telephony/euos/euo-acme/users/u-alice"
+SCENARIOS = [
+    ("fields removed", dict(role="provider_staff", sub="staff-bench"), USER),
+    ("nothing removed", dict(role="user", sub="u-alice", euo="euo-acme"), USER),
+    ("binary", dict(role="user", sub="u-alice", euo="euo-acme"), USER + "/voicemails/vm-u-alice-1"),
+    ("denied", dict(role="provider_staff", sub="staff-bench"), USER + "/voicemails"),
+]
+
+
+def bench_data() -> demo_data.DemoData:
+    """The demo data, with u-alice's record grown to about 2 KB as in the issue."""
+    data = demo_data.build()
+    data.users["u-alice"]["personal_directory"] = [
+        {"name": f"Contact number {i}", "number": f"+32470{i:06d}"} for i in range(40)]
+    return data
+
+
+# --- the processes ---------------------------------------------------------------------
+
+def serve_backend(port: int) -> None:
+    import uvloop
+    data = bench_data()
+    app = telephony_app(data) if os.environ.get("BENCH_SERVICE") != "meeting" else meeting_app(data)
+    web.run_app(app, host="127.0.0.1", port=port, access_log=None, print=None,
+                loop=uvloop.new_event_loop())
+
+
+def serve_bare_proxy(port: int, upstream: str) -> None:
+    """What a minimal aiohttp + uvloop pass-through proxy costs: the baseline."""
+    import uvloop
+    session_key = web.AppKey("session", aiohttp.ClientSession)
+
+    async def forward(request: web.Request) -> web.StreamResponse:
+        path = request.raw_path[len("/telephony"):]
+        async with request.app[session_key].get(upstream + path) as r:
+            response = web.StreamResponse(status=r.status, headers={
+                "Content-Type": r.headers.get("Content-Type", "application/octet-stream")})
+            if r.content_length is not None:
+                response.content_length = r.content_length
+            await response.prepare(request)
+            async for chunk in r.content.iter_chunked(64 * 1024):
+                await response.write(chunk)
+            await response.write_eof()
+            return response
+
+    async def session_ctx(app):
+        app[session_key] = aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=200))
+        yield
+        await app[session_key].close()
+
+    app = web.Application()
+    app.cleanup_ctx.append(session_ctx)
+    app.router.add_get("/telephony/{tail:.*}", forward)
+    web.run_app(app, host="127.0.0.1", port=port, access_log=None, print=None,
+                loop=uvloop.new_event_loop())
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+async def wait_up(url: str) -> None:
+    async with aiohttp.ClientSession() as http:
+        for _ in range(300):
+            try:
+                async with http.get(url) as r:
+                    await r.read()
+                    return
+            except aiohttp.ClientError:
+                await asyncio.sleep(0.1)
+    raise RuntimeError(f"{url} never came up")
+
+
+# --- measuring -------------------------------------------------------------------------
+
+def wrk(url: str, token: str, duration: int, connections: int) -> dict[str, float]:
+    out = subprocess.run(
+        ["wrk", "-t1", f"-c{connections}", f"-d{duration}s", "--latency",
+         "-H", f"Authorization: Bearer {token}", url],
+        capture_output=True, text=True, check=True).stdout
+    rps = float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1))
+    lat = {p: _ms(re.search(rf"\s{p}%\s+([\d.]+\w+)", out).group(1)) for p in ("50", "99")}
+    errors = re.search(r"Non-2xx or 3xx responses: (\d+)", out)
+    return {"rps": rps, "p50": lat["50"], "p99": lat["99"],
+            "non2xx": int(errors.group(1)) if errors else 0}
+
+
+def _ms(value: str) -> float:
+    number, unit = re.match(r"([\d.]+)(\w+)", value).groups()
+    return float(number) * {"us": 0.001, "ms": 1.0, "s": 1000.0}[unit]
+
+
+async def add_contracts(dsn: str, count: int) -> None:
+    conn = await asyncpg.connect(dsn)
+    try:
+        await conn.execute(
+            "insert into contracts (euo_id, partner_id) "
+            "select 'bench-euo-' || g, 'bench-partner-' || (g % 5000) "
+            "from generate_series(1, $1) g on conflict do nothing", count)
+    finally:
+        await conn.close()
+
+
+async def main_async(args) -> None:
+    if not shutil.which("wrk"):
+        sys.exit("wrk is not installed (apt-get install wrk)")
+    data_dir = tempfile.mkdtemp(prefix="gateway-proxy-bench-")
+    server = EmbeddedPostgres(data_dir)
+    dsn = os.environ.get("GATEWAY_BENCH_DATABASE_URL") or server.start()
+    conn = await asyncpg.connect(dsn)
+    await migrate(conn)
+    await conn.close()
+    await seed_contracts(dsn, bench_data())
+    if args.euos:
+        started = time.perf_counter()
+        await add_contracts(dsn, args.euos)
+        print(f"added {args.euos:,} contracts in {time.perf_counter() - started:.1f} s")
+    procs = []
+    me = [sys.executable, "-m", "tests.bench.proxy_bench"]
+    try:
+        tel, meet, bare, gw = free_port(), free_port(), free_port(), free_port()
+        procs.append(subprocess.Popen(me + ["--backend", str(tel)]))
+        procs.append(subprocess.Popen(me + ["--backend", str(meet)],
+                                      env=dict(os.environ, BENCH_SERVICE="meeting")))
+        procs.append(subprocess.Popen(me + ["--bare", str(bare), f"http://127.0.0.1:{tel}"]))
+        env = dict(os.environ, GATEWAY_DATABASE_URL=dsn, GATEWAY_LISTEN=f"127.0.0.1:{gw}",
+                   GATEWAY_UPSTREAM_TELEPHONY=f"http://127.0.0.1:{tel}",
+                   GATEWAY_UPSTREAM_MEETING=f"http://127.0.0.1:{meet}",
+                   GATEWAY_JWT_SECRET=SECRET, GATEWAY_JWT_ISSUER=ISSUER,
+                   GATEWAY_JWT_AUDIENCE=AUDIENCE)
+        procs.append(subprocess.Popen([sys.executable, "-m", "gateway", "serve"]
+                                      + (["--workers", str(args.workers)] if args.workers > 1 else []),
+                                      env=env, stderr=subprocess.DEVNULL))
+        for port in (tel, bare, gw):
+            await wait_up(f"http://127.0.0.1:{port}/telephony/euos/euo-acme"
+                          if port != gw else f"http://127.0.0.1:{gw}/healthz")
+        print(f"{'scenario':<16} {'bare req/s':>10} {'gw req/s':>9} {'ratio':>6} "
+              f"{'bare p50':>9} {'gw p50':>7} {'bare p99':>9} {'gw p99':>7} {'p99 ratio':>9}")
+        for name, claims, path in SCENARIOS:
+            token = make_token(ttl=3600, **claims)
+            results = {"bare": [], "gw": []}
+            for _ in range(args.rounds):            # alternate, so drift hits both alike
+                for kind, port in (("bare", bare), ("gw", gw)):
+                    wrk(f"http://127.0.0.1:{port}{path}", token, 1, args.connections)   # warm
+                    results[kind].append(
+                        wrk(f"http://127.0.0.1:{port}{path}", token, args.duration, args.connections))
+            b = _best(results["bare"])
+            g = _best(results["gw"])
+            print(f"{name:<16} {b['rps']:>10,.0f} {g['rps']:>9,.0f} {g['rps'] / b['rps']:>6.2f} "
+                  f"{b['p50']:>8.2f}ms {g['p50']:>5.2f}ms {b['p99']:>8.2f}ms {g['p99']:>5.2f}ms "
+                  f"{g['p99'] / b['p99']:>9.2f}" + (f"  ({g['non2xx']} non-2xx)" if name != "denied"
+                                                   and g["non2xx"] else ""))
+    finally:
+        for p in procs:
+            p.terminate()
+        for p in procs:
+            p.wait()
+        if not os.environ.get("GATEWAY_BENCH_DATABASE_URL"):
+            server.stop()
+
+
+def _best(runs: list[dict[str, float]]) -> dict[str, float]:
+    """The median run by req/s (robust against one disturbed run)."""
+    ordered = sorted(runs, key=lambda r: r["rps"])
+    return ordered[len(ordered) // 2]
+
+
+def main() -> None:
+    if len(sys.argv) > 2 and sys.argv[1] == "--backend":
+        return serve_backend(int(sys.argv[2]))
+    if len(sys.argv) > 3 and sys.argv[1] == "--bare":
+        return serve_bare_proxy(int(sys.argv[2]), sys.argv[3])
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--duration", type=int, default=10)
+    parser.add_argument("--connections", type=int, default=32)
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--euos", type=int, default=0)
+    parser.add_argument("--workers", type=int, default=1)
+    asyncio.run(main_async(parser.parse_args()))
+
+
+if __name__ == "__main__":
+    main()
+
