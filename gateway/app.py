@@ -24,6 +24,7 @@ from .contracts import ContractCache
 from .db import POOL, create_pool, migrate, query
 from .endpoints import api, json_response
 from .errors import Denied, error_response
+from .metrics import REGISTRY, Metrics, metrics_view
 from .principal import Principal
 from .proxy import Backends, normalise_path
 from .restrictions import RestrictionCache
@@ -42,9 +43,12 @@ def create_app(settings: Settings, dsn: str) -> web.Application:
     policy = load_policy(settings.policy_dir, catalog)
     app = web.Application(middlewares=[_request_ids], client_max_size=settings.max_body_bytes)
     app[SETTINGS] = settings
-    app.cleanup_ctx.append(_resources(settings, dsn, catalog, policy))
+    metrics = Metrics()
+    app[REGISTRY] = metrics.registry
+    app.cleanup_ctx.append(_resources(settings, dsn, catalog, policy, metrics))
     app.router.add_get("/healthz", healthz)
     app.router.add_get("/readyz", readyz)
+    app.router.add_get("/metrics", metrics_view)
     app.router.add_get("/v1/catalog", catalog_view)
     app.router.add_put("/v1/admin/euos/{euo}", put_contract)
     app.router.add_delete("/v1/admin/euos/{euo}", delete_contract)
@@ -56,7 +60,7 @@ def create_app(settings: Settings, dsn: str) -> web.Application:
     return app
 
 
-def _resources(settings: Settings, dsn: str, catalog, policy: Policy):
+def _resources(settings: Settings, dsn: str, catalog, policy: Policy, metrics: Metrics):
     async def ctx(app: web.Application):
         pool = await create_pool(dsn, settings.db_pool_min, settings.db_pool_max)
         async with pool.acquire() as conn:
@@ -65,7 +69,7 @@ def _resources(settings: Settings, dsn: str, catalog, policy: Policy):
         await contracts.start()
         restrictions = RestrictionCache(pool, dsn)
         await restrictions.start()
-        audit = AuditWriter(pool, settings.audit_queue_max)
+        audit = AuditWriter(pool, settings.audit_queue_max, metrics.observe)
         audit.start()
         connector = aiohttp.TCPConnector(limit=settings.backend_connections,
                                          limit_per_host=settings.backend_connections,

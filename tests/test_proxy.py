@@ -183,3 +183,14 @@ async def test_catalog_lists_every_data_set_with_who_may_see_it(gateway, http, t
     assert voicemails["hidden_from"] == ["provider_staff"]
     assert {v["role"] for v in voicemails["visible_to"]} == {"user"}
     assert (await call(http, "GET", gateway + "/v1/catalog"))[0] == 401
+
+
+async def test_metrics_count_requests_by_route_and_decision(gateway, http, token_for):
+    await call(http, "GET", gateway + "/telephony/euos/euo-acme/users/u-alice/voicemails",
+               token_for("staff"))
+    status, headers, body = await call(http, "GET", gateway + "/metrics")
+    assert status == 200 and headers["Content-Type"].startswith("text/plain")
+    text = body.decode()
+    assert ('gateway_requests_total{decision="deny",'
+            'route="telephony:/euos/{euo}/users/{user}/voicemails",status="403"}') in text
+    assert "gateway_request_duration_seconds_bucket" in text

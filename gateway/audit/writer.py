@@ -17,6 +17,7 @@ import contextlib
 import logging
 import operator
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import date, datetime
 
@@ -67,8 +68,10 @@ def unavailable() -> Denied:
 
 
 class AuditWriter:
-    def __init__(self, pool: asyncpg.Pool, queue_max: int):
+    def __init__(self, pool: asyncpg.Pool, queue_max: int,
+                 observe: Callable[[AuditRow], None] | None = None):
         self.pool = pool
+        self.observe = observe
         self.queue: asyncio.Queue[tuple[AuditRow, asyncio.Future]] = asyncio.Queue(queue_max)
         self._task: asyncio.Task | None = None
         self._new_chain()
@@ -82,6 +85,8 @@ class AuditWriter:
     def record(self, row: AuditRow) -> asyncio.Future:
         """Queue a row; the future resolves once it is committed (raises Denied if it cannot)."""
         fut = asyncio.get_running_loop().create_future()
+        if self.observe is not None:
+            self.observe(row)
         try:
             self.queue.put_nowait((row, fut))
         except asyncio.QueueFull:
