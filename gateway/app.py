@@ -69,7 +69,7 @@ def _resources(settings: Settings, dsn: str, catalog, policy: Policy, metrics: M
         await contracts.start()
         restrictions = RestrictionCache(pool, dsn)
         await restrictions.start()
-        audit = AuditWriter(pool, settings.audit_queue_max, metrics.observe)
+        audit = AuditWriter(pool, settings.audit_queue_max, metrics.observe, settings.audit_lanes)
         audit.start()
         connector = aiohttp.TCPConnector(limit=settings.backend_connections,
                                          limit_per_host=settings.backend_connections,

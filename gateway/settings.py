@@ -39,6 +39,7 @@ class Settings:
     db_pool_max: int = 10
     audit_queue_max: int = 50_000
     audit_retention_days: int = 400
+    audit_lanes: int = 4
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> Settings:
@@ -68,6 +69,7 @@ class Settings:
             backend_read_timeout_s=_float(env, "GATEWAY_BACKEND_TIMEOUT_S", 15.0),
             db_pool_max=_int(env, "GATEWAY_DB_POOL_MAX", cls.db_pool_max),
             audit_retention_days=_int(env, "GATEWAY_AUDIT_RETENTION_DAYS", cls.audit_retention_days),
+            audit_lanes=_int(env, "GATEWAY_AUDIT_LANES", cls.audit_lanes),
         )
 
     def with_(self, **changes) -> Settings:

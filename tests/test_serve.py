@@ -1,4 +1,5 @@
-"""`gateway serve --workers N`: several processes share one port, each with its own chain."""
+"""`gateway serve --workers N`: several processes share one port, each with its own chains
+(one per audit lane; with one lane, one chain per worker)."""
 
 from __future__ import annotations
 
@@ -17,7 +18,7 @@ async def test_workers_share_the_port_and_keep_separate_chains(backends, databas
                GATEWAY_UPSTREAM_TELEPHONY=backends["urls"]["telephony"],
                GATEWAY_UPSTREAM_MEETING=backends["urls"]["meeting"], GATEWAY_JWT_SECRET=SECRET,
                GATEWAY_JWT_ISSUER=ISSUER, GATEWAY_JWT_AUDIENCE=AUDIENCE,
-               GATEWAY_DATA_DIR=str(tmp_path))
+               GATEWAY_DATA_DIR=str(tmp_path), GATEWAY_AUDIT_LANES="1")
     proc = subprocess.Popen([sys.executable, "-m", "gateway", "serve", "--workers", "2"], env=env,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     base = f"http://127.0.0.1:{port}"

@@ -1,13 +1,14 @@
-"""The audit writer: one per process, group commit, a hash chain of its own, fail closed.
+"""The audit writer: one per process, group commit, hash chains, fail closed.
 
-Requests hand their row to `record()`; the writer gathers rows for a few milliseconds,
-links them into its chain, writes them with one COPY, and only then resolves every
-waiting future. A response that carries personal data awaits its future before it is
-sent, so it leaves the gateway only once its row is committed. When the queue is full or
-the write fails, the waiting requests get 503 `audit_unavailable` and no data; the
-writer starts a new chain (an unanswered COMMIT may or may not have landed, and a new
-chain keeps that doubt from looking like tampering) and serves again once the database
-answers.
+Requests hand their row to `record()`; a lane takes every row queued while its previous
+batch was being written, links them into its chain, writes them with one COPY, and only
+then resolves every waiting future. A few lanes run at once, each with its own chain, so
+one batch's commit latency overlaps the next. A response that carries personal data
+awaits its future before it is sent, so it leaves the gateway only once its row is
+committed. When the queue is full or the write fails, the waiting requests get 503
+`audit_unavailable` and no data; the lane starts a new chain (an unanswered COMMIT may or
+may not have landed, and a new chain keeps that doubt from looking like tampering) and
+serves again once the database answers.
 """
 
 from __future__ import annotations
@@ -30,7 +31,7 @@ from .chain import GENESIS, HASHED, canonical, link
 log = logging.getLogger("gateway.audit")
 
 BATCH_MAX = 5000
-GATHER_S = 0.002
+LANES = 4          # batches in flight at once: commit latency overlaps, chains stay ordered
 COLUMNS = HASHED + ("prev_hash", "row_hash")
 
 
@@ -68,19 +69,17 @@ def unavailable() -> Denied:
 
 
 class AuditWriter:
+    """Queues rows and commits them through a few lanes, each a chain of its own."""
+
     def __init__(self, pool: asyncpg.Pool, queue_max: int,
-                 observe: Callable[[AuditRow], None] | None = None):
+                 observe: Callable[[AuditRow], None] | None = None, lanes: int = LANES):
         self.pool = pool
         self.observe = observe
         self.queue: asyncio.Queue[tuple[AuditRow, asyncio.Future]] = asyncio.Queue(queue_max)
-        self._task: asyncio.Task | None = None
-        self._new_chain()
+        self.lanes = [_Lane(self) for _ in range(lanes)]
+        self._tasks: list[asyncio.Task] = []
         self._partition_month: date | None = None
-
-    def _new_chain(self) -> None:
-        self.chain_id = uuid.uuid4()
-        self.seq = 0
-        self.prev_hash = GENESIS
+        self._partition_lock = asyncio.Lock()
 
     def record(self, row: AuditRow) -> asyncio.Future:
         """Queue a row; the future resolves once it is committed (raises Denied if it cannot)."""
@@ -102,29 +101,58 @@ class AuditWriter:
         await self.record(row)
 
     def start(self) -> None:
-        self._task = asyncio.create_task(self._run())
+        self._tasks = [asyncio.create_task(lane.run()) for lane in self.lanes]
 
     async def close(self) -> None:
         """Write what is queued, then stop."""
-        if self._task is None:
+        if not self._tasks:
             return
         await self.queue.join()
-        self._task.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await self._task
+        for task in self._tasks:
+            task.cancel()
+        for task in self._tasks:
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
 
-    async def _run(self) -> None:
+    async def ensure_partition(self, conn: asyncpg.Connection, day: date) -> None:
+        """Create this month's and next month's partitions once a month per process."""
+        month = day.replace(day=1)
+        if self._partition_month == month:
+            return
+        async with self._partition_lock:
+            if self._partition_month == month:
+                return
+            await conn.execute(query("ensure_audit_partition"), month)
+            next_month = date(month.year + month.month // 12, month.month % 12 + 1, 1)
+            await conn.execute(query("ensure_audit_partition"), next_month)
+            self._partition_month = month
+
+
+class _Lane:
+    """Group commit on one connection at a time: whatever queued while the previous batch
+    was being written goes in the next, linked into this lane's chain."""
+
+    def __init__(self, writer: AuditWriter):
+        self.writer = writer
+        self._new_chain()
+
+    def _new_chain(self) -> None:
+        self.chain_id = uuid.uuid4()
+        self.seq = 0
+        self.prev_hash = GENESIS
+
+    async def run(self) -> None:
+        queue = self.writer.queue
         while True:
-            batch = [await self.queue.get()]
-            await asyncio.sleep(GATHER_S)
+            batch = [await queue.get()]
             while len(batch) < BATCH_MAX:
                 try:
-                    batch.append(self.queue.get_nowait())
+                    batch.append(queue.get_nowait())
                 except asyncio.QueueEmpty:
                     break
             await self._write(batch)
             for _ in batch:
-                self.queue.task_done()
+                queue.task_done()
 
     def _link(self, batch: list[tuple[AuditRow, asyncio.Future]]) -> tuple[list[tuple], bytes]:
         records, prev, seq = [], self.prev_hash, self.seq
@@ -140,8 +168,8 @@ class AuditWriter:
     async def _write(self, batch: list[tuple[AuditRow, asyncio.Future]]) -> None:
         records, last_hash = self._link(batch)
         try:
-            async with self.pool.acquire(timeout=2) as conn:
-                await self._ensure_partition(conn, batch[0][0].at.date())
+            async with self.writer.pool.acquire(timeout=2) as conn:
+                await self.writer.ensure_partition(conn, batch[0][0].at.date())
                 await conn.copy_records_to_table("audit_log", records=records, columns=COLUMNS)
         except Exception as e:  # any failure means the rows are not durable: fail closed
             log.error("audit write of %d rows failed: %s", len(batch), e)
@@ -155,16 +183,6 @@ class AuditWriter:
         for _, fut in batch:
             if not fut.done():
                 fut.set_result(None)
-
-    async def _ensure_partition(self, conn: asyncpg.Connection, day: date) -> None:
-        """Create this month's and next month's partitions once a month per process."""
-        month = day.replace(day=1)
-        if self._partition_month == month:
-            return
-        await conn.execute(query("ensure_audit_partition"), month)
-        next_month = date(month.year + month.month // 12, month.month % 12 + 1, 1)
-        await conn.execute(query("ensure_audit_partition"), next_month)
-        self._partition_month = month
 
 
 def _retrieve(fut: asyncio.Future) -> None:

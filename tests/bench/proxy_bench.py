@@ -181,6 +181,8 @@ async def main_async(args) -> None:
         print(f"{'scenario':<16} {'bare req/s':>10} {'gw req/s':>9} {'ratio':>6} "
               f"{'bare p50':>9} {'gw p50':>7} {'bare p99':>9} {'gw p99':>7} {'p99 ratio':>9}")
         for name, claims, path in SCENARIOS:
+            if args.only and name not in args.only:
+                continue
             token = make_token(ttl=3600, **claims)
             results = {"bare": [], "gw": []}
             for _ in range(args.rounds):            # alternate, so drift hits both alike
@@ -221,6 +223,8 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--euos", type=int, default=0)
     parser.add_argument("--workers", type=int, default=1)
+    parser.add_argument("--only", action="append", choices=[s[0] for s in SCENARIOS],
+                        help="run only this scenario (repeatable)")
     asyncio.run(main_async(parser.parse_args()))
 
 
