@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import asyncio
+import itertools
 import logging
 import re
+import secrets
 import time
-import uuid
+from collections.abc import Callable
 from datetime import date
 
 import aiohttp
@@ -34,6 +36,7 @@ log = logging.getLogger("gateway")
 
 SETTINGS = web.AppKey("settings", Settings)
 REQUEST_ID = pipeline.REQUEST_ID
+NEW_REQUEST_ID = web.AppKey("new_request_id", Callable[[], str])
 _REQUEST_ID = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
 
 
@@ -43,6 +46,7 @@ def create_app(settings: Settings, dsn: str) -> web.Application:
     policy = load_policy(settings.policy_dir, catalog)
     app = web.Application(middlewares=[_request_ids], client_max_size=settings.max_body_bytes)
     app[SETTINGS] = settings
+    app[NEW_REQUEST_ID] = request_ids()
     metrics = Metrics()
     app[REGISTRY] = metrics.registry
     app.cleanup_ctx.append(_resources(settings, dsn, catalog, policy, metrics))
@@ -97,12 +101,12 @@ def _resources(settings: Settings, dsn: str, catalog, policy: Policy, metrics: M
 async def _request_ids(request: web.Request, handler) -> web.StreamResponse:
     """Give every request an id, echo it, and turn every failure into a SPEC §4 body."""
     given = request.headers.get("X-Request-Id", "")
-    request_id = given if _REQUEST_ID.match(given) else uuid.uuid4().hex
+    request_id = given if _REQUEST_ID.match(given) else request.app[NEW_REQUEST_ID]()
     request[REQUEST_ID] = request_id
     started = time.perf_counter()
     try:
         if request.raw_path != "/":
-            normalise_path(request.raw_path)
+            request[pipeline.NORMALISED] = normalise_path(request.raw_path)
         response = await handler(request)
     except Denied as d:
         response = error_response(d.status, d.code, d.message, request_id)
@@ -121,6 +125,14 @@ async def _request_ids(request: web.Request, handler) -> web.StreamResponse:
     if not response.prepared:
         response.headers["X-Request-Id"] = request_id
     return response
+
+
+def request_ids() -> Callable[[], str]:
+    """Unique, unguessable request ids without a system call each: a random prefix for
+    this process and a counter."""
+    prefix = secrets.token_hex(8)
+    counter = itertools.count()
+    return lambda: f"{prefix}{next(counter):08x}"
 
 
 def _http_denial(e: web.HTTPException) -> Denied:

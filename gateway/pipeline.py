@@ -90,10 +90,10 @@ class Target:
     blocked: Callable[[str], bool] | None     # restricted users, for roles a restriction blocks
 
 
-def match_route(gw: Gateway, method: str, raw_path: str,
-                row: AuditRow) -> tuple[Route, dict[str, str], str]:
+def match_route(gw: Gateway, method: str, raw_path: str, row: AuditRow,
+                normalised: tuple[str, list[str]] | None = None) -> tuple[Route, dict[str, str], str]:
     """Stage 1: the route table entry for this path, or 404 (never forwarded)."""
-    service, segments = normalise_path(raw_path)
+    service, segments = normalised or normalise_path(raw_path)
     row.service = service
     matched = gw.catalog.match(service, segments)
     if matched is None or method not in matched[0].methods:
@@ -126,7 +126,8 @@ def authorize(gw: Gateway, principal: Principal, method: str, raw_path: str, rou
 
 async def _serve(request: web.Request, gw: Gateway, row: AuditRow,
                  started: float) -> web.StreamResponse:
-    route, params, service = match_route(gw, request.method, request.raw_path, row)
+    route, params, service = match_route(gw, request.method, request.raw_path, row,
+                                         request.get(NORMALISED))
     principal = await gw.authn.authenticate(request.headers.get("Authorization"))
     row.actor_sub, row.actor_role, row.actor_partner, row.actor_euo = principal.audit_fields()
     target = authorize(gw, principal, request.method, request.raw_path, route, params, service)
@@ -306,3 +307,4 @@ async def _stream(request: web.Request, gw: Gateway, route: Route, upstream, row
 
 GATEWAY = web.AppKey("gateway", Gateway)
 REQUEST_ID = web.RequestKey("request_id", str)
+NORMALISED = web.RequestKey("normalised_path", tuple)
