@@ -13,7 +13,6 @@ from datetime import date
 
 import aiohttp
 import asyncpg
-import orjson
 from aiohttp import web
 
 from . import export, pipeline, subject_requests
@@ -24,7 +23,7 @@ from .authz import Policy, load_policy
 from .catalog import load_catalog
 from .contracts import ContractCache
 from .db import POOL, create_pool, migrate, query
-from .endpoints import api, json_response
+from .endpoints import api, json_object, json_response
 from .errors import Denied, error_response
 from .metrics import REGISTRY, Metrics, metrics_view
 from .principal import Principal
@@ -183,12 +182,7 @@ async def put_contract(request: web.Request, principal: Principal, row: AuditRow
     """Create or change the commercial relationship of an EUO with its partner."""
     euo = request.match_info["euo"]
     row.subject_euo = euo
-    try:
-        body = orjson.loads(await request.read())
-    except orjson.JSONDecodeError:
-        raise Denied(400, "bad_json", "the body is not valid JSON") from None
-    if not isinstance(body, dict):
-        raise Denied(400, "bad_json", "the body must be a JSON object")
+    body = await json_object(request)
     partner = body.get("partner_id")
     if not isinstance(partner, str) or not partner.strip():
         raise Denied(400, "invalid_contract", "partner_id must be a non-empty string")

@@ -57,3 +57,14 @@ def api(route: str, roles: tuple[str, ...] = ROLES) -> Callable[[Handler], Calla
 def json_response(body: object, status: int = 200) -> web.Response:
     """A JSON answer encoded with orjson."""
     return web.Response(body=orjson.dumps(body), status=status, content_type="application/json")
+
+
+async def json_object(request: web.Request) -> dict:
+    """The request's body as a JSON object, or Denied(400, bad_json)."""
+    try:
+        body = orjson.loads(await request.read())
+    except orjson.JSONDecodeError:
+        raise Denied(400, "bad_json", "the body is not valid JSON") from None
+    if not isinstance(body, dict):
+        raise Denied(400, "bad_json", "the body must be a JSON object")
+    return body

@@ -10,12 +10,11 @@ from __future__ import annotations
 import uuid
 from typing import Any
 
-import orjson
 from aiohttp import web
 
 from .audit import AuditRow
 from .db import POOL, query
-from .endpoints import api, json_response
+from .endpoints import api, json_object, json_response
 from .errors import Denied
 from .pipeline import GATEWAY
 from .principal import Principal
@@ -34,20 +33,10 @@ def public(row) -> dict[str, Any]:
     return out
 
 
-async def _body(request: web.Request) -> dict:
-    try:
-        body = orjson.loads(await request.read())
-    except orjson.JSONDecodeError:
-        raise Denied(400, "bad_json", "the body is not valid JSON") from None
-    if not isinstance(body, dict):
-        raise Denied(400, "bad_json", "the body must be a JSON object")
-    return body
-
-
 @api("/v1/me/requests", roles=("user",))
 async def create_request(request: web.Request, principal: Principal, row: AuditRow):
     """File a request about the caller's own data; it is due 30 days from now."""
-    body = await _body(request)
+    body = await json_object(request)
     kind = body.get("type")
     if kind not in TYPES:
         raise Denied(400, "invalid_request", f"type must be one of {', '.join(TYPES)}")
@@ -100,7 +89,7 @@ async def update_request(request: web.Request, principal: Principal, row: AuditR
         request_id = uuid.UUID(request.match_info["id"])
     except ValueError:
         raise Denied(404, "no_such_request", "no such request") from None
-    body = await _body(request)
+    body = await json_object(request)
     status = body.get("status")
     if status not in STATUSES:
         raise Denied(400, "invalid_request", f"status must be one of {', '.join(STATUSES)}")

@@ -5,6 +5,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
+import subprocess
+import sys
 import time
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
@@ -168,3 +170,31 @@ async def wait_for(predicate, timeout: float = 3.0):
 
 
 POLICY_DIR = Path(DEFAULT_POLICY_DIR)
+
+
+@contextlib.asynccontextmanager
+async def gateway_process(http, backends, database_url: str, tmp_path, *args: str,
+                          **env: str) -> AsyncIterator[tuple[subprocess.Popen, str]]:
+    """`gateway serve` as a process of its own (killed at the end); yields it and its URL."""
+    port = 18000 + (os.getpid() * 7 + len(args) * 131 + len(env)) % 3000
+    full_env = dict(os.environ, GATEWAY_DATABASE_URL=database_url,
+                    GATEWAY_LISTEN=f"127.0.0.1:{port}",
+                    GATEWAY_UPSTREAM_TELEPHONY=backends["urls"]["telephony"],
+                    GATEWAY_UPSTREAM_MEETING=backends["urls"]["meeting"], GATEWAY_JWT_SECRET=SECRET,
+                    GATEWAY_JWT_ISSUER=ISSUER, GATEWAY_JWT_AUDIENCE=AUDIENCE,
+                    GATEWAY_DATA_DIR=str(tmp_path), **env)
+    proc = subprocess.Popen([sys.executable, "-m", "gateway", "serve", *args], env=full_env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    base = f"http://127.0.0.1:{port}"
+    try:
+        async def up():
+            try:
+                return (await call(http, "GET", base + "/healthz"))[0] == 200
+            except aiohttp.ClientError:
+                return False
+        assert await wait_for(up, timeout=30), "gateway serve did not come up"
+        yield proc, base
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        proc.wait()
