@@ -35,8 +35,8 @@ class Settings:
     backend_connect_timeout_s: float = 3.0
     backend_read_timeout_s: float = 15.0
     backend_connections: int = 200
-    db_pool_min: int = 2
-    db_pool_max: int = 10
+    db_pool_min: int = 5
+    db_pool_max: int = 12     # 4 held by the audit lanes, the rest for queries
     audit_queue_max: int = 50_000
     audit_retention_days: int = 400
     audit_lanes: int = 4

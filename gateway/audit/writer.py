@@ -113,6 +113,8 @@ class AuditWriter:
         for task in self._tasks:
             with contextlib.suppress(asyncio.CancelledError):
                 await task
+        for lane in self.lanes:
+            await lane.drop_connection()
 
     async def ensure_partition(self, conn: asyncpg.Connection, day: date) -> None:
         """Create this month's and next month's partitions once a month per process."""
@@ -134,6 +136,7 @@ class _Lane:
 
     def __init__(self, writer: AuditWriter):
         self.writer = writer
+        self.conn: asyncpg.pool.PoolConnectionProxy | None = None
         self._new_chain()
 
     def _new_chain(self) -> None:
@@ -154,6 +157,12 @@ class _Lane:
             for _ in batch:
                 queue.task_done()
 
+    async def drop_connection(self) -> None:
+        conn, self.conn = self.conn, None
+        if conn is not None:
+            with contextlib.suppress(Exception):
+                await self.writer.pool.release(conn, timeout=1)
+
     def _link(self, batch: list[tuple[AuditRow, asyncio.Future]]) -> tuple[list[tuple], bytes]:
         records, prev, seq = [], self.prev_hash, self.seq
         chain_id = self.chain_id
@@ -168,11 +177,14 @@ class _Lane:
     async def _write(self, batch: list[tuple[AuditRow, asyncio.Future]]) -> None:
         records, last_hash = self._link(batch)
         try:
-            async with self.writer.pool.acquire(timeout=2) as conn:
-                await self.writer.ensure_partition(conn, batch[0][0].at.date())
-                await conn.copy_records_to_table("audit_log", records=records, columns=COLUMNS)
+            # the lane keeps its connection: no pool round trip (and reset) per batch
+            if self.conn is None:
+                self.conn = await self.writer.pool.acquire(timeout=2)
+            await self.writer.ensure_partition(self.conn, batch[0][0].at.date())
+            await self.conn.copy_records_to_table("audit_log", records=records, columns=COLUMNS)
         except Exception as e:  # any failure means the rows are not durable: fail closed
             log.error("audit write of %d rows failed: %s", len(batch), e)
+            await self.drop_connection()
             self._new_chain()
             for _, fut in batch:
                 if not fut.done():

@@ -6,7 +6,9 @@ run, alternating, with wrk (Debian package `wrk`).
 
 It starts the demo telephony backend, a bare proxy and `gateway serve` (full enforcement,
 durable audit) as separate processes, then measures four scenarios and prints req/s,
-p50, p99 and the ratios to the bare proxy:
+p50, p99, the ratios to the bare proxy, and the proxy process's CPU time per request
+(steadier than req/s on a small machine where wrk, the backend and PostgreSQL share the
+cores; PostgreSQL's own CPU for the audit rows is not in the gateway's figure):
 
     fields removed   provider staff reading a user record (personal directory removed)
     nothing removed  a user reading their own record (bytes passed through)
@@ -129,6 +131,13 @@ def wrk(url: str, token: str, duration: int, connections: int) -> dict[str, floa
             "non2xx": int(errors.group(1)) if errors else 0}
 
 
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU time a process has used so far."""
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 def _ms(value: str) -> float:
     number, unit = re.match(r"([\d.]+)(\w+)", value).groups()
     return float(number) * {"us": 0.001, "ms": 1.0, "s": 1000.0}[unit]
@@ -179,23 +188,28 @@ async def main_async(args) -> None:
             await wait_up(f"http://127.0.0.1:{port}/telephony/euos/euo-acme"
                           if port != gw else f"http://127.0.0.1:{gw}/healthz")
         print(f"{'scenario':<16} {'bare req/s':>10} {'gw req/s':>9} {'ratio':>6} "
-              f"{'bare p50':>9} {'gw p50':>7} {'bare p99':>9} {'gw p99':>7} {'p99 ratio':>9}")
+              f"{'bare p50':>9} {'gw p50':>7} {'bare p99':>9} {'gw p99':>7} {'p99 ratio':>9} "
+              f"{'CPU µs/req bare/gw':>19}")
         for name, claims, path in SCENARIOS:
             if args.only and name not in args.only:
                 continue
             token = make_token(ttl=3600, **claims)
             results = {"bare": [], "gw": []}
             for _ in range(args.rounds):            # alternate, so drift hits both alike
-                for kind, port in (("bare", bare), ("gw", gw)):
+                for kind, port, pid in (("bare", bare, procs[2].pid), ("gw", gw, procs[3].pid)):
                     wrk(f"http://127.0.0.1:{port}{path}", token, 1, args.connections)   # warm
-                    results[kind].append(
-                        wrk(f"http://127.0.0.1:{port}{path}", token, args.duration, args.connections))
+                    before = cpu_seconds(pid)
+                    run = wrk(f"http://127.0.0.1:{port}{path}", token, args.duration,
+                              args.connections)
+                    run["cpu_us"] = ((cpu_seconds(pid) - before)
+                                     / (run["rps"] * args.duration) * 1e6)
+                    results[kind].append(run)
             b = _best(results["bare"])
             g = _best(results["gw"])
             print(f"{name:<16} {b['rps']:>10,.0f} {g['rps']:>9,.0f} {g['rps'] / b['rps']:>6.2f} "
                   f"{b['p50']:>8.2f}ms {g['p50']:>5.2f}ms {b['p99']:>8.2f}ms {g['p99']:>5.2f}ms "
-                  f"{g['p99'] / b['p99']:>9.2f}" + (f"  ({g['non2xx']} non-2xx)" if name != "denied"
-                                                   and g["non2xx"] else ""))
+                  f"{g['p99'] / b['p99']:>9.2f} {b['cpu_us']:>10.0f} /{g['cpu_us']:>5.0f}"
+                  + (f"  ({g['non2xx']} non-2xx)" if name != "denied" and g["non2xx"] else ""))
     finally:
         for p in procs:
             p.terminate()
