@@ -210,6 +210,8 @@ async def main_async(args) -> None:
                   f"{b['p50']:>8.2f}ms {g['p50']:>5.2f}ms {b['p99']:>8.2f}ms {g['p99']:>5.2f}ms "
                   f"{g['p99'] / b['p99']:>9.2f} {b['cpu_us']:>10.0f} /{g['cpu_us']:>5.0f}"
                   + (f"  ({g['non2xx']} non-2xx)" if name != "denied" and g["non2xx"] else ""))
+        if args.soak:
+            soak(gw, procs[3].pid, args.soak, args.connections)
     finally:
         for p in procs:
             p.terminate()
@@ -217,6 +219,22 @@ async def main_async(args) -> None:
             p.wait()
         if not os.environ.get("GATEWAY_BENCH_DATABASE_URL"):
             server.stop()
+
+
+def soak(port: int, pid: int, seconds: int, connections: int) -> None:
+    """RSS of the gateway before and after a long run of mixed reads (no growth wanted)."""
+    from tests.bench.export_bench import rss_mb
+    token = make_token(ttl=seconds + 600, **SCENARIOS[0][1])
+    before = rss_mb(pid)
+    rss = []
+    per = max(1, seconds // 10)
+    total = 0
+    for _ in range(max(1, seconds // per)):
+        run = wrk(f"http://127.0.0.1:{port}{USER}", token, per, connections)
+        total += int(run["rps"] * per)
+        rss.append(rss_mb(pid))
+    print(f"soak: ~{total:,} requests in {seconds} s; gateway RSS {before:.0f} MiB before, "
+          f"then {', '.join(f'{r:.0f}' for r in rss)} MiB")
 
 
 def _best(runs: list[dict[str, float]]) -> dict[str, float]:
@@ -237,6 +255,8 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--euos", type=int, default=0)
     parser.add_argument("--workers", type=int, default=1)
+    parser.add_argument("--soak", type=int, default=0, metavar="SECONDS",
+                        help="afterwards, load the gateway this long and report its RSS")
     parser.add_argument("--only", action="append", choices=[s[0] for s in SCENARIOS],
                         help="run only this scenario (repeatable)")
     asyncio.run(main_async(parser.parse_args()))
