@@ -33,7 +33,6 @@ from .settings import Settings
 
 log = logging.getLogger("gateway")
 
-SETTINGS = web.AppKey("settings", Settings)
 REQUEST_ID = pipeline.REQUEST_ID
 NEW_REQUEST_ID = web.AppKey("new_request_id", Callable[[], str])
 _REQUEST_ID = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
@@ -44,7 +43,6 @@ def create_app(settings: Settings, dsn: str) -> web.Application:
     catalog = load_catalog(settings.policy_dir)
     policy = load_policy(settings.policy_dir, catalog)
     app = web.Application(middlewares=[_request_ids], client_max_size=settings.max_body_bytes)
-    app[SETTINGS] = settings
     app[NEW_REQUEST_ID] = request_ids()
     metrics = Metrics()
     app[REGISTRY] = metrics.registry

@@ -126,9 +126,6 @@ class Catalog:
         route = node[""]
         return route, dict(zip(route.param_names, values, strict=True))
 
-    def public(self) -> dict[str, Any]:
-        return {"data_sets": [d.public() for d in self.data_sets.values()]}
-
 
 def load_catalog(policy_dir: Path) -> Catalog:
     """Load datasets.yaml and routes.yaml; raise PolicyError on anything malformed."""

@@ -113,7 +113,9 @@ class _Walker:
         subjects = []
         for rel, fld in node.subject:
             named = value.get(fld)
-            if rel in ("self", "organizer") and isinstance(named, str):
+            if isinstance(named, int) and not isinstance(named, bool):
+                named = str(named)        # a backend may number its users
+            if rel in self.subject_relations and isinstance(named, str):
                 subjects.append(named)
             if self.role == "user" and named == self.sub:
                 relations = relations | {rel}
@@ -167,21 +169,28 @@ class _Walker:
         return result
 
     def mask(self, record: dict[str, Any], node: ObjectOf) -> None:
+        """Anonymise old records; one whose age cannot be read counts as old (fail closed)."""
         mask = node.mask
         days = self.catalog.data_sets[mask.data_set].anonymise_after_days
         when = record.get(mask.age_field)
         if when is None:
             return
-        try:
-            at = datetime.fromisoformat(str(when))
-        except ValueError:
-            raise Unmappable(f"{mask.age_field}={when!r} is not an ISO 8601 time") from None
-        if at.tzinfo is None:
-            at = at.replace(tzinfo=UTC)
-        if self.now - at > timedelta(days=days):
+        at = _instant(when)
+        if at is None or self.now - at > timedelta(days=days):
             for fld in mask.fields:
                 if isinstance(record.get(fld), str):
                     record[fld] = mask_number(record[fld])
+
+
+def _instant(value: Any) -> datetime | None:
+    """An ISO 8601 string or epoch seconds as an aware time; None when neither."""
+    try:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return datetime.fromtimestamp(value, UTC)
+        at = datetime.fromisoformat(str(value))
+    except (ValueError, OverflowError, OSError):
+        return None
+    return at if at.tzinfo is not None else at.replace(tzinfo=UTC)
 
 
 def mask_number(number: str) -> str:

@@ -73,3 +73,18 @@ def test_old_cdrs_are_masked_for_everyone_recent_ones_are_not(policy):
     ]}
     _, out, _ = run(policy, "telephony", "euos/e/cdrs", "user", {"same_euo"}, doc, sub="u1")
     assert [c["caller"] for c in out["cdrs"]] == ["+3222222XXX", "+3222222222"]
+
+
+def test_a_cdr_whose_age_cannot_be_read_is_masked(policy):
+    """Fail closed: no date, no proof the record is recent."""
+    doc = {"cdrs": [{"id": "1", "user_id": "u1", "caller": "+3222222222", "start": "last tuesday"},
+                    {"id": "2", "user_id": "u1", "caller": "+3222222222", "start": 1795300000}]}
+    _, out, _ = run(policy, "telephony", "euos/e/cdrs", "provider_staff", {"any"}, doc)
+    assert [c["caller"] for c in out["cdrs"]] == ["+3222222XXX", "+3222222222"]
+
+
+def test_numeric_user_ids_still_name_the_caller(policy):
+    doc = {"cdrs": [{"id": 1, "user_id": 7, "caller": "+32", "start": "2026-11-21T00:00:00Z"},
+                    {"id": 2, "user_id": 8, "caller": "+32", "start": "2026-11-21T00:00:00Z"}]}
+    _, out, _ = run(policy, "telephony", "euos/e/cdrs", "user", {"same_euo"}, doc, sub="7")
+    assert [c["id"] for c in out["cdrs"]] == [1]
