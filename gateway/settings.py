@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import logging
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from urllib.parse import urlsplit
 
+log = logging.getLogger("gateway.settings")
 REPO_ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_POLICY_DIR = REPO_ROOT / "policies"
 SQL_DIR = REPO_ROOT / "sql"
@@ -90,7 +92,9 @@ class Settings:
                 "or GATEWAY_JWT_JWKS_URL (RS256/ES256)"
             )
         if self.jwt_secret and len(self.jwt_secret) < 32:
-            problems.append("GATEWAY_JWT_SECRET is shorter than 32 characters")
+            # refusing would lock out issuers that use short keys; say it loudly instead
+            log.warning("GATEWAY_JWT_SECRET is shorter than 32 characters: HS256 keys that "
+                        "short can be guessed offline")
         if self.jwt_public_key_file and not _readable(self.jwt_public_key_file):
             problems.append(f"GATEWAY_JWT_PUBLIC_KEY_FILE {self.jwt_public_key_file} is not readable")
         for name in ("model.conf", "policy.csv", "datasets.yaml", "routes.yaml", "export.yaml"):

@@ -81,10 +81,13 @@ def serve_bare_proxy(port: int, upstream: str) -> None:
                 "Content-Type": r.headers.get("Content-Type", "application/octet-stream")})
             if r.content_length is not None:
                 response.content_length = r.content_length
-            await response.prepare(request)
-            async for chunk in r.content.iter_chunked(64 * 1024):
-                await response.write(chunk)
-            await response.write_eof()
+            try:
+                await response.prepare(request)
+                async for chunk in r.content.iter_chunked(64 * 1024):
+                    await response.write(chunk)
+                await response.write_eof()
+            except ConnectionResetError:      # wrk hangs up at the end of a run
+                pass
             return response
 
     async def session_ctx(app):
@@ -132,10 +135,12 @@ def wrk(url: str, token: str, duration: int, connections: int) -> dict[str, floa
 
 
 def cpu_seconds(pid: int) -> float:
-    """User + system CPU time a process has used so far."""
+    """User + system CPU time a process and its live children (workers) have used so far."""
     with open(f"/proc/{pid}/stat") as f:
         fields = f.read().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    total = (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    with open(f"/proc/{pid}/task/{pid}/children") as f:
+        return total + sum(cpu_seconds(int(child)) for child in f.read().split())
 
 
 def _ms(value: str) -> float:
