@@ -38,7 +38,6 @@ create index audit_log_at on audit_log (at desc, chain_id desc, seq desc);
 create index audit_log_subject_users on audit_log using gin (subject_users);
 create index audit_log_subject_euo on audit_log (subject_euo, at desc);
 create index audit_log_actor on audit_log (actor_sub, at desc);
-create index audit_log_actor_partner on audit_log (actor_partner, at desc);
 create index audit_log_chain on audit_log (chain_id, seq);
 
 -- The month partition holding `month` (any day of it), created if missing.
