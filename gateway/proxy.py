@@ -41,6 +41,8 @@ def normalise_path(raw_path: str) -> tuple[str, list[str]]:
     segments = path.split("/")[1:]
     if not path.startswith("/") or any(s in ("", ".", "..") for s in segments):
         raise Denied(400, "bad_path", "the path has empty, '.' or '..' segments")
+    if "%" in segments[0]:
+        raise Denied(400, "bad_path", "the service name must not be percent-encoded")
     decoded = [unquote(s) for s in segments]
     if any(not s.isprintable() or "/" in s for s in decoded):
         raise Denied(400, "bad_path", "the path contains control characters")

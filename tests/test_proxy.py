@@ -37,6 +37,7 @@ async def raw_request(base: str, raw_path: str, token: str, method: str = "GET")
     "/telephony/euos/./euo-acme",
     "/telephony/../v1/catalog",
     "/telephony/euos/euo-acme;x=1/users",
+    "/tele%70hony/euos/euo-acme",
 ])
 async def test_path_tricks_are_refused(gateway, token_for, backends, raw_path):
     """Traversal and encoding tricks get 400 bad_path and never reach a backend."""
