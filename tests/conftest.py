@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
+import socket
 import subprocess
 import sys
 import time
@@ -176,7 +177,9 @@ POLICY_DIR = Path(DEFAULT_POLICY_DIR)
 async def gateway_process(http, backends, database_url: str, tmp_path, *args: str,
                           **env: str) -> AsyncIterator[tuple[subprocess.Popen, str]]:
     """`gateway serve` as a process of its own (killed at the end); yields it and its URL."""
-    port = 18000 + (os.getpid() * 7 + len(args) * 131 + len(env)) % 3000
+    with socket.socket() as probe:       # a port free right now
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
     full_env = dict(os.environ, GATEWAY_DATABASE_URL=database_url,
                     GATEWAY_LISTEN=f"127.0.0.1:{port}",
                     GATEWAY_UPSTREAM_TELEPHONY=backends["urls"]["telephony"],
