@@ -38,10 +38,10 @@ class Settings:
     backend_read_timeout_s: float = 15.0
     backend_connections: int = 200
     db_pool_min: int = 5
-    db_pool_max: int = 12     # 4 held by the audit lanes, the rest for queries
+    db_pool_max: int = 12     # the audit lanes hold one each, the rest serve queries
     audit_queue_max: int = 50_000
     audit_retention_days: int = 400
-    audit_lanes: int = 4
+    audit_lanes: int = 2
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> Settings:
@@ -132,20 +132,18 @@ def _check_url(name: str, value: str) -> str:
 
 
 def _int(env: Mapping[str, str], name: str, default: int) -> int:
-    raw = env.get(name)
-    if raw is None or raw == "":
-        return default
-    try:
-        return int(raw)
-    except ValueError:
-        raise ConfigError(f"{name}={raw!r} is not an integer") from None
+    return _number(env, name, default, int, "an integer")
 
 
 def _float(env: Mapping[str, str], name: str, default: float) -> float:
+    return _number(env, name, default, float, "a number")
+
+
+def _number(env: Mapping[str, str], name: str, default, kind, what: str):
     raw = env.get(name)
     if raw is None or raw == "":
         return default
     try:
-        return float(raw)
+        return kind(raw)
     except ValueError:
-        raise ConfigError(f"{name}={raw!r} is not a number") from None
+        raise ConfigError(f"{name}={raw!r} is not {what}") from None
