@@ -82,6 +82,8 @@ def test_the_gateway_refuses_to_start_with_a_bad_policy(policy_dir, tmp_path):
     ({"GATEWAY_JWT_PUBLIC_KEY_FILE": "/nonexistent.pem"}, "is not readable"),
     ({"GATEWAY_POLICY_DIR": "/nonexistent"}, "policy file /nonexistent/model.conf is not readable"),
     ({"GATEWAY_LISTEN": "localhost"}, "is not host:port"),
+    ({"GATEWAY_MAX_BODY_BYTES": "lots"}, "GATEWAY_MAX_BODY_BYTES='lots' is not an integer"),
+    ({"GATEWAY_BACKEND_TIMEOUT_S": "soon"}, "is not a number"),
 ])
 def test_configuration_mistakes_are_named(env, message, tmp_path):
     done = subprocess.run([sys.executable, "-m", "gateway", "serve"],
