@@ -42,6 +42,12 @@ SHOWCASE = [
      "euo-acme", "/meeting/accounts/euo-acme/meetings/mtg-acme-1"),
     ("participant: only their own private note", "user", "u-bob", None, "euo-acme",
      "/meeting/accounts/euo-acme/meetings/mtg-acme-1"),
+    ("user: all of their data as a ZIP (export.json + attachments)", "user", "u-alice", None,
+     "euo-acme", "/v1/me/export -o export.zip"),
+    ("user: who accessed their data (run the lines above first)", "user", "u-alice", None,
+     "euo-acme", "/v1/me/access-log"),
+    ("provider staff: the access log, newest first", "provider_staff", "staff-sam", None, None,
+     "/v1/audit?limit=5"),
 ]
 
 
