@@ -188,7 +188,7 @@ async def read_json(gw: Gateway, target: Target, upstream, row: AuditRow) -> Jso
     route, principal = target.route, target.principal
     plan = gw.plan(route, principal.role, target.relations)
     if plan.passthrough and target.blocked is None:
-        return JsonAnswer(status, headers, raw, served=sorted(plan.visible))
+        return JsonAnswer(status, headers, raw, served=list(plan.visible))
     try:
         document = orjson.loads(raw)
         redacted, outcome = redact(document, plan, principal.sub, gw.catalog, gw.policy.granted,

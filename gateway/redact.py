@@ -31,10 +31,7 @@ class RedactionPlan:
     relations: frozenset[str]
     granted: frozenset[str]            # data sets readable at the document level
     passthrough: bool                  # nothing can change: send the backend's bytes
-
-    @property
-    def visible(self) -> frozenset[str]:
-        return self.route.data_sets & self.granted
+    visible: tuple[str, ...]           # the route's data sets this viewer reads, sorted
 
 
 @dataclass
@@ -55,7 +52,8 @@ def make_plan(route: Route, role: str, relations: frozenset[str], catalog: Catal
         and not route.body_relations - relations
         and not _has_mask(route.body)
     )
-    return RedactionPlan(route, role, relations, readable, passthrough)
+    return RedactionPlan(route, role, relations, readable, passthrough,
+                         tuple(sorted(route.data_sets & readable)))
 
 
 def redact(document: Any, plan: RedactionPlan, sub: str, catalog: Catalog, granted: Granted,
