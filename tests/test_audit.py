@@ -211,13 +211,21 @@ async def test_csv_and_ndjson_downloads_parse_back_to_the_same_rows(gateway, htt
 
 async def test_a_user_sees_who_accessed_their_data_by_organisation(gateway, http, token_for):
     """Accesses by staff, partner and admin appear with role and organisation; never a
-    person's identity, never the user's own requests."""
-    for who in ("staff", "partner", "admin", "alice"):
-        await call(http, "GET", gateway + ALICE, token_for(who))
-    await call(http, "GET", gateway + ALICE + "/voicemails", token_for("staff"))   # denied
-    status, _, body = await call(http, "GET", gateway + "/v1/me/access-log", token_for("alice"))
-    assert status == 200
-    entries = orjson.loads(body)["accesses"]
+    person's identity, never the user's own requests. (u-carla: no other test has a
+    colleague reach for her data, so any user entry here would be her own.)"""
+    carla_record = "/telephony/euos/euo-acme/users/u-carla"
+    carla = token_for(role="user", sub="u-carla", euo="euo-acme")
+    for who in ("staff", "partner", "admin"):
+        await call(http, "GET", gateway + carla_record, token_for(who))
+    await call(http, "GET", gateway + carla_record, carla)
+    await call(http, "GET", gateway + carla_record + "/voicemails", token_for("staff"))   # denied
+
+    async def entries():
+        status, _, body = await call(http, "GET", gateway + "/v1/me/access-log", carla)
+        assert status == 200
+        found = orjson.loads(body)["accesses"]
+        return (found, body) if any(e["decision"] == "deny" for e in found) else None
+    entries, body = await wait_for(entries)
     accessors = {(e["accessor"]["role"], e["accessor"]["organisation"]) for e in entries}
     assert {("provider_staff", "Provider"), ("partner", "p-northwind"),
             ("euo_admin", "euo-acme")} <= accessors
@@ -226,6 +234,18 @@ async def test_a_user_sees_who_accessed_their_data_by_organisation(gateway, http
     for name in (b"staff-sam", b"pat@northwind", b"admin@acme"):
         assert name not in body
     assert (await call(http, "GET", gateway + "/v1/me/access-log", token_for("admin")))[0] == 403
+
+
+async def test_a_colleagues_refused_attempt_shows_in_the_access_log(gateway, http, token_for):
+    """Denied attempts count too: bob reaching for alice's voicemails is in her log."""
+    await call(http, "GET", gateway + ALICE + "/voicemails", token_for("bob"))
+
+    async def seen():
+        _, _, body = await call(http, "GET", gateway + "/v1/me/access-log", token_for("alice"))
+        return [e for e in orjson.loads(body)["accesses"]
+                if e["accessor"] == {"role": "user", "organisation": "euo-acme"}
+                and e["decision"] == "deny"]
+    assert await wait_for(seen)
 
 
 def cli(database_url, *args, check=True):
