@@ -1,0 +1,46 @@
+"""The README's first command: `gateway demo` starts everything and its printed lines work."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import re
+import signal
+import socket
+import sys
+
+from .conftest import call
+
+
+async def test_demo_prints_tokens_whose_curl_lines_show_what_each_role_sees(http, tmp_path):
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    env = {k: v for k, v in os.environ.items() if not k.startswith("GATEWAY_")}
+    env["GATEWAY_DATA_DIR"] = str(tmp_path)
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "gateway", "demo", "--port", str(port), env=env,
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.DEVNULL)
+    try:
+        printed = []
+        async with asyncio.timeout(60):
+            while not printed or "Ctrl-C" not in printed[-1]:
+                printed.append((await proc.stdout.readline()).decode())
+        text = "".join(printed)
+        shows = re.findall(r"TOKEN=(\S+)\n\s+curl -s -H \"Authorization: Bearer \$TOKEN\" (\S+)",
+                           text)
+        assert len(shows) >= 12
+        outcomes = {}
+        for token, url in shows:
+            status, _, body = await call(http, "GET", url, token)
+            outcomes[url.split(str(port), 1)[1]] = (status, body)
+        staff_view = outcomes["/telephony/euos/euo-acme/users/u-alice"]
+        assert staff_view[0] == 200
+        assert outcomes["/telephony/euos/euo-initech"][0] == 403
+        assert outcomes["/telephony/euos/euo-umbrella"][0] == 403
+        voicemail = outcomes["/telephony/euos/euo-acme/users/u-alice/voicemails/vm-u-alice-1"]
+        assert voicemail[0] == 200 and voicemail[1].startswith(b"RIFF")
+    finally:
+        proc.send_signal(signal.SIGINT)
+        async with asyncio.timeout(30):
+            assert await proc.wait() == 0
