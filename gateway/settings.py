@@ -41,7 +41,7 @@ class Settings:
     db_pool_max: int = 12     # the audit lanes hold one each, the rest serve queries
     audit_queue_max: int = 50_000
     audit_retention_days: int = 400
-    audit_lanes: int = 2
+    audit_lanes: int = 1
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> Settings:

@@ -164,7 +164,7 @@ async def main_async(args) -> None:
         sys.exit("wrk is not installed (apt-get install wrk)")
     data_dir = tempfile.mkdtemp(prefix="gateway-proxy-bench-")
     server = EmbeddedPostgres(data_dir)
-    dsn = os.environ.get("GATEWAY_BENCH_DATABASE_URL") or server.start()
+    dsn = server.start()
     conn = await asyncpg.connect(dsn)
     await migrate(conn)
     await conn.close()
@@ -192,9 +192,10 @@ async def main_async(args) -> None:
         for port in (tel, bare, gw):
             await wait_up(f"http://127.0.0.1:{port}/telephony/euos/euo-acme"
                           if port != gw else f"http://127.0.0.1:{gw}/healthz")
+        postmaster = int((server.pgdata / "postmaster.pid").read_text().split()[0])
         print(f"{'scenario':<16} {'bare req/s':>10} {'gw req/s':>9} {'ratio':>6} "
               f"{'bare p50':>9} {'gw p50':>7} {'bare p99':>9} {'gw p99':>7} {'p99 ratio':>9} "
-              f"{'CPU µs/req bare/gw':>19}")
+              f"{'CPU µs/req bare/gw':>19} {'+PostgreSQL':>11}")
         for name, claims, path in SCENARIOS:
             if args.only and name not in args.only:
                 continue
@@ -203,17 +204,19 @@ async def main_async(args) -> None:
             for _ in range(args.rounds):            # alternate, so drift hits both alike
                 for kind, port, pid in (("bare", bare, procs[2].pid), ("gw", gw, procs[3].pid)):
                     wrk(f"http://127.0.0.1:{port}{path}", token, 1, args.connections)   # warm
-                    before = cpu_seconds(pid)
+                    before, pg_before = cpu_seconds(pid), cpu_seconds(postmaster)
                     run = wrk(f"http://127.0.0.1:{port}{path}", token, args.duration,
                               args.connections)
-                    run["cpu_us"] = ((cpu_seconds(pid) - before)
-                                     / (run["rps"] * args.duration) * 1e6)
+                    requests = run["rps"] * args.duration
+                    run["cpu_us"] = (cpu_seconds(pid) - before) / requests * 1e6
+                    run["pg_us"] = (cpu_seconds(postmaster) - pg_before) / requests * 1e6
                     results[kind].append(run)
             b = _best(results["bare"])
             g = _best(results["gw"])
             print(f"{name:<16} {b['rps']:>10,.0f} {g['rps']:>9,.0f} {g['rps'] / b['rps']:>6.2f} "
                   f"{b['p50']:>8.2f}ms {g['p50']:>5.2f}ms {b['p99']:>8.2f}ms {g['p99']:>5.2f}ms "
                   f"{g['p99'] / b['p99']:>9.2f} {b['cpu_us']:>10.0f} /{g['cpu_us']:>5.0f}"
+                  f" {g['pg_us']:>11.0f}"
                   + (f"  ({g['non2xx']} non-2xx)" if name != "denied" and g["non2xx"] else ""))
         if args.soak:
             soak(gw, procs[3].pid, args.soak, args.connections)
@@ -222,8 +225,7 @@ async def main_async(args) -> None:
             p.terminate()
         for p in procs:
             p.wait()
-        if not os.environ.get("GATEWAY_BENCH_DATABASE_URL"):
-            server.stop()
+        server.stop()
 
 
 def soak(port: int, pid: int, seconds: int, connections: int) -> None:
