@@ -44,6 +44,7 @@ def create_app(settings: Settings, dsn: str) -> web.Application:
     policy = load_policy(settings.policy_dir, catalog)
     app = web.Application(middlewares=[_request_ids], client_max_size=settings.max_body_bytes)
     app[NEW_REQUEST_ID] = request_ids()
+    app.on_response_prepare.append(_echo_request_id)
     metrics = Metrics()
     app[REGISTRY] = metrics.registry
     app.cleanup_ctx.append(_resources(settings, dsn, catalog, policy, metrics))
@@ -119,9 +120,14 @@ async def _request_ids(request: web.Request, handler) -> web.StreamResponse:
         log.exception("unhandled error in request %s", request_id)
         response = error_response(502, "internal_error",
                                   "the gateway could not complete the request", request_id)
-    if not response.prepared:
-        response.headers["X-Request-Id"] = request_id
     return response
+
+
+async def _echo_request_id(request: web.Request, response: web.StreamResponse) -> None:
+    """X-Request-Id on every response, streamed ones included (set as headers are sent)."""
+    request_id = request.get(REQUEST_ID)
+    if request_id:
+        response.headers["X-Request-Id"] = request_id
 
 
 def request_ids() -> Callable[[], str]:

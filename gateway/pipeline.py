@@ -244,6 +244,8 @@ def _check_route(gw: Gateway, route: Route, principal: Principal,
                          f"you may not {action} {' / '.join(route.binary)} here")
         return
     if action == "write":
+        if not route.data_sets & gw.policy.granted(principal.role, relations, "write"):
+            raise Denied(403, "write_not_permitted", "you may not change any data of this resource")
         return
     possible = relations | route.body_relations if principal.role == "user" else relations
     if not route.data_sets & gw.policy.granted(principal.role, possible, "read"):

@@ -195,3 +195,21 @@ async def test_metrics_count_requests_by_route_and_decision(gateway, http, token
     assert ('gateway_requests_total{decision="deny",'
             'route="telephony:/euos/{euo}/users/{user}/voicemails",status="403"}') in text
     assert "gateway_request_duration_seconds_bucket" in text
+
+
+async def test_streamed_answers_carry_the_request_id_too(gateway, http, token_for):
+    """Binary and ZIP answers are prepared before the handler returns; the id is still there."""
+    for path in ("/telephony/euos/euo-acme/users/u-alice/voicemails/vm-u-alice-1", "/v1/me/export"):
+        status, headers, _ = await call(http, "GET", gateway + path, token_for("alice"),
+                                        headers={"X-Request-Id": "stream-id-1"})
+        assert status == 200 and headers["X-Request-Id"] == "stream-id-1"
+
+
+async def test_an_empty_write_without_write_rights_is_refused_before_forwarding(
+        gateway, http, token_for, backends):
+    """A colleague's PATCH with an empty body never reaches the backend."""
+    before = len(backends["seen"].requests)
+    status, _, body = await call(http, "PATCH", gateway + "/telephony/euos/euo-acme/users/u-alice",
+                                 token_for("bob"), json={})
+    assert status == 403 and orjson.loads(body)["error"]["code"] == "write_not_permitted"
+    assert len(backends["seen"].requests) == before
