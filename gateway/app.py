@@ -3,11 +3,10 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import itertools
 import logging
-import re
 import secrets
-import time
 from collections.abc import Callable
 from datetime import date
 
@@ -20,14 +19,15 @@ from .audit import AuditRow, AuditWriter
 from .audit import api as audit_api
 from .authn import Authenticator
 from .authz import Policy, load_policy
+from .call import AnonymousRefusals
 from .catalog import load_catalog
 from .contracts import ContractCache
 from .db import POOL, create_pool, migrate, query
-from .endpoints import api, json_object, json_response
+from .endpoints import IDENTIFIER, api, identifier, json_object, json_response
 from .errors import Denied, error_response
 from .metrics import REGISTRY, Metrics, metrics_view
 from .principal import Principal
-from .proxy import Backends, normalise_path
+from .proxy import PRIVATE, Backends
 from .restrictions import RestrictionCache
 from .settings import Settings
 
@@ -35,7 +35,6 @@ log = logging.getLogger("gateway")
 
 REQUEST_ID = pipeline.REQUEST_ID
 NEW_REQUEST_ID = web.AppKey("new_request_id", Callable[[], str])
-_REQUEST_ID = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
 
 
 def create_app(settings: Settings, dsn: str) -> web.Application:
@@ -44,7 +43,7 @@ def create_app(settings: Settings, dsn: str) -> web.Application:
     policy = load_policy(settings.policy_dir, catalog)
     app = web.Application(middlewares=[_request_ids], client_max_size=settings.max_body_bytes)
     app[NEW_REQUEST_ID] = request_ids()
-    app.on_response_prepare.append(_echo_request_id)
+    app.on_response_prepare.append(_private_answers)
     metrics = Metrics()
     app[REGISTRY] = metrics.registry
     app.cleanup_ctx.append(_resources(settings, dsn, catalog, policy, metrics))
@@ -73,20 +72,24 @@ def _resources(settings: Settings, dsn: str, catalog, policy: Policy, metrics: M
         await restrictions.start()
         audit = AuditWriter(pool, settings.audit_queue_max, metrics.observe, settings.audit_lanes)
         audit.start()
+        anonymous = AnonymousRefusals(audit, observe=metrics.observe)
+        anonymous.start()
         connector = aiohttp.TCPConnector(limit=settings.backend_connections,
                                          limit_per_host=settings.backend_connections,
                                          keepalive_timeout=30)
         session = aiohttp.ClientSession(connector=connector, auto_decompress=False)
         backends = Backends(settings.upstreams, session, settings.backend_read_timeout_s,
-                            settings.backend_connect_timeout_s)
+                            settings.backend_connect_timeout_s, settings.backend_deadline_s,
+                            settings.max_json_answer_bytes)
         app[POOL] = pool
         app[pipeline.GATEWAY] = pipeline.Gateway(
             catalog=catalog, policy=policy, authn=Authenticator(settings, session),
             contracts=contracts, restrictions=restrictions, backends=backends, audit=audit,
-            max_body_bytes=settings.max_body_bytes)
+            anonymous=anonymous, max_body_bytes=settings.max_body_bytes)
         try:
             yield
         finally:
+            await anonymous.close()
             await audit.close()
             await contracts.close()
             await restrictions.close()
@@ -97,37 +100,33 @@ def _resources(settings: Settings, dsn: str, catalog, policy: Policy, metrics: M
 
 @web.middleware
 async def _request_ids(request: web.Request, handler) -> web.StreamResponse:
-    """Give every request an id, echo it, and turn every failure into a SPEC §4 body."""
-    given = request.headers.get("X-Request-Id", "")
-    request_id = given if _REQUEST_ID.match(given) else request.app[NEW_REQUEST_ID]()
-    request[REQUEST_ID] = request_id
-    started = time.perf_counter()
+    """Give every request its own id and turn every failure into a SPEC §4 body."""
+    request_id = request[REQUEST_ID] = request.app[NEW_REQUEST_ID]()
     try:
-        if request.raw_path != "/":
-            request[pipeline.NORMALISED] = normalise_path(request.raw_path)
-        response = await handler(request)
-    except Denied as d:
-        response = error_response(d.status, d.code, d.message, request_id)
-        if d.code == "bad_path":
-            pipeline.record_denial(request.app[pipeline.GATEWAY], pipeline.new_row(request), d, started)
+        return await handler(request)
     except web.HTTPException as e:
-        d = _http_denial(e)
-        pipeline.record_denial(request.app[pipeline.GATEWAY], pipeline.new_row(request), d, started)
-        response = error_response(d.status, d.code, d.message, request_id)
+        # aiohttp's own refusals (no such endpoint, body too large): audited like any other
+        gw = request.app[pipeline.GATEWAY]
+        call = gw.call(request)
+        with contextlib.suppress(Denied):
+            call.identify(await gw.authn.authenticate(request.headers.get("Authorization")))
+        return await call.refuse(_http_denial(e))
     except asyncio.CancelledError:
         raise
     except Exception:
         log.exception("unhandled error in request %s", request_id)
-        response = error_response(502, "internal_error",
-                                  "the gateway could not complete the request", request_id)
-    return response
+        return error_response(502, "internal_error",
+                              "the gateway could not complete the request", request_id)
 
 
-async def _echo_request_id(request: web.Request, response: web.StreamResponse) -> None:
-    """X-Request-Id on every response, streamed ones included (set as headers are sent)."""
+async def _private_answers(request: web.Request, response: web.StreamResponse) -> None:
+    """On every response, streamed ones included: our request id, and no shared caching
+    (every answer depends on who asks)."""
     request_id = request.get(REQUEST_ID)
     if request_id:
         response.headers["X-Request-Id"] = request_id
+    for name, value in PRIVATE.items():
+        response.headers.setdefault(name, value)
 
 
 def request_ids() -> Callable[[], str]:
@@ -184,12 +183,13 @@ async def catalog_view(request: web.Request, principal: Principal, row: AuditRow
 @api("/v1/admin/euos/{euo}", roles=("provider_staff",))
 async def put_contract(request: web.Request, principal: Principal, row: AuditRow) -> web.Response:
     """Create or change the commercial relationship of an EUO with its partner."""
-    euo = request.match_info["euo"]
+    euo = identifier(request.match_info["euo"], "the EUO id")
     row.subject_euo = euo
     body = await json_object(request)
     partner = body.get("partner_id")
-    if not isinstance(partner, str) or not partner.strip():
-        raise Denied(400, "invalid_contract", "partner_id must be a non-empty string")
+    if not isinstance(partner, str) or not IDENTIFIER.fullmatch(partner):
+        raise Denied(400, "invalid_contract",
+                     "partner_id must be an identifier (1-128 of A-Z a-z 0-9 . _ ~ @ : -)")
     end = body.get("contract_end")
     if end is not None:
         try:
@@ -208,7 +208,7 @@ async def put_contract(request: web.Request, principal: Principal, row: AuditRow
 async def delete_contract(request: web.Request, principal: Principal,
                           row: AuditRow) -> web.Response:
     """End the relationship outright: the partner loses access at once."""
-    euo = request.match_info["euo"]
+    euo = identifier(request.match_info["euo"], "the EUO id")
     row.subject_euo = euo
     deleted = await request.app[POOL].fetchval(query("delete_contract"), euo)
     if deleted is None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -70,6 +71,8 @@ class ObjectOf:
     subject: tuple[tuple[str, str], ...] = ()          # (relation, field)
     dataset_by: tuple[str, dict[str, str]] | None = None
     mask: Mask | None = None
+    # (field, parameter): the field must equal the request's parameter when it has one
+    binds: tuple[tuple[str, str], ...] = ()
 
 
 Node = Leaf | ListOf | ObjectOf
@@ -84,6 +87,8 @@ class Route:
     path: str
     methods: frozenset[str]
     param_names: tuple[str, ...]
+    param_grammars: tuple[re.Pattern, ...]      # one per path parameter, full match
+    query: dict[str, re.Pattern]                # the query parameters it forwards
     subject_euo: str | None
     subject_user: str | None
     body: Node | None
@@ -95,6 +100,7 @@ class Route:
     # true when the answer's top object decides a relation (the meeting's organizer):
     # a caller who then sees nothing of it gets 403 rather than an empty shell
     top_decided: bool
+    binds: bool = False                         # some object of the answer is bound to a parameter
 
     @property
     def name(self) -> str:
@@ -108,6 +114,10 @@ class Catalog:
     data_subject_relations: frozenset[str]
     restriction_blocks: frozenset[str] = frozenset()
     _trie: dict[str, dict] = field(default_factory=dict, repr=False)
+
+    @property
+    def services(self) -> frozenset[str]:
+        return frozenset(self._trie)
 
     def match(self, service: str, segments: list[str]) -> tuple[Route, dict[str, str]] | None:
         """Find the route for a normalised path; the cost depends on its length only."""
@@ -142,8 +152,9 @@ def load_catalog(policy_dir: Path) -> Catalog:
     blocks = frozenset(raw_routes.get("processing_restriction_blocks") or ())
     if not blocks <= set(ROLES):
         raise PolicyError(f"routes.yaml: unknown role in processing_restriction_blocks {sorted(blocks)}")
+    grammars = _grammars(raw_routes.get("grammars"))
     builder = _ShapeBuilder(shapes_raw, data_sets)
-    routes = [_route(i, spec, builder, data_sets) for i, spec in
+    routes = [_route(i, spec, builder, grammars) for i, spec in
               enumerate(raw_routes.get("routes") or [])]
     if not routes:
         raise PolicyError("routes.yaml: no routes")
@@ -151,6 +162,22 @@ def load_catalog(policy_dir: Path) -> Catalog:
     for route in routes:
         _insert(catalog._trie, route)
     return catalog
+
+
+def _grammars(raw: Any) -> dict[str, re.Pattern]:
+    """The named value grammars of routes.yaml (`identifier` is required)."""
+    if not isinstance(raw, dict) or IDENTIFIER not in raw:
+        raise PolicyError("routes.yaml: `grammars:` must define at least `identifier`")
+    out = {}
+    for name, pattern in raw.items():
+        try:
+            out[name] = re.compile(str(pattern))
+        except re.error as e:
+            raise PolicyError(f"routes.yaml: grammars.{name}: {e}") from None
+        for probe in ("", "/", "#", "?", "%", "&", "=", ";", " ", "\x00"):
+            if out[name].fullmatch(probe):
+                raise PolicyError(f"routes.yaml: grammars.{name} admits {probe!r}")
+    return out
 
 
 def _yaml(path: Path) -> dict:
@@ -231,7 +258,12 @@ class _ShapeBuilder:
                     raise PolicyError(f"routes.yaml: {where}: {m['data_set']} has no "
                                       "anonymise_after_days in datasets.yaml")
                 mask = Mask(m["data_set"], tuple(m["fields"]), m["age_field"])
-            return ObjectOf(fields, tuple(subject), dataset_by, mask)
+            binds = tuple((spec.get("binds") or {}).items())
+            for fld, _param in binds:
+                if fields.get(fld) != Leaf(None):
+                    raise PolicyError(f"routes.yaml: {where}: binds {fld!r}, which is not "
+                                      "an identifier field of this object")
+            return ObjectOf(fields, tuple(subject), dataset_by, mask, binds)
         raise PolicyError(f"routes.yaml: {where}: unknown shape {spec!r}")
 
     def _known(self, ds: str, where: str) -> None:
@@ -239,7 +271,7 @@ class _ShapeBuilder:
             raise PolicyError(f"routes.yaml: {where}: unknown data set {ds!r}")
 
 
-def _route(i: int, spec: dict, builder: _ShapeBuilder, data_sets: dict) -> Route:
+def _route(i: int, spec: dict, builder: _ShapeBuilder, grammars: dict[str, re.Pattern]) -> Route:
     where = f"routes[{i}]"
     try:
         service, path = spec["service"], spec["path"]
@@ -252,6 +284,22 @@ def _route(i: int, spec: dict, builder: _ShapeBuilder, data_sets: dict) -> Route
         raise PolicyError(f"routes.yaml: {where}: unsupported method in {sorted(methods)}")
     segments = [s for s in path.split("/") if s]
     params = tuple(s[1:-1] for s in segments if s.startswith("{"))
+    for s in segments:
+        if not s.startswith("{") and not grammars[IDENTIFIER].fullmatch(s):
+            raise PolicyError(f"routes.yaml: {where}: segment {s!r} is not an identifier")
+
+    def grammar(kind: Any, what: str) -> re.Pattern:
+        if kind not in grammars:
+            raise PolicyError(f"routes.yaml: {where}: {what}: unknown grammar {kind!r}")
+        return grammars[kind]
+    declared = spec.get("params") or {}
+    for p in declared:
+        if p not in params:
+            raise PolicyError(f"routes.yaml: {where}: params names unknown parameter {p!r}")
+    param_grammars = tuple(grammar(declared.get(p, IDENTIFIER), f"params.{p}") for p in params)
+    query = {k: grammar(v, f"query.{k}") for k, v in (spec.get("query") or {}).items()}
+    if set(query) & set(params):
+        raise PolicyError(f"routes.yaml: {where}: a query parameter shadows a path parameter")
     subject = spec.get("subject") or {}
     for p in subject.values():
         if p not in params:
@@ -273,9 +321,17 @@ def _route(i: int, spec: dict, builder: _ShapeBuilder, data_sets: dict) -> Route
         _walk(body, found, nested, top=True)
     if "euo" not in subject:
         raise PolicyError(f"routes.yaml: {where}: every route names its EUO parameter")
-    return Route(service, "/" + "/".join(segments), methods, params, subject.get("euo"),
-                 subject.get("user"), body, binary, frozenset(found),
-                 frozenset(top | nested), bool(top))
+    return Route(service, "/" + "/".join(segments), methods, params, param_grammars, query,
+                 subject.get("euo"), subject.get("user"), body, binary, frozenset(found),
+                 frozenset(top | nested), bool(top), _binds(body))
+
+
+def _binds(node: Node | None) -> bool:
+    if isinstance(node, ListOf):
+        return _binds(node.item)
+    if isinstance(node, ObjectOf):
+        return bool(node.binds) or any(_binds(c) for c in node.fields.values())
+    return False
 
 
 def _walk(node: Node, found: set[str], nested: set[str], top: bool = False) -> None:

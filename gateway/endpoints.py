@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-import time
+import re
 from collections.abc import Awaitable, Callable
 
 import asyncpg
@@ -11,14 +11,16 @@ from aiohttp import web
 
 from . import pipeline
 from .audit import AuditRow
+from .call import Call
 from .catalog import ROLES
 from .errors import Denied
 from .principal import Principal
 
-# set by a handler that committed its audit row itself (a streamed download must do so
-# before its first byte)
-AUDITED = web.RequestKey("audited", bool)
-STARTED = web.RequestKey("started", float)
+# the call of a handler that committed its audit row itself (a streamed download must do
+# so before its first byte)
+CALL = web.RequestKey("call", Call)
+IDENTIFIER = re.compile(r"[A-Za-z0-9._~@:-]{1,128}")
+MAX_TEXT = 10_000
 
 Handler = Callable[[web.Request, Principal, AuditRow], Awaitable[web.Response]]
 
@@ -28,28 +30,27 @@ def api(route: str, roles: tuple[str, ...] = ROLES) -> Callable[[Handler], Calla
     def wrap(handler: Handler):
         async def endpoint(request: web.Request) -> web.StreamResponse:
             gw = request.app[pipeline.GATEWAY]
-            started = request[STARTED] = time.perf_counter()
-            row = pipeline.new_row(request)
+            call = request[CALL] = gw.call(request)
+            row = call.row
             row.service, row.route = "gateway", f"gateway:{route}"
             try:
-                principal = await gw.authn.authenticate(request.headers.get("Authorization"))
-                row.actor_sub, row.actor_role, row.actor_partner, row.actor_euo = (
-                    principal.audit_fields())
-                if principal.role not in roles:
+                call.identify(await gw.authn.authenticate(request.headers.get("Authorization")))
+                if call.principal.role not in roles:
                     raise Denied(403, "role_not_permitted",
                                  f"only {', '.join(roles)} may call this endpoint")
                 try:
-                    response = await handler(request, principal, row)
+                    response = await handler(request, call.principal, row)
                 except (TimeoutError, asyncpg.PostgresError, asyncpg.InterfaceError, OSError):
                     raise Denied(503, "database_unavailable",
                                  "the gateway's database cannot be reached") from None
-            except Denied as d:
-                pipeline.record_denial(request.app[pipeline.GATEWAY], row, d, started)
-                raise
-            if not request.get(AUDITED):
-                pipeline.finish(row, response.status, response.content_length or 0, started)
-                await gw.audit.commit(row)
-            return response
+                if not call.committed:    # a download commits before its first byte
+                    await call.allow(response.status, response.content_length or 0)
+                return response
+            except Exception as e:
+                if call.committed:
+                    raise                  # the answer is under way: nothing left to say
+                return await call.refuse(
+                    e if isinstance(e, Denied) else pipeline.internal(e, row.request_id))
         return endpoint
     return wrap
 
@@ -63,8 +64,31 @@ async def json_object(request: web.Request) -> dict:
     """The request's body as a JSON object, or Denied(400, bad_json)."""
     try:
         body = orjson.loads(await request.read())
+    except web.HTTPRequestEntityTooLarge:
+        raise Denied(413, "body_too_large", "the request body is too large") from None
     except orjson.JSONDecodeError:
         raise Denied(400, "bad_json", "the body is not valid JSON") from None
     if not isinstance(body, dict):
         raise Denied(400, "bad_json", "the body must be a JSON object")
     return body
+
+
+def identifier(value: object, what: str) -> str:
+    """An identifier of the route table's grammar, or Denied(400, bad_identifier)."""
+    if not isinstance(value, str) or not IDENTIFIER.fullmatch(value) or value in (".", ".."):
+        raise Denied(400, "bad_identifier",
+                     f"{what} must be 1-128 characters of A-Z a-z 0-9 . _ ~ @ : -")
+    return value
+
+
+def text(value: object, what: str, required: bool = False) -> str | None:
+    """Free text a person typed: at most MAX_TEXT characters, no NUL or other control
+    characters but newlines and tabs; Denied(400, invalid_text) otherwise."""
+    if value is None and not required:
+        return None
+    if (not isinstance(value, str) or len(value) > MAX_TEXT
+            or any(c < " " and c not in "\n\r\t" for c in value) or "\x7f" in value):
+        raise Denied(400, "invalid_text",
+                     f"{what} must be text of at most {MAX_TEXT} characters, without control "
+                     "characters")
+    return value

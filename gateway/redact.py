@@ -8,7 +8,7 @@ which nothing but identifiers would remain are dropped, and old call records are
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -22,6 +22,10 @@ Granted = Callable[[str, frozenset[str], str], frozenset[str]]
 
 class Unmappable(Exception):
     """The backend's answer does not have the shape the route table declares."""
+
+
+class SubjectMismatch(Unmappable):
+    """The backend answered about another EUO, user or meeting than the request named."""
 
 
 @dataclass(frozen=True, eq=False)
@@ -57,26 +61,62 @@ def make_plan(route: Route, role: str, relations: frozenset[str], catalog: Catal
 
 
 def redact(document: Any, plan: RedactionPlan, sub: str, catalog: Catalog, granted: Granted,
-           now: datetime, blocked: Callable[[str], bool] | None = None) -> tuple[Any, Outcome]:
-    """Apply the plan to a parsed body; raise Unmappable when it does not fit the shape.
+           now: datetime, blocked: Callable[[str], bool] | None = None,
+           params: Mapping[str, str] | None = None) -> tuple[Any, Outcome]:
+    """Apply the plan to a parsed body; raise Unmappable when it does not fit the shape,
+    SubjectMismatch when a bound identifier differs from the request's `params`.
 
     `blocked(user)` says a user's data may not reach this viewer at all (a restriction)."""
-    walker = _Walker(plan.role, sub, catalog, granted, now, blocked)
+    walker = _Walker(plan.role, sub, catalog, granted, now, blocked, params or {})
     out = walker.value(document, plan.route.body, plan.relations, "")
     if out is _DROP:
         out = {}
     return out, walker.outcome
 
 
+def check_bound(document: Any, node: Node | None, params: Mapping[str, str], path: str = "") -> None:
+    """Raise SubjectMismatch (or Unmappable) unless every bound identifier in the answer
+    equals the request's parameter: the check the untouched-bytes path still pays."""
+    if isinstance(node, ListOf):
+        if not isinstance(document, list):
+            raise Unmappable(f"{path or 'body'} is not a list")
+        for item in document:
+            check_bound(item, node.item, params, path + "[]")
+    elif isinstance(node, ObjectOf):
+        if not isinstance(document, dict):
+            raise Unmappable(f"{path or 'body'} is not an object")
+        _check_binds(document, node, params, path)
+        for key, child in node.fields.items():
+            if not isinstance(child, Leaf) and document.get(key) is not None:
+                check_bound(document[key], child, params, f"{path}.{key}" if path else key)
+
+
+def _check_binds(value: dict, node: ObjectOf, params: Mapping[str, str], path: str) -> None:
+    for fld, param in node.binds:
+        expected = params.get(param)
+        if expected is not None and _identifier(value.get(fld)) != expected:
+            raise SubjectMismatch(f"{path}.{fld}" if path else fld)
+
+
+def _identifier(value: Any) -> str | None:
+    """An identifier as text: a backend may number its users; anything else is no identifier."""
+    if isinstance(value, str):
+        return value
+    if isinstance(value, int) and not isinstance(value, bool):
+        return str(value)
+    return None
+
+
 class _Walker:
     def __init__(self, role: str, sub: str, catalog: Catalog, granted: Granted, now: datetime,
-                 blocked: Callable[[str], bool] | None):
+                 blocked: Callable[[str], bool] | None, params: Mapping[str, str]):
         self.role = role
         self.sub = sub
         self.catalog = catalog
         self.granted = granted
         self.now = now
         self.blocked = blocked
+        self.params = params
         self.outcome = Outcome()
         self.subject_relations = catalog.data_subject_relations
 
@@ -108,22 +148,26 @@ class _Walker:
     def object(self, value: Any, node: ObjectOf, relations: frozenset[str], path: str) -> Any:
         if not isinstance(value, dict):
             raise Unmappable(f"{path or 'body'} is not an object")
+        if node.binds:
+            _check_binds(value, node, self.params, path)
         subjects = []
+        own: set[str] = set()          # the relations this object's own subject fields grant
         for rel, fld in node.subject:
-            named = value.get(fld)
-            if isinstance(named, int) and not isinstance(named, bool):
-                named = str(named)        # a backend may number its users
-            if rel in self.subject_relations and isinstance(named, str):
+            named = _identifier(value.get(fld))
+            if rel in self.subject_relations and named is not None:
                 subjects.append(named)
             if self.role == "user" and named == self.sub:
                 relations = relations | {rel}
+                own.add(rel)
             else:
                 relations = relations - {rel}
         if self.blocked is not None and any(self.blocked(s) for s in subjects):
             self.outcome.removed.add(path or "body")
             return _DROP
         readable = self.granted(self.role, relations, "read")
-        is_subject = bool(relations & self.subject_relations)
+        # an object with a subject of its own (a note's author, a CDR's owner) goes to
+        # that subject, not to whoever is the subject of the enclosing document
+        is_subject = bool((own if node.subject else relations) & self.subject_relations)
 
         if node.dataset_by is not None:
             fld, values = node.dataset_by
@@ -167,21 +211,30 @@ class _Walker:
         return result
 
     def mask(self, record: dict[str, Any], node: ObjectOf) -> None:
-        """Anonymise old records; one whose age cannot be read counts as old (fail closed)."""
+        """Anonymise old records; one whose age is missing or cannot be read counts as old,
+        and a number that is not text is masked as text or refused (fail closed)."""
         mask = node.mask
         days = self.catalog.data_sets[mask.data_set].anonymise_after_days
-        when = record.get(mask.age_field)
-        if when is None:
+        at = _instant(record.get(mask.age_field))
+        if at is not None and self.now - at <= timedelta(days=days):
             return
-        at = _instant(when)
-        if at is None or self.now - at > timedelta(days=days):
-            for fld in mask.fields:
-                if isinstance(record.get(fld), str):
-                    record[fld] = mask_number(record[fld])
+        for fld in mask.fields:
+            value = record.get(fld)
+            if value is None:
+                continue
+            if isinstance(value, bool) or not isinstance(value, (str, int, float)):
+                raise Unmappable(f"{fld} is neither text nor a number")
+            record[fld] = mask_number(value if isinstance(value, str) else _digits(value))
+
+
+def _digits(number: int | float) -> str:
+    return str(int(number)) if isinstance(number, float) and number.is_integer() else str(number)
 
 
 def _instant(value: Any) -> datetime | None:
     """An ISO 8601 string or epoch seconds as an aware time; None when neither."""
+    if value is None or isinstance(value, bool):
+        return None
     try:
         if isinstance(value, (int, float)) and not isinstance(value, bool):
             return datetime.fromtimestamp(value, UTC)

@@ -36,6 +36,8 @@ class Settings:
     max_body_bytes: int = 1 << 20
     backend_connect_timeout_s: float = 3.0
     backend_read_timeout_s: float = 15.0
+    backend_deadline_s: float = 30.0       # a whole JSON answer (or a file's headers) by then
+    max_json_answer_bytes: int = 8 << 20
     backend_connections: int = 200
     db_pool_min: int = 5
     db_pool_max: int = 12     # the audit lanes hold one each, the rest serve queries
@@ -69,6 +71,9 @@ class Settings:
             policy_dir=Path(policy_dir) if policy_dir else _default_policy_dir(),
             max_body_bytes=_int(env, "GATEWAY_MAX_BODY_BYTES", cls.max_body_bytes),
             backend_read_timeout_s=_float(env, "GATEWAY_BACKEND_TIMEOUT_S", 15.0),
+            backend_deadline_s=_float(env, "GATEWAY_BACKEND_DEADLINE_S", cls.backend_deadline_s),
+            max_json_answer_bytes=_int(env, "GATEWAY_MAX_JSON_ANSWER_BYTES",
+                                       cls.max_json_answer_bytes),
             db_pool_max=_int(env, "GATEWAY_DB_POOL_MAX", cls.db_pool_max),
             audit_retention_days=_int(env, "GATEWAY_AUDIT_RETENTION_DAYS", cls.audit_retention_days),
             audit_lanes=_int(env, "GATEWAY_AUDIT_LANES", cls.audit_lanes),

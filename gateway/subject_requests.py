@@ -14,7 +14,7 @@ from aiohttp import web
 
 from .audit import AuditRow
 from .db import POOL, query
-from .endpoints import api, json_object, json_response
+from .endpoints import api, json_object, json_response, text
 from .errors import Denied
 from .pipeline import GATEWAY
 from .principal import Principal
@@ -22,7 +22,6 @@ from .principal import Principal
 TYPES = ("rectification", "erasure", "restriction", "objection")
 STATUSES = ("open", "accepted", "rejected", "completed")
 RESTRICTING = ("open", "accepted")
-MAX_DETAIL = 10_000
 
 
 def public(row) -> dict[str, Any]:
@@ -45,21 +44,21 @@ async def create_request(request: web.Request, principal: Principal, row: AuditR
     if (not isinstance(data_sets, list) or not data_sets
             or not all(isinstance(d, str) and d in catalog.data_sets for d in data_sets)):
         raise Denied(400, "invalid_request", "data_sets must list data sets of GET /v1/catalog")
-    detail = body.get("detail", "")
-    if not isinstance(detail, str) or len(detail) > MAX_DETAIL:
-        raise Denied(400, "invalid_request", f"detail must be text of at most {MAX_DETAIL} characters")
+    detail = text(body.get("detail", ""), "detail", required=True)
+    if len(set(data_sets)) != len(data_sets):
+        raise Denied(400, "invalid_request", "data_sets lists a data set twice")
     row.subject_euo, row.subject_users, row.data_sets = principal.euo, [principal.sub], data_sets
     created = await request.app[POOL].fetchrow(query("create_request"), principal.sub,
                                                principal.euo, kind, data_sets, detail)
     if kind == "restriction":
-        request.app[GATEWAY].restrictions.remember(principal.sub, True)
+        request.app[GATEWAY].restrictions.remember(principal.euo, principal.sub, True)
     return json_response(public(created), status=201)
 
 
 @api("/v1/me/requests", roles=("user",))
 async def my_requests(request: web.Request, principal: Principal, row: AuditRow):
     row.subject_euo, row.subject_users = principal.euo, [principal.sub]
-    rows = await request.app[POOL].fetch(query("my_requests"), principal.sub)
+    rows = await request.app[POOL].fetch(query("my_requests"), principal.euo, principal.sub)
     return json_response({"requests": [public(r) for r in rows]})
 
 
@@ -93,9 +92,7 @@ async def update_request(request: web.Request, principal: Principal, row: AuditR
     status = body.get("status")
     if status not in STATUSES:
         raise Denied(400, "invalid_request", f"status must be one of {', '.join(STATUSES)}")
-    resolution = body.get("resolution")
-    if resolution is not None and (not isinstance(resolution, str) or len(resolution) > MAX_DETAIL):
-        raise Denied(400, "invalid_request", "resolution must be text")
+    resolution = text(body.get("resolution"), "resolution")
     pool = request.app[POOL]
     gw = request.app[GATEWAY]
     current = await pool.fetchrow(query("get_request"), request_id)
@@ -105,8 +102,8 @@ async def update_request(request: web.Request, principal: Principal, row: AuditR
     updated = await pool.fetchrow(query("update_request"), request_id, status, resolution,
                                   f"{principal.role}:{principal.partner or principal.euo or 'provider'}")
     if updated["type"] == "restriction":
-        restricted = await pool.fetchval(query("is_restricted"), updated["user_sub"])
-        gw.restrictions.remember(updated["user_sub"], restricted)
+        euo, user = updated["euo_id"], updated["user_sub"]
+        gw.restrictions.remember(euo, user, await pool.fetchval(query("is_restricted"), euo, user))
     return json_response(public(updated))
 
 

@@ -65,12 +65,14 @@ select a.at, a.chain_id, a.seq, a.actor_role, a.actor_partner, a.actor_euo, a.me
 select partition, ends from audit_prune($1, $2);
 
 -- name: restricted_users
-select distinct user_sub from dsr_requests
+select distinct euo_id, user_sub from dsr_requests
  where type = 'restriction' and status in ('open', 'accepted');
 
 -- name: is_restricted
+-- $1: EUO, $2: user
 select exists (select 1 from dsr_requests
-                where user_sub = $1 and type = 'restriction' and status in ('open', 'accepted'));
+                where euo_id = $1 and user_sub = $2 and type = 'restriction'
+                  and status in ('open', 'accepted'));
 
 -- name: create_request
 insert into dsr_requests (user_sub, euo_id, type, data_sets, detail)
@@ -78,7 +80,8 @@ values ($1, $2, $3, $4, $5)
 returning *;
 
 -- name: my_requests
-select * from dsr_requests where user_sub = $1 order by created_at desc limit 500;
+-- $1: EUO, $2: user
+select * from dsr_requests where euo_id = $1 and user_sub = $2 order by created_at desc limit 500;
 
 -- name: requests_in_scope
 -- $1: an EUO admin's EUO, $2: a partner (its EUOs under an active contract); both null:

@@ -50,23 +50,12 @@ def _rsa_key():
 
 
 @pytest.mark.parametrize(("token_fn", "code"), [pytest.param(f, c, id=n) for n, f, c in BAD_TOKENS])
-async def test_bad_tokens_are_refused(gateway, http, db, token_fn, code):
-    status, headers, body = await call(http, "GET", gateway + PATH, token_fn())
+async def test_bad_tokens_are_refused(gateway, http, token_fn, code):
+    """Each bad token gets 401 with its own reason id (the refusals are counted, not
+    written one row each: see test_audit_noise.py)."""
+    status, _, body = await call(http, "GET", gateway + PATH, token_fn())
     assert status == 401
     assert orjson.loads(body)["error"]["code"] == code
-    request_id = headers["X-Request-Id"]
-    row = await _audit_row(db, request_id)
-    assert row["decision"] == "deny" and row["reason"] == code and row["status"] == 401
-
-
-async def _audit_row(db, request_id):
-    import asyncio
-    for _ in range(50):
-        row = await db.fetchrow("select * from audit_log where request_id = $1", request_id)
-        if row:
-            return row
-        await asyncio.sleep(0.02)
-    raise AssertionError(f"no audit row for {request_id}")
 
 
 @pytest.mark.parametrize(("header", "code"), [

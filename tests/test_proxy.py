@@ -67,18 +67,17 @@ async def test_identity_and_hop_by_hop_headers_are_stripped(gateway, http, token
     """The backend sees our request id and none of the client's identity claims."""
     sneaky = {"X-Forwarded-User": "root", "X-User-Id": "u-bob", "X-Remote-User": "root",
               "X-Auth-Request-Email": "a@b", "Cookie": "session=1", "X-Request-Id": "client-id-1",
-              "Connection": "keep-alive, X-Secret-Hop", "X-Secret-Hop": "1", "X-Custom": "kept"}
+              "Connection": "keep-alive, X-Secret-Hop", "X-Secret-Hop": "1", "X-Custom": "x"}
     status, headers, _ = await call(http, "GET", gateway + "/telephony/euos/euo-acme",
                                     token_for("staff"), headers=sneaky)
     assert status == 200
-    assert headers["X-Request-Id"] == "client-id-1"
+    assert headers["X-Request-Id"] != "client-id-1"        # the gateway's own id, unique
     _, _, seen = backends["seen"].requests[-1]
     seen = {k.lower(): v for k, v in seen.items()}
     for name in ("x-forwarded-user", "x-user-id", "x-remote-user", "x-auth-request-email",
-                 "cookie", "authorization", "x-secret-hop"):
+                 "cookie", "authorization", "x-secret-hop", "x-custom"):
         assert name not in seen
-    assert seen["x-request-id"] == "client-id-1"
-    assert seen["x-custom"] == "kept"
+    assert seen["x-request-id"] == headers["X-Request-Id"]
 
 
 async def test_every_response_carries_a_request_id(gateway, http):
@@ -121,18 +120,18 @@ async def test_staff_cannot_delete_a_voicemail_but_its_user_can(gateway, http, t
 async def faulty(backends, database_url):
     """A gateway whose telephony backend misbehaves as each request asks (?fault=...)."""
     async def handler(request):
-        fault = request.query.get("fault", "")
+        fault = request.path.split("/")[2]          # /euos/<fault>/...
         if fault == "slow":
             await asyncio.sleep(2)
         if fault == "malformed":
-            return web.Response(body=b'{"id": "euo-acme", "name": ', content_type="application/json")
+            return web.Response(body=b'{"id": "malformed", "name": ', content_type="application/json")
         if fault == "shape":
             return web.json_response({"users": {"not": "a list"}})
         if fault == "html":
             return web.Response(text="<html>oops</html>", content_type="text/html")
         if fault == "500":
             return web.Response(status=500, text="boom")
-        return web.json_response({"id": "euo-acme", "name": "Acme", "postal_address": "x",
+        return web.json_response({"id": fault, "name": "Acme", "postal_address": "x",
                                   "partner_id": "p"})
     app = web.Application()
     app.router.add_get("/{tail:.*}", handler)
@@ -145,11 +144,11 @@ async def faulty(backends, database_url):
 
 
 @pytest.mark.parametrize(("path", "status", "code"), [
-    ("/telephony/euos/euo-acme?fault=slow", 504, "backend_timeout"),
-    ("/telephony/euos/euo-acme?fault=malformed", 502, "backend_unmappable"),
-    ("/telephony/euos/euo-acme/users?fault=shape", 502, "backend_unmappable"),
-    ("/telephony/euos/euo-acme?fault=html", 502, "backend_unmappable"),
-    ("/telephony/euos/euo-acme?fault=500", 502, "backend_error"),
+    ("/telephony/euos/slow", 504, "backend_timeout"),
+    ("/telephony/euos/malformed", 502, "backend_unmappable"),
+    ("/telephony/euos/shape/users", 502, "backend_unmappable"),
+    ("/telephony/euos/html", 502, "backend_unmappable"),
+    ("/telephony/euos/500", 502, "backend_error"),
 ])
 async def test_broken_backend_answers_never_pass_through(faulty, http, token_for, path, status, code):
     got, _, body = await call(http, "GET", faulty + path, token_for("staff"))
@@ -197,12 +196,16 @@ async def test_metrics_count_requests_by_route_and_decision(gateway, http, token
     assert "gateway_request_duration_seconds_bucket" in text
 
 
-async def test_streamed_answers_carry_the_request_id_too(gateway, http, token_for):
-    """Binary and ZIP answers are prepared before the handler returns; the id is still there."""
+async def test_streamed_answers_carry_the_request_id_too(gateway, http, token_for, db):
+    """Binary and ZIP answers are prepared before the handler returns; the id is still
+    there, and the client's own id is kept beside it in the audit row."""
     for path in ("/telephony/euos/euo-acme/users/u-alice/voicemails/vm-u-alice-1", "/v1/me/export"):
         status, headers, _ = await call(http, "GET", gateway + path, token_for("alice"),
                                         headers={"X-Request-Id": "stream-id-1"})
-        assert status == 200 and headers["X-Request-Id"] == "stream-id-1"
+        assert status == 200 and headers["X-Request-Id"] != "stream-id-1"
+        row = await db.fetchrow("select client_request_id from audit_log where request_id = $1"
+                                " and path = $2", headers["X-Request-Id"], path)
+        assert row["client_request_id"] == "stream-id-1"
 
 
 async def test_an_empty_write_without_write_rights_is_refused_before_forwarding(

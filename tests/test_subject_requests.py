@@ -39,11 +39,20 @@ async def test_a_user_files_a_request_due_in_30_days(gateway, http, token_for):
     {"type": "forget-me", "data_sets": ["user_address"]},
     {"type": "erasure", "data_sets": []},
     {"type": "erasure", "data_sets": ["not_a_data_set"]},
-    {"type": "erasure", "data_sets": ["voicemails"], "detail": 5},
+    {"type": "erasure", "data_sets": ["voicemails", "voicemails"]},
 ])
 async def test_malformed_requests_are_refused(gateway, http, token_for, body):
     status, answer = await file_request(http, gateway, token_for("alice"), **body)
     assert status == 400 and answer["error"]["code"] == "invalid_request"
+
+
+@pytest.mark.parametrize("detail", [5, "nul\x00byte", "x" * 500_000, "bell\x07"])
+async def test_detail_that_is_not_plain_text_is_refused(gateway, http, token_for, detail):
+    """A NUL, a control character, a non-string or 500 kB of text is the caller's mistake
+    (400 invalid_text), never a database error."""
+    status, answer = await file_request(http, gateway, token_for("alice"), type="erasure",
+                                        data_sets=["voicemails"], detail=detail)
+    assert status == 400 and answer["error"]["code"] == "invalid_text"
 
 
 async def test_admins_see_only_requests_in_their_scope(gateway, http, token_for):

@@ -21,9 +21,8 @@ import orjson
 from aiohttp import web
 
 from ..db import POOL, query
-from ..endpoints import AUDITED, STARTED, api, json_response
+from ..endpoints import CALL, api, json_response
 from ..errors import Denied
-from ..pipeline import GATEWAY, finish
 from ..principal import Principal
 from .chain import verify
 from .writer import AuditRow
@@ -33,7 +32,7 @@ PREFETCH = 1000
 PUBLIC_FIELDS = ("at", "chain_id", "seq", "request_id", "actor_sub", "actor_role", "actor_partner",
                  "actor_euo", "method", "path", "service", "route", "data_sets", "fields_removed",
                  "subject_euo", "subject_users", "decision", "reason", "status", "bytes",
-                 "duration_ms", "client_addr")
+                 "duration_ms", "client_addr", "client_request_id", "requests")
 DOWNLOADS = {"text/csv": "csv", "application/x-ndjson": "ndjson"}
 
 
@@ -58,8 +57,8 @@ class Filters:
 def parse_filters(params, download: bool) -> Filters:
     """Filters from query parameters; Denied(400, bad_filter) for a malformed one."""
     decision = params.get("decision")
-    if decision not in (None, "allow", "deny"):
-        raise Denied(400, "bad_filter", "decision must be allow or deny")
+    if decision not in (None, "allow", "deny", "error"):
+        raise Denied(400, "bad_filter", "decision must be allow, deny or error")
     raw_limit = params.get("limit")
     if raw_limit is None:
         limit = None if download else DEFAULT_LIMIT
@@ -96,18 +95,36 @@ def encode_cursor(row) -> str:
 
 
 def decode_cursor(token: str) -> tuple[datetime, uuid.UUID, int]:
+    """The (time, chain, seq) a cursor names; Denied(400, bad_cursor) for anything else."""
     try:
         at, chain, seq = orjson.loads(base64.urlsafe_b64decode(token + "=" * (-len(token) % 4)))
-        return datetime.fromisoformat(at), uuid.UUID(chain), int(seq)
+        if not (isinstance(at, str) and isinstance(chain, str) and type(seq) is int
+                and 0 <= seq < 2**63):
+            raise ValueError("not a cursor")
+        when = datetime.fromisoformat(at)
+        if when.tzinfo is None:
+            raise ValueError("no time zone")
+        return when, uuid.UUID(chain), seq
     except (ValueError, TypeError, orjson.JSONDecodeError):
         raise Denied(400, "bad_cursor", "the cursor is not one this API gave out") from None
 
 
-def public(row) -> dict[str, Any]:
+def public(row, principal: Principal | None = None) -> dict[str, Any]:
+    """A row as the caller may see it (everything for the operator's CLI): other
+    organisations' actors by role and organisation only, never by name or address."""
     out = {name: row[name] for name in PUBLIC_FIELDS}
     out["at"] = row["at"].isoformat()
     out["chain_id"] = str(row["chain_id"])
+    if (principal is not None and principal.role != "provider_staff"
+            and not _same_organisation(row, principal)):
+        out["actor_sub"] = out["client_addr"] = out["client_request_id"] = None
     return out
+
+
+def _same_organisation(row, principal: Principal) -> bool:
+    if principal.role == "partner":
+        return row["actor_role"] == "partner" and row["actor_partner"] == principal.partner
+    return row["actor_role"] in ("euo_admin", "user") and row["actor_euo"] == principal.euo
 
 
 def scope(principal: Principal) -> tuple[str | None, str | None]:
@@ -132,16 +149,14 @@ async def audit_query(request: web.Request, principal: Principal, row: AuditRow)
             rows = await conn.fetch(query("audit_query"), *args)
         next_cursor = (encode_cursor(rows[-1])
                        if filters.limit is not None and len(rows) == filters.limit else None)
-        return json_response({"rows": [public(r) for r in rows], "next_cursor": next_cursor})
-    return await _download(request, row, kind, query("audit_query"), args)
+        return json_response({"rows": [public(r, principal) for r in rows],
+                              "next_cursor": next_cursor})
+    return await _download(request, principal, kind, query("audit_query"), args)
 
 
-async def _download(request: web.Request, row: AuditRow, kind: str, sql: str, args: list):
+async def _download(request: web.Request, principal: Principal, kind: str, sql: str, args: list):
     """Commit the audit row, then stream every matching row from a server-side cursor."""
-    gw = request.app[GATEWAY]
-    finish(row, 200, 0, request[STARTED])
-    await gw.audit.commit(row)
-    request[AUDITED] = True
+    await request[CALL].allow(200, 0)
     response = web.StreamResponse(headers={
         "Content-Type": "text/csv; charset=utf-8" if kind == "csv" else "application/x-ndjson",
         "Content-Disposition": f'attachment; filename="audit.{kind}"'})
@@ -154,7 +169,7 @@ async def _download(request: web.Request, row: AuditRow, kind: str, sql: str, ar
         await conn.execute("set local plan_cache_mode = force_custom_plan")
         chunk: list[bytes] = []
         async for record in conn.cursor(sql, *args, prefetch=PREFETCH):
-            item = public(record)
+            item = public(record, principal)
             if kind == "csv":
                 writer.writerow([_cell(item[f]) for f in PUBLIC_FIELDS])
                 chunk.append(buf.getvalue().encode())
@@ -172,9 +187,18 @@ async def _download(request: web.Request, row: AuditRow, kind: str, sql: str, ar
 
 
 def _cell(value: Any) -> Any:
+    """A CSV cell a spreadsheet will not run: text starting with = + - @ tab or CR gets a
+    leading ' (OWASP's CSV-injection rule); NDJSON stays raw."""
     if isinstance(value, list):
-        return orjson.dumps(value).decode()
-    return "" if value is None else value
+        value = orjson.dumps(value).decode()
+    if value is None:
+        return ""
+    if isinstance(value, str) and value[:1] in _FORMULA:
+        return "'" + value
+    return value
+
+
+_FORMULA = ("=", "+", "-", "@", "\t", "\r")
 
 
 @api("/v1/audit/verify", roles=("provider_staff",))

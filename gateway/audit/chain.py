@@ -25,20 +25,28 @@ GENESIS = bytes(32)
 HASHED = ("at", "chain_id", "seq", "request_id", "actor_sub", "actor_role", "actor_partner",
           "actor_euo", "method", "path", "service", "route", "data_sets", "fields_removed",
           "subject_euo", "subject_users", "decision", "reason", "status", "bytes", "duration_ms",
-          "client_addr")
+          "client_addr",
+          # added by 006_audit_row_v2.sql: hashed only when set, so older rows still verify
+          "client_request_id", "requests")
+_OPTIONAL = 2
 
 
 _DURATION = HASHED.index("duration_ms")
 
 
 def canonical(values: Sequence[Any]) -> bytes:
-    """The bytes a row's hash covers: its fields in HASHED order, the time in UTC.
+    """The bytes a row's hash covers: its fields in HASHED order, the time in UTC, the
+    trailing optional fields left out while they are null.
 
     Works alike on what the writer holds and on an asyncpg record read back."""
     v = list(values)
     v[0] = v[0].astimezone(UTC)
     v[1] = str(v[1])          # asyncpg's UUID type and uuid.UUID print alike
     v[_DURATION] = float(v[_DURATION])
+    for _ in range(_OPTIONAL):
+        if v[-1] is not None:
+            break
+        v.pop()
     return orjson.dumps(v)
 
 

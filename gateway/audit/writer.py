@@ -57,6 +57,8 @@ class AuditRow:
     bytes: int = 0
     duration_ms: float = 0.0
     client_addr: str | None = None
+    client_request_id: str | None = None    # the client's own X-Request-Id, if it sent one
+    requests: int | None = None             # refusals counted into this one row (None: one)
 
 
 _REST_OF_ROW = operator.attrgetter(*HASHED[3:])   # the row's fields after at, chain_id, seq

@@ -3,12 +3,10 @@
 from __future__ import annotations
 
 import re
-import time
 from collections import defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
-from urllib.parse import quote
 
 import aiohttp
 import orjson
@@ -18,8 +16,9 @@ from multidict import CIMultiDict
 
 from .. import pipeline
 from ..audit import AuditRow
+from ..call import Call
 from ..catalog import Catalog, Leaf, ListOf, Node, PolicyError
-from ..endpoints import AUDITED, STARTED, api, json_response
+from ..endpoints import CALL, IDENTIFIER, api, identifier, json_response
 from ..errors import Denied
 from ..pipeline import GATEWAY, Gateway
 from ..principal import Principal
@@ -91,34 +90,35 @@ class Exporter:
         self.principal = principal
         self.request_id = request[pipeline.REQUEST_ID]
         self.client = request.remote
-        self.fill = {"euo": quote(principal.euo or "", safe=""),
-                     "user": quote(principal.sub, safe="")}
+        self.fill = {"euo": identifier(principal.euo, "the token's euo claim"),
+                     "user": identifier(principal.sub, "the token's sub claim")}
 
-    def _row(self, path: str) -> AuditRow:
-        row = AuditRow(at=now_utc(), request_id=self.request_id, method="GET", path=path,
-                       client_addr=self.client)
-        row.actor_sub, row.actor_role, row.actor_partner, row.actor_euo = (
-            self.principal.audit_fields())
-        return row
+    def _call(self, path: str) -> Call:
+        call = Call(self.gw.audit, self.gw.anonymous, self.request_id, "GET", path, self.client)
+        call.identify(self.principal)
+        return call
 
-    async def _open(self, path: str, row: AuditRow):
-        route, params, service = pipeline.match_route(self.gw, "GET", path, row)
-        target = pipeline.authorize(self.gw, self.principal, "GET", path, route, params, service)
-        upstream = await pipeline.send(self.gw, target, "GET", CIMultiDict(), row, self.client)
-        return target, upstream
+    async def _open(self, path: str, call: Call):
+        matched = pipeline.match_route(self.gw, "GET", path, call)
+        target = pipeline.authorize(self.gw, self.principal, "GET", matched)
+        deadline = self.gw.backends.deadline()
+        upstream = await pipeline.send(self.gw, target, "GET", CIMultiDict(), call, self.client,
+                                       deadline)
+        return target, upstream, deadline
 
     async def get_json(self, path: str) -> tuple[Any, Node]:
-        """A redacted document, its row committed; Denied on any failure."""
-        started, row = time.perf_counter(), self._row(path)
+        """A redacted document, its row committed; Denied on any failure (audited)."""
+        call = self._call(path)
         try:
-            target, upstream = await self._open(path, row)
-            answer = await pipeline.read_json(self.gw, target, upstream, row)
+            target, upstream, deadline = await self._open(path, call)
+            answer = await pipeline.read_json(self.gw, target, upstream, call, deadline)
             document = answer.parsed()
-            await pipeline.commit(self.gw, row, started, answer.status,
-                                  len(answer.body or b""), answer.served, answer.removed)
-        except Denied as d:
-            pipeline.record_denial(self.gw, row, d, started)
-            raise
+            await call.allow(answer.status, len(answer.body or b""), answer.served,
+                             answer.removed)
+        except Exception as e:
+            denial = e if isinstance(e, Denied) else pipeline.internal(e, self.request_id)
+            await call.record_refusal(denial)
+            raise denial from None
         return document, target.route.body
 
     async def gather(self, sources: list[Source]) -> Gathered:
@@ -135,8 +135,8 @@ class Exporter:
             self._file(out, path, document, shape)
             if source.follow and isinstance(document, dict):
                 list_field, follow = source.follow
-                for item in document.get(list_field) or []:
-                    sub_path = follow.format(**self.fill, id=quote(str(item["id"]), safe=""))
+                for item in _items(document, list_field):
+                    sub_path = follow.format(**self.fill, id=item["id"])
                     sub_doc, sub_shape = await self.get_json(sub_path)
                     self._file(out, sub_path, sub_doc, sub_shape)
             if source.attachments and isinstance(document, dict):
@@ -152,8 +152,8 @@ class Exporter:
     def _list_attachments(self, out: Gathered, spec: Attachments, document: dict) -> None:
         service = spec.get.strip("/").split("/")[0]
         route, _ = _route_of(self.gw.catalog, spec.get.format(**self.fill, id="x"))
-        for item in document.get(spec.list_field) or []:
-            item_id = str(item.get("id"))
+        for item in _items(document, spec.list_field):
+            item_id = item["id"]
             stem = "_".join(str(item.get(f, "")) for f in spec.name) or item_id
             if spec.ext:   # the type is known: date and peer first, the id for uniqueness
                 name = _safe(f"{stem}_{item_id}") + "." + spec.ext
@@ -165,23 +165,22 @@ class Exporter:
             out.names.add(file)
             out.attachments.append({
                 "file": file, "id": item_id, "data_sets": sorted(route.binary),
-                "source": "GET " + spec.get.format(**self.fill, id=quote(item_id, safe=""))})
+                "source": "GET " + spec.get.format(**self.fill, id=item_id)})
 
     async def stream_attachment(self, path: str, zipped: ZipStream, file: str,
                                 response: web.StreamResponse) -> None:
         """Commit the call's row, then copy the backend's bytes into the archive."""
-        started, row = time.perf_counter(), self._row(path)
+        call = self._call(path)
         try:
-            target, upstream = await self._open(path, row)
-            pipeline.finish(row, upstream.status, upstream.content_length or 0, started)
-            row.data_sets = sorted(target.route.binary)
+            target, upstream, _ = await self._open(path, call)
             try:
-                await self.gw.audit.commit(row)
+                await call.allow(upstream.status, upstream.content_length or 0,
+                                 sorted(target.route.binary))
             except Denied:
                 upstream.release()
                 raise
         except Denied as d:
-            pipeline.record_denial(self.gw, row, d, started)
+            await call.record_refusal(d)
             raise
         try:
             with zipped.open(file, compress=False) as member:
@@ -190,6 +189,23 @@ class Exporter:
                     await response.write(zipped.take())
         finally:
             upstream.release()
+
+
+def _items(document: dict, list_field: str) -> list[dict]:
+    """The elements of a listing, each with an identifier id; Denied(502) otherwise."""
+    items = document.get(list_field) or []
+    if not isinstance(items, list):
+        raise Denied(502, "backend_unmappable", f"the backend's {list_field} is not a list")
+    out = []
+    for item in items:
+        item_id = item.get("id") if isinstance(item, dict) else None
+        if isinstance(item_id, int) and not isinstance(item_id, bool):
+            item_id = str(item_id)
+        if not isinstance(item_id, str) or not IDENTIFIER.fullmatch(item_id):
+            raise Denied(502, "backend_unmappable",
+                         f"an item of the backend's {list_field} has no valid id")
+        out.append({**item, "id": item_id})
+    return out
 
 
 def split_by_data_set(value: Any, node: Node | None) -> dict[str, list[Any]]:
@@ -278,9 +294,7 @@ async def export(request: web.Request, principal: Principal, row: AuditRow):
                            {d for a in gathered.attachments for d in a["data_sets"]})
     if fmt == "json":
         return json_response(document)
-    pipeline.finish(row, 200, 0, request[STARTED])
-    await exporter.gw.audit.commit(row)
-    request[AUDITED] = True
+    await request[CALL].allow(200, 0)
     response = web.StreamResponse(headers={
         "Content-Type": "application/zip",
         "Content-Disposition": f'attachment; filename="export-{_safe(principal.sub)}.zip"'})

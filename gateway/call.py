@@ -1,0 +1,159 @@
+"""One audited call: who asked, about whom, what was decided, and its one audit row.
+
+The proxy, the gateway's own API, the export (one call per backend request it makes) and
+the downloads all keep their books here. A call ends exactly once, in one of three ways:
+
+- `allow(...)`: the row is committed before the answer may leave (commit-then-send, or
+  commit-then-stream for downloads);
+- `refuse(denial)`: a refusal (decision `deny`, 4xx) or a failure (decision `error`, 5xx).
+  An authenticated caller's refusal is committed before it is answered too, so a crash
+  cannot lose it; if it cannot be committed the caller gets 503 `audit_unavailable`.
+  A caller with no valid token is not written row by row: such refusals are counted per
+  source address and minute (`AnonymousRefusals`), so a flood cannot fill the log, and
+  they name no data subject, so they never appear in anyone's access log.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import re
+import time
+from collections.abc import Iterable
+from datetime import datetime
+
+from aiohttp import web
+
+from .audit import AuditRow, AuditWriter
+from .errors import Denied, error_response
+from .principal import Principal
+from .redact import now_utc
+
+log = logging.getLogger("gateway.call")
+CLIENT_REQUEST_ID = re.compile(r"[A-Za-z0-9._:-]{1,128}")
+ANONYMOUS_ROUTE = "gateway:unauthenticated"
+
+
+class Call:
+    """The audit life of one request (or of one backend call of an export)."""
+
+    __slots__ = ("audit", "anonymous", "row", "started", "principal", "committed")
+
+    def __init__(self, audit: AuditWriter, anonymous: AnonymousRefusals, request_id: str,
+                 method: str, path: str, client: str | None,
+                 client_request_id: str | None = None):
+        self.audit = audit
+        self.anonymous = anonymous
+        self.started = time.perf_counter()
+        self.principal: Principal | None = None
+        self.committed = False            # an allowed row is durable: the answer may go
+        self.row = AuditRow(at=now_utc(), request_id=request_id, method=method,
+                            path=path[:2048], client_addr=client,
+                            client_request_id=client_request_id)
+
+    def identify(self, principal: Principal) -> None:
+        """The caller is known: their claims go into the row."""
+        self.principal = principal
+        row = self.row
+        row.actor_sub, row.actor_role, row.actor_partner, row.actor_euo = principal.audit_fields()
+
+    def about(self, euo: str | None, users: Iterable[str] = ()) -> None:
+        """Whose data this call checks or serves."""
+        self.row.subject_euo = euo
+        self.row.subject_users = sorted(set(users))
+
+    def _finish(self, decision: str, status: int, size: int) -> None:
+        row = self.row
+        row.decision, row.status, row.bytes = decision, status, size
+        row.duration_ms = (time.perf_counter() - self.started) * 1000
+
+    async def allow(self, status: int, size: int, served: Iterable[str] = (),
+                    removed: Iterable[str] = ()) -> None:
+        """Commit the allowed call's row; raise Denied(503) if it cannot be made durable."""
+        self._finish("allow", status, size)
+        if served:
+            self.row.data_sets = list(served)
+        if removed:
+            self.row.fields_removed = list(removed)
+        await self.audit.commit(self.row)
+        self.committed = True
+
+    async def record_refusal(self, denial: Denied) -> None:
+        """Audit a refusal or failure (durably for a known caller); raise Denied(503) if
+        the row cannot be committed."""
+        row = self.row
+        self._finish("deny" if denial.status < 500 else "error", denial.status, 0)
+        row.reason = denial.code
+        if self.principal is None:
+            self.anonymous.count(row, denial.code)
+            return
+        await self.audit.commit(row)
+
+    async def refuse(self, denial: Denied) -> web.Response:
+        """Audit the refusal, then the error answer (SPEC §4 body)."""
+        try:
+            await self.record_refusal(denial)
+        except Denied as unavailable:
+            denial = unavailable
+        return error_response(denial.status, denial.code, denial.message, self.row.request_id)
+
+
+def client_request_id(request: web.Request) -> str | None:
+    """The client's own X-Request-Id, kept beside ours when it is a sane token."""
+    given = request.headers.get("X-Request-Id")
+    return given if given and CLIENT_REQUEST_ID.fullmatch(given) else None
+
+
+class AnonymousRefusals:
+    """Refusals of callers with no valid token, counted per (minute, source, reason) and
+    written as one row each when the minute is over (and at shutdown)."""
+
+    def __init__(self, audit: AuditWriter, max_keys: int = 10_000,
+                 observe=None):
+        self.audit = audit
+        self.max_keys = max_keys
+        self.observe = observe
+        self._counts: dict[tuple[datetime, str | None, str, int], int] = {}
+        self._task: asyncio.Task | None = None
+
+    def count(self, row: AuditRow, reason: str) -> None:
+        """Count one refusal; the bucket is the row's minute, source address and reason."""
+        if self.observe is not None:
+            self.observe(row)
+        minute = row.at.replace(second=0, microsecond=0)
+        client = row.client_addr
+        if (minute, client, reason, row.status) not in self._counts and \
+                len(self._counts) >= self.max_keys:
+            client = "other"           # bounded memory whatever the number of sources
+        key = (minute, client, reason, row.status)
+        self._counts[key] = self._counts.get(key, 0) + 1
+
+    def flush(self, everything: bool = False) -> int:
+        """Queue a row per finished minute (every minute when `everything`); return how many."""
+        current = now_utc().replace(second=0, microsecond=0)
+        done = [k for k in self._counts if everything or k[0] < current]
+        for key in done:
+            minute, client, reason, status = key
+            row = AuditRow(at=minute, request_id=f"unauthenticated:{minute.isoformat()}",
+                           method="*", path="*", route=ANONYMOUS_ROUTE, decision="deny",
+                           reason=reason, status=status, client_addr=client,
+                           requests=self._counts.pop(key))
+            self.audit.record_nowait(row)
+        return len(done)
+
+    def start(self) -> None:
+        self._task = asyncio.create_task(self._run())
+
+    async def _run(self) -> None:
+        while True:
+            await asyncio.sleep(60 - now_utc().second + 0.1)
+            self.flush()
+
+    async def close(self) -> None:
+        """Stop the minute timer and queue what was counted so far."""
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+        self.flush(everything=True)
