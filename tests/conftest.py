@@ -11,10 +11,12 @@ import sys
 import time
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
+from typing import Any
 
 import aiohttp
 import asyncpg
 import jwt
+import orjson
 import pytest
 import pytest_asyncio
 from aiohttp import web
@@ -58,7 +60,7 @@ class Seen:
     def middleware(self):
         @web.middleware
         async def record(request, handler):
-            self.requests.append((request.method, request.path_qs, dict(request.headers)))
+            self.requests.append((request.method, request.path_qs, CIMultiDict(request.headers)))
             return await handler(request)
         return record
 
@@ -201,3 +203,52 @@ async def gateway_process(http, backends, database_url: str, tmp_path, *args: st
         if proc.poll() is None:
             proc.kill()
         proc.wait()
+
+
+class Hostile:
+    """A backend that answers whatever the test scripts, and records what it received."""
+
+    def __init__(self):
+        self.seen: list[tuple[str, str, dict[str, str]]] = []
+        self.script: Callable[[web.Request], Any] | None = None
+
+    async def handle(self, request: web.Request) -> web.StreamResponse:
+        self.seen.append((request.method, request.path_qs, CIMultiDict(request.headers)))
+        if self.script is None:
+            return web.json_response({"error": "no script"}, status=500)
+        answer = self.script(request)
+        if asyncio.iscoroutine(answer):
+            answer = await answer
+        if isinstance(answer, web.StreamResponse):
+            return answer
+        return web.Response(body=orjson.dumps(answer), content_type="application/json",
+                            headers={"Cache-Control": "public, max-age=3600", "ETag": '"v1"',
+                                     "Last-Modified": "Wed, 21 Oct 2015 07:28:00 GMT",
+                                     "Set-Cookie": "backend=1", "X-Backend-Secret": "s"})
+
+    def answer(self, script) -> Hostile:
+        """Answer every request with script(request): a JSON-able value or a response."""
+        self.script = script
+        self.seen.clear()
+        return self
+
+
+@pytest_asyncio.fixture(scope="session")
+async def hostile_gateway(database_url, demo) -> AsyncIterator[tuple[str, Hostile]]:
+    """The gateway in front of a hostile backend (both services); (its URL, the backend)."""
+    await seed_contracts(database_url, demo)
+    backend = Hostile()
+    app = web.Application()
+    app.router.add_route("*", "/{tail:.*}", backend.handle)
+    runner, port = await start_site(app, "127.0.0.1", 0)
+    url = f"http://127.0.0.1:{port}"
+    settings = gateway_settings({"telephony": url, "meeting": url}, backend_read_timeout_s=1.0,
+                                backend_deadline_s=1.5, max_json_answer_bytes=1 << 20)
+    async with running_gateway(settings, database_url) as gw:
+        yield gw, backend
+    await runner.cleanup()
+
+
+async def audit_row(db, request_id: str):
+    """The audit row of a request the gateway answered (committed before the answer)."""
+    return await db.fetchrow("select * from audit_log where request_id = $1", request_id)
