@@ -1,0 +1,70 @@
+"""Who sees what in the audit log: refusals without a token are counted, not written one
+row each; other organisations' actors are shown by role and organisation only."""
+
+from __future__ import annotations
+
+import orjson
+
+from .conftest import call, gateway_settings, running_gateway
+
+PATH = "/telephony/euos/euo-acme/users/u-alice"
+
+
+async def test_a_flood_without_tokens_becomes_one_counted_row(backends, database_url, http, db,
+                                                              token_for):
+    async with running_gateway(gateway_settings(backends["urls"]), database_url) as gw:
+        ids = []
+        for _ in range(300):
+            status, headers, _ = await call(http, "GET", gw + PATH)
+            assert status == 401
+            ids.append(headers["X-Request-Id"])
+        status, headers, _ = await call(http, "GET", gw + PATH, "forged.token.here")
+        assert status == 401
+        ids.append(headers["X-Request-Id"])
+    # no row per request ...
+    assert await db.fetchval("select count(*) from audit_log where request_id = any($1::text[])",
+                             ids) == 0
+    # ... one row per source, minute and reason, with the count, flushed at shutdown
+    rows = await db.fetch("select reason, requests, subject_users, status from audit_log"
+                          " where route = 'gateway:unauthenticated' and at > now() - interval '3 minutes'"
+                          " and reason in ('missing_token', 'malformed_token')")
+    counts = {}
+    for r in rows:
+        counts[r["reason"]] = counts.get(r["reason"], 0) + r["requests"]
+        assert r["subject_users"] == [] and r["status"] == 401
+    assert counts["missing_token"] >= 300 and counts["malformed_token"] >= 1
+
+
+async def test_the_users_access_log_shows_no_unauthenticated_noise(gateway, http, token_for):
+    for _ in range(20):
+        await call(http, "GET", gateway + PATH)
+    _, _, body = await call(http, "GET", gateway + "/v1/me/access-log", token_for("alice"))
+    assert all(a["accessor"]["role"] is not None for a in orjson.loads(body)["accesses"])
+
+
+async def test_partners_see_staff_by_role_only(gateway, http, token_for):
+    """A partner reading the audit of its EUO sees that provider staff accessed it, not who."""
+    status, _, _ = await call(http, "GET", gateway + PATH, token_for("staff"))
+    assert status == 200
+    for caller in ("partner", "admin"):
+        _, _, body = await call(http, "GET", gateway + "/v1/audit", token_for(caller),
+                                params={"euo": "euo-acme", "limit": "1000"})
+        rows = orjson.loads(body)["rows"]
+        staff_rows = [r for r in rows if r["actor_role"] == "provider_staff"]
+        assert staff_rows, caller
+        assert all(r["actor_sub"] is None and r["client_addr"] is None for r in staff_rows)
+    _, _, body = await call(http, "GET", gateway + "/v1/audit", token_for("staff"),
+                            params={"euo": "euo-acme", "actor": "staff-sam"})
+    assert orjson.loads(body)["rows"][0]["actor_sub"] == "staff-sam"
+
+
+async def test_a_client_request_id_cannot_collide_with_another_request(gateway, http, token_for, db):
+    ids = set()
+    for _ in range(3):
+        _, headers, _ = await call(http, "GET", gateway + PATH, token_for("staff"),
+                                   headers={"X-Request-Id": "same-id"})
+        ids.add(headers["X-Request-Id"])
+    assert len(ids) == 3 and "same-id" not in ids
+    rows = await db.fetch("select client_request_id from audit_log where request_id = any($1::text[])",
+                          list(ids))
+    assert [r["client_request_id"] for r in rows] == ["same-id"] * 3

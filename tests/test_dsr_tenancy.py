@@ -1,0 +1,50 @@
+"""Data-subject requests and restrictions belong to a user of an EUO: the same `sub` in
+another EUO is another person, who neither reads nor restricts the first one's."""
+
+from __future__ import annotations
+
+import orjson
+
+from .conftest import call, wait_for
+
+ALICE_RECORD = "/telephony/euos/euo-acme/users/u-alice"
+
+
+async def test_the_same_sub_in_another_euo_sees_none_of_the_requests(gateway, http, token_for):
+    acme_alice = token_for("alice")
+    other_alice = token_for(role="user", sub="u-alice", euo="euo-globex")
+    status, _, body = await call(http, "POST", gateway + "/v1/me/requests", acme_alice,
+                                 json={"type": "rectification", "data_sets": ["user_address"],
+                                       "detail": "acme-alice-private-detail"})
+    assert status == 201
+    filed = orjson.loads(body)["id"]
+    _, _, body = await call(http, "GET", gateway + "/v1/me/requests", other_alice)
+    assert filed not in {r["id"] for r in orjson.loads(body)["requests"]}
+    assert b"acme-alice-private-detail" not in body
+    _, _, body = await call(http, "GET", gateway + "/v1/me/requests", acme_alice)
+    assert filed in {r["id"] for r in orjson.loads(body)["requests"]}
+
+
+async def test_a_restriction_blocks_only_its_own_euos_user(gateway, http, token_for, db):
+    """u-alice of euo-globex restricting processing does not block staff from u-alice of
+    euo-acme (and the NOTIFY payload names both, so other processes agree)."""
+    other_alice = token_for(role="user", sub="u-alice", euo="euo-globex")
+    status, _, body = await call(http, "POST", gateway + "/v1/me/requests", other_alice,
+                                 json={"type": "restriction", "data_sets": ["user_mobile"]})
+    assert status == 201
+    try:
+        status, _, _ = await call(http, "GET", gateway + ALICE_RECORD, token_for("staff"))
+        assert status == 200
+        status, _, body = await call(http, "GET", gateway + "/telephony/euos/euo-globex/users/u-alice",
+                                     token_for("staff"))
+        assert status == 403 and orjson.loads(body)["error"]["code"] == "processing_restricted"
+    finally:
+        request_id = orjson.loads(body)["error"]["request_id"] if status == 403 else None
+        await db.execute("update dsr_requests set status = 'rejected' where euo_id = 'euo-globex'"
+                         " and user_sub = 'u-alice' and type = 'restriction'")
+
+        async def lifted():
+            got, _, _ = await call(http, "GET", gateway + "/telephony/euos/euo-globex/users/u-alice",
+                                   token_for("staff"))
+            return got != 403
+        assert await wait_for(lifted), request_id

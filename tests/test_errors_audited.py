@@ -1,0 +1,99 @@
+"""Bad input is the caller's 4xx with a stable reason id, never a 5xx nor a database
+error, and every such refusal is audited; CSV downloads cannot carry formulas."""
+
+from __future__ import annotations
+
+import base64
+import csv
+import io
+
+import orjson
+import pytest
+
+from .conftest import audit_row, call
+
+
+def _cursor(value) -> str:
+    return base64.urlsafe_b64encode(orjson.dumps(value)).decode().rstrip("=")
+
+
+@pytest.mark.parametrize("cursor", [
+    _cursor(["2026-01-01T00:00:00+00:00", 1, 1]),
+    _cursor(["2026-01-01T00:00:00+00:00", "5b0c1d9e-7d1b-4f7e-9d50-6a0c1fb1c0aa", "1"]),
+    _cursor(["2026-01-01T00:00:00", "5b0c1d9e-7d1b-4f7e-9d50-6a0c1fb1c0aa", 1]),
+    _cursor(["2026-01-01T00:00:00+00:00", "5b0c1d9e-7d1b-4f7e-9d50-6a0c1fb1c0aa", -1]),
+    base64.urlsafe_b64encode(b'["2026-01-01T00:00:00+00:00", "5b0c1d9e-7d1b-4f7e-9d50-6a0c1fb1c0aa",'
+                             b" 99999999999999999999999]").decode(),
+    _cursor({"a": 1}), "!!!", _cursor([None, None, None]),
+])
+async def test_a_forged_cursor_is_a_400_and_audited(gateway, http, token_for, db, cursor):
+    status, headers, body = await call(http, "GET", gateway + "/v1/audit", token_for("staff"),
+                                       params={"cursor": cursor})
+    assert status == 400 and orjson.loads(body)["error"]["code"] == "bad_cursor"
+    row = await audit_row(db, headers["X-Request-Id"])
+    assert row["decision"] == "deny" and row["reason"] == "bad_cursor"
+
+
+@pytest.mark.parametrize(("euo", "body", "code"), [
+    ("euo-x1", {"partner_id": "p\x00nul"}, "invalid_contract"),
+    ("euo-x1", {"partner_id": "p" * 500_000}, "invalid_contract"),
+    ("euo-x1", {"partner_id": ["p-northwind"]}, "invalid_contract"),
+    ("euo-x1", {"partner_id": "p-northwind", "contract_end": "2026-13-40"}, "invalid_contract"),
+    ("euo%00x", {"partner_id": "p-northwind"}, "bad_identifier"),
+    ("e" * 200, {"partner_id": "p-northwind"}, "bad_identifier"),
+])
+async def test_bad_admin_input_is_the_callers_mistake(gateway, http, token_for, db, euo, body, code):
+    status, headers, answer = await call(http, "PUT", gateway + f"/v1/admin/euos/{euo}",
+                                         token_for("staff"), json=body)
+    assert status in (400, 413), answer
+    if status == 400:
+        assert orjson.loads(answer)["error"]["code"] == code
+    row = await audit_row(db, headers["X-Request-Id"])
+    assert row["decision"] == "deny" and row["status"] == status
+
+
+async def test_a_request_body_over_the_limit_is_413(gateway, http, token_for):
+    status, _, answer = await call(http, "POST", gateway + "/v1/me/requests", token_for("alice"),
+                                   data=b'{"detail": "' + b"x" * (2 << 20) + b'"}',
+                                   headers={"Content-Type": "application/json"})
+    assert status == 413 and orjson.loads(answer)["error"]["code"] == "body_too_large"
+
+
+async def test_an_export_failing_on_a_backend_item_is_audited_as_an_error(
+        hostile_gateway, http, token_for, db):
+    """A backend listing whose item lacks an id fails the export with 502, and the export
+    itself has its row (decision error), not only its backend calls."""
+    gw, backend = hostile_gateway
+
+    def script(request):
+        if request.path.endswith("/voicemails"):
+            return {"voicemails": [{"caller": "+32", "received_at": "2026-01-01T00:00:00Z"}]}
+        if request.path.endswith("/personal-directory"):
+            return {"entries": []}
+        return {"id": "u-alice", "euo_id": "euo-acme", "first_name": "Alice"}
+    backend.answer(script)
+    status, headers, body = await call(http, "GET", gw + "/v1/me/export?format=json",
+                                       token_for("alice"))
+    assert status == 502 and orjson.loads(body)["error"]["code"] == "backend_unmappable"
+    rows = await db.fetch("select route, decision, reason from audit_log where request_id = $1",
+                          headers["X-Request-Id"])
+    assert ("gateway:/v1/me/export", "error", "backend_unmappable") in {tuple(r) for r in rows}
+
+
+async def test_csv_downloads_neutralise_formulas(gateway, http, token_for):
+    """A path a client chose, starting with '=', reaches the staff CSV as text, not as a
+    formula (OWASP's CSV-injection rule); NDJSON stays raw."""
+    evil = "/v1/=HYPERLINK(1)"
+    status, _, _ = await call(http, "GET", gateway + evil, token_for(role="provider_staff",
+                                                                     sub="=cmd|calc"))
+    assert status == 404
+    headers = {"Accept": "text/csv"}
+    status, _, body = await call(http, "GET", gateway + "/v1/audit", token_for("staff"),
+                                 params={"actor": "=cmd|calc"}, headers=headers)
+    assert status == 200
+    rows = list(csv.DictReader(io.StringIO(body.decode())))
+    assert rows and all(r["actor_sub"] == "'=cmd|calc" for r in rows)
+    status, _, body = await call(http, "GET", gateway + "/v1/audit", token_for("staff"),
+                                 params={"actor": "=cmd|calc"},
+                                 headers={"Accept": "application/x-ndjson"})
+    assert orjson.loads(body.splitlines()[0])["actor_sub"] == "=cmd|calc"
