@@ -1,9 +1,75 @@
-"""The one error type of the request path: a status, a stable reason id, a message."""
+"""The one error type of the request path (a status, a stable reason id, a message) and
+the catalogue of every reason id the gateway gives.
+
+Refusals (4xx) are audited with decision `deny`; failures of a backend, the database or
+the gateway itself (5xx) with decision `error`, so an auditor can tell them apart.
+"""
 
 from __future__ import annotations
 
 import orjson
 from aiohttp import web
+
+# reason id -> (status, meaning). A test checks that every reason id raised in gateway/
+# is listed here with its status, and that README.md's error table lists exactly these.
+REASONS: dict[str, tuple[int, str]] = {
+    # the request itself
+    "bad_path": (400, "the path holds a character, segment or identifier outside the grammar"),
+    "bad_query": (400, "a declared query parameter is repeated, empty or not an identifier"),
+    "query_not_allowed": (400, "the route declares no such query parameter"),
+    "bad_identifier": (400, "an identifier in a gateway API path or claim is outside the grammar"),
+    "bad_json": (400, "the body is not a JSON object"),
+    "bad_body": (400, "the body could not be read"),
+    "bad_request": (400, "the HTTP request was refused by the server"),
+    "field_not_writable": (400, "the write sets a field the route table does not let anyone set"),
+    "invalid_text": (400, "free text is too long, not a string or holds control characters"),
+    "invalid_contract": (400, "a contract body is malformed"),
+    "invalid_request": (400, "a data-subject request body is malformed"),
+    "bad_filter": (400, "an audit or request filter is malformed"),
+    "bad_cursor": (400, "the paging cursor is not one the gateway gave out"),
+    "bad_format": (400, "the export format is neither zip nor json"),
+    "backend_rejected": (400, "the backend refused the request (400, 409, 422)"),
+    "body_too_large": (413, "the request body is over GATEWAY_MAX_BODY_BYTES"),
+    # who is asking
+    "missing_token": (401, "no Authorization header"),
+    "malformed_authorization": (401, "the Authorization header is not `Bearer <token>`"),
+    "malformed_token": (401, "the token cannot be decoded"),
+    "invalid_token": (401, "the token does not verify"),
+    "bad_signature": (401, "the token's signature does not verify"),
+    "unsupported_algorithm": (401, "the token's algorithm is not accepted for its key"),
+    "unknown_key": (401, "the token names a key the gateway does not know"),
+    "token_expired": (401, "the token has expired"),
+    "token_not_yet_valid": (401, "the token is not valid yet (nbf/iat)"),
+    "wrong_audience": (401, "the token is not meant for this gateway"),
+    "wrong_issuer": (401, "the token comes from an unexpected issuer"),
+    "missing_claim": (401, "the token lacks a required claim"),
+    "missing_tenant_claim": (401, "the token lacks the tenant claim of its role"),
+    "unknown_role": (401, "the token's role is not one the gateway knows"),
+    # what they may see
+    "role_not_permitted": (403, "this role may not call this endpoint"),
+    "no_active_contract": (403, "the partner holds no active contract with the EUO"),
+    "other_euo": (403, "the resource belongs to another EUO"),
+    "dataset_not_permitted": (403, "the caller may see no data set of this resource"),
+    "write_not_permitted": (403, "the caller may not change this data set"),
+    "processing_restricted": (403, "the user has restricted processing of their data"),
+    "unknown_route": (404, "no route of the route table matches (never forwarded)"),
+    "not_found": (404, "no such gateway endpoint"),
+    "no_contract": (404, "the EUO has no contract"),
+    "no_such_request": (404, "no such data-subject request in the caller's scope"),
+    "backend_not_found": (404, "the backend has no such resource"),
+    # failures: the backend, the database, the gateway
+    "backend_unreachable": (502, "the backend cannot be reached or broke off"),
+    "backend_error": (502, "the backend answered with an error status"),
+    "backend_unmappable": (502, "the backend's answer does not fit the route table"),
+    "backend_subject_mismatch": (502, "the backend answered about another EUO, user or meeting"),
+    "backend_answer_too_large": (502, "the backend's JSON is over GATEWAY_MAX_JSON_ANSWER_BYTES"),
+    "internal_error": (502, "the gateway failed unexpectedly (logged with a traceback)"),
+    "audit_unavailable": (503, "the audit row cannot be committed: nothing is served"),
+    "database_unavailable": (503, "the gateway's database cannot be reached"),
+    "contracts_unavailable": (503, "the contracts mirror is stale: partners are refused"),
+    "restrictions_unavailable": (503, "the restrictions mirror is stale: blocked roles are refused"),
+    "backend_timeout": (504, "the backend missed the deadline"),
+}
 
 
 class Denied(Exception):
