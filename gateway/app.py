@@ -85,7 +85,8 @@ def _resources(settings: Settings, dsn: str, catalog, policy: Policy, metrics: M
         app[pipeline.GATEWAY] = pipeline.Gateway(
             catalog=catalog, policy=policy, authn=Authenticator(settings, session),
             contracts=contracts, restrictions=restrictions, backends=backends, audit=audit,
-            anonymous=anonymous, max_body_bytes=settings.max_body_bytes)
+            anonymous=anonymous, max_body_bytes=settings.max_body_bytes,
+            max_streams=settings.max_streams)
         try:
             yield
         finally:

@@ -65,6 +65,7 @@ REASONS: dict[str, tuple[int, str]] = {
     "backend_answer_too_large": (502, "the backend's JSON is over GATEWAY_MAX_JSON_ANSWER_BYTES"),
     "internal_error": (502, "the gateway failed unexpectedly (logged with a traceback)"),
     "audit_unavailable": (503, "the audit row cannot be committed: nothing is served"),
+    "streams_busy": (503, "GATEWAY_MAX_STREAMS files are being copied through already"),
     "database_unavailable": (503, "the gateway's database cannot be reached"),
     "contracts_unavailable": (503, "the contracts mirror is stale: partners are refused"),
     "restrictions_unavailable": (503, "the restrictions mirror is stale: blocked roles are refused"),

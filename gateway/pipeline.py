@@ -49,6 +49,8 @@ class Gateway:
     audit: AuditWriter
     anonymous: AnonymousRefusals
     max_body_bytes: int
+    max_streams: int = 200             # files being copied through at once, per process
+    streams: int = 0
 
     def __post_init__(self):
         self.plan = lru_cache(maxsize=4096)(self._plan)
@@ -126,10 +128,10 @@ async def _serve(request: web.Request, gw: Gateway, call: Call) -> web.StreamRes
     target = authorize(gw, principal, request.method, matched)
     body = await _request_body(request, gw, target)
     deadline = gw.backends.deadline()
+    if target.route.binary:
+        return await _stream(request, gw, target, call, deadline)
     upstream = await send(gw, target, request.method, request.headers, call, request.remote,
                           deadline, body)
-    if target.route.binary:
-        return await _stream(request, target.route, upstream, call)
     answer = await read_json(gw, target, upstream, call, deadline)
     if answer.body is None:
         answer = answer.encoded()
@@ -278,7 +280,22 @@ def _upstream_error(status: int) -> Denied:
     return Denied(502, "backend_error", f"the backend answered {status}")
 
 
-async def _stream(request: web.Request, route: Route, upstream, call: Call) -> web.StreamResponse:
+async def _stream(request: web.Request, gw: Gateway, target: Target, call: Call,
+                  deadline: float) -> web.StreamResponse:
+    """Forward, commit the audit row, then copy the binary body through in chunks. At most
+    `max_streams` at once: each stalled reader holds buffers, so memory stays bounded."""
+    if gw.streams >= gw.max_streams:
+        raise Denied(503, "streams_busy", "too many files are being downloaded; try again shortly")
+    gw.streams += 1
+    try:
+        upstream = await send(gw, target, request.method, request.headers, call, request.remote,
+                              deadline)
+        return await _copy(request, target.route, upstream, call)
+    finally:
+        gw.streams -= 1
+
+
+async def _copy(request: web.Request, route: Route, upstream, call: Call) -> web.StreamResponse:
     """Commit the audit row, then copy the binary body through in chunks."""
     try:
         if "json" in upstream.headers.get("Content-Type", ""):

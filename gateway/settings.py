@@ -38,6 +38,7 @@ class Settings:
     backend_read_timeout_s: float = 15.0
     backend_deadline_s: float = 30.0       # a whole JSON answer (or a file's headers) by then
     max_json_answer_bytes: int = 8 << 20
+    max_streams: int = 200                 # files copied through at once, per process
     backend_connections: int = 200
     db_pool_min: int = 5
     db_pool_max: int = 12     # the audit lanes hold one each, the rest serve queries
@@ -74,6 +75,7 @@ class Settings:
             backend_deadline_s=_float(env, "GATEWAY_BACKEND_DEADLINE_S", cls.backend_deadline_s),
             max_json_answer_bytes=_int(env, "GATEWAY_MAX_JSON_ANSWER_BYTES",
                                        cls.max_json_answer_bytes),
+            max_streams=_int(env, "GATEWAY_MAX_STREAMS", cls.max_streams),
             db_pool_max=_int(env, "GATEWAY_DB_POOL_MAX", cls.db_pool_max),
             audit_retention_days=_int(env, "GATEWAY_AUDIT_RETENTION_DAYS", cls.audit_retention_days),
             audit_lanes=_int(env, "GATEWAY_AUDIT_LANES", cls.audit_lanes),

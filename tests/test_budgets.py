@@ -9,7 +9,9 @@ import aiohttp
 import orjson
 from aiohttp import web
 
-from .conftest import audit_row, call
+from gateway.demo.run import start_site
+
+from .conftest import audit_row, call, gateway_settings, running_gateway, wait_for
 
 PATH = "/telephony/euos/euo-acme"
 
@@ -66,3 +68,39 @@ async def test_a_chunked_file_that_breaks_off_stays_broken(hostile_gateway, http
     except aiohttp.ClientPayloadError:
         broke = True
     assert broke, "a truncated file reached the client as complete"
+
+
+async def test_files_copied_at_once_are_capped(backends, database_url, http, token_for):
+    """With GATEWAY_MAX_STREAMS=1, a second download while one is held is 503 streams_busy,
+    and once the first is done the next one is served."""
+    release = asyncio.Event()
+
+    async def held(request):
+        response = web.StreamResponse(headers={"Content-Type": "audio/wav"})
+        await response.prepare(request)
+        await response.write(b"RIFF")
+        await release.wait()
+        await response.write(b"WAVE")
+        return response
+    app = web.Application()
+    app.router.add_get("/{tail:.*}", held)
+    runner, port = await start_site(app, "127.0.0.1", 0)
+    url = f"http://127.0.0.1:{port}"
+    settings = gateway_settings(dict(backends["urls"], telephony=url), max_streams=1)
+    path = "/telephony/euos/euo-acme/users/u-alice/voicemails/vm-1"
+    headers = {"Authorization": f"Bearer {token_for('alice')}"}
+    try:
+        async with running_gateway(settings, database_url) as gw:
+            async with http.get(gw + path, headers=headers) as first:
+                assert first.status == 200
+                status, _, body = await call(http, "GET", gw + path, token_for("alice"))
+                assert status == 503 and orjson.loads(body)["error"]["code"] == "streams_busy"
+                release.set()
+                assert await first.read() == b"RIFFWAVE"
+
+            async def served():         # the first handler gives its slot back as it returns
+                status, _, body = await call(http, "GET", gw + path, token_for("alice"))
+                return status == 200 and body == b"RIFFWAVE"
+            assert await wait_for(served)
+    finally:
+        await runner.cleanup()
