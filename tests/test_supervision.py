@@ -1,0 +1,87 @@
+"""Fault tolerance of `gateway serve`: dead workers are replaced, and the port is not shared
+with a stranger."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import subprocess
+from pathlib import Path
+
+import psutil
+
+from gateway.__main__ import RestartBudget
+
+from .conftest import SERVE, call, gateway_process, serve_env, wait_for
+
+
+def test_restart_budget_backs_off_then_gives_up():
+    """Replacements wait longer each time; a sixth death within a minute means giving up,
+    and deaths older than the window are forgotten."""
+    budget = RestartBudget(limit=5, window_s=60)
+    assert [budget.on_death(t) for t in (0, 1, 2, 3, 4)] == [0.5, 1, 2, 4, 8]
+    assert budget.on_death(5) is None
+    later = RestartBudget(limit=5, window_s=60)
+    assert [later.on_death(t) for t in (0, 100, 200)] == [0.5, 0.5, 0.5]
+
+
+def _logged(path: Path, text: str):
+    async def check():
+        return text in path.read_text(errors="replace")
+    return check
+
+
+def _workers(proc: subprocess.Popen) -> set[int]:
+    return {p.pid for p in psutil.Process(proc.pid).children() if p.status() != psutil.STATUS_ZOMBIE}
+
+
+async def test_a_killed_worker_is_replaced_and_logged(backends, database_url, http, tmp_path):
+    """kill -9 of both workers: the supervisor logs each death and replacements serve again."""
+    log = tmp_path / "serve.log"
+    async with gateway_process(http, backends, database_url, tmp_path, "--workers", "2",
+                               log=log) as (proc, base):
+        async def two_workers():
+            return len(_workers(proc)) == 2
+        assert await wait_for(two_workers, timeout=10)
+        first = _workers(proc)
+        for pid in first:
+            os.kill(pid, signal.SIGKILL)
+        for pid in first:
+            assert await wait_for(_logged(log, f"worker pid {pid} died (killed by SIGKILL)"),
+                                  timeout=10)
+
+        async def replaced_and_serving():
+            workers = _workers(proc)
+            if len(workers) != 2 or workers & first:
+                return False
+            try:
+                return (await call(http, "GET", base + "/healthz",
+                                   headers={"Connection": "close"}))[0] == 200
+            except OSError:
+                return False
+        assert await wait_for(replaced_and_serving, timeout=30)
+        assert proc.poll() is None
+        proc.send_signal(signal.SIGTERM)
+        assert await asyncio.to_thread(proc.wait, 30) == 0
+
+
+async def test_a_second_gateway_on_the_same_port_exits_2(backends, database_url, http, token_for,
+                                                         tmp_path):
+    """A second `serve` with another key cannot take part of the port: it exits 2 with one
+    line, and the first keeps answering every connection."""
+    async with gateway_process(http, backends, database_url, tmp_path) as (_, base):
+        port = int(base.rsplit(":", 1)[1])
+        env = serve_env(backends, database_url, tmp_path / "second", port,
+                        GATEWAY_JWT_SECRET="another-gateway-" + "y" * 32)
+        done = await asyncio.to_thread(subprocess.run, [*SERVE, "--workers", "2"], env=env,
+                                       capture_output=True, text=True, timeout=60)
+        assert done.returncode == 2
+        assert done.stderr.strip().splitlines()[-1] == (
+            f"gateway: cannot listen on 127.0.0.1:{port} (GATEWAY_LISTEN): Address already in use "
+            "(is another gateway serving it?)")
+        assert "Traceback" not in done.stderr
+        for _ in range(10):     # new connections: none may reach a process with another key
+            status, _, _ = await call(http, "GET", base + "/v1/catalog", token_for("staff"),
+                                      headers={"Connection": "close"})
+            assert status == 200
