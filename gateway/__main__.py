@@ -22,7 +22,7 @@ import jwt
 from aiohttp import web
 
 from .catalog import PolicyError
-from .db import EmbeddedPostgres, migrate
+from .db import DatabaseUnavailable, EmbeddedPostgres, migrate, wait_for_database
 from .settings import ConfigError, Settings
 
 log = logging.getLogger("gateway")
@@ -77,9 +77,11 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "token":
             print(mint_token(settings, args.role, args.sub, args.partner, args.euo, args.ttl))
             return 0
-    except (ConfigError, PolicyError) as e:
+    except (ConfigError, PolicyError, DatabaseUnavailable) as e:
         print(f"gateway: {e}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:     # Ctrl-C while starting: nothing to report
+        return 130
     return 1
 
 
@@ -123,13 +125,16 @@ def mint_token(settings: Settings, role: str, sub: str, partner: str | None, euo
 
 
 def database_url(settings: Settings, stack: contextlib.ExitStack) -> str:
-    """GATEWAY_DATABASE_URL, or an embedded PostgreSQL stopped when the stack closes."""
+    """GATEWAY_DATABASE_URL, or an embedded PostgreSQL stopped when the stack closes; either
+    answers by the time this returns (DatabaseUnavailable after GATEWAY_DB_CONNECT_TIMEOUT_S)."""
     if settings.database_url:
-        return settings.database_url
-    embedded = EmbeddedPostgres(settings.data_dir)
-    dsn = embedded.start()
-    stack.callback(embedded.stop)
-    log.info("embedded PostgreSQL under %s", embedded.pgdata)
+        dsn = settings.database_url
+    else:
+        embedded = EmbeddedPostgres(settings.data_dir)
+        stack.callback(embedded.stop)
+        dsn = embedded.start()
+        log.info("embedded PostgreSQL under %s", embedded.pgdata)
+    asyncio.run(wait_for_database(dsn, settings.db_connect_timeout_s))
     return dsn
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import re
 from functools import cache
@@ -17,6 +18,10 @@ log = logging.getLogger("gateway.db")
 _MIGRATION = re.compile(r"^(\d{3})_[\w-]+\.sql$")
 MIGRATION_LOCK = 0x6761_7465
 POOL = web.AppKey("pool", asyncpg.Pool)  # an advisory lock id: one migrating process at a time
+
+
+class DatabaseUnavailable(Exception):
+    """The database could not be reached or started; the message is one line for an operator."""
 
 
 class EmbeddedPostgres:
@@ -38,6 +43,44 @@ class EmbeddedPostgres:
         if self._server is not None:
             self._server.cleanup()
             self._server = None
+
+
+# Worth waiting for: nothing listens yet, the server is starting or full. Anything else
+# (wrong password, no such database, a malformed DSN) is an operator's mistake: fail at once.
+_TRANSIENT = (OSError, asyncpg.CannotConnectNowError, asyncpg.TooManyConnectionsError)
+_MISTAKES = (asyncpg.PostgresError, asyncpg.InterfaceError, ValueError)
+
+
+async def wait_for_database(dsn: str, timeout_s: float) -> None:
+    """Return once PostgreSQL accepts a connection; retry with backoff, one log line per
+    failure, for up to timeout_s, then raise DatabaseUnavailable."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout_s
+    delay = 0.25
+    while True:
+        remaining = deadline - loop.time()
+        try:
+            conn = await asyncpg.connect(dsn, timeout=min(max(remaining, 1.0), 10.0))
+        except _TRANSIENT as e:
+            remaining = deadline - loop.time()
+            if remaining <= 0:
+                raise DatabaseUnavailable(f"the database is not reachable after {timeout_s:g} s "
+                                          f"(GATEWAY_DB_CONNECT_TIMEOUT_S): {_reason(e)}") from None
+            log.warning("database not reachable (%s); retrying in %.2g s", _reason(e),
+                        min(delay, remaining))
+            await asyncio.sleep(min(delay, remaining))
+            delay = min(delay * 2, 5.0)
+        except _MISTAKES as e:
+            raise DatabaseUnavailable(f"the database refused the gateway: {_reason(e)}") from None
+        else:
+            await conn.close()
+            return
+
+
+def _reason(error: BaseException) -> str:
+    """One line naming what went wrong (asyncpg messages carry no password)."""
+    text = " ".join(str(error).split()) or "no detail"
+    return f"{type(error).__name__}: {text}"
 
 
 async def create_pool(dsn: str, min_size: int, max_size: int) -> asyncpg.Pool:

@@ -1,5 +1,5 @@
-"""Fault tolerance of `gateway serve`: dead workers are replaced, and the port is not shared
-with a stranger."""
+"""Fault tolerance of `gateway serve`: dead workers are replaced, the port is not shared with a
+stranger, and an absent database is a one-line error."""
 
 from __future__ import annotations
 
@@ -7,13 +7,14 @@ import asyncio
 import os
 import signal
 import subprocess
+import time
 from pathlib import Path
 
 import psutil
 
 from gateway.__main__ import RestartBudget
 
-from .conftest import SERVE, call, gateway_process, serve_env, wait_for
+from .conftest import SERVE, call, free_port, gateway_process, serve_env, wait_for
 
 
 def test_restart_budget_backs_off_then_gives_up():
@@ -85,3 +86,19 @@ async def test_a_second_gateway_on_the_same_port_exits_2(backends, database_url,
             status, _, _ = await call(http, "GET", base + "/v1/catalog", token_for("staff"),
                                       headers={"Connection": "close"})
             assert status == 200
+
+
+async def test_an_unreachable_database_is_one_line_and_exit_2(backends, tmp_path):
+    """Nothing listens at GATEWAY_DATABASE_URL: retries are logged, then one line and exit 2."""
+    dsn = f"postgresql://gateway@127.0.0.1:{free_port()}/gateway"
+    env = serve_env(backends, dsn, tmp_path, free_port(), GATEWAY_DB_CONNECT_TIMEOUT_S="1.5")
+    started = time.monotonic()
+    done = await asyncio.to_thread(subprocess.run, SERVE, env=env, capture_output=True, text=True,
+                                   timeout=60)
+    assert done.returncode == 2
+    assert time.monotonic() - started < 15
+    lines = done.stderr.strip().splitlines()
+    assert lines[-1].startswith("gateway: the database is not reachable after 1.5 s "
+                                "(GATEWAY_DB_CONNECT_TIMEOUT_S): ")
+    assert any("database not reachable" in line and "retrying in" in line for line in lines[:-1])
+    assert "Traceback" not in done.stderr
