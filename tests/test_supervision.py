@@ -1,5 +1,6 @@
 """Fault tolerance of `gateway serve`: dead workers are replaced, the port is not shared with a
-stranger, and an absent database is a one-line error."""
+stranger, an absent database is a one-line error, and the embedded database neither blocks a
+restart nor outlives a killed gateway."""
 
 from __future__ import annotations
 
@@ -11,8 +12,11 @@ import time
 from pathlib import Path
 
 import psutil
+import pytest
 
 from gateway.__main__ import RestartBudget
+from gateway.db import EmbeddedPostgres
+from gateway.db_watchdog import is_postmaster, postmaster_pid
 
 from .conftest import SERVE, call, free_port, gateway_process, serve_env, wait_for
 
@@ -102,3 +106,73 @@ async def test_an_unreachable_database_is_one_line_and_exit_2(backends, tmp_path
                                 "(GATEWAY_DB_CONNECT_TIMEOUT_S): ")
     assert any("database not reachable" in line and "retrying in" in line for line in lines[:-1])
     assert "Traceback" not in done.stderr
+
+
+@pytest.fixture(scope="module")
+def initialized_data_dir(tmp_path_factory) -> Path:
+    """A data dir whose embedded database was created once and stopped (initdb is slow)."""
+    data_dir = tmp_path_factory.mktemp("initialized")
+    server = EmbeddedPostgres(data_dir)
+    server.start()
+    server.stop()
+    return data_dir
+
+
+@pytest.fixture
+def data_dir(initialized_data_dir, tmp_path) -> Path:
+    """A private copy of the initialized data dir (cp -a keeps the owner PostgreSQL wants)."""
+    subprocess.run(["cp", "-a", f"{initialized_data_dir}/.", str(tmp_path)], check=True)
+    return tmp_path
+
+
+def _left_running(pgdata: Path) -> list[str]:
+    """Processes still naming pgdata (the postmaster, the watchdog)."""
+    found = []
+    for p in psutil.process_iter(["cmdline", "status"]):
+        if p.info["status"] != psutil.STATUS_ZOMBIE and str(pgdata) in (p.info["cmdline"] or []):
+            found.append(" ".join(p.info["cmdline"]))
+    return found
+
+
+async def _serve_and_stop(http, backends, tmp_path) -> None:
+    """`serve` on the embedded database under tmp_path comes up, then stops cleanly with it."""
+    async with gateway_process(http, backends, "", tmp_path) as (proc, _):
+        proc.send_signal(signal.SIGTERM)
+        assert await asyncio.to_thread(proc.wait, 30) == 0
+    assert _left_running(tmp_path / "pgdata") == []
+
+
+async def test_the_embedded_database_stops_with_a_killed_gateway(backends, http, data_dir):
+    """kill -9 of the gateway stops its embedded PostgreSQL, and the next start works."""
+    pgdata = data_dir / "pgdata"
+    async with gateway_process(http, backends, "", data_dir) as (proc, _):
+        pid = postmaster_pid(pgdata)
+        assert pid is not None and is_postmaster(pid, pgdata)
+        proc.kill()
+
+    async def postmaster_gone():
+        return not is_postmaster(pid, pgdata)
+    assert await wait_for(postmaster_gone, timeout=30)
+    await _serve_and_stop(http, backends, data_dir)
+
+
+@pytest.mark.parametrize("owner", ["dead", "another program"])
+async def test_a_stale_postmaster_pid_does_not_block_a_restart(backends, http, data_dir, owner):
+    """After a crash of the database itself its postmaster.pid names a dead pid, or one the
+    system has since given to another program; the gateway removes it and starts."""
+    pgdata = data_dir / "pgdata"
+    server = EmbeddedPostgres(data_dir)
+    await asyncio.to_thread(server.start)
+    postmaster = psutil.Process(postmaster_pid(pgdata))
+    crashed = [postmaster, *postmaster.children()]
+    postmaster.kill()
+
+    async def all_gone():    # its children leave once they notice (they hold shared memory)
+        return not any(p.is_running() and p.status() != psutil.STATUS_ZOMBIE for p in crashed)
+    assert await wait_for(all_gone, timeout=10)
+    await asyncio.to_thread(server.stop)
+    assert (pgdata / "postmaster.pid").exists()
+    if owner == "another program":
+        lines = (pgdata / "postmaster.pid").read_text().split("\n")
+        (pgdata / "postmaster.pid").write_text("\n".join([str(os.getpid()), *lines[1:]]))
+    await _serve_and_stop(http, backends, data_dir)
