@@ -5,8 +5,11 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import ctypes
+import errno
 import logging
 import multiprocessing
+import multiprocessing.connection
 import os
 import secrets
 import signal
@@ -19,11 +22,12 @@ import jwt
 from aiohttp import web
 
 from .catalog import PolicyError
-from .db import EmbeddedPostgres, migrate
+from .db import DatabaseUnavailable, EmbeddedPostgres, migrate, wait_for_database
 from .settings import ConfigError, Settings
 
 log = logging.getLogger("gateway")
 DEV_SECRET_FILE = "dev-jwt-secret"
+PR_SET_PDEATHSIG = 1     # linux/prctl.h
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -31,7 +35,7 @@ def main(argv: list[str] | None = None) -> int:
     sub = parser.add_subparsers(dest="command", required=True)
     serve = sub.add_parser("serve", help="run the gateway (configured from GATEWAY_* variables)")
     serve.add_argument("--workers", type=int, default=1,
-                       help="worker processes sharing the port (SO_REUSEPORT)")
+                       help="worker processes on one listening socket, replaced when they die")
     demo = sub.add_parser("demo", help="embedded database, demo backends, gateway and tokens")
     demo.add_argument("--port", type=int, default=None, help="gateway port (default from "
                       "GATEWAY_LISTEN, 8080)")
@@ -73,9 +77,11 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "token":
             print(mint_token(settings, args.role, args.sub, args.partner, args.euo, args.ttl))
             return 0
-    except (ConfigError, PolicyError) as e:
+    except (ConfigError, PolicyError, DatabaseUnavailable) as e:
         print(f"gateway: {e}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:     # Ctrl-C while starting: nothing to report
+        return 130
     return 1
 
 
@@ -119,13 +125,16 @@ def mint_token(settings: Settings, role: str, sub: str, partner: str | None, euo
 
 
 def database_url(settings: Settings, stack: contextlib.ExitStack) -> str:
-    """GATEWAY_DATABASE_URL, or an embedded PostgreSQL stopped when the stack closes."""
+    """GATEWAY_DATABASE_URL, or an embedded PostgreSQL stopped when the stack closes; either
+    answers by the time this returns (DatabaseUnavailable after GATEWAY_DB_CONNECT_TIMEOUT_S)."""
     if settings.database_url:
-        return settings.database_url
-    embedded = EmbeddedPostgres(settings.data_dir)
-    dsn = embedded.start()
-    stack.callback(embedded.stop)
-    log.info("embedded PostgreSQL under %s", embedded.pgdata)
+        dsn = settings.database_url
+    else:
+        embedded = EmbeddedPostgres(settings.data_dir)
+        stack.callback(embedded.stop)
+        dsn = embedded.start()
+        log.info("embedded PostgreSQL under %s", embedded.pgdata)
+    asyncio.run(wait_for_database(dsn, settings.db_connect_timeout_s))
     return dsn
 
 
@@ -155,37 +164,173 @@ def _serve(settings: Settings, workers: int = 1) -> int:
 
     load_policy(settings.policy_dir, load_catalog(settings.policy_dir))   # fail before forking
     with contextlib.ExitStack() as stack:
+        sock = stack.enter_context(listen(settings.listen_host, settings.listen_port))
         dsn = database_url(settings, stack)
         if workers == 1:
-            _run_worker(settings, dsn, create_app)
+            _run_worker(settings, dsn, sock, create_app)
             return 0
-        ctx = multiprocessing.get_context("fork")
-        procs = [ctx.Process(target=_run_worker, args=(settings, dsn, create_app), daemon=False)
-                 for _ in range(workers)]
+        return Supervisor(settings, dsn, sock, create_app, workers).run()
+
+
+def listen(host: str, port: int) -> socket.socket:
+    """The listening socket, bound once here and inherited by every worker.
+
+    No SO_REUSEPORT: a second, unrelated gateway on the same port must fail to bind rather
+    than silently take half of the connections."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    try:
+        return socket.create_server((host, port), family=family, backlog=1024)
+    except OSError as e:
+        hint = " (is another gateway serving it?)" if e.errno == errno.EADDRINUSE else ""
+        raise ConfigError(f"cannot listen on {host}:{port} (GATEWAY_LISTEN): "
+                          f"{os.strerror(e.errno) if e.errno else e}{hint}") from None
+
+
+class RestartBudget:
+    """When to replace a dead worker, and when to stop trying: more than `limit` deaths within
+    `window_s` means something is wrong that a restart will not fix. Pure: times are given."""
+
+    def __init__(self, limit: int = 5, window_s: float = 60.0, first_delay_s: float = 0.5,
+                 max_delay_s: float = 10.0):
+        self.limit, self.window_s = limit, window_s
+        self.first_delay_s, self.max_delay_s = first_delay_s, max_delay_s
+        self._deaths: list[float] = []
+
+    def on_death(self, now: float) -> float | None:
+        """The delay before the replacement starts, or None to give up."""
+        self._deaths = [t for t in self._deaths if now - t < self.window_s] + [now]
+        recent = len(self._deaths)
+        if recent > self.limit:
+            return None
+        return min(self.first_delay_s * 2 ** (recent - 1), self.max_delay_s)
+
+    def recent(self) -> int:
+        """Deaths counted in the current window."""
+        return len(self._deaths)
+
+
+class Supervisor:
+    """N forked workers on one inherited socket: replace the ones that die (with backoff),
+    give up past the restart budget, and stop them all on SIGTERM or SIGINT."""
+
+    STOP_GRACE_S = 30.0     # a worker still draining after this is killed
+
+    def __init__(self, settings: Settings, dsn: str, sock: socket.socket, create_app, workers: int):
+        self.target = (settings, dsn, sock, create_app)
+        self.workers = workers
+        self.budget = RestartBudget()
+        self.stopping = False
+        self._fork = multiprocessing.get_context("fork")
+
+    def run(self) -> int:
+        """Serve until told to stop (0) or until workers keep dying (1)."""
+        wakeup_r, wakeup_w = os.pipe()
+        os.set_blocking(wakeup_w, False)
+        old_wakeup = signal.set_wakeup_fd(wakeup_w)   # a signal ends the wait below at once
+        old_handlers = {sig: signal.signal(sig, self._on_signal)
+                        for sig in (signal.SIGTERM, signal.SIGINT)}
+        procs = {}
+        try:
+            for _ in range(self.workers):
+                p = self._start()
+                procs[p.sentinel] = p
+            settings = self.target[0]
+            log.info("%d workers on %s:%d (pids %s)", self.workers, settings.listen_host,
+                     settings.listen_port, ", ".join(str(p.pid) for p in procs.values()))
+            pending: list[float] = []     # when each replacement is due
+            while not self.stopping:
+                timeout = max(0.0, min(pending) - time.monotonic()) if pending else None
+                ready = multiprocessing.connection.wait([*procs, wakeup_r], timeout)
+                if wakeup_r in ready:
+                    os.read(wakeup_r, 512)
+                if self.stopping:
+                    break
+                for sentinel in ready:
+                    if sentinel in procs:
+                        delay = self._on_exit(procs.pop(sentinel))
+                        if delay is None:
+                            return self._stop(procs.values(), failed=True)
+                        pending.append(time.monotonic() + delay)
+                now = time.monotonic()
+                for due in [d for d in pending if d <= now]:
+                    pending.remove(due)
+                    p = self._start()
+                    procs[p.sentinel] = p
+                    log.info("worker pid %d started", p.pid)
+            return self._stop(procs.values(), failed=False)
+        finally:
+            signal.set_wakeup_fd(old_wakeup)
+            for sig, handler in old_handlers.items():
+                signal.signal(sig, handler)
+            os.close(wakeup_r)
+            os.close(wakeup_w)
+
+    def _start(self):
+        p = self._fork.Process(target=_run_worker, args=(*self.target, os.getpid()), daemon=False)
+        p.start()
+        return p
+
+    def _on_signal(self, signum, _frame) -> None:
+        self.stopping = True
+
+    def _on_exit(self, proc) -> float | None:
+        """Log a worker's death; the delay before its replacement, or None to give up."""
+        proc.join()
+        code = proc.exitcode
+        how = (f"killed by {signal.Signals(-code).name}" if code is not None and code < 0
+               else f"exit code {code}")
+        delay = self.budget.on_death(time.monotonic())
+        if delay is None:
+            log.error("worker pid %d died (%s); %d workers died within %g s, giving up",
+                      proc.pid, how, self.budget.recent(), self.budget.window_s)
+        else:
+            log.error("worker pid %d died (%s); replacing it in %g s", proc.pid, how, delay)
+        return delay
+
+    def _stop(self, procs, failed: bool) -> int:
+        """SIGTERM every worker, wait for them (killing stragglers); the exit status."""
+        procs = list(procs)
+        if not failed:
+            log.info("stopping %d workers", len(procs))
         for p in procs:
-            p.start()
-        log.info("%d workers on %s:%d", workers, settings.listen_host, settings.listen_port)
-
-        def stop(signum, _frame):
-            for p in procs:
-                if p.is_alive():
-                    os.kill(p.pid, signal.SIGTERM)
-        signal.signal(signal.SIGTERM, stop)
-        signal.signal(signal.SIGINT, stop)
+            if p.is_alive():
+                os.kill(p.pid, signal.SIGTERM)
+        deadline = time.monotonic() + self.STOP_GRACE_S
         for p in procs:
-            p.join()
-        return max((p.exitcode or 0) for p in procs)
+            p.join(max(0.0, deadline - time.monotonic()))
+            if p.is_alive():
+                log.error("worker pid %d did not stop within %g s; killing it", p.pid, self.STOP_GRACE_S)
+                p.kill()
+                p.join()
+        if failed:
+            return 1
+        # a worker still starting has no handler yet: our SIGTERM ends it, which is a clean stop
+        return 0 if all(p.exitcode in (0, -signal.SIGTERM) for p in procs) else 1
 
 
-def _run_worker(settings: Settings, dsn: str, create_app) -> None:
-    """One serving process: its own event loop, pools and audit chain, a shared port."""
+def _run_worker(settings: Settings, dsn: str, sock: socket.socket, create_app,
+                parent_pid: int | None = None) -> None:
+    """One serving process: its own event loop, pools and audit chain, the shared socket."""
+    if parent_pid is not None:
+        # the supervisor's handlers came along with the fork; until aiohttp installs its
+        # own, SIGTERM must end this process rather than set a flag in its copy of them
+        signal.set_wakeup_fd(-1)
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(sig, signal.SIG_DFL)
+        _die_with_parent(parent_pid)
     _use_uvloop()
-    sock = socket.socket(socket.AF_INET6 if ":" in settings.listen_host else socket.AF_INET)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
-    sock.bind((settings.listen_host, settings.listen_port))
     web.run_app(create_app(settings, dsn), sock=sock, access_log=None,
                 print=lambda s: log.info(s.strip()))
+
+
+def _die_with_parent(parent_pid: int) -> None:
+    """Have the kernel send SIGTERM when the supervisor dies, even by SIGKILL, so no worker
+    serves unsupervised (Linux; elsewhere workers outlive a killed supervisor)."""
+    with contextlib.suppress(OSError, AttributeError):
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
+    if os.getppid() != parent_pid:     # the parent died before prctl took effect
+        sys.exit(1)
 
 
 def _use_uvloop() -> None:

@@ -42,6 +42,7 @@ class Settings:
     backend_connections: int = 200
     db_pool_min: int = 5
     db_pool_max: int = 12     # the audit lanes hold one each, the rest serve queries
+    db_connect_timeout_s: float = 30.0   # how long start-up waits for the database to answer
     audit_queue_max: int = 50_000
     audit_retention_days: int = 400
     audit_lanes: int = 1
@@ -77,6 +78,8 @@ class Settings:
                                        cls.max_json_answer_bytes),
             max_streams=_int(env, "GATEWAY_MAX_STREAMS", cls.max_streams),
             db_pool_max=_int(env, "GATEWAY_DB_POOL_MAX", cls.db_pool_max),
+            db_connect_timeout_s=_float(env, "GATEWAY_DB_CONNECT_TIMEOUT_S",
+                                        cls.db_connect_timeout_s),
             audit_retention_days=_int(env, "GATEWAY_AUDIT_RETENTION_DAYS", cls.audit_retention_days),
             audit_lanes=_int(env, "GATEWAY_AUDIT_LANES", cls.audit_lanes),
         )

@@ -175,21 +175,36 @@ async def wait_for(predicate, timeout: float = 3.0):
 POLICY_DIR = Path(DEFAULT_POLICY_DIR)
 
 
+def free_port() -> int:
+    """A loopback port free right now."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def serve_env(backends, database_url: str, tmp_path, port: int, **env: str) -> dict[str, str]:
+    """The environment of a `gateway serve` process in front of the test backends."""
+    return {**os.environ, "GATEWAY_DATABASE_URL": database_url,
+            "GATEWAY_LISTEN": f"127.0.0.1:{port}",
+            "GATEWAY_UPSTREAM_TELEPHONY": backends["urls"]["telephony"],
+            "GATEWAY_UPSTREAM_MEETING": backends["urls"]["meeting"], "GATEWAY_JWT_SECRET": SECRET,
+            "GATEWAY_JWT_ISSUER": ISSUER, "GATEWAY_JWT_AUDIENCE": AUDIENCE,
+            "GATEWAY_DATA_DIR": str(tmp_path), **env}
+
+
+SERVE = [sys.executable, "-m", "gateway", "serve"]
+
+
 @contextlib.asynccontextmanager
 async def gateway_process(http, backends, database_url: str, tmp_path, *args: str,
+                          log: Path | None = None,
                           **env: str) -> AsyncIterator[tuple[subprocess.Popen, str]]:
-    """`gateway serve` as a process of its own (killed at the end); yields it and its URL."""
-    with socket.socket() as probe:       # a port free right now
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
-    full_env = dict(os.environ, GATEWAY_DATABASE_URL=database_url,
-                    GATEWAY_LISTEN=f"127.0.0.1:{port}",
-                    GATEWAY_UPSTREAM_TELEPHONY=backends["urls"]["telephony"],
-                    GATEWAY_UPSTREAM_MEETING=backends["urls"]["meeting"], GATEWAY_JWT_SECRET=SECRET,
-                    GATEWAY_JWT_ISSUER=ISSUER, GATEWAY_JWT_AUDIENCE=AUDIENCE,
-                    GATEWAY_DATA_DIR=str(tmp_path), **env)
-    proc = subprocess.Popen([sys.executable, "-m", "gateway", "serve", *args], env=full_env,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    """`gateway serve` as a process of its own (killed at the end); yields it and its URL.
+    With log, its stderr (where it logs) goes to that file."""
+    port = free_port()
+    stderr = open(log, "ab") if log else subprocess.DEVNULL  # noqa: SIM115 (closed below)
+    proc = subprocess.Popen([*SERVE, *args], stdout=subprocess.DEVNULL, stderr=stderr,
+                            env=serve_env(backends, database_url, tmp_path, port, **env))
     base = f"http://127.0.0.1:{port}"
     try:
         async def up():
@@ -203,6 +218,8 @@ async def gateway_process(http, backends, database_url: str, tmp_path, *args: st
         if proc.poll() is None:
             proc.kill()
         proc.wait()
+        if log:
+            stderr.close()
 
 
 class Hostile:
