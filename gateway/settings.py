@@ -6,13 +6,22 @@ import logging
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
+from importlib import resources
 from pathlib import Path
 from urllib.parse import urlsplit
 
 log = logging.getLogger("gateway.settings")
-REPO_ROOT = Path(__file__).resolve().parent.parent
-DEFAULT_POLICY_DIR = REPO_ROOT / "policies"
-SQL_DIR = REPO_ROOT / "sql"
+
+
+def _package_data(name: str) -> Path:
+    """The directory `name` of gateway._data: the wheel's copy, or the checkout's top level."""
+    # resolve(): in a checkout the symlink leads to the top-level directory, which is the
+    # path an operator knows; Casbin and open() need a real directory, never a zip member
+    return Path(str(resources.files("gateway._data") / name)).resolve()
+
+
+DEFAULT_POLICY_DIR = _package_data("policies")
+SQL_DIR = _package_data("sql")
 
 
 class ConfigError(Exception):
