@@ -101,7 +101,7 @@ def _resources(settings: Settings, dsn: str, catalog, policy: Policy, metrics: M
 
 @web.middleware
 async def _request_ids(request: web.Request, handler) -> web.StreamResponse:
-    """Give every request its own id and turn every failure into a SPEC §4 body."""
+    """Give every request its own id and turn every failure into the contract's error body."""
     request_id = request[REQUEST_ID] = request.app[NEW_REQUEST_ID]()
     try:
         return await handler(request)
@@ -139,7 +139,7 @@ def request_ids() -> Callable[[], str]:
 
 
 def _http_denial(e: web.HTTPException) -> Denied:
-    """aiohttp's own refusals (no route, wrong method, body too large) as SPEC §4 errors."""
+    """aiohttp's own refusals (no route, wrong method, body too large) as error bodies."""
     if e.status == 413:
         return Denied(413, "body_too_large", "the request body is too large")
     if e.status in (404, 405):

@@ -57,8 +57,8 @@ class Policy:
                     out.append({"role": role, "relation": rel, "actions": acts})
         return out
 
-    def check_floors(self) -> None:
-        """Raise PolicyError listing every floor of SPEC §2 this policy breaks."""
+    def check_floors(self, policy_file: Path | str = "policy.csv") -> None:
+        """Raise PolicyError listing every floor (README.md, Contract, Floors) this policy breaks."""
         problems = list(self._unknown)
         data_sets = self.catalog.data_sets
         for (role, rel, act), granted in self._lines.items():
@@ -70,7 +70,7 @@ class Policy:
             for name in sorted(granted):
                 ds = data_sets[name]
                 if role in ds.hidden_from:
-                    problems.append(f"{role} may {act} {name}, which the seed marks (**) "
+                    problems.append(f"{role} may {act} {name}, which datasets.yaml marks (**) "
                                     f"as hidden from {role}")
                 if ds.subject == "author" and rel != "author":
                     problems.append(f"{role} may {act} {name} as {rel}: only its author may")
@@ -87,8 +87,8 @@ class Policy:
             if ds.subject == "author" and name not in self._lines["user", "author", "read"]:
                 problems.append(f"the author of {name} may not read them")
         if problems:
-            raise PolicyError("the policy breaks the floors of SPEC §2:\n  - "
-                              + "\n  - ".join(problems))
+            raise PolicyError(f"{policy_file} breaks floors that no policy may lower "
+                              "(README.md, Contract, Floors):\n  - " + "\n  - ".join(problems))
 
 
 def load_policy(policy_dir: Path, catalog: Catalog) -> Policy:
@@ -102,7 +102,7 @@ def load_policy(policy_dir: Path, catalog: Catalog) -> Policy:
     except Exception as e:  # casbin raises bare exceptions of many kinds on bad files
         raise PolicyError(f"Casbin could not load {model} / {lines}: {e}") from None
     policy = Policy(catalog, enforcer)
-    policy.check_floors()
+    policy.check_floors(lines)
     return policy
 
 

@@ -20,7 +20,7 @@ ACTION_OF_METHOD = {"GET": "read", "HEAD": "read", "PATCH": "write", "PUT": "wri
 
 
 class PolicyError(Exception):
-    """The policy files are missing, malformed, or break a floor of SPEC §2."""
+    """The policy files are missing, malformed, or break a floor (README.md, Contract, Floors)."""
 
 
 @dataclass(frozen=True)

@@ -1,4 +1,4 @@
-"""Frozen settings, read once from the environment (SPEC §6) and checked at start-up."""
+"""Frozen settings, read once from the environment (README.md, Configuration) and checked at start-up."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
--- One row per request that reaches the gateway, allowed or denied (SPEC §5).
+-- One row per request that reaches the gateway, allowed or denied (README.md, The audit log).
 --
 -- Append-only and tamper-evident: every gateway process writes its own hash chain
 -- (chain_id, seq, prev_hash, row_hash = sha256(prev_hash || canonical row)), so processes

@@ -16,7 +16,7 @@ from .conftest import call, gateway_settings, running_gateway
 
 SESSION = web.AppKey("session", aiohttp.ClientSession)
 
-# every data set of SPEC §2 that concerns u-alice (she organises mtg-acme-1 and wrote a note)
+# every data set (README.md, Contract) that concerns u-alice (she organises mtg-acme-1 and wrote a note)
 ALICE_DATA_SETS = {
     "telephony": {"user_name", "user_email", "user_language", "user_mobile", "user_address",
                   "personal_directory", "voicemails", "faxes_incoming", "faxes_outgoing",

@@ -1,4 +1,4 @@
-"""The floors check refuses a policy that would lower a floor of SPEC §2, and the route
+"""The floors check refuses a policy that would lower a floor (README.md, Contract), and the route
 table and catalog are data: a new data set or route needs no Python change."""
 
 from __future__ import annotations
@@ -72,6 +72,7 @@ def test_the_gateway_refuses_to_start_with_a_bad_policy(policy_dir, tmp_path):
                           text=True, timeout=60)
     assert done.returncode == 2
     assert "faxes_incoming" in done.stderr and "floors" in done.stderr
+    assert str(policy_dir / "policy.csv") in done.stderr
 
 
 @pytest.mark.parametrize(("env", "message"), [

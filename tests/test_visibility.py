@@ -1,6 +1,6 @@
-"""The visibility matrix: every role against every route of SPEC §3.
+"""The visibility matrix: every role against every backend route (README.md, Contract).
 
-The expectations are written by hand from the floors of SPEC §2 and the default
+The expectations are written by hand from the floors (README.md, Contract) and the default
 policy's stated choices, not derived from the policy files under test.
 """
 

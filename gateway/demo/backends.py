@@ -1,4 +1,4 @@
-"""Demo telephony and meeting backends: exactly the reference API of SPEC §3."""
+"""Demo telephony and meeting backends: exactly the backend API of README.md, Contract."""
 
 from __future__ import annotations
 
