@@ -91,7 +91,7 @@ class Call:
         await self.audit.commit(row)
 
     async def refuse(self, denial: Denied) -> web.Response:
-        """Audit the refusal, then the error answer (README.md, Contract, Errors)."""
+        """Audit the refusal, then the error answer (README.md, Errors)."""
         try:
             await self.record_refusal(denial)
         except Denied as unavailable:
