@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
+import importlib.resources
 import itertools
 import logging
 import secrets
@@ -12,6 +14,8 @@ from datetime import date
 
 import aiohttp
 import asyncpg
+import orjson
+import yaml
 from aiohttp import web
 
 from . import export, pipeline, subject_requests
@@ -51,6 +55,7 @@ def create_app(settings: Settings, dsn: str) -> web.Application:
     app.router.add_get("/readyz", readyz)
     app.router.add_get("/metrics", metrics_view)
     app.router.add_get("/v1/catalog", catalog_view)
+    app.router.add_get("/v1/openapi.json", openapi_view)
     app.router.add_put("/v1/admin/euos/{euo}", put_contract)
     app.router.add_delete("/v1/admin/euos/{euo}", delete_contract)
     audit_api.add_routes(app)
@@ -166,6 +171,18 @@ async def readyz(request: web.Request) -> web.Response:
     return json_response(
         {"status": "ready" if ok else "not_ready", "database": database, "backends": backends},
         status=200 if ok else 503)
+
+
+@functools.cache
+def openapi_document() -> bytes:
+    """gateway/openapi.yaml (shipped in the package) as JSON bytes, read once."""
+    text = importlib.resources.files("gateway").joinpath("openapi.yaml").read_text("utf-8")
+    return orjson.dumps(yaml.safe_load(text))
+
+
+async def openapi_view(request: web.Request) -> web.Response:
+    """The OpenAPI 3.1 description of the gateway's own API (no token: it names no data)."""
+    return web.Response(body=openapi_document(), content_type="application/json")
 
 
 @api("/v1/catalog")
