@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import logging
 import re
 import time
@@ -38,7 +39,7 @@ ANONYMOUS_ROUTE = "gateway:unauthenticated"
 class Call:
     """The audit life of one request (or of one backend call of an export)."""
 
-    __slots__ = ("audit", "anonymous", "row", "started", "principal", "committed")
+    __slots__ = ("audit", "anonymous", "row", "started", "principal", "committed", "siblings")
 
     def __init__(self, audit: AuditWriter, anonymous: AnonymousRefusals, request_id: str,
                  method: str, path: str, client: str | None,
@@ -48,6 +49,7 @@ class Call:
         self.started = time.perf_counter()
         self.principal: Principal | None = None
         self.committed = False            # an allowed row is durable: the answer may go
+        self.siblings: list[tuple[str | None, list[str]]] = []   # more EUOs in one answer
         self.row = AuditRow(at=now_utc(), request_id=request_id, method=method,
                             path=path[:2048], client_addr=client,
                             client_request_id=client_request_id)
@@ -63,6 +65,14 @@ class Call:
         self.row.subject_euo = euo
         self.row.subject_users = sorted(set(users))
 
+    def about_each(self, users_by_euo: dict[str | None, set[str]]) -> None:
+        """An answer about users of several EUOs: one row per EUO (the same request id), so
+        each EUO's audit and each user's access log shows it."""
+        groups = sorted(users_by_euo.items(), key=lambda g: g[0] or "")
+        if groups:
+            self.about(*groups[0])
+            self.siblings = [(euo, sorted(users)) for euo, users in groups[1:]]
+
     def _finish(self, decision: str, status: int, size: int) -> None:
         row = self.row
         row.decision, row.status, row.bytes = decision, status, size
@@ -76,7 +86,9 @@ class Call:
             self.row.data_sets = list(served)
         if removed:
             self.row.fields_removed = list(removed)
-        await self.audit.commit(self.row)
+        rows = [self.row] + [dataclasses.replace(self.row, subject_euo=euo, subject_users=users)
+                             for euo, users in self.siblings]
+        await asyncio.gather(*(self.audit.commit(row) for row in rows))
         self.committed = True
 
     async def record_refusal(self, denial: Denied) -> None:

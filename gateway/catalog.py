@@ -101,6 +101,12 @@ class Route:
     # a caller who then sees nothing of it gets 403 rather than an empty shell
     top_decided: bool
     binds: bool = False                         # some object of the answer is bound to a parameter
+    media_types: tuple[str, ...] = ()           # what a binary answer may be ("type/*" allowed)
+
+    def allows_media_type(self, media_type: str) -> bool:
+        """Whether a binary answer of this (lower-case) type may pass."""
+        return any(media_type == t or (t.endswith("/*") and media_type.startswith(t[:-1]))
+                   for t in self.media_types)
 
     @property
     def name(self) -> str:
@@ -113,6 +119,7 @@ class Catalog:
     routes: list[Route]
     data_subject_relations: frozenset[str]
     restriction_blocks: frozenset[str] = frozenset()
+    identifier: re.Pattern = re.compile(r"[A-Za-z0-9._~@:-]{1,128}")   # grammars.identifier
     _trie: dict[str, dict] = field(default_factory=dict, repr=False)
 
     @property
@@ -158,7 +165,7 @@ def load_catalog(policy_dir: Path) -> Catalog:
               enumerate(raw_routes.get("routes") or [])]
     if not routes:
         raise PolicyError("routes.yaml: no routes")
-    catalog = Catalog(data_sets, routes, subject_rels, blocks)
+    catalog = Catalog(data_sets, routes, subject_rels, blocks, grammars[IDENTIFIER])
     for route in routes:
         _insert(catalog._trie, route)
     return catalog
@@ -310,6 +317,11 @@ def _route(i: int, spec: dict, builder: _ShapeBuilder, grammars: dict[str, re.Pa
         builder._known(ds, where)
     if (body is None) == (not binary):
         raise PolicyError(f"routes.yaml: {where}: give exactly one of body or binary")
+    media_types = tuple(str(t).lower() for t in spec.get("media_types") or ())
+    if binary and not media_types:
+        raise PolicyError(f"routes.yaml: {where}: a binary route lists its media_types")
+    if any("json" in t or t in ("*/*", "text/*", "text/html") for t in media_types):
+        raise PolicyError(f"routes.yaml: {where}: media_types may not admit JSON or HTML")
     found: set[str] = set(binary)
     top: set[str] = set()
     nested: set[str] = set()
@@ -323,7 +335,7 @@ def _route(i: int, spec: dict, builder: _ShapeBuilder, grammars: dict[str, re.Pa
         raise PolicyError(f"routes.yaml: {where}: every route names its EUO parameter")
     return Route(service, "/" + "/".join(segments), methods, params, param_grammars, query,
                  subject.get("euo"), subject.get("user"), body, binary, frozenset(found),
-                 frozenset(top | nested), bool(top), _binds(body))
+                 frozenset(top | nested), bool(top), _binds(body), media_types)
 
 
 def _binds(node: Node | None) -> bool:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import re
 from collections.abc import Awaitable, Callable
 
 import asyncpg
@@ -14,13 +13,12 @@ from .audit import AuditRow
 from .call import Call
 from .catalog import ROLES
 from .errors import Denied
+from .grammar import CONTROL, IDENTIFIER, MAX_TEXT
 from .principal import Principal
 
 # the call of a handler that committed its audit row itself (a streamed download must do
 # so before its first byte)
 CALL = web.RequestKey("call", Call)
-IDENTIFIER = re.compile(r"[A-Za-z0-9._~@:-]{1,128}")
-MAX_TEXT = 10_000
 
 Handler = Callable[[web.Request, Principal, AuditRow], Awaitable[web.Response]]
 
@@ -86,8 +84,7 @@ def text(value: object, what: str, required: bool = False) -> str | None:
     characters but newlines and tabs; Denied(400, invalid_text) otherwise."""
     if value is None and not required:
         return None
-    if (not isinstance(value, str) or len(value) > MAX_TEXT
-            or any(c < " " and c not in "\n\r\t" for c in value) or "\x7f" in value):
+    if not isinstance(value, str) or len(value) > MAX_TEXT or CONTROL.search(value):
         raise Denied(400, "invalid_text",
                      f"{what} must be text of at most {MAX_TEXT} characters, without control "
                      "characters")

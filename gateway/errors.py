@@ -21,6 +21,7 @@ REASONS: dict[str, tuple[int, str]] = {
     "bad_json": (400, "the body is not a JSON object"),
     "bad_body": (400, "the body could not be read"),
     "bad_request": (400, "the HTTP request was refused by the server"),
+    "bad_value": (400, "a written value is not plain text, a number or a flat list"),
     "field_not_writable": (400, "the write sets a field the route table does not let anyone set"),
     "invalid_text": (400, "free text is too long, not a string or holds control characters"),
     "invalid_contract": (400, "a contract body is malformed"),

@@ -28,9 +28,10 @@ from .call import AnonymousRefusals, Call, client_request_id
 from .catalog import ACTION_OF_METHOD, Catalog, ObjectOf, Route
 from .contracts import ContractCache
 from .errors import Denied
+from .grammar import CONTROL, MAX_TEXT
 from .principal import Principal
 from .proxy import CHUNK, PRIVATE, Backends, binary_headers, forward_headers
-from .redact import RedactionPlan, SubjectMismatch, Unmappable, check_bound, make_plan, now_utc, redact
+from .redact import RedactionPlan, SubjectMismatch, Unmappable, check_shape, make_plan, now_utc, redact
 from .restrictions import RestrictionCache
 from .target import Matched, Targets
 
@@ -180,21 +181,26 @@ async def read_json(gw: Gateway, target: Target, upstream, call: Call,
     """Stage 5: the backend's JSON, bound to the request's subject and redacted for the
     caller (its bytes untouched when nothing must go)."""
     status = upstream.status
-    content_type = upstream.headers.get("Content-Type", "")
+    content_type = upstream.content_type.lower()
     raw = await gw.backends.read(upstream, deadline)
     headers = dict(PRIVATE)
     if status == 204 or not raw:
         return JsonAnswer(status, headers, b"")
-    if "json" not in content_type:
+    if not (content_type == "application/json" or content_type.endswith("+json")):
         raise Denied(502, "backend_unmappable", "the backend's answer is not JSON")
+    if upstream.headers.get("Content-Encoding", "identity").strip().lower() not in ("", "identity"):
+        raise Denied(502, "backend_unmappable", "the backend encoded its answer")
     headers["Content-Type"] = "application/json"
     route, principal = target.route, target.principal
     plan = gw.plan(route, principal.role, target.relations)
     try:
         document = orjson.loads(raw)
         if plan.passthrough and target.blocked is None:
-            check_bound(document, route.body, target.params)
-            return JsonAnswer(status, headers, raw, document, served=list(plan.visible))
+            # nothing to remove, but the shape and subject are checked all the same, and
+            # what was checked is what is sent: re-encoded, so no parser differential
+            # (a duplicate key, say) can show the client something else
+            check_shape(document, route.body, target.params, gw.catalog.identifier)
+            return JsonAnswer(status, headers, None, document, served=list(plan.visible))
         redacted, outcome = redact(document, plan, principal.sub, gw.catalog, gw.policy.granted,
                                    now_utc(), target.blocked, target.params)
     except SubjectMismatch as e:
@@ -245,7 +251,25 @@ async def _request_body(request: web.Request, gw: Gateway, target: Target) -> by
             raise Denied(400, "field_not_writable", f"{key[:64]!r} cannot be changed through the gateway")
         if data_set not in writable:
             raise Denied(403, "write_not_permitted", f"you may not change {data_set}")
+        if not _plain(doc[key], top=True):
+            raise Denied(400, "bad_value",
+                         f"{key!r} must be text, a number, true/false, null, or a list of "
+                         "those or of flat objects (no control characters)")
     return orjson.dumps(doc)
+
+
+def _plain(value: Any, top: bool = False, depth: int = 2) -> bool:
+    """A value a write may set: a scalar (text without control characters), or a list of
+    scalars or flat objects — never an object at the top (no operators, no merges)."""
+    if isinstance(value, str):
+        return len(value) <= MAX_TEXT and not CONTROL.search(value)
+    if value is None or isinstance(value, (bool, int, float)):
+        return True
+    if depth == 0 or (top and isinstance(value, dict)):
+        return False
+    if isinstance(value, dict):
+        return all(_plain(k) and _plain(v, depth=depth - 1) for k, v in value.items())
+    return isinstance(value, list) and all(_plain(v, depth=depth - 1) for v in value)
 
 
 def _check_route(gw: Gateway, route: Route, principal: Principal,
@@ -295,12 +319,23 @@ async def _stream(request: web.Request, gw: Gateway, target: Target, call: Call,
         gw.streams -= 1
 
 
+def check_file(route: Route, upstream) -> None:
+    """A file answer must be of a media type the route declares and not re-encoded: a
+    document (JSON above all) where a file was due cannot be redacted, so it cannot pass."""
+    encoding = upstream.headers.get("Content-Encoding", "identity").strip().lower()
+    if encoding not in ("", "identity"):
+        raise Denied(502, "backend_unmappable", "the backend encoded a file it was asked for as is")
+    if upstream.status == 204:
+        return
+    if not route.allows_media_type(upstream.content_type.lower()):
+        raise Denied(502, "backend_unmappable",
+                     f"the backend answered {upstream.content_type[:64]} where a file was due")
+
+
 async def _copy(request: web.Request, route: Route, upstream, call: Call) -> web.StreamResponse:
     """Commit the audit row, then copy the binary body through in chunks."""
     try:
-        if "json" in upstream.headers.get("Content-Type", ""):
-            # a binary route answered with a document: it cannot be redacted, so it cannot pass
-            raise Denied(502, "backend_unmappable", "the backend answered JSON where a file was due")
+        check_file(route, upstream)
         await call.allow(upstream.status, upstream.content_length or 0, sorted(route.binary))
     except Denied:
         upstream.release()

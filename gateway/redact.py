@@ -8,6 +8,7 @@ which nothing but identifiers would remain are dropped, and old call records are
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
@@ -74,21 +75,66 @@ def redact(document: Any, plan: RedactionPlan, sub: str, catalog: Catalog, grant
     return out, walker.outcome
 
 
-def check_bound(document: Any, node: Node | None, params: Mapping[str, str], path: str = "") -> None:
-    """Raise SubjectMismatch (or Unmappable) unless every bound identifier in the answer
-    equals the request's parameter: the check the untouched-bytes path still pays."""
-    if isinstance(node, ListOf):
+def check_shape(document: Any, node: Node | None, params: Mapping[str, str],
+                identifier: re.Pattern, path: str = "") -> None:
+    """Raise Unmappable (SubjectMismatch) unless the answer has the route's shape and is
+    about the request's subject: the check the nothing-to-remove path still pays."""
+    if isinstance(node, Leaf):
+        _leaf(document, node, path)
+    elif document is None:
+        return
+    elif isinstance(node, ListOf):
         if not isinstance(document, list):
             raise Unmappable(f"{path or 'body'} is not a list")
         for item in document:
-            check_bound(item, node.item, params, path + "[]")
+            check_shape(item, node.item, params, identifier, path + "[]")
     elif isinstance(node, ObjectOf):
         if not isinstance(document, dict):
             raise Unmappable(f"{path or 'body'} is not an object")
         _check_binds(document, node, params, path)
-        for key, child in node.fields.items():
-            if not isinstance(child, Leaf) and document.get(key) is not None:
-                check_bound(document[key], child, params, f"{path}.{key}" if path else key)
+        for _rel, fld in node.subject:
+            _subject_of(document, fld, identifier, path)
+        for key, child in document.items():
+            spec = node.fields.get(key)
+            sub_path = f"{path}.{key}" if path else key
+            if spec is None:
+                _flat(child, sub_path, UNDECLARED_DEPTH)
+            elif node.dataset_by is not None:
+                _flat(child, sub_path)
+            else:
+                check_shape(child, spec, params, identifier, sub_path)
+
+
+def _leaf(value: Any, node: Leaf, path: str) -> None:
+    """An identifier is a scalar; a data set's value is flat (see _flat)."""
+    if node.data_set is None:
+        if isinstance(value, (dict, list)):
+            raise Unmappable(f"{path} is an identifier but holds a structure")
+    else:
+        _flat(value, path)
+
+
+UNDECLARED_DEPTH = 1      # a field nobody declared: a scalar, or a list or object of scalars
+
+
+def _flat(value: Any, path: str, depth: int = 2) -> None:
+    """A value that belongs wholly to one data set is a scalar, or a list or object of at
+    most two levels of them (entries: [{name, number}]); an undeclared field's, of one:
+    nothing deeper, so no object with a subject of its own can hide inside it."""
+    if isinstance(value, (dict, list)):
+        if depth == 0:
+            raise Unmappable(f"{path} nests deeper than the route table allows")
+        for child in value.values() if isinstance(value, dict) else value:
+            _flat(child, path, depth - 1)
+
+
+def _subject_of(value: dict, fld: str, identifier: re.Pattern, path: str) -> str:
+    """The identifier an object names as its subject; Unmappable when it is missing or is
+    not an identifier (a subject that cannot be read must not be taken as nobody's)."""
+    named = _identifier(value.get(fld))
+    if named is None or not identifier.fullmatch(named):
+        raise Unmappable(f"{path or 'body'}.{fld} does not name a subject")
+    return named
 
 
 def _check_binds(value: dict, node: ObjectOf, params: Mapping[str, str], path: str) -> None:
@@ -123,6 +169,7 @@ class _Walker:
     def value(self, value: Any, node: Node, relations: frozenset[str], path: str) -> Any:
         """The redacted value, or _DROP when none of it may be seen."""
         if isinstance(node, Leaf):
+            _leaf(value, node, path)
             if node.data_set is None:
                 return value
             if node.data_set in self.granted(self.role, relations, "read"):
@@ -153,8 +200,8 @@ class _Walker:
         subjects = []
         own: set[str] = set()          # the relations this object's own subject fields grant
         for rel, fld in node.subject:
-            named = _identifier(value.get(fld))
-            if rel in self.subject_relations and named is not None:
+            named = _subject_of(value, fld, self.catalog.identifier, path)
+            if rel in self.subject_relations:
                 subjects.append(named)
             if self.role == "user" and named == self.sub:
                 relations = relations | {rel}
@@ -171,6 +218,8 @@ class _Walker:
 
         if node.dataset_by is not None:
             fld, values = node.dataset_by
+            for key, child in value.items():
+                _flat(child, f"{path}.{key}" if path else key)
             ds = values.get(value.get(fld))
             if ds is not None and ds in readable:
                 self.outcome.served.add(ds)
@@ -188,6 +237,7 @@ class _Walker:
             spec = node.fields.get(key)
             sub_path = f"{path}.{key}" if path else key
             if spec is None:
+                _flat(child, sub_path, UNDECLARED_DEPTH)
                 if is_subject:
                     result[key] = child
                     has_data = True

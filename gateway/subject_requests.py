@@ -14,7 +14,7 @@ from aiohttp import web
 
 from .audit import AuditRow
 from .db import POOL, query
-from .endpoints import api, json_object, json_response, text
+from .endpoints import CALL, api, json_object, json_response, text
 from .errors import Denied
 from .pipeline import GATEWAY
 from .principal import Principal
@@ -77,7 +77,10 @@ async def list_requests(request: web.Request, principal: Principal, row: AuditRo
     if status is not None and status not in STATUSES:
         raise Denied(400, "bad_filter", f"status must be one of {', '.join(STATUSES)}")
     rows = await request.app[POOL].fetch(query("requests_in_scope"), *_scope(principal), status)
-    row.subject_users = sorted({r["user_sub"] for r in rows})
+    users_by_euo: dict[str | None, set[str]] = {}
+    for r in rows:
+        users_by_euo.setdefault(r["euo_id"], set()).add(r["user_sub"])
+    request[CALL].about_each(users_by_euo)
     return json_response({"requests": [public(r) for r in rows]})
 
 
@@ -98,6 +101,10 @@ async def update_request(request: web.Request, principal: Principal, row: AuditR
     current = await pool.fetchrow(query("get_request"), request_id)
     if current is None or not _covers(gw, principal, current):
         raise Denied(404, "no_such_request", "no such request in your scope")
+    if current["type"] == "restriction" and principal.role in gw.catalog.restriction_blocks:
+        # the party a restriction blocks may not lift it: the EUO's admin or staff decide
+        raise Denied(403, "role_not_permitted",
+                     "a restriction that blocks your role is answered by the EUO's admin")
     row.subject_euo, row.subject_users = current["euo_id"], [current["user_sub"]]
     updated = await pool.fetchrow(query("update_request"), request_id, status, resolution,
                                   f"{principal.role}:{principal.partner or principal.euo or 'provider'}")

@@ -68,3 +68,54 @@ async def test_a_client_request_id_cannot_collide_with_another_request(gateway, 
     rows = await db.fetch("select client_request_id from audit_log where request_id = any($1::text[])",
                           list(ids))
     assert [r["client_request_id"] for r in rows] == ["same-id"] * 3
+
+
+async def test_an_actor_with_the_users_sub_in_another_role_is_in_their_access_log(
+        gateway, http, token_for):
+    """A user is (EUO, sub): staff, a partner or an admin whose sub happens to be `u-bob`
+    reading Bob's record are others, and Bob's access log shows them."""
+    before = orjson.loads((await call(http, "GET", gateway + "/v1/me/access-log",
+                                      token_for("bob")))[2])["accesses"]
+    for spec in (dict(role="provider_staff", sub="u-bob"),
+                 dict(role="partner", sub="u-bob", partner="p-northwind"),
+                 dict(role="euo_admin", sub="u-bob", euo="euo-acme")):
+        status, _, _ = await call(http, "GET", gateway + "/telephony/euos/euo-acme/users/u-bob",
+                                  token_for(**spec))
+        assert status == 200
+    _, _, body = await call(http, "GET", gateway + "/v1/me/access-log", token_for("bob"))
+    after = orjson.loads(body)["accesses"]
+    roles = [a["accessor"]["role"] for a in after[:len(after) - len(before)]]
+    assert {"provider_staff", "partner", "euo_admin"} <= set(roles)
+
+
+async def test_the_actor_filter_cannot_confirm_who_else_acted(gateway, http, token_for):
+    """A partner asking for rows of actor `staff-sam` gets none, even where staff-sam read
+    its EUO's data; its own actors it can find."""
+    await call(http, "GET", gateway + PATH, token_for("staff"))
+    _, _, body = await call(http, "GET", gateway + "/v1/audit", token_for("partner"),
+                            params={"actor": "staff-sam"})
+    assert orjson.loads(body)["rows"] == []
+    await call(http, "GET", gateway + PATH, token_for("partner"))
+    _, _, body = await call(http, "GET", gateway + "/v1/audit", token_for("partner"),
+                            params={"actor": "pat@northwind"})
+    assert orjson.loads(body)["rows"]
+
+
+async def test_a_listing_of_requests_is_audited_per_euo(gateway, http, token_for, db):
+    """Staff listing requests of several EUOs leaves a row per EUO, so each EUO's audit and
+    each user's access log shows it."""
+    for caller in ("bob", "alice"):
+        await call(http, "POST", gateway + "/v1/me/requests", token_for(caller),
+                   json={"type": "objection", "data_sets": ["connection_statistics"]})
+    await call(http, "POST", gateway + "/v1/me/requests",
+               token_for(role="user", sub="u-dirk", euo="euo-globex"),
+               json={"type": "objection", "data_sets": ["connection_statistics"]})
+    status, headers, _ = await call(http, "GET", gateway + "/v1/requests", token_for("staff"))
+    assert status == 200
+    rows = await db.fetch("select subject_euo, subject_users from audit_log where request_id = $1",
+                          headers["X-Request-Id"])
+    by_euo = {r["subject_euo"]: set(r["subject_users"]) for r in rows}
+    assert {"u-bob", "u-alice"} <= by_euo["euo-acme"] and "u-dirk" in by_euo["euo-globex"]
+    _, _, body = await call(http, "GET", gateway + "/v1/me/access-log",
+                            token_for(role="user", sub="u-dirk", euo="euo-globex"))
+    assert any(a["route"] == "gateway:/v1/requests" for a in orjson.loads(body)["accesses"])

@@ -48,3 +48,22 @@ async def test_a_restriction_blocks_only_its_own_euos_user(gateway, http, token_
                                    token_for("staff"))
             return got != 403
         assert await wait_for(lifted), request_id
+
+
+async def test_the_role_a_restriction_blocks_cannot_lift_it(gateway, http, token_for, db):
+    """The partner that a restriction blocks may not reject it; the EUO's admin may."""
+    status, _, body = await call(http, "POST", gateway + "/v1/me/requests", token_for("carla"
+                                 ) if False else token_for(role="user", sub="u-carla", euo="euo-acme"),
+                                 json={"type": "restriction", "data_sets": ["user_mobile"]})
+    assert status == 201
+    request_id = orjson.loads(body)["id"]
+    try:
+        status, _, body = await call(http, "PATCH", gateway + f"/v1/requests/{request_id}",
+                                     token_for("partner"), json={"status": "rejected"})
+        assert status == 403 and orjson.loads(body)["error"]["code"] == "role_not_permitted"
+        status, _, _ = await call(http, "PATCH", gateway + f"/v1/requests/{request_id}",
+                                  token_for("admin"), json={"status": "rejected"})
+        assert status == 200
+    finally:
+        await db.execute("update dsr_requests set status = 'rejected' where id = $1::uuid",
+                         request_id)

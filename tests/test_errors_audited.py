@@ -97,3 +97,56 @@ async def test_csv_downloads_neutralise_formulas(gateway, http, token_for):
                                  params={"actor": "=cmd|calc"},
                                  headers={"Accept": "application/x-ndjson"})
     assert orjson.loads(body.splitlines()[0])["actor_sub"] == "=cmd|calc"
+
+
+@pytest.mark.parametrize(("path", "params", "code"), [
+    ("/v1/audit", {"actor": "a\x00b"}, "bad_filter"),
+    ("/v1/audit", {"dataset": "\x00"}, "bad_filter"),
+    ("/v1/audit", {"from": "0001-01-01T00:00:00+01:00"}, "bad_filter"),
+    ("/v1/audit", {"to": "9999-12-31T23:59:59-01:00"}, "bad_filter"),
+    ("/v1/audit", {"cursor": _cursor(["0001-01-01T00:00:00+05:00",
+                                      "5b0c1d9e-7d1b-4f7e-9d50-6a0c1fb1c0aa", 1])}, "bad_cursor"),
+])
+async def test_filters_the_database_cannot_take_are_the_callers_mistake(
+        gateway, http, token_for, path, params, code):
+    for accept in ("application/json", "text/csv", "application/x-ndjson"):
+        status, _, body = await call(http, "GET", gateway + path, token_for("staff"),
+                                     params=params, headers={"Accept": accept})
+        assert status == 400 and orjson.loads(body)["error"]["code"] == code
+
+
+async def test_the_access_log_refuses_a_time_outside_the_calendar(gateway, http, token_for):
+    status, _, body = await call(http, "GET", gateway + "/v1/me/access-log", token_for("alice"),
+                                 params={"from": "0001-01-01T00:00:00+01:00"})
+    assert status == 400 and orjson.loads(body)["error"]["code"] == "bad_filter"
+
+
+async def test_an_empty_csv_download_still_has_its_header(gateway, http, token_for):
+    status, _, body = await call(http, "GET", gateway + "/v1/audit", token_for("staff"),
+                                 params={"actor": "nobody-at-all"}, headers={"Accept": "text/csv"})
+    assert status == 200 and body.decode().splitlines() == [",".join(
+        next(csv.reader([body.decode().splitlines()[0]])))]
+    assert body.startswith(b"at,chain_id,seq,request_id")
+
+
+@pytest.mark.parametrize("detail", ["abc\u202edcba", "c1\x85control"])
+async def test_text_that_displays_other_than_it_reads_is_refused(gateway, http, token_for, detail):
+    status, _, body = await call(http, "POST", gateway + "/v1/me/requests", token_for("alice"),
+                                 json={"type": "erasure", "data_sets": ["user_address"],
+                                       "detail": detail})
+    assert status == 400 and orjson.loads(body)["error"]["code"] == "invalid_text"
+
+
+@pytest.mark.parametrize("body", [
+    {"first_name": {"$set": {"personal_directory": []}}},
+    {"address": {"id": "u-alice", "euo_id": "euo-initech"}},
+    {"first_name": "a\x00b"},
+    {"first_name": [[["deep"]]]},
+])
+async def test_written_values_must_be_plain(gateway, http, token_for, backends, body):
+    """A write sets text, numbers or flat lists: no operators or merges reach a backend."""
+    before = len(backends["seen"].requests)
+    status, _, answer = await call(http, "PATCH", gateway + "/telephony/euos/euo-acme/users/u-bob",
+                                   token_for("partner"), json=body)
+    assert status == 400 and orjson.loads(answer)["error"]["code"] == "bad_value"
+    assert len(backends["seen"].requests) == before

@@ -3,6 +3,7 @@ client may receive from a backend; every answer is private to its caller."""
 
 from __future__ import annotations
 
+import aiohttp
 import pytest
 from aiohttp import web
 
@@ -82,3 +83,49 @@ async def test_a_document_where_a_file_was_due_is_refused(hostile_gateway, http,
         http, "GET", gw + "/telephony/euos/euo-acme/users/u-alice/recordings/rec-1",
         token_for("partner"))
     assert status == 502 and b"secret" not in body
+
+
+@pytest.mark.parametrize(("content_type", "extra"), [
+    ("Application/JSON", {}), ("application/problem+json", {}), ("text/html", {}),
+    ("audio/wav", {"Content-Encoding": "gzip"}),
+])
+async def test_a_file_of_another_kind_is_refused(hostile_gateway, http, token_for, content_type,
+                                                extra):
+    gw, backend = hostile_gateway
+    backend.answer(lambda request: web.Response(
+        body=b'{"first_name": "Bob", "mobile": "+32470111202"}',
+        headers={"Content-Type": content_type, **extra}))
+    for path in ("/telephony/euos/euo-acme/users/u-alice/voicemails/vm-1",):
+        status, _, body = await call(http, "GET", gw + path, token_for("alice"))
+        assert status == 502 and b"+32470111202" not in body
+
+
+async def test_the_export_refuses_a_document_where_a_file_was_due(hostile_gateway, http,
+                                                                  token_for):
+    gw, backend = hostile_gateway
+
+    def script(request):
+        if request.path.endswith("/voicemails"):
+            return {"voicemails": [{"id": "vm-1", "caller": "+32", "received_at": "2026-01-01"}]}
+        if "/voicemails/" in request.path:
+            return {"first_name": "Bob", "mobile": "+32470111202"}
+        if request.path.endswith("/personal-directory"):
+            return {"entries": []}
+        if request.path.endswith(("/faxes", "/recordings")):
+            return {request.path.rsplit("/", 1)[1]: []}
+        if "/cdrs" in request.path:
+            return {"cdrs": []}
+        if "/connection-stats" in request.path:
+            return {"stats": []}
+        if "/organizers/" in request.path:
+            return web.json_response({"error": "not found"}, status=404)
+        return {"id": "u-alice", "euo_id": "euo-acme", "first_name": "Alice"}
+    backend.answer(script)
+    url = gw + "/v1/me/export"
+    headers = {"Authorization": f"Bearer {token_for('alice')}"}
+    try:
+        async with http.get(url, headers=headers) as r:
+            body = await r.read()
+        assert r.status != 200 or b"+32470111202" not in body
+    except aiohttp.ClientPayloadError:
+        pass                      # cut off before the archive could carry the document

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import orjson
 import pytest
+from aiohttp import web
 
 from .conftest import audit_row, call
 
@@ -85,3 +86,54 @@ async def test_an_undeclared_field_of_a_colleague_is_removed_in_lists(hostile_ga
     status, _, body = await call(http, "GET", gw + "/telephony/euos/euo-acme/cdrs",
                                  token_for("admin"))
     assert status == 200 and b"recording_url" not in body
+
+
+MEETING = {"id": "m-1", "organizer_id": "u-alice", "start": "2099-01-01T10:00:00Z",
+           "end": "2099-01-01T11:00:00Z", "topic": "Budget",
+           "private_notes": [{"author_id": "u-bob", "text": "bob's"}]}
+
+
+@pytest.mark.parametrize(("caller", "path", "answer"), [
+    # an identifier field is a scalar: a structure in it would reach anyone who sees the document
+    ("bob", "/meeting/accounts/euo-acme/meetings/m-1",
+     dict(MEETING, organizer_id={"id": "u-alice", "address_book": ["Mum +32470990000"]})),
+    ("bob", "/meeting/accounts/euo-acme/meetings/m-1", dict(MEETING, start={"chat": ["x"]})),
+    ("partner", "/telephony/euos/euo-acme", {"id": "euo-acme", "name": "Acme",
+                                             "partner_id": {"mobile": "+32470111201"}}),
+    ("admin", "/telephony/euos/euo-acme/cdrs", {"cdrs": [dict(_cdr("u-bob"), id=["+32470111201"])]}),
+    # a subject field must name a subject: missing, a float, null or a structure is refused
+    ("partner", "/telephony/euos/euo-acme/cdrs", {"cdrs": [dict(_cdr("u-bob"), user_id=42.0)]}),
+    ("partner", "/telephony/euos/euo-acme/cdrs",
+     {"cdrs": [{k: v for k, v in _cdr("u-bob").items() if k != "user_id"}]}),
+    ("partner", "/telephony/euos/euo-acme/cdrs", {"cdrs": [dict(_cdr("u-bob"), user_id=None)]}),
+    ("partner", "/telephony/euos/euo-acme/users", {"users": [dict(BOB, id=42.0)]}),
+    ("alice", "/meeting/accounts/euo-acme/meetings/m-1",
+     dict(MEETING, private_notes=[{"text": "whose?"}])),
+    # a data set's value is flat: another person's object cannot hide inside it
+    ("alice", "/meeting/accounts/euo-acme/organizers/u-alice",
+     {"id": "u-alice", "meetings": [{"id": "m-1", "private_notes": [
+         {"author_id": "u-bob", "text": "bob's private note about alice"}]}]}),
+    ("bob", "/meeting/accounts/euo-acme/meetings/m-1",
+     dict(MEETING, private_notes=[{"author_id": "u-bob", "text": "mine", "thread": [
+         {"author_id": "u-alice", "text": "alice's"}]}])),
+])
+async def test_a_structure_where_the_route_table_has_none_is_refused(
+        hostile_gateway, http, token_for, caller, path, answer):
+    gw, backend = hostile_gateway
+    backend.answer(lambda request: answer)
+    status, _, body = await call(http, "GET", gw + path, token_for(caller))
+    assert status == 502, body
+    assert orjson.loads(body)["error"]["code"] in ("backend_unmappable", "backend_subject_mismatch")
+
+
+async def test_duplicate_keys_cannot_show_the_client_another_subject(hostile_gateway, http,
+                                                                     token_for):
+    """The first `id` says u-bob, the last u-alice (what a parser keeps): the client receives
+    what was checked, re-encoded, never the backend's bytes."""
+    gw, backend = hostile_gateway
+    backend.answer(lambda request: web.Response(
+        body=b'{"id": "u-bob", "euo_id": "euo-acme", "id": "u-alice", "first_name": "Bob"}',
+        content_type="application/json"))
+    status, _, body = await call(http, "GET", gw + "/telephony/euos/euo-acme/users/u-alice",
+                                 token_for("alice"))
+    assert status == 200 and b"u-bob" not in body and orjson.loads(body)["id"] == "u-alice"

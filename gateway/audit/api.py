@@ -14,7 +14,7 @@ import csv
 import io
 import uuid
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import UTC, datetime
 from typing import Any
 
 import orjson
@@ -50,8 +50,10 @@ class Filters:
 
     def args(self, scope_euo: str | None, scope_partner: str | None) -> list[Any]:
         at, chain, seq = self.cursor or (None, None, None)
+        actor_scope = "partner" if scope_partner else "euo" if scope_euo else None
         return [self.actor, self.subject_user, self.euo, self.dataset, self.decision,
-                self.since, self.until, at, chain, seq, scope_euo, scope_partner, self.limit]
+                self.since, self.until, at, chain, seq, scope_euo, scope_partner, self.limit,
+                actor_scope]
 
 
 def parse_filters(params, download: bool) -> Filters:
@@ -70,10 +72,18 @@ def parse_filters(params, download: bool) -> Filters:
         if not 1 <= limit <= (10**9 if download else MAX_LIMIT):
             raise Denied(400, "bad_filter", f"limit must be between 1 and {MAX_LIMIT}")
     return Filters(
-        actor=params.get("actor"), subject_user=params.get("subject_user"),
-        euo=params.get("euo"), dataset=params.get("dataset"), decision=decision,
+        actor=_word(params, "actor"), subject_user=_word(params, "subject_user"),
+        euo=_word(params, "euo"), dataset=_word(params, "dataset"), decision=decision,
         since=_time(params, "from"), until=_time(params, "to"),
         cursor=decode_cursor(params["cursor"]) if "cursor" in params else None, limit=limit)
+
+
+def _word(params, name: str) -> str | None:
+    """A text filter: at most 256 printable characters (a NUL is the caller's mistake)."""
+    raw = params.get(name)
+    if raw is not None and (len(raw) > 256 or not raw.isprintable()):
+        raise Denied(400, "bad_filter", f"{name} must be at most 256 printable characters")
+    return raw
 
 
 def _time(params, name: str) -> datetime | None:
@@ -86,7 +96,15 @@ def _time(params, name: str) -> datetime | None:
         raise Denied(400, "bad_filter", f"{name} must be an ISO 8601 time") from None
     if value.tzinfo is None:
         raise Denied(400, "bad_filter", f"{name} must carry a time zone (e.g. Z)")
-    return value
+    return in_range(value, "bad_filter", name)
+
+
+def in_range(value: datetime, code: str, name: str) -> datetime:
+    """The time in UTC, or Denied(400) when it falls outside the years 1-9999 in UTC."""
+    try:
+        return value.astimezone(UTC)
+    except (OverflowError, ValueError):
+        raise Denied(400, code, f"{name} is outside the years 1-9999 (UTC)") from None
 
 
 def encode_cursor(row) -> str:
@@ -104,7 +122,7 @@ def decode_cursor(token: str) -> tuple[datetime, uuid.UUID, int]:
         when = datetime.fromisoformat(at)
         if when.tzinfo is None:
             raise ValueError("no time zone")
-        return when, uuid.UUID(chain), seq
+        return in_range(when, "bad_cursor", "the cursor"), uuid.UUID(chain), seq
     except (ValueError, TypeError, orjson.JSONDecodeError):
         raise Denied(400, "bad_cursor", "the cursor is not one this API gave out") from None
 
@@ -155,33 +173,38 @@ async def audit_query(request: web.Request, principal: Principal, row: AuditRow)
 
 
 async def _download(request: web.Request, principal: Principal, kind: str, sql: str, args: list):
-    """Commit the audit row, then stream every matching row from a server-side cursor."""
-    await request[CALL].allow(200, 0)
-    response = web.StreamResponse(headers={
-        "Content-Type": "text/csv; charset=utf-8" if kind == "csv" else "application/x-ndjson",
-        "Content-Disposition": f'attachment; filename="audit.{kind}"'})
-    await response.prepare(request)
-    buf = io.StringIO()
-    writer = csv.writer(buf)
-    if kind == "csv":
-        writer.writerow(PUBLIC_FIELDS)
+    """Stream every matching row from a server-side cursor. The first rows are fetched
+    before the audit row is committed and the answer begins, so a query that fails is an
+    error status, not an empty 200."""
     async with request.app[POOL].acquire() as conn, conn.transaction():
         await conn.execute("set local plan_cache_mode = force_custom_plan")
-        chunk: list[bytes] = []
-        async for record in conn.cursor(sql, *args, prefetch=PREFETCH):
-            item = public(record, principal)
+        cursor = await conn.cursor(sql, *args)
+        rows = await cursor.fetch(PREFETCH)
+        await request[CALL].allow(200, 0)
+        response = web.StreamResponse(headers={
+            "Content-Type": "text/csv; charset=utf-8" if kind == "csv" else "application/x-ndjson",
+            "Content-Disposition": f'attachment; filename="audit.{kind}"'})
+        await response.prepare(request)
+        buf = io.StringIO()
+        writer = csv.writer(buf)
+        if kind == "csv":
+            writer.writerow(PUBLIC_FIELDS)      # a header even when nothing matches
+        while rows:
+            chunk: list[bytes] = []
+            for record in rows:
+                item = public(record, principal)
+                if kind == "csv":
+                    writer.writerow([_cell(item[f]) for f in PUBLIC_FIELDS])
+                else:
+                    chunk.append(orjson.dumps(item) + b"\n")
             if kind == "csv":
-                writer.writerow([_cell(item[f]) for f in PUBLIC_FIELDS])
                 chunk.append(buf.getvalue().encode())
                 buf.seek(0)
                 buf.truncate()
-            else:
-                chunk.append(orjson.dumps(item) + b"\n")
-            if len(chunk) >= PREFETCH:
-                await response.write(b"".join(chunk))
-                chunk = []
-        if chunk:
             await response.write(b"".join(chunk))
+            rows = await cursor.fetch(PREFETCH)
+        if kind == "csv" and buf.tell():
+            await response.write(buf.getvalue().encode())
     await response.write_eof()
     return response
 

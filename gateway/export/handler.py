@@ -174,6 +174,7 @@ class Exporter:
         try:
             target, upstream, _ = await self._open(path, call)
             try:
+                pipeline.check_file(target.route, upstream)
                 await call.allow(upstream.status, upstream.content_length or 0,
                                  sorted(target.route.binary))
             except Denied:
@@ -201,7 +202,7 @@ def _items(document: dict, list_field: str) -> list[dict]:
         item_id = item.get("id") if isinstance(item, dict) else None
         if isinstance(item_id, int) and not isinstance(item_id, bool):
             item_id = str(item_id)
-        if not isinstance(item_id, str) or not IDENTIFIER.fullmatch(item_id):
+        if not isinstance(item_id, str) or not IDENTIFIER.fullmatch(item_id) or item_id in (".", ".."):
             raise Denied(502, "backend_unmappable",
                          f"an item of the backend's {list_field} has no valid id")
         out.append({**item, "id": item_id})
