@@ -129,13 +129,19 @@ class AuditWriter:
         self.record(row, wait=False).add_done_callback(_retrieve)
 
     async def commit(self, row: AuditRow) -> None:
-        """Queue a row and wait until it is durable, at most the commit timeout (then 503)."""
+        """Queue a row and wait until it is durable, at most the commit timeout (then 503).
+
+        While the last batch failed it answers 503 at once: a request that already waited
+        out one deadline (and now records its refusal) must not wait out a second."""
+        if self._failing:
+            raise unavailable()
         fut = self.record(row)
         try:
             async with asyncio.timeout(self.commit_timeout_s):
                 await asyncio.shield(fut)
         except TimeoutError:
-            if not fut.done():   # from now on nobody may take this row as committed
+            self._failing = True   # its batch misses the deadline too and is being abandoned
+            if not fut.done():     # from now on nobody may take this row as committed
                 fut.set_exception(unavailable())
                 fut.add_done_callback(_retrieve)
             raise unavailable() from None
