@@ -43,6 +43,7 @@ class NotifiedCache:
         self._listener: asyncpg.Connection | None = None
         self._heartbeat_channel = ""
         self._proven_at = -math.inf     # time.monotonic() up to which the mirror is known fresh
+        self._last_beat = -math.inf     # when the latest heartbeat was sent
         self._task: asyncio.Task | None = None
         self._beat: asyncio.Task | None = None
         self._lost = asyncio.Event()
@@ -103,6 +104,7 @@ class NotifiedCache:
                 raise
         self._listener, self._heartbeat_channel = conn, heartbeat_channel
         self._proven_at = listening_since   # changes after LISTEN are heard; the load saw the rest
+        self._last_beat = listening_since
         log.info("loaded %d rows of the %s", count, self.what)
 
     def _on_terminated(self, _conn: Any) -> None:
@@ -119,7 +121,10 @@ class NotifiedCache:
             with contextlib.suppress(TimeoutError):
                 async with asyncio.timeout(beat_every):
                     await self._lost.wait()
-            if not self._lost.is_set() and self.stale_reason() is None:
+            # stale with every heartbeat answered means this process did not run for a
+            # while (a stalled event loop), not that the listener is silent: beat again
+            if not self._lost.is_set() and (self.stale_reason() is None
+                                            or self._proven_at >= self._last_beat):
                 self._send_heartbeat(beat_every)
                 continue
             log.warning("lost the %s listener; refusing what depends on it until it is back",
@@ -139,13 +144,15 @@ class NotifiedCache:
         if conn is None or conn.is_closed() or (self._beat is not None and not self._beat.done()):
             return   # a beat still unanswered: the connection is busy with it
 
+        sent = self._last_beat = time.monotonic()
+
         async def beat() -> None:
             # not awaited by the loop above: a backend that stopped answering must not
             # stop the staleness check; what is not heard back in time is simply stale
             with contextlib.suppress(Exception):
                 async with asyncio.timeout(timeout):
                     await conn.execute(query("mirror_heartbeat"), self._heartbeat_channel,
-                                       repr(time.monotonic()))
+                                       repr(sent))
         self._beat = asyncio.get_running_loop().create_task(beat())
 
     def _on_heartbeat(self, conn: Any, _pid: int, _channel: str, sent_at: str) -> None:
