@@ -13,7 +13,6 @@ from collections.abc import Callable
 from datetime import date
 
 import aiohttp
-import asyncpg
 import orjson
 import yaml
 from aiohttp import web
@@ -71,11 +70,12 @@ def _resources(settings: Settings, dsn: str, catalog, policy: Policy, metrics: M
         pool = await create_pool(dsn, settings.db_pool_min, settings.db_pool_max)
         async with pool.acquire() as conn:
             await migrate(conn)
-        contracts = ContractCache(pool, dsn)
+        contracts = ContractCache(pool, dsn, settings.mirror_staleness_s)
         await contracts.start()
-        restrictions = RestrictionCache(pool, dsn)
+        restrictions = RestrictionCache(pool, dsn, settings.mirror_staleness_s)
         await restrictions.start()
-        audit = AuditWriter(pool, settings.audit_queue_max, metrics.observe, settings.audit_lanes)
+        audit = AuditWriter(pool, settings.audit_queue_max, metrics.observe, settings.audit_lanes,
+                            settings.audit_commit_timeout_s)
         audit.start()
         anonymous = AnonymousRefusals(audit, observe=metrics.observe)
         anonymous.start()
@@ -159,18 +159,20 @@ async def healthz(request: web.Request) -> web.Response:
 
 
 async def readyz(request: web.Request) -> web.Response:
+    """Ready when audit rows commit within their deadline, both mirrors are proven fresh and
+    the backends answer. The database is judged from what the writer and the mirrors' heartbeats
+    last saw, never queried here, so the answer comes at once whatever PostgreSQL does."""
     gw = request.app[pipeline.GATEWAY]
-    try:
-        async with asyncio.timeout(2):
-            await request.app[POOL].fetchval("select 1")
-        database = True
-    except (TimeoutError, OSError, asyncpg.PostgresError):
-        database = False
+    stale = [r for r in (gw.contracts.stale_reason(), gw.restrictions.stale_reason()) if r]
+    reasons = gw.audit.health() + stale
     backends = await gw.backends.ready()
-    ok = database and all(backends.values())
-    return json_response(
-        {"status": "ready" if ok else "not_ready", "database": database, "backends": backends},
-        status=200 if ok else 503)
+    reasons += [f"backend_unreachable:{name}" for name, up in backends.items() if not up]
+    body = {"status": "not_ready" if reasons else "ready",
+            "database": not stale,   # each heartbeat is a round trip within the staleness bound
+            "backends": backends}
+    if reasons:
+        body["reasons"] = reasons
+    return json_response(body, status=503 if reasons else 200)
 
 
 @functools.cache

@@ -10,7 +10,7 @@ from datetime import UTC, date, datetime
 import asyncpg
 
 from .db import query
-from .notified import NotifiedCache
+from .notified import STALENESS_S, NotifiedCache
 
 
 class ContractCache(NotifiedCache):
@@ -18,8 +18,8 @@ class ContractCache(NotifiedCache):
     unavailable_code = "contracts_unavailable"
     what = "contracts table"
 
-    def __init__(self, pool: asyncpg.Pool, dsn: str):
-        super().__init__(pool, dsn)
+    def __init__(self, pool: asyncpg.Pool, dsn: str, staleness_s: float = STALENESS_S):
+        super().__init__(pool, dsn, staleness_s)
         self._by_euo: dict[str, tuple[str, date | None]] = {}
 
     def active_partner(self, euo: str) -> str | None:

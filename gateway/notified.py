@@ -1,9 +1,13 @@
 """A table mirrored in memory and kept fresh by PostgreSQL LISTEN/NOTIFY.
 
 Every process loads the whole table at start and reloads one key whenever a trigger
-notifies a change, so several processes agree within the notification's latency. While
-the listening connection is down the mirror cannot be trusted: `check_fresh` refuses
-(503) until it is back and reloaded.
+notifies a change, so several processes agree within the notification's latency. The
+mirror is trusted only while its listener is proven alive: a few times per staleness
+bound the listener notifies itself on a channel of its own, and since PostgreSQL delivers
+notifications in commit order, hearing that heartbeat back proves every change committed
+before it was sent has been heard too. A closed connection, or no heartbeat heard within
+`staleness_s` (a half-open connection, a frozen backend, a failover), and `check_fresh`
+refuses (503) until the listener is re-opened and the mirror reloaded.
 """
 
 from __future__ import annotations
@@ -11,13 +15,20 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import math
+import secrets
+import time
 from typing import Any
 
 import asyncpg
 
+from .db import query
 from .errors import Denied
 
 log = logging.getLogger("gateway.notified")
+
+STALENESS_S = 2.0
+RETRY_S = 1.0            # between attempts to re-open a lost listener
 
 
 class NotifiedCache:
@@ -25,12 +36,16 @@ class NotifiedCache:
     unavailable_code: str = ""
     what: str = ""
 
-    def __init__(self, pool: asyncpg.Pool, dsn: str):
+    def __init__(self, pool: asyncpg.Pool, dsn: str, staleness_s: float = STALENESS_S):
         self.pool = pool
         self.dsn = dsn
+        self.staleness_s = staleness_s
         self._listener: asyncpg.Connection | None = None
-        self._fresh = False
+        self._heartbeat_channel = ""
+        self._proven_at = -math.inf     # time.monotonic() up to which the mirror is known fresh
+        self._last_beat = -math.inf     # when the latest heartbeat was sent
         self._task: asyncio.Task | None = None
+        self._beat: asyncio.Task | None = None
         self._lost = asyncio.Event()
 
     # --- what a subclass says ---
@@ -44,55 +59,105 @@ class NotifiedCache:
 
     # --- the machinery ---
     def check_fresh(self) -> None:
-        if not self._fresh:
+        """Refuse (503) unless the mirror was proven fresh within the staleness bound."""
+        if time.monotonic() - self._proven_at > self.staleness_s:
             raise Denied(503, self.unavailable_code,
                          f"the {self.what} cannot be read right now; try again shortly")
 
+    def stale_reason(self) -> str | None:
+        """The reason id `check_fresh` would refuse with right now, or None."""
+        return self.unavailable_code if time.monotonic() - self._proven_at > self.staleness_s else None
+
     async def start(self) -> None:
+        """Load the mirror and keep it proven fresh (raises if the first load fails)."""
         await self._connect_and_load()
         self._task = asyncio.create_task(self._keep_listening())
 
     async def close(self) -> None:
+        """Stop listening."""
         if self._task:
             self._task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._task
         if self._listener is not None and not self._listener.is_closed():
-            await self._listener.close()
+            self._listener.terminate()
 
     async def _connect_and_load(self) -> None:
         old, self._listener = self._listener, None
         if old is not None and not old.is_closed():
             old.remove_termination_listener(self._on_terminated)
-            old.terminate()
+            old.terminate()   # no goodbye: its backend may not answer
         self._lost.clear()
-        conn = await asyncpg.connect(self.dsn)
-        conn.add_termination_listener(self._on_terminated)
-        await conn.add_listener(self.channel, self._on_notify)
-        self._listener = conn
-        count = await self.load_all(conn)
-        self._fresh = True
+        # bounded: a frozen server accepts the TCP connection and then never answers
+        async with asyncio.timeout(max(5.0, 2 * self.staleness_s)):
+            conn = await asyncpg.connect(
+                self.dsn, server_settings={"application_name": f"gateway listener {self.channel}"})
+            try:
+                conn.add_termination_listener(self._on_terminated)
+                await conn.add_listener(self.channel, self._on_notify)
+                heartbeat_channel = f"gateway_heartbeat_{secrets.token_hex(8)}"
+                await conn.add_listener(heartbeat_channel, self._on_heartbeat)
+                listening_since = time.monotonic()
+                count = await self.load_all(conn)
+            except BaseException:
+                conn.terminate()
+                raise
+        self._listener, self._heartbeat_channel = conn, heartbeat_channel
+        self._proven_at = listening_since   # changes after LISTEN are heard; the load saw the rest
+        self._last_beat = listening_since
         log.info("loaded %d rows of the %s", count, self.what)
 
     def _on_terminated(self, _conn: Any) -> None:
         self._on_lost()
 
     def _on_lost(self) -> None:
-        self._fresh = False
+        self._proven_at = -math.inf
         self._lost.set()
 
     async def _keep_listening(self) -> None:
+        """Send heartbeats; when one is not heard back in time, re-open and reload."""
+        beat_every = self.staleness_s / 4
         while True:
-            await self._lost.wait()
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(beat_every):
+                    await self._lost.wait()
+            # stale with every heartbeat answered means this process did not run for a
+            # while (a stalled event loop), not that the listener is silent: beat again
+            if not self._lost.is_set() and (self.stale_reason() is None
+                                            or self._proven_at >= self._last_beat):
+                self._send_heartbeat(beat_every)
+                continue
             log.warning("lost the %s listener; refusing what depends on it until it is back",
                         self.what)
+            self._on_lost()
             while True:
-                await asyncio.sleep(1.0)
+                await asyncio.sleep(RETRY_S)
                 try:
                     await self._connect_and_load()
                     break
                 except Exception as e:  # keep trying whatever the failure
-                    log.warning("%s reconnect failed: %s", self.what, e)
+                    log.warning("%s reconnect failed: %s", self.what, str(e) or type(e).__name__)
+
+    def _send_heartbeat(self, timeout: float) -> None:
+        """Notify ourselves; `_on_heartbeat` moves the freshness mark when it comes back."""
+        conn = self._listener
+        if conn is None or conn.is_closed() or (self._beat is not None and not self._beat.done()):
+            return   # a beat still unanswered: the connection is busy with it
+
+        sent = self._last_beat = time.monotonic()
+
+        async def beat() -> None:
+            # not awaited by the loop above: a backend that stopped answering must not
+            # stop the staleness check; what is not heard back in time is simply stale
+            with contextlib.suppress(Exception):
+                async with asyncio.timeout(timeout):
+                    await conn.execute(query("mirror_heartbeat"), self._heartbeat_channel,
+                                       repr(sent))
+        self._beat = asyncio.get_running_loop().create_task(beat())
+
+    def _on_heartbeat(self, conn: Any, _pid: int, _channel: str, sent_at: str) -> None:
+        if conn is self._listener:
+            self._proven_at = max(self._proven_at, float(sent_at))
 
     def _on_notify(self, _conn: Any, _pid: int, _channel: str, key: str) -> None:
         asyncio.get_running_loop().create_task(self._reload_or_distrust(key))

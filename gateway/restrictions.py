@@ -9,7 +9,7 @@ import asyncpg
 import orjson
 
 from .db import query
-from .notified import NotifiedCache
+from .notified import STALENESS_S, NotifiedCache
 
 
 class RestrictionCache(NotifiedCache):
@@ -17,8 +17,8 @@ class RestrictionCache(NotifiedCache):
     unavailable_code = "restrictions_unavailable"
     what = "processing restrictions"
 
-    def __init__(self, pool: asyncpg.Pool, dsn: str):
-        super().__init__(pool, dsn)
+    def __init__(self, pool: asyncpg.Pool, dsn: str, staleness_s: float = STALENESS_S):
+        super().__init__(pool, dsn, staleness_s)
         self._users: set[tuple[str, str]] = set()
 
     def is_restricted(self, euo: str, user: str) -> bool:

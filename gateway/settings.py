@@ -55,6 +55,8 @@ class Settings:
     audit_queue_max: int = 50_000
     audit_retention_days: int = 400
     audit_lanes: int = 1
+    audit_commit_timeout_s: float = 2.0   # a request waits this long for its row, then 503
+    mirror_staleness_s: float = 2.0       # contracts/restrictions unproven this long: 503
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> Settings:
@@ -91,6 +93,9 @@ class Settings:
                                         cls.db_connect_timeout_s),
             audit_retention_days=_int(env, "GATEWAY_AUDIT_RETENTION_DAYS", cls.audit_retention_days),
             audit_lanes=_int(env, "GATEWAY_AUDIT_LANES", cls.audit_lanes),
+            audit_commit_timeout_s=_positive(env, "GATEWAY_AUDIT_COMMIT_TIMEOUT_S",
+                                             cls.audit_commit_timeout_s),
+            mirror_staleness_s=_positive(env, "GATEWAY_MIRROR_STALENESS_S", cls.mirror_staleness_s),
         )
 
     def with_(self, **changes) -> Settings:
@@ -156,6 +161,13 @@ def _int(env: Mapping[str, str], name: str, default: int) -> int:
 
 def _float(env: Mapping[str, str], name: str, default: float) -> float:
     return _number(env, name, default, float, "a number")
+
+
+def _positive(env: Mapping[str, str], name: str, default: float) -> float:
+    value = _float(env, name, default)
+    if not value > 0:   # zero or NaN would refuse every request
+        raise ConfigError(f"{name}={env.get(name)!r} must be a number of seconds above 0")
+    return value
 
 
 def _number(env: Mapping[str, str], name: str, default, kind, what: str):

@@ -110,3 +110,33 @@ update dsr_requests
    set status = $2, resolution = coalesce($3, resolution), resolved_by = $4, updated_at = now()
  where id = $1
 returning *;
+
+-- name: audit_lane_session
+-- A lane's statements end server-side by the commit deadline too (a COPY stuck behind a
+-- lock must not outlive the request that gave up on it).
+select set_config('statement_timeout', $1, false);
+
+-- name: audit_write_probe
+-- Whether a COPY into audit_log could start now (run inside a transaction, then rolled back).
+lock table only audit_log in row exclusive mode;
+
+-- name: audit_chain_advance
+-- A batch's chain head, in the batch's transaction.
+insert into audit_chain_heads (chain_id, last_seq, last_hash) values ($1, $2, $3)
+on conflict (chain_id) do update
+    set last_seq = excluded.last_seq, last_hash = excluded.last_hash, updated_at = now();
+
+-- name: audit_chain_close
+update audit_chain_heads set closed = true, closed_at = now() where chain_id = $1 and not closed;
+
+-- name: audit_chain_heads
+select chain_id, last_seq, last_hash, updated_at, closed from audit_chain_heads order by chain_id;
+
+-- name: audit_oldest_month
+-- Where the oldest month partition starts: rows before it went with pruned partitions.
+select min(to_date(substr(c.relname, 12, 4) || substr(c.relname, 17, 2), 'YYYYMM'))::timestamptz
+  from pg_inherits i join pg_class c on c.oid = i.inhrelid
+ where i.inhparent = 'audit_log'::regclass and c.relname ~ '^audit_log_y[0-9]{4}m[0-9]{2}$';
+
+-- name: mirror_heartbeat
+select pg_notify($1, $2);

@@ -4,6 +4,13 @@ Each writer (one per process) numbers its rows 1, 2, 3, … in its own chain and
 row_hash = sha256(prev_hash || canonical(row)), with prev_hash the previous row's hash
 (32 zero bytes for the first). An altered row no longer matches its hash; a removed row
 leaves a gap in the numbers; either is reported as the chain's first break.
+
+Where each chain ends is kept apart, in `audit_chain_heads` (moved in the same transaction
+as each batch), so rows missing at the end are seen too: a chain whose rows stop before its
+head (tail cut off), a head with no rows at all (whole chain deleted, unless its rows went
+with a pruned partition), and rows with no head (a chain nobody's writer opened). The heads
+table refuses going backwards and deletes, but a superuser can still rewrite both tables
+consistently; signed checkpoints kept outside the database would be needed to catch that.
 """
 
 from __future__ import annotations
@@ -58,49 +65,94 @@ def link(prev_hash: bytes, encoded: bytes) -> bytes:
     return hashlib.sha256(prev_hash + encoded).digest()
 
 
+BREAKS_LISTED = 100    # a report names at most this many broken chains
+
+
 @dataclass
 class ChainReport:
     chains: int = 0
     rows: int = 0
-    first_break: dict[str, Any] | None = None
+    breaks: list[dict[str, Any]] = field(default_factory=list)
     pruned_chains: list[str] = field(default_factory=list)
 
     @property
     def ok(self) -> bool:
-        return self.first_break is None
+        return not self.breaks
+
+    @property
+    def first_break(self) -> dict[str, Any] | None:
+        return self.breaks[0] if self.breaks else None
+
+    def broken(self, chain_id, seq: int | None, problem: str) -> None:
+        """Note one chain's (first) break."""
+        if len(self.breaks) < BREAKS_LISTED:
+            self.breaks.append({"chain_id": str(chain_id), "seq": seq, "problem": problem})
 
     def public(self) -> dict[str, Any]:
         return {"ok": self.ok, "chains_checked": self.chains, "rows_checked": self.rows,
-                "first_break": self.first_break,
+                "first_break": self.first_break, "breaks": self.breaks,
                 "chains_starting_after_pruned_rows": self.pruned_chains}
 
 
 async def verify(conn: asyncpg.Connection) -> ChainReport:
-    """Walk every chain in order and report what was checked and the first break."""
+    """Walk every chain in order, compare its end with its head; report every broken chain."""
+    # one snapshot for heads and rows: a batch committed mid-walk must not look like a break
+    async with conn.transaction(isolation="repeatable_read", readonly=True):
+        return await _verify(conn)
+
+
+async def _verify(conn: asyncpg.Connection) -> ChainReport:
     report = ChainReport()
+    heads = {h["chain_id"]: h for h in await conn.fetch(query("audit_chain_heads"))}
     for chain in await conn.fetch(query("audit_chains")):
         report.chains += 1
         chain_id = chain["chain_id"]
-        expected_seq, prev = None, None
-        async with conn.transaction():
-            async for row in conn.cursor(query("audit_chain_rows"), chain_id, prefetch=2000):
-                report.rows += 1
-                seq = row["seq"]
-                if expected_seq is None:
-                    if seq != 1:                      # older rows went with a pruned partition
-                        report.pruned_chains.append(str(chain_id))
-                    prev = row["prev_hash"]
-                elif seq != expected_seq:
-                    return _broken(report, chain_id, expected_seq,
-                                   f"rows {expected_seq}..{seq - 1} are missing")
-                if row["prev_hash"] != prev:
-                    return _broken(report, chain_id, seq, "prev_hash does not match the row before")
-                if link(prev, canonical(record_values(row))) != row["row_hash"]:
-                    return _broken(report, chain_id, seq, "the row was altered after it was written")
-                prev, expected_seq = row["row_hash"], seq + 1
+        last = await _walk(conn, report, chain_id)
+        head = heads.pop(chain_id, None)
+        if last is None:
+            continue                                  # broken inside: reported already
+        last_seq, last_hash = last
+        if head is None:
+            report.broken(chain_id, last_seq, "rows without a chain head")
+        elif last_seq < head["last_seq"]:
+            report.broken(chain_id, last_seq + 1,
+                          f"rows {last_seq + 1}..{head['last_seq']} at the end of the chain "
+                          "are missing")
+        elif last_seq > head["last_seq"]:
+            report.broken(chain_id, head["last_seq"] + 1, "rows after the chain's head")
+        elif last_hash != head["last_hash"]:
+            report.broken(chain_id, last_seq, "the last row does not match the chain's head")
+    if heads:
+        oldest_month = await conn.fetchval(query("audit_oldest_month"))
+        for chain_id, head in heads.items():
+            if head["last_seq"] == 0:
+                continue
+            if oldest_month is not None and head["updated_at"] < oldest_month:
+                report.pruned_chains.append(str(chain_id))   # all its rows went with retention
+                continue
+            report.chains += 1
+            report.broken(chain_id, 1, f"all {head['last_seq']} rows of the chain are missing")
     return report
 
 
-def _broken(report: ChainReport, chain_id, seq: int, problem: str) -> ChainReport:
-    report.first_break = {"chain_id": str(chain_id), "seq": seq, "problem": problem}
-    return report
+async def _walk(conn: asyncpg.Connection, report: ChainReport, chain_id) -> tuple[int, bytes] | None:
+    """Check one chain's rows in order; its last (seq, row_hash), or None if it is broken."""
+    expected_seq, prev = None, None
+    async for row in conn.cursor(query("audit_chain_rows"), chain_id, prefetch=2000):
+        report.rows += 1
+        seq = row["seq"]
+        if expected_seq is None:
+            if seq != 1:                          # older rows went with a pruned partition
+                report.pruned_chains.append(str(chain_id))
+            prev = row["prev_hash"]
+        elif seq != expected_seq:
+            report.broken(chain_id, expected_seq, f"rows {expected_seq}..{seq - 1} are missing")
+            return None
+        if row["prev_hash"] != prev:
+            report.broken(chain_id, seq, "prev_hash does not match the row before")
+            return None
+        if link(prev, canonical(record_values(row))) != row["row_hash"]:
+            report.broken(chain_id, seq, "the row was altered after it was written")
+            return None
+        prev, expected_seq = row["row_hash"], seq + 1
+    return (expected_seq - 1, prev) if expected_seq is not None else None

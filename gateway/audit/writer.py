@@ -1,14 +1,19 @@
 """The audit writer: one per process, group commit, hash chains, fail closed.
 
 Requests hand their row to `record()`; a lane takes every row queued while its previous
-batch was being written, links them into its chain, writes them with one COPY, and only
-then resolves every waiting future. A few lanes run at once, each with its own chain, so
-one batch's commit latency overlaps the next. A response that carries personal data
-awaits its future before it is sent, so it leaves the gateway only once its row is
-committed. When the queue is full or the write fails, the waiting requests get 503
-`audit_unavailable` and no data; the lane starts a new chain (an unanswered COMMIT may or
-may not have landed, and a new chain keeps that doubt from looking like tampering) and
-serves again once the database answers.
+batch was being written, links them into its chain, writes them with one COPY and moves
+the chain's head (`audit_chain_heads`) in the same transaction, and only then resolves
+every waiting future. A few lanes run at once, each with its own chain, so one batch's
+commit latency overlaps the next. A response that carries personal data awaits its future
+before it is sent, so it leaves the gateway only once its row is committed.
+
+Every waited row has a deadline (`commit_timeout_s` after it was queued). Past it the
+caller gets 503 `audit_unavailable` and no data, the row is never reported committed, and
+a batch still being written for it is abandoned: the lane drops its connection (before
+COMMIT, so PostgreSQL rolls the batch back) and starts a new chain, as it does on any
+failure (an unanswered COMMIT may or may not have landed, and a new chain keeps that doubt
+from looking like tampering). When the queue is full the caller gets the 503 at once.
+`health()` says, without touching the database, whether the writer keeps its deadlines.
 """
 
 from __future__ import annotations
@@ -18,6 +23,7 @@ import contextlib
 import logging
 import operator
 import uuid
+from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import date, datetime
@@ -32,6 +38,8 @@ log = logging.getLogger("gateway.audit")
 
 BATCH_MAX = 5000
 LANES = 1          # batches in flight at once (each lane its own chain)
+COMMIT_TIMEOUT_S = 2.0
+PROBE_EVERY_S = 0.5   # while failing and idle, how often a lane checks the database is back
 COLUMNS = HASHED + ("prev_hash", "row_hash")
 
 
@@ -65,7 +73,16 @@ _REST_OF_ROW = operator.attrgetter(*HASHED[3:])   # the row's fields after at, c
 assert HASHED[:3] == ("at", "chain_id", "seq")
 
 
+@dataclass(slots=True)
+class _Pending:
+    row: AuditRow
+    fut: asyncio.Future
+    queued_at: float          # loop time
+    deadline: float | None    # loop time; None: nobody waits (the row still gets written)
+
+
 def unavailable() -> Denied:
+    """The refusal of a request whose audit row cannot be committed in time."""
     return Denied(503, "audit_unavailable",
                   "the access log cannot be written right now; no data is served until it can")
 
@@ -74,48 +91,96 @@ class AuditWriter:
     """Queues rows and commits them through a few lanes, each a chain of its own."""
 
     def __init__(self, pool: asyncpg.Pool, queue_max: int,
-                 observe: Callable[[AuditRow], None] | None = None, lanes: int = LANES):
+                 observe: Callable[[AuditRow], None] | None = None, lanes: int = LANES,
+                 commit_timeout_s: float = COMMIT_TIMEOUT_S):
         self.pool = pool
         self.observe = observe
-        self.queue: asyncio.Queue[tuple[AuditRow, asyncio.Future]] = asyncio.Queue(queue_max)
+        self.queue_max = queue_max
+        self.commit_timeout_s = commit_timeout_s
+        self._queue: deque[_Pending] = deque()
+        self._arrived = asyncio.Event()
+        self._unfinished = 0            # queued or being written
+        self._drained = asyncio.Event()
+        self._drained.set()
+        self._failing = False           # the last batch (or probe) failed
         self.lanes = [_Lane(self) for _ in range(lanes)]
         self._tasks: list[asyncio.Task] = []
         self._partition_month: date | None = None
         self._partition_lock = asyncio.Lock()
 
-    def record(self, row: AuditRow) -> asyncio.Future:
+    def record(self, row: AuditRow, wait: bool = True) -> asyncio.Future:
         """Queue a row; the future resolves once it is committed (raises Denied if it cannot)."""
-        fut = asyncio.get_running_loop().create_future()
+        loop = asyncio.get_running_loop()
+        fut = loop.create_future()
         if self.observe is not None:
             self.observe(row)
-        try:
-            self.queue.put_nowait((row, fut))
-        except asyncio.QueueFull:
+        if len(self._queue) >= self.queue_max:
             fut.set_exception(unavailable())
+            return fut
+        now = loop.time()
+        self._queue.append(_Pending(row, fut, now, now + self.commit_timeout_s if wait else None))
+        self._unfinished += 1
+        self._drained.clear()
+        self._arrived.set()
         return fut
 
     def record_nowait(self, row: AuditRow) -> None:
         """Queue a row nobody waits for (denials carry no personal data)."""
-        self.record(row).add_done_callback(_retrieve)
+        self.record(row, wait=False).add_done_callback(_retrieve)
 
     async def commit(self, row: AuditRow) -> None:
-        """Queue a row and wait until it is durable."""
-        await self.record(row)
+        """Queue a row and wait until it is durable, at most the commit timeout (then 503).
+
+        While the last batch failed it answers 503 at once: a request that already waited
+        out one deadline (and now records its refusal) must not wait out a second."""
+        if self._failing:
+            raise unavailable()
+        fut = self.record(row)
+        try:
+            async with asyncio.timeout(self.commit_timeout_s):
+                await asyncio.shield(fut)
+        except TimeoutError:
+            self._failing = True   # its batch misses the deadline too and is being abandoned
+            if not fut.done():     # from now on nobody may take this row as committed
+                fut.set_exception(unavailable())
+                fut.add_done_callback(_retrieve)
+            raise unavailable() from None
+
+    def health(self) -> list[str]:
+        """Why the writer is not keeping its commit deadline right now (empty: it is)."""
+        reasons = []
+        oldest = min((lane.writing_since for lane in self.lanes if lane.writing_since is not None),
+                     default=None)
+        if self._queue:
+            first = self._queue[0].queued_at
+            oldest = first if oldest is None else min(oldest, first)
+        if oldest is not None and asyncio.get_running_loop().time() - oldest > self.commit_timeout_s:
+            reasons.append("audit_queue_stalled")
+        if self._failing:
+            reasons.append("audit_write_failed")
+        return reasons
 
     def start(self) -> None:
+        """Start the lanes."""
         self._tasks = [asyncio.create_task(lane.run()) for lane in self.lanes]
 
     async def close(self) -> None:
-        """Write what is queued, then stop."""
+        """Write what is queued (each batch bounded by its deadline), close the chains, stop."""
         if not self._tasks:
             return
-        await self.queue.join()
+        try:
+            async with asyncio.timeout(2 * self.commit_timeout_s + 1):
+                await self._drained.wait()
+        except TimeoutError:
+            log.error("audit writer closed with %d rows not written", self._unfinished)
         for task in self._tasks:
             task.cancel()
         for task in self._tasks:
             with contextlib.suppress(asyncio.CancelledError):
                 await task
+        self._tasks = []
         for lane in self.lanes:
+            await lane.close_chain()
             await lane.drop_connection()
 
     async def ensure_partition(self, conn: asyncpg.Connection, day: date) -> None:
@@ -131,6 +196,30 @@ class AuditWriter:
             await conn.execute(query("ensure_audit_partition"), next_month)
             self._partition_month = month
 
+    def _take(self) -> list[_Pending]:
+        """Everything queued (up to BATCH_MAX) whose caller has not given up yet."""
+        batch, expired = [], 0
+        queue, now = self._queue, asyncio.get_running_loop().time()
+        while queue and len(batch) < BATCH_MAX:
+            item = queue.popleft()
+            if item.fut.done() or (item.deadline is not None and item.deadline <= now):
+                if not item.fut.done():
+                    item.fut.set_exception(unavailable())
+                expired += 1
+            else:
+                batch.append(item)
+        if not queue:
+            self._arrived.clear()
+        if expired:
+            log.error("%d audit rows expired in the queue (their callers got 503)", expired)
+            self._finished(expired)
+        return batch
+
+    def _finished(self, count: int) -> None:
+        self._unfinished -= count
+        if self._unfinished == 0:
+            self._drained.set()
+
 
 class _Lane:
     """Group commit on one connection at a time: whatever queued while the previous batch
@@ -139,6 +228,7 @@ class _Lane:
     def __init__(self, writer: AuditWriter):
         self.writer = writer
         self.conn: asyncpg.pool.PoolConnectionProxy | None = None
+        self.writing_since: float | None = None     # queue time of the oldest row in flight
         self._new_chain()
 
     def _new_chain(self) -> None:
@@ -147,56 +237,125 @@ class _Lane:
         self.prev_hash = GENESIS
 
     async def run(self) -> None:
-        queue = self.writer.queue
+        """Write batches as rows arrive; while failing and idle, probe until the database is back."""
+        writer = self.writer
         while True:
-            batch = [await queue.get()]
-            while len(batch) < BATCH_MAX:
+            batch = writer._take()
+            if batch:
+                self.writing_since = batch[0].queued_at
                 try:
-                    batch.append(queue.get_nowait())
-                except asyncio.QueueEmpty:
-                    break
-            await self._write(batch)
-            for _ in batch:
-                queue.task_done()
+                    await self._write(batch)
+                finally:
+                    self.writing_since = None
+                    writer._finished(len(batch))
+                continue
+            if not writer._failing:
+                await writer._arrived.wait()
+                continue
+            await self._probe()
+            if writer._failing:
+                with contextlib.suppress(TimeoutError):
+                    async with asyncio.timeout(PROBE_EVERY_S):
+                        await writer._arrived.wait()
+
+    async def _connect(self) -> None:
+        if self.conn is None:
+            # the lane keeps its connection: no pool round trip (and reset) per batch
+            conn = await self.writer.pool.acquire()
+            self.conn = conn
+            await conn.execute(query("audit_lane_session"),
+                               f"{int(self.writer.commit_timeout_s * 1000)}ms")
+
+    async def _probe(self) -> None:
+        """Whether a COPY into audit_log could start now; clears the failing state if so."""
+        try:
+            async with asyncio.timeout(self.writer.commit_timeout_s):
+                await self._connect()
+                probe = self.conn.transaction()
+                await probe.start()
+                await self.conn.execute(query("audit_write_probe"))
+                await probe.rollback()
+        except Exception as e:  # still failing: keep probing
+            log.warning("audit log still not writable: %s", str(e) or type(e).__name__)
+            await self.drop_connection()
+            return
+        self.writer._failing = False
+        log.info("the audit log can be written again")
 
     async def drop_connection(self) -> None:
+        """Let go of the connection without waiting on a database that may not answer."""
         conn, self.conn = self.conn, None
-        if conn is not None:
-            with contextlib.suppress(Exception):
-                await self.writer.pool.release(conn, timeout=1)
+        if conn is None:
+            return
+        # closing the socket first: PostgreSQL rolls back an open batch, and nothing waits
+        # on a backend that may not answer (raises if the pool already took it back)
+        with contextlib.suppress(Exception):
+            conn.terminate()
+        with contextlib.suppress(Exception):
+            await self.writer.pool.release(conn, timeout=1)
 
-    def _link(self, batch: list[tuple[AuditRow, asyncio.Future]]) -> tuple[list[tuple], bytes]:
+    async def close_chain(self) -> None:
+        """Mark this lane's chain closed on a clean shutdown (nothing more will follow)."""
+        if self.conn is None or self.seq == 0 or self.writer._failing:
+            return
+        try:
+            async with asyncio.timeout(self.writer.commit_timeout_s):
+                await self.conn.execute(query("audit_chain_close"), self.chain_id)
+        except Exception as e:  # the head stays open at what was committed
+            log.warning("could not close audit chain %s: %s", self.chain_id, e)
+
+    def _link(self, batch: list[_Pending]) -> tuple[list[tuple], bytes]:
         records, prev, seq = [], self.prev_hash, self.seq
         chain_id = self.chain_id
-        for row, _ in batch:
+        for item in batch:
             seq += 1
-            values = (row.at, chain_id, seq, *_REST_OF_ROW(row))
+            values = (item.row.at, chain_id, seq, *_REST_OF_ROW(item.row))
             row_hash = link(prev, canonical(values))
             records.append((*values, prev, row_hash))
             prev = row_hash
         return records, prev
 
-    async def _write(self, batch: list[tuple[AuditRow, asyncio.Future]]) -> None:
+    async def _write(self, batch: list[_Pending]) -> None:
+        writer = self.writer
         records, last_hash = self._link(batch)
+        last_seq = self.seq + len(records)
+        # the batch must commit before its earliest waiting caller gives up
+        deadline = min((i.deadline for i in batch if i.deadline is not None),
+                       default=asyncio.get_running_loop().time() + writer.commit_timeout_s)
         try:
-            # the lane keeps its connection: no pool round trip (and reset) per batch
-            if self.conn is None:
-                self.conn = await self.writer.pool.acquire(timeout=2)
-            await self.writer.ensure_partition(self.conn, batch[0][0].at.date())
-            await self.conn.copy_records_to_table("audit_log", records=records, columns=COLUMNS)
+            async with asyncio.timeout_at(deadline):
+                await self._connect()
+                await writer.ensure_partition(self.conn, batch[0].row.at.date())
+                # no `async with`: on failure its ROLLBACK would wait on a stuck backend;
+                # dropping the connection rolls the batch back without waiting
+                batch_tx = self.conn.transaction()
+                await batch_tx.start()
+                await self.conn.copy_records_to_table("audit_log", records=records,
+                                                      columns=COLUMNS)
+                await self.conn.execute(query("audit_chain_advance"), self.chain_id,
+                                        last_seq, last_hash)
+                await batch_tx.commit()
         except Exception as e:  # any failure means the rows are not durable: fail closed
-            log.error("audit write of %d rows failed: %s", len(batch), e)
+            log.error("audit write of %d rows failed: %s", len(batch), str(e) or type(e).__name__)
+            writer._failing = True
             await self.drop_connection()
             self._new_chain()
-            for _, fut in batch:
-                if not fut.done():
-                    fut.set_exception(unavailable())
+            for item in batch:
+                if not item.fut.done():
+                    item.fut.set_exception(unavailable())
             return
-        self.seq += len(records)
-        self.prev_hash = last_hash
-        for _, fut in batch:
-            if not fut.done():
-                fut.set_result(None)
+        writer._failing = False
+        self.seq, self.prev_hash = last_seq, last_hash
+        late = 0
+        for item in batch:
+            if item.fut.done():
+                late += 1
+            else:
+                item.fut.set_result(None)
+        if late:
+            # the COMMIT was answered at the very deadline: these callers already got 503,
+            # so the log holds rows for requests that served nothing (it over-reports)
+            log.warning("%d audit rows committed just after their callers were refused", late)
 
 
 def _retrieve(fut: asyncio.Future) -> None:

@@ -1,0 +1,306 @@
+"""Nothing lost, nothing stale: the gateway under a stalled, frozen or tampered database.
+
+These tests lock tables and freeze PostgreSQL processes, so they use a PostgreSQL of their
+own (embedded, started once for the module) and a gateway of their own per test; whatever
+they freeze or lock is released in a `finally`, and each test passes alone.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import signal
+import time
+import uuid
+from pathlib import Path
+
+import asyncpg
+import orjson
+import pytest
+import pytest_asyncio
+
+from gateway.audit.chain import verify
+from gateway.db import EmbeddedPostgres
+from gateway.demo.run import seed_contracts
+
+from .conftest import call, gateway_settings, running_gateway, wait_for
+
+COMMIT_TIMEOUT_S = 1.0
+STALENESS_S = 1.0
+ALICE = "/telephony/euos/euo-acme/users/u-alice"
+ACME = "/telephony/euos/euo-acme"
+
+
+@pytest_asyncio.fixture(scope="module")
+async def private_db(tmp_path_factory, demo):
+    """A PostgreSQL for this module alone (it gets frozen), with the demo contracts."""
+    server = EmbeddedPostgres(tmp_path_factory.mktemp("faults-db"))
+    dsn = await asyncio.to_thread(server.start)
+    await seed_contracts(dsn, demo)
+    yield server, dsn
+    await asyncio.to_thread(server.stop)
+
+
+@contextlib.asynccontextmanager
+async def faulty_gateway(backends, private_db):
+    """A gateway on the private database with short deadlines; yields its base URL."""
+    settings = gateway_settings(backends["urls"], audit_commit_timeout_s=COMMIT_TIMEOUT_S,
+                                mirror_staleness_s=STALENESS_S)
+    async with running_gateway(settings, private_db[1]) as url:
+        yield url
+
+
+@contextlib.asynccontextmanager
+async def connected(dsn: str):
+    conn = await asyncpg.connect(dsn)
+    try:
+        yield conn
+    finally:
+        conn.terminate()
+
+
+def postgres_processes(server: EmbeddedPostgres) -> set[int]:
+    """The postmaster and every process it started."""
+    postmaster = int((server.pgdata / "postmaster.pid").read_text().split()[0])
+    pids = {postmaster}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        with contextlib.suppress(OSError, ValueError, IndexError):
+            if int(stat.read_text().rsplit(")", 1)[1].split()[1]) == postmaster:
+                pids.add(int(stat.parent.name))
+    return pids
+
+
+def signal_all(pids, sig) -> None:
+    for pid in pids:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, sig)
+
+
+async def listener_pids(dsn: str, channel: str) -> set[int]:
+    """The backends of every gateway listener on this channel (application_name says so)."""
+    async with connected(dsn) as conn:
+        rows = await conn.fetch("select pid from pg_stat_activity where application_name = $1",
+                                f"gateway listener {channel}")
+    return {r["pid"] for r in rows}
+
+
+async def timed(coro):
+    started = time.monotonic()
+    result = await coro
+    return result, time.monotonic() - started
+
+
+async def readyz(http, gw):
+    status, _, body = await call(http, "GET", gw + "/readyz")
+    return status, orjson.loads(body)
+
+
+async def test_a_locked_audit_table_is_a_503_within_the_commit_deadline(backends, private_db, http,
+                                                                       token_for):
+    """The caller waits no longer than the deadline, gets no data, and its row is never
+    committed; readyz says why at once; the abandoned chain's head stays at what committed."""
+    dsn = private_db[1]
+    async with faulty_gateway(backends, private_db) as gw:
+        status, headers, _ = await call(http, "GET", gw + ALICE, token_for("alice"))
+        assert status == 200
+        async with connected(dsn) as conn:
+            before = await conn.fetchrow("select chain_id, seq from audit_log where request_id = $1",
+                                         headers["X-Request-Id"])
+        refused = f"refused-{uuid.uuid4().hex[:8]}"
+        async with connected(dsn) as locker:
+            lock = locker.transaction()
+            await lock.start()
+            try:
+                await locker.execute("lock table audit_log in access exclusive mode")
+                (status, _, body), took = await timed(call(
+                    http, "GET", gw + ALICE, token_for("alice"), headers={"X-Request-Id": refused}))
+                assert status == 503 and orjson.loads(body)["error"]["code"] == "audit_unavailable"
+                assert b"Alice" not in body
+                assert COMMIT_TIMEOUT_S <= took < COMMIT_TIMEOUT_S + 0.75
+                (status, ready), took = await timed(readyz(http, gw))
+                assert took < 1.0
+                assert status == 503 and "audit_write_failed" in ready["reasons"]
+            finally:
+                await lock.rollback()
+
+        async def served():
+            return (await call(http, "GET", gw + ALICE, token_for("alice")))[0] == 200
+        assert await wait_for(served, timeout=5)
+        assert await wait_for(lambda: _ready(http, gw), timeout=5)
+    async with connected(dsn) as conn:
+        # the refusal itself is logged (a 503 denial); the row that would have let data out is not
+        rows = await conn.fetch("select decision, status from audit_log where request_id = $1",
+                                refused)
+        assert [tuple(r) for r in rows] in ([], [("deny", 503)])
+        head = await conn.fetchrow("select * from audit_chain_heads where chain_id = $1",
+                                   before["chain_id"])
+        assert head["last_seq"] == await conn.fetchval(
+            "select max(seq) from audit_log where chain_id = $1", before["chain_id"])
+        assert not head["closed"]     # abandoned, not shut down: its writer cannot vouch for more
+        assert (await verify(conn)).ok
+
+
+async def _ready(http, gw) -> bool:
+    return (await readyz(http, gw))[0] == 200
+
+
+async def test_readyz_answers_at_once_while_the_database_is_frozen(backends, private_db, http,
+                                                                   token_for):
+    """With every PostgreSQL process stopped, requests get 503 by the deadline, readyz
+    answers within a second and turns not-ready within the staleness bound, and both come
+    back by themselves."""
+    server, _ = private_db
+    async with faulty_gateway(backends, private_db) as gw:
+        assert (await call(http, "GET", gw + ALICE, token_for("alice")))[0] == 200
+        assert await _ready(http, gw)
+        frozen = postgres_processes(server)
+        signal_all(frozen, signal.SIGSTOP)
+        try:
+            frozen_at = time.monotonic()
+            (status, _, body), took = await timed(call(http, "GET", gw + ALICE, token_for("alice")))
+            assert status == 503 and orjson.loads(body)["error"]["code"] == "audit_unavailable"
+            assert took < COMMIT_TIMEOUT_S + 0.75
+            while True:
+                (status, ready), took = await timed(readyz(http, gw))
+                assert took < 1.0
+                if "contracts_unavailable" in ready.get("reasons", ()):
+                    break
+                assert time.monotonic() - frozen_at < STALENESS_S + 1.0, ready
+                await asyncio.sleep(0.05)
+            assert status == 503 and ready["database"] is False
+            assert "restrictions_unavailable" in ready["reasons"]
+            status, _, body = await call(http, "GET", gw + ACME, token_for("partner"))
+            assert status == 503 and b"Acme" not in body
+        finally:
+            signal_all(frozen | postgres_processes(server), signal.SIGCONT)
+
+        async def served():
+            return (await call(http, "GET", gw + ACME, token_for("partner")))[0] == 200
+        assert await wait_for(served, timeout=15)
+        assert await wait_for(lambda: _ready(http, gw), timeout=10)
+
+
+async def partner_statuses(http, gw, token, until):
+    """(seconds since start, status, error code) of partner reads, until `until` holds."""
+    seen, started = [], time.monotonic()
+    while True:
+        status, _, body = await call(http, "GET", gw + ACME, token)
+        code = orjson.loads(body)["error"]["code"] if status != 200 else None
+        seen.append((time.monotonic() - started, status, code))
+        if until(seen) or time.monotonic() - started > 10:
+            return seen
+        await asyncio.sleep(0.02)
+
+
+@pytest.mark.parametrize("fault", ["freeze", "terminate"])
+async def test_a_silent_or_lost_listener_never_serves_a_deleted_contract_for_long(
+        backends, private_db, http, token_for, demo, fault):
+    """The contracts listener's backend is frozen (SIGSTOP) or killed
+    (pg_terminate_backend) and the contract deleted meanwhile: within the staleness bound
+    partners get 503 `contracts_unavailable`, then the reloaded mirror refuses the ex-partner."""
+    server, dsn = private_db
+    partner = token_for("partner")
+    frozen = None
+    try:
+        async with faulty_gateway(backends, private_db) as gw:
+            assert (await call(http, "GET", gw + ACME, partner))[0] == 200
+            pids = await listener_pids(dsn, "gateway_contracts")
+            assert len(pids) == 1
+            pid = pids.pop()
+            async with connected(dsn) as conn:
+                if fault == "freeze":
+                    frozen = {pid}
+                    signal_all(frozen, signal.SIGSTOP)
+                else:
+                    assert await conn.fetchval("select pg_terminate_backend($1)", pid)
+                await conn.execute("delete from contracts where euo_id = 'euo-acme'")
+            seen = await partner_statuses(
+                http, gw, partner, until=lambda s: s[-1][1] == 403 and len(s) > 1)
+            first_refusal = next(i for i, s in enumerate(seen) if s[1] != 200)
+            at, status, code = seen[first_refusal]
+            assert (status, code) == (503, "contracts_unavailable"), seen
+            assert at < STALENESS_S + 0.5, seen
+            assert all(s[1] != 200 for s in seen[first_refusal:]), seen
+            assert seen[-1][2] == "no_active_contract", seen
+            if fault == "freeze":
+                assert await listener_pids(dsn, "gateway_contracts") - {pid}   # a new listener
+    finally:
+        if frozen:
+            signal_all(frozen, signal.SIGCONT)
+        await seed_contracts(dsn, demo)
+
+
+async def test_heads_never_go_back_and_are_closed_on_a_clean_shutdown(backends, private_db, http,
+                                                                      token_for):
+    dsn = private_db[1]
+    async with faulty_gateway(backends, private_db) as gw:
+        _, headers, _ = await call(http, "GET", gw + ALICE, token_for("alice"))
+        async with connected(dsn) as conn:
+            chain = await conn.fetchval("select chain_id from audit_log where request_id = $1",
+                                        headers["X-Request-Id"])
+            open_head = await conn.fetchrow("select * from audit_chain_heads where chain_id = $1",
+                                            chain)
+            assert not open_head["closed"] and open_head["last_seq"] >= 1
+    async with connected(dsn) as conn:
+        head = await conn.fetchrow("select * from audit_chain_heads where chain_id = $1", chain)
+        assert head["closed"] and head["closed_at"] is not None
+        assert (head["last_seq"], head["last_hash"]) == tuple(await conn.fetchrow(
+            "select seq, row_hash from audit_log where chain_id = $1 order by seq desc limit 1",
+            chain))
+        for statement in (
+                "update audit_chain_heads set last_seq = last_seq - 1 where chain_id = $1",
+                "update audit_chain_heads set last_hash = '\\x00' where chain_id = $1",
+                "update audit_chain_heads set closed = false where chain_id = $1",
+                "update audit_chain_heads set last_seq = last_seq + 1 where chain_id = $1",
+                "delete from audit_chain_heads where chain_id = $1"):
+            with pytest.raises(asyncpg.RaiseError, match="audit_chain_heads"):
+                await conn.execute(statement, chain)
+        with pytest.raises(asyncpg.RaiseError, match="audit_chain_heads"):
+            await conn.execute("truncate audit_chain_heads")
+
+
+# what a superuser can do, each with the triggers that refuse it switched off
+TAMPERING = {
+    "tail cut off": (
+        "delete from audit_log where chain_id = $1 and seq > 1",
+        "rows 2..3 at the end of the chain are missing", 2),
+    "whole chain deleted": (
+        "delete from audit_log where chain_id = $1",
+        "all 3 rows of the chain are missing", 1),
+    "head deleted": (
+        "delete from audit_chain_heads where chain_id = $1",
+        "rows without a chain head", 3),
+}
+
+
+@pytest.mark.parametrize("tampering", TAMPERING)
+async def test_verify_sees_rows_missing_at_the_end_of_a_chain(backends, private_db, http,
+                                                              token_for, tampering):
+    """Deleting a chain's last rows, a whole chain, or its head is reported by verify
+    (done in a transaction that is rolled back, so the database is left as it was)."""
+    dsn = private_db[1]
+    actor = f"tail-{uuid.uuid4().hex[:8]}"
+    async with faulty_gateway(backends, private_db) as gw:
+        for _ in range(3):
+            assert (await call(http, "GET", gw + ACME,
+                               token_for(role="provider_staff", sub=actor)))[0] == 200
+    statement, problem, seq = TAMPERING[tampering]
+    async with connected(dsn) as conn:
+        chain = await conn.fetchval(
+            "select distinct chain_id from audit_log where actor_sub = $1", actor)
+        assert await conn.fetchval("select count(*) from audit_log where chain_id = $1", chain) == 3
+        assert (await verify(conn)).ok
+        tampered = conn.transaction(isolation="repeatable_read")
+        await tampered.start()
+        try:
+            await conn.execute("alter table audit_log disable trigger audit_log_append_only")
+            await conn.execute(
+                "alter table audit_chain_heads disable trigger audit_chain_heads_forward_only")
+            await conn.execute(statement, chain)
+            report = await verify(conn)
+        finally:
+            await tampered.rollback()
+        assert not report.ok
+        assert {"chain_id": str(chain), "seq": seq, "problem": problem} in report.breaks
+        assert (await verify(conn)).ok
