@@ -26,7 +26,7 @@ from .call import AnonymousRefusals
 from .catalog import load_catalog
 from .contracts import ContractCache
 from .db import POOL, create_pool, migrate, query
-from .endpoints import IDENTIFIER, api, identifier, json_object, json_response
+from .endpoints import CALL, IDENTIFIER, api, identifier, json_object, json_response
 from .errors import Denied, error_response
 from .metrics import REGISTRY, Metrics, metrics_view
 from .principal import Principal
@@ -218,7 +218,9 @@ async def put_contract(request: web.Request, principal: Principal, row: AuditRow
             end = None
         if end is None:
             raise Denied(400, "invalid_contract", "contract_end must be YYYY-MM-DD or null")
-    record = await request.app[POOL].fetchrow(query("put_contract"), euo, partner, end)
+    async def change(conn):
+        return await conn.fetchrow(query("put_contract"), euo, partner, end)
+    record = await request[CALL].allow(200, 0, change=change)
     request.app[pipeline.GATEWAY].contracts.remember(euo, partner, end)
     return json_response({"euo_id": record["euo_id"], "partner_id": record["partner_id"],
                           "contract_end": end.isoformat() if end else None})
@@ -230,8 +232,9 @@ async def delete_contract(request: web.Request, principal: Principal,
     """End the relationship outright: the partner loses access at once."""
     euo = identifier(request.match_info["euo"], "the EUO id")
     row.subject_euo = euo
-    deleted = await request.app[POOL].fetchval(query("delete_contract"), euo)
-    if deleted is None:
-        raise Denied(404, "no_contract", "this EUO has no contract")
+    async def change(conn):
+        if await conn.fetchval(query("delete_contract"), euo) is None:
+            raise Denied(404, "no_contract", "this EUO has no contract")
+    await request[CALL].allow(204, 0, change=change)
     request.app[pipeline.GATEWAY].contracts.remember(euo, None, None)
     return web.Response(status=204)

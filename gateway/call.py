@@ -23,10 +23,12 @@ import re
 import time
 from collections.abc import Iterable
 from datetime import datetime
+from typing import Any
 
 from aiohttp import web
 
 from .audit import AuditRow, AuditWriter
+from .audit.writer import Change
 from .errors import Denied, error_response
 from .principal import Principal
 from .redact import now_utc
@@ -79,17 +81,23 @@ class Call:
         row.duration_ms = (time.perf_counter() - self.started) * 1000
 
     async def allow(self, status: int, size: int, served: Iterable[str] = (),
-                    removed: Iterable[str] = ()) -> None:
-        """Commit the allowed call's row; raise Denied(503) if it cannot be made durable."""
+                    removed: Iterable[str] = (), change: Change | None = None) -> Any:
+        """Commit the allowed call's row; raise Denied(503) if it cannot be made durable.
+
+        A state change (`change(conn)`) commits in the same transaction as the row or not at
+        all: a caller told "failed" has changed nothing, and every change has its row.
+        Returns what the change returned; what it raised (a refusal) is raised here."""
         self._finish("allow", status, size)
         if served:
             self.row.data_sets = list(served)
         if removed:
             self.row.fields_removed = list(removed)
-        rows = [self.row] + [dataclasses.replace(self.row, subject_euo=euo, subject_users=users)
-                             for euo, users in self.siblings]
-        await asyncio.gather(*(self.audit.commit(row) for row in rows))
+        siblings = [dataclasses.replace(self.row, subject_euo=euo, subject_users=users)
+                    for euo, users in self.siblings]
+        result, *_ = await asyncio.gather(self.audit.commit(self.row, change),
+                                          *(self.audit.commit(row) for row in siblings))
         self.committed = True
+        return result
 
     async def record_refusal(self, denial: Denied) -> None:
         """Audit a refusal or failure (durably for a known caller); raise Denied(503) if

@@ -48,8 +48,10 @@ async def create_request(request: web.Request, principal: Principal, row: AuditR
     if len(set(data_sets)) != len(data_sets):
         raise Denied(400, "invalid_request", "data_sets lists a data set twice")
     row.subject_euo, row.subject_users, row.data_sets = principal.euo, [principal.sub], data_sets
-    created = await request.app[POOL].fetchrow(query("create_request"), principal.sub,
-                                               principal.euo, kind, data_sets, detail)
+    async def change(conn):
+        return await conn.fetchrow(query("create_request"), principal.sub, principal.euo, kind,
+                                   data_sets, detail)
+    created = await request[CALL].allow(201, 0, change=change)
     if kind == "restriction":
         request.app[GATEWAY].restrictions.remember(principal.euo, principal.sub, True)
     return json_response(public(created), status=201)
@@ -106,11 +108,16 @@ async def update_request(request: web.Request, principal: Principal, row: AuditR
         raise Denied(403, "role_not_permitted",
                      "a restriction that blocks your role is answered by the EUO's admin")
     row.subject_euo, row.subject_users = current["euo_id"], [current["user_sub"]]
-    updated = await pool.fetchrow(query("update_request"), request_id, status, resolution,
-                                  f"{principal.role}:{principal.partner or principal.euo or 'provider'}")
+    resolver = f"{principal.role}:{principal.partner or principal.euo or 'provider'}"
+    euo, user = current["euo_id"], current["user_sub"]
+
+    async def change(conn):
+        updated = await conn.fetchrow(query("update_request"), request_id, status, resolution,
+                                      resolver)
+        return updated, await conn.fetchval(query("is_restricted"), euo, user)
+    updated, restricted = await request[CALL].allow(200, 0, change=change)
     if updated["type"] == "restriction":
-        euo, user = updated["euo_id"], updated["user_sub"]
-        gw.restrictions.remember(euo, user, await pool.fetchval(query("is_restricted"), euo, user))
+        gw.restrictions.remember(euo, user, restricted)
     return json_response(public(updated))
 
 

@@ -343,3 +343,47 @@ async def test_kill_9_loses_no_row_of_an_answered_request(backends, database_url
     stored = await db.fetch("select request_id from audit_log where request_id = any($1::text[])",
                             answered)
     assert {r["request_id"] for r in stored} == set(answered)
+
+
+async def test_kill_9_leaves_no_change_without_its_row_and_no_answered_refusal_unlogged(
+        backends, database_url, http, token_for, db, tmp_path):
+    """Under kill -9 with contract changes and refusals in flight: every contract that
+    exists has its audit row, and every refusal a client received was logged first."""
+    tag = uuid.uuid4().hex[:6]
+    refused: list[str] = []
+    async with gateway_process(http, backends, database_url, tmp_path) as (proc, base):
+        staff = token_for("staff")
+
+        async def writer(n: int):
+            for i in range(10_000):
+                try:
+                    await call(http, "PUT", base + f"/v1/admin/euos/euo-k9-{tag}-{n}-{i}", staff,
+                               json={"partner_id": "p-northwind"})
+                except (TimeoutError, aiohttp.ClientError):
+                    return
+
+        async def denied():
+            for _ in range(10_000):
+                try:
+                    status, headers, _ = await call(
+                        http, "GET", base + "/telephony/euos/euo-acme/users/u-alice/voicemails",
+                        staff)
+                except (TimeoutError, aiohttp.ClientError):
+                    return
+                if status == 403:
+                    refused.append(headers["X-Request-Id"])
+        clients = [asyncio.create_task(writer(n)) for n in range(6)]
+        clients += [asyncio.create_task(denied()) for _ in range(2)]
+        await asyncio.sleep(1.5)
+        proc.send_signal(signal.SIGKILL)
+        await asyncio.gather(*clients)
+    changed = await db.fetch("select euo_id from contracts where euo_id like $1", f"euo-k9-{tag}-%")
+    assert len(changed) > 10
+    logged = await db.fetch("select subject_euo from audit_log where route = $1 and decision = 'allow'"
+                            " and subject_euo like $2", "gateway:/v1/admin/euos/{euo}",
+                            f"euo-k9-{tag}-%")
+    assert {r["euo_id"] for r in changed} <= {r["subject_euo"] for r in logged}
+    assert len(refused) > 5
+    stored = await db.fetch("select request_id from audit_log where request_id = any($1::text[])",
+                            refused)
+    assert {r["request_id"] for r in stored} == set(refused)

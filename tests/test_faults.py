@@ -107,14 +107,14 @@ async def test_a_locked_audit_table_is_a_503_within_the_commit_deadline(backends
         async with connected(dsn) as conn:
             before = await conn.fetchrow("select chain_id, seq from audit_log where request_id = $1",
                                          headers["X-Request-Id"])
-        refused = f"refused-{uuid.uuid4().hex[:8]}"
         async with connected(dsn) as locker:
             lock = locker.transaction()
             await lock.start()
             try:
                 await locker.execute("lock table audit_log in access exclusive mode")
-                (status, _, body), took = await timed(call(
-                    http, "GET", gw + ALICE, token_for("alice"), headers={"X-Request-Id": refused}))
+                (status, headers, body), took = await timed(call(
+                    http, "GET", gw + ALICE, token_for("alice")))
+                refused = headers["X-Request-Id"]
                 assert status == 503 and orjson.loads(body)["error"]["code"] == "audit_unavailable"
                 assert b"Alice" not in body
                 assert COMMIT_TIMEOUT_S <= took < COMMIT_TIMEOUT_S + 0.75
@@ -303,4 +303,72 @@ async def test_verify_sees_rows_missing_at_the_end_of_a_chain(backends, private_
             await tampered.rollback()
         assert not report.ok
         assert {"chain_id": str(chain), "seq": seq, "problem": problem} in report.breaks
+        assert (await verify(conn)).ok
+
+
+async def test_a_state_change_and_its_row_commit_together_or_not_at_all(backends, private_db, http,
+                                                                       token_for):
+    """With the audit table locked, a contract change, a contract deletion and a
+    restriction are answered 503 — and none of them took effect."""
+    dsn = private_db[1]
+    euo = f"euo-atomic-{uuid.uuid4().hex[:6]}"
+    staff = token_for("staff")
+    async with faulty_gateway(backends, private_db) as gw:
+        async with connected(dsn) as locker:
+            lock = locker.transaction()
+            await lock.start()
+            try:
+                await locker.execute("lock table audit_log in access exclusive mode")
+                status, _, _ = await call(http, "PUT", gw + f"/v1/admin/euos/{euo}", staff,
+                                          json={"partner_id": "p-northwind"})
+                assert status == 503
+                status, _, _ = await call(http, "DELETE", gw + "/v1/admin/euos/euo-acme", staff)
+                assert status == 503
+                status, _, _ = await call(http, "POST", gw + "/v1/me/requests",
+                                          token_for("bob"),
+                                          json={"type": "restriction", "data_sets": ["user_mobile"]})
+                assert status == 503
+            finally:
+                await lock.rollback()
+        async with connected(dsn) as conn:
+            assert await conn.fetchval("select count(*) from contracts where euo_id = $1", euo) == 0
+            assert await conn.fetchval(
+                "select count(*) from contracts where euo_id = 'euo-acme'") == 1
+            assert await conn.fetchval(
+                "select count(*) from dsr_requests where user_sub = 'u-bob' and type = 'restriction'"
+                " and status in ('open', 'accepted')") == 0
+
+        async def served():   # and nothing of it reached the mirrors either
+            got = await call(http, "GET", gw + "/telephony/euos/euo-acme/users/u-bob",
+                             token_for("partner"))
+            return got[0] == 200
+        assert await wait_for(served, timeout=5)
+        # once the log is writable, a change and its row land together
+        status, headers, _ = await call(http, "PUT", gw + f"/v1/admin/euos/{euo}", staff,
+                                        json={"partner_id": "p-northwind"})
+        assert status == 200
+    async with connected(dsn) as conn:
+        row = await conn.fetchrow("select decision, subject_euo from audit_log where request_id = $1",
+                                  headers["X-Request-Id"])
+        assert tuple(row) == ("allow", euo)
+        assert await conn.fetchval("select count(*) from contracts where euo_id = $1", euo) == 1
+
+
+async def test_a_refused_change_leaves_its_refusal_and_nothing_else(backends, private_db, http,
+                                                                    token_for):
+    """Deleting a contract that does not exist is a 404 audited as a refusal; the batch it
+    shared with other rows is unharmed."""
+    async with faulty_gateway(backends, private_db) as gw:
+        results = await asyncio.gather(
+            call(http, "DELETE", gw + "/v1/admin/euos/euo-never-was", token_for("staff")),
+            *(call(http, "GET", gw + ALICE, token_for("alice")) for _ in range(5)))
+    assert results[0][0] == 404
+    assert all(r[0] == 200 for r in results[1:])
+    async with connected(private_db[1]) as conn:
+        rows = await conn.fetch("select decision, reason from audit_log where request_id = $1",
+                                results[0][1]["X-Request-Id"])
+        assert [tuple(r) for r in rows] == [("deny", "no_contract")]
+        for _, headers, _ in results[1:]:
+            assert await conn.fetchval("select count(*) from audit_log where request_id = $1",
+                                       headers["X-Request-Id"]) == 1
         assert (await verify(conn)).ok

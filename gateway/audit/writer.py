@@ -24,9 +24,10 @@ import logging
 import operator
 import uuid
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from datetime import date, datetime
+from typing import Any
 
 import asyncpg
 
@@ -79,6 +80,12 @@ class _Pending:
     fut: asyncio.Future
     queued_at: float          # loop time
     deadline: float | None    # loop time; None: nobody waits (the row still gets written)
+    # a state change that commits with this row or not at all (run in the batch's
+    # transaction, in a savepoint: if it raises, it and its row are left out)
+    change: Change | None = None
+
+
+Change = Callable[[asyncpg.Connection], Awaitable[Any]]
 
 
 def unavailable() -> Denied:
@@ -108,8 +115,10 @@ class AuditWriter:
         self._partition_month: date | None = None
         self._partition_lock = asyncio.Lock()
 
-    def record(self, row: AuditRow, wait: bool = True) -> asyncio.Future:
-        """Queue a row; the future resolves once it is committed (raises Denied if it cannot)."""
+    def record(self, row: AuditRow, wait: bool = True, change: Change | None = None
+               ) -> asyncio.Future:
+        """Queue a row; the future resolves once it is committed (raises Denied if it cannot),
+        to what `change` returned when the row carries a state change."""
         loop = asyncio.get_running_loop()
         fut = loop.create_future()
         if self.observe is not None:
@@ -118,7 +127,8 @@ class AuditWriter:
             fut.set_exception(unavailable())
             return fut
         now = loop.time()
-        self._queue.append(_Pending(row, fut, now, now + self.commit_timeout_s if wait else None))
+        self._queue.append(_Pending(row, fut, now, now + self.commit_timeout_s if wait else None,
+                                    change))
         self._unfinished += 1
         self._drained.clear()
         self._arrived.set()
@@ -128,17 +138,19 @@ class AuditWriter:
         """Queue a row nobody waits for (denials carry no personal data)."""
         self.record(row, wait=False).add_done_callback(_retrieve)
 
-    async def commit(self, row: AuditRow) -> None:
+    async def commit(self, row: AuditRow, change: Change | None = None) -> Any:
         """Queue a row and wait until it is durable, at most the commit timeout (then 503).
+        With `change`, the state change and the row commit in one transaction or neither
+        does; returns what the change returned, or raises what it raised (nothing changed).
 
         While the last batch failed it answers 503 at once: a request that already waited
         out one deadline (and now records its refusal) must not wait out a second."""
         if self._failing:
             raise unavailable()
-        fut = self.record(row)
+        fut = self.record(row, change=change)
         try:
             async with asyncio.timeout(self.commit_timeout_s):
-                await asyncio.shield(fut)
+                return await asyncio.shield(fut)
         except TimeoutError:
             self._failing = True   # its batch misses the deadline too and is being abandoned
             if not fut.done():     # from now on nobody may take this row as committed
@@ -317,11 +329,12 @@ class _Lane:
 
     async def _write(self, batch: list[_Pending]) -> None:
         writer = self.writer
-        records, last_hash = self._link(batch)
-        last_seq = self.seq + len(records)
         # the batch must commit before its earliest waiting caller gives up
         deadline = min((i.deadline for i in batch if i.deadline is not None),
                        default=asyncio.get_running_loop().time() + writer.commit_timeout_s)
+        changed: dict[int, Any] = {}          # index in batch -> what its change returned
+        refused: dict[int, BaseException] = {}
+        last_seq, last_hash = self.seq, self.prev_hash
         try:
             async with asyncio.timeout_at(deadline):
                 await self._connect()
@@ -330,10 +343,17 @@ class _Lane:
                 # dropping the connection rolls the batch back without waiting
                 batch_tx = self.conn.transaction()
                 await batch_tx.start()
-                await self.conn.copy_records_to_table("audit_log", records=records,
-                                                      columns=COLUMNS)
-                await self.conn.execute(query("audit_chain_advance"), self.chain_id,
-                                        last_seq, last_hash)
+                for i, item in enumerate(batch):
+                    if item.change is not None:
+                        await self._change(i, item, changed, refused)
+                written = [item for i, item in enumerate(batch) if i not in refused]
+                records, last_hash = self._link(written)
+                last_seq = self.seq + len(records)
+                if records:
+                    await self.conn.copy_records_to_table("audit_log", records=records,
+                                                          columns=COLUMNS)
+                    await self.conn.execute(query("audit_chain_advance"), self.chain_id,
+                                            last_seq, last_hash)
                 await batch_tx.commit()
         except Exception as e:  # any failure means the rows are not durable: fail closed
             log.error("audit write of %d rows failed: %s", len(batch), str(e) or type(e).__name__)
@@ -347,15 +367,31 @@ class _Lane:
         writer._failing = False
         self.seq, self.prev_hash = last_seq, last_hash
         late = 0
-        for item in batch:
+        for i, item in enumerate(batch):
             if item.fut.done():
-                late += 1
+                late += i not in refused
+            elif i in refused:
+                item.fut.set_exception(refused[i])
             else:
-                item.fut.set_result(None)
+                item.fut.set_result(changed.get(i))
         if late:
             # the COMMIT was answered at the very deadline: these callers already got 503,
             # so the log holds rows for requests that served nothing (it over-reports)
             log.warning("%d audit rows committed just after their callers were refused", late)
+
+
+    async def _change(self, i: int, item: _Pending, changed: dict, refused: dict) -> None:
+        """Run one row's state change in a savepoint of the batch: if it raises (a refusal
+        such as 404, or a constraint), it is rolled back and its row left out of the batch."""
+        savepoint = self.conn.transaction()
+        await savepoint.start()
+        try:
+            changed[i] = await item.change(self.conn)
+        except (Denied, asyncpg.PostgresError) as e:
+            await savepoint.rollback()
+            refused[i] = e
+            return
+        await savepoint.commit()
 
 
 def _retrieve(fut: asyncio.Future) -> None:
