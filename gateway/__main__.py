@@ -40,6 +40,8 @@ def main(argv: list[str] | None = None) -> int:
     demo.add_argument("--port", type=int, default=None, help="gateway port (default from "
                       "GATEWAY_LISTEN, 8080)")
     sub.add_parser("migrate", help="apply the SQL migrations and exit")
+    sub.add_parser("reload", help="have the running `gateway serve` (found by its pid file in "
+                   "GATEWAY_DATA_DIR) reload the policy directory in every worker (SIGHUP)")
     audit = sub.add_parser("audit", help="verify, prune or query the access audit log")
     audit_sub = audit.add_subparsers(dest="audit_command", required=True)
     audit_sub.add_parser("verify", help="check every hash chain; exit 1 on a break")
@@ -77,6 +79,8 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "token":
             print(mint_token(settings, args.role, args.sub, args.partner, args.euo, args.ttl))
             return 0
+        if args.command == "reload":
+            return _reload(settings)
     except (ConfigError, PolicyError, DatabaseUnavailable) as e:
         print(f"gateway: {e}", file=sys.stderr)
         return 2
@@ -159,17 +163,46 @@ def _serve(settings: Settings, workers: int = 1) -> int:
     if workers < 1:
         raise ConfigError("--workers must be at least 1")
     from .app import create_app
-    from .authz import load_policy
-    from .catalog import load_catalog
+    from .policyset import load_policy_set
 
-    load_policy(settings.policy_dir, load_catalog(settings.policy_dir))   # fail before forking
+    policy = PolicyInForce(settings, load_policy_set(settings.policy_dir))  # fail before forking
     with contextlib.ExitStack() as stack:
         sock = stack.enter_context(listen(settings.listen_host, settings.listen_port))
+        stack.enter_context(pid_file(settings))
         dsn = database_url(settings, stack)
         if workers == 1:
-            _run_worker(settings, dsn, sock, create_app)
+            _run_worker(settings, dsn, sock, create_app, policy)
             return 0
-        return Supervisor(settings, dsn, sock, create_app, workers).run()
+        return Supervisor(settings, dsn, sock, create_app, workers, policy).run()
+
+
+PID_FILE = "gateway.pid"
+
+
+@contextlib.contextmanager
+def pid_file(settings: Settings):
+    """GATEWAY_DATA_DIR/gateway.pid while serving, so `gateway reload` finds this process."""
+    path = settings.data_dir / PID_FILE
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(f"{os.getpid()}\n")
+    try:
+        yield path
+    finally:
+        with contextlib.suppress(OSError):
+            if path.read_text().strip() == str(os.getpid()):
+                path.unlink()
+
+
+def _reload(settings: Settings) -> int:
+    """Send SIGHUP to the serving process named by the pid file; 2 when there is none."""
+    path = settings.data_dir / PID_FILE
+    try:
+        pid = int(path.read_text().strip())
+        os.kill(pid, signal.SIGHUP)
+    except (OSError, ValueError) as e:
+        raise ConfigError(f"no running `gateway serve` found through {path} ({e})") from None
+    print(f"asked gateway serve (pid {pid}) to reload the policy; its log says whether it did")
+    return 0
 
 
 def listen(host: str, port: int) -> socket.socket:
@@ -215,11 +248,14 @@ class Supervisor:
 
     STOP_GRACE_S = 30.0     # a worker still draining after this is killed
 
-    def __init__(self, settings: Settings, dsn: str, sock: socket.socket, create_app, workers: int):
-        self.target = (settings, dsn, sock, create_app)
+    def __init__(self, settings: Settings, dsn: str, sock: socket.socket, create_app, workers: int,
+                 policy: PolicyInForce):
+        self.target = (settings, dsn, sock, create_app, policy)
+        self.policy = policy
         self.workers = workers
         self.budget = RestartBudget()
         self.stopping = False
+        self.reloading = False
         self._fork = multiprocessing.get_context("fork")
 
     def run(self) -> int:
@@ -228,7 +264,7 @@ class Supervisor:
         os.set_blocking(wakeup_w, False)
         old_wakeup = signal.set_wakeup_fd(wakeup_w)   # a signal ends the wait below at once
         old_handlers = {sig: signal.signal(sig, self._on_signal)
-                        for sig in (signal.SIGTERM, signal.SIGINT)}
+                        for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)}
         procs = {}
         try:
             for _ in range(self.workers):
@@ -245,6 +281,13 @@ class Supervisor:
                     os.read(wakeup_r, 512)
                 if self.stopping:
                     break
+                if self.reloading:
+                    self.reloading = False
+                    self.policy.reload()          # what replacement workers will start with
+                    log.info("reloading the policy in %d workers", len(procs))
+                    for p in procs.values():
+                        with contextlib.suppress(ProcessLookupError):
+                            os.kill(p.pid, signal.SIGHUP)
                 for sentinel in ready:
                     if sentinel in procs:
                         delay = self._on_exit(procs.pop(sentinel))
@@ -271,7 +314,10 @@ class Supervisor:
         return p
 
     def _on_signal(self, signum, _frame) -> None:
-        self.stopping = True
+        if signum == signal.SIGHUP:
+            self.reloading = True
+        else:
+            self.stopping = True
 
     def _on_exit(self, proc) -> float | None:
         """Log a worker's death; the delay before its replacement, or None to give up."""
@@ -308,8 +354,24 @@ class Supervisor:
         return 0 if all(p.exitcode in (0, -signal.SIGTERM) for p in procs) else 1
 
 
+class PolicyInForce:
+    """The supervisor's copy of the policy in force: forked workers start with it, and it
+    follows SIGHUP like theirs (kept when the new files are refused)."""
+
+    def __init__(self, settings: Settings, policy_set):
+        self.settings = settings
+        self.current = policy_set
+
+    def reload(self) -> None:
+        from .policyset import load_policy_set
+        try:
+            self.current = load_policy_set(self.settings.policy_dir)
+        except (PolicyError, OSError) as e:
+            log.error("supervisor keeps policy %s: %s", self.current.version, e)
+
+
 def _run_worker(settings: Settings, dsn: str, sock: socket.socket, create_app,
-                parent_pid: int | None = None) -> None:
+                policy: PolicyInForce, parent_pid: int | None = None) -> None:
     """One serving process: its own event loop, pools and audit chain, the shared socket."""
     if parent_pid is not None:
         # the supervisor's handlers came along with the fork; until aiohttp installs its
@@ -318,8 +380,11 @@ def _run_worker(settings: Settings, dsn: str, sock: socket.socket, create_app,
         for sig in (signal.SIGTERM, signal.SIGINT):
             signal.signal(sig, signal.SIG_DFL)
         _die_with_parent(parent_pid)
+    # a reload asked for before the app listens for it must not end the process
+    signal.signal(signal.SIGHUP, signal.SIG_IGN)
     _use_uvloop()
-    web.run_app(create_app(settings, dsn), sock=sock, access_log=None,
+    web.run_app(create_app(settings, dsn, reload_on_sighup=True, policy_set=policy.current),
+                sock=sock, access_log=None,
                 print=lambda s: log.info(s.strip()))
 
 

@@ -9,6 +9,7 @@ import importlib.resources
 import itertools
 import logging
 import secrets
+import signal
 from collections.abc import Callable
 from datetime import date
 
@@ -21,14 +22,15 @@ from . import export, pipeline, subject_requests
 from .audit import AuditRow, AuditWriter
 from .audit import api as audit_api
 from .authn import Authenticator
-from .authz import Policy, load_policy
+from .authz import Policy
 from .call import AnonymousRefusals
-from .catalog import load_catalog
+from .catalog import PolicyError
 from .contracts import ContractCache
 from .db import POOL, create_pool, migrate, query
 from .endpoints import CALL, IDENTIFIER, api, identifier, json_object, json_response
 from .errors import Denied, error_response
 from .metrics import REGISTRY, Metrics, metrics_view
+from .policyset import PolicySet, load_policy_set
 from .principal import Principal
 from .proxy import PRIVATE, Backends
 from .restrictions import RestrictionCache
@@ -40,10 +42,14 @@ REQUEST_ID = pipeline.REQUEST_ID
 NEW_REQUEST_ID = web.AppKey("new_request_id", Callable[[], str])
 
 
-def create_app(settings: Settings, dsn: str) -> web.Application:
-    """The gateway application; resources open and close with its cleanup contexts."""
-    catalog = load_catalog(settings.policy_dir)
-    policy = load_policy(settings.policy_dir, catalog)
+def create_app(settings: Settings, dsn: str, reload_on_sighup: bool = False,
+               policy_set: PolicySet | None = None) -> web.Application:
+    """The gateway application; resources open and close with its cleanup contexts. With
+    reload_on_sighup (`gateway serve`), SIGHUP reloads the policy directory; `policy_set`
+    is the policy in force (a supervisor's, so a replacement worker uses what the others
+    use, not whatever the files say now), else it is loaded from the policy directory."""
+    policy_set = policy_set or load_policy_set(settings.policy_dir)
+    catalog, policy = policy_set.catalog, policy_set.policy
     app = web.Application(middlewares=[_request_ids], client_max_size=settings.max_body_bytes)
     app[NEW_REQUEST_ID] = request_ids()
     app.on_response_prepare.append(_private_answers)
@@ -59,7 +65,10 @@ def create_app(settings: Settings, dsn: str) -> web.Application:
     app.router.add_delete("/v1/admin/euos/{euo}", delete_contract)
     audit_api.add_routes(app)
     subject_requests.add_routes(app)
-    export.add_routes(app, settings.policy_dir, catalog)
+    export.add_routes(app, policy_set.export_sources)
+    app[POLICY_SET] = policy_set
+    if reload_on_sighup:
+        app.on_startup.append(_reload_on_sighup(settings))
     for service in settings.upstreams:
         app.router.add_route("*", f"/{service}/{{tail:.*}}", pipeline.handle)
     return app
@@ -87,11 +96,12 @@ def _resources(settings: Settings, dsn: str, catalog, policy: Policy, metrics: M
                             settings.backend_connect_timeout_s, settings.backend_deadline_s,
                             settings.max_json_answer_bytes)
         app[POOL] = pool
-        app[pipeline.GATEWAY] = pipeline.Gateway(
+        gateway = app[pipeline.GATEWAY] = pipeline.Gateway(
             catalog=catalog, policy=policy, authn=Authenticator(settings, session),
             contracts=contracts, restrictions=restrictions, backends=backends, audit=audit,
             anonymous=anonymous, max_body_bytes=settings.max_body_bytes,
-            max_streams=settings.max_streams)
+            max_streams=settings.max_streams, policy_version=app[POLICY_SET].version)
+        del gateway
         try:
             yield
         finally:
@@ -102,6 +112,32 @@ def _resources(settings: Settings, dsn: str, catalog, policy: Policy, metrics: M
             await session.close()
             await pool.close()
     return ctx
+
+
+POLICY_SET = web.AppKey("policy_set", PolicySet)
+
+
+def _reload_on_sighup(settings: Settings):
+    async def install(app: web.Application) -> None:
+        asyncio.get_running_loop().add_signal_handler(
+            signal.SIGHUP, lambda: reload_policy(app, settings.policy_dir))
+    return install
+
+
+def reload_policy(app: web.Application, policy_dir) -> bool:
+    """Load the policy directory, check its floors and swap it in whole — or keep the
+    policy in force and log why. Returns whether the new policy is in force."""
+    gw = app[pipeline.GATEWAY]
+    try:
+        new = load_policy_set(policy_dir)
+    except (PolicyError, OSError) as e:
+        log.error("policy reload refused, policy %s stays in force: %s", gw.policy_version, e)
+        return False
+    app[export.SOURCES] = new.export_sources
+    app[POLICY_SET] = new
+    gw.use(new.catalog, new.policy, new.version)
+    log.info("policy %s in force (reloaded from %s)", new.version, policy_dir)
+    return True
 
 
 @web.middleware
@@ -197,7 +233,7 @@ async def catalog_view(request: web.Request, principal: Principal, row: AuditRow
         entry = ds.public()
         entry["visible_to"] = policy.who_may(ds.name)
         out.append(entry)
-    return json_response({"data_sets": out})
+    return json_response({"policy_version": gw.policy_version, "data_sets": out})
 
 
 @api("/v1/admin/euos/{euo}", roles=("provider_staff",))

@@ -53,9 +53,18 @@ class Gateway:
     max_streams: int = 200             # files being copied through at once, per process
     streams: int = 0
 
+    policy_version: str = ""
+
     def __post_init__(self):
         self.plan = lru_cache(maxsize=4096)(self._plan)
         self.targets = Targets(self.catalog)
+
+    def use(self, catalog: Catalog, policy: Policy, version: str) -> None:
+        """Swap the policy whole (no await in between: no request sees half of each).
+        Requests under way finish with the routes and plans they started with."""
+        self.catalog, self.policy, self.policy_version = catalog, policy, version
+        self.targets = Targets(catalog)
+        self.plan = lru_cache(maxsize=4096)(self._plan)
 
     def _plan(self, route: Route, role: str, relations: frozenset[str]) -> RedactionPlan:
         return make_plan(route, role, relations, self.catalog, self.policy.granted)

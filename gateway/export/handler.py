@@ -321,6 +321,6 @@ async def export(request: web.Request, principal: Principal, row: AuditRow):
     return response
 
 
-def add_routes(app: web.Application, policy_dir: Path, catalog: Catalog) -> None:
-    app[SOURCES] = load_sources(policy_dir, catalog)
+def add_routes(app: web.Application, sources: list[Source]) -> None:
+    app[SOURCES] = sources
     app.router.add_get("/v1/me/export", export)
