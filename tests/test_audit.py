@@ -320,6 +320,7 @@ async def test_database_outage_fails_closed_and_recovers(backends, http, token_f
         await asyncio.to_thread(server.stop)
 
 
+@pytest.mark.slow
 async def test_kill_9_loses_no_row_of_an_answered_request(backends, database_url, http,
                                                           token_for, db, tmp_path):
     """Every 2xx a client received before the gateway was killed has its committed row."""
@@ -345,6 +346,7 @@ async def test_kill_9_loses_no_row_of_an_answered_request(backends, database_url
     assert {r["request_id"] for r in stored} == set(answered)
 
 
+@pytest.mark.slow
 async def test_kill_9_leaves_no_change_without_its_row_and_no_answered_refusal_unlogged(
         backends, database_url, http, token_for, db, tmp_path):
     """Under kill -9 with contract changes and refusals in flight: every contract that

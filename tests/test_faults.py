@@ -26,6 +26,8 @@ from gateway.demo.run import seed_contracts
 
 from .conftest import call, gateway_settings, running_gateway, wait_for
 
+pytestmark = pytest.mark.slow
+
 COMMIT_TIMEOUT_S = 1.0
 STALENESS_S = 1.0
 ALICE = "/telephony/euos/euo-acme/users/u-alice"

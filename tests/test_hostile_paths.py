@@ -140,6 +140,7 @@ def route_table() -> Targets:
     return Targets(load_catalog(POLICY_DIR))
 
 
+@pytest.mark.slow
 @settings(max_examples=1500, deadline=None, derandomize=True,
           suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
 @given(target=targets(), caller=st.sampled_from(["staff", "staff", "partner", "alice"]))

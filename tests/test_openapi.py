@@ -57,6 +57,7 @@ async def test_the_document_is_served(gateway, http):
     assert status == 200 and orjson.loads(body) == _spec()
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("caller", ["staff", "alice", "partner"])
 async def test_schemathesis_finds_no_server_error_and_no_undocumented_answer(
         gateway, token_for, caller, tmp_path):

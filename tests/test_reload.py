@@ -11,10 +11,13 @@ import subprocess
 import sys
 
 import orjson
+import pytest
 
 from gateway.demo.run import seed_contracts
 
 from .conftest import POLICY_DIR, call, gateway_process, wait_for
+
+pytestmark = pytest.mark.slow
 
 USER = "/telephony/euos/euo-acme/users/u-bob"
 MOBILE_LINE = "p, partner, contracted_partner, user_mobile, read\n"

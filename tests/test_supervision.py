@@ -20,6 +20,8 @@ from gateway.db_watchdog import is_postmaster, postmaster_pid
 
 from .conftest import SERVE, call, free_port, gateway_process, serve_env, wait_for
 
+pytestmark = pytest.mark.slow
+
 
 def test_restart_budget_backs_off_then_gives_up():
     """Replacements wait longer each time; a sixth death within a minute means giving up,
