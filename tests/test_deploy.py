@@ -293,14 +293,14 @@ def test_every_manifest_validates_against_the_kubernetes_schemas(version):
             pytest.fail(f"{name} {doc['kind']}: {'.'.join(map(str, e.path))}: {e.message}")
 
 
-@pytest.mark.parametrize("breakage", ["misspelled field", "wrong type", "unknown kind"])
+@pytest.mark.parametrize("breakage", ["misspelled_field", "wrong_type", "unknown_kind"])
 def test_the_kubernetes_validation_refuses_a_broken_manifest(breakage):
     (deployment,) = by_kind("Deployment")
     broken = copy.deepcopy(deployment)
     container = broken["spec"]["template"]["spec"]["containers"][0]
-    if breakage == "misspelled field":
+    if breakage == "misspelled_field":
         container["securityContext"]["readOnlyRootFileSystem"] = True
-    elif breakage == "wrong type":
+    elif breakage == "wrong_type":
         container["readinessProbe"]["httpGet"]["port"] = ["http"]
     else:
         broken["apiVersion"] = "apps/v1beta9"
