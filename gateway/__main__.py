@@ -1,4 +1,4 @@
-"""The command line: gateway serve | demo | migrate | token."""
+"""The command line: gateway serve | check | demo | migrate | grant | token | audit."""
 
 from __future__ import annotations
 
@@ -7,6 +7,7 @@ import asyncio
 import contextlib
 import ctypes
 import errno
+import functools
 import logging
 import multiprocessing
 import multiprocessing.connection
@@ -22,7 +23,15 @@ import jwt
 from aiohttp import web
 
 from .catalog import PolicyError
-from .db import DatabaseUnavailable, EmbeddedPostgres, migrate, wait_for_database
+from .check import Findings, check_backends, check_database, check_settings, effective_configuration
+from .db import (
+    DatabaseUnavailable,
+    EmbeddedPostgres,
+    ensure_partitions,
+    grant_runtime,
+    migrate,
+    wait_for_database,
+)
 from .settings import ConfigError, Settings
 
 log = logging.getLogger("gateway")
@@ -36,15 +45,26 @@ def main(argv: list[str] | None = None) -> int:
     serve = sub.add_parser("serve", help="run the gateway (configured from GATEWAY_* variables)")
     serve.add_argument("--workers", type=int, default=1,
                        help="worker processes on one listening socket, replaced when they die")
+    serve.add_argument("--no-migrate", action="store_true",
+                       help="do not migrate (production: connect as the runtime role); refuse "
+                            "to start unless the schema is current")
+    sub.add_parser("check", help="check settings, policy, database and backends; print the "
+                   "effective configuration (secrets masked); exit 2 on a problem")
     demo = sub.add_parser("demo", help="embedded database, demo backends, gateway and tokens")
     demo.add_argument("--port", type=int, default=None, help="gateway port (default from "
                       "GATEWAY_LISTEN, 8080)")
-    sub.add_parser("migrate", help="apply the SQL migrations and exit")
+    sub.add_parser("migrate", help="apply the SQL migrations, create the audit partitions "
+                   "ahead, and exit (as the schema's owner)")
+    grant = sub.add_parser("grant", help="grant a runtime role what `serve --no-migrate` needs "
+                           "(sql/runtime_grants.sql; as the schema's owner)")
+    grant.add_argument("--role", required=True, help="the runtime role's name")
     sub.add_parser("reload", help="have the running `gateway serve` (found by its pid file in "
                    "GATEWAY_DATA_DIR) reload the policy directory in every worker (SIGHUP)")
     audit = sub.add_parser("audit", help="verify, prune or query the access audit log")
     audit_sub = audit.add_subparsers(dest="audit_command", required=True)
     audit_sub.add_parser("verify", help="check every hash chain; exit 1 on a break")
+    audit_sub.add_parser("maintain", help="create the audit partitions ahead and drop those "
+                         "past GATEWAY_AUDIT_RETENTION_DAYS (a periodic job, as the owner)")
     prune = audit_sub.add_parser("prune", help="drop whole month partitions past retention")
     prune.add_argument("--older-than", type=_days, default=None, metavar="DAYS",
                        help="e.g. 400d (default: GATEWAY_AUDIT_RETENTION_DAYS)")
@@ -67,12 +87,16 @@ def main(argv: list[str] | None = None) -> int:
     try:
         settings = Settings.from_env()
         if args.command == "serve":
-            return _serve(settings, args.workers)
+            return _serve(settings, args.workers, migrating=not args.no_migrate)
+        if args.command == "check":
+            return _check(settings)
         if args.command == "demo":
             from .demo.run import run_demo
             return run_demo(settings, args.port)
         if args.command == "migrate":
             return _with_database(settings, _migrate)
+        if args.command == "grant":
+            return _with_database(settings, lambda dsn: _grant(dsn, args.role))
         if args.command == "audit":
             from .audit import cli
             return _with_database(settings, lambda dsn: cli.run(dsn, settings, args))
@@ -149,16 +173,60 @@ def _with_database(settings: Settings, job) -> int:
 
 
 async def _migrate(dsn: str) -> int:
+    """Apply the migrations and create the audit partitions ahead; say what was done."""
     conn = await asyncpg.connect(dsn)
     try:
         applied = await migrate(conn)
+        partitions = await ensure_partitions(conn)
+    except asyncpg.InsufficientPrivilegeError as e:
+        raise DatabaseUnavailable(f"this role may not migrate ({e}): connect as the schema's "
+                                  "owner") from None
     finally:
         await conn.close()
     print("applied: " + ", ".join(applied) if applied else "database is up to date")
+    print("audit partitions: " + ", ".join(
+        [f"created {p}" for p in partitions.created] + [f"present {p}" for p in partitions.present]
+        + [f"not created {p} (audit_log_default holds rows of that month)"
+           for p in partitions.blocked]))
+    return 1 if partitions.blocked else 0
+
+
+async def _grant(dsn: str, role: str) -> int:
+    """Run sql/runtime_grants.sql for `role`."""
+    conn = await asyncpg.connect(dsn)
+    try:
+        await grant_runtime(conn, role)
+    except asyncpg.PostgresError as e:
+        print(f"gateway grant: {type(e).__name__}: {e}", file=sys.stderr)
+        return 2
+    finally:
+        await conn.close()
+    print(f"granted role {role} what `gateway serve --no-migrate` needs")
     return 0
 
 
-def _serve(settings: Settings, workers: int = 1) -> int:
+def _check(settings: Settings) -> int:
+    """Print the effective configuration and one line per check; 0 if no problem, else 2."""
+    found = Findings()
+    print("configuration:")
+    for line in effective_configuration(settings):
+        print(f"  {line}")
+    check_settings(settings, found)
+    with contextlib.ExitStack() as stack:
+        try:
+            dsn = database_url(settings, stack)
+        except DatabaseUnavailable as e:
+            found.problems.append(str(e))
+        else:
+            asyncio.run(check_database(dsn, found))
+        asyncio.run(check_backends(settings, found))
+    for line in found.lines():
+        print(line)
+    print(f"{len(found.problems)} problems, {len(found.warnings)} warnings")
+    return 2 if found.problems else 0
+
+
+def _serve(settings: Settings, workers: int = 1, migrating: bool = True) -> int:
     settings.check_for_serving()
     if workers < 1:
         raise ConfigError("--workers must be at least 1")
@@ -170,6 +238,8 @@ def _serve(settings: Settings, workers: int = 1) -> int:
         sock = stack.enter_context(listen(settings.listen_host, settings.listen_port))
         stack.enter_context(pid_file(settings))
         dsn = database_url(settings, stack)
+        _preflight(settings, dsn, migrating)
+        create_app = functools.partial(create_app, migrate=False)    # done once, above
         if workers == 1:
             _run_worker(settings, dsn, sock, create_app, policy)
             return 0
@@ -203,6 +273,21 @@ def _reload(settings: Settings) -> int:
         raise ConfigError(f"no running `gateway serve` found through {path} ({e})") from None
     print(f"asked gateway serve (pid {pid}) to reload the policy; its log says whether it did")
     return 0
+
+
+def _preflight(settings: Settings, dsn: str, migrating: bool) -> None:
+    """Migrate (unless --no-migrate), then the database checks of `gateway check`: raise
+    ConfigError on a problem; log the warnings (an unreachable backend is one for serve)."""
+    found = Findings()
+
+    async def checks():
+        await check_database(dsn, found, migrating=migrating)
+        await check_backends(settings, found)
+    asyncio.run(checks())
+    for warning in found.warnings:
+        log.warning(warning)
+    if found.problems:
+        raise ConfigError("; ".join(found.problems))
 
 
 def listen(host: str, port: int) -> socket.socket:

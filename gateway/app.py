@@ -25,8 +25,9 @@ from .authn import Authenticator
 from .authz import Policy
 from .call import AnonymousRefusals
 from .catalog import PolicyError
+from .check import PartitionWatch
 from .contracts import ContractCache
-from .db import POOL, create_pool, migrate, query
+from .db import POOL, create_pool, ensure_partitions, migrate, query
 from .endpoints import CALL, IDENTIFIER, api, identifier, json_object, json_response
 from .errors import Denied, error_response
 from .metrics import REGISTRY, Metrics, metrics_view
@@ -40,14 +41,18 @@ log = logging.getLogger("gateway")
 
 REQUEST_ID = pipeline.REQUEST_ID
 NEW_REQUEST_ID = web.AppKey("new_request_id", Callable[[], str])
+PARTITIONS = web.AppKey("partitions", PartitionWatch)
 
 
 def create_app(settings: Settings, dsn: str, reload_on_sighup: bool = False,
-               policy_set: PolicySet | None = None) -> web.Application:
+               policy_set: PolicySet | None = None, migrate: bool = True) -> web.Application:
     """The gateway application; resources open and close with its cleanup contexts. With
     reload_on_sighup (`gateway serve`), SIGHUP reloads the policy directory; `policy_set`
     is the policy in force (a supervisor's, so a replacement worker uses what the others
-    use, not whatever the files say now), else it is loaded from the policy directory."""
+    use, not whatever the files say now), else it is loaded from the policy directory.
+    With `migrate` (development), it migrates and creates the audit partitions ahead at
+    start; `gateway serve` does that once before its workers start, or not at all
+    (--no-migrate)."""
     policy_set = policy_set or load_policy_set(settings.policy_dir)
     catalog, policy = policy_set.catalog, policy_set.policy
     app = web.Application(middlewares=[_request_ids], client_max_size=settings.max_body_bytes)
@@ -55,7 +60,7 @@ def create_app(settings: Settings, dsn: str, reload_on_sighup: bool = False,
     app.on_response_prepare.append(_private_answers)
     metrics = Metrics()
     app[REGISTRY] = metrics.registry
-    app.cleanup_ctx.append(_resources(settings, dsn, catalog, policy, metrics))
+    app.cleanup_ctx.append(_resources(settings, dsn, catalog, policy, metrics, migrate))
     app.router.add_get("/healthz", healthz)
     app.router.add_get("/readyz", readyz)
     app.router.add_get("/metrics", metrics_view)
@@ -74,11 +79,16 @@ def create_app(settings: Settings, dsn: str, reload_on_sighup: bool = False,
     return app
 
 
-def _resources(settings: Settings, dsn: str, catalog, policy: Policy, metrics: Metrics):
+def _resources(settings: Settings, dsn: str, catalog, policy: Policy, metrics: Metrics,
+               migrating: bool):
     async def ctx(app: web.Application):
         pool = await create_pool(dsn, settings.db_pool_min, settings.db_pool_max)
-        async with pool.acquire() as conn:
-            await migrate(conn)
+        if migrating:
+            async with pool.acquire() as conn:
+                await migrate(conn)
+                await ensure_partitions(conn)
+        partitions = app[PARTITIONS] = PartitionWatch(pool)
+        await partitions.start()
         contracts = ContractCache(pool, dsn, settings.mirror_staleness_s)
         await contracts.start()
         restrictions = RestrictionCache(pool, dsn, settings.mirror_staleness_s)
@@ -109,6 +119,7 @@ def _resources(settings: Settings, dsn: str, catalog, policy: Policy, metrics: M
             await audit.close()
             await contracts.close()
             await restrictions.close()
+            await partitions.close()
             await session.close()
             await pool.close()
     return ctx
@@ -208,6 +219,9 @@ async def readyz(request: web.Request) -> web.Response:
             "backends": backends}
     if reasons:
         body["reasons"] = reasons
+    warnings = request.app[PARTITIONS].warnings()
+    if warnings:     # rows still commit (to audit_log_default): worth a look, not a 503
+        body["warnings"] = warnings
     return json_response(body, status=503 if reasons else 200)
 
 

@@ -12,6 +12,7 @@ import subprocess
 import sys
 import time
 import warnings
+from dataclasses import dataclass, field
 from functools import cache
 from pathlib import Path
 
@@ -24,8 +25,15 @@ from .settings import SQL_DIR
 log = logging.getLogger("gateway.db")
 
 _MIGRATION = re.compile(r"^(\d{3})_[\w-]+\.sql$")
-MIGRATION_LOCK = 0x6761_7465
-POOL = web.AppKey("pool", asyncpg.Pool)  # an advisory lock id: one migrating process at a time
+MIGRATION_LOCK = 0x6761_7465   # an advisory lock id: one migrating process at a time
+POOL = web.AppKey("pool", asyncpg.Pool)
+RUNTIME_GRANTS = "runtime_grants.sql"
+# `gateway migrate` and `gateway audit maintain` create this month's audit partition and
+# this many after it; readiness and `gateway check` warn once fewer than
+# PARTITION_MONTHS_REQUIRED remain ahead (the rows would land in audit_log_default).
+PARTITION_MONTHS_AHEAD = 3
+PARTITION_MONTHS_REQUIRED = 1
+_LOCK_TRIES = 10
 
 
 class DatabaseUnavailable(Exception):
@@ -266,3 +274,73 @@ def query(name: str) -> str:
         if qname.strip() == name:
             return body.strip().rstrip(";")
     raise KeyError(f"no query named {name!r} in sql/queries.sql")
+
+
+async def pending_migrations(conn: asyncpg.Connection, sql_dir: Path = SQL_DIR) -> list[str]:
+    """The migration files not recorded in schema_migrations (all of them on an empty database)."""
+    try:
+        recorded = {r["version"] for r in await conn.fetch(query("recorded_migrations"))}
+    except asyncpg.UndefinedTableError:
+        recorded = set()
+    return [name for version, name, _ in migrations(sql_dir) if version not in recorded]
+
+
+async def missing_partitions(conn: asyncpg.Connection,
+                             months: int = PARTITION_MONTHS_REQUIRED) -> list[str]:
+    """The audit partitions of this month and the `months` after it that do not exist."""
+    return [r["partition"] for r in await conn.fetch(query("audit_partition_months"), months)
+            if not r["present"]]
+
+
+@dataclass
+class PartitionReport:
+    created: list[str] = field(default_factory=list)
+    present: list[str] = field(default_factory=list)
+    # months whose rows already sit in audit_log_default: PostgreSQL refuses a partition
+    # that would take them, so they stay where they are (still chained, still verified)
+    blocked: list[str] = field(default_factory=list)
+
+
+async def ensure_partitions(conn: asyncpg.Connection,
+                            months: int = PARTITION_MONTHS_AHEAD) -> PartitionReport:
+    """Create the audit partitions of this month and the `months` after it (as the owner)."""
+    report = PartitionReport()
+    for r in await conn.fetch(query("audit_partition_months"), months):
+        if r["present"]:
+            report.present.append(r["partition"])
+            continue
+        try:
+            await with_lock_retries(conn, lambda m=r["month"]: _create_partition(conn, m))
+        except asyncpg.CheckViolationError:
+            report.blocked.append(r["partition"])
+        else:
+            report.created.append(r["partition"])
+            log.info("created audit partition %s", r["partition"])
+    return report
+
+
+async def _create_partition(conn: asyncpg.Connection, month) -> None:
+    async with conn.transaction():
+        await conn.execute(query("partition_lock_timeout"))
+        await conn.execute("select pg_advisory_xact_lock($1)", MIGRATION_LOCK)
+        await conn.execute(query("ensure_audit_partition"), month)
+
+
+async def with_lock_retries(conn: asyncpg.Connection, job):
+    """Run job() (a transaction that sets a short lock_timeout), again while a lock is busy."""
+    for attempt in range(_LOCK_TRIES):
+        try:
+            return await job()
+        except asyncpg.LockNotAvailableError:
+            if attempt == _LOCK_TRIES - 1:
+                raise
+            log.warning("audit_log is busy; trying again")
+            await asyncio.sleep(0.5 * (attempt + 1))
+
+
+async def grant_runtime(conn: asyncpg.Connection, role: str, sql_dir: Path = SQL_DIR) -> None:
+    """Give `role` what `gateway serve --no-migrate` needs (sql/runtime_grants.sql), as the owner."""
+    sql = (sql_dir / RUNTIME_GRANTS).read_text(encoding="utf-8")
+    async with conn.transaction():
+        await conn.execute(query("set_runtime_role"), role)
+        await conn.execute(sql)

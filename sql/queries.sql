@@ -140,3 +140,41 @@ select min(to_date(substr(c.relname, 12, 4) || substr(c.relname, 17, 2), 'YYYYMM
 
 -- name: mirror_heartbeat
 select pg_notify($1, $2);
+
+-- name: recorded_migrations
+select version from schema_migrations;
+
+-- name: audit_partition_months
+-- The month partitions that rows of this month and the $1 months after it go to, and
+-- whether each exists (rows of a month without one land in audit_log_default).
+select to_char(m, '"audit_log_y"YYYY"m"MM') as partition, m::date as month,
+       exists (select 1 from pg_inherits i join pg_class c on c.oid = i.inhrelid
+                where i.inhparent = 'audit_log'::regclass
+                  and c.relname = to_char(m, '"audit_log_y"YYYY"m"MM')) as present
+  from generate_series(date_trunc('month', now()),
+                       date_trunc('month', now()) + make_interval(months => $1),
+                       interval '1 month') as m
+ order by m;
+
+-- name: partition_lock_timeout
+-- Creating or dropping a partition locks audit_log; waiting long behind a reader would
+-- hold every audit write up behind it, so give up quickly and try again.
+select set_config('lock_timeout', '500ms', true);
+
+-- name: set_runtime_role
+-- The role sql/runtime_grants.sql grants to, for this transaction.
+select set_config('gateway.runtime_role', $1, true);
+
+-- name: whoami
+-- The connected role, and whether it owns (or is a member of the owner of) audit_log.
+select current_user as role,
+       (select pg_has_role(current_user, c.relowner, 'USAGE') from pg_class c
+         where c.oid = to_regclass('audit_log')) as owner,
+       has_schema_privilege(current_schema(), 'CREATE') as may_create,
+       current_schema() as schema;
+
+-- name: missing_privileges
+-- Of the (table, privilege) pairs $1[i], $2[i], those the connected role lacks.
+select t.tbl, t.priv from unnest($1::text[], $2::text[]) as t(tbl, priv)
+ where case when to_regclass(t.tbl) is null then true
+            else not has_table_privilege(t.tbl, t.priv) end;

@@ -189,8 +189,8 @@ def test_compose_runs_migrate_then_grants_then_the_gateway_as_the_runtime_role()
 
     def role(service: str) -> str:
         return services[service]["environment"]["GATEWAY_DATABASE_URL"].split("//")[1].split(":")[0]
-    assert role("migrate") == role("maintain") == "gateway_owner"
-    assert services["grants"]["environment"]["PGUSER"] == "gateway_owner"
+    assert role("migrate") == role("grants") == role("maintain") == "gateway_owner"
+    assert services["grants"]["command"] == ["gateway", "grant", "--role", "gateway_runtime"]
     assert role("gateway") == "gateway_runtime"
     for name in ("migrate", "gateway", "maintain"):
         assert services[name]["read_only"] is True
@@ -356,13 +356,13 @@ def test_each_workload_runs_its_command_as_its_role():
     (migrate,) = pods["Job"]["initContainers"]
     (grants,) = pods["Job"]["containers"]
     assert migrate["command"] == ["gateway", "migrate"]
-    assert grants["command"][0] == "psql" and "/grants/runtime.sql" in grants["command"]
+    assert grants["command"] == ["gateway", "grant", "--role", "gateway_runtime"]
     assert secrets(migrate) == secrets(grants) == {"gateway-owner"}
 
     (maintain,) = pods["CronJob"]["containers"]
     assert maintain["command"] == ["gateway", "audit", "maintain"]
     assert secrets(maintain) == {"gateway-owner"}
-    assert len({gateway["image"], migrate["image"], maintain["image"]}) == 1
+    assert len({gateway["image"], migrate["image"], grants["image"], maintain["image"]}) == 1
 
 
 def test_the_policy_configmap_is_mounted_at_gateway_policy_dir():

@@ -4,7 +4,7 @@
 --   gateway_owner    owns the database and so every table the migrations create
 --                    (`gateway migrate`, `gateway audit maintain`);
 --   gateway_runtime  owns nothing; `gateway serve --no-migrate` connects as it, with only
---                    what sql/grants/runtime.sql grants it after the migrations.
+--                    what sql/runtime_grants.sql grants it after the migrations.
 -- The passwords come from the container's environment (psql's \getenv, PostgreSQL 15+), so
 -- none is written here.
 \set ON_ERROR_STOP on

@@ -1,4 +1,4 @@
-"""`gateway audit verify | prune | query`: the operator's side of the audit log."""
+"""`gateway audit verify | maintain | prune | query`: the operator's side of the audit log."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ import asyncpg
 import orjson
 from multidict import MultiDict
 
-from ..db import migrate, query
+from ..db import ensure_partitions, pending_migrations, query, with_lock_retries
 from ..errors import Denied
 from ..settings import Settings
 from .api import PUBLIC_FIELDS, _cell, parse_filters, public
@@ -20,24 +20,60 @@ from .chain import verify
 async def run(dsn: str, settings: Settings, args) -> int:
     conn = await asyncpg.connect(dsn)
     try:
-        await migrate(conn)
+        # no migrating here: these commands may run as the runtime role (verify, query)
+        pending = await pending_migrations(conn)
+        if pending:
+            print(f"gateway audit: the database schema is not current ({', '.join(pending)} not "
+                  "applied): run `gateway migrate` as the schema's owner", file=sys.stderr)
+            return 2
         if args.audit_command == "verify":
             report = await verify(conn)
             print(orjson.dumps(report.public(), option=orjson.OPT_INDENT_2).decode())
             return 0 if report.ok else 1
+        if args.audit_command == "maintain":
+            return await _maintain(conn, settings)
         if args.audit_command == "prune":
             days = args.older_than if args.older_than is not None else settings.audit_retention_days
-            cutoff = datetime.now(UTC) - timedelta(days=days)
-            dropped = await conn.fetch(query("audit_prune"), cutoff, args.dry_run)
-            verb = "would drop" if args.dry_run else "dropped"
-            for r in dropped:
-                print(f"{verb} {r['partition']} (rows before {r['ends'].date()})")
-            if not dropped:
-                print(f"no partition ends before {cutoff.date()} ({days} days ago)")
+            await _prune(conn, days, args.dry_run)
             return 0
         return await _query(conn, args)
+    except asyncpg.InsufficientPrivilegeError as e:
+        print(f"gateway audit {args.audit_command}: {e} (run it as the schema's owner)",
+              file=sys.stderr)
+        return 2
     finally:
         await conn.close()
+
+
+async def _maintain(conn: asyncpg.Connection, settings: Settings) -> int:
+    """Create the partitions ahead, then prune past retention; 1 if a month could not get
+    its partition (its rows sit in audit_log_default: they stay there, and are kept)."""
+    report = await ensure_partitions(conn)
+    for name in report.created:
+        print(f"created {name}")
+    for name in report.blocked:
+        print(f"could not create {name}: audit_log_default already holds rows of that month "
+              "(they stay there, chained and verified, and are never pruned)")
+    if report.present:
+        print(f"present {', '.join(report.present)}")
+    await _prune(conn, settings.audit_retention_days, dry_run=False)
+    return 1 if report.blocked else 0
+
+
+async def _prune(conn: asyncpg.Connection, days: int, dry_run: bool) -> None:
+    """Drop (or with dry_run, list) the month partitions that ended `days` ago or earlier."""
+    cutoff = datetime.now(UTC) - timedelta(days=days)
+
+    async def prune():
+        async with conn.transaction():
+            await conn.execute(query("partition_lock_timeout"))
+            return await conn.fetch(query("audit_prune"), cutoff, dry_run)
+    dropped = await with_lock_retries(conn, prune)
+    verb = "would drop" if dry_run else "dropped"
+    for r in dropped:
+        print(f"{verb} {r['partition']} (rows before {r['ends'].date()})")
+    if not dropped:
+        print(f"no partition ends before {cutoff.date()} ({days} days ago)")
 
 
 async def _query(conn: asyncpg.Connection, args) -> int:

@@ -26,7 +26,7 @@ import uuid
 from collections import deque
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
-from datetime import date, datetime
+from datetime import datetime
 from typing import Any
 
 import asyncpg
@@ -112,8 +112,6 @@ class AuditWriter:
         self._failing = False           # the last batch (or probe) failed
         self.lanes = [_Lane(self) for _ in range(lanes)]
         self._tasks: list[asyncio.Task] = []
-        self._partition_month: date | None = None
-        self._partition_lock = asyncio.Lock()
 
     def record(self, row: AuditRow, wait: bool = True, change: Change | None = None
                ) -> asyncio.Future:
@@ -194,19 +192,6 @@ class AuditWriter:
         for lane in self.lanes:
             await lane.close_chain()
             await lane.drop_connection()
-
-    async def ensure_partition(self, conn: asyncpg.Connection, day: date) -> None:
-        """Create this month's and next month's partitions once a month per process."""
-        month = day.replace(day=1)
-        if self._partition_month == month:
-            return
-        async with self._partition_lock:
-            if self._partition_month == month:
-                return
-            await conn.execute(query("ensure_audit_partition"), month)
-            next_month = date(month.year + month.month // 12, month.month % 12 + 1, 1)
-            await conn.execute(query("ensure_audit_partition"), next_month)
-            self._partition_month = month
 
     def _take(self) -> list[_Pending]:
         """Everything queued (up to BATCH_MAX) whose caller has not given up yet."""
@@ -338,7 +323,8 @@ class _Lane:
         try:
             async with asyncio.timeout_at(deadline):
                 await self._connect()
-                await writer.ensure_partition(self.conn, batch[0].row.at.date())
+                # never DDL here: the runtime role may not create partitions, and a month
+                # without one (see `gateway audit maintain`) goes to audit_log_default
                 # no `async with`: on failure its ROLLBACK would wait on a stuck backend;
                 # dropping the connection rolls the batch back without waiting
                 batch_tx = self.conn.transaction()

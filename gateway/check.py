@@ -1,0 +1,232 @@
+"""What `gateway check` reports and `gateway serve` checks before it listens: the settings,
+the policy (floors), the database (reachable, schema current, audit partitions ahead, the
+runtime role's grants) and the backends. Every finding is one line an operator can act on.
+
+A problem stops `serve` (exit 2); a warning does not: a missing audit partition only sends
+rows to audit_log_default, and an unreachable backend is answered 502 and shows in /readyz.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import dataclasses
+import logging
+from dataclasses import dataclass, field
+from urllib.parse import parse_qsl, urlencode, urlsplit
+
+import aiohttp
+import asyncpg
+
+from .catalog import PolicyError
+from .db import (
+    PARTITION_MONTHS_REQUIRED,
+    ensure_partitions,
+    migrate,
+    missing_partitions,
+    pending_migrations,
+    query,
+)
+from .settings import ConfigError, Settings
+
+log = logging.getLogger("gateway.check")
+
+# What the runtime role needs, table by table: the same list as sql/runtime_grants.sql.
+RUNTIME_PRIVILEGES = (
+    ("audit_log", ("SELECT", "INSERT")),
+    ("audit_chain_heads", ("SELECT", "INSERT", "UPDATE")),
+    ("contracts", ("SELECT", "INSERT", "UPDATE", "DELETE")),
+    ("contract_history", ("SELECT",)),
+    ("dsr_requests", ("SELECT", "INSERT", "UPDATE")),
+    ("schema_migrations", ("SELECT",)),
+)
+MIGRATE_HINT = "run `gateway migrate` as the schema's owner"
+SECRET_FIELDS = ("jwt_secret",)
+URL_FIELDS = ("database_url", "jwt_jwks_url")
+
+
+@dataclass
+class Findings:
+    passed: list[str] = field(default_factory=list)
+    warnings: list[str] = field(default_factory=list)
+    problems: list[str] = field(default_factory=list)
+
+    def lines(self) -> list[str]:
+        """The report: what passed, then warnings, then problems, one line each."""
+        return ([f"ok: {x}" for x in self.passed] + [f"warning: {x}" for x in self.warnings]
+                + [f"problem: {x}" for x in self.problems])
+
+
+def check_settings(settings: Settings, found: Findings) -> None:
+    """What `serve` needs from the environment, and the policy against its floors."""
+    try:
+        settings.check_for_serving()
+    except ConfigError as e:
+        found.problems += str(e).split("; ")     # check_for_serving joins its problems so
+    else:
+        found.passed.append("settings")
+    if any("policy file" in p for p in found.problems):
+        return                                   # unreadable files: said once already
+    from .policyset import load_policy_set
+    try:
+        policy_set = load_policy_set(settings.policy_dir)
+    except PolicyError as e:
+        found.problems += [f"policy {settings.policy_dir}: {line.strip()}"
+                           for line in str(e).splitlines() if line.strip()]
+    else:
+        found.passed.append(f"policy {settings.policy_dir} version {policy_set.version} "
+                            f"({len(policy_set.catalog.data_sets)} data sets, floors kept)")
+
+
+async def check_database(dsn: str, found: Findings, migrating: bool = False) -> None:
+    """Schema current, partitions ahead and, for a role that does not own the schema, its
+    grants. With `migrating`, first migrate and create the partitions ahead (the owner's job)."""
+    try:
+        conn = await asyncpg.connect(dsn, timeout=10)
+    except Exception as e:      # wait_for_database let it through a moment ago
+        found.problems.append(f"the database refused the gateway: {type(e).__name__}: {e}")
+        return
+    try:
+        me = await conn.fetchrow(query("whoami"))
+        role = me["role"]
+        if migrating:
+            try:
+                await migrate(conn)
+                await ensure_partitions(conn)
+            except asyncpg.InsufficientPrivilegeError as e:
+                found.problems.append(
+                    f"role {role} may not migrate ({e}): {MIGRATE_HINT}, then start "
+                    "`gateway serve --no-migrate` as this role")
+                return
+            me = await conn.fetchrow(query("whoami"))
+        pending = await pending_migrations(conn)
+        if pending:
+            found.problems.append(f"the database schema is not current ({', '.join(pending)} "
+                                  f"not applied): {MIGRATE_HINT}")
+            return
+        found.passed.append(f"database reachable as {role}, schema current")
+        missing = await missing_partitions(conn, PARTITION_MONTHS_REQUIRED)
+        if missing:
+            found.warnings.append(
+                f"audit partitions missing: {', '.join(missing)} (rows go to audit_log_default); "
+                "run `gateway audit maintain` as the schema's owner")
+        else:
+            found.passed.append("audit partitions for this month and the next")
+        if me["owner"]:
+            found.passed.append(f"role {role} owns the schema (may migrate)")
+            return
+        await _check_grants(conn, role, me, found)
+    except asyncpg.PostgresError as e:
+        found.problems.append(f"the database check failed as {role}: {type(e).__name__}: {e}")
+    finally:
+        await conn.close()
+
+
+async def _check_grants(conn: asyncpg.Connection, role: str, me, found: Findings) -> None:
+    """The privileges a runtime role needs (sql/runtime_grants.sql), and none to create."""
+    tables = [t for t, privs in RUNTIME_PRIVILEGES for _ in privs]
+    privileges = [p for _, privs in RUNTIME_PRIVILEGES for p in privs]
+    lacking = await conn.fetch(query("missing_privileges"), tables, privileges)
+    for r in lacking:
+        found.problems.append(f"role {role} lacks {r['priv']} on {r['tbl']}: run "
+                              f"`gateway grant --role {role}` as the schema's owner")
+    if not lacking:
+        found.passed.append(f"role {role} holds the runtime grants")
+    if me["may_create"]:
+        found.warnings.append(f"role {role} may create objects in schema {me['schema']}: "
+                              "a runtime role needs no CREATE")
+
+
+async def check_backends(settings: Settings, found: Findings) -> None:
+    """Whether each backend answers HTTP at all (any status counts), within 3 s."""
+    timeout = aiohttp.ClientTimeout(total=3)
+    async with aiohttp.ClientSession(timeout=timeout) as session:
+        async def probe(service: str, base: str) -> None:
+            try:
+                async with session.get(base + "/"):
+                    found.passed.append(f"backend {service} answers ({mask_url(base)})")
+            except (TimeoutError, aiohttp.ClientError) as e:
+                found.warnings.append(f"backend {service} ({mask_url(base)}) does not answer: "
+                                      f"{type(e).__name__}")
+        await asyncio.gather(*(probe(s, u) for s, u in settings.upstreams.items()))
+
+
+def effective_configuration(settings: Settings) -> list[str]:
+    """`name = value` per setting, secrets masked (the JWT secret, passwords in URLs)."""
+    lines = []
+    for f in dataclasses.fields(settings):
+        value = getattr(settings, f.name)
+        if f.name in SECRET_FIELDS:
+            value = "(set, hidden)" if value else "(unset)"
+        elif f.name in URL_FIELDS and value:
+            value = mask_url(value)
+        elif f.name == "upstreams":
+            value = ", ".join(f"{k}={mask_url(v)}" for k, v in value.items()) or "(none)"
+        elif f.name == "database_url":
+            value = "(unset: embedded PostgreSQL under data_dir)"
+        lines.append(f"{f.name} = {value}")
+    return lines
+
+
+def mask_url(url: str) -> str:
+    """The URL with any password (in the authority or a `password` parameter) replaced by ***."""
+    with contextlib.suppress(ValueError):
+        parts = urlsplit(url)
+        netloc = parts.netloc
+        if parts.password is not None:
+            userinfo, _, host = netloc.rpartition("@")
+            user = userinfo.split(":", 1)[0]
+            netloc = f"{user}:***@{host}"
+        pairs = parse_qsl(parts.query, keep_blank_values=True)
+        if any(k.lower() == "password" for k, _ in pairs):
+            query_ = urlencode([(k, "***" if k.lower() == "password" else v) for k, v in pairs],
+                               safe="*")
+            parts = parts._replace(query=query_)
+        return parts._replace(netloc=netloc).geturl()
+    return "(unparsable, hidden)"
+
+
+class PartitionWatch:
+    """Which audit partitions of this month and the next are missing, re-read every few
+    minutes, so /readyz can warn without querying the database itself."""
+
+    EVERY_S = 300.0
+
+    def __init__(self, pool: asyncpg.Pool):
+        self.pool = pool
+        self.missing: list[str] = []
+        self._task: asyncio.Task | None = None
+
+    async def refresh(self) -> None:
+        """Re-read the partitions; log when some go missing (a failure keeps the last answer)."""
+        try:
+            async with self.pool.acquire() as conn:
+                missing = await missing_partitions(conn, PARTITION_MONTHS_REQUIRED)
+        except Exception as e:     # the writer and the mirrors report an outage; not this
+            log.debug("could not read the audit partitions: %s", e)
+            return
+        if missing and missing != self.missing:
+            log.warning("audit partitions missing: %s; rows go to audit_log_default until "
+                        "`gateway audit maintain` creates them", ", ".join(missing))
+        self.missing = missing
+
+    async def start(self) -> None:
+        """Read once now, then every EVERY_S in the background."""
+        await self.refresh()
+        self._task = asyncio.create_task(self._run())
+
+    async def _run(self) -> None:
+        while True:
+            await asyncio.sleep(self.EVERY_S)
+            await self.refresh()
+
+    async def close(self) -> None:
+        """Stop re-reading."""
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+
+    def warnings(self) -> list[str]:
+        """What /readyz lists under `warnings` (it stays ready: rows still commit)."""
+        return [f"audit_partition_missing:{name}" for name in self.missing]

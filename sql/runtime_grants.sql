@@ -1,0 +1,28 @@
+-- What the runtime role (the one `gateway serve --no-migrate` connects as) may do, and
+-- nothing more: read and write rows, never create, alter or drop anything. Not a
+-- migration (no number): run it as the schema's owner after `gateway migrate`, naming
+-- the role in the setting gateway.runtime_role:
+--
+--   gateway grant --role gateway_runtime
+--   PGOPTIONS='-c gateway.runtime_role=gateway_runtime' psql "$OWNER_DSN" -f sql/runtime_grants.sql
+--
+-- Idempotent; run it again after a migration that adds a table. gateway/check.py
+-- (RUNTIME_PRIVILEGES) checks the same list when `gateway check` or `serve` runs as this role.
+do $$
+declare
+    runtime text := nullif(current_setting('gateway.runtime_role', true), '');
+begin
+    if runtime is null then
+        raise exception 'set gateway.runtime_role to the name of the runtime role';
+    end if;
+    execute format('grant usage on schema %I to %I', current_schema(), runtime);
+    -- rows are inserted and read through the parent: its grants cover every partition
+    execute format('grant select, insert on audit_log to %I', runtime);
+    execute format('grant select, insert, update on audit_chain_heads to %I', runtime);
+    -- provider staff change contracts through the admin API; contract_history is kept by
+    -- a SECURITY DEFINER trigger (008_least_privilege.sql), so it is only read
+    execute format('grant select, insert, update, delete on contracts to %I', runtime);
+    execute format('grant select on contract_history to %I', runtime);
+    execute format('grant select, insert, update on dsr_requests to %I', runtime);
+    execute format('grant select on schema_migrations to %I', runtime);
+end $$;

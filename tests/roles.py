@@ -1,0 +1,88 @@
+"""Two real PostgreSQL roles on a database of their own: the owner, who migrates, and a
+runtime role that only reads and writes rows (deploy/README.md, Running with least privilege)."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import secrets
+import sys
+import uuid
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from urllib.parse import urlsplit
+
+import asyncpg
+
+
+@dataclass(frozen=True)
+class Roles:
+    owner: str
+    runtime: str
+    password: str          # both roles'; must never be printed
+    owner_dsn: str
+    runtime_dsn: str
+
+
+def dsn_for(base: str, database: str, user: str, password: str) -> str:
+    """The test server's DSN for another database and role."""
+    parts = urlsplit(base)
+    host = parts.netloc.rpartition("@")[2]
+    return parts._replace(netloc=f"{user}:{password}@{host}", path=f"/{database}").geturl()
+
+
+@contextlib.asynccontextmanager
+async def two_roles(database_url: str) -> AsyncIterator[Roles]:
+    """A fresh database owned by a new owner role, and a new runtime LOGIN role with no
+    rights in it yet; all three dropped afterwards."""
+    tag = uuid.uuid4().hex[:10]
+    owner, runtime, database = f"gw_owner_{tag}", f"gw_runtime_{tag}", f"roles_{tag}"
+    password = "pw-" + secrets.token_hex(12)
+    admin = await asyncpg.connect(database_url)
+    try:
+        for role in (owner, runtime):
+            await admin.execute(f"create role \"{role}\" login password '{password}'")
+        await admin.execute(f'create database "{database}" owner "{owner}"')
+        yield Roles(owner, runtime, password, dsn_for(database_url, database, owner, password),
+                    dsn_for(database_url, database, runtime, password))
+    finally:
+        await admin.execute(f'drop database if exists "{database}" with (force)')
+        for role in (runtime, owner):
+            await admin.execute(f'drop role if exists "{role}"')
+        await admin.close()
+
+
+@dataclass(frozen=True)
+class Done:
+    returncode: int
+    stdout: str
+    stderr: str
+
+
+async def gateway_cli(*args: str, env: dict[str, str], timeout: float = 120) -> Done:
+    """Run `python -m gateway ARGS` to its end without blocking the loop (the test backends
+    answer on it); its exit code and output."""
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "gateway", *args, env={**os.environ, **env},
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
+    try:
+        async with asyncio.timeout(timeout):
+            out, err = await proc.communicate()
+    except TimeoutError:
+        proc.kill()
+        await proc.wait()
+        raise
+    return Done(proc.returncode, out.decode(), err.decode())
+
+
+def as_role(dsn: str, **env: str) -> dict[str, str]:
+    """The environment of a gateway command connecting with this DSN."""
+    return {"GATEWAY_DATABASE_URL": dsn, **env}
+
+
+async def migrated_with_grants(roles: Roles) -> None:
+    """`gateway migrate` and `gateway grant` as the owner, as an operator would run them."""
+    for args in (("migrate",), ("grant", "--role", roles.runtime)):
+        done = await gateway_cli(*args, env=as_role(roles.owner_dsn))
+        assert done.returncode == 0, f"gateway {' '.join(args)}: {done.stdout}{done.stderr}"

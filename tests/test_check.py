@@ -1,0 +1,89 @@
+"""`gateway check`: the effective configuration without secrets, then one line per finding;
+exit 0 when nothing stops `serve`, 2 otherwise."""
+
+from __future__ import annotations
+
+import shutil
+
+import asyncpg
+
+from .conftest import POLICY_DIR, SECRET, free_port, serve_env
+from .roles import gateway_cli, migrated_with_grants, two_roles
+
+
+async def test_a_good_setup_passes_and_prints_no_secret(database_url, backends, tmp_path):
+    async with two_roles(database_url) as roles:
+        await migrated_with_grants(roles)
+        done = await gateway_cli("check", env=serve_env(backends, roles.runtime_dsn, tmp_path,
+                                                        free_port()))
+    assert done.returncode == 0, done.stdout + done.stderr
+    out = done.stdout + done.stderr
+    assert SECRET not in out and roles.password not in out
+    assert "jwt_secret = (set, hidden)" in out and f"{roles.runtime}:***@" in out
+    for line in ("ok: settings", f"role {roles.runtime} holds the runtime grants",
+                 "ok: backend telephony answers", "ok: backend meeting answers",
+                 "0 problems, 0 warnings"):
+        assert line in out
+
+
+async def test_a_policy_that_breaks_a_floor_is_a_problem(database_url, backends, tmp_path):
+    policy = tmp_path / "policies"
+    shutil.copytree(POLICY_DIR, policy)
+    with open(policy / "policy.csv", "a") as f:
+        f.write("p, provider_staff, any, voicemails, read\n")
+    done = await gateway_cli("check", env=serve_env(backends, database_url, tmp_path, free_port(),
+                                                    GATEWAY_POLICY_DIR=str(policy)))
+    assert done.returncode == 2
+    assert any(line.startswith(f"problem: policy {policy}") and "provider_staff" in line
+               for line in done.stdout.splitlines()), done.stdout
+
+
+async def test_an_unreadable_policy_dir_is_a_problem(database_url, backends, tmp_path):
+    done = await gateway_cli("check", env=serve_env(backends, database_url, tmp_path, free_port(),
+                                                    GATEWAY_POLICY_DIR=str(tmp_path / "none")))
+    assert done.returncode == 2
+    assert f"problem: policy file {tmp_path / 'none' / 'routes.yaml'} is not readable" \
+        in done.stdout.splitlines()
+
+
+async def test_an_unreachable_database_is_a_problem_and_its_password_stays_hidden(
+        backends, tmp_path):
+    dsn = f"postgresql://gw:hunter2-password@127.0.0.1:{free_port()}/gateway"
+    done = await gateway_cli("check", env=serve_env(backends, dsn, tmp_path, free_port(),
+                                                    GATEWAY_DB_CONNECT_TIMEOUT_S="1"))
+    assert done.returncode == 2
+    assert any(line.startswith("problem: the database is not reachable after 1 s")
+               for line in done.stdout.splitlines()), done.stdout
+    assert "hunter2" not in done.stdout + done.stderr
+    assert "database_url = postgresql://gw:***@127.0.0.1" in done.stdout
+
+
+async def test_a_missing_migration_is_a_problem(database_url, backends, tmp_path):
+    async with two_roles(database_url) as roles:
+        await migrated_with_grants(roles)
+        owner = await asyncpg.connect(roles.owner_dsn)
+        try:
+            last = await owner.fetchval("delete from schema_migrations where version = "
+                                        "(select max(version) from schema_migrations) returning name")
+        finally:
+            await owner.close()
+        done = await gateway_cli("check", env=serve_env(backends, roles.owner_dsn, tmp_path,
+                                                        free_port()))
+    assert done.returncode == 2
+    assert (f"problem: the database schema is not current ({last} not applied): run `gateway "
+            "migrate` as the schema's owner") in done.stdout.splitlines()
+
+
+async def test_a_runtime_role_without_its_grants_is_a_problem(database_url, backends, tmp_path):
+    async with two_roles(database_url) as roles:
+        await migrated_with_grants(roles)
+        owner = await asyncpg.connect(roles.owner_dsn)
+        try:
+            await owner.execute(f'revoke delete on contracts from "{roles.runtime}"')
+        finally:
+            await owner.close()
+        done = await gateway_cli("check", env=serve_env(backends, roles.runtime_dsn, tmp_path,
+                                                        free_port()))
+    assert done.returncode == 2
+    assert (f"problem: role {roles.runtime} lacks DELETE on contracts: run `gateway grant "
+            f"--role {roles.runtime}` as the schema's owner") in done.stdout.splitlines()
