@@ -82,9 +82,16 @@ async def backends(demo) -> AsyncIterator[dict]:
         await r.cleanup()
 
 
+# A loaded CI machine can stall the event loop for a second or more; the tests that are
+# about the audit deadline set their own. Everywhere else a 503 for a slow commit would be
+# noise, not a finding.
+TEST_COMMIT_TIMEOUT_S = 15.0
+
+
 def gateway_settings(upstreams: dict[str, str], **changes) -> Settings:
     base = Settings(upstreams=upstreams, jwt_secret=SECRET, jwt_issuer=ISSUER,
-                    jwt_audience=AUDIENCE, policy_dir=DEFAULT_POLICY_DIR)
+                    jwt_audience=AUDIENCE, policy_dir=DEFAULT_POLICY_DIR,
+                    audit_commit_timeout_s=TEST_COMMIT_TIMEOUT_S)
     return base.with_(**changes)
 
 
@@ -189,7 +196,8 @@ def serve_env(backends, database_url: str, tmp_path, port: int, **env: str) -> d
             "GATEWAY_UPSTREAM_TELEPHONY": backends["urls"]["telephony"],
             "GATEWAY_UPSTREAM_MEETING": backends["urls"]["meeting"], "GATEWAY_JWT_SECRET": SECRET,
             "GATEWAY_JWT_ISSUER": ISSUER, "GATEWAY_JWT_AUDIENCE": AUDIENCE,
-            "GATEWAY_DATA_DIR": str(tmp_path), **env}
+            "GATEWAY_DATA_DIR": str(tmp_path),
+            "GATEWAY_AUDIT_COMMIT_TIMEOUT_S": str(TEST_COMMIT_TIMEOUT_S), **env}
 
 
 SERVE = [sys.executable, "-m", "gateway", "serve"]
