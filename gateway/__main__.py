@@ -17,9 +17,11 @@ import signal
 import socket
 import sys
 import time
+from datetime import UTC, datetime
 
 import asyncpg
 import jwt
+import orjson
 from aiohttp import web
 
 from .catalog import PolicyError
@@ -30,6 +32,7 @@ from .db import (
     ensure_partitions,
     grant_runtime,
     migrate,
+    query,
     wait_for_database,
 )
 from .settings import ConfigError, Settings
@@ -53,6 +56,8 @@ def main(argv: list[str] | None = None) -> int:
     demo = sub.add_parser("demo", help="embedded database, demo backends, gateway and tokens")
     demo.add_argument("--port", type=int, default=None, help="gateway port (default from "
                       "GATEWAY_LISTEN, 8080)")
+    demo.add_argument("--reset", action="store_true", help="start from a clean state: delete "
+                      "the embedded database under GATEWAY_DATA_DIR first")
     sub.add_parser("migrate", help="apply the SQL migrations, create the audit partitions "
                    "ahead, and exit (as the schema's owner)")
     grant = sub.add_parser("grant", help="grant a runtime role what `serve --no-migrate` needs "
@@ -70,16 +75,29 @@ def main(argv: list[str] | None = None) -> int:
                        help="e.g. 400d (default: GATEWAY_AUDIT_RETENTION_DAYS)")
     prune.add_argument("--dry-run", action="store_true", help="only list what would go")
     q = audit_sub.add_parser("query", help="print matching rows (all scopes) as NDJSON or CSV")
-    for name in ("actor", "subject-user", "euo", "dataset", "decision", "from", "to", "limit"):
-        q.add_argument(f"--{name}")
-    q.add_argument("--format", choices=("ndjson", "csv"), default="ndjson")
-    tok = sub.add_parser("token", help="mint a development token (HS256)")
+    for name, what in (("actor", "the acting token's sub"),
+                       ("subject-user", "a data subject (user id)"),
+                       ("euo", "the data subject's EUO"), ("dataset", "a data set name"),
+                       ("decision", "allow, deny or error"),
+                       ("from", "ISO 8601 time with zone, e.g. 2026-11-01T00:00:00Z (inclusive)"),
+                       ("to", "ISO 8601 time with zone (exclusive)"),
+                       ("limit", "at most this many rows (default: all)")):
+        q.add_argument(f"--{name}", help=what)
+    q.add_argument("--format", choices=("ndjson", "csv"), default="ndjson",
+                   help="NDJSON (default) or CSV (formula cells neutralised)")
+    contracts = sub.add_parser("contracts", help="the partner <-> EUO contracts")
+    contracts_sub = contracts.add_subparsers(dest="contracts_command", required=True)
+    contracts_sub.add_parser("list", help="print every contract as NDJSON (euo_id, partner_id, "
+                             "contract_end, active)")
+    tok = sub.add_parser("token", help="mint a development token (HS256), signed with "
+                         "GATEWAY_JWT_SECRET or the demo's secret under GATEWAY_DATA_DIR")
     tok.add_argument("--role", required=True,
-                     choices=("provider_staff", "partner", "euo_admin", "user"))
-    tok.add_argument("--sub", required=True)
-    tok.add_argument("--partner")
-    tok.add_argument("--euo")
-    tok.add_argument("--ttl", type=int, default=3600, help="lifetime in seconds")
+                     choices=("provider_staff", "partner", "euo_admin", "user"),
+                     help="the token's role claim")
+    tok.add_argument("--sub", required=True, help="the token's subject (who calls)")
+    tok.add_argument("--partner", help="the partner claim (role partner)")
+    tok.add_argument("--euo", help="the EUO claim (roles euo_admin and user)")
+    tok.add_argument("--ttl", type=int, default=3600, help="lifetime in seconds (default 3600)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s %(message)s")
     for noisy in ("pgserver", "casbin", "casbin.policy", "casbin.enforcer", "casbin.role"):
@@ -92,7 +110,7 @@ def main(argv: list[str] | None = None) -> int:
             return _check(settings)
         if args.command == "demo":
             from .demo.run import run_demo
-            return run_demo(settings, args.port)
+            return run_demo(settings, args.port, reset=args.reset)
         if args.command == "migrate":
             return _with_database(settings, _migrate)
         if args.command == "grant":
@@ -100,6 +118,8 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "audit":
             from .audit import cli
             return _with_database(settings, lambda dsn: cli.run(dsn, settings, args))
+        if args.command == "contracts":
+            return _with_database(settings, _list_contracts)
         if args.command == "token":
             print(mint_token(settings, args.role, args.sub, args.partner, args.euo, args.ttl))
             return 0
@@ -120,11 +140,32 @@ def _days(value: str) -> int:
     return int(digits)
 
 
-def dev_secret(settings: Settings) -> str:
-    """GATEWAY_JWT_SECRET, or a development secret generated once under the data dir."""
+async def _list_contracts(dsn: str) -> int:
+    """Print every contract as one JSON object per line."""
+    conn = await asyncpg.connect(dsn)
+    try:
+        rows = await conn.fetch(query("all_contracts"))
+    finally:
+        await conn.close()
+    today = datetime.now(UTC).date()
+    for r in sorted(rows, key=lambda r: r["euo_id"]):
+        end = r["contract_end"]
+        print(orjson.dumps({"euo_id": r["euo_id"], "partner_id": r["partner_id"],
+                            "contract_end": end.isoformat() if end else None,
+                            "active": end is None or end > today}).decode())
+    return 0
+
+
+def dev_secret(settings: Settings, say_where: bool = False) -> str:
+    """GATEWAY_JWT_SECRET, or a development secret generated once under the data dir
+    (with say_where, stderr names the file, so a token minted from another directory
+    does not silently carry a secret the demo does not know)."""
     if settings.jwt_secret:
         return settings.jwt_secret
     path = settings.data_dir / DEV_SECRET_FILE
+    if say_where:
+        print(f"gateway: signed with {'the' if path.exists() else 'a NEW'} development secret "
+              f"{path.resolve()} (the demo must use the same GATEWAY_DATA_DIR)", file=sys.stderr)
     if not path.exists():
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(secrets.token_urlsafe(48))
@@ -149,7 +190,7 @@ def mint_token(settings: Settings, role: str, sub: str, partner: str | None, euo
         claims["iss"] = settings.jwt_issuer
     if settings.jwt_audience:
         claims["aud"] = settings.jwt_audience
-    return jwt.encode(claims, dev_secret(settings), algorithm="HS256")
+    return jwt.encode(claims, dev_secret(settings, say_where=True), algorithm="HS256")
 
 
 def database_url(settings: Settings, stack: contextlib.ExitStack) -> str:

@@ -11,7 +11,7 @@ import logging
 import secrets
 import signal
 from collections.abc import Callable
-from datetime import date
+from datetime import UTC, date, datetime
 
 import aiohttp
 import orjson
@@ -66,6 +66,7 @@ def create_app(settings: Settings, dsn: str, reload_on_sighup: bool = False,
     app.router.add_get("/metrics", metrics_view)
     app.router.add_get("/v1/catalog", catalog_view)
     app.router.add_get("/v1/openapi.json", openapi_view)
+    app.router.add_get("/v1/admin/euos", list_contracts)
     app.router.add_put("/v1/admin/euos/{euo}", put_contract)
     app.router.add_delete("/v1/admin/euos/{euo}", delete_contract)
     audit_api.add_routes(app)
@@ -248,6 +249,18 @@ async def catalog_view(request: web.Request, principal: Principal, row: AuditRow
         entry["visible_to"] = policy.who_may(ds.name)
         out.append(entry)
     return json_response({"policy_version": gw.policy_version, "data_sets": out})
+
+
+@api("/v1/admin/euos", roles=("provider_staff",))
+async def list_contracts(request: web.Request, principal: Principal, row: AuditRow) -> web.Response:
+    """Every contract, with whether it is active today."""
+    rows = await request.app[POOL].fetch(query("all_contracts"))
+    today = datetime.now(UTC).date()
+    return json_response({"contracts": [
+        {"euo_id": r["euo_id"], "partner_id": r["partner_id"],
+         "contract_end": r["contract_end"].isoformat() if r["contract_end"] else None,
+         "active": r["contract_end"] is None or r["contract_end"] > today}
+        for r in sorted(rows, key=lambda r: r["euo_id"])]})
 
 
 @api("/v1/admin/euos/{euo}", roles=("provider_staff",))

@@ -5,14 +5,17 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
+import shutil
 import socket
+from pathlib import Path
 
 import asyncpg
 from aiohttp import web
 
 from ..__main__ import _use_uvloop, database_url, dev_secret, mint_token, wait_for_signal
-from ..db import migrate, query
-from ..settings import Settings
+from ..db import EmbeddedPostgres, migrate, query
+from ..settings import ConfigError, Settings
 from . import data as demo_data
 from .backends import meeting_app, telephony_app
 
@@ -51,16 +54,42 @@ SHOWCASE = [
 ]
 
 
-def run_demo(settings: Settings, port: int | None) -> int:
+def run_demo(settings: Settings, port: int | None, reset: bool = False) -> int:
+    """The demo: embedded database (deleted first with reset), backends, gateway, tokens."""
     _use_uvloop()
     if port is not None:
         settings = settings.with_(listen_port=port)
+    if reset:
+        reset_embedded_database(settings)
     settings = settings.with_(jwt_secret=dev_secret(settings), jwt_jwks_url=None,
                               jwt_public_key_file=None)
     with contextlib.ExitStack() as stack:
         dsn = database_url(settings, stack)
         asyncio.run(_run(settings, dsn))
     return 0
+
+
+def reset_embedded_database(settings: Settings) -> None:
+    """Delete the embedded database under the data dir (a clean demo); refuse with an
+    external database, which a demo must not wipe."""
+    if settings.database_url:
+        raise ConfigError("--reset deletes only the embedded database; GATEWAY_DATABASE_URL is set")
+    pgdata = EmbeddedPostgres(settings.data_dir).pgdata
+    if _running(pgdata / "postmaster.pid"):
+        raise ConfigError(f"the embedded database under {pgdata} is running: stop the gateway "
+                          "that uses it first")
+    if pgdata.exists():
+        shutil.rmtree(pgdata)
+        print(f"deleted {pgdata}")
+
+
+def _running(pid_file: Path) -> bool:
+    """Whether the postmaster a pid file names is alive (a stale file after a crash is not)."""
+    try:
+        os.kill(int(pid_file.read_text().split()[0]), 0)
+    except (OSError, ValueError, IndexError):
+        return False
+    return True
 
 
 async def seed_contracts(dsn: str, data: demo_data.DemoData) -> None:
