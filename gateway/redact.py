@@ -232,7 +232,7 @@ class _Walker:
             return _DROP
 
         result: dict[str, Any] = {}
-        has_data = removed_any = False
+        has_data = own_data = removed_any = False
         for key, child in value.items():
             spec = node.fields.get(key)
             sub_path = f"{path}.{key}" if path else key
@@ -240,7 +240,7 @@ class _Walker:
                 _flat(child, sub_path, UNDECLARED_DEPTH)
                 if is_subject:
                     result[key] = child
-                    has_data = True
+                    has_data = own_data = True
                 else:
                     self.outcome.removed.add(sub_path)
                     removed_any = True
@@ -252,9 +252,12 @@ class _Walker:
             result[key] = r
             if not (isinstance(spec, Leaf) and spec.data_set is None):
                 has_data = True
+                # a child that names its own subject (a note, a CDR) says whose it is itself;
+                # it does not make this object's subject (the organizer) a subject of the row
+                own_data = own_data or not _decides_relations(_item_of(spec))
         if removed_any and not has_data:
             return _DROP
-        if has_data:
+        if own_data:
             self.outcome.subjects.update(subjects)   # only those whose data was served
         if node.mask is not None:
             self.mask(result, node)
@@ -307,6 +310,10 @@ def mask_number(number: str) -> str:
 
 def now_utc() -> datetime:
     return datetime.now(UTC)
+
+
+def _item_of(node: Node) -> Node:
+    return node.item if isinstance(node, ListOf) else node
 
 
 def _decides_relations(node: Node) -> bool:

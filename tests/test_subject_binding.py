@@ -137,3 +137,26 @@ async def test_duplicate_keys_cannot_show_the_client_another_subject(hostile_gat
     status, _, body = await call(http, "GET", gw + "/telephony/euos/euo-acme/users/u-alice",
                                  token_for("alice"))
     assert status == 200 and b"u-bob" not in body and orjson.loads(body)["id"] == "u-alice"
+
+
+async def test_a_row_names_only_the_people_whose_data_was_served(hostile_gateway, http,
+                                                                 token_for, db):
+    """Bob opens Alice's meeting and receives only his own note: the row names Bob, not
+    Alice, so Alice's access log does not say a colleague read her notes."""
+    gw, backend = hostile_gateway
+    backend.answer(lambda request: {
+        "id": "m-1", "organizer_id": "u-alice", "topic": "Budget",
+        "private_notes": [{"author_id": "u-bob", "text": "mine"},
+                          {"author_id": "u-alice", "text": "alice's"}]})
+    status, headers, body = await call(http, "GET", gw + "/meeting/accounts/euo-acme/meetings/m-1",
+                                       token_for("bob"))
+    assert status == 200 and b"alice's" not in body and b"Budget" not in body
+    row = await db.fetchrow("select subject_users, data_sets from audit_log where request_id = $1",
+                            headers["X-Request-Id"])
+    assert row["subject_users"] == ["u-bob"] and row["data_sets"] == ["private_notes"]
+    # the organizer reading it is about herself, and Bob, whose note she cannot see, is not named
+    status, headers, _ = await call(http, "GET", gw + "/meeting/accounts/euo-acme/meetings/m-1",
+                                    token_for("alice"))
+    row = await db.fetchrow("select subject_users from audit_log where request_id = $1",
+                            headers["X-Request-Id"])
+    assert status == 200 and row["subject_users"] == ["u-alice"]
