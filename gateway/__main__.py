@@ -18,6 +18,7 @@ import socket
 import sys
 import time
 from datetime import UTC, datetime
+from pathlib import Path
 
 import asyncpg
 import jwt
@@ -67,7 +68,12 @@ def main(argv: list[str] | None = None) -> int:
                    "GATEWAY_DATA_DIR) reload the policy directory in every worker (SIGHUP)")
     audit = sub.add_parser("audit", help="verify, prune or query the access audit log")
     audit_sub = audit.add_subparsers(dest="audit_command", required=True)
-    audit_sub.add_parser("verify", help="check every hash chain; exit 1 on a break")
+    verify_cmd = audit_sub.add_parser("verify", help="check every hash chain (and, with "
+                                      "--public-key, the signed checkpoints); exit 1 on a break")
+    verify_cmd.add_argument("--public-key", action="append", type=Path, default=[],
+                            metavar="PEM", help="an Ed25519 public key (from GET /v1/audit/keys); "
+                            "repeat for rotated keys. Rows after a chain's last checkpoint are "
+                            "reported as not yet sealed")
     audit_sub.add_parser("maintain", help="create the audit partitions ahead and drop those "
                          "past GATEWAY_AUDIT_RETENTION_DAYS (a periodic job, as the owner)")
     prune = audit_sub.add_parser("prune", help="drop whole month partitions past retention")

@@ -21,6 +21,7 @@ from aiohttp import web
 from . import export, pipeline, subject_requests
 from .audit import AuditRow, AuditWriter
 from .audit import api as audit_api
+from .audit.checkpoints import Checkpointer, signing_key
 from .authn import Authenticator
 from .authz import Policy
 from .call import AnonymousRefusals
@@ -99,6 +100,10 @@ def _resources(settings: Settings, dsn: str, catalog, policy: Policy, metrics: M
         audit.start()
         anonymous = AnonymousRefusals(audit, observe=metrics.observe)
         anonymous.start()
+        checkpointer = app[CHECKPOINTER] = Checkpointer(
+            pool, audit.heads, signing_key(settings.audit_signing_key_file, settings.data_dir),
+            settings.audit_checkpoint_s)
+        await checkpointer.start()
         connector = aiohttp.TCPConnector(limit=settings.backend_connections,
                                          limit_per_host=settings.backend_connections,
                                          keepalive_timeout=30)
@@ -118,6 +123,7 @@ def _resources(settings: Settings, dsn: str, catalog, policy: Policy, metrics: M
         finally:
             await anonymous.close()
             await audit.close()
+            await checkpointer.close()        # seals the closed chains
             await contracts.close()
             await restrictions.close()
             await partitions.close()
@@ -127,6 +133,7 @@ def _resources(settings: Settings, dsn: str, catalog, policy: Policy, metrics: M
 
 
 POLICY_SET = web.AppKey("policy_set", PolicySet)
+CHECKPOINTER = web.AppKey("checkpointer", Checkpointer)
 
 
 def _reload_on_sighup(settings: Settings):

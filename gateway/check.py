@@ -39,6 +39,8 @@ RUNTIME_PRIVILEGES = (
     ("contract_history", ("SELECT",)),
     ("dsr_requests", ("SELECT", "INSERT", "UPDATE")),
     ("schema_migrations", ("SELECT",)),
+    ("audit_signing_keys", ("SELECT", "INSERT")),
+    ("audit_checkpoints", ("SELECT", "INSERT")),
 )
 MIGRATE_HINT = "run `gateway migrate` as the schema's owner"
 SECRET_FIELDS = ("jwt_secret",)

@@ -57,6 +57,8 @@ class Settings:
     audit_lanes: int = 1
     audit_commit_timeout_s: float = 2.0   # a request waits this long for its row, then 503
     mirror_staleness_s: float = 2.0       # contracts/restrictions unproven this long: 503
+    audit_signing_key_file: Path | None = None   # Ed25519 PEM; unset: generated in data_dir
+    audit_checkpoint_s: float = 60.0      # chain heads signed this often (and at shutdown)
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> Settings:
@@ -96,6 +98,9 @@ class Settings:
             audit_commit_timeout_s=_positive(env, "GATEWAY_AUDIT_COMMIT_TIMEOUT_S",
                                              cls.audit_commit_timeout_s),
             mirror_staleness_s=_positive(env, "GATEWAY_MIRROR_STALENESS_S", cls.mirror_staleness_s),
+            audit_signing_key_file=(Path(env["GATEWAY_AUDIT_SIGNING_KEY_FILE"])
+                                    if env.get("GATEWAY_AUDIT_SIGNING_KEY_FILE") else None),
+            audit_checkpoint_s=_positive(env, "GATEWAY_AUDIT_CHECKPOINT_S", cls.audit_checkpoint_s),
         )
 
     def with_(self, **changes) -> Settings:

@@ -178,3 +178,25 @@ select current_user as role,
 select t.tbl, t.priv from unnest($1::text[], $2::text[]) as t(tbl, priv)
  where case when to_regclass(t.tbl) is null then true
             else not has_table_privilege(t.tbl, t.priv) end;
+
+-- name: audit_key_add
+insert into audit_signing_keys (key_id, public_key) values ($1, $2) on conflict (key_id) do nothing;
+
+-- name: audit_keys
+select key_id, public_key, first_used from audit_signing_keys order by first_used, key_id;
+
+-- name: audit_checkpoint_add
+insert into audit_checkpoints (chain_id, seq, row_hash, at, closed, key_id, signature)
+values ($1, $2, $3, $4, $5, $6, $7);
+
+-- name: audit_checkpoints
+-- $1: only checkpoints after this id (paging); $2: at most this many
+select id, chain_id, seq, row_hash, at, closed, key_id, signature from audit_checkpoints
+ where ($1::bigint is null or id > $1) order by id limit $2;
+
+-- name: audit_all_checkpoints
+select id, chain_id, seq, row_hash, at, closed, key_id, signature from audit_checkpoints
+ order by chain_id, seq;
+
+-- name: audit_row_hash_at
+select row_hash from audit_log where chain_id = $1 and seq = $2;

@@ -25,4 +25,8 @@ begin
     execute format('grant select on contract_history to %I', runtime);
     execute format('grant select, insert, update on dsr_requests to %I', runtime);
     execute format('grant select on schema_migrations to %I', runtime);
+    -- signed checkpoints (010): appended, never changed
+    execute format('grant select, insert on audit_signing_keys to %I', runtime);
+    execute format('grant select, insert on audit_checkpoints to %I', runtime);
+    execute format('grant usage on sequence audit_checkpoints_id_seq to %I', runtime);
 end $$;

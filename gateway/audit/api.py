@@ -19,12 +19,14 @@ from typing import Any
 
 import orjson
 from aiohttp import web
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
 from ..db import POOL, query
 from ..endpoints import CALL, api, json_response
 from ..errors import Denied
 from ..principal import Principal
 from .chain import verify
+from .checkpoints import FORMAT, public_pem
 from .writer import AuditRow
 
 DEFAULT_LIMIT, MAX_LIMIT = 100, 1000
@@ -257,7 +259,35 @@ async def access_log(request: web.Request, principal: Principal, row: AuditRow):
     return json_response({"accesses": entries, "next_cursor": next_cursor})
 
 
+async def audit_keys(request: web.Request) -> web.Response:
+    """The public keys of the audit checkpoints, every one ever used (no token: they are
+    public, so that anyone can verify)."""
+    rows = await request.app[POOL].fetch(query("audit_keys"))
+    return json_response({"keys": [{
+        "key_id": r["key_id"], "algorithm": "Ed25519",
+        "public_key_pem": public_pem(Ed25519PublicKey.from_public_bytes(bytes(r["public_key"]))),
+        "first_used": r["first_used"].isoformat()} for r in rows]})
+
+
+@api("/v1/audit/checkpoints", roles=("provider_staff", "partner", "euo_admin"))
+async def audit_checkpoints(request: web.Request, principal: Principal, row: AuditRow):
+    """Signed chain heads, oldest first; `after` (a checkpoint id) and `limit` page them."""
+    after = request.query.get("after")
+    raw_limit = request.query.get("limit", str(DEFAULT_LIMIT))
+    if (after is not None and not (after.isdigit() and int(after) < 2**63)) \
+            or not raw_limit.isdigit() or not 1 <= int(raw_limit) <= MAX_LIMIT:
+        raise Denied(400, "bad_filter", f"after must be a checkpoint id, limit 1-{MAX_LIMIT}")
+    rows = await request.app[POOL].fetch(query("audit_checkpoints"),
+                                         int(after) if after else None, int(raw_limit))
+    return json_response({"format": FORMAT.decode().strip(), "checkpoints": [{
+        "id": r["id"], "chain_id": str(r["chain_id"]), "seq": r["seq"],
+        "row_hash": bytes(r["row_hash"]).hex(), "at": r["at"].isoformat(), "closed": r["closed"],
+        "key_id": r["key_id"], "signature": bytes(r["signature"]).hex()} for r in rows]})
+
+
 def add_routes(app: web.Application) -> None:
+    app.router.add_get("/v1/audit/keys", audit_keys)
+    app.router.add_get("/v1/audit/checkpoints", audit_checkpoints)
     app.router.add_get("/v1/audit", audit_query)
     app.router.add_get("/v1/audit/verify", audit_verify)
     app.router.add_get("/v1/me/access-log", access_log)

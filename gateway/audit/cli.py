@@ -15,6 +15,7 @@ from ..errors import Denied
 from ..settings import Settings
 from .api import PUBLIC_FIELDS, _cell, parse_filters, public
 from .chain import verify
+from .checkpoints import load_public_keys, verify_checkpoints
 
 
 async def run(dsn: str, settings: Settings, args) -> int:
@@ -28,8 +29,14 @@ async def run(dsn: str, settings: Settings, args) -> int:
             return 2
         if args.audit_command == "verify":
             report = await verify(conn)
-            print(orjson.dumps(report.public(), option=orjson.OPT_INDENT_2).decode())
-            return 0 if report.ok else 1
+            out = report.public()
+            ok = report.ok
+            if args.public_key:
+                sealed = await verify_checkpoints(conn, load_public_keys(args.public_key))
+                out["checkpoints"] = sealed.public()
+                ok = ok and sealed.ok
+            print(orjson.dumps(out, option=orjson.OPT_INDENT_2).decode())
+            return 0 if ok else 1
         if args.audit_command == "maintain":
             return await _maintain(conn, settings)
         if args.audit_command == "prune":

@@ -156,6 +156,10 @@ class AuditWriter:
                 fut.add_done_callback(_retrieve)
             raise unavailable() from None
 
+    def heads(self) -> list[tuple[uuid.UUID, int, bytes]]:
+        """(chain id, last committed seq, its row hash) of each lane: what a checkpoint signs."""
+        return [(lane.chain_id, lane.seq, lane.prev_hash) for lane in self.lanes]
+
     def health(self) -> list[str]:
         """Why the writer is not keeping its commit deadline right now (empty: it is)."""
         reasons = []

@@ -1,0 +1,165 @@
+"""Signed checkpoints: whoever holds the public key can check the audit log without
+trusting the database — a flipped bit, a dropped row, a forged key or a forged signature
+is found; rows after the last checkpoint are reported as not yet sealed."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import subprocess
+import sys
+import uuid
+
+import asyncpg
+import orjson
+import pytest
+import pytest_asyncio
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+from gateway.audit.checkpoints import load_public_keys, verify_checkpoints
+from gateway.db import EmbeddedPostgres
+from gateway.demo.run import seed_contracts
+
+from .conftest import call, gateway_settings, running_gateway, wait_for
+
+pytestmark = pytest.mark.slow
+ACME = "/telephony/euos/euo-acme"
+
+
+@pytest_asyncio.fixture(scope="module")
+async def sealed_db(tmp_path_factory, demo):
+    """A PostgreSQL of this module's own (its rows get tampered with), with contracts."""
+    server = EmbeddedPostgres(tmp_path_factory.mktemp("sealed-db"))
+    dsn = await asyncio.to_thread(server.start)
+    await seed_contracts(dsn, demo)
+    yield dsn
+    await asyncio.to_thread(server.stop)
+
+
+async def _sealed_chain(backends, dsn, http, token_for, tmp_path) -> tuple[uuid.UUID, list[str]]:
+    """Serve a few requests through a gateway that seals every 0.2 s, then stop it (which
+    seals the closed chain); return the chain and the public key files from /v1/audit/keys
+    (every key ever used: each test's gateway generated its own)."""
+    actor = f"sealed-{uuid.uuid4().hex[:8]}"
+    settings = gateway_settings(backends["urls"], audit_checkpoint_s=0.2, data_dir=tmp_path)
+    async with running_gateway(settings, dsn) as gw:
+        for _ in range(3):
+            assert (await call(http, "GET", gw + ACME,
+                               token_for(role="provider_staff", sub=actor)))[0] == 200
+        conn = await asyncpg.connect(dsn)
+        try:
+            chain = await conn.fetchval("select distinct chain_id from audit_log where actor_sub = $1",
+                                        actor)
+
+            async def sealed():
+                return await conn.fetchval("select max(seq) from audit_checkpoints where chain_id = $1",
+                                           chain)
+            assert await wait_for(sealed, timeout=5)
+        finally:
+            await conn.close()
+        status, _, body = await call(http, "GET", gw + "/v1/audit/keys")
+        assert status == 200
+    return chain, _key_files(orjson.loads(body)["keys"], tmp_path)
+
+
+def _key_files(keys: list[dict], where) -> list[str]:
+    files = []
+    for key in keys:
+        path = where / f"{key['key_id']}.pub.pem"
+        path.write_text(key["public_key_pem"])
+        files.append(str(path))
+    return files
+
+
+async def test_a_sealed_log_verifies_and_the_cli_says_so(backends, sealed_db, http, token_for,
+                                                        tmp_path):
+    chain, pems = await _sealed_chain(backends, sealed_db, http, token_for, tmp_path)
+    conn = await asyncpg.connect(sealed_db)
+    try:
+        report = await verify_checkpoints(conn, load_public_keys(pems))
+        assert report.ok and report.sealed[str(chain)] >= 3
+        closed = await conn.fetchval("select bool_or(closed) from audit_checkpoints where chain_id = $1",
+                                     chain)
+        assert closed                         # a clean shutdown sealed the chain as closed
+    finally:
+        await conn.close()
+    keys = [arg for pem in pems for arg in ("--public-key", pem)]
+    done = subprocess.run([sys.executable, "-m", "gateway", "audit", "verify", *keys],
+                          env={**os.environ, "GATEWAY_DATABASE_URL": sealed_db},
+                          capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert orjson.loads(done.stdout)["checkpoints"]["ok"] is True
+
+
+TAMPERING = {
+    "flipped bit in a sealed row": (
+        "update audit_log set row_hash = set_byte(row_hash, 0, get_byte(row_hash, 0) # 1)"
+        " where chain_id = $1 and seq = (select max(seq) from audit_log where chain_id = $1)",
+        "the sealed row was altered"),
+    "sealed row dropped": (
+        "delete from audit_log where chain_id = $1 and seq = (select max(seq) from audit_log"
+        " where chain_id = $1)", "the sealed row is missing"),
+    "forged signature": (
+        "update audit_checkpoints set signature = set_byte(signature, 5, get_byte(signature, 5) # 1)"
+        " where chain_id = $1", "the checkpoint's signature does not verify"),
+    "re-signed with another key": (None, "which is not among the public keys given"),
+}
+
+
+@pytest.mark.parametrize("tampering", TAMPERING)
+async def test_tampering_after_sealing_is_found(backends, sealed_db, http, token_for, tmp_path,
+                                                tampering):
+    """Each done as a superuser with the append-only triggers off, in a transaction that
+    is rolled back."""
+    chain, pems = await _sealed_chain(backends, sealed_db, http, token_for, tmp_path)
+    statement, problem = TAMPERING[tampering]
+    keys = load_public_keys(pems)
+    if statement is None:                  # the verifier holds a key the log was not signed with
+        other = tmp_path / "other.pub.pem"
+        other.write_bytes(Ed25519PrivateKey.generate().public_key().public_bytes(
+            serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo))
+        keys = load_public_keys([other])
+    conn = await asyncpg.connect(sealed_db)
+    try:
+        tampered = conn.transaction(isolation="repeatable_read")
+        await tampered.start()
+        try:
+            await conn.execute("alter table audit_log disable trigger audit_log_append_only")
+            await conn.execute("alter table audit_checkpoints disable trigger "
+                               "audit_checkpoints_append_only")
+            if statement:
+                await conn.execute(statement, chain)
+            report = await verify_checkpoints(conn, keys)
+        finally:
+            await tampered.rollback()
+        assert not report.ok and problem in report.first_break["problem"]
+        assert (await verify_checkpoints(conn, load_public_keys(pems))).ok
+    finally:
+        await conn.close()
+
+
+async def test_rows_after_the_last_checkpoint_are_not_yet_sealed(backends, sealed_db, http,
+                                                                token_for, tmp_path):
+    settings = gateway_settings(backends["urls"], audit_checkpoint_s=3600, data_dir=tmp_path)
+    async with running_gateway(settings, sealed_db) as gw:
+        assert (await call(http, "GET", gw + ACME, token_for("staff")))[0] == 200
+        status, _, body = await call(http, "GET", gw + "/v1/audit/keys")
+        pems = _key_files(orjson.loads(body)["keys"], tmp_path)
+        conn = await asyncpg.connect(sealed_db)
+        try:
+            report = await verify_checkpoints(conn, load_public_keys(pems))
+        finally:
+            await conn.close()
+    assert report.ok and report.not_yet_sealed   # this gateway's chain: not sealed until it stops
+
+
+async def test_checkpoints_are_listed_for_auditors(backends, sealed_db, http, token_for, tmp_path):
+    chain, _ = await _sealed_chain(backends, sealed_db, http, token_for, tmp_path)
+    async with running_gateway(gateway_settings(backends["urls"], data_dir=tmp_path), sealed_db) as gw:
+        status, _, body = await call(http, "GET", gw + "/v1/audit/checkpoints?limit=1000",
+                                     token_for("admin"))
+        assert status == 200
+        listed = orjson.loads(body)["checkpoints"]
+        assert any(c["chain_id"] == str(chain) for c in listed)
+        assert (await call(http, "GET", gw + "/v1/audit/checkpoints", token_for("alice")))[0] == 403
