@@ -274,13 +274,21 @@ def _check(settings: Settings) -> int:
 
 
 def _serve(settings: Settings, workers: int = 1, migrating: bool = True) -> int:
-    settings.check_for_serving()
     if workers < 1:
         raise ConfigError("--workers must be at least 1")
     from .app import create_app
     from .policyset import load_policy_set
 
-    policy = PolicyInForce(settings, load_policy_set(settings.policy_dir))  # fail before forking
+    services, refused = None, None
+    try:                                   # fail before forking
+        policy_set = load_policy_set(settings.policy_dir)
+        services = policy_set.catalog.services
+    except PolicyError as e:
+        refused = e
+    settings.check_for_serving(services or ())   # every mistake at once, an upstream per service
+    if refused is not None:
+        raise refused
+    policy = PolicyInForce(settings, policy_set)
     with contextlib.ExitStack() as stack:
         sock = stack.enter_context(listen(settings.listen_host, settings.listen_port))
         stack.enter_context(pid_file(settings))

@@ -76,7 +76,7 @@ def create_app(settings: Settings, dsn: str, reload_on_sighup: bool = False,
     app[POLICY_SET] = policy_set
     if reload_on_sighup:
         app.on_startup.append(_reload_on_sighup(settings))
-    for service in settings.upstreams:
+    for service in catalog.services:
         app.router.add_route("*", f"/{service}/{{tail:.*}}", pipeline.handle)
     return app
 

@@ -14,7 +14,10 @@ RELATIONS = ("any", "contracted_partner", "same_euo", "self", "organizer", "auth
 ACTIONS = ("read", "write", "delete")
 SUBJECT_KINDS = ("euo", "user", "meeting", "author")
 IDENTIFIER = "identifier"
-SERVICES = ("telephony", "meeting")
+# a service is the first path segment (/telephony/...): lower-case, and none of the
+# gateway's own top-level paths
+SERVICE_NAME = re.compile(r"[a-z][a-z0-9-]{0,31}")
+RESERVED = frozenset({"v1", "healthz", "readyz", "metrics", "console"})
 ACTION_OF_METHOD = {"GET": "read", "HEAD": "read", "PATCH": "write", "PUT": "write",
                     "POST": "write", "DELETE": "delete"}
 
@@ -285,8 +288,9 @@ def _route(i: int, spec: dict, builder: _ShapeBuilder, grammars: dict[str, re.Pa
         methods = frozenset(m.upper() for m in spec["methods"])
     except (KeyError, TypeError) as e:
         raise PolicyError(f"routes.yaml: {where}: missing {e}") from None
-    if service not in SERVICES:
-        raise PolicyError(f"routes.yaml: {where}: unknown service {service!r}")
+    if not isinstance(service, str) or not SERVICE_NAME.fullmatch(service) or service in RESERVED:
+        raise PolicyError(f"routes.yaml: {where}: service {service!r} must be a lower-case name "
+                          f"(a-z, 0-9, -) other than {', '.join(sorted(RESERVED))}")
     if not methods <= set(ACTION_OF_METHOD):
         raise PolicyError(f"routes.yaml: {where}: unsupported method in {sorted(methods)}")
     segments = [s for s in path.split("/") if s]

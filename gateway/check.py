@@ -78,6 +78,10 @@ def check_settings(settings: Settings, found: Findings) -> None:
     else:
         found.passed.append(f"policy {settings.policy_dir} version {policy_set.version} "
                             f"({len(policy_set.catalog.data_sets)} data sets, floors kept)")
+        try:
+            settings.check_for_serving(policy_set.catalog.services)
+        except ConfigError as e:
+            found.problems += [p for p in str(e).split("; ") if p not in found.problems]
 
 
 async def check_database(dsn: str, found: Findings, migrating: bool = False) -> None:

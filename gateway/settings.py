@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import logging
 import os
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field, replace
 from importlib import resources
 from pathlib import Path
@@ -22,6 +22,14 @@ def _package_data(name: str) -> Path:
 
 DEFAULT_POLICY_DIR = _package_data("policies")
 SQL_DIR = _package_data("sql")
+
+
+UPSTREAM_PREFIX = "GATEWAY_UPSTREAM_"
+
+
+def upstream_variable(service: str) -> str:
+    """The environment variable naming a service's backend: meeting -> GATEWAY_UPSTREAM_MEETING."""
+    return UPSTREAM_PREFIX + service.upper().replace("-", "_")
 
 
 class ConfigError(Exception):
@@ -66,10 +74,10 @@ class Settings:
         env = os.environ if env is None else env
         host, port = _parse_listen(env.get("GATEWAY_LISTEN", "127.0.0.1:8080"))
         upstreams = {}
-        for service in ("telephony", "meeting"):
-            url = env.get(f"GATEWAY_UPSTREAM_{service.upper()}")
-            if url:
-                upstreams[service] = _check_url(f"GATEWAY_UPSTREAM_{service.upper()}", url)
+        for name, url in env.items():       # one per service of routes.yaml
+            if name.startswith(UPSTREAM_PREFIX) and url:
+                service = name[len(UPSTREAM_PREFIX):].lower().replace("_", "-")
+                upstreams[service] = _check_url(name, url)
         policy_dir = env.get("GATEWAY_POLICY_DIR")
         key_file = env.get("GATEWAY_JWT_PUBLIC_KEY_FILE")
         return cls(
@@ -106,14 +114,15 @@ class Settings:
     def with_(self, **changes) -> Settings:
         return replace(self, **changes)
 
-    def check_for_serving(self) -> None:
-        """Raise ConfigError with every mistake that would stop `gateway serve`."""
+    def check_for_serving(self, services: Iterable[str] = ()) -> None:
+        """Raise ConfigError with every mistake that would stop `gateway serve`; `services`
+        are the policy's (routes.yaml), each of which needs its upstream."""
         problems = []
-        for service in ("telephony", "meeting"):
+        for service in sorted(services):
             if service not in self.upstreams:
                 problems.append(
-                    f"GATEWAY_UPSTREAM_{service.upper()} is not set: the base URL of the "
-                    f"{service} backend is required"
+                    f"{upstream_variable(service)} is not set: the base URL of the "
+                    f"{service} backend is required (routes.yaml has {service} routes)"
                 )
         if not (self.jwt_secret or self.jwt_jwks_url or self.jwt_public_key_file):
             problems.append(

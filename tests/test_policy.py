@@ -1,5 +1,5 @@
 """The floors check refuses a policy that would lower a floor (README.md, Contract), and the route
-table and catalog are data: a new data set or route needs no Python change."""
+table and catalog are data: a new data set, route or service needs no Python change."""
 
 from __future__ import annotations
 
@@ -7,12 +7,16 @@ import shutil
 import subprocess
 import sys
 
+import orjson
 import pytest
+from aiohttp import web
 
 from gateway.authz import load_policy
 from gateway.catalog import PolicyError, load_catalog
+from gateway.demo.run import seed_contracts, start_site
+from gateway.settings import ConfigError, Settings
 
-from .conftest import POLICY_DIR
+from .conftest import POLICY_DIR, call, gateway_settings, running_gateway
 
 
 @pytest.fixture
@@ -140,4 +144,65 @@ def test_malformed_policy_files_are_refused(policy_dir, broken, message):
         text = text.replace("    purpose: Invoicing\n", "", 1)
     path.write_text(text)
     with pytest.raises(PolicyError, match=message):
+        load(policy_dir)
+
+
+async def test_a_new_service_needs_only_policy_files_and_its_upstream(policy_dir, database_url,
+                                                                      backends, http, token_for,
+                                                                      demo):
+    """A `fax-relay` service is a route in routes.yaml and GATEWAY_UPSTREAM_FAX_RELAY: the
+    gateway forwards /fax-relay/... to it with everything the other services get."""
+    with open(policy_dir / "routes.yaml", "a") as f:
+        f.write("""
+  - service: fax-relay
+    path: /boxes/{euo}
+    methods: [GET]
+    subject: {euo: euo}
+    body:
+      object:
+        id: identifier
+        name: euo_identity
+      binds: {id: euo}
+""")
+    seen = []
+
+    async def box(request):
+        seen.append(request.path)
+        return web.json_response({"id": request.match_info["euo"], "name": "Acme fax box"})
+    app = web.Application()
+    app.router.add_get("/boxes/{euo}", box)
+    runner, port = await start_site(app, "127.0.0.1", 0)
+    try:
+        await seed_contracts(database_url, demo)
+        env = {"GATEWAY_UPSTREAM_FAX_RELAY": f"http://127.0.0.1:{port}"}
+        settings = Settings.from_env({**env, "GATEWAY_UPSTREAM_TELEPHONY": backends["urls"]["telephony"],
+                                      "GATEWAY_UPSTREAM_MEETING": backends["urls"]["meeting"]})
+        assert settings.upstreams["fax-relay"] == f"http://127.0.0.1:{port}"
+        settings = gateway_settings(settings.upstreams, policy_dir=policy_dir)
+        async with running_gateway(settings, database_url) as gw:
+            status, _, body = await call(http, "GET", gw + "/fax-relay/boxes/euo-acme",
+                                         token_for("partner"))
+            assert status == 200 and orjson.loads(body)["name"] == "Acme fax box"
+            assert seen == ["/boxes/euo-acme"]
+            status, _, _ = await call(http, "GET", gw + "/fax-relay/boxes/euo-initech",
+                                      token_for("partner"))
+            assert status == 403          # tenancy holds for the new service too
+    finally:
+        await runner.cleanup()
+    # and serving without its upstream names the variable
+    with pytest.raises(ConfigError, match="GATEWAY_UPSTREAM_FAX_RELAY is not set"):
+        gateway_settings(backends["urls"]).check_for_serving(load_catalog(policy_dir).services)
+
+
+@pytest.mark.parametrize("service", ["v1", "Fax", "metrics", "a/b"])
+def test_a_service_name_that_would_shadow_the_gateway_is_refused(policy_dir, service):
+    with open(policy_dir / "routes.yaml", "a") as f:
+        f.write(f"""
+  - service: "{service}"
+    path: /x/{{euo}}
+    methods: [GET]
+    subject: {{euo: euo}}
+    body: {{object: {{id: identifier}}}}
+""")
+    with pytest.raises(PolicyError, match="lower-case name"):
         load(policy_dir)
