@@ -78,11 +78,20 @@ def signing_key(configured: Path | None, data_dir: Path) -> Ed25519PrivateKey:
         pem = Ed25519PrivateKey.generate().private_bytes(
             serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
             serialization.NoEncryption())
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        # written whole under a name of our own, then linked into place: workers starting
+        # together race, one key wins, and nobody reads a half-written file
+        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
         with os.fdopen(fd, "wb") as f:
             f.write(pem)
-        log.warning("generated an audit signing key at %s (set GATEWAY_AUDIT_SIGNING_KEY_FILE "
-                    "to provision your own)", path)
+        try:
+            os.link(tmp, path)
+            log.warning("generated an audit signing key at %s (set "
+                        "GATEWAY_AUDIT_SIGNING_KEY_FILE to provision your own)", path)
+        except FileExistsError:
+            pass                          # another process won the race: use its key
+        finally:
+            tmp.unlink()
     return load_signing_key(path)
 
 
