@@ -16,6 +16,7 @@ import orjson
 import pytest
 
 from gateway.audit.chain import HASHED, canonical
+from gateway.audit.checkpoints import signing_key
 
 from .conftest import SERVE, audit_row, call, free_port, serve_env, wait_for
 
@@ -30,6 +31,8 @@ async def serving(http, backends, database_url: str, tmp_path: Path, *args: str,
     """`gateway serve` with its stdout kept in a file; yields it, its URL and that file."""
     port = free_port()
     out = tmp_path / "stdout"
+    # workers starting at once must not each generate the audit signing key: made here
+    signing_key(None, tmp_path)
     with open(out, "wb") as stdout:
         proc = subprocess.Popen([*SERVE, *args], stdout=stdout, stderr=subprocess.DEVNULL,
                                 env=serve_env(backends, database_url, tmp_path, port, **env))
@@ -52,6 +55,13 @@ def stop(proc: subprocess.Popen) -> None:
     """SIGTERM, and the clean exit that flushes what was logged."""
     proc.send_signal(signal.SIGTERM)
     assert proc.wait(timeout=30) == 0
+
+
+async def both_workers_started(shared: Path) -> None:
+    """Wait until both workers sample their gauges (their start-up is over)."""
+    async def started():
+        return len(list(shared.glob("gauge_livesum_*.db"))) == 2
+    assert await wait_for(started, timeout=20)
 
 
 async def test_each_request_leaves_one_access_log_line_naming_no_person(
@@ -120,6 +130,7 @@ def workers_of(pid: int) -> set[int]:
     return found
 
 
+@pytest.mark.slow
 async def test_metrics_add_up_across_workers_whichever_answers(backends, database_url, http,
                                                                token_for, tmp_path):
     """N requests over two workers: every scrape counts N, even after a worker died."""
@@ -156,6 +167,7 @@ async def test_metrics_add_up_across_workers_whichever_answers(backends, databas
         assert all(0 <= s < 10 for s in staleness.values())
 
         [shared] = temp.glob("gateway-metrics-*")
+        await both_workers_started(shared)
         workers = workers_of(proc.pid)
         assert len(workers) == 2
         victim = min(workers)
@@ -170,6 +182,7 @@ async def test_metrics_add_up_across_workers_whichever_answers(backends, databas
         assert not shared.exists()        # the temporary directory goes with the gateway
 
 
+@pytest.mark.slow
 async def test_an_operators_metrics_directory_is_emptied_at_start(backends, database_url, http,
                                                                   tmp_path):
     shared = tmp_path / "prometheus"
@@ -178,6 +191,7 @@ async def test_an_operators_metrics_directory_is_emptied_at_start(backends, data
     async with serving(http, backends, database_url, tmp_path, "--workers", "2",
                        PROMETHEUS_MULTIPROC_DIR=str(shared)) as (proc, base, _):
         assert not (shared / "counter_1.db").exists()
+        await both_workers_started(shared)
         status, _, body = await call(http, "GET", base + "/metrics")
         assert status == 200 and b"gateway_mirror_staleness_seconds" in body
         stop(proc)
