@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import atexit
 import contextlib
 import ctypes
 import errno
@@ -13,9 +14,11 @@ import multiprocessing
 import multiprocessing.connection
 import os
 import secrets
+import shutil
 import signal
 import socket
 import sys
+import tempfile
 import time
 from datetime import UTC, datetime
 from pathlib import Path
@@ -276,6 +279,8 @@ def _check(settings: Settings) -> int:
 def _serve(settings: Settings, workers: int = 1, migrating: bool = True) -> int:
     if workers < 1:
         raise ConfigError("--workers must be at least 1")
+    if workers > 1:
+        _share_metrics()      # before prometheus_client is imported: it picks its mode then
     from .app import create_app
     from .policyset import load_policy_set
 
@@ -343,6 +348,30 @@ def _preflight(settings: Settings, dsn: str, migrating: bool) -> None:
         log.warning(warning)
     if found.problems:
         raise ConfigError("; ".join(found.problems))
+
+
+def _share_metrics() -> None:
+    """Have the workers keep their metrics in files of one clean directory, so /metrics in
+    any of them renders all (gateway/metrics.py): the operator's PROMETHEUS_MULTIPROC_DIR
+    emptied, or a fresh temporary one removed when the gateway exits."""
+    given = os.environ.get("PROMETHEUS_MULTIPROC_DIR")
+    if given:
+        os.makedirs(given, exist_ok=True)
+        for name in os.listdir(given):     # a previous run's values are not this one's
+            if name.endswith(".db"):
+                os.remove(os.path.join(given, name))
+        return
+    path = tempfile.mkdtemp(prefix="gateway-metrics-")
+    atexit.register(shutil.rmtree, path, True)
+    os.environ["PROMETHEUS_MULTIPROC_DIR"] = path
+
+
+def _forget_metrics(pid: int) -> None:
+    """Drop a dead worker's gauges from what /metrics sums (its counts stay: they happened)."""
+    path = os.environ.get("PROMETHEUS_MULTIPROC_DIR")
+    if path:
+        from prometheus_client import multiprocess
+        multiprocess.mark_process_dead(pid, path)
 
 
 def listen(host: str, port: int) -> socket.socket:
@@ -462,6 +491,7 @@ class Supervisor:
     def _on_exit(self, proc) -> float | None:
         """Log a worker's death; the delay before its replacement, or None to give up."""
         proc.join()
+        _forget_metrics(proc.pid)
         code = proc.exitcode
         how = (f"killed by {signal.Signals(-code).name}" if code is not None and code < 0
                else f"exit code {code}")

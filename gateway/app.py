@@ -19,6 +19,7 @@ import yaml
 from aiohttp import web
 
 from . import export, pipeline, subject_requests
+from .access_log import AccessLog
 from .audit import AuditRow, AuditWriter
 from .audit import api as audit_api
 from .audit.checkpoints import Checkpointer, signing_key
@@ -31,7 +32,7 @@ from .contracts import ContractCache
 from .db import POOL, create_pool, ensure_partitions, migrate, query
 from .endpoints import CALL, IDENTIFIER, api, identifier, json_object, json_response
 from .errors import Denied, error_response
-from .metrics import REGISTRY, Metrics, metrics_view
+from .metrics import METRICS, Metrics, metrics_view
 from .policyset import PolicySet, load_policy_set
 from .principal import Principal
 from .proxy import PRIVATE, Backends
@@ -59,9 +60,9 @@ def create_app(settings: Settings, dsn: str, reload_on_sighup: bool = False,
     app = web.Application(middlewares=[_request_ids], client_max_size=settings.max_body_bytes)
     app[NEW_REQUEST_ID] = request_ids()
     app.on_response_prepare.append(_private_answers)
-    metrics = Metrics()
-    app[REGISTRY] = metrics.registry
+    metrics = app[METRICS] = Metrics()
     app.cleanup_ctx.append(_resources(settings, dsn, catalog, policy, metrics, migrate))
+    app.cleanup_ctx.append(_observability(settings, metrics))
     app.router.add_get("/healthz", healthz)
     app.router.add_get("/readyz", readyz)
     app.router.add_get("/metrics", metrics_view)
@@ -95,10 +96,10 @@ def _resources(settings: Settings, dsn: str, catalog, policy: Policy, metrics: M
         await contracts.start()
         restrictions = RestrictionCache(pool, dsn, settings.mirror_staleness_s)
         await restrictions.start()
-        audit = AuditWriter(pool, settings.audit_queue_max, metrics.observe, settings.audit_lanes,
+        audit = AuditWriter(pool, settings.audit_queue_max, settings.audit_lanes,
                             settings.audit_commit_timeout_s)
         audit.start()
-        anonymous = AnonymousRefusals(audit, observe=metrics.observe)
+        anonymous = AnonymousRefusals(audit)
         anonymous.start()
         checkpointer = app[CHECKPOINTER] = Checkpointer(
             pool, audit.heads, signing_key(settings.audit_signing_key_file, settings.data_dir),
@@ -157,6 +158,39 @@ def reload_policy(app: web.Application, policy_dir) -> bool:
     gw.use(new.catalog, new.policy, new.version)
     log.info("policy %s in force (reloaded from %s)", new.version, policy_dir)
     return True
+
+
+def _observability(settings: Settings, metrics: Metrics):
+    """Metrics and the access log, hooked onto the resources opened before: every finished
+    call, backend call and audit batch is observed; the gauges read what they watch."""
+    async def ctx(app: web.Application):
+        gw = app[pipeline.GATEWAY]
+        access_log = AccessLog() if settings.access_log == "json" else None
+        gw.observe = metrics.observe if access_log is None else _both(metrics.observe,
+                                                                       access_log.write)
+        gw.backends.observe = metrics.observe_backend
+        gw.audit.on_batch = metrics.observe_batch
+        metrics.watch(gw.audit, app[POOL],
+                      {"contracts": gw.contracts, "restrictions": gw.restrictions})
+        # under --workers a scrape reads every worker's gauges from their files: keep ours fresh
+        sampling = asyncio.create_task(metrics.keep_sampling()) if metrics.multiprocess else None
+        try:
+            yield
+        finally:
+            if sampling is not None:
+                sampling.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await sampling
+            if access_log is not None:
+                access_log.flush()
+    return ctx
+
+
+def _both(first: Callable[[AuditRow], None], second: Callable[[AuditRow], None]):
+    def observe(row: AuditRow) -> None:
+        first(row)
+        second(row)
+    return observe
 
 
 @web.middleware

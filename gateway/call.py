@@ -21,7 +21,7 @@ import dataclasses
 import logging
 import re
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from datetime import datetime
 from typing import Any
 
@@ -31,30 +31,39 @@ from .audit import AuditRow, AuditWriter
 from .audit.writer import Change
 from .errors import Denied, error_response
 from .principal import Principal
+from .proxy import trace_id
 from .redact import now_utc
 
 log = logging.getLogger("gateway.call")
 CLIENT_REQUEST_ID = re.compile(r"[A-Za-z0-9._:-]{1,128}")
 ANONYMOUS_ROUTE = "gateway:unauthenticated"
+# told the row of every finished call, once, with the outcome its caller got (the metrics
+# and the access log, wired in app.py)
+Observer = Callable[[AuditRow], None]
 
 
 class Call:
     """The audit life of one request (or of one backend call of an export)."""
 
-    __slots__ = ("audit", "anonymous", "row", "started", "principal", "committed", "siblings")
+    __slots__ = ("audit", "anonymous", "row", "started", "principal", "committed", "siblings",
+                 "traceparent", "observe")
 
     def __init__(self, audit: AuditWriter, anonymous: AnonymousRefusals, request_id: str,
                  method: str, path: str, client: str | None,
-                 client_request_id: str | None = None):
+                 client_request_id: str | None = None, traceparent: str | None = None,
+                 observe: Observer | None = None):
         self.audit = audit
         self.anonymous = anonymous
         self.started = time.perf_counter()
         self.principal: Principal | None = None
         self.committed = False            # an allowed row is durable: the answer may go
         self.siblings: list[tuple[str | None, list[str]]] = []   # more EUOs in one answer
+        self.traceparent = traceparent    # forwarded to the backends
+        self.observe = observe            # told each finished call's row, once
         self.row = AuditRow(at=now_utc(), request_id=request_id, method=method,
                             path=path[:2048], client_addr=client,
-                            client_request_id=client_request_id)
+                            client_request_id=client_request_id,
+                            trace_id=trace_id(traceparent) if traceparent else None)
 
     def identify(self, principal: Principal) -> None:
         """The caller is known: their claims go into the row."""
@@ -97,6 +106,8 @@ class Call:
         result, *_ = await asyncio.gather(self.audit.commit(self.row, change),
                                           *(self.audit.commit(row) for row in siblings))
         self.committed = True
+        if self.observe is not None:
+            self.observe(self.row)
         return result
 
     async def record_refusal(self, denial: Denied) -> None:
@@ -107,8 +118,17 @@ class Call:
         row.reason = denial.code
         if self.principal is None:
             self.anonymous.count(row, denial.code)
-            return
-        await self.audit.commit(row)
+        else:
+            try:
+                await self.audit.commit(row)
+            except Denied as unavailable:
+                if self.observe is not None:
+                    # what the caller gets instead; a copy, as the writer may still hold the row
+                    self.observe(dataclasses.replace(row, decision="error", reason=unavailable.code,
+                                                     status=unavailable.status))
+                raise
+        if self.observe is not None:
+            self.observe(row)
 
     async def refuse(self, denial: Denied) -> web.Response:
         """Audit the refusal, then the error answer (README.md, Errors)."""
@@ -129,18 +149,14 @@ class AnonymousRefusals:
     """Refusals of callers with no valid token, counted per (minute, source, reason) and
     written as one row each when the minute is over (and at shutdown)."""
 
-    def __init__(self, audit: AuditWriter, max_keys: int = 10_000,
-                 observe=None):
+    def __init__(self, audit: AuditWriter, max_keys: int = 10_000):
         self.audit = audit
         self.max_keys = max_keys
-        self.observe = observe
         self._counts: dict[tuple[datetime, str | None, str, int], int] = {}
         self._task: asyncio.Task | None = None
 
     def count(self, row: AuditRow, reason: str) -> None:
         """Count one refusal; the bucket is the row's minute, source address and reason."""
-        if self.observe is not None:
-            self.observe(row)
         minute = row.at.replace(second=0, microsecond=0)
         client = row.client_addr
         if (minute, client, reason, row.status) not in self._counts and \

@@ -1,33 +1,146 @@
-"""Prometheus metrics: requests by route, decision and status, and their latency.
+"""Prometheus metrics (README.md, Observability).
 
-Each worker process keeps its own registry; scrape every worker (or run one) to see all.
+Per request: requests by route, decision and status, their latency, and refusals by reason,
+observed once per finished call (`Call`'s observer); per backend call, the time to its
+answer's headers by service; per audit batch, its size and the time to its COMMIT. Gauges
+sampled at scrape time (and every second under `--workers`): rows waiting in the audit
+queue, pool connections in use, each mirror's staleness.
+
+With `gateway serve --workers N` the parent sets PROMETHEUS_MULTIPROC_DIR to a fresh
+directory before it forks: every worker writes its values to files there, and `/metrics`,
+whichever worker answers, renders all of them (prometheus-client's multiprocess mode;
+a dead worker's gauges are dropped by the parent, its counters kept). With one process,
+its own registry, as before.
 """
 
 from __future__ import annotations
 
+import asyncio
+import os
+from collections.abc import Mapping
+
 from aiohttp import web
-from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Histogram, generate_latest
+from prometheus_client import (
+    CONTENT_TYPE_LATEST,
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    generate_latest,
+)
+from prometheus_client.multiprocess import MultiProcessCollector
 
 from .audit import AuditRow
 
-REGISTRY = web.AppKey("metrics_registry", CollectorRegistry)
+SAMPLE_EVERY_S = 1.0      # under --workers, how often each worker writes its gauges
+_LATENCY = (.001, .0025, .005, .01, .025, .05, .1, .25, .5, 1, 5)
+
+
+def multiprocess_dir() -> str | None:
+    """Where the workers of `serve --workers` keep their values (None: one process)."""
+    return os.environ.get("PROMETHEUS_MULTIPROC_DIR") or None
 
 
 class Metrics:
+    """The gateway's metrics, and where the scrape-time gauges are read from."""
+
     def __init__(self):
-        self.registry = CollectorRegistry()
+        self.multiprocess = multiprocess_dir() is not None
+        self.registry = r = CollectorRegistry()
         self.requests = Counter("gateway_requests", "Requests by route, decision and status",
-                                ("route", "decision", "status"), registry=self.registry)
+                                ("route", "decision", "status"), registry=r)
         self.duration = Histogram("gateway_request_duration_seconds", "Time to answer",
-                                  ("route",), registry=self.registry,
-                                  buckets=(.001, .0025, .005, .01, .025, .05, .1, .25, .5, 1, 5))
+                                  ("route",), registry=r, buckets=_LATENCY)
+        self.refusals = Counter("gateway_refusals", "Refusals and failures by reason id",
+                                ("reason",), registry=r)
+        self.backend = Histogram("gateway_backend_duration_seconds",
+                                 "Time from sending a backend call to its answer's headers",
+                                 ("service",), registry=r, buckets=_LATENCY)
+        self.batch_rows = Histogram("gateway_audit_batch_rows", "Rows per committed audit batch",
+                                    registry=r, buckets=(1, 2, 5, 10, 20, 50, 100, 200, 500,
+                                                         1000, 2000, 5000))
+        self.batch_seconds = Histogram("gateway_audit_commit_seconds",
+                                       "Time from taking an audit batch to its COMMIT",
+                                       registry=r, buckets=_LATENCY)
+        # gauges are per process; across workers, summed (or the worst mirror), live ones only
+        self.queue = Gauge("gateway_audit_queue_rows", "Audit rows waiting for a lane",
+                           registry=r, multiprocess_mode="livesum")
+        self.pool_in_use = Gauge("gateway_db_pool_connections_in_use",
+                                 "PostgreSQL pool connections checked out (audit lanes included)",
+                                 registry=r, multiprocess_mode="livesum")
+        self.staleness = Gauge("gateway_mirror_staleness_seconds",
+                               "Seconds since a mirror was last proven fresh (worst worker)",
+                               ("mirror",), registry=r, multiprocess_mode="livemax")
+        # the labelled children per (route, decision, status, reason): a dict hit per request
+        # instead of labels()' validation and locking; bounded, as routes are the route
+        # table's templates and reasons the error catalogue's ids
+        self._children: dict[tuple, tuple] = {}
+        self._backends: dict[str, Histogram] = {}
+        self._sources: tuple | None = None
 
     def observe(self, row: AuditRow) -> None:
-        route = row.route or "unmatched"
-        self.requests.labels(route, row.decision, str(row.status)).inc()
-        self.duration.labels(route).observe(row.duration_ms / 1000)
+        """Count one finished call (Call's observer)."""
+        key = (row.route, row.decision, row.status, row.reason)
+        children = self._children.get(key)
+        if children is None:
+            children = self._children[key] = self._labelled(*key)
+        requests, duration, refusals = children
+        requests.inc()
+        duration.observe(row.duration_ms / 1000)
+        if refusals is not None:
+            refusals.inc()
+
+    def _labelled(self, route: str | None, decision: str, status: int, reason: str | None):
+        route = route or "unmatched"
+        return (self.requests.labels(route, decision, str(status)), self.duration.labels(route),
+                self.refusals.labels(reason) if decision != "allow" and reason else None)
+
+    def observe_backend(self, service: str, seconds: float) -> None:
+        """One backend call answered after `seconds`."""
+        child = self._backends.get(service)
+        if child is None:
+            child = self._backends[service] = self.backend.labels(service)
+        child.observe(seconds)
+
+    def observe_batch(self, rows: int, seconds: float) -> None:
+        """One audit batch committed."""
+        self.batch_rows.observe(rows)
+        self.batch_seconds.observe(seconds)
+
+    def watch(self, audit, pool, mirrors: Mapping[str, object]) -> None:
+        """Where the gauges are read: the audit writer, the pool, the mirrors by name."""
+        self._sources = (audit, pool, dict(mirrors))
+
+    def sample(self) -> None:
+        """Set the gauges from what they watch (cheap: no I/O)."""
+        if self._sources is None:
+            return
+        audit, pool, mirrors = self._sources
+        self.queue.set(audit.queue_depth())
+        self.pool_in_use.set(pool.get_size() - pool.get_idle_size())
+        for name, mirror in mirrors.items():
+            self.staleness.labels(name).set(mirror.staleness())   # +Inf while lost
+
+    async def keep_sampling(self) -> None:
+        """Under --workers: write this worker's gauges every second, so a scrape answered
+        by another worker still sees them recent."""
+        while True:
+            self.sample()
+            await asyncio.sleep(SAMPLE_EVERY_S)
+
+    def render(self) -> bytes:
+        """The exposition text: this process's registry, or every worker's values."""
+        self.sample()
+        if not self.multiprocess:
+            return generate_latest(self.registry)
+        registry = CollectorRegistry()
+        MultiProcessCollector(registry)
+        return generate_latest(registry)
+
+
+METRICS = web.AppKey("metrics", Metrics)
 
 
 async def metrics_view(request: web.Request) -> web.Response:
-    body = generate_latest(request.app[REGISTRY])
+    body = request.app[METRICS].render()
     return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})

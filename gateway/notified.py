@@ -68,6 +68,10 @@ class NotifiedCache:
         """The reason id `check_fresh` would refuse with right now, or None."""
         return self.unavailable_code if time.monotonic() - self._proven_at > self.staleness_s else None
 
+    def staleness(self) -> float:
+        """Seconds since the mirror was last proven fresh (inf before the first proof)."""
+        return time.monotonic() - self._proven_at
+
     async def start(self) -> None:
         """Load the mirror and keep it proven fresh (raises if the first load fails)."""
         await self._connect_and_load()

@@ -24,13 +24,13 @@ from aiohttp import web
 from .audit import AuditWriter
 from .authn import Authenticator
 from .authz import Policy, path_relations
-from .call import AnonymousRefusals, Call, client_request_id
+from .call import AnonymousRefusals, Call, Observer, client_request_id
 from .catalog import ACTION_OF_METHOD, Catalog, ObjectOf, Route
 from .contracts import ContractCache
 from .errors import Denied
 from .grammar import CONTROL, MAX_TEXT
 from .principal import Principal
-from .proxy import CHUNK, PRIVATE, Backends, binary_headers, forward_headers
+from .proxy import CHUNK, PRIVATE, Backends, binary_headers, forward_headers, traceparent
 from .redact import RedactionPlan, SubjectMismatch, Unmappable, check_shape, make_plan, now_utc, redact
 from .restrictions import RestrictionCache
 from .target import Matched, Targets
@@ -52,6 +52,7 @@ class Gateway:
     max_body_bytes: int
     max_streams: int = 200             # files being copied through at once, per process
     streams: int = 0
+    observe: Observer | None = None    # metrics and access log (wired in app.py)
 
     policy_version: str = ""
 
@@ -72,7 +73,8 @@ class Gateway:
     def call(self, request: web.Request) -> Call:
         """A new audited call for this HTTP request."""
         return Call(self.audit, self.anonymous, request[REQUEST_ID], request.method,
-                    request.raw_path, request.remote, client_request_id(request))
+                    request.raw_path, request.remote, client_request_id(request),
+                    traceparent(request.headers), self.observe)
 
 
 async def handle(request: web.Request) -> web.StreamResponse:
@@ -157,7 +159,8 @@ async def send(gw: Gateway, target: Target, method: str, headers: Mapping[str, s
     error, its body dropped."""
     upstream = await gw.backends.send(
         target.service, target.upstream, method,
-        forward_headers(headers, call.row.request_id, client, json_body=body is not None),
+        forward_headers(headers, call.row.request_id, client, json_body=body is not None,
+                        trace=call.traceparent),
         body, deadline)
     if upstream.status >= 300:
         upstream.release()

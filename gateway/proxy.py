@@ -5,7 +5,8 @@ from __future__ import annotations
 
 import asyncio
 import re
-from collections.abc import Mapping
+import secrets
+from collections.abc import Callable, Mapping
 
 import aiohttp
 
@@ -15,7 +16,9 @@ from .errors import Denied
 # method-override, rewrite, range and caching headers never do), and a backend header
 # reaches the client only if named here.
 FORWARDED_REQUEST_HEADERS = ("Accept", "Accept-Language", "User-Agent")
-_TRACEPARENT = re.compile(r"[0-9a-f]{2}-[0-9a-f]{32}-[0-9a-f]{16}-[0-9a-f]{2}")
+# W3C Trace Context: version 00's shape (a later version may only add fields after these);
+# version ff and all-zero ids are invalid
+_TRACEPARENT = re.compile(r"(?!ff)[0-9a-f]{2}-(?!0{32})[0-9a-f]{32}-(?!0{16})[0-9a-f]{16}-[0-9a-f]{2}")
 BINARY_RESPONSE_HEADERS = ("Content-Type",)
 # every answer depends on who asks: no shared cache may keep it
 PRIVATE = {"Cache-Control": "private, no-store", "Vary": "Authorization",
@@ -23,12 +26,26 @@ PRIVATE = {"Cache-Control": "private, no-store", "Vary": "Authorization",
 CHUNK = 64 * 1024
 
 
+def traceparent(incoming: Mapping[str, str]) -> str:
+    """The caller's W3C traceparent when well-formed; otherwise a new trace the gateway
+    starts (not sampled: the gateway records no spans, it only lets the trace be followed)."""
+    given = incoming.get("traceparent")
+    if given is not None and _TRACEPARENT.fullmatch(given):
+        return given
+    return f"00-{secrets.token_hex(16)}-{secrets.token_hex(8)}-00"
+
+
+def trace_id(traceparent: str) -> str:
+    """The trace-id field of a well-formed traceparent."""
+    return traceparent[3:35]
+
+
 def forward_headers(incoming: Mapping[str, str], request_id: str, client: str | None,
-                    json_body: bool = False) -> dict[str, str]:
-    """The headers a backend receives: a few harmless client headers, and our own."""
+                    json_body: bool = False, trace: str | None = None) -> dict[str, str]:
+    """The headers a backend receives: a few harmless client headers, and our own (the
+    request's traceparent, `trace`, when it has one)."""
     out = {name: incoming[name] for name in FORWARDED_REQUEST_HEADERS if name in incoming}
-    trace = incoming.get("traceparent")
-    if trace is not None and _TRACEPARENT.fullmatch(trace):
+    if trace is not None:
         out["traceparent"] = trace
     out["X-Request-Id"] = request_id
     out["Accept-Encoding"] = "identity"
@@ -59,6 +76,8 @@ class Backends:
         self.max_json_bytes = max_json_bytes
         self.timeout = aiohttp.ClientTimeout(
             total=None, connect=connect_timeout_s, sock_read=read_timeout_s)
+        # (service, seconds to the answer's headers) of every answered call, for the metrics
+        self.observe: Callable[[str, float], None] | None = None
 
     def deadline(self) -> float:
         """The loop time by which a backend call must have answered (headers and JSON body)."""
@@ -68,10 +87,15 @@ class Backends:
                    body: bytes | None, deadline: float) -> aiohttp.ClientResponse:
         """Send the request upstream and return the response with its body still unread."""
         url = self.upstreams[service] + path_qs
+        loop = asyncio.get_running_loop()
+        started = loop.time()
         try:
             async with asyncio.timeout_at(deadline):
-                return await self.session.request(method, url, headers=headers, data=body,
-                                                  timeout=self.timeout, allow_redirects=False)
+                answer = await self.session.request(method, url, headers=headers, data=body,
+                                                    timeout=self.timeout, allow_redirects=False)
+            if self.observe is not None:
+                self.observe(service, loop.time() - started)
+            return answer
         except TimeoutError:
             raise Denied(504, "backend_timeout", f"the {service} backend did not answer in time") from None
         except aiohttp.ClientError as e:

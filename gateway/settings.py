@@ -32,6 +32,9 @@ def upstream_variable(service: str) -> str:
     return UPSTREAM_PREFIX + service.upper().replace("-", "_")
 
 
+ACCESS_LOG_FORMATS = ("off", "json")
+
+
 class ConfigError(Exception):
     """A configuration mistake, with a message an operator can act on."""
 
@@ -67,6 +70,9 @@ class Settings:
     mirror_staleness_s: float = 2.0       # contracts/restrictions unproven this long: 503
     audit_signing_key_file: Path | None = None   # Ed25519 PEM; unset: generated in data_dir
     audit_checkpoint_s: float = 60.0      # chain heads signed this often (and at shutdown)
+    # one JSON line per request on stdout; off unless asked for in code (tests, embedding),
+    # on by default when read from the environment (`gateway serve`)
+    access_log: str = "off"
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> Settings:
@@ -109,6 +115,7 @@ class Settings:
             audit_signing_key_file=(Path(env["GATEWAY_AUDIT_SIGNING_KEY_FILE"])
                                     if env.get("GATEWAY_AUDIT_SIGNING_KEY_FILE") else None),
             audit_checkpoint_s=_positive(env, "GATEWAY_AUDIT_CHECKPOINT_S", cls.audit_checkpoint_s),
+            access_log=_choice(env, "GATEWAY_ACCESS_LOG", "json", ACCESS_LOG_FORMATS),
         )
 
     def with_(self, **changes) -> Settings:
@@ -167,6 +174,13 @@ def _check_url(name: str, value: str) -> str:
     if parts.scheme not in ("http", "https") or not parts.netloc:
         raise ConfigError(f"{name}={value!r} is not an http(s) URL")
     return value.rstrip("/")
+
+
+def _choice(env: Mapping[str, str], name: str, default: str, choices: tuple[str, ...]) -> str:
+    value = env.get(name) or default
+    if value not in choices:
+        raise ConfigError(f"{name}={value!r} must be one of {', '.join(choices)}")
+    return value
 
 
 def _int(env: Mapping[str, str], name: str, default: int) -> int:

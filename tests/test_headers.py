@@ -33,16 +33,19 @@ async def test_client_headers_outside_the_allow_list_never_reach_the_backend(
     ("00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01", True),
     ("00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01\x7f", False),
     ("not a trace", False),
+    ("00-00000000000000000000000000000000-b7ad6b7169203331-01", False),   # all-zero trace id
+    ("ff-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01", False),   # version ff
 ])
 async def test_a_well_formed_traceparent_is_propagated(gateway, http, token_for, backends,
                                                        value, forwarded):
+    """Otherwise the backend gets a trace the gateway started (tests/test_observability.py)."""
     try:
         await call(http, "GET", gateway + "/telephony/euos/euo-acme", token_for("staff"),
                    headers={"traceparent": value})
     except ValueError:          # the client library refuses to send it at all
         return
     _, _, seen = backends["seen"].requests[-1]
-    assert ("traceparent" in seen) == forwarded
+    assert (seen["traceparent"] == value) == forwarded
 
 
 @pytest.mark.parametrize("path", ["/telephony/euos/euo-acme/users/u-alice",     # redacted

@@ -34,7 +34,7 @@ PREFETCH = 1000
 PUBLIC_FIELDS = ("at", "chain_id", "seq", "request_id", "actor_sub", "actor_role", "actor_partner",
                  "actor_euo", "method", "path", "service", "route", "data_sets", "fields_removed",
                  "subject_euo", "subject_users", "decision", "reason", "status", "bytes",
-                 "duration_ms", "client_addr", "client_request_id", "requests")
+                 "duration_ms", "client_addr", "client_request_id", "requests", "trace_id")
 DOWNLOADS = {"text/csv": "csv", "application/x-ndjson": "ndjson"}
 
 
@@ -137,7 +137,8 @@ def public(row, principal: Principal | None = None) -> dict[str, Any]:
     out["chain_id"] = str(row["chain_id"])
     if (principal is not None and principal.role != "provider_staff"
             and not _same_organisation(row, principal)):
-        out["actor_sub"] = out["client_addr"] = out["client_request_id"] = None
+        # the trace id is the caller's to choose, like its request id: it could tie rows together
+        out["actor_sub"] = out["client_addr"] = out["client_request_id"] = out["trace_id"] = None
     return out
 
 

@@ -68,6 +68,7 @@ class AuditRow:
     client_addr: str | None = None
     client_request_id: str | None = None    # the client's own X-Request-Id, if it sent one
     requests: int | None = None             # refusals counted into this one row (None: one)
+    trace_id: str | None = None             # the W3C trace the request belongs to
 
 
 _REST_OF_ROW = operator.attrgetter(*HASHED[3:])   # the row's fields after at, chain_id, seq
@@ -97,11 +98,11 @@ def unavailable() -> Denied:
 class AuditWriter:
     """Queues rows and commits them through a few lanes, each a chain of its own."""
 
-    def __init__(self, pool: asyncpg.Pool, queue_max: int,
-                 observe: Callable[[AuditRow], None] | None = None, lanes: int = LANES,
+    def __init__(self, pool: asyncpg.Pool, queue_max: int, lanes: int = LANES,
                  commit_timeout_s: float = COMMIT_TIMEOUT_S):
         self.pool = pool
-        self.observe = observe
+        # (rows, seconds from taking the batch to its COMMIT) of every committed batch
+        self.on_batch: Callable[[int, float], None] | None = None
         self.queue_max = queue_max
         self.commit_timeout_s = commit_timeout_s
         self._queue: deque[_Pending] = deque()
@@ -119,8 +120,6 @@ class AuditWriter:
         to what `change` returned when the row carries a state change."""
         loop = asyncio.get_running_loop()
         fut = loop.create_future()
-        if self.observe is not None:
-            self.observe(row)
         if len(self._queue) >= self.queue_max:
             fut.set_exception(unavailable())
             return fut
@@ -159,6 +158,10 @@ class AuditWriter:
     def heads(self) -> list[tuple[uuid.UUID, int, bytes]]:
         """(chain id, last committed seq, its row hash) of each lane: what a checkpoint signs."""
         return [(lane.chain_id, lane.seq, lane.prev_hash) for lane in self.lanes]
+
+    def queue_depth(self) -> int:
+        """Rows waiting for a lane (not those being written)."""
+        return len(self._queue)
 
     def health(self) -> list[str]:
         """Why the writer is not keeping its commit deadline right now (empty: it is)."""
@@ -324,6 +327,7 @@ class _Lane:
         changed: dict[int, Any] = {}          # index in batch -> what its change returned
         refused: dict[int, BaseException] = {}
         last_seq, last_hash = self.seq, self.prev_hash
+        started = asyncio.get_running_loop().time()
         try:
             async with asyncio.timeout_at(deadline):
                 await self._connect()
@@ -356,6 +360,8 @@ class _Lane:
             return
         writer._failing = False
         self.seq, self.prev_hash = last_seq, last_hash
+        if writer.on_batch is not None:
+            writer.on_batch(len(batch) - len(refused), asyncio.get_running_loop().time() - started)
         late = 0
         for i, item in enumerate(batch):
             if item.fut.done():
