@@ -72,9 +72,11 @@ class Gateway:
 
     def call(self, request: web.Request) -> Call:
         """A new audited call for this HTTP request."""
-        return Call(self.audit, self.anonymous, request[REQUEST_ID], request.method,
+        call = Call(self.audit, self.anonymous, request[REQUEST_ID], request.method,
                     request.raw_path, request.remote, client_request_id(request),
                     traceparent(request.headers), self.observe)
+        call.row.policy_version = self.policy_version
+        return call
 
 
 async def handle(request: web.Request) -> web.StreamResponse:

@@ -389,3 +389,19 @@ async def test_kill_9_leaves_no_change_without_its_row_and_no_answered_refusal_u
     stored = await db.fetch("select request_id from audit_log where request_id = any($1::text[])",
                             refused)
     assert {r["request_id"] for r in stored} == set(refused)
+
+
+async def test_every_row_names_the_policy_that_decided_it(gateway, http, token_for, db):
+    """The row's policy_version is the version /v1/catalog names, allowed or refused."""
+    _, _, body = await call(http, "GET", gateway + "/v1/catalog", token_for("staff"))
+    version = orjson.loads(body)["policy_version"]
+    assert len(version) == 16
+    for path, who in (("/telephony/euos/euo-acme", "staff"),
+                      ("/telephony/euos/euo-acme/users/u-alice/voicemails", "staff")):
+        _, headers, _ = await call(http, "GET", gateway + path, token_for(who))
+        row = await db.fetchrow("select policy_version from audit_log where request_id = $1",
+                                headers["X-Request-Id"])
+        assert row["policy_version"] == version
+    _, _, body = await call(http, "GET", gateway + "/v1/audit", token_for("staff"),
+                            params={"limit": "1"})
+    assert orjson.loads(body)["rows"][0]["policy_version"] == version

@@ -34,7 +34,8 @@ PREFETCH = 1000
 PUBLIC_FIELDS = ("at", "chain_id", "seq", "request_id", "actor_sub", "actor_role", "actor_partner",
                  "actor_euo", "method", "path", "service", "route", "data_sets", "fields_removed",
                  "subject_euo", "subject_users", "decision", "reason", "status", "bytes",
-                 "duration_ms", "client_addr", "client_request_id", "requests", "trace_id")
+                 "duration_ms", "client_addr", "client_request_id", "requests", "trace_id",
+                 "policy_version")
 DOWNLOADS = {"text/csv": "csv", "application/x-ndjson": "ndjson"}
 
 

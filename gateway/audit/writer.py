@@ -69,6 +69,7 @@ class AuditRow:
     client_request_id: str | None = None    # the client's own X-Request-Id, if it sent one
     requests: int | None = None             # refusals counted into this one row (None: one)
     trace_id: str | None = None             # the W3C trace the request belongs to
+    policy_version: str | None = None       # the policy in force when it was decided
 
 
 _REST_OF_ROW = operator.attrgetter(*HASHED[3:])   # the row's fields after at, chain_id, seq

@@ -95,6 +95,7 @@ class Exporter:
 
     def _call(self, path: str) -> Call:
         call = Call(self.gw.audit, self.gw.anonymous, self.request_id, "GET", path, self.client)
+        call.row.policy_version = self.gw.policy_version
         call.identify(self.principal)
         return call
 
