@@ -94,7 +94,8 @@ class Exporter:
                      "user": identifier(principal.sub, "the token's sub claim")}
 
     def _call(self, path: str) -> Call:
-        call = Call(self.gw.audit, self.gw.anonymous, self.request_id, "GET", path, self.client)
+        call = Call(self.gw.audit, self.gw.anonymous, self.request_id, "GET", path, self.client,
+                    observe=self.gw.observe)
         call.row.policy_version = self.gw.policy_version
         call.identify(self.principal)
         return call
