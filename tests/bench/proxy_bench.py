@@ -136,11 +136,30 @@ def wrk(url: str, token: str, duration: int, connections: int) -> dict[str, floa
 
 def cpu_seconds(pid: int) -> float:
     """User + system CPU time a process and its live children (workers) have used so far."""
+    return sum(cpu_split(pid))
+
+
+def cpu_split(pid: int) -> tuple[float, float]:
+    """(user, system) CPU seconds of a process tree so far: each live process's own time,
+    plus what its children that have exited and been reaped used (cutime, cstime), so a
+    short-lived child (PostgreSQL's autovacuum workers) is counted too."""
     with open(f"/proc/{pid}/stat") as f:
         fields = f.read().rsplit(")", 1)[1].split()
-    total = (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-    with open(f"/proc/{pid}/task/{pid}/children") as f:
-        return total + sum(cpu_seconds(int(child)) for child in f.read().split())
+    tick = os.sysconf("SC_CLK_TCK")
+    user = (int(fields[11]) + int(fields[13])) / tick
+    system = (int(fields[12]) + int(fields[14])) / tick
+    try:
+        with open(f"/proc/{pid}/task/{pid}/children") as f:
+            children = [int(c) for c in f.read().split()]
+    except FileNotFoundError:
+        children = []
+    for child in children:
+        try:
+            u, s = cpu_split(child)
+        except (FileNotFoundError, ProcessLookupError):     # ended meanwhile
+            continue
+        user, system = user + u, system + s
+    return user, system
 
 
 def _ms(value: str) -> float:
@@ -177,10 +196,12 @@ async def main_async(args) -> None:
     me = [sys.executable, "-m", "tests.bench.proxy_bench"]
     try:
         tel, meet, bare, gw = free_port(), free_port(), free_port(), free_port()
+        # paired: each proxy has a backend of its own, so each backend's CPU is attributed
+        tel_bare = free_port() if args.paired else tel
         procs.append(subprocess.Popen(me + ["--backend", str(tel)]))
         procs.append(subprocess.Popen(me + ["--backend", str(meet)],
                                       env=dict(os.environ, BENCH_SERVICE="meeting")))
-        procs.append(subprocess.Popen(me + ["--bare", str(bare), f"http://127.0.0.1:{tel}"]))
+        procs.append(subprocess.Popen(me + ["--bare", str(bare), f"http://127.0.0.1:{tel_bare}"]))
         env = dict(os.environ, GATEWAY_DATABASE_URL=dsn, GATEWAY_LISTEN=f"127.0.0.1:{gw}",
                    GATEWAY_UPSTREAM_TELEPHONY=f"http://127.0.0.1:{tel}",
                    GATEWAY_UPSTREAM_MEETING=f"http://127.0.0.1:{meet}",
@@ -189,10 +210,17 @@ async def main_async(args) -> None:
         procs.append(subprocess.Popen([sys.executable, "-m", "gateway", "serve"]
                                       + (["--workers", str(args.workers)] if args.workers > 1 else []),
                                       env=env, stderr=subprocess.DEVNULL))
-        for port in (tel, bare, gw):
+        if args.paired:
+            procs.append(subprocess.Popen(me + ["--backend", str(tel_bare)]))
+        for port in (tel, tel_bare, bare, gw):
             await wait_up(f"http://127.0.0.1:{port}/telephony/euos/euo-acme"
                           if port != gw else f"http://127.0.0.1:{gw}/healthz")
         postmaster = int((server.pgdata / "postmaster.pid").read_text().split()[0])
+        if args.paired:
+            pids = {"gateway": procs[3].pid, "bare": procs[2].pid, "postgres": postmaster,
+                    "backend gw": procs[0].pid, "backend bare": procs[4].pid}
+            await paired(args, dsn, pids, bare, gw)
+            return
         print(f"{'scenario':<16} {'bare req/s':>10} {'gw req/s':>9} {'ratio':>6} "
               f"{'bare p50':>9} {'gw p50':>7} {'bare p99':>9} {'gw p99':>7} {'p99 ratio':>9} "
               f"{'CPU µs/req bare/gw':>19} {'+PostgreSQL':>11}")
@@ -226,6 +254,118 @@ async def main_async(args) -> None:
         for p in procs:
             p.wait()
         server.stop()
+
+
+# --- paired: both proxies under load at the same moment --------------------------------
+
+PAIRED_DEFAULT = ("fields removed", "nothing removed")
+
+
+async def audit_counters(conn: asyncpg.Connection) -> tuple[int, int]:
+    """(audit rows committed, transaction ids assigned) so far, read transactionally (the
+    statistics views lag by up to 10 s). Every batch is one writing transaction, so the
+    ids assigned over a window count the group commits (plus the odd mirror heartbeat,
+    a few per window: they make rows per commit look slightly smaller, never larger)."""
+    return (int(await conn.fetchval("select coalesce(sum(last_seq), 0) from audit_chain_heads")),
+            int(await conn.fetchval("select pg_snapshot_xmax(pg_current_snapshot())::text")))
+
+
+def wrk_start(url: str, token: str, duration: int, connections: int) -> subprocess.Popen:
+    return subprocess.Popen(
+        ["wrk", "-t1", f"-c{connections}", f"-d{duration}s", "--latency",
+         "-H", f"Authorization: Bearer {token}", url], stdout=subprocess.PIPE, text=True)
+
+
+def wrk_result(proc: subprocess.Popen) -> dict[str, float]:
+    out = proc.communicate()[0]
+    requests = int(re.search(r"(\d+) requests in", out).group(1))
+    lat = {p: _ms(re.search(rf"\s{p}%\s+([\d.]+\w+)", out).group(1)) for p in ("50", "99")}
+    errors = re.search(r"Non-2xx or 3xx responses: (\d+)", out)
+    return {"requests": requests, "rps": float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1)),
+            "p50": lat["50"], "p99": lat["99"], "non2xx": int(errors.group(1)) if errors else 0}
+
+
+async def paired_round(args, conn: asyncpg.Connection, pids: dict[str, int], bare: int, gw: int,
+                       path: str, token: str) -> dict:
+    """One window: wrk on the bare proxy and wrk on the gateway at the same moment, each
+    process's CPU from /proc over that same window."""
+    urls = (f"http://127.0.0.1:{bare}{path}", f"http://127.0.0.1:{gw}{path}")
+    for p in [wrk_start(u, token, 1, args.connections) for u in urls]:      # warm both
+        p.communicate()
+    load = os.getloadavg()[0]
+    counters = await audit_counters(conn)
+    before = {name: cpu_split(pid) for name, pid in pids.items()}
+    runs = [wrk_start(u, token, args.duration, args.connections) for u in urls]
+    results = [wrk_result(p) for p in runs]
+    after = {name: cpu_split(pid) for name, pid in pids.items()}
+    rows, batches = (b - a for a, b in zip(counters, await audit_counters(conn), strict=True))
+    out = {"bare": results[0], "gateway": results[1], "rows": rows, "batches": batches,
+           "load_before": load, "cpu": {}}
+    served = {"gateway": results[1]["requests"], "bare": results[0]["requests"],
+              "backend gw": results[1]["requests"], "backend bare": results[0]["requests"],
+              "postgres": results[1]["requests"]}
+    for name in pids:
+        user = after[name][0] - before[name][0]
+        system = after[name][1] - before[name][1]
+        n = max(served[name], 1)
+        out["cpu"][name] = {"user": user / n * 1e6, "system": system / n * 1e6,
+                            "total": (user + system) / n * 1e6}
+    pg = after["postgres"][0] + after["postgres"][1] - sum(before["postgres"])
+    out["pg_us_per_row"] = pg / rows * 1e6 if rows else float("nan")
+    return out
+
+
+async def paired(args, dsn: str, pids: dict[str, int], bare: int, gw: int) -> None:
+    """Report CPU µs per request of every process, for the bare proxy and the gateway loaded
+    together, round by round, and the ranges over the rounds."""
+    import json
+    names = args.only or PAIRED_DEFAULT
+    report = {}
+    # one connection for the counters: a new one per read would add a backend's start and
+    # exit to PostgreSQL's CPU inside the window
+    conn = await asyncpg.connect(dsn)
+    print(f"paired, wrk -c{args.connections} on each proxy at once, {args.duration} s windows; "
+          "CPU µs per request (user+system)")
+    for name, claims, path in SCENARIOS:
+        if name not in names:
+            continue
+        token = make_token(ttl=3600, **claims)
+        rounds = []
+        for i in range(args.rounds):
+            r = await paired_round(args, conn, pids, bare, gw, path, token)
+            rounds.append(r)
+            c = r["cpu"]
+            print(f"{name:<16} round {i + 1} (load {r['load_before']:.1f}): "
+                  f"gateway {c['gateway']['total']:5.0f} "
+                  f"({c['gateway']['user']:.0f} usr + {c['gateway']['system']:.0f} sys)  "
+                  f"bare {c['bare']['total']:5.0f} ({c['bare']['user']:.0f} + "
+                  f"{c['bare']['system']:.0f})  ratio {c['gateway']['total'] / c['bare']['total']:.2f}  "
+                  f"postgres {c['postgres']['total']:4.0f}/req {r['pg_us_per_row']:4.1f}/row  "
+                  f"backend gw/bare {c['backend gw']['total']:.0f}/{c['backend bare']['total']:.0f}  "
+                  f"rows/commit {r['rows'] / max(r['batches'], 1):.1f}  "
+                  f"req/s bare {r['bare']['rps']:,.0f} gw {r['gateway']['rps']:,.0f}  "
+                  f"p50 {r['bare']['p50']:.1f}/{r['gateway']['p50']:.1f} ms  "
+                  f"p99 {r['bare']['p99']:.1f}/{r['gateway']['p99']:.1f} ms"
+                  + (f"  NON-2XX {r['gateway']['non2xx']}/{r['bare']['non2xx']}"
+                     if r["gateway"]["non2xx"] or r["bare"]["non2xx"] else ""))
+        report[name] = rounds
+
+        def span(values, fmt="{:.0f}"):
+            lo, hi = min(values), max(values)
+            return fmt.format(lo) if fmt.format(lo) == fmt.format(hi) else \
+                f"{fmt.format(lo)}–{fmt.format(hi)}"
+        ratio = [r["cpu"]["gateway"]["total"] / r["cpu"]["bare"]["total"] for r in rounds]
+        print(f"{name:<16} over {len(rounds)} rounds: ratio {span(ratio, '{:.2f}')}; gateway "
+              f"{span([r['cpu']['gateway']['total'] for r in rounds])} µs, bare "
+              f"{span([r['cpu']['bare']['total'] for r in rounds])} µs, PostgreSQL "
+              f"{span([r['cpu']['postgres']['total'] for r in rounds])} µs/request = "
+              f"{span([r['pg_us_per_row'] for r in rounds], '{:.1f}')} µs/row at "
+              f"{span([r['rows'] / max(r['batches'], 1) for r in rounds], '{:.1f}')} rows/commit; "
+              f"p99 ratio {span([r['gateway']['p99'] / r['bare']['p99'] for r in rounds], '{:.2f}')}")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"load": os.getloadavg(), "connections": args.connections,
+                       "duration": args.duration, "scenarios": report}, f, indent=1)
 
 
 def soak(port: int, pid: int, seconds: int, connections: int) -> None:
@@ -264,6 +404,11 @@ def main() -> None:
     parser.add_argument("--workers", type=int, default=1)
     parser.add_argument("--soak", type=int, default=0, metavar="SECONDS",
                         help="afterwards, load the gateway this long and report its RSS")
+    parser.add_argument("--paired", action="store_true",
+                        help="load the bare proxy and the gateway at the same moment and report "
+                             "CPU µs per request of every process (default scenarios: fields "
+                             "removed, nothing removed)")
+    parser.add_argument("--json", metavar="FILE", help="with --paired: write every round here")
     parser.add_argument("--only", action="append", choices=[s[0] for s in SCENARIOS],
                         help="run only this scenario (repeatable)")
     asyncio.run(main_async(parser.parse_args()))
