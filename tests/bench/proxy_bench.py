@@ -349,6 +349,8 @@ async def paired(args, dsn: str, pids: dict[str, int], bare: int, gw: int) -> No
                   + (f"  NON-2XX {r['gateway']['non2xx']}/{r['bare']['non2xx']}"
                      if r["gateway"]["non2xx"] or r["bare"]["non2xx"] else ""))
         report[name] = rounds
+        if args.profile:
+            await profile_round(args, conn, pids, bare, gw, name, path, token)
 
         def span(values, fmt="{:.0f}"):
             lo, hi = min(values), max(values)
@@ -366,6 +368,94 @@ async def paired(args, dsn: str, pids: dict[str, int], bare: int, gw: int) -> No
         with open(args.json, "w") as f:
             json.dump({"load": os.getloadavg(), "connections": args.connections,
                        "duration": args.duration, "scenarios": report}, f, indent=1)
+
+
+# --- profile: where the gateway's CPU goes, slice by slice --------------------------------
+
+# (slice, test on one frame "function (file:line)"); a sample goes to the slice of its
+# leaf-most frame that any test claims (garbage collection anywhere in the stack first)
+SLICES = [
+    ("Prometheus", ("prometheus_client/", "gateway/metrics.py")),
+    ("audit hashing + canonical encoding", ("gateway/audit/chain.py", "_hashlib", "sha256")),
+    ("audit writer (queue, COPY, asyncpg client side)", ("gateway/audit/writer.py", "asyncpg/")),
+    ("redaction walk + shape check", ("gateway/redact.py",)),
+    ("JSON parse + encode (orjson)", ("orjson",)),
+    ("route match (target.py)", ("gateway/target.py",)),
+    ("authz (path relations, policy)", ("gateway/authz.py", "casbin/", "gateway/contracts.py",
+                                        "gateway/restrictions.py")),
+    ("JWT (cache hit)", ("gateway/authn.py", "jwt/")),
+    ("aiohttp client (backend call)", ("aiohttp/client", "aiohttp/connector.py",
+                                       "Backends.send (gateway/proxy.py", "Backends.read (gateway/proxy.py")),
+    ("headers (forward, answer)", ("gateway/proxy.py", "multidict")),
+    ("Call / audit row building", ("gateway/call.py", "gateway/audit/__init__")),
+    ("middleware + prepare hook", ("gateway/app.py",)),
+    ("pipeline glue", ("gateway/pipeline.py",)),
+    ("aiohttp server", ("aiohttp/web_", "aiohttp/http_", "aiohttp/_http", "aiohttp/base_protocol",
+                        "aiohttp/streams", "aiohttp/helpers", "yarl/")),
+]
+GC = ("gc_collect", "collect_generations", "gcmodule", "gc_collect_main", "deduce_unreachable",
+      "move_unreachable", "subtract_refs", "update_refs", "visit_decref", "visit_reachable")
+
+
+def slice_of(stack: list[str]) -> str:
+    """The slice a sample (frames root first) belongs to."""
+    if any(g in frame for frame in stack for g in GC):
+        return "garbage collection"
+    for frame in reversed(stack):
+        for name, tests in SLICES:
+            if any(t in frame for t in tests):
+                return name
+    return "event loop, syscalls, other"
+
+
+SYSCALLS = {"write", "writev", "read", "readv", "recv", "recvfrom", "send", "sendto", "sendmsg",
+            "epoll_wait", "epoll_pwait", "getpid", "clock_gettime", "__libc_write", "__libc_read"}
+
+
+def breakdown(raw_file: str, user_us: float, system_us: float) -> list[tuple[str, float, float]]:
+    """[(slice, share of user-space samples, µs per request)] from py-spy's raw output.
+
+    py-spy samples a thread whenever it is not idle, preempted included: on a loaded
+    2-core machine a write() that wakes the reader is often where the writer loses its
+    core, so samples in system calls measure waiting more than CPU. They are set aside;
+    the other samples share the user CPU time measured from /proc, and the kernel's part
+    is the system CPU time from /proc, as one slice."""
+    counts: dict[str, int] = {}
+    with open(raw_file) as f:
+        for line in f:
+            stack, _, n = line.rstrip("\n").rpartition(" ")
+            frames = stack.split(";")
+            if not stack or frames[-1].split(" (")[0] in SYSCALLS:
+                continue
+            name = slice_of(frames)
+            counts[name] = counts.get(name, 0) + int(n)
+    total = sum(counts.values()) or 1
+    out = [(name, n / total, user_us * n / total)
+           for name, n in sorted(counts.items(), key=lambda kv: -kv[1])]
+    return out + [("kernel (system CPU from /proc: socket I/O, epoll)", float("nan"), system_us)]
+
+
+async def profile_round(args, conn, pids, bare, gw, name, path, token) -> None:
+    """An extra paired round with py-spy sampling the gateway (its pauses disturb timing, so
+    this round is not one of the measured ones); writes FILE-<scenario>.txt (collapsed
+    stacks, for flamegraph.pl or speedscope) and prints the per-slice breakdown."""
+    spy = shutil.which("py-spy") or os.path.join(os.path.dirname(sys.executable), "py-spy")
+    if not os.path.exists(spy):
+        sys.exit("py-spy is not installed (.venv/bin/pip install py-spy)")
+    out = f"{args.profile}-{name.replace(' ', '-')}.txt"
+    spy_proc = subprocess.Popen(
+        [spy, "record", "--native", "--rate", "250", "--format", "raw", "-o", out,
+         "--duration", str(args.duration + 1), "--pid", str(pids["gateway"])]
+        + (["--subprocesses"] if args.workers > 1 else []),
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    await asyncio.sleep(0.5)
+    r = await paired_round(args, conn, pids, bare, gw, path, token)
+    spy_proc.wait()
+    cpu = r["cpu"]["gateway"]
+    print(f"profile of the gateway, {name} ({cpu['total']:.0f} µs/request in the profiled "
+          f"round, {cpu['user']:.0f} user; {out}):")
+    for slice_name, share, per in breakdown(out, cpu["user"], cpu["system"]):
+        print(f"    {slice_name:<52} {share:6.1%} {per:6.0f} µs")
 
 
 def soak(port: int, pid: int, seconds: int, connections: int) -> None:
@@ -408,6 +498,10 @@ def main() -> None:
                         help="load the bare proxy and the gateway at the same moment and report "
                              "CPU µs per request of every process (default scenarios: fields "
                              "removed, nothing removed)")
+    parser.add_argument("--profile", metavar="PREFIX",
+                        help="with --paired: one more round per scenario under py-spy, its "
+                             "collapsed stacks written to PREFIX-<scenario>.txt and broken down "
+                             "by slice (pip install py-spy)")
     parser.add_argument("--json", metavar="FILE", help="with --paired: write every round here")
     parser.add_argument("--only", action="append", choices=[s[0] for s in SCENARIOS],
                         help="run only this scenario (repeatable)")
