@@ -201,7 +201,20 @@ async def main_async(args) -> None:
         procs.append(subprocess.Popen(me + ["--backend", str(tel)]))
         procs.append(subprocess.Popen(me + ["--backend", str(meet)],
                                       env=dict(os.environ, BENCH_SERVICE="meeting")))
-        procs.append(subprocess.Popen(me + ["--bare", str(bare), f"http://127.0.0.1:{tel_bare}"]))
+        if args.against:
+            # the "bare" slot runs another checkout's gateway: a change against its parent,
+            # loaded at the same moment, so the machine's other load hits both alike
+            procs.append(subprocess.Popen(
+                [sys.executable, "-m", "gateway", "serve"], cwd=args.against,
+                env=dict(os.environ, GATEWAY_DATABASE_URL=dsn, PYTHONPATH=args.against,
+                         GATEWAY_LISTEN=f"127.0.0.1:{bare}",
+                         GATEWAY_DATA_DIR=tempfile.mkdtemp(prefix="gateway-bench-against-"),
+                         GATEWAY_UPSTREAM_TELEPHONY=f"http://127.0.0.1:{tel_bare}",
+                         GATEWAY_UPSTREAM_MEETING=f"http://127.0.0.1:{meet}",
+                         GATEWAY_JWT_SECRET=SECRET, GATEWAY_JWT_ISSUER=ISSUER,
+                         GATEWAY_JWT_AUDIENCE=AUDIENCE), stderr=subprocess.DEVNULL))
+        else:
+            procs.append(subprocess.Popen(me + ["--bare", str(bare), f"http://127.0.0.1:{tel_bare}"]))
         env = dict(os.environ, GATEWAY_DATABASE_URL=dsn, GATEWAY_LISTEN=f"127.0.0.1:{gw}",
                    GATEWAY_UPSTREAM_TELEPHONY=f"http://127.0.0.1:{tel}",
                    GATEWAY_UPSTREAM_MEETING=f"http://127.0.0.1:{meet}",
@@ -214,7 +227,8 @@ async def main_async(args) -> None:
             procs.append(subprocess.Popen(me + ["--backend", str(tel_bare)]))
         for port in (tel, tel_bare, bare, gw):
             await wait_up(f"http://127.0.0.1:{port}/telephony/euos/euo-acme"
-                          if port != gw else f"http://127.0.0.1:{gw}/healthz")
+                          if port not in (gw, bare) or (port == bare and not args.against)
+                          else f"http://127.0.0.1:{port}/healthz")
         postmaster = int((server.pgdata / "postmaster.pid").read_text().split()[0])
         if args.paired:
             pids = {"gateway": procs[3].pid, "bare": procs[2].pid, "postgres": postmaster,
@@ -502,6 +516,10 @@ def main() -> None:
                         help="with --paired: one more round per scenario under py-spy, its "
                              "collapsed stacks written to PREFIX-<scenario>.txt and broken down "
                              "by slice (pip install py-spy)")
+    parser.add_argument("--against", metavar="CHECKOUT",
+                        help="with --paired: in the bare proxy's place, run the gateway of "
+                             "another checkout (say a git worktree of the parent commit), to "
+                             "measure a change paired; 'bare' in the output is then that gateway")
     parser.add_argument("--json", metavar="FILE", help="with --paired: write every round here")
     parser.add_argument("--only", action="append", choices=[s[0] for s in SCENARIOS],
                         help="run only this scenario (repeatable)")
