@@ -136,11 +136,30 @@ def wrk(url: str, token: str, duration: int, connections: int) -> dict[str, floa
 
 def cpu_seconds(pid: int) -> float:
     """User + system CPU time a process and its live children (workers) have used so far."""
+    return sum(cpu_split(pid))
+
+
+def cpu_split(pid: int) -> tuple[float, float]:
+    """(user, system) CPU seconds of a process tree so far: each live process's own time,
+    plus what its children that have exited and been reaped used (cutime, cstime), so a
+    short-lived child (PostgreSQL's autovacuum workers) is counted too."""
     with open(f"/proc/{pid}/stat") as f:
         fields = f.read().rsplit(")", 1)[1].split()
-    total = (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-    with open(f"/proc/{pid}/task/{pid}/children") as f:
-        return total + sum(cpu_seconds(int(child)) for child in f.read().split())
+    tick = os.sysconf("SC_CLK_TCK")
+    user = (int(fields[11]) + int(fields[13])) / tick
+    system = (int(fields[12]) + int(fields[14])) / tick
+    try:
+        with open(f"/proc/{pid}/task/{pid}/children") as f:
+            children = [int(c) for c in f.read().split()]
+    except FileNotFoundError:
+        children = []
+    for child in children:
+        try:
+            u, s = cpu_split(child)
+        except (FileNotFoundError, ProcessLookupError):     # ended meanwhile
+            continue
+        user, system = user + u, system + s
+    return user, system
 
 
 def _ms(value: str) -> float:
@@ -177,10 +196,25 @@ async def main_async(args) -> None:
     me = [sys.executable, "-m", "tests.bench.proxy_bench"]
     try:
         tel, meet, bare, gw = free_port(), free_port(), free_port(), free_port()
+        # paired: each proxy has a backend of its own, so each backend's CPU is attributed
+        tel_bare = free_port() if args.paired else tel
         procs.append(subprocess.Popen(me + ["--backend", str(tel)]))
         procs.append(subprocess.Popen(me + ["--backend", str(meet)],
                                       env=dict(os.environ, BENCH_SERVICE="meeting")))
-        procs.append(subprocess.Popen(me + ["--bare", str(bare), f"http://127.0.0.1:{tel}"]))
+        if args.against:
+            # the "bare" slot runs another checkout's gateway: a change against its parent,
+            # loaded at the same moment, so the machine's other load hits both alike
+            procs.append(subprocess.Popen(
+                [sys.executable, "-m", "gateway", "serve"], cwd=args.against,
+                env=dict(os.environ, GATEWAY_DATABASE_URL=dsn, PYTHONPATH=args.against,
+                         GATEWAY_LISTEN=f"127.0.0.1:{bare}",
+                         GATEWAY_DATA_DIR=tempfile.mkdtemp(prefix="gateway-bench-against-"),
+                         GATEWAY_UPSTREAM_TELEPHONY=f"http://127.0.0.1:{tel_bare}",
+                         GATEWAY_UPSTREAM_MEETING=f"http://127.0.0.1:{meet}",
+                         GATEWAY_JWT_SECRET=SECRET, GATEWAY_JWT_ISSUER=ISSUER,
+                         GATEWAY_JWT_AUDIENCE=AUDIENCE), stderr=subprocess.DEVNULL))
+        else:
+            procs.append(subprocess.Popen(me + ["--bare", str(bare), f"http://127.0.0.1:{tel_bare}"]))
         env = dict(os.environ, GATEWAY_DATABASE_URL=dsn, GATEWAY_LISTEN=f"127.0.0.1:{gw}",
                    GATEWAY_UPSTREAM_TELEPHONY=f"http://127.0.0.1:{tel}",
                    GATEWAY_UPSTREAM_MEETING=f"http://127.0.0.1:{meet}",
@@ -189,10 +223,18 @@ async def main_async(args) -> None:
         procs.append(subprocess.Popen([sys.executable, "-m", "gateway", "serve"]
                                       + (["--workers", str(args.workers)] if args.workers > 1 else []),
                                       env=env, stderr=subprocess.DEVNULL))
-        for port in (tel, bare, gw):
+        if args.paired:
+            procs.append(subprocess.Popen(me + ["--backend", str(tel_bare)]))
+        for port in (tel, tel_bare, bare, gw):
             await wait_up(f"http://127.0.0.1:{port}/telephony/euos/euo-acme"
-                          if port != gw else f"http://127.0.0.1:{gw}/healthz")
+                          if port not in (gw, bare) or (port == bare and not args.against)
+                          else f"http://127.0.0.1:{port}/healthz")
         postmaster = int((server.pgdata / "postmaster.pid").read_text().split()[0])
+        if args.paired:
+            pids = {"gateway": procs[3].pid, "bare": procs[2].pid, "postgres": postmaster,
+                    "backend gw": procs[0].pid, "backend bare": procs[4].pid}
+            await paired(args, dsn, pids, bare, gw)
+            return
         print(f"{'scenario':<16} {'bare req/s':>10} {'gw req/s':>9} {'ratio':>6} "
               f"{'bare p50':>9} {'gw p50':>7} {'bare p99':>9} {'gw p99':>7} {'p99 ratio':>9} "
               f"{'CPU µs/req bare/gw':>19} {'+PostgreSQL':>11}")
@@ -226,6 +268,208 @@ async def main_async(args) -> None:
         for p in procs:
             p.wait()
         server.stop()
+
+
+# --- paired: both proxies under load at the same moment --------------------------------
+
+PAIRED_DEFAULT = ("fields removed", "nothing removed")
+
+
+async def audit_counters(conn: asyncpg.Connection) -> tuple[int, int]:
+    """(audit rows committed, transaction ids assigned) so far, read transactionally (the
+    statistics views lag by up to 10 s). Every batch is one writing transaction, so the
+    ids assigned over a window count the group commits (plus the odd mirror heartbeat,
+    a few per window: they make rows per commit look slightly smaller, never larger)."""
+    return (int(await conn.fetchval("select coalesce(sum(last_seq), 0) from audit_chain_heads")),
+            int(await conn.fetchval("select pg_snapshot_xmax(pg_current_snapshot())::text")))
+
+
+def wrk_start(url: str, token: str, duration: int, connections: int) -> subprocess.Popen:
+    return subprocess.Popen(
+        ["wrk", "-t1", f"-c{connections}", f"-d{duration}s", "--latency",
+         "-H", f"Authorization: Bearer {token}", url], stdout=subprocess.PIPE, text=True)
+
+
+def wrk_result(proc: subprocess.Popen) -> dict[str, float]:
+    out = proc.communicate()[0]
+    requests = int(re.search(r"(\d+) requests in", out).group(1))
+    lat = {p: _ms(re.search(rf"\s{p}%\s+([\d.]+\w+)", out).group(1)) for p in ("50", "99")}
+    errors = re.search(r"Non-2xx or 3xx responses: (\d+)", out)
+    return {"requests": requests, "rps": float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1)),
+            "p50": lat["50"], "p99": lat["99"], "non2xx": int(errors.group(1)) if errors else 0}
+
+
+async def paired_round(args, conn: asyncpg.Connection, pids: dict[str, int], bare: int, gw: int,
+                       path: str, token: str) -> dict:
+    """One window: wrk on the bare proxy and wrk on the gateway at the same moment, each
+    process's CPU from /proc over that same window."""
+    urls = (f"http://127.0.0.1:{bare}{path}", f"http://127.0.0.1:{gw}{path}")
+    for p in [wrk_start(u, token, 1, args.connections) for u in urls]:      # warm both
+        p.communicate()
+    load = os.getloadavg()[0]
+    counters = await audit_counters(conn)
+    before = {name: cpu_split(pid) for name, pid in pids.items()}
+    runs = [wrk_start(u, token, args.duration, args.connections) for u in urls]
+    results = [wrk_result(p) for p in runs]
+    after = {name: cpu_split(pid) for name, pid in pids.items()}
+    rows, batches = (b - a for a, b in zip(counters, await audit_counters(conn), strict=True))
+    out = {"bare": results[0], "gateway": results[1], "rows": rows, "batches": batches,
+           "load_before": load, "cpu": {}}
+    served = {"gateway": results[1]["requests"], "bare": results[0]["requests"],
+              "backend gw": results[1]["requests"], "backend bare": results[0]["requests"],
+              "postgres": results[1]["requests"]}
+    for name in pids:
+        user = after[name][0] - before[name][0]
+        system = after[name][1] - before[name][1]
+        n = max(served[name], 1)
+        out["cpu"][name] = {"user": user / n * 1e6, "system": system / n * 1e6,
+                            "total": (user + system) / n * 1e6}
+    pg = after["postgres"][0] + after["postgres"][1] - sum(before["postgres"])
+    out["pg_us_per_row"] = pg / rows * 1e6 if rows else float("nan")
+    return out
+
+
+async def paired(args, dsn: str, pids: dict[str, int], bare: int, gw: int) -> None:
+    """Report CPU µs per request of every process, for the bare proxy and the gateway loaded
+    together, round by round, and the ranges over the rounds."""
+    import json
+    names = args.only or PAIRED_DEFAULT
+    report = {}
+    # one connection for the counters: a new one per read would add a backend's start and
+    # exit to PostgreSQL's CPU inside the window
+    conn = await asyncpg.connect(dsn)
+    print(f"paired, wrk -c{args.connections} on each proxy at once, {args.duration} s windows; "
+          "CPU µs per request (user+system)")
+    for name, claims, path in SCENARIOS:
+        if name not in names:
+            continue
+        token = make_token(ttl=3600, **claims)
+        rounds = []
+        for i in range(args.rounds):
+            r = await paired_round(args, conn, pids, bare, gw, path, token)
+            rounds.append(r)
+            c = r["cpu"]
+            print(f"{name:<16} round {i + 1} (load {r['load_before']:.1f}): "
+                  f"gateway {c['gateway']['total']:5.0f} "
+                  f"({c['gateway']['user']:.0f} usr + {c['gateway']['system']:.0f} sys)  "
+                  f"bare {c['bare']['total']:5.0f} ({c['bare']['user']:.0f} + "
+                  f"{c['bare']['system']:.0f})  ratio {c['gateway']['total'] / c['bare']['total']:.2f}  "
+                  f"postgres {c['postgres']['total']:4.0f}/req {r['pg_us_per_row']:4.1f}/row  "
+                  f"backend gw/bare {c['backend gw']['total']:.0f}/{c['backend bare']['total']:.0f}  "
+                  f"rows/commit {r['rows'] / max(r['batches'], 1):.1f}  "
+                  f"req/s bare {r['bare']['rps']:,.0f} gw {r['gateway']['rps']:,.0f}  "
+                  f"p50 {r['bare']['p50']:.1f}/{r['gateway']['p50']:.1f} ms  "
+                  f"p99 {r['bare']['p99']:.1f}/{r['gateway']['p99']:.1f} ms"
+                  + (f"  NON-2XX {r['gateway']['non2xx']}/{r['bare']['non2xx']}"
+                     if r["gateway"]["non2xx"] or r["bare"]["non2xx"] else ""))
+        report[name] = rounds
+        if args.profile:
+            await profile_round(args, conn, pids, bare, gw, name, path, token)
+
+        def span(values, fmt="{:.0f}"):
+            lo, hi = min(values), max(values)
+            return fmt.format(lo) if fmt.format(lo) == fmt.format(hi) else \
+                f"{fmt.format(lo)}–{fmt.format(hi)}"
+        ratio = [r["cpu"]["gateway"]["total"] / r["cpu"]["bare"]["total"] for r in rounds]
+        print(f"{name:<16} over {len(rounds)} rounds: ratio {span(ratio, '{:.2f}')}; gateway "
+              f"{span([r['cpu']['gateway']['total'] for r in rounds])} µs, bare "
+              f"{span([r['cpu']['bare']['total'] for r in rounds])} µs, PostgreSQL "
+              f"{span([r['cpu']['postgres']['total'] for r in rounds])} µs/request = "
+              f"{span([r['pg_us_per_row'] for r in rounds], '{:.1f}')} µs/row at "
+              f"{span([r['rows'] / max(r['batches'], 1) for r in rounds], '{:.1f}')} rows/commit; "
+              f"p99 ratio {span([r['gateway']['p99'] / r['bare']['p99'] for r in rounds], '{:.2f}')}")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"load": os.getloadavg(), "connections": args.connections,
+                       "duration": args.duration, "scenarios": report}, f, indent=1)
+
+
+# --- profile: where the gateway's CPU goes, slice by slice --------------------------------
+
+# (slice, test on one frame "function (file:line)"); a sample goes to the slice of its
+# leaf-most frame that any test claims (garbage collection anywhere in the stack first)
+SLICES = [
+    ("Prometheus", ("prometheus_client/", "gateway/metrics.py")),
+    ("audit hashing + canonical encoding", ("gateway/audit/chain.py", "_hashlib", "sha256")),
+    ("audit writer (queue, COPY, asyncpg client side)", ("gateway/audit/writer.py", "asyncpg/")),
+    ("redaction walk + shape check", ("gateway/redact.py",)),
+    ("JSON parse + encode (orjson)", ("orjson",)),
+    ("route match (target.py)", ("gateway/target.py",)),
+    ("authz (path relations, policy)", ("gateway/authz.py", "casbin/", "gateway/contracts.py",
+                                        "gateway/restrictions.py")),
+    ("JWT (cache hit)", ("gateway/authn.py", "jwt/")),
+    ("aiohttp client (backend call)", ("aiohttp/client", "aiohttp/connector.py",
+                                       "Backends.send (gateway/proxy.py", "Backends.read (gateway/proxy.py")),
+    ("headers (forward, answer)", ("gateway/proxy.py", "multidict")),
+    ("Call / audit row building", ("gateway/call.py", "gateway/audit/__init__")),
+    ("middleware + prepare hook", ("gateway/app.py",)),
+    ("pipeline glue", ("gateway/pipeline.py",)),
+    ("aiohttp server", ("aiohttp/web_", "aiohttp/http_", "aiohttp/_http", "aiohttp/base_protocol",
+                        "aiohttp/streams", "aiohttp/helpers", "yarl/")),
+]
+GC = ("gc_collect", "collect_generations", "gcmodule", "gc_collect_main", "deduce_unreachable",
+      "move_unreachable", "subtract_refs", "update_refs", "visit_decref", "visit_reachable")
+
+
+def slice_of(stack: list[str]) -> str:
+    """The slice a sample (frames root first) belongs to."""
+    if any(g in frame for frame in stack for g in GC):
+        return "garbage collection"
+    for frame in reversed(stack):
+        for name, tests in SLICES:
+            if any(t in frame for t in tests):
+                return name
+    return "event loop, syscalls, other"
+
+
+SYSCALLS = {"write", "writev", "read", "readv", "recv", "recvfrom", "send", "sendto", "sendmsg",
+            "epoll_wait", "epoll_pwait", "getpid", "clock_gettime", "__libc_write", "__libc_read"}
+
+
+def breakdown(raw_file: str, user_us: float, system_us: float) -> list[tuple[str, float, float]]:
+    """[(slice, share of user-space samples, µs per request)] from py-spy's raw output.
+
+    py-spy samples a thread whenever it is not idle, preempted included: on a loaded
+    2-core machine a write() that wakes the reader is often where the writer loses its
+    core, so samples in system calls measure waiting more than CPU. They are set aside;
+    the other samples share the user CPU time measured from /proc, and the kernel's part
+    is the system CPU time from /proc, as one slice."""
+    counts: dict[str, int] = {}
+    with open(raw_file) as f:
+        for line in f:
+            stack, _, n = line.rstrip("\n").rpartition(" ")
+            frames = stack.split(";")
+            if not stack or frames[-1].split(" (")[0] in SYSCALLS:
+                continue
+            name = slice_of(frames)
+            counts[name] = counts.get(name, 0) + int(n)
+    total = sum(counts.values()) or 1
+    out = [(name, n / total, user_us * n / total)
+           for name, n in sorted(counts.items(), key=lambda kv: -kv[1])]
+    return out + [("kernel (system CPU from /proc: socket I/O, epoll)", float("nan"), system_us)]
+
+
+async def profile_round(args, conn, pids, bare, gw, name, path, token) -> None:
+    """An extra paired round with py-spy sampling the gateway (its pauses disturb timing, so
+    this round is not one of the measured ones); writes FILE-<scenario>.txt (collapsed
+    stacks, for flamegraph.pl or speedscope) and prints the per-slice breakdown."""
+    spy = shutil.which("py-spy") or os.path.join(os.path.dirname(sys.executable), "py-spy")
+    if not os.path.exists(spy):
+        sys.exit("py-spy is not installed (.venv/bin/pip install py-spy)")
+    out = f"{args.profile}-{name.replace(' ', '-')}.txt"
+    spy_proc = subprocess.Popen(
+        [spy, "record", "--native", "--rate", "250", "--format", "raw", "-o", out,
+         "--duration", str(args.duration + 1), "--pid", str(pids["gateway"])]
+        + (["--subprocesses"] if args.workers > 1 else []),
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    await asyncio.sleep(0.5)
+    r = await paired_round(args, conn, pids, bare, gw, path, token)
+    spy_proc.wait()
+    cpu = r["cpu"]["gateway"]
+    print(f"profile of the gateway, {name} ({cpu['total']:.0f} µs/request in the profiled "
+          f"round, {cpu['user']:.0f} user; {out}):")
+    for slice_name, share, per in breakdown(out, cpu["user"], cpu["system"]):
+        print(f"    {slice_name:<52} {share:6.1%} {per:6.0f} µs")
 
 
 def soak(port: int, pid: int, seconds: int, connections: int) -> None:
@@ -264,6 +508,19 @@ def main() -> None:
     parser.add_argument("--workers", type=int, default=1)
     parser.add_argument("--soak", type=int, default=0, metavar="SECONDS",
                         help="afterwards, load the gateway this long and report its RSS")
+    parser.add_argument("--paired", action="store_true",
+                        help="load the bare proxy and the gateway at the same moment and report "
+                             "CPU µs per request of every process (default scenarios: fields "
+                             "removed, nothing removed)")
+    parser.add_argument("--profile", metavar="PREFIX",
+                        help="with --paired: one more round per scenario under py-spy, its "
+                             "collapsed stacks written to PREFIX-<scenario>.txt and broken down "
+                             "by slice (pip install py-spy)")
+    parser.add_argument("--against", metavar="CHECKOUT",
+                        help="with --paired: in the bare proxy's place, run the gateway of "
+                             "another checkout (say a git worktree of the parent commit), to "
+                             "measure a change paired; 'bare' in the output is then that gateway")
+    parser.add_argument("--json", metavar="FILE", help="with --paired: write every round here")
     parser.add_argument("--only", action="append", choices=[s[0] for s in SCENARIOS],
                         help="run only this scenario (repeatable)")
     asyncio.run(main_async(parser.parse_args()))
