@@ -46,6 +46,19 @@ def database_url(tmp_path_factory) -> str:
     server.stop()
 
 
+@contextlib.asynccontextmanager
+async def private_database(where: Path, demo: demo_data.DemoData) -> AsyncIterator[EmbeddedPostgres]:
+    """A PostgreSQL of a module's own (for tests that freeze, lock or tamper with it), the
+    demo contracts seeded; yields the server (its DSN as `.dsn`)."""
+    server = EmbeddedPostgres(where)
+    server.dsn = await asyncio.to_thread(server.start)
+    await seed_contracts(server.dsn, demo)
+    try:
+        yield server
+    finally:
+        await asyncio.to_thread(server.stop)
+
+
 @pytest.fixture(scope="session")
 def demo() -> demo_data.DemoData:
     return demo_data.build()
@@ -205,14 +218,17 @@ SERVE = [sys.executable, "-m", "gateway", "serve"]
 
 @contextlib.asynccontextmanager
 async def gateway_process(http, backends, database_url: str, tmp_path, *args: str,
-                          log: Path | None = None,
+                          log: Path | None = None, stdout: Path | None = None,
                           **env: str) -> AsyncIterator[tuple[subprocess.Popen, str]]:
     """`gateway serve` as a process of its own (killed at the end); yields it and its URL.
-    With log, its stderr (where it logs) goes to that file."""
+    With log, its stderr (where it logs) goes to that file; with stdout (the access log),
+    its stdout."""
     port = free_port()
-    stderr = open(log, "ab") if log else subprocess.DEVNULL  # noqa: SIM115 (closed below)
-    proc = subprocess.Popen([*SERVE, *args], stdout=subprocess.DEVNULL, stderr=stderr,
-                            env=serve_env(backends, database_url, tmp_path, port, **env))
+    with contextlib.ExitStack() as files:
+        err = files.enter_context(open(log, "ab")) if log else subprocess.DEVNULL
+        out = files.enter_context(open(stdout, "wb")) if stdout else subprocess.DEVNULL
+        proc = subprocess.Popen([*SERVE, *args], stdout=out, stderr=err,
+                                env=serve_env(backends, database_url, tmp_path, port, **env))
     base = f"http://127.0.0.1:{port}"
     try:
         async def up():
@@ -226,8 +242,6 @@ async def gateway_process(http, backends, database_url: str, tmp_path, *args: st
         if proc.poll() is None:
             proc.kill()
         proc.wait()
-        if log:
-            stderr.close()
 
 
 class Hostile:

@@ -86,3 +86,13 @@ async def migrated_with_grants(roles: Roles) -> None:
     for args in (("migrate",), ("grant", "--role", roles.runtime)):
         done = await gateway_cli(*args, env=as_role(roles.owner_dsn))
         assert done.returncode == 0, f"gateway {' '.join(args)}: {done.stdout}{done.stderr}"
+
+
+async def drop_last_migration(roles: Roles) -> str:
+    """Forget the newest migration, as if the schema were a release behind; its name."""
+    owner = await asyncpg.connect(roles.owner_dsn)
+    try:
+        return await owner.fetchval("delete from schema_migrations where version = "
+                                    "(select max(version) from schema_migrations) returning name")
+    finally:
+        await owner.close()

@@ -8,7 +8,7 @@ import shutil
 import asyncpg
 
 from .conftest import POLICY_DIR, SECRET, free_port, serve_env
-from .roles import gateway_cli, migrated_with_grants, two_roles
+from .roles import drop_last_migration, gateway_cli, migrated_with_grants, two_roles
 
 
 async def test_a_good_setup_passes_and_prints_no_secret(database_url, backends, tmp_path):
@@ -61,12 +61,7 @@ async def test_an_unreachable_database_is_a_problem_and_its_password_stays_hidde
 async def test_a_missing_migration_is_a_problem(database_url, backends, tmp_path):
     async with two_roles(database_url) as roles:
         await migrated_with_grants(roles)
-        owner = await asyncpg.connect(roles.owner_dsn)
-        try:
-            last = await owner.fetchval("delete from schema_migrations where version = "
-                                        "(select max(version) from schema_migrations) returning name")
-        finally:
-            await owner.close()
+        last = await drop_last_migration(roles)
         done = await gateway_cli("check", env=serve_env(backends, roles.owner_dsn, tmp_path,
                                                         free_port()))
     assert done.returncode == 2

@@ -4,7 +4,6 @@ is found; rows after the last checkpoint are reported as not yet sealed."""
 
 from __future__ import annotations
 
-import asyncio
 import os
 import subprocess
 import sys
@@ -18,10 +17,8 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from gateway.audit.checkpoints import load_public_keys, verify_checkpoints
-from gateway.db import EmbeddedPostgres
-from gateway.demo.run import seed_contracts
 
-from .conftest import call, gateway_settings, running_gateway, wait_for
+from .conftest import call, gateway_settings, private_database, running_gateway, wait_for
 
 pytestmark = pytest.mark.slow
 ACME = "/telephony/euos/euo-acme"
@@ -30,11 +27,8 @@ ACME = "/telephony/euos/euo-acme"
 @pytest_asyncio.fixture(scope="module")
 async def sealed_db(tmp_path_factory, demo):
     """A PostgreSQL of this module's own (its rows get tampered with), with contracts."""
-    server = EmbeddedPostgres(tmp_path_factory.mktemp("sealed-db"))
-    dsn = await asyncio.to_thread(server.start)
-    await seed_contracts(dsn, demo)
-    yield dsn
-    await asyncio.to_thread(server.stop)
+    async with private_database(tmp_path_factory.mktemp("sealed-db"), demo) as server:
+        yield server.dsn
 
 
 async def _sealed_chain(backends, dsn, http, token_for, tmp_path) -> tuple[uuid.UUID, list[str]]:

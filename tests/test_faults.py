@@ -24,7 +24,7 @@ from gateway.audit.chain import verify
 from gateway.db import EmbeddedPostgres
 from gateway.demo.run import seed_contracts
 
-from .conftest import call, gateway_settings, running_gateway, wait_for
+from .conftest import call, gateway_settings, private_database, running_gateway, wait_for
 
 pytestmark = pytest.mark.slow
 
@@ -37,11 +37,8 @@ ACME = "/telephony/euos/euo-acme"
 @pytest_asyncio.fixture(scope="module")
 async def private_db(tmp_path_factory, demo):
     """A PostgreSQL for this module alone (it gets frozen), with the demo contracts."""
-    server = EmbeddedPostgres(tmp_path_factory.mktemp("faults-db"))
-    dsn = await asyncio.to_thread(server.start)
-    await seed_contracts(dsn, demo)
-    yield server, dsn
-    await asyncio.to_thread(server.stop)
+    async with private_database(tmp_path_factory.mktemp("faults-db"), demo) as server:
+        yield server, server.dsn
 
 
 @contextlib.asynccontextmanager

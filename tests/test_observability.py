@@ -11,14 +11,12 @@ import subprocess
 from collections.abc import AsyncIterator
 from pathlib import Path
 
-import aiohttp
 import orjson
 import pytest
 
 from gateway.audit.chain import HASHED, canonical
-from gateway.audit.checkpoints import signing_key
 
-from .conftest import SERVE, audit_row, call, free_port, serve_env, wait_for
+from .conftest import audit_row, call, gateway_process, wait_for
 
 TRACE = "0af7651916cd43dd8448eb211c80319c"
 TRACEPARENT = f"00-{TRACE}-b7ad6b7169203331-01"
@@ -29,26 +27,10 @@ USER_RECORD = "/telephony/euos/euo-acme/users/u-alice"
 async def serving(http, backends, database_url: str, tmp_path: Path, *args: str,
                   **env: str) -> AsyncIterator[tuple[subprocess.Popen, str, Path]]:
     """`gateway serve` with its stdout kept in a file; yields it, its URL and that file."""
-    port = free_port()
     out = tmp_path / "stdout"
-    # workers starting at once must not each generate the audit signing key: made here
-    signing_key(None, tmp_path)
-    with open(out, "wb") as stdout:
-        proc = subprocess.Popen([*SERVE, *args], stdout=stdout, stderr=subprocess.DEVNULL,
-                                env=serve_env(backends, database_url, tmp_path, port, **env))
-    base = f"http://127.0.0.1:{port}"
-    try:
-        async def up():
-            try:
-                return (await call(http, "GET", base + "/healthz"))[0] == 200
-            except aiohttp.ClientError:
-                return False
-        assert await wait_for(up, timeout=30), "gateway serve did not come up"
+    async with gateway_process(http, backends, database_url, tmp_path, *args, stdout=out,
+                               **env) as (proc, base):
         yield proc, base, out
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-        proc.wait()
 
 
 def stop(proc: subprocess.Popen) -> None:

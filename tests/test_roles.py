@@ -8,7 +8,7 @@ import asyncpg
 import orjson
 
 from .conftest import call, free_port, gateway_process, serve_env
-from .roles import as_role, gateway_cli, migrated_with_grants, two_roles
+from .roles import as_role, drop_last_migration, gateway_cli, migrated_with_grants, two_roles
 
 ALICE = "/telephony/euos/euo-acme/users/u-alice"
 
@@ -69,12 +69,7 @@ async def test_serve_no_migrate_refuses_a_schema_that_is_not_current(database_ur
                                                                       tmp_path):
     async with two_roles(database_url) as roles:
         await migrated_with_grants(roles)
-        owner = await asyncpg.connect(roles.owner_dsn)
-        try:
-            last = await owner.fetchval("delete from schema_migrations where version = "
-                                        "(select max(version) from schema_migrations) returning name")
-        finally:
-            await owner.close()
+        last = await drop_last_migration(roles)
         env = serve_env(backends, roles.runtime_dsn, tmp_path, free_port())
         done = await gateway_cli("serve", "--no-migrate", env=env, timeout=60)
     assert done.returncode == 2
