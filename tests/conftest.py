@@ -219,6 +219,7 @@ SERVE = [sys.executable, "-m", "gateway", "serve"]
 @contextlib.asynccontextmanager
 async def gateway_process(http, backends, database_url: str, tmp_path, *args: str,
                           log: Path | None = None, stdout: Path | None = None,
+                          up_within_s: float = 30,
                           **env: str) -> AsyncIterator[tuple[subprocess.Popen, str]]:
     """`gateway serve` as a process of its own (killed at the end); yields it and its URL.
     With log, its stderr (where it logs) goes to that file; with stdout (the access log),
@@ -236,7 +237,7 @@ async def gateway_process(http, backends, database_url: str, tmp_path, *args: st
                 return (await call(http, "GET", base + "/healthz"))[0] == 200
             except aiohttp.ClientError:
                 return False
-        assert await wait_for(up, timeout=30), "gateway serve did not come up"
+        assert await wait_for(up, timeout=up_within_s), "gateway serve did not come up"
         yield proc, base
     finally:
         if proc.poll() is None:
