@@ -142,7 +142,10 @@ async def _serve_and_stop(http, backends, tmp_path) -> None:
     async with gateway_process(http, backends, "", tmp_path, up_within_s=120) as (proc, _):
         proc.send_signal(signal.SIGTERM)
         assert await asyncio.to_thread(proc.wait, 60) == 0
-    assert _left_running(tmp_path / "pgdata") == []
+
+    async def nothing_left():            # the watchdog leaves as soon as it sees the stop
+        return _left_running(tmp_path / "pgdata") == []
+    assert await wait_for(nothing_left, timeout=15), _left_running(tmp_path / "pgdata")
 
 
 async def test_the_embedded_database_stops_with_a_killed_gateway(backends, http, data_dir):
