@@ -72,9 +72,16 @@ class Gateway:
 
     def call(self, request: web.Request) -> Call:
         """A new audited call for this HTTP request."""
-        call = Call(self.audit, self.anonymous, request[REQUEST_ID], request.method,
-                    request.raw_path, request.remote, client_request_id(request),
-                    traceparent(request.headers), self.observe)
+        return self.new_call(request[REQUEST_ID], request.method, request.raw_path,
+                             request.remote, client_request_id(request),
+                             traceparent(request.headers))
+
+    def new_call(self, request_id: str, method: str, path: str, client: str | None,
+                 client_request_id: str | None = None, trace: str | None = None) -> Call:
+        """A new audited call (an HTTP request, or one backend call of an export), its row
+        naming the policy in force."""
+        call = Call(self.audit, self.anonymous, request_id, method, path, client,
+                    client_request_id, trace, self.observe)
         call.row.policy_version = self.policy_version
         return call
 
@@ -92,7 +99,6 @@ async def handle(request: web.Request) -> web.StreamResponse:
 class Target:
     """A backend call the caller may make: the route, and who they are to its resource."""
     route: Route
-    service: str
     upstream: str                           # path and query, rebuilt from the route
     params: Mapping[str, str]               # what the answer is bound to
     action: str
@@ -131,8 +137,7 @@ def authorize(gw: Gateway, principal: Principal, method: str, matched: Matched) 
                          "this user has restricted the processing of their data")
     action = ACTION_OF_METHOD[method]
     _check_route(gw, route, principal, relations, action)
-    return Target(route, route.service, matched.upstream, params, action, principal, relations,
-                  blocked)
+    return Target(route, matched.upstream, params, action, principal, relations, blocked)
 
 
 async def _serve(request: web.Request, gw: Gateway, call: Call) -> web.StreamResponse:
@@ -147,10 +152,8 @@ async def _serve(request: web.Request, gw: Gateway, call: Call) -> web.StreamRes
     upstream = await send(gw, target, request.method, request.headers, call, request.remote,
                           deadline, body)
     answer = await read_json(gw, target, upstream, call, deadline)
-    if answer.body is None:
-        answer = answer.encoded()
     response = web.Response(status=answer.status, body=answer.body, headers=answer.headers)
-    await call.allow(answer.status, len(answer.body or b""), answer.served, answer.removed)
+    await call.allow(answer.status, len(answer.body), answer.served, answer.removed)
     return response
 
 
@@ -160,7 +163,7 @@ async def send(gw: Gateway, target: Target, method: str, headers: Mapping[str, s
     """Stage 4: forward exactly what was authorized; a backend error status becomes our own
     error, its body dropped."""
     upstream = await gw.backends.send(
-        target.service, target.upstream, method,
+        target.route.service, target.upstream, method,
         forward_headers(headers, call.row.request_id, client, json_body=body is not None,
                         trace=call.traceparent),
         body, deadline)
@@ -174,36 +177,28 @@ async def send(gw: Gateway, target: Target, method: str, headers: Mapping[str, s
 class JsonAnswer:
     status: int
     headers: dict[str, str]
-    body: bytes | None                 # the bytes to send (None: encode `document`)
-    document: Any = None               # the redacted document, when it was parsed
+    document: Any                      # the redacted document (None: an empty answer)
     served: list[str] = field(default_factory=list)
     removed: list[str] = field(default_factory=list)
+    body: bytes = field(init=False)    # what is sent: the checked document, re-encoded
 
-    def encoded(self) -> JsonAnswer:
-        self.body = orjson.dumps(self.document)
-        self.headers["Content-Type"] = "application/json"
-        return self
-
-    def parsed(self) -> Any:
-        if self.document is None and self.body:
-            self.document = orjson.loads(self.body)
-        return self.document
+    def __post_init__(self):
+        self.body = b"" if self.document is None else orjson.dumps(self.document)
 
 
 async def read_json(gw: Gateway, target: Target, upstream, call: Call,
                     deadline: float) -> JsonAnswer:
-    """Stage 5: the backend's JSON, bound to the request's subject and redacted for the
-    caller (its bytes untouched when nothing must go)."""
+    """Stage 5: the backend's JSON, shape-checked, bound to the request's subject and
+    redacted for the caller; always re-encoded from what was checked."""
     status = upstream.status
     content_type = upstream.content_type.lower()
     raw = await gw.backends.read(upstream, deadline)
     headers = dict(PRIVATE)
     if status == 204 or not raw:
-        return JsonAnswer(status, headers, b"")
+        return JsonAnswer(status, headers, None)
     if not (content_type == "application/json" or content_type.endswith("+json")):
         raise Denied(502, "backend_unmappable", "the backend's answer is not JSON")
-    if upstream.headers.get("Content-Encoding", "identity").strip().lower() not in ("", "identity"):
-        raise Denied(502, "backend_unmappable", "the backend encoded its answer")
+    _not_encoded(upstream)
     headers["Content-Type"] = "application/json"
     route, principal = target.route, target.principal
     plan = gw.plan(route, principal.role, target.relations)
@@ -214,7 +209,7 @@ async def read_json(gw: Gateway, target: Target, upstream, call: Call,
             # what was checked is what is sent: re-encoded, so no parser differential
             # (a duplicate key, say) can show the client something else
             check_shape(document, route.body, target.params, gw.catalog.identifier)
-            return JsonAnswer(status, headers, None, document, served=list(plan.visible))
+            return JsonAnswer(status, headers, document, served=list(plan.visible))
         redacted, outcome = redact(document, plan, principal.sub, gw.catalog, gw.policy.granted,
                                    now_utc(), target.blocked, target.params)
     except SubjectMismatch as e:
@@ -229,8 +224,7 @@ async def read_json(gw: Gateway, target: Target, upstream, call: Call,
         raise Denied(403, "dataset_not_permitted", "you may not see any data of this resource")
     if outcome.subjects:
         call.row.subject_users = sorted(outcome.subjects | set(call.row.subject_users))
-    return JsonAnswer(status, headers, None, redacted, sorted(outcome.served),
-                      sorted(outcome.removed))
+    return JsonAnswer(status, headers, redacted, sorted(outcome.served), sorted(outcome.removed))
 
 
 async def _request_body(request: web.Request, gw: Gateway, target: Target) -> bytes | None:
@@ -336,14 +330,18 @@ async def _stream(request: web.Request, gw: Gateway, target: Target, call: Call,
 def check_file(route: Route, upstream) -> None:
     """A file answer must be of a media type the route declares and not re-encoded: a
     document (JSON above all) where a file was due cannot be redacted, so it cannot pass."""
-    encoding = upstream.headers.get("Content-Encoding", "identity").strip().lower()
-    if encoding not in ("", "identity"):
-        raise Denied(502, "backend_unmappable", "the backend encoded a file it was asked for as is")
+    _not_encoded(upstream)
     if upstream.status == 204:
         return
     if not route.allows_media_type(upstream.content_type.lower()):
         raise Denied(502, "backend_unmappable",
                      f"the backend answered {upstream.content_type[:64]} where a file was due")
+
+
+def _not_encoded(upstream) -> None:
+    """The gateway asks for identity: an answer encoded anyway cannot be checked, so 502."""
+    if upstream.headers.get("Content-Encoding", "identity").strip().lower() not in ("", "identity"):
+        raise Denied(502, "backend_unmappable", "the backend encoded an answer it was asked for as is")
 
 
 async def _copy(request: web.Request, route: Route, upstream, call: Call) -> web.StreamResponse:

@@ -94,9 +94,7 @@ class Exporter:
                      "user": identifier(principal.sub, "the token's sub claim")}
 
     def _call(self, path: str) -> Call:
-        call = Call(self.gw.audit, self.gw.anonymous, self.request_id, "GET", path, self.client,
-                    observe=self.gw.observe)
-        call.row.policy_version = self.gw.policy_version
+        call = self.gw.new_call(self.request_id, "GET", path, self.client)
         call.identify(self.principal)
         return call
 
@@ -114,9 +112,8 @@ class Exporter:
         try:
             target, upstream, deadline = await self._open(path, call)
             answer = await pipeline.read_json(self.gw, target, upstream, call, deadline)
-            document = answer.parsed()
-            await call.allow(answer.status, len(answer.body or b""), answer.served,
-                             answer.removed)
+            document = answer.document
+            await call.allow(answer.status, len(answer.body), answer.served, answer.removed)
         except Exception as e:
             denial = e if isinstance(e, Denied) else pipeline.internal(e, self.request_id)
             await call.record_refusal(denial)
