@@ -14,8 +14,7 @@ from pathlib import Path
 from .authz import Policy, load_policy
 from .catalog import Catalog, load_catalog
 from .export.handler import Source, load_sources
-
-POLICY_FILES = ("model.conf", "policy.csv", "datasets.yaml", "routes.yaml", "export.yaml")
+from .settings import POLICY_FILES
 
 
 @dataclass(frozen=True)

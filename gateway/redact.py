@@ -1,9 +1,11 @@
 """Pure redaction: (document, redaction plan) -> document, plus what was served and removed.
 
-A plan is made once per (route, role, relations) and says whether the backend's bytes
-can pass untouched. When they cannot, the body is walked along the route's shape:
-fields of data sets the viewer may not read are removed (not nulled), list elements of
-which nothing but identifiers would remain are dropped, and old call records are masked.
+A plan is made once per (route, role, relations) and says whether anything can change.
+When nothing can, `check_shape` still checks the whole answer's shape and subject (the
+caller then gets it re-encoded). When something can, the body is walked along the route's
+shape: fields of data sets the viewer may not read are removed (not nulled), list elements
+of which nothing but identifiers would remain are dropped, and old call records are masked.
+Both walks share the same checks (_leaf, _flat, _subject_of, _check_binds).
 """
 
 from __future__ import annotations
@@ -35,7 +37,7 @@ class RedactionPlan:
     role: str
     relations: frozenset[str]
     granted: frozenset[str]            # data sets readable at the document level
-    passthrough: bool                  # nothing can change: send the backend's bytes
+    passthrough: bool                  # nothing can change: check the shape, skip the walk
     visible: tuple[str, ...]           # the route's data sets this viewer reads, sorted
 
 
@@ -220,7 +222,8 @@ class _Walker:
             fld, values = node.dataset_by
             for key, child in value.items():
                 _flat(child, f"{path}.{key}" if path else key)
-            ds = values.get(value.get(fld))
+            chosen = value.get(fld)
+            ds = values.get(chosen) if isinstance(chosen, str) else None
             if ds is not None and ds in readable:
                 self.outcome.served.add(ds)
                 self.outcome.subjects.update(subjects)

@@ -25,6 +25,8 @@ SQL_DIR = _package_data("sql")
 
 
 UPSTREAM_PREFIX = "GATEWAY_UPSTREAM_"
+# the files of a policy directory (their bytes make the policy version)
+POLICY_FILES = ("model.conf", "policy.csv", "datasets.yaml", "routes.yaml", "export.yaml")
 
 
 def upstream_variable(service: str) -> str:
@@ -142,7 +144,7 @@ class Settings:
                         "short can be guessed offline")
         if self.jwt_public_key_file and not _readable(self.jwt_public_key_file):
             problems.append(f"GATEWAY_JWT_PUBLIC_KEY_FILE {self.jwt_public_key_file} is not readable")
-        for name in ("model.conf", "policy.csv", "datasets.yaml", "routes.yaml", "export.yaml"):
+        for name in POLICY_FILES:
             if not _readable(self.policy_dir / name):
                 problems.append(f"policy file {self.policy_dir / name} is not readable")
         if problems:
