@@ -101,11 +101,11 @@ def main(argv: list[str] | None = None) -> int:
     tok = sub.add_parser("token", help="mint a development token (HS256), signed with "
                          "GATEWAY_JWT_SECRET or the demo's secret under GATEWAY_DATA_DIR")
     tok.add_argument("--role", required=True,
-                     choices=("provider_staff", "partner", "euo_admin", "user"),
-                     help="the token's role claim")
+                     help="the token's role claim: a role of the policy's roles.yaml "
+                     "(default policy: provider_staff, partner, euo_admin, user)")
     tok.add_argument("--sub", required=True, help="the token's subject (who calls)")
-    tok.add_argument("--partner", help="the partner claim (role partner)")
-    tok.add_argument("--euo", help="the EUO claim (roles euo_admin and user)")
+    tok.add_argument("--partner", help="the partner claim (roles whose tenant_claim is partner)")
+    tok.add_argument("--euo", help="the EUO claim (roles whose tenant_claim is euo)")
     tok.add_argument("--ttl", type=int, default=3600, help="lifetime in seconds (default 3600)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s %(message)s")
@@ -184,17 +184,19 @@ def dev_secret(settings: Settings, say_where: bool = False) -> str:
 
 def mint_token(settings: Settings, role: str, sub: str, partner: str | None, euo: str | None,
                ttl: int) -> str:
-    """A signed development token for this role and tenant."""
-    if role == "partner" and not partner:
-        raise ConfigError("a partner token needs --partner")
-    if role in ("euo_admin", "user") and not euo:
-        raise ConfigError(f"a {role} token needs --euo")
+    """A signed development token for this role (of the policy's roles.yaml) and tenant."""
+    from .catalog import load_catalog
+    roles = load_catalog(settings.policy_dir).roles
+    if role not in roles:
+        raise ConfigError(f"unknown role {role!r}: the policy's roles are {', '.join(roles)}")
+    claim = roles[role].tenant_claim
     now = int(time.time())
     claims = {"sub": sub, "role": role, "iat": now, "exp": now + ttl}
-    if partner and role == "partner":
-        claims["partner"] = partner
-    if euo and role in ("euo_admin", "user"):
-        claims["euo"] = euo
+    if claim is not None:
+        value = {"partner": partner, "euo": euo}[claim]
+        if not value:
+            raise ConfigError(f"a {role} token needs --{claim}")
+        claims[claim] = value
     if settings.jwt_issuer:
         claims["iss"] = settings.jwt_issuer
     if settings.jwt_audience:

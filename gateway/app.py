@@ -74,7 +74,7 @@ def create_app(settings: Settings, dsn: str, reload_on_sighup: bool = False,
     app.router.add_delete("/v1/admin/euos/{euo}", delete_contract)
     audit_api.add_routes(app)
     subject_requests.add_routes(app)
-    export.add_routes(app, policy_set.export_sources)
+    export.add_routes(app)
     app[POLICY_SET] = policy_set
     if reload_on_sighup:
         app.on_startup.append(_reload_on_sighup(settings))
@@ -116,10 +116,11 @@ def _resources(settings: Settings, dsn: str, catalog, policy: Policy, metrics: M
                             settings.max_json_answer_bytes)
         app[POOL] = pool
         gateway = app[pipeline.GATEWAY] = pipeline.Gateway(
-            catalog=catalog, policy=policy, authn=Authenticator(settings, session),
+            catalog=catalog, policy=policy, authn=Authenticator(settings, catalog.roles, session),
             contracts=contracts, restrictions=restrictions, backends=backends, audit=audit,
             anonymous=anonymous, max_body_bytes=settings.max_body_bytes,
-            max_streams=settings.max_streams, policy_version=app[POLICY_SET].version)
+            max_streams=settings.max_streams, policy_version=app[POLICY_SET].version,
+            export_sources=app[POLICY_SET].export_sources)
         del gateway
         try:
             yield
@@ -168,9 +169,7 @@ def reload_policy(app: web.Application, policy_dir) -> bool:
     except (PolicyError, OSError) as e:
         log.error("policy reload refused, policy %s stays in force: %s", gw.policy_version, e)
         return False
-    app[export.SOURCES] = new.export_sources
-    app[POLICY_SET] = new
-    gw.use(new.catalog, new.policy, new.version)
+    gw.use(new.catalog, new.policy, new.version, new.export_sources)
     log.info("policy %s in force (reloaded from %s)", new.version, policy_dir)
     return True
 
@@ -304,10 +303,11 @@ async def catalog_view(request: web.Request, principal: Principal, row: AuditRow
         entry = ds.public()
         entry["visible_to"] = policy.who_may(ds.name)
         out.append(entry)
-    return json_response({"policy_version": gw.policy_version, "data_sets": out})
+    return json_response({"policy_version": gw.policy_version, "data_sets": out,
+                          "roles": [role.public() for role in gw.catalog.roles.values()]})
 
 
-@api("/v1/admin/euos", roles=("provider_staff",))
+@api("/v1/admin/euos", "contracts")
 async def list_contracts(request: web.Request, principal: Principal, row: AuditRow) -> web.Response:
     """Every contract, with whether it is active today."""
     rows = await request.app[POOL].fetch(query("all_contracts"))
@@ -319,7 +319,7 @@ async def list_contracts(request: web.Request, principal: Principal, row: AuditR
         for r in sorted(rows, key=lambda r: r["euo_id"])]})
 
 
-@api("/v1/admin/euos/{euo}", roles=("provider_staff",))
+@api("/v1/admin/euos/{euo}", "contracts")
 async def put_contract(request: web.Request, principal: Principal, row: AuditRow) -> web.Response:
     """Create or change the commercial relationship of an EUO with its partner."""
     euo = identifier(request.match_info["euo"], "the EUO id")
@@ -345,7 +345,7 @@ async def put_contract(request: web.Request, principal: Principal, row: AuditRow
                           "contract_end": end.isoformat() if end else None})
 
 
-@api("/v1/admin/euos/{euo}", roles=("provider_staff",))
+@api("/v1/admin/euos/{euo}", "contracts")
 async def delete_contract(request: web.Request, principal: Principal,
                           row: AuditRow) -> web.Response:
     """End the relationship outright: the partner loses access at once."""

@@ -16,12 +16,11 @@ import jwt
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from cryptography.hazmat.primitives.serialization import load_pem_public_key
 
-from .catalog import ROLES
 from .errors import Denied
 from .principal import Principal
+from .roles import Role
 from .settings import ConfigError, Settings
 
-TENANT_CLAIM = {"provider_staff": None, "partner": "partner", "euo_admin": "euo", "user": "euo"}
 LEEWAY_S = 10
 CACHE_MAX = 100_000
 
@@ -43,7 +42,9 @@ def _unauthorized(code: str, message: str) -> Denied:
 class Authenticator:
     """Verifies bearer tokens against the configured keys."""
 
-    def __init__(self, settings: Settings, session: aiohttp.ClientSession | None = None):
+    def __init__(self, settings: Settings, roles: dict[str, Role],
+                 session: aiohttp.ClientSession | None = None):
+        self.roles = roles
         self.secret = settings.jwt_secret
         self.issuer = settings.jwt_issuer
         self.audience = settings.jwt_audience
@@ -58,6 +59,11 @@ class Authenticator:
         self._jwks_fetched_at = -float("inf")
         self._jwks_lock = asyncio.Lock()
         self._cache: dict[str, Principal] = {}
+
+    def use(self, roles: dict[str, Role]) -> None:
+        """The roles of a new policy: tokens are checked against them from now on."""
+        self.roles = roles
+        self._cache = {}
 
     async def authenticate(self, authorization: str | None) -> Principal:
         """The caller's principal; raise Denied(401) when the token is absent or bad."""
@@ -97,7 +103,7 @@ class Authenticator:
                 if isinstance(e, kind):
                     raise _unauthorized(code, message) from None
             raise _unauthorized("invalid_token", "the token is not valid") from None
-        return _principal(claims)
+        return _principal(claims, self.roles)   # no await from here to the cache: same roles
 
     async def _key_for(self, alg: object, kid: object):
         if alg == "HS256":
@@ -144,22 +150,23 @@ class Authenticator:
         self._jwks = {k.key_id: k for k in keys if k.key_id}
 
 
-def _principal(claims: dict) -> Principal:
-    role = claims.get("role")
-    if role not in ROLES:
-        raise _unauthorized("unknown_role", f"role must be one of {', '.join(ROLES)}")
+def _principal(claims: dict, roles: dict[str, Role]) -> Principal:
+    name = claims.get("role")
+    role = roles.get(name) if isinstance(name, str) else None
+    if role is None:
+        raise _unauthorized("unknown_role", f"role must be one of {', '.join(roles)}")
     sub = claims.get("sub")
     if not isinstance(sub, str) or not sub:
         raise _unauthorized("missing_claim", "the token has no subject (sub)")
-    tenant = TENANT_CLAIM[role]
+    tenant = role.tenant_claim
     values = {"partner": None, "euo": None}
     if tenant is not None:
         value = claims.get(tenant)
         if not isinstance(value, str) or not value:
             raise _unauthorized("missing_tenant_claim",
-                                f"a {role} token must carry the {tenant!r} claim")
+                                f"a {name} token must carry the {tenant!r} claim")
         values[tenant] = value
-    return Principal(sub=sub, role=role, exp=float(claims["exp"]), **values)
+    return Principal(sub=sub, role=name, exp=float(claims["exp"]), kind=role, **values)
 
 
 def _load_public_key(path) -> tuple[object, str]:

@@ -13,17 +13,9 @@ from pathlib import Path
 
 import casbin
 
-from .catalog import ACTIONS, RELATIONS, ROLES, Catalog, PolicyError
+from .catalog import ACTIONS, RELATIONS, Catalog, PolicyError
 from .errors import Denied
 from .principal import Principal
-
-# The relations each role can hold; the code that computes relations guarantees it.
-ROLE_RELATIONS = {
-    "provider_staff": frozenset({"any"}),
-    "partner": frozenset({"contracted_partner"}),
-    "euo_admin": frozenset({"same_euo"}),
-    "user": frozenset({"same_euo", "self", "organizer", "author"}),
-}
 
 
 class Policy:
@@ -32,7 +24,7 @@ class Policy:
     def __init__(self, catalog: Catalog, enforcer: casbin.Enforcer):
         self.catalog = catalog
         self._lines: dict[tuple[str, str, str], frozenset[str]] = {}
-        for role in ROLES:
+        for role in catalog.roles:
             for rel in RELATIONS:
                 for act in ACTIONS:
                     self._lines[role, rel, act] = frozenset(
@@ -50,7 +42,7 @@ class Policy:
     def who_may(self, data_set: str) -> list[dict[str, object]]:
         """Who may do what with a data set: [{role, relation, actions}]."""
         out = []
-        for role in ROLES:
+        for role in self.catalog.roles:
             for rel in RELATIONS:
                 acts = [a for a in ACTIONS if data_set in self._lines[role, rel, a]]
                 if acts:
@@ -60,32 +52,34 @@ class Policy:
     def check_floors(self, policy_file: Path | str = "policy.csv") -> None:
         """Raise PolicyError listing every floor (README.md, Contract, Floors) this policy breaks."""
         problems = list(self._unknown)
-        data_sets = self.catalog.data_sets
-        for (role, rel, act), granted in self._lines.items():
+        data_sets, roles = self.catalog.data_sets, self.catalog.roles
+        for (name, rel, act), granted in self._lines.items():
             if not granted:
                 continue
-            if rel not in ROLE_RELATIONS[role]:
-                problems.append(f"{role} can never hold relation {rel!r} "
-                                f"(a {role} is limited to {sorted(ROLE_RELATIONS[role])})")
-            for name in sorted(granted):
-                ds = data_sets[name]
-                if role in ds.hidden_from:
-                    problems.append(f"{role} may {act} {name}, which datasets.yaml marks (**) "
-                                    f"as hidden from {role}")
+            role = roles[name]
+            if rel not in role.relations:
+                problems.append(f"{name} can never hold relation {rel!r} "
+                                f"(a {name} holds only {sorted(role.relations)})")
+            for ds_name in sorted(granted):
+                ds = data_sets[ds_name]
+                if role.column in ds.hidden_from:
+                    problems.append(f"{name} may {act} {ds_name}, which datasets.yaml marks (**) "
+                                    f"as hidden from {role.column}")
                 if ds.subject == "author" and rel != "author":
-                    problems.append(f"{role} may {act} {name} as {rel}: only its author may")
-                if role == "user" and rel == "same_euo" and ds.subject in ("user", "meeting"):
-                    problems.append(f"a user may {act} another user's {name}")
-                if role == "user" and rel == "organizer" and ds.subject != "meeting":
-                    problems.append(f"a meeting organizer may {act} {name}, not meeting data")
-        own = self._lines["user", "self", "read"]
-        for name, ds in data_sets.items():
-            if ds.subject == "user" and name not in own:
-                problems.append(f"a user may not read their own {name} (right of access)")
-            if ds.subject == "meeting" and name not in self._lines["user", "organizer", "read"]:
-                problems.append(f"a meeting organizer may not read {name} of their meeting")
-            if ds.subject == "author" and name not in self._lines["user", "author", "read"]:
-                problems.append(f"the author of {name} may not read them")
+                    problems.append(f"{name} may {act} {ds_name} as {rel}: only its author may")
+                if role.data_subject and rel == "same_euo" and ds.subject in ("user", "meeting"):
+                    problems.append(f"a {name} may {act} another user's {ds_name}")
+                if rel == "organizer" and ds.subject != "meeting":
+                    problems.append(f"a meeting organizer may {act} {ds_name}, not meeting data")
+        for name in (name for name, role in roles.items() if role.data_subject):
+            for ds_name, ds in data_sets.items():
+                if ds.subject == "user" and ds_name not in self._lines[name, "self", "read"]:
+                    problems.append(f"a {name} may not read their own {ds_name} (right of access)")
+                if ds.subject == "meeting" and ds_name not in self._lines[name, "organizer", "read"]:
+                    problems.append(f"a meeting organizer ({name}) may not read {ds_name} of "
+                                    "their meeting")
+                if ds.subject == "author" and ds_name not in self._lines[name, "author", "read"]:
+                    problems.append(f"the author ({name}) of {ds_name} may not read them")
         if problems:
             raise PolicyError(f"{policy_file} breaks floors that no policy may lower "
                               "(README.md, Contract, Floors):\n  - " + "\n  - ".join(problems))
@@ -113,8 +107,8 @@ def _unknown_terms(enforcer: casbin.Enforcer, catalog: Catalog) -> Iterable[str]
             yield f"policy line {line} does not have 4 fields"
             continue
         role, rel, ds, act = line
-        if role not in ROLES:
-            yield f"policy line {line}: unknown role {role!r}"
+        if role not in catalog.roles:
+            yield f"policy line {line}: unknown role {role!r} (roles.yaml)"
         if rel not in RELATIONS:
             yield f"policy line {line}: unknown relation {rel!r}"
         if ds not in catalog.data_sets:
@@ -129,16 +123,20 @@ def path_relations(principal: Principal, euo: str, user: str | None,
 
     `active_partner(euo)` names the partner holding an active contract with the EUO.
     """
-    role = principal.role
-    if role == "provider_staff":
-        return frozenset({"any"})
-    if role == "partner":
+    role = principal.kind
+    if role.tenant_claim is None:
+        return ANY
+    if role.tenant_claim == "partner":
         if active_partner(euo) != principal.partner:
             raise Denied(403, "no_active_contract",
                          "your partner holds no active contract with this EUO")
-        return frozenset({"contracted_partner"})
+        return CONTRACTED
     if principal.euo != euo:
         raise Denied(403, "other_euo", "this resource belongs to another EUO")
-    if role == "user" and user is not None and user == principal.sub:
-        return frozenset({"same_euo", "self"})
-    return frozenset({"same_euo"})
+    if role.data_subject and user is not None and user == principal.sub:
+        return SAME_EUO_SELF
+    return SAME_EUO
+
+
+ANY, CONTRACTED = frozenset({"any"}), frozenset({"contracted_partner"})
+SAME_EUO, SAME_EUO_SELF = frozenset({"same_euo"}), frozenset({"same_euo", "self"})

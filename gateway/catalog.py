@@ -9,7 +9,8 @@ from typing import Any
 
 import yaml
 
-ROLES = ("provider_staff", "partner", "euo_admin", "user")
+from .roles import COLUMNS, Role, RoleError, load_roles
+
 RELATIONS = ("any", "contracted_partner", "same_euo", "self", "organizer", "author")
 ACTIONS = ("read", "write", "delete")
 SUBJECT_KINDS = ("euo", "user", "meeting", "author")
@@ -121,9 +122,16 @@ class Catalog:
     data_sets: dict[str, DataSet]
     routes: list[Route]
     data_subject_relations: frozenset[str]
-    restriction_blocks: frozenset[str] = frozenset()
+    restriction_blocks: frozenset[str] = frozenset()    # columns of the data-set table
     identifier: re.Pattern = re.compile(r"[A-Za-z0-9._~@:-]{1,128}")   # grammars.identifier
+    roles: dict[str, Role] = field(default_factory=dict)
     _trie: dict[str, dict] = field(default_factory=dict, repr=False)
+
+    def __post_init__(self):
+        # the roles a processing restriction blocks, by the column each is held to
+        self.restricted_roles = frozenset(
+            name for name, role in self.roles.items() if role.column in self.restriction_blocks)
+        self.data_subject_roles = sorted(n for n, role in self.roles.items() if role.data_subject)
 
     @property
     def services(self) -> frozenset[str]:
@@ -148,7 +156,12 @@ class Catalog:
 
 
 def load_catalog(policy_dir: Path) -> Catalog:
-    """Load datasets.yaml and routes.yaml; raise PolicyError on anything malformed."""
+    """Load roles.yaml, datasets.yaml and routes.yaml; raise PolicyError on anything
+    malformed."""
+    try:
+        roles = load_roles(_yaml(policy_dir / "roles.yaml"))
+    except RoleError as e:
+        raise PolicyError(str(e)) from None
     raw_ds = _yaml(policy_dir / "datasets.yaml").get("datasets")
     if not isinstance(raw_ds, dict) or not raw_ds:
         raise PolicyError("datasets.yaml: no `datasets:` mapping")
@@ -160,15 +173,16 @@ def load_catalog(policy_dir: Path) -> Catalog:
     if not subject_rels <= set(RELATIONS):
         raise PolicyError(f"routes.yaml: unknown data_subject_relations {sorted(subject_rels)}")
     blocks = frozenset(raw_routes.get("processing_restriction_blocks") or ())
-    if not blocks <= set(ROLES):
-        raise PolicyError(f"routes.yaml: unknown role in processing_restriction_blocks {sorted(blocks)}")
+    if not blocks <= set(COLUMNS):
+        raise PolicyError("routes.yaml: processing_restriction_blocks names columns of the "
+                          f"data-set table ({', '.join(COLUMNS)}), not {sorted(blocks - set(COLUMNS))}")
     grammars = _grammars(raw_routes.get("grammars"))
     builder = _ShapeBuilder(shapes_raw, data_sets)
     routes = [_route(i, spec, builder, grammars) for i, spec in
               enumerate(raw_routes.get("routes") or [])]
     if not routes:
         raise PolicyError("routes.yaml: no routes")
-    catalog = Catalog(data_sets, routes, subject_rels, blocks, grammars[IDENTIFIER])
+    catalog = Catalog(data_sets, routes, subject_rels, blocks, grammars[IDENTIFIER], roles)
     for route in routes:
         _insert(catalog._trie, route)
     return catalog
@@ -217,8 +231,9 @@ def _data_set(name: str, spec: Any) -> DataSet:
         )
     except KeyError as e:
         raise PolicyError(f"datasets.yaml: {name}: missing {e.args[0]}") from None
-    if not hidden <= set(ROLES):
-        raise PolicyError(f"datasets.yaml: {name}: unknown role in hidden_from")
+    if not hidden <= set(COLUMNS):
+        raise PolicyError(f"datasets.yaml: {name}: hidden_from names columns of the data-set "
+                          f"table ({', '.join(COLUMNS)}), not {sorted(hidden - set(COLUMNS))}")
     if ds.subject not in SUBJECT_KINDS:
         raise PolicyError(f"datasets.yaml: {name}: subject must be one of {SUBJECT_KINDS}")
     return ds

@@ -11,7 +11,6 @@ from aiohttp import web
 from . import pipeline
 from .audit import AuditRow
 from .call import Call
-from .catalog import ROLES
 from .errors import Denied
 from .grammar import CONTROL, IDENTIFIER, MAX_TEXT
 from .principal import Principal
@@ -23,8 +22,12 @@ CALL = web.RequestKey("call", Call)
 Handler = Callable[[web.Request, Principal, AuditRow], Awaitable[web.Response]]
 
 
-def api(route: str, roles: tuple[str, ...] = ROLES) -> Callable[[Handler], Callable]:
-    """Authenticate and audit a gateway API call; only `roles` may make it."""
+ME = "me"      # the /v1/me/ endpoints: for roles whose holder is a data subject
+
+
+def api(route: str, group: str | None = None) -> Callable[[Handler], Callable]:
+    """Authenticate and audit a gateway API call. With a `group`, only roles whose
+    gateway_api (roles.yaml) lists it may make it; ME: only data subjects."""
     def wrap(handler: Handler):
         async def endpoint(request: web.Request) -> web.StreamResponse:
             gw = request.app[pipeline.GATEWAY]
@@ -33,9 +36,8 @@ def api(route: str, roles: tuple[str, ...] = ROLES) -> Callable[[Handler], Calla
             row.service, row.route = "gateway", f"gateway:{route}"
             try:
                 call.identify(await gw.authn.authenticate(request.headers.get("Authorization")))
-                if call.principal.role not in roles:
-                    raise Denied(403, "role_not_permitted",
-                                 f"only {', '.join(roles)} may call this endpoint")
+                if group is not None and not _may(call.principal, group):
+                    raise Denied(403, "role_not_permitted", _NOT_PERMITTED[group is ME])
                 try:
                     response = await handler(request, call.principal, row)
                 except (TimeoutError, asyncpg.PostgresError, asyncpg.InterfaceError, OSError):
@@ -51,6 +53,15 @@ def api(route: str, roles: tuple[str, ...] = ROLES) -> Callable[[Handler], Calla
                     e if isinstance(e, Denied) else pipeline.internal(e, row.request_id))
         return endpoint
     return wrap
+
+
+def _may(principal: Principal, group: str) -> bool:
+    role = principal.kind
+    return role.data_subject if group is ME else role.may(group)
+
+
+_NOT_PERMITTED = {True: "only a data subject (a user of the EUO) may call this endpoint",
+                  False: "your role may not call this endpoint (roles.yaml, gateway_api)"}
 
 
 def json_response(body: object, status: int = 200) -> web.Response:

@@ -55,15 +55,18 @@ class Gateway:
     observe: Observer | None = None    # metrics and access log (wired in app.py)
 
     policy_version: str = ""
+    export_sources: list = field(default_factory=list)   # export.yaml, as loaded
 
     def __post_init__(self):
         self.plan = lru_cache(maxsize=4096)(self._plan)
         self.targets = Targets(self.catalog)
 
-    def use(self, catalog: Catalog, policy: Policy, version: str) -> None:
+    def use(self, catalog: Catalog, policy: Policy, version: str, export_sources: list) -> None:
         """Swap the policy whole (no await in between: no request sees half of each).
         Requests under way finish with the routes and plans they started with."""
         self.catalog, self.policy, self.policy_version = catalog, policy, version
+        self.export_sources = export_sources
+        self.authn.use(catalog.roles)
         self.targets = Targets(catalog)
         self.plan = lru_cache(maxsize=4096)(self._plan)
 
@@ -127,7 +130,7 @@ def authorize(gw: Gateway, principal: Principal, method: str, matched: Matched) 
     user = params.get(route.subject_user) if route.subject_user else None
     relations = path_relations(principal, euo, user, gw.contracts.active_partner)
     blocked = None
-    if principal.role in gw.catalog.restriction_blocks:
+    if principal.role in gw.catalog.restricted_roles:
         restrictions = gw.restrictions
 
         def blocked(subject: str) -> bool:
@@ -293,7 +296,7 @@ def _check_route(gw: Gateway, route: Route, principal: Principal,
         if not route.data_sets & gw.policy.granted(principal.role, relations, "write"):
             raise Denied(403, "write_not_permitted", "you may not change any data of this resource")
         return
-    possible = relations | route.body_relations if principal.role == "user" else relations
+    possible = relations | route.body_relations if principal.kind.data_subject else relations
     if not route.data_sets & gw.policy.granted(principal.role, possible, "read"):
         raise Denied(403, "dataset_not_permitted", "you may not see any data of this resource")
 

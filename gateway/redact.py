@@ -39,6 +39,7 @@ class RedactionPlan:
     granted: frozenset[str]            # data sets readable at the document level
     passthrough: bool                  # nothing can change: check the shape, skip the walk
     visible: tuple[str, ...]           # the route's data sets this viewer reads, sorted
+    data_subject: bool = False         # the viewer's role is a data subject's (roles.yaml)
 
 
 @dataclass
@@ -59,8 +60,10 @@ def make_plan(route: Route, role: str, relations: frozenset[str], catalog: Catal
         and not route.body_relations - relations
         and not _has_mask(route.body)
     )
+    kind = catalog.roles.get(role)
     return RedactionPlan(route, role, relations, readable, passthrough,
-                         tuple(sorted(route.data_sets & readable)))
+                         tuple(sorted(route.data_sets & readable)),
+                         kind is not None and kind.data_subject)
 
 
 def redact(document: Any, plan: RedactionPlan, sub: str, catalog: Catalog, granted: Granted,
@@ -70,7 +73,8 @@ def redact(document: Any, plan: RedactionPlan, sub: str, catalog: Catalog, grant
     SubjectMismatch when a bound identifier differs from the request's `params`.
 
     `blocked(user)` says a user's data may not reach this viewer at all (a restriction)."""
-    walker = _Walker(plan.role, sub, catalog, granted, now, blocked, params or {})
+    me = sub if plan.data_subject else None
+    walker = _Walker(plan.role, me, catalog, granted, now, blocked, params or {})
     out = walker.value(document, plan.route.body, plan.relations, "")
     if out is _DROP:
         out = {}
@@ -156,10 +160,11 @@ def _identifier(value: Any) -> str | None:
 
 
 class _Walker:
-    def __init__(self, role: str, sub: str, catalog: Catalog, granted: Granted, now: datetime,
-                 blocked: Callable[[str], bool] | None, params: Mapping[str, str]):
+    def __init__(self, role: str, me: str | None, catalog: Catalog, granted: Granted,
+                 now: datetime, blocked: Callable[[str], bool] | None,
+                 params: Mapping[str, str]):
         self.role = role
-        self.sub = sub
+        self.me = me                   # the viewer's sub when they are a data subject
         self.catalog = catalog
         self.granted = granted
         self.now = now
@@ -205,7 +210,7 @@ class _Walker:
             named = _subject_of(value, fld, self.catalog.identifier, path)
             if rel in self.subject_relations:
                 subjects.append(named)
-            if self.role == "user" and named == self.sub:
+            if named == self.me:
                 relations = relations | {rel}
                 own.add(rel)
             else:

@@ -14,10 +14,10 @@ from aiohttp import web
 
 from .audit import AuditRow
 from .db import POOL, query
-from .endpoints import CALL, api, json_object, json_response, text
+from .endpoints import CALL, ME, api, json_object, json_response, text
 from .errors import Denied
 from .pipeline import GATEWAY
-from .principal import Principal
+from .principal import Principal, scope
 
 TYPES = ("rectification", "erasure", "restriction", "objection")
 STATUSES = ("open", "accepted", "rejected", "completed")
@@ -32,7 +32,7 @@ def public(row) -> dict[str, Any]:
     return out
 
 
-@api("/v1/me/requests", roles=("user",))
+@api("/v1/me/requests", ME)
 async def create_request(request: web.Request, principal: Principal, row: AuditRow):
     """File a request about the caller's own data; it is due 30 days from now."""
     body = await json_object(request)
@@ -57,28 +57,22 @@ async def create_request(request: web.Request, principal: Principal, row: AuditR
     return json_response(public(created), status=201)
 
 
-@api("/v1/me/requests", roles=("user",))
+@api("/v1/me/requests", ME)
 async def my_requests(request: web.Request, principal: Principal, row: AuditRow):
     row.subject_euo, row.subject_users = principal.euo, [principal.sub]
     rows = await request.app[POOL].fetch(query("my_requests"), principal.euo, principal.sub)
     return json_response({"requests": [public(r) for r in rows]})
 
 
-def _scope(principal: Principal) -> tuple[str | None, str | None]:
-    if principal.role == "euo_admin":
-        return principal.euo, None
-    if principal.role == "partner":
-        return None, principal.partner
-    return None, None
 
 
-@api("/v1/requests", roles=("provider_staff", "partner", "euo_admin"))
+@api("/v1/requests", "requests")
 async def list_requests(request: web.Request, principal: Principal, row: AuditRow):
     """The requests of users in the caller's scope, overdue ones first."""
     status = request.query.get("status")
     if status is not None and status not in STATUSES:
         raise Denied(400, "bad_filter", f"status must be one of {', '.join(STATUSES)}")
-    rows = await request.app[POOL].fetch(query("requests_in_scope"), *_scope(principal), status)
+    rows = await request.app[POOL].fetch(query("requests_in_scope"), *scope(principal), status)
     users_by_euo: dict[str | None, set[str]] = {}
     for r in rows:
         users_by_euo.setdefault(r["euo_id"], set()).add(r["user_sub"])
@@ -86,7 +80,7 @@ async def list_requests(request: web.Request, principal: Principal, row: AuditRo
     return json_response({"requests": [public(r) for r in rows]})
 
 
-@api("/v1/requests/{id}", roles=("provider_staff", "partner", "euo_admin"))
+@api("/v1/requests/{id}", "requests")
 async def update_request(request: web.Request, principal: Principal, row: AuditRow):
     """Accept, reject or complete a request in the caller's scope."""
     try:
@@ -103,7 +97,7 @@ async def update_request(request: web.Request, principal: Principal, row: AuditR
     current = await pool.fetchrow(query("get_request"), request_id)
     if current is None or not _covers(gw, principal, current):
         raise Denied(404, "no_such_request", "no such request in your scope")
-    if current["type"] == "restriction" and principal.role in gw.catalog.restriction_blocks:
+    if current["type"] == "restriction" and principal.role in gw.catalog.restricted_roles:
         # the party a restriction blocks may not lift it: the EUO's admin or staff decide
         raise Denied(403, "role_not_permitted",
                      "a restriction that blocks your role is answered by the EUO's admin")
@@ -122,9 +116,12 @@ async def update_request(request: web.Request, principal: Principal, row: AuditR
 
 
 def _covers(gw, principal: Principal, req) -> bool:
-    if principal.role == "provider_staff":
+    """Whether the request is about a user in the caller's scope (a partner's: an EUO it
+    holds an active contract with today)."""
+    claim = principal.kind.tenant_claim
+    if claim is None:
         return True
-    if principal.role == "euo_admin":
+    if claim == "euo":
         return req["euo_id"] == principal.euo
     return gw.contracts.active_partner(req["euo_id"]) == principal.partner
 

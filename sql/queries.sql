@@ -28,14 +28,16 @@ select * from audit_log where chain_id = $1 order by seq;
 -- name: audit_query
 -- Filters are optional ($n null: no filter). $11/$12 narrow to a caller's scope:
 -- an EUO admin's EUO, or a partner's own actions and the EUOs it held while it held them.
--- $14: for callers other than staff, the actor filter matches only actors of their own
--- organisation ('partner': the partner $12; 'euo': the EUO $11), so it cannot confirm who
--- else (provider staff above all) acted.
+-- $14: for callers other than the Provider's, the roles of their own kind of organisation
+-- (roles.yaml, same tenant claim): the actor filter matches only actors of those roles in
+-- their own organisation (the partner $12 or the EUO $11), so it cannot confirm who else
+-- (provider staff above all) acted.
 select * from audit_log a
  where ($1::text is null or (a.actor_sub = $1 and (
-        $14::text is null
-        or ($14 = 'partner' and a.actor_role = 'partner' and a.actor_partner = $12)
-        or ($14 = 'euo' and a.actor_role in ('euo_admin', 'user') and a.actor_euo = $11))))
+        $14::text[] is null
+        or (a.actor_role = any($14::text[])
+            and ($12::text is null or a.actor_partner = $12)
+            and ($11::text is null or a.actor_euo = $11)))))
    and ($2::text is null or a.subject_users @> array[$2::text])
    and ($3::text is null or a.subject_euo = $3)
    and ($4::text is null or a.data_sets @> array[$4::text])
@@ -55,13 +57,14 @@ select * from audit_log a
 
 -- name: access_log
 -- What others did with one user's data: never the user's own requests (a user is
--- (EUO, sub): someone of another organisation with the same sub is someone else).
+-- (EUO, sub) under a data-subject role $9: someone of another organisation with the same
+-- sub is someone else).
 select a.at, a.chain_id, a.seq, a.actor_role, a.actor_partner, a.actor_euo, a.method,
        a.route, a.data_sets, a.decision, a.reason
   from audit_log a
  where a.subject_users @> array[$1::text]
    and a.subject_euo = $2
-   and not (a.actor_role = 'user' and a.actor_euo = $2 and a.actor_sub = $1)
+   and not (a.actor_role = any($9::text[]) and a.actor_euo = $2 and a.actor_sub = $1)
    and ($3::timestamptz is null or a.at >= $3)
    and ($4::timestamptz is null or a.at < $4)
    and ($5::timestamptz is null or (a.at, a.chain_id, a.seq) < ($5, $6::uuid, $7::bigint))

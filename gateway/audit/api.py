@@ -22,9 +22,10 @@ from aiohttp import web
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
 from ..db import POOL, query
-from ..endpoints import CALL, api, json_response
+from ..endpoints import CALL, ME, api, json_response
 from ..errors import Denied
-from ..principal import Principal
+from ..pipeline import GATEWAY
+from ..principal import Principal, scope
 from .chain import verify
 from .checkpoints import FORMAT, public_pem
 from .writer import AuditRow
@@ -51,12 +52,14 @@ class Filters:
     cursor: tuple[datetime, uuid.UUID, int] | None = None
     limit: int | None = DEFAULT_LIMIT
 
-    def args(self, scope_euo: str | None, scope_partner: str | None) -> list[Any]:
+    def args(self, scope_euo: str | None, scope_partner: str | None,
+             colleagues: list[str] | None = None) -> list[Any]:
+        """The audit_query parameters; `colleagues`: the roles of the caller's own
+        organisation (None for the Provider's), whose actors the actor filter may match."""
         at, chain, seq = self.cursor or (None, None, None)
-        actor_scope = "partner" if scope_partner else "euo" if scope_euo else None
         return [self.actor, self.subject_user, self.euo, self.dataset, self.decision,
                 self.since, self.until, at, chain, seq, scope_euo, scope_partner, self.limit,
-                actor_scope]
+                colleagues]
 
 
 def parse_filters(params, download: bool) -> Filters:
@@ -136,7 +139,7 @@ def public(row, principal: Principal | None = None) -> dict[str, Any]:
     out = {name: row[name] for name in PUBLIC_FIELDS}
     out["at"] = row["at"].isoformat()
     out["chain_id"] = str(row["chain_id"])
-    if (principal is not None and principal.role != "provider_staff"
+    if (principal is not None and principal.kind.tenant_claim is not None
             and not _same_organisation(row, principal)):
         # the trace id is the caller's to choose, like its request id: it could tie rows together
         out["actor_sub"] = out["client_addr"] = out["client_request_id"] = out["trace_id"] = None
@@ -144,26 +147,26 @@ def public(row, principal: Principal | None = None) -> dict[str, Any]:
 
 
 def _same_organisation(row, principal: Principal) -> bool:
-    if principal.role == "partner":
-        return row["actor_role"] == "partner" and row["actor_partner"] == principal.partner
-    return row["actor_role"] in ("euo_admin", "user") and row["actor_euo"] == principal.euo
+    """Whether the row's actor is of the caller's own organisation (same tenant claim and
+    value; an actor whose role the policy no longer knows is nobody's colleague)."""
+    claim = principal.kind.tenant_claim
+    return (row["actor_role"] in colleagues(principal)
+            and row[f"actor_{claim}"] == getattr(principal, claim))
 
 
-def scope(principal: Principal) -> tuple[str | None, str | None]:
-    """(EUO, partner) the caller's rows are narrowed to; (None, None) for provider staff."""
-    if principal.role == "provider_staff":
-        return None, None
-    if principal.role == "partner":
-        return None, principal.partner
-    return principal.euo, None
+def colleagues(principal: Principal) -> list[str] | None:
+    """The roles of the caller's kind of organisation (its tenant claim); None: the
+    Provider's own roles, which see every actor."""
+    claim = principal.kind.tenant_claim
+    return None if claim is None else list(principal.kind.peers)
 
 
-@api("/v1/audit", roles=("provider_staff", "partner", "euo_admin"))
+@api("/v1/audit", "audit")
 async def audit_query(request: web.Request, principal: Principal, row: AuditRow):
     """The access log within the caller's scope: a page of JSON, or a CSV/NDJSON download."""
     kind = DOWNLOADS.get(request.headers.get("Accept", "").split(";")[0].strip())
     filters = parse_filters(request.query, download=kind is not None)
-    args = filters.args(*scope(principal))
+    args = filters.args(*scope(principal), colleagues(principal))
     pool = request.app[POOL]
     if kind is None:
         async with pool.acquire() as conn, conn.transaction():
@@ -228,7 +231,7 @@ def _cell(value: Any) -> Any:
 _FORMULA = ("=", "+", "-", "@", "\t", "\r")
 
 
-@api("/v1/audit/verify", roles=("provider_staff",))
+@api("/v1/audit/verify", "audit_verify")
 async def audit_verify(request: web.Request, principal: Principal, row: AuditRow):
     """Check every hash chain; say what was checked and where the first break is."""
     async with request.app[POOL].acquire() as conn:
@@ -236,29 +239,32 @@ async def audit_verify(request: web.Request, principal: Principal, row: AuditRow
     return json_response(report.public())
 
 
-ORGANISATION = {"provider_staff": lambda r: "Provider", "partner": lambda r: r["actor_partner"],
-                "euo_admin": lambda r: r["actor_euo"], "user": lambda r: r["actor_euo"]}
-
-
-@api("/v1/me/access-log", roles=("user",))
+@api("/v1/me/access-log", ME)
 async def access_log(request: web.Request, principal: Principal, row: AuditRow):
     """Who (by role and organisation, never a person) accessed the caller's data."""
     row.subject_euo, row.subject_users = principal.euo, [principal.sub]
     filters = parse_filters(request.query, download=False)
     at, chain, seq = filters.cursor or (None, None, None)
+    catalog = request.app[GATEWAY].catalog
     async with request.app[POOL].acquire() as conn, conn.transaction():
         await conn.execute("set local plan_cache_mode = force_custom_plan")
         rows = await conn.fetch(query("access_log"), principal.sub, principal.euo, filters.since,
-                                filters.until, at, chain, seq, filters.limit)
+                                filters.until, at, chain, seq, filters.limit,
+                                catalog.data_subject_roles)
     entries = [{
         "at": r["at"].isoformat(),
         "accessor": {"role": r["actor_role"],
-                     "organisation": ORGANISATION.get(r["actor_role"], lambda _: None)(r)},
+                     "organisation": _organisation(catalog.roles, r)},
         "action": r["method"], "route": r["route"], "data_sets": r["data_sets"],
         "decision": r["decision"], "reason": r["reason"],
     } for r in rows]
     next_cursor = encode_cursor(rows[-1]) if len(rows) == filters.limit else None
     return json_response({"accesses": entries, "next_cursor": next_cursor})
+
+
+def _organisation(roles, row) -> str | None:
+    role = roles.get(row["actor_role"])
+    return role.organisation_of(row) if role is not None else None
 
 
 async def audit_keys(request: web.Request) -> web.Response:
@@ -271,7 +277,7 @@ async def audit_keys(request: web.Request) -> web.Response:
         "first_used": r["first_used"].isoformat()} for r in rows]})
 
 
-@api("/v1/audit/checkpoints", roles=("provider_staff", "partner", "euo_admin"))
+@api("/v1/audit/checkpoints", "audit")
 async def audit_checkpoints(request: web.Request, principal: Principal, row: AuditRow):
     """Signed chain heads, oldest first; `after` (a checkpoint id) and `limit` page them."""
     after = request.query.get("after")

@@ -9,6 +9,6 @@ connection is cut before the ZIP's directory is written, so the client gets a br
 download, never a silently partial archive.
 """
 
-from .handler import SOURCES, add_routes
+from .handler import add_routes
 
-__all__ = ["SOURCES", "add_routes"]
+__all__ = ["add_routes"]

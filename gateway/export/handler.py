@@ -18,7 +18,7 @@ from .. import pipeline
 from ..audit import AuditRow
 from ..call import Call
 from ..catalog import Catalog, Leaf, ListOf, Node, PolicyError
-from ..endpoints import CALL, IDENTIFIER, api, identifier, json_response
+from ..endpoints import CALL, IDENTIFIER, ME, api, identifier, json_response
 from ..errors import Denied
 from ..pipeline import GATEWAY, Gateway
 from ..principal import Principal
@@ -26,7 +26,6 @@ from ..proxy import CHUNK
 from ..redact import now_utc
 from .zipstream import ZipStream
 
-SOURCES = web.AppKey("export_sources", list)
 FORMAT = "partner-gateway-export/1"
 
 
@@ -280,14 +279,14 @@ def export_document(gw: Gateway, principal: Principal, gathered: Gathered,
     }
 
 
-@api("/v1/me/export", roles=("user",))
+@api("/v1/me/export", ME)
 async def export(request: web.Request, principal: Principal, row: AuditRow):
     """The caller's personal data from every backend: ZIP (default) or ?format=json."""
     fmt = request.query.get("format", "zip")
     if fmt not in ("zip", "json"):
         raise Denied(400, "bad_format", "format must be zip or json")
     exporter = Exporter(request, principal)
-    gathered = await exporter.gather(request.app[SOURCES])
+    gathered = await exporter.gather(request.app[GATEWAY].export_sources)
     document = export_document(exporter.gw, principal, gathered, request)
     row.subject_euo, row.subject_users = principal.euo, [principal.sub]
     row.data_sets = sorted({d for s in gathered.services.values() for d in s} |
@@ -320,6 +319,5 @@ async def export(request: web.Request, principal: Principal, row: AuditRow):
     return response
 
 
-def add_routes(app: web.Application, sources: list[Source]) -> None:
-    app[SOURCES] = sources
+def add_routes(app: web.Application) -> None:
     app.router.add_get("/v1/me/export", export)
