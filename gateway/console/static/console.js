@@ -260,7 +260,7 @@ async function loadAuditPage() {
     $("audit-older").disabled = !page.next_cursor;
     $("audit-newer").disabled = audit.page === 0;
     $("audit-page").textContent = `page ${audit.page + 1}`;
-    say("audit-status", page.rows.length ? `${page.rows.length} rows on this page, newest first.`
+    say("audit-status", page.rows.length ? `${page.rows.length} ${page.rows.length === 1 ? "row" : "rows"} on this page, newest first.`
         : "No row matches these filters.");
   } catch (e) {
     renderAudit([]);
@@ -364,24 +364,25 @@ function drawChart(data) {
   chart.append(svg("text", {x: left - 4, y: H - bottom, class: "tick", "text-anchor": "end"}, "0"));
   keys.forEach((day, i) => {
     let y = H - bottom;
-    const x = left + i * slot + slot * 0.1;
+    const width = Math.max(1, Math.min(slot * 0.8, 28));
+    const x = left + i * slot + (slot - width) / 2;
     for (const role of CHART_ROLES) {
       const n = counts.get(day).get(role) || 0;
       if (!n) continue;
       const h = Math.max(1, n * scale);
       y -= h;
-      chart.append(svg("rect", {x, y, width: Math.max(1, slot * 0.8), height: h,
+      chart.append(svg("rect", {x, y, width, height: h,
                                 class: "role-" + (role || "none"), "data-day": day, "data-role": role || "none"},
         svg("title", null, `${day} · ${ROLE_LABEL[role] || "no token"}: ${n}`)));
     }
     if (keys.length <= 14 || i % Math.ceil(keys.length / 10) === 0) {
-      chart.append(svg("text", {x: x + slot * 0.4, y: H - 6, class: "tick", "text-anchor": "middle"}, day.slice(5)));
+      chart.append(svg("text", {x: x + width / 2, y: H - 6, class: "tick", "text-anchor": "middle"}, day.slice(5)));
     }
   });
   const legend = el("ul", {class: "legend"}, ...CHART_ROLES.map((role) =>
     el("li", null, el("span", {class: "swatch role-" + (role || "none")}), ROLE_LABEL[role] || "no token")));
   $("chart").replaceChildren(chart, legend);
-  say("chart-status", `${total} accesses from ${keys[0] || ""} to ${keys[keys.length - 1] || ""} (UTC days).`);
+  say("chart-status", `${total} ${total === 1 ? "access" : "accesses"} from ${keys[0] || ""} to ${keys[keys.length - 1] || ""} (UTC days).`);
 }
 
 async function verifyChains() {
