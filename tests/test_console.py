@@ -37,7 +37,7 @@ CHROMIUM = shutil.which("chromium")
 CHROMEDRIVER = shutil.which("chromedriver")
 try:
     from selenium import webdriver
-    from selenium.common.exceptions import JavascriptException
+    from selenium.common.exceptions import JavascriptException, StaleElementReferenceException
     from selenium.webdriver.chrome.options import Options
     from selenium.webdriver.chrome.service import Service
     from selenium.webdriver.common.by import By
@@ -138,7 +138,9 @@ def browser(request, chromium, tmp_path):
 # --- helpers ----------------------------------------------------------------------------------
 
 def wait(driver, condition, timeout: float = 15, what: str = ""):
-    return WebDriverWait(driver, timeout, poll_frequency=0.05).until(
+    # a table redrawn while it is read leaves stale elements: read it again
+    return WebDriverWait(driver, timeout, poll_frequency=0.05,
+                         ignored_exceptions=(StaleElementReferenceException,)).until(
         lambda d: condition(d), message=what)
 
 
@@ -195,7 +197,7 @@ def test_staff_answer_who_saw_alices_voicemails_this_week(browser, demo):
     by_id(browser, "f-dataset").send_keys("voicemails")
     by_id(browser, "range-week").click()              # "this week" searches at once
     wait(browser, lambda d: "on this page" in by_id(d, "audit-status").text, what="rows")
-    rows = table_rows(browser, "audit-table")
+    rows = wait(browser, lambda d: table_rows(d, "audit-table"), what="rows")
     # who saw them: u-alice herself (the policy gives voicemails to no one else)
     assert rows and {(r[1], r[3], r[4], r[5]) for r in rows} == {
         ("user · euo-acme · u-alice", "euo-acme / u-alice", "voicemails", "allow 200")}, rows
@@ -215,7 +217,7 @@ def test_staff_answer_who_saw_alices_voicemails_this_week(browser, demo):
                                 and r[5] == "deny 403" and r[6] == "dataset_not_permitted"
                                 for r in table_rows(d, "audit-table")), what="the refused attempt")
 
-    rows = table_rows(browser, "audit-table")
+    rows = wait(browser, lambda d: table_rows(d, "audit-table"), what="rows")
     # the chart follows the filter: staff's refusals, not the user's own reads
     wait(browser, lambda d: d.find_elements(By.CSS_SELECTOR, "#chart rect"), what="chart bars")
     roles = {r.get_attribute("data-role") for r in browser.find_elements(By.CSS_SELECTOR, "#chart rect")}
@@ -249,7 +251,7 @@ def test_a_partner_and_an_euo_admin_see_only_their_scope(browser, demo):
     by_id(browser, "f-euo").send_keys("euo-acme")
     by_id(browser, "audit-search").click()
     wait(browser, lambda d: "on this page" in by_id(d, "audit-status").text, what="rows")
-    rows = table_rows(browser, "audit-table")
+    rows = wait(browser, lambda d: table_rows(d, "audit-table"), what="rows")
     assert any(r[1] == "partner · p-northwind · pat@northwind" and "call_history" in r[4]
                for r in rows), rows
     # actors of other organisations by role and organisation only
@@ -265,7 +267,8 @@ def test_a_partner_and_an_euo_admin_see_only_their_scope(browser, demo):
     sign_in(browser, demo, "euo_admin")
     by_id(browser, "audit-search").click()
     wait(browser, lambda d: "on this page" in by_id(d, "audit-status").text, what="rows")
-    assert all(r[3] == "" or r[3].startswith("euo-acme") for r in table_rows(browser, "audit-table"))
+    rows = wait(browser, lambda d: table_rows(d, "audit-table"), what="rows")
+    assert all(r[3] == "" or r[3].startswith("euo-acme") for r in rows), rows
     by_id(browser, "f-euo").send_keys("euo-globex")
     by_id(browser, "audit-search").click()
     assert settled(browser, "audit-status") == "No row matches these filters."
@@ -278,8 +281,7 @@ def test_a_user_sees_who_accessed_their_data_downloads_it_and_files_a_request(br
     assert by_id(browser, "mydata").is_displayed()
     assert not by_id(browser, "tab-audit").is_displayed()
     assert not by_id(browser, "tab-requests").is_displayed()
-    wait(browser, lambda d: table_rows(d, "access-table"), what="access log")
-    rows = table_rows(browser, "access-table")
+    rows = wait(browser, lambda d: table_rows(d, "access-table"), what="access log")
     assert any(r[1] == "provider staff" and r[2] == "Provider" and "user_name" in r[4] for r in rows), rows
     # her own requests (the console's included) are not in her access log
     assert all(r[1] != "user" for r in rows), rows

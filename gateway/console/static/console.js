@@ -125,6 +125,14 @@ async function download(path, accept, filename, progress) {
   return received;
 }
 
+// Only the newest query of a view may draw: an older answer arriving late is dropped.
+const latest = {};
+function ticket(view) {
+  const n = (latest[view] || 0) + 1;
+  latest[view] = n;
+  return () => latest[view] === n;
+}
+
 // --- sign-in ------------------------------------------------------------------------------
 
 function claims(jwt) {
@@ -250,10 +258,12 @@ function searchAudit() {
 }
 
 async function loadAuditPage() {
+  const current = ticket("audit");
   say("audit-status", "Loading…");
   const params = {...audit.filters, limit: 50, cursor: audit.cursors[audit.page]};
   try {
     const page = await api("/v1/audit" + query(params));
+    if (!current()) return;
     renderAudit(page.rows);
     if (page.next_cursor) audit.cursors[audit.page + 1] = page.next_cursor;
     else audit.cursors.length = audit.page + 1;
@@ -263,6 +273,7 @@ async function loadAuditPage() {
     say("audit-status", page.rows.length ? `${page.rows.length} ${page.rows.length === 1 ? "row" : "rows"} on this page, newest first.`
         : "No row matches these filters.");
   } catch (e) {
+    if (!current()) return;
     renderAudit([]);
     say("audit-status", e.message, true);
   }
@@ -326,13 +337,15 @@ async function auditDownload(kind) {
 const CHART_ROLES = ["provider_staff", "partner", "euo_admin", "user", null];
 
 async function loadChart() {
+  const current = ticket("chart");
   say("chart-status", "Loading…");
   const {from, to, actor, subject_user, euo, dataset, decision} = audit.filters;
   try {
     const data = await api("/v1/audit/per-day" +
       query({actor, subject_user, euo, dataset, decision, from, to}));
-    drawChart(data);
+    if (current()) drawChart(data);
   } catch (e) {
+    if (!current()) return;
     $("chart").replaceChildren();
     say("chart-status", e.message, true);
   }
@@ -409,9 +422,11 @@ function openMyData() {
 }
 
 async function loadAccessLog() {
+  const current = ticket("access");
   say("access-status", "Loading…");
   try {
     const page = await api("/v1/me/access-log" + query({limit: 50, cursor: access.cursors[access.page]}));
+    if (!current()) return;
     $("access-table").tBodies[0].replaceChildren(...page.accesses.map((a) => el("tr", null,
       el("td", {title: a.at}, when(a.at)),
       el("td", null, ROLE_LABEL[a.accessor.role] || a.accessor.role || ""),
@@ -450,8 +465,10 @@ async function exportData() {
 }
 
 async function loadMyRequests() {
+  const current = ticket("my-requests");
   try {
     const r = await api("/v1/me/requests");
+    if (!current()) return;
     $("my-requests").tBodies[0].replaceChildren(...r.requests.map((q) => el("tr", null,
       el("td", {title: q.created_at}, when(q.created_at)),
       el("td", null, q.type),
@@ -484,9 +501,11 @@ async function fileRequest(ev) {
 const ANSWERS = [["accepted", "Accept"], ["rejected", "Reject"], ["completed", "Complete"]];
 
 async function loadRequests() {
+  const current = ticket("requests");
   say("requests-status", "Loading…");
   try {
     const r = await api("/v1/requests" + query({status: $("q-status").value}));
+    if (!current()) return;
     const now = Date.now();
     $("requests-table").tBodies[0].replaceChildren(...r.requests.map((q) => {
       const overdue = new Date(q.due_at).getTime() < now && !["rejected", "completed"].includes(q.status);
