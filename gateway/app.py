@@ -19,10 +19,11 @@ import orjson
 import yaml
 from aiohttp import web
 
-from . import export, pipeline, subject_requests
+from . import console, export, pipeline, subject_requests
 from .access_log import AccessLog
 from .audit import AuditRow, AuditWriter
 from .audit import api as audit_api
+from .audit import per_day as audit_per_day
 from .audit.checkpoints import Checkpointer, signing_key
 from .authn import Authenticator
 from .authz import Policy
@@ -73,8 +74,10 @@ def create_app(settings: Settings, dsn: str, reload_on_sighup: bool = False,
     app.router.add_put("/v1/admin/euos/{euo}", put_contract)
     app.router.add_delete("/v1/admin/euos/{euo}", delete_contract)
     audit_api.add_routes(app)
+    audit_per_day.add_routes(app)
     subject_requests.add_routes(app)
     export.add_routes(app)
+    console.add_routes(app)
     app[POLICY_SET] = policy_set
     if reload_on_sighup:
         app.on_startup.append(_reload_on_sighup(settings))

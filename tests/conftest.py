@@ -292,3 +292,15 @@ async def hostile_gateway(database_url, demo) -> AsyncIterator[tuple[str, Hostil
 async def audit_row(db, request_id: str):
     """The audit row of a request the gateway answered (committed before the answer)."""
     return await db.fetchrow("select * from audit_log where request_id = $1", request_id)
+
+
+# Each phase's report on the item, so a fixture's teardown can tell that its test failed
+# (tests/test_console.py saves a screenshot then).
+REPORTS = pytest.StashKey[dict]()
+
+
+@pytest.hookimpl(wrapper=True, tryfirst=True)
+def pytest_runtest_makereport(item, call):
+    report = yield
+    item.stash.setdefault(REPORTS, {})[report.when] = report
+    return report

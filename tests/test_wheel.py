@@ -116,6 +116,9 @@ async def test_the_installed_wheel_migrates_and_serves_an_audited_request(
             status, headers, _ = await call(http, "GET", base + "/telephony/euos/euo-acme/users/u-alice",
                                             token_for("alice"))
             assert status == 200
+            # the web console's files are in the wheel too
+            status, _, script = await call(http, "GET", base + "/console/console.js")
+            assert status == 200 and script == (REPO / "gateway/console/static/console.js").read_bytes()
             # the row is committed before the answer leaves, so it is there already
             row = await conn.fetchrow("select decision, status, route, subject_users from audit_log "
                                       "where request_id = $1", headers["X-Request-Id"])

@@ -53,7 +53,7 @@ class Filters:
     limit: int | None = DEFAULT_LIMIT
 
     def args(self, scope_euo: str | None, scope_partner: str | None,
-             colleagues: list[str] | None = None) -> list[Any]:
+             colleagues: list[str] | None) -> list[Any]:
         """The audit_query parameters; `colleagues`: the roles of the caller's own
         organisation (None for the Provider's), whose actors the actor filter may match."""
         at, chain, seq = self.cursor or (None, None, None)
@@ -154,6 +154,11 @@ def _same_organisation(row, principal: Principal) -> bool:
             and row[f"actor_{claim}"] == getattr(principal, claim))
 
 
+def scoped_args(filters: Filters, principal: Principal) -> list[Any]:
+    """The audit_query parameters for this caller: its filters within its scope."""
+    return filters.args(*scope(principal), colleagues(principal))
+
+
 def colleagues(principal: Principal) -> list[str] | None:
     """The roles of the caller's kind of organisation (its tenant claim); None: the
     Provider's own roles, which see every actor."""
@@ -166,7 +171,7 @@ async def audit_query(request: web.Request, principal: Principal, row: AuditRow)
     """The access log within the caller's scope: a page of JSON, or a CSV/NDJSON download."""
     kind = DOWNLOADS.get(request.headers.get("Accept", "").split(";")[0].strip())
     filters = parse_filters(request.query, download=kind is not None)
-    args = filters.args(*scope(principal), colleagues(principal))
+    args = scoped_args(filters, principal)
     pool = request.app[POOL]
     if kind is None:
         async with pool.acquire() as conn, conn.transaction():

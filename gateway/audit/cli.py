@@ -97,7 +97,7 @@ async def _query(conn: asyncpg.Connection, args) -> int:
     if out:
         out.writerow(PUBLIC_FIELDS)
     async with conn.transaction():
-        async for record in conn.cursor(query("audit_query"), *filters.args(None, None)):
+        async for record in conn.cursor(query("audit_query"), *filters.args(None, None, None)):
             item = public(record)
             if out:
                 out.writerow([_cell(item[f]) for f in PUBLIC_FIELDS])

@@ -53,6 +53,12 @@ SHOWCASE = [
      "/v1/audit?limit=5"),
 ]
 
+# who signs in to the console, one per role
+CONSOLE = [("provider_staff", "staff-sam", None, None),
+           ("partner", "pat@northwind", "p-northwind", None),
+           ("euo_admin", "admin@acme", None, "euo-acme"),
+           ("user", "u-alice", None, "euo-acme")]
+
 
 def run_demo(settings: Settings, port: int | None, reset: bool = False) -> int:
     """The demo: embedded database (deleted first with reset), backends, gateway, tokens."""
@@ -138,6 +144,11 @@ async def _run(settings: Settings, dsn: str) -> None:
         token = mint_token(settings, role, sub, partner, euo, 8 * 3600)
         print(f"# {label}\n  TOKEN={token}\n  curl -s -H \"Authorization: Bearer $TOKEN\" "
               f"{base}{path}\n")
+    print(f"# Console: open {base}/console/ and paste one of these tokens (one per role)")
+    for role, sub, partner, euo in CONSOLE:
+        token = mint_token(settings, role, sub, partner, euo, 8 * 3600)
+        print(f"  {role:<14} {sub:<14} {token}")
+    print()
     print("More tokens: gateway token --role user --euo euo-acme --sub u-bob  "
           f"(same GATEWAY_DATA_DIR={settings.data_dir})\nCtrl-C stops the demo.")
     try:

