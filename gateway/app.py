@@ -19,6 +19,7 @@ import orjson
 import yaml
 from aiohttp import web
 
+from . import break_glass as break_glass_api
 from . import console, export, pipeline, subject_requests
 from .access_log import AccessLog
 from .audit import AuditRow, AuditWriter
@@ -27,6 +28,7 @@ from .audit import per_day as audit_per_day
 from .audit.checkpoints import Checkpointer, signing_key
 from .authn import Authenticator
 from .authz import Policy
+from .break_glass import BreakGlassCache
 from .call import AnonymousRefusals
 from .catalog import PolicyError
 from .check import PartitionWatch
@@ -76,6 +78,7 @@ def create_app(settings: Settings, dsn: str, reload_on_sighup: bool = False,
     audit_api.add_routes(app)
     audit_per_day.add_routes(app)
     subject_requests.add_routes(app)
+    break_glass_api.add_routes(app)
     export.add_routes(app)
     console.add_routes(app)
     app[POLICY_SET] = policy_set
@@ -101,6 +104,8 @@ def _resources(settings: Settings, dsn: str, catalog, policy: Policy, metrics: M
         await contracts.start()
         restrictions = RestrictionCache(pool, dsn, settings.mirror_staleness_s)
         await restrictions.start()
+        break_glass = BreakGlassCache(pool, dsn, settings.mirror_staleness_s)
+        await break_glass.start()
         audit = AuditWriter(pool, settings.audit_queue_max, settings.audit_lanes,
                             settings.audit_commit_timeout_s)
         audit.start()
@@ -120,7 +125,8 @@ def _resources(settings: Settings, dsn: str, catalog, policy: Policy, metrics: M
         app[POOL] = pool
         gateway = app[pipeline.GATEWAY] = pipeline.Gateway(
             catalog=catalog, policy=policy, authn=Authenticator(settings, catalog.roles, session),
-            contracts=contracts, restrictions=restrictions, backends=backends, audit=audit,
+            contracts=contracts, restrictions=restrictions, break_glass=break_glass,
+            backends=backends, audit=audit,
             anonymous=anonymous, max_body_bytes=settings.max_body_bytes,
             max_streams=settings.max_streams, policy_version=app[POLICY_SET].version,
             export_sources=app[POLICY_SET].export_sources)
@@ -133,6 +139,7 @@ def _resources(settings: Settings, dsn: str, catalog, policy: Policy, metrics: M
             await checkpointer.close()        # seals the closed chains
             await contracts.close()
             await restrictions.close()
+            await break_glass.close()
             await partitions.close()
             await session.close()
             await pool.close()
@@ -188,7 +195,8 @@ def _observability(settings: Settings, metrics: Metrics):
         gw.backends.observe = metrics.observe_backend
         gw.audit.on_batch = metrics.observe_batch
         metrics.watch(gw.audit, app[POOL],
-                      {"contracts": gw.contracts, "restrictions": gw.restrictions})
+                      {"contracts": gw.contracts, "restrictions": gw.restrictions,
+                       "break_glass": gw.break_glass})
         # under --workers a scrape reads every worker's gauges from their files: keep ours fresh
         sampling = asyncio.create_task(metrics.keep_sampling()) if metrics.multiprocess else None
         try:
@@ -269,7 +277,8 @@ async def readyz(request: web.Request) -> web.Response:
     the backends answer. The database is judged from what the writer and the mirrors' heartbeats
     last saw, never queried here, so the answer comes at once whatever PostgreSQL does."""
     gw = request.app[pipeline.GATEWAY]
-    stale = [r for r in (gw.contracts.stale_reason(), gw.restrictions.stale_reason()) if r]
+    stale = [r for r in (gw.contracts.stale_reason(), gw.restrictions.stale_reason(),
+                         gw.break_glass.stale_reason()) if r]
     reasons = gw.audit.health() + stale
     backends = await gw.backends.ready()
     reasons += [f"backend_unreachable:{name}" for name, up in backends.items() if not up]

@@ -140,3 +140,4 @@ def path_relations(principal: Principal, euo: str, user: str | None,
 
 ANY, CONTRACTED = frozenset({"any"}), frozenset({"contracted_partner"})
 SAME_EUO, SAME_EUO_SELF = frozenset({"same_euo"}), frozenset({"same_euo", "self"})
+BREAK_GLASS = frozenset({"break_glass"})      # held under a grant in force (break_glass.py)

@@ -9,9 +9,10 @@ from typing import Any
 
 import yaml
 
-from .roles import COLUMNS, Role, RoleError, load_roles
+from .roles import COLUMNS, Role, RoleError, load_break_glass, load_roles
 
-RELATIONS = ("any", "contracted_partner", "same_euo", "self", "organizer", "author")
+RELATIONS = ("any", "contracted_partner", "same_euo", "self", "organizer", "author",
+             "break_glass")
 ACTIONS = ("read", "write", "delete")
 SUBJECT_KINDS = ("euo", "user", "meeting", "author")
 IDENTIFIER = "identifier"
@@ -125,6 +126,7 @@ class Catalog:
     restriction_blocks: frozenset[str] = frozenset()    # columns of the data-set table
     identifier: re.Pattern = re.compile(r"[A-Za-z0-9._~@:-]{1,128}")   # grammars.identifier
     roles: dict[str, Role] = field(default_factory=dict)
+    break_glass_max_minutes: int = 0
     _trie: dict[str, dict] = field(default_factory=dict, repr=False)
 
     def __post_init__(self):
@@ -159,7 +161,9 @@ def load_catalog(policy_dir: Path) -> Catalog:
     """Load roles.yaml, datasets.yaml and routes.yaml; raise PolicyError on anything
     malformed."""
     try:
-        roles = load_roles(_yaml(policy_dir / "roles.yaml"))
+        raw_roles = _yaml(policy_dir / "roles.yaml")
+        roles = load_roles(raw_roles)
+        break_glass_max = load_break_glass(raw_roles, roles)
     except RoleError as e:
         raise PolicyError(str(e)) from None
     raw_ds = _yaml(policy_dir / "datasets.yaml").get("datasets")
@@ -182,7 +186,8 @@ def load_catalog(policy_dir: Path) -> Catalog:
               enumerate(raw_routes.get("routes") or [])]
     if not routes:
         raise PolicyError("routes.yaml: no routes")
-    catalog = Catalog(data_sets, routes, subject_rels, blocks, grammars[IDENTIFIER], roles)
+    catalog = Catalog(data_sets, routes, subject_rels, blocks, grammars[IDENTIFIER], roles,
+                      break_glass_max)
     for route in routes:
         _insert(catalog._trie, route)
     return catalog

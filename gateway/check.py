@@ -41,6 +41,7 @@ RUNTIME_PRIVILEGES = (
     ("schema_migrations", ("SELECT",)),
     ("audit_signing_keys", ("SELECT", "INSERT")),
     ("audit_checkpoints", ("SELECT", "INSERT")),
+    ("break_glass", ("SELECT", "INSERT", "UPDATE")),
 )
 MIGRATE_HINT = "run `gateway migrate` as the schema's owner"
 SECRET_FIELDS = ("jwt_secret",)

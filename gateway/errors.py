@@ -26,6 +26,7 @@ REASONS: dict[str, tuple[int, str]] = {
     "invalid_text": (400, "free text is too long, not a string or holds control characters"),
     "invalid_contract": (400, "a contract body is malformed"),
     "invalid_request": (400, "a data-subject request body is malformed"),
+    "invalid_break_glass": (400, "a break-glass request lacks a purpose or ticket, or asks too long"),
     "bad_filter": (400, "an audit or request filter is malformed"),
     "bad_cursor": (400, "the paging cursor is not one the gateway gave out"),
     "bad_format": (400, "the export format is neither zip nor json"),
@@ -57,6 +58,7 @@ REASONS: dict[str, tuple[int, str]] = {
     "not_found": (404, "no such gateway endpoint"),
     "no_contract": (404, "the EUO has no contract"),
     "no_such_request": (404, "no such data-subject request in the caller's scope"),
+    "no_such_grant": (404, "no such break-glass grant in the caller's scope"),
     "backend_not_found": (404, "the backend has no such resource"),
     # failures: the backend, the database, the gateway
     "backend_unreachable": (502, "the backend cannot be reached or broke off"),
@@ -70,6 +72,7 @@ REASONS: dict[str, tuple[int, str]] = {
     "database_unavailable": (503, "the gateway's database cannot be reached"),
     "contracts_unavailable": (503, "the contracts mirror is stale: partners are refused"),
     "restrictions_unavailable": (503, "the restrictions mirror is stale: blocked roles are refused"),
+    "break_glass_unavailable": (503, "the break-glass mirror is stale: a caller holding a grant is refused"),
     "backend_timeout": (504, "the backend missed the deadline"),
 }
 

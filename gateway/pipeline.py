@@ -15,7 +15,7 @@ import logging
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from functools import lru_cache
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import aiohttp
 import orjson
@@ -23,7 +23,7 @@ from aiohttp import web
 
 from .audit import AuditWriter
 from .authn import Authenticator
-from .authz import Policy, path_relations
+from .authz import BREAK_GLASS, Policy, path_relations
 from .call import AnonymousRefusals, Call, Observer, client_request_id
 from .catalog import ACTION_OF_METHOD, Catalog, ObjectOf, Route
 from .contracts import ContractCache
@@ -34,6 +34,9 @@ from .proxy import CHUNK, PRIVATE, Backends, binary_headers, forward_headers, tr
 from .redact import RedactionPlan, SubjectMismatch, Unmappable, check_shape, make_plan, now_utc, redact
 from .restrictions import RestrictionCache
 from .target import Matched, Targets
+
+if TYPE_CHECKING:
+    from .break_glass import BreakGlassCache
 
 log = logging.getLogger("gateway.pipeline")
 
@@ -46,6 +49,7 @@ class Gateway:
     authn: Authenticator
     contracts: ContractCache
     restrictions: RestrictionCache
+    break_glass: BreakGlassCache
     backends: Backends
     audit: AuditWriter
     anonymous: AnonymousRefusals
@@ -123,12 +127,19 @@ def match_route(gw: Gateway, method: str, raw_target: str, call: Call) -> Matche
     return matched
 
 
-def authorize(gw: Gateway, principal: Principal, method: str, matched: Matched) -> Target:
+def authorize(gw: Gateway, principal: Principal, method: str, matched: Matched,
+              call: Call | None = None) -> Target:
     """Stage 3: what the path alone decides (tenancy, restriction, any visible data set)."""
     route, params = matched.route, matched.params
     euo = params[route.subject_euo]
     user = params.get(route.subject_user) if route.subject_user else None
     relations = path_relations(principal, euo, user, gw.contracts.active_partner)
+    if principal.kind.break_glass:
+        grant = gw.break_glass.grant_for(principal, euo, user)
+        if grant is not None:          # the request is served (or refused) under it
+            relations |= BREAK_GLASS
+            if call is not None:
+                call.row.break_glass = grant.id
     blocked = None
     if principal.role in gw.catalog.restricted_roles:
         restrictions = gw.restrictions
@@ -147,7 +158,7 @@ async def _serve(request: web.Request, gw: Gateway, call: Call) -> web.StreamRes
     principal = await gw.authn.authenticate(request.headers.get("Authorization"))
     call.identify(principal)
     matched = match_route(gw, request.method, request.raw_path, call)
-    target = authorize(gw, principal, request.method, matched)
+    target = authorize(gw, principal, request.method, matched, call)
     body = await _request_body(request, gw, target)
     deadline = gw.backends.deadline()
     if target.route.binary:

@@ -37,12 +37,15 @@ class Role:
     data_subject: bool
     column: str
     gateway_api: frozenset[str]
+    break_glass: bool = False          # may open break-glass grants (relation break_glass)
     peers: tuple[str, ...] = ()        # the roles of the same tenant claim, this one included
 
     @property
     def relations(self) -> frozenset[str]:
         """Every relation a holder of this role can ever hold."""
         reach = frozenset({REACH[self.tenant_claim]})
+        if self.break_glass:
+            reach |= {"break_glass"}
         return reach | SUBJECT_RELATIONS if self.data_subject else reach
 
     def may(self, group: str) -> bool:
@@ -58,7 +61,7 @@ class Role:
         return {"name": self.name, "description": self.description,
                 "tenant_claim": self.tenant_claim, "data_subject": self.data_subject,
                 "column": self.column, "relations": sorted(self.relations),
-                "gateway_api": sorted(self.gateway_api)}
+                "gateway_api": sorted(self.gateway_api), "break_glass": self.break_glass}
 
 
 def load_roles(raw: Any, source: str = "roles.yaml") -> dict[str, Role]:
@@ -75,7 +78,23 @@ def load_roles(raw: Any, source: str = "roles.yaml") -> dict[str, Role]:
     return roles
 
 
-_KEYS = {"description", "tenant_claim", "organisation", "data_subject", "column", "gateway_api"}
+def load_break_glass(raw: Any, roles: dict[str, Role], source: str = "roles.yaml") -> int:
+    """The longest grant in minutes (`break_glass: {max_minutes: N}`); required when a role
+    may open grants."""
+    spec = raw.get("break_glass") if isinstance(raw, dict) else None
+    if spec is None:
+        if any(r.break_glass for r in roles.values()):
+            raise RoleError(f"{source}: a role may open break-glass grants, but "
+                            "`break_glass: {max_minutes: N}` is not set")
+        return 0
+    most = spec.get("max_minutes") if isinstance(spec, dict) else None
+    if type(most) is not int or not 1 <= most <= 7 * 24 * 60:
+        raise RoleError(f"{source}: break_glass.max_minutes must be 1 to 10080 (a week)")
+    return most
+
+
+_KEYS = {"description", "tenant_claim", "organisation", "data_subject", "column", "gateway_api",
+         "break_glass"}
 
 
 def _role(name: str, spec: Any, source: str) -> Role:
@@ -114,7 +133,14 @@ def _role(name: str, spec: Any, source: str) -> Role:
     if claim is not None and (provider := PROVIDER_ONLY & set(groups)):
         raise RoleError(f"{where}: {', '.join(sorted(provider))} reach every organisation's "
                         "data: only a role without a tenant claim may call them")
+    break_glass = spec.get("break_glass", False)
+    if not isinstance(break_glass, bool):
+        raise RoleError(f"{where}: break_glass must be true or false")
+    if break_glass and claim == "euo":
+        raise RoleError(f"{where}: break-glass is for the Provider's and Partners' roles, "
+                        "not an EUO's own people")
     description = spec.get("description", "")
     if not isinstance(description, str):
         raise RoleError(f"{where}: description must be text")
-    return Role(name, description, claim, organisation, data_subject, column, frozenset(groups))
+    return Role(name, description, claim, organisation, data_subject, column, frozenset(groups),
+                break_glass)

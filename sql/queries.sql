@@ -60,8 +60,9 @@ select * from audit_log a
 -- (EUO, sub) under a data-subject role $9: someone of another organisation with the same
 -- sub is someone else).
 select a.at, a.chain_id, a.seq, a.actor_role, a.actor_partner, a.actor_euo, a.method,
-       a.route, a.data_sets, a.decision, a.reason
+       a.route, a.data_sets, a.decision, a.reason, a.break_glass, g.purpose, g.ticket
   from audit_log a
+  left join break_glass g on g.id = a.break_glass
  where a.subject_users @> array[$1::text]
    and a.subject_euo = $2
    and not (a.actor_role = any($9::text[]) and a.actor_euo = $2 and a.actor_sub = $1)
@@ -203,3 +204,32 @@ select id, chain_id, seq, row_hash, at, closed, key_id, signature from audit_che
 
 -- name: audit_row_hash_at
 select row_hash from audit_log where chain_id = $1 and seq = $2;
+
+-- name: break_glass_in_force
+select * from break_glass where ended_at is null and ends_at > now();
+
+-- name: break_glass_get
+select * from break_glass where id = $1;
+
+-- name: break_glass_open
+insert into break_glass (id, actor_role, actor_sub, actor_partner, euo_id, user_sub, purpose,
+                         ticket, ends_at)
+values ($1, $2, $3, $4, $5, $6, $7, $8, $9)
+returning *;
+
+-- name: break_glass_end
+-- Ends a grant still in force; null when it had already ended.
+update break_glass set ended_at = now(), ended_by = $2
+ where id = $1 and ended_at is null and ends_at > now()
+returning *;
+
+-- name: break_glass_list
+-- $1: an EUO admin's EUO (or an EUO asked for), $2: a partner (its EUOs under an active
+-- contract); both null: every grant. Newest first.
+select * from break_glass g
+ where ($1::text is null or g.euo_id = $1)
+   and ($2::text is null or g.euo_id in (
+        select c.euo_id from contracts c
+         where c.partner_id = $2 and (c.contract_end is null or c.contract_end > current_date)))
+ order by g.created_at desc, g.id
+ limit 1000;

@@ -29,4 +29,6 @@ begin
     execute format('grant select, insert on audit_signing_keys to %I', runtime);
     execute format('grant select, insert on audit_checkpoints to %I', runtime);
     execute format('grant usage on sequence audit_checkpoints_id_seq to %I', runtime);
+    -- break-glass grants (018): opened and ended through the API
+    execute format('grant select, insert, update on break_glass to %I', runtime);
 end $$;

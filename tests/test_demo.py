@@ -9,6 +9,8 @@ import signal
 import socket
 import sys
 
+import orjson
+
 from .conftest import call
 
 
@@ -40,6 +42,16 @@ async def test_demo_prints_tokens_whose_curl_lines_show_what_each_role_sees(http
         assert outcomes["/telephony/euos/euo-umbrella"][0] == 403
         voicemail = outcomes["/telephony/euos/euo-acme/users/u-alice/voicemails/vm-u-alice-1"]
         assert voicemail[0] == 200 and voicemail[1].startswith(b"RIFF")
+        # the break-glass lines, in order: refused, opened, allowed
+        block = text[text.index("# provider staff: break-glass"):]
+        token = re.search(r"TOKEN=(\S+)", block).group(1)
+        sends = re.findall(r"curl -s -X (\w+) -H \"Authorization: Bearer \$TOKEN\" "
+                           r"-H 'Content-Type: application/json' -d '(\{.*?\})' (\S+)", block)
+        statuses = []
+        for method, body, url in sends:
+            status, _, answer = await call(http, method, url, token, json=orjson.loads(body))
+            statuses.append(status)
+        assert statuses == [403, 201, 200], answer
     finally:
         proc.send_signal(signal.SIGINT)
         async with asyncio.timeout(30):

@@ -49,8 +49,8 @@ def policy_dir(tmp_path):
 
 
 def add_roles(policy_dir, roles: str, lines: str = "") -> None:
-    with open(policy_dir / "roles.yaml", "a") as f:
-        f.write(roles)
+    path = policy_dir / "roles.yaml"
+    path.write_text(path.read_text().replace("\nroles:\n", "\nroles:\n" + roles.lstrip("\n"), 1))
     with open(policy_dir / "policy.csv", "a") as f:
         f.write(lines)
 

@@ -36,7 +36,7 @@ PUBLIC_FIELDS = ("at", "chain_id", "seq", "request_id", "actor_sub", "actor_role
                  "actor_euo", "method", "path", "service", "route", "data_sets", "fields_removed",
                  "subject_euo", "subject_users", "decision", "reason", "status", "bytes",
                  "duration_ms", "client_addr", "client_request_id", "requests", "trace_id",
-                 "policy_version")
+                 "policy_version", "break_glass")
 DOWNLOADS = {"text/csv": "csv", "application/x-ndjson": "ndjson"}
 
 
@@ -139,6 +139,7 @@ def public(row, principal: Principal | None = None) -> dict[str, Any]:
     out = {name: row[name] for name in PUBLIC_FIELDS}
     out["at"] = row["at"].isoformat()
     out["chain_id"] = str(row["chain_id"])
+    out["break_glass"] = str(row["break_glass"]) if row["break_glass"] else None
     if (principal is not None and principal.kind.tenant_claim is not None
             and not _same_organisation(row, principal)):
         # the trace id is the caller's to choose, like its request id: it could tie rows together
@@ -262,6 +263,8 @@ async def access_log(request: web.Request, principal: Principal, row: AuditRow):
                      "organisation": _organisation(catalog.roles, r)},
         "action": r["method"], "route": r["route"], "data_sets": r["data_sets"],
         "decision": r["decision"], "reason": r["reason"],
+        "break_glass": {"id": str(r["break_glass"]), "purpose": r["purpose"],
+                        "ticket": r["ticket"]} if r["break_glass"] else None,
     } for r in rows]
     next_cursor = encode_cursor(rows[-1]) if len(rows) == filters.limit else None
     return json_response({"accesses": entries, "next_cursor": next_cursor})

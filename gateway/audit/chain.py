@@ -34,14 +34,15 @@ HASHED = ("at", "chain_id", "seq", "request_id", "actor_sub", "actor_role", "act
           "subject_euo", "subject_users", "decision", "reason", "status", "bytes", "duration_ms",
           "client_addr",
           # added later (006_audit_row_v2.sql, 011_audit_trace_id.sql,
-          # 012_audit_policy_version.sql): trailing fields are
+          # 012_audit_policy_version.sql, 018_break_glass.sql): trailing fields are
           # hashed only up to the last one set, so rows written before a field existed
           # (null in it) still verify; a new field is only ever appended here
-          "client_request_id", "requests", "trace_id", "policy_version")
-_OPTIONAL = 4
+          "client_request_id", "requests", "trace_id", "policy_version", "break_glass")
+_OPTIONAL = 5
 
 
 _DURATION = HASHED.index("duration_ms")
+_BREAK_GLASS = HASHED.index("break_glass")
 
 
 def canonical(values: Sequence[Any]) -> bytes:
@@ -53,6 +54,8 @@ def canonical(values: Sequence[Any]) -> bytes:
     v[0] = v[0].astimezone(UTC)
     v[1] = str(v[1])          # asyncpg's UUID type and uuid.UUID print alike
     v[_DURATION] = float(v[_DURATION])
+    if v[_BREAK_GLASS] is not None:
+        v[_BREAK_GLASS] = str(v[_BREAK_GLASS])     # a UUID read back, text when written
     for _ in range(_OPTIONAL):
         if v[-1] is not None:
             break

@@ -70,6 +70,7 @@ class AuditRow:
     requests: int | None = None             # refusals counted into this one row (None: one)
     trace_id: str | None = None             # the W3C trace the request belongs to
     policy_version: str | None = None       # the policy in force when it was decided
+    break_glass: str | None = None          # the break-glass grant it was served under
 
 
 _REST_OF_ROW = operator.attrgetter(*HASHED[3:])   # the row's fields after at, chain_id, seq

@@ -144,6 +144,19 @@ async def _run(settings: Settings, dsn: str) -> None:
         token = mint_token(settings, role, sub, partner, euo, 8 * 3600)
         print(f"# {label}\n  TOKEN={token}\n  curl -s -H \"Authorization: Bearer $TOKEN\" "
               f"{base}{path}\n")
+    token = mint_token(settings, "provider_staff", "staff-sam", None, None, 8 * 3600)
+    send = "curl -s -X {} -H \"Authorization: Bearer $TOKEN\" -H 'Content-Type: application/json'"
+    print("# provider staff: break-glass. Correcting an organizer's profile is refused; open a\n"
+          "# 30-minute grant with purpose and ticket, and it is allowed and flagged in the audit\n"
+          "# rows, u-alice's access log and the EUO admin's GET /v1/break-glass\n"
+          f"  TOKEN={token}\n"
+          f"  {send.format('PATCH')} -d '{{\"language\": \"en\"}}' "
+          f"{base}/meeting/accounts/euo-acme/organizers/u-alice\n"
+          f"  {send.format('POST')} -d '{{\"euo\": \"euo-acme\", \"user\": \"u-alice\", "
+          f"\"purpose\": \"organizer locked out\", \"ticket\": \"INC-1234\", \"minutes\": 30}}' "
+          f"{base}/v1/break-glass\n"
+          f"  {send.format('PATCH')} -d '{{\"language\": \"en\"}}' "
+          f"{base}/meeting/accounts/euo-acme/organizers/u-alice\n")
     print(f"# Console: open {base}/console/ and paste one of these tokens (one per role)")
     for role, sub, partner, euo in CONSOLE:
         token = mint_token(settings, role, sub, partner, euo, 8 * 3600)

@@ -1,0 +1,191 @@
+"""Break-glass: a time-boxed grant with purpose and ticket unlocks what policy.csv gives the
+`break_glass` relation (never a (**) data set), flags every request under it, shows in the
+EUO admin's list and the touched user's access log, ends early on DELETE and on time."""
+
+from __future__ import annotations
+
+import shutil
+import uuid
+
+import orjson
+import pytest
+
+from gateway.authz import load_policy
+from gateway.catalog import PolicyError, load_catalog
+
+from .conftest import POLICY_DIR, call, gateway_settings, running_gateway, wait_for
+
+ORGANIZER = "/meeting/accounts/euo-acme/organizers/u-alice"
+
+
+def _code(body: bytes) -> str:
+    return orjson.loads(body)["error"]["code"]
+
+
+async def _open(http, base, token, **fields):
+    body = {"euo": "euo-acme", "user": "u-alice", "purpose": "locked-out organizer",
+            "ticket": f"INC-{uuid.uuid4().hex[:6]}", "minutes": 30} | fields
+    return await call(http, "POST", base + "/v1/break-glass", token, json=body)
+
+
+async def _same_language(http, base, token):
+    """PATCH the organizer's language to what it is (the demo's data stays as it was)."""
+    _, _, body = await call(http, "GET", base + ORGANIZER, token)
+    language = orjson.loads(body)["language"]
+    return await call(http, "PATCH", base + ORGANIZER, token, json={"language": language})
+
+
+async def test_a_grant_unlocks_its_lines_is_flagged_and_ends_on_delete(gateway, http, token_for,
+                                                                      db):
+    sub = f"staff-{uuid.uuid4().hex[:6]}"
+    staff = token_for(role="provider_staff", sub=sub)
+    status, _, body = await _same_language(http, gateway, staff)
+    assert status == 403 and _code(body) == "write_not_permitted"
+
+    status, _, body = await _open(http, gateway, staff)
+    assert status == 201, body
+    grant = orjson.loads(body)
+    assert grant["in_force"] and grant["euo"] == "euo-acme" and grant["user"] == "u-alice"
+    status, _, body = await _same_language(http, gateway, staff)
+    assert status == 200, body
+    # every request under it names it; a request about another user does not
+    status, _, _ = await call(http, "GET", gateway + ORGANIZER.replace("u-alice", "u-bob"), staff)
+    assert status == 200
+    flagged = await db.fetch(
+        "select method, route, subject_users from audit_log where break_glass = $1 order by at",
+        uuid.UUID(grant["id"]))
+    assert [r["method"] for r in flagged] == ["POST", "GET", "PATCH"]
+    assert all(r["subject_users"] == ["u-alice"] for r in flagged)
+    for accept in ("application/json", "text/csv"):    # the audit API shows it too
+        status, _, body = await call(http, "GET", f"{gateway}/v1/audit?actor={sub}", staff,
+                                     headers={"Accept": accept})
+        assert status == 200 and body.count(grant["id"].encode()) == 3, body
+
+    # Alice sees it with purpose and ticket; the EUO's admin lists it, another EUO's does not
+    async def alice_sees():
+        _, _, body = await call(http, "GET", gateway + "/v1/me/access-log?limit=50",
+                                token_for("alice"))
+        return [a for a in orjson.loads(body)["accesses"]
+                if a["break_glass"] and a["break_glass"]["id"] == grant["id"]]
+    seen = await wait_for(alice_sees)
+    assert seen and {a["action"] for a in seen} >= {"PATCH"}
+    assert seen[0]["break_glass"]["ticket"] == grant["ticket"]
+    assert seen[0]["break_glass"]["purpose"] == "locked-out organizer"
+    _, _, body = await call(http, "GET", gateway + "/v1/break-glass", token_for("admin"))
+    assert grant["id"] in [g["id"] for g in orjson.loads(body)["grants"]]
+    other = token_for(role="euo_admin", sub="boss@globex", euo="euo-globex")
+    _, _, body = await call(http, "GET", gateway + "/v1/break-glass", other)
+    assert grant["id"] not in [g["id"] for g in orjson.loads(body)["grants"]]
+    status, _, body = await call(http, "DELETE", f"{gateway}/v1/break-glass/{grant['id']}", other)
+    assert status == 404 and _code(body) == "no_such_grant"
+
+    # the EUO's admin ends it: at once, for this process
+    status, _, body = await call(http, "DELETE", f"{gateway}/v1/break-glass/{grant['id']}",
+                                 token_for("admin"))
+    assert status == 200 and not orjson.loads(body)["in_force"]
+    assert orjson.loads(body)["ended_by"] == "euo_admin:admin@acme"
+    status, _, body = await _same_language(http, gateway, staff)
+    assert status == 403 and _code(body) == "write_not_permitted"
+
+
+async def test_a_grant_covers_only_its_euo_and_user(gateway, http, token_for):
+    staff = token_for(role="provider_staff", sub=f"staff-{uuid.uuid4().hex[:6]}")
+    status, _, body = await _open(http, gateway, staff, user="u-bob")
+    assert status == 201, body
+    status, _, body = await _same_language(http, gateway, staff)     # Alice's: not covered
+    assert status == 403
+    status, _, body = await _open(http, gateway, staff, euo="euo-globex", user=None)
+    assert status == 201
+    status, _, body = await _same_language(http, gateway, staff)     # another EUO's grant
+    assert status == 403
+
+
+@pytest.mark.parametrize(("caller", "fields", "status", "code"), [
+    ("staff", {"minutes": 241}, 400, "invalid_break_glass"),
+    ("staff", {"minutes": 0}, 400, "invalid_break_glass"),
+    ("staff", {"minutes": "30"}, 400, "invalid_break_glass"),
+    ("staff", {"ticket": "  "}, 400, "invalid_break_glass"),
+    ("staff", {"purpose": None}, 400, "invalid_text"),
+    ("staff", {"euo": "../x"}, 400, "bad_identifier"),
+    ("admin", {}, 403, "role_not_permitted"),
+    ("alice", {}, 403, "role_not_permitted"),
+    ("partner", {}, 403, "role_not_permitted"),
+])
+async def test_what_break_glass_refuses(gateway, http, token_for, caller, fields, status, code):
+    got, _, body = await _open(http, gateway, token_for(caller), **fields)
+    assert (got, _code(body)) == (status, code)
+
+
+async def test_a_grant_ends_on_time_without_a_notification(gateway, http, token_for, db):
+    staff = token_for(role="provider_staff", sub=f"staff-{uuid.uuid4().hex[:6]}")
+    status, _, body = await _open(http, gateway, staff)
+    assert status == 201
+    gid = uuid.UUID(orjson.loads(body)["id"])
+    assert (await _same_language(http, gateway, staff))[0] == 200
+    # shorten it to end a moment from now (the trigger tells the mirror the new end)
+    await db.execute("update break_glass set ends_at = now() + interval '1 second' "
+                     "where id = $1", gid)
+
+    async def refused():
+        return (await _same_language(http, gateway, staff))[0] == 403
+    assert await wait_for(refused, timeout=10)
+
+
+async def test_a_grant_opened_in_one_process_is_in_force_in_another(backends, database_url,
+                                                                    gateway, http, token_for):
+    staff = token_for(role="provider_staff", sub=f"staff-{uuid.uuid4().hex[:6]}")
+    async with running_gateway(gateway_settings(backends["urls"]), database_url) as other:
+        assert (await _same_language(http, other, staff))[0] == 403
+        status, _, body = await _open(http, gateway, staff)
+        assert status == 201
+
+        async def unlocked():
+            return (await _same_language(http, other, staff))[0] == 200
+        assert await wait_for(unlocked, timeout=10)
+        grant = orjson.loads(body)["id"]
+        status, _, _ = await call(http, "DELETE", f"{gateway}/v1/break-glass/{grant}", staff)
+        assert status == 200
+
+        async def locked():
+            return (await _same_language(http, other, staff))[0] == 403
+        assert await wait_for(locked, timeout=10)
+
+
+@pytest.fixture
+def policy_dir(tmp_path):
+    target = tmp_path / "policies"
+    shutil.copytree(POLICY_DIR, target)
+    return target
+
+
+def test_break_glass_can_never_unlock_a_hidden_data_set(policy_dir):
+    with open(policy_dir / "policy.csv", "a") as f:
+        f.write("p, provider_staff, break_glass, voicemails, read\n")
+    with pytest.raises(PolicyError, match="provider_staff may read voicemails, which "
+                                          "datasets.yaml marks"):
+        load_policy(policy_dir, load_catalog(policy_dir))
+
+
+@pytest.mark.parametrize(("change", "message"), [
+    (("    gateway_api: [audit, requests]\n", "    gateway_api: [audit, requests]\n"
+      "    break_glass: true\n"), "not an EUO's own people"),
+    (("break_glass:\n  max_minutes: 240\n", ""), "max_minutes: N}` is not set"),
+    (("  max_minutes: 240\n", "  max_minutes: 99999\n"), "max_minutes must be 1 to 10080"),
+])
+def test_break_glass_settings_are_checked(policy_dir, change, message):
+    path = policy_dir / "roles.yaml"
+    text = path.read_text()
+    old, new = change
+    assert old in text
+    # the EUO admin's entry is the second with these API groups (the partner's is first)
+    at = text.rindex(old) if "gateway_api" in old else text.index(old)
+    path.write_text(text[:at] + new + text[at + len(old):])
+    with pytest.raises(PolicyError, match=message):
+        load_catalog(policy_dir)
+
+
+def test_a_line_for_break_glass_needs_a_role_that_may_open_grants(policy_dir):
+    with open(policy_dir / "policy.csv", "a") as f:
+        f.write("p, partner, break_glass, user_name, read\n")
+    with pytest.raises(PolicyError, match="partner can never hold relation 'break_glass'"):
+        load_policy(policy_dir, load_catalog(policy_dir))
