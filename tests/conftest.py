@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
+import shutil
 import socket
 import subprocess
 import sys
@@ -193,6 +194,14 @@ async def wait_for(predicate, timeout: float = 3.0):
 
 
 POLICY_DIR = Path(DEFAULT_POLICY_DIR)
+
+
+@pytest.fixture
+def policy_dir(tmp_path) -> Path:
+    """A writable copy of the shipped policies."""
+    target = tmp_path / "policies"
+    shutil.copytree(POLICY_DIR, target)
+    return target
 
 
 def free_port() -> int:

@@ -4,7 +4,6 @@ EUO admin's list and the touched user's access log, ends early on DELETE and on 
 
 from __future__ import annotations
 
-import shutil
 import uuid
 
 import orjson
@@ -13,7 +12,7 @@ import pytest
 from gateway.authz import load_policy
 from gateway.catalog import PolicyError, load_catalog
 
-from .conftest import POLICY_DIR, call, gateway_settings, running_gateway, wait_for
+from .conftest import call, gateway_settings, running_gateway, wait_for
 
 ORGANIZER = "/meeting/accounts/euo-acme/organizers/u-alice"
 
@@ -149,13 +148,6 @@ async def test_a_grant_opened_in_one_process_is_in_force_in_another(backends, da
         async def locked():
             return (await _same_language(http, other, staff))[0] == 403
         assert await wait_for(locked, timeout=10)
-
-
-@pytest.fixture
-def policy_dir(tmp_path):
-    target = tmp_path / "policies"
-    shutil.copytree(POLICY_DIR, target)
-    return target
 
 
 def test_break_glass_can_never_unlock_a_hidden_data_set(policy_dir):

@@ -3,7 +3,6 @@ table and catalog are data: a new data set, route or service needs no Python cha
 
 from __future__ import annotations
 
-import shutil
 import subprocess
 import sys
 
@@ -17,14 +16,6 @@ from gateway.demo.run import seed_contracts, start_site
 from gateway.settings import ConfigError, Settings
 
 from .conftest import POLICY_DIR, call, gateway_settings, running_gateway
-
-
-@pytest.fixture
-def policy_dir(tmp_path):
-    """A writable copy of the shipped policies."""
-    target = tmp_path / "policies"
-    shutil.copytree(POLICY_DIR, target)
-    return target
 
 
 def load(path):

@@ -41,13 +41,6 @@ PARTNER_SUPPORT = """
 """
 
 
-@pytest.fixture
-def policy_dir(tmp_path):
-    target = tmp_path / "policies"
-    shutil.copytree(POLICY_DIR, target)
-    return target
-
-
 def add_roles(policy_dir, roles: str, lines: str = "") -> None:
     path = policy_dir / "roles.yaml"
     path.write_text(path.read_text().replace("\nroles:\n", "\nroles:\n" + roles.lstrip("\n"), 1))
