@@ -145,7 +145,8 @@ async def test_metrics_add_up_across_workers_whichever_answers(backends, databas
         assert samples(text, "gateway_audit_queue_rows")[""] >= 0
         assert samples(text, "gateway_db_pool_connections_in_use")[""] >= 1   # a lane at least
         staleness = samples(text, "gateway_mirror_staleness_seconds")
-        assert set(staleness) == {'{mirror="contracts"}', '{mirror="restrictions"}'}
+        assert set(staleness) == {'{mirror="contracts"}', '{mirror="restrictions"}',
+                                  '{mirror="break_glass"}'}
         assert all(0 <= s < 10 for s in staleness.values())
 
         [shared] = temp.glob("gateway-metrics-*")
