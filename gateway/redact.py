@@ -191,6 +191,7 @@ class _Walker:
         # the data sets already counted as withheld for retention in the current element
         # (a list item, or the document): a record counts once, not once per field
         self.element: set[str] = set()
+        self.in_item = False              # inside a list item (not the document itself)
         self.retained = 0                 # elements withheld for retention so far
         self.role = role
         self.me = me                   # the viewer's sub when they are a data subject
@@ -223,13 +224,14 @@ class _Walker:
                 raise Unmappable(f"{path or 'body'} is not a list")
             kept = []
             retained = self.retained
-            outer = self.element
+            outer, in_item = self.element, self.in_item
+            self.in_item = True
             for item in value:
                 self.element = set()
                 r = self.value(item, node.item, relations, path + "[]")
                 if r is not _DROP:
                     kept.append(r)
-            self.element = outer
+            self.element, self.in_item = outer, in_item
             if value and not kept and not _decides_relations(node.item) \
                     and self.retained == retained:
                 return _DROP    # filtered by permission, not by whose it is: the field goes
@@ -330,10 +332,10 @@ class _Walker:
         return dead.union(gone) if gone else dead
 
     def past_retention(self, value: Any, data_set: str, path: str) -> Any:
-        """Withhold a value past its data set's retention; count it once per element (a
-        value that is itself a list counts its items)."""
+        """Withhold a value past its data set's retention; count it once per element (a list
+        item, or the document; a list value of the document itself counts its items)."""
         self.outcome.removed.add(path or "body")
-        if isinstance(value, list):
+        if isinstance(value, list) and not self.in_item:
             n = len(value)
         elif data_set in self.element:
             n = 0

@@ -239,7 +239,7 @@ select * from break_glass g
 -- the receipts of the audit rows in [$1, $2): per backend service, route and data set, how
 -- many elements were withheld, in how many requests, about how many EUOs, first and last seen.
 select a.service, a.route, r.key as reason, d.key as data_set,
-       sum(d.value::bigint) as elements, count(*) as requests,
+       sum(d.value::bigint)::bigint as elements, count(*) as requests,
        count(distinct a.subject_euo) as euos,
        (array_agg(distinct a.subject_euo))[1:20] as some_euos,
        min(a.at) as first_seen, max(a.at) as last_seen
