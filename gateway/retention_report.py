@@ -61,7 +61,7 @@ async def report(conn: asyncpg.Connection | asyncpg.Pool, start: datetime, end: 
             for r in rows]
 
 
-@api("/v1/admin/retention", roles=("provider_staff",))
+@api("/v1/admin/retention", "retention")
 async def retention_view(request: web.Request, principal: Principal, row: AuditRow) -> web.Response:
     """GET /v1/admin/retention[?from=&to=]: the retention report over a window."""
     try:

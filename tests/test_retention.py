@@ -130,11 +130,22 @@ def _months_ago(months: int, days: int = 0) -> date:
     return Duration(months=-months).after(now().date()) + timedelta(days=days)
 
 
+# a partner and an EUO of these tests alone (audit scopes follow contract history)
+RET_PARTNER = dict(role="partner", sub="pat@retention", partner="p-retention")
+
+
 async def _contract(http, gw, token_for, euo: str, end: date | None) -> None:
     status, _, body = await call(http, "PUT", f"{gw}/v1/admin/euos/{euo}", token_for("staff"),
-                                 json={"partner_id": "p-northwind",
+                                 json={"partner_id": "p-retention",
                                        "contract_end": end.isoformat() if end else None})
     assert status == 200, body
+
+
+@pytest.fixture
+async def euo_ret(hostile_gateway, http, token_for):
+    """euo-ret, whose contract each test sets; deleted afterwards."""
+    yield "euo-ret"
+    await call(http, "DELETE", f"{hostile_gateway[0]}/v1/admin/euos/euo-ret", token_for("staff"))
 
 
 def _euo_answer(euo):
@@ -142,7 +153,7 @@ def _euo_answer(euo):
         p = request.path
         if p == f"/euos/{euo}":
             return {"id": euo, "name": "Retained SA", "postal_address": "Somewhere 1",
-                    "partner_id": "p-northwind"}
+                    "partner_id": "p-retention"}
         if p.endswith("/directory"):
             return {"entries": [{"name": "Reception", "number": "+3220000000"}]}
         if p.endswith("/cdrs"):
@@ -164,7 +175,7 @@ CONTRACT_ROLES = [
 
 @pytest.mark.parametrize("who", CONTRACT_ROLES, ids=lambda w: w["role"])
 async def test_euo_identity_and_call_history_go_6_months_after_the_contract(
-        hostile_gateway, http, token_for, db, who):
+        hostile_gateway, http, token_for, db, who, euo_ret):
     gw, backend = hostile_gateway
     backend.answer(_euo_answer("euo-ret"))
     token = token_for(**who)
@@ -184,18 +195,19 @@ async def test_euo_identity_and_call_history_go_6_months_after_the_contract(
     assert (await receipt(db, headers))["retention"] == {"call_history": 1}
 
 
-async def test_a_partner_sees_nothing_after_the_contract(hostile_gateway, http, token_for):
+async def test_a_partner_sees_nothing_after_the_contract(hostile_gateway, http, token_for,
+                                                        euo_ret):
     gw, backend = hostile_gateway
     backend.answer(_euo_answer("euo-ret"))
     await _contract(http, gw, token_for, "euo-ret", _months_ago(6))
     status, _, body = await call(http, "GET", gw + "/telephony/euos/euo-ret",
-                                 token_for("partner"))
+                                 token_for(**RET_PARTNER))
     assert status == 403 and b"Retained" not in body
 
 
 @pytest.mark.parametrize("who", CONTRACT_ROLES[:2], ids=lambda w: w["role"])
 async def test_directory_and_recordings_go_at_contract_end(hostile_gateway, http, token_for, db,
-                                                          who):
+                                                          who, euo_ret):
     gw, backend = hostile_gateway
     backend.answer(_euo_answer("euo-ret"))
     token = token_for(**who)
@@ -212,7 +224,7 @@ async def test_directory_and_recordings_go_at_contract_end(hostile_gateway, http
         assert status == 410 and orjson.loads(body)["error"]["code"] == "retention_expired"
 
 
-async def test_an_open_ended_contract_cuts_nothing(hostile_gateway, http, token_for):
+async def test_an_open_ended_contract_cuts_nothing(hostile_gateway, http, token_for, euo_ret):
     gw, backend = hostile_gateway
     backend.answer(_euo_answer("euo-ret"))
     await _contract(http, gw, token_for, "euo-ret", None)
@@ -381,15 +393,17 @@ def test_a_missing_rule_or_age_field_is_refused(tmp_path):
         load_catalog(policy)
 
 
-def test_gateway_check_names_a_bad_rule(tmp_path):
+async def test_gateway_check_names_a_bad_rule(tmp_path):
+    """(In a thread: the session's gateways keep their mirrors' heartbeats meanwhile.)"""
     policy = tmp_path / "policy"
     shutil.copytree(POLICY_DIR, policy)
     doc = (policy / "datasets.yaml").read_text()
     (policy / "datasets.yaml").write_text(doc.replace("{keep: 180 days}", "{keep: 180 weeks}"))
-    done = subprocess.run([sys.executable, "-m", "gateway", "check"],
-                          env={"PATH": "/usr/bin:/bin", "GATEWAY_POLICY_DIR": str(policy),
-                               "GATEWAY_DATA_DIR": str(tmp_path)},
-                          capture_output=True, text=True, timeout=60)
+    done = await asyncio.to_thread(
+        subprocess.run, [sys.executable, "-m", "gateway", "check"],
+        env={"PATH": "/usr/bin:/bin", "GATEWAY_POLICY_DIR": str(policy),
+             "GATEWAY_DATA_DIR": str(tmp_path)},
+        capture_output=True, text=True, timeout=60)
     assert done.returncode == 2
     assert "datasets.yaml: connection_statistics: retention_rule.keep" in done.stdout + done.stderr
 
