@@ -94,6 +94,14 @@ def main(argv: list[str] | None = None) -> int:
         q.add_argument(f"--{name}", help=what)
     q.add_argument("--format", choices=("ndjson", "csv"), default="ndjson",
                    help="NDJSON (default) or CSV (formula cells neutralised)")
+    retention = sub.add_parser("retention", help="what backends served past retention")
+    retention_sub = retention.add_subparsers(dest="retention_command", required=True)
+    rep = retention_sub.add_parser("report", help="per backend service, route and data set: "
+                                   "elements withheld for retention (or anonymised), requests, "
+                                   "EUOs, first and last seen; NDJSON")
+    rep.add_argument("--from", dest="since",
+                     help="ISO 8601 time with zone (inclusive; default 30 days before --to)")
+    rep.add_argument("--to", dest="until", help="ISO 8601 time with zone (exclusive; default now)")
     contracts = sub.add_parser("contracts", help="the partner <-> EUO contracts")
     contracts_sub = contracts.add_subparsers(dest="contracts_command", required=True)
     contracts_sub.add_parser("list", help="print every contract as NDJSON (euo_id, partner_id, "
@@ -129,6 +137,10 @@ def main(argv: list[str] | None = None) -> int:
             return _with_database(settings, lambda dsn: cli.run(dsn, settings, args))
         if args.command == "contracts":
             return _with_database(settings, _list_contracts)
+        if args.command == "retention":
+            from . import retention_report
+            return _with_database(settings, lambda dsn: retention_report.cli(dsn, args.since,
+                                                                             args.until))
         if args.command == "token":
             print(mint_token(settings, args.role, args.sub, args.partner, args.euo, args.ttl))
             return 0

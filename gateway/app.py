@@ -20,7 +20,7 @@ import yaml
 from aiohttp import web
 
 from . import break_glass as break_glass_api
-from . import console, export, pipeline, subject_requests
+from . import console, export, pipeline, retention_report, subject_requests
 from .access_log import AccessLog
 from .audit import AuditRow, AuditWriter
 from .audit import api as audit_api
@@ -41,6 +41,7 @@ from .policyset import PolicySet, load_policy_set
 from .principal import Principal
 from .proxy import PRIVATE, Backends
 from .restrictions import RestrictionCache
+from .retention import OWN_EXPORT_DECISION, OWN_EXPORT_EXEMPT
 from .settings import Settings
 
 log = logging.getLogger("gateway")
@@ -81,6 +82,7 @@ def create_app(settings: Settings, dsn: str, reload_on_sighup: bool = False,
     break_glass_api.add_routes(app)
     export.add_routes(app)
     console.add_routes(app)
+    retention_report.add_routes(app)
     app[POLICY_SET] = policy_set
     if reload_on_sighup:
         app.on_startup.append(_reload_on_sighup(settings))
@@ -316,7 +318,9 @@ async def catalog_view(request: web.Request, principal: Principal, row: AuditRow
         entry["visible_to"] = policy.who_may(ds.name)
         out.append(entry)
     return json_response({"policy_version": gw.policy_version, "data_sets": out,
-                          "roles": [role.public() for role in gw.catalog.roles.values()]})
+                          "roles": [role.public() for role in gw.catalog.roles.values()],
+                          "retention": {"own_export_exempt": OWN_EXPORT_EXEMPT,
+                                        "decision": OWN_EXPORT_DECISION}})
 
 
 @api("/v1/admin/euos", "contracts")

@@ -9,6 +9,7 @@ from typing import Any
 
 import yaml
 
+from .retention import Rule, RuleError, parse_rule
 from .roles import COLUMNS, Role, RoleError, load_break_glass, load_roles
 
 RELATIONS = ("any", "contracted_partner", "same_euo", "self", "organizer", "author",
@@ -39,12 +40,13 @@ class DataSet:
     mandatory: bool
     hidden_from: frozenset[str]
     subject: str
-    anonymise_after_days: int | None = None
+    rule: Rule | None = None           # the retention as data (retention.py)
 
     def public(self) -> dict[str, Any]:
         return {
             "name": self.name, "service": list(self.service), "seed": self.seed,
             "purpose": self.purpose, "retention": self.retention,
+            "retention_rule": self.rule.public() if self.rule else None,
             "collected_by": self.collected_by, "mandatory": self.mandatory,
             "hidden_from": sorted(self.hidden_from), "subject": self.subject,
         }
@@ -67,7 +69,6 @@ class ListOf:
 class Mask:
     data_set: str
     fields: tuple[str, ...]
-    age_field: str
 
 
 @dataclass(frozen=True, eq=False)
@@ -78,6 +79,9 @@ class ObjectOf:
     mask: Mask | None = None
     # (field, parameter): the field must equal the request's parameter when it has one
     binds: tuple[tuple[str, str], ...] = ()
+    age: str | None = None             # the field holding the element's own time
+    # the data sets of this object's own fields whose retention counts from that time
+    aged: tuple[str, ...] = ()
 
 
 Node = Leaf | ListOf | ObjectOf
@@ -107,6 +111,10 @@ class Route:
     top_decided: bool
     binds: bool = False                         # some object of the answer is bound to a parameter
     media_types: tuple[str, ...] = ()           # what a binary answer may be ("type/*" allowed)
+    # (data set, rule) of the route's data sets with a retention the gateway applies
+    rules: tuple[tuple[str, Rule], ...] = ()
+    # a file served only while its list's element is served to the caller: (route, list field)
+    listed_in: tuple[Route, str] | None = None
 
     def allows_media_type(self, media_type: str) -> bool:
         """Whether a binary answer of this (lower-case) type may pass."""
@@ -190,7 +198,33 @@ def load_catalog(policy_dir: Path) -> Catalog:
                       break_glass_max)
     for route in routes:
         _insert(catalog._trie, route)
+    for i, spec in enumerate(raw_routes.get("routes") or []):
+        if "listed_in" in spec:
+            _listed_in(catalog, routes[i], spec["listed_in"], f"routes[{i}]")
     return catalog
+
+
+def _listed_in(catalog: Catalog, route: Route, raw: Any, where: str) -> None:
+    """`listed_in: {path, list}`: the file `{id}` is served only while the list route (same
+    service, its parameters among this route's) serves the caller an element of `list`
+    whose `id` is it; the file's data sets are then that element's."""
+    if not isinstance(raw, dict) or set(raw) != {"path", "list"}:
+        raise PolicyError(f"routes.yaml: {where}: listed_in is {{path, list}}")
+    segments = [s for s in str(raw["path"]).split("/") if s]
+    found = next((r for r in catalog.routes if r.service == route.service
+                  and r.path == "/" + "/".join(segments) and "GET" in r.methods), None)
+    if found is None or found.body is None:
+        raise PolicyError(f"routes.yaml: {where}: listed_in names no JSON route {raw['path']!r}")
+    if not set(found.param_names) <= set(route.param_names) or "id" not in route.param_names:
+        raise PolicyError(f"routes.yaml: {where}: listed_in: the list's parameters must be "
+                          "this route's, and this route must have an {id}")
+    body = found.body
+    lst = body.fields.get(raw["list"]) if isinstance(body, ObjectOf) else None
+    if not (isinstance(lst, ListOf) and isinstance(lst.item, ObjectOf)
+            and lst.item.fields.get("id") == Leaf(None)):
+        raise PolicyError(f"routes.yaml: {where}: listed_in: {raw['list']!r} is not a list of "
+                          "objects with an `id` identifier")
+    object.__setattr__(route, "listed_in", (found, str(raw["list"])))
 
 
 def _grammars(raw: Any) -> dict[str, re.Pattern]:
@@ -232,10 +266,12 @@ def _data_set(name: str, spec: Any) -> DataSet:
             purpose=str(spec["purpose"]), retention=str(spec["retention"]),
             collected_by=str(spec["collected_by"]), mandatory=bool(spec["mandatory"]),
             hidden_from=hidden, subject=str(spec["subject"]),
-            anonymise_after_days=spec.get("anonymise_after_days"),
+            rule=parse_rule(spec["retention_rule"]),
         )
     except KeyError as e:
         raise PolicyError(f"datasets.yaml: {name}: missing {e.args[0]}") from None
+    except RuleError as e:
+        raise PolicyError(f"datasets.yaml: {name}: {e}") from None
     if not hidden <= set(COLUMNS):
         raise PolicyError(f"datasets.yaml: {name}: hidden_from names columns of the data-set "
                           f"table ({', '.join(COLUMNS)}), not {sorted(hidden - set(COLUMNS))}")
@@ -280,21 +316,45 @@ class _ShapeBuilder:
                 for ds in by["values"].values():
                     self._known(ds, where)
                 dataset_by = (by["field"], dict(by["values"]))
+            age = spec.get("age")
+            if age is not None and age not in fields:
+                raise PolicyError(f"routes.yaml: {where}: age names {age!r}, which is not a "
+                                  "field of this object")
             mask = None
             if "mask" in spec:
                 m = spec["mask"]
                 self._known(m["data_set"], where)
-                if self.data_sets[m["data_set"]].anonymise_after_days is None:
+                rule = self.data_sets[m["data_set"]].rule
+                if rule is None or rule.anonymise_after is None:
                     raise PolicyError(f"routes.yaml: {where}: {m['data_set']} has no "
-                                      "anonymise_after_days in datasets.yaml")
-                mask = Mask(m["data_set"], tuple(m["fields"]), m["age_field"])
+                                      "retention_rule.anonymise_after in datasets.yaml")
+                if age is None:
+                    raise PolicyError(f"routes.yaml: {where}: a mask needs the object's age field")
+                mask = Mask(m["data_set"], tuple(m["fields"]))
             binds = tuple((spec.get("binds") or {}).items())
             for fld, _param in binds:
                 if fields.get(fld) != Leaf(None):
                     raise PolicyError(f"routes.yaml: {where}: binds {fld!r}, which is not "
                                       "an identifier field of this object")
-            return ObjectOf(fields, tuple(subject), dataset_by, mask, binds)
+            own = {c.data_set for c in fields.values() if isinstance(c, Leaf) and c.data_set}
+            if dataset_by is not None:
+                own.update(dataset_by[1].values())
+            aged = tuple(sorted(ds for ds in own if self._aged(ds)))
+            if aged and age is None:
+                raise PolicyError(f"routes.yaml: {where}: the retention of {', '.join(aged)} "
+                                  "counts from each element's time: name its field (age:)")
+            for fld, child in fields.items():
+                if isinstance(child, ListOf) and isinstance(child.item, Leaf) and \
+                        child.item.data_set and self._aged(child.item.data_set):
+                    raise PolicyError(f"routes.yaml: {where}.{fld}: the retention of "
+                                      f"{child.item.data_set} counts from each element's time, "
+                                      "which a list of plain values cannot give")
+            return ObjectOf(fields, tuple(subject), dataset_by, mask, binds, age, aged)
         raise PolicyError(f"routes.yaml: {where}: unknown shape {spec!r}")
+
+    def _aged(self, ds: str) -> bool:
+        rule = self.data_sets[ds].rule
+        return rule is not None and rule.by_element
 
     def _known(self, ds: str, where: str) -> None:
         if ds not in self.data_sets:
@@ -357,9 +417,18 @@ def _route(i: int, spec: dict, builder: _ShapeBuilder, grammars: dict[str, re.Pa
         _walk(body, found, nested, top=True)
     if "euo" not in subject:
         raise PolicyError(f"routes.yaml: {where}: every route names its EUO parameter")
+    rules = tuple((ds, builder.data_sets[ds].rule) for ds in sorted(found)
+                  if builder.data_sets[ds].rule is not None
+                  and (builder.data_sets[ds].rule.enforced
+                       or builder.data_sets[ds].rule.anonymise_after is not None))
+    aged = [ds for ds in binary if builder._aged(ds)]
+    if aged and "listed_in" not in spec:
+        raise PolicyError(f"routes.yaml: {where}: the retention of {', '.join(aged)} counts "
+                          "from each element's time, which a file cannot give: name the list "
+                          "that lists it (listed_in:)")
     return Route(service, "/" + "/".join(segments), methods, params, param_grammars, query,
                  subject.get("euo"), subject.get("user"), body, binary, frozenset(found),
-                 frozenset(top | nested), bool(top), _binds(body), media_types)
+                 frozenset(top | nested), bool(top), _binds(body), media_types, rules)
 
 
 def _binds(node: Node | None) -> bool:

@@ -33,6 +33,13 @@ class ContractCache(NotifiedCache):
             return None
         return partner
 
+    def contract_end(self, euo: str) -> date | None:
+        """The day this EUO's contract ends (or ended); None while open-ended or when the
+        EUO has no contract. Raises 503 while the mirror cannot be trusted."""
+        self.check_fresh()
+        entry = self._by_euo.get(euo)
+        return entry[1] if entry is not None else None
+
     def remember(self, euo: str, partner: str | None, end: date | None) -> None:
         """Record a change this process made itself (others hear of it by NOTIFY)."""
         if partner is None:

@@ -19,6 +19,7 @@ import asyncio
 import os
 from collections.abc import Mapping
 
+import orjson
 from aiohttp import web
 from prometheus_client import (
     CONTENT_TYPE_LATEST,
@@ -62,6 +63,10 @@ class Metrics:
         self.batch_seconds = Histogram("gateway_audit_commit_seconds",
                                        "Time from taking an audit batch to its COMMIT",
                                        registry=r, buckets=_LATENCY)
+        self.retention = Counter("gateway_retention_withheld",
+                                 "Elements a backend served past their data set's retention and "
+                                 "the gateway withheld, by data set and backend service",
+                                 ("data_set", "service"), registry=r)
         # gauges are per process; across workers, summed (or the worst mirror), live ones only
         self.queue = Gauge("gateway_audit_queue_rows", "Audit rows waiting for a lane",
                            registry=r, multiprocess_mode="livesum")
@@ -89,6 +94,10 @@ class Metrics:
         duration.observe(row.duration_ms / 1000)
         if refusals is not None:
             refusals.inc()
+        if row.withheld is not None:
+            retention = orjson.loads(row.withheld).get("retention")
+            for data_set, n in (retention or {}).items():
+                self.retention.labels(data_set, row.service or "none").inc(n)
 
     def _labelled(self, route: str | None, decision: str, status: int, reason: str | None):
         route = route or "unmatched"

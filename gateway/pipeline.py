@@ -11,9 +11,11 @@ was refused; a caller without a valid token is only counted (see call.py).
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
+from datetime import datetime
 from functools import lru_cache
 from typing import TYPE_CHECKING, Any
 
@@ -31,8 +33,19 @@ from .errors import Denied
 from .grammar import CONTROL, MAX_TEXT
 from .principal import Principal
 from .proxy import CHUNK, PRIVATE, Backends, binary_headers, forward_headers, traceparent
-from .redact import RedactionPlan, SubjectMismatch, Unmappable, check_shape, make_plan, now_utc, redact
+from .redact import (
+    RETENTION,
+    RedactionPlan,
+    SubjectMismatch,
+    Unmappable,
+    check_shape,
+    make_plan,
+    now_utc,
+    receipt,
+    redact,
+)
 from .restrictions import RestrictionCache
+from .retention import Cutoffs, cutoffs
 from .target import Matched, Targets
 
 if TYPE_CHECKING:
@@ -76,6 +89,11 @@ class Gateway:
 
     def _plan(self, route: Route, role: str, relations: frozenset[str]) -> RedactionPlan:
         return make_plan(route, role, relations, self.catalog, self.policy.granted)
+
+    def cutoffs(self, route: Route, params: Mapping[str, str], now: datetime) -> Cutoffs:
+        """The retention cut-offs of one request (the contract end looked up at most once;
+        a stale contracts mirror refuses with 503)."""
+        return cutoffs(route.rules, params[route.subject_euo], now, self.contracts.contract_end)
 
     def call(self, request: web.Request) -> Call:
         """A new audited call for this HTTP request."""
@@ -216,16 +234,18 @@ async def read_json(gw: Gateway, target: Target, upstream, call: Call,
     headers["Content-Type"] = "application/json"
     route, principal = target.route, target.principal
     plan = gw.plan(route, principal.role, target.relations)
+    now = now_utc()
+    cut = gw.cutoffs(route, target.params, now)
     try:
         document = orjson.loads(raw)
-        if plan.passthrough and target.blocked is None:
+        if plan.passthrough and target.blocked is None and not cut.expired & route.data_sets:
             # nothing to remove, but the shape and subject are checked all the same, and
             # what was checked is what is sent: re-encoded, so no parser differential
             # (a duplicate key, say) can show the client something else
             check_shape(document, route.body, target.params, gw.catalog.identifier)
             return JsonAnswer(status, headers, document, served=list(plan.visible))
         redacted, outcome = redact(document, plan, principal.sub, gw.catalog, gw.policy.granted,
-                                   now_utc(), target.blocked, target.params)
+                                   now, target.blocked, target.params, cut)
     except SubjectMismatch as e:
         log.warning("request %s: the backend answered about someone else (%s)",
                     call.row.request_id, e)
@@ -238,6 +258,7 @@ async def read_json(gw: Gateway, target: Target, upstream, call: Call,
         raise Denied(403, "dataset_not_permitted", "you may not see any data of this resource")
     if outcome.subjects:
         call.row.subject_users = sorted(outcome.subjects | set(call.row.subject_users))
+    call.row.withheld = receipt(outcome.withheld)
     return JsonAnswer(status, headers, redacted, sorted(outcome.served), sorted(outcome.removed))
 
 
@@ -334,11 +355,68 @@ async def _stream(request: web.Request, gw: Gateway, target: Target, call: Call,
         raise Denied(503, "streams_busy", "too many files are being downloaded; try again shortly")
     gw.streams += 1
     try:
+        served = sorted(target.route.binary)
+        if target.action == "read":
+            served = await _file_data_sets(gw, target, request, call, deadline)
         upstream = await send(gw, target, request.method, request.headers, call, request.remote,
                               deadline)
-        return await _copy(request, target.route, upstream, call)
+        return await _copy(request, target.route, upstream, call, served)
     finally:
         gw.streams -= 1
+
+
+async def _file_data_sets(gw: Gateway, target: Target, request: web.Request, call: Call,
+                          deadline: float) -> list[str]:
+    """The data sets a file would serve, or a refusal: 410 `retention_expired` when its data
+    set is past retention for this EUO; for a file whose data set (and time) only its list
+    entry tells (`listed_in`, a fax), that entry is fetched and redacted for the caller
+    first, and the file is served only if the entry would be."""
+    route = target.route
+    cut = gw.cutoffs(route, target.params, now_utc())
+    if cut.expired & set(route.binary):
+        raise Denied(410, "retention_expired", "this file is past its data set's retention period")
+    if route.listed_in is None:
+        return sorted(route.binary)
+    list_route, fld = route.listed_in
+    params = {p: target.params[p] for p in list_route.param_names}
+    listing = dataclasses.replace(target, route=list_route, upstream=list_route.path.format_map(params),
+                                  params=params, action="read")
+    upstream = await send(gw, listing, "GET", request.headers, call, request.remote, deadline)
+    content_type = upstream.content_type.lower()
+    raw = await gw.backends.read(upstream, deadline)
+    _not_encoded(upstream)
+    try:
+        if not (content_type == "application/json" or content_type.endswith("+json")):
+            raise Unmappable("not JSON")
+        document = orjson.loads(raw)
+        items = document.get(fld) if isinstance(document, dict) else None
+        if not isinstance(items, list):
+            raise Unmappable(f"{fld} is not a list")
+        wanted = target.params["id"]
+        entry = next((i for i in items if isinstance(i, dict) and _listed_id(i) == wanted), None)
+        if entry is None:
+            raise Denied(404, "backend_not_found", "the backend does not list this file")
+        principal = target.principal
+        plan = gw.plan(list_route, principal.role, target.relations)
+        _, outcome = redact({fld: [entry]}, plan, principal.sub, gw.catalog, gw.policy.granted,
+                            now_utc(), target.blocked, params,
+                            gw.cutoffs(list_route, params, now_utc()))
+    except (orjson.JSONDecodeError, Unmappable):
+        raise Denied(502, "backend_unmappable",
+                     "the backend's list of this file does not match the route table") from None
+    if outcome.withheld.get(RETENTION):
+        raise Denied(410, "retention_expired", "this file is past its data set's retention period")
+    if not outcome.served:
+        raise Denied(403, "dataset_not_permitted", "you may not see this file")
+    return sorted(outcome.served)
+
+
+def _listed_id(entry: dict) -> str | None:
+    """A list entry's `id` as text (a backend may number them)."""
+    value = entry.get("id")
+    if isinstance(value, int) and not isinstance(value, bool):
+        return str(value)
+    return value if isinstance(value, str) else None
 
 
 def check_file(route: Route, upstream) -> None:
@@ -358,11 +436,13 @@ def _not_encoded(upstream) -> None:
         raise Denied(502, "backend_unmappable", "the backend encoded an answer it was asked for as is")
 
 
-async def _copy(request: web.Request, route: Route, upstream, call: Call) -> web.StreamResponse:
+async def _copy(request: web.Request, route: Route, upstream, call: Call,
+                served: list[str] | None = None) -> web.StreamResponse:
     """Commit the audit row, then copy the binary body through in chunks."""
     try:
         check_file(route, upstream)
-        await call.allow(upstream.status, upstream.content_length or 0, sorted(route.binary))
+        await call.allow(upstream.status, upstream.content_length or 0,
+                         served if served is not None else sorted(route.binary))
     except Denied:
         upstream.release()
         raise

@@ -13,10 +13,13 @@ from __future__ import annotations
 import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, datetime
 from typing import Any
 
+import orjson
+
 from .catalog import Catalog, Leaf, ListOf, Node, ObjectOf, Route
+from .retention import Cutoffs, cutoffs
 
 _DROP = object()
 
@@ -42,12 +45,27 @@ class RedactionPlan:
     data_subject: bool = False         # the viewer's role is a data subject's (roles.yaml)
 
 
+# why an element was withheld (the receipt of the audit row: reason -> data set -> count;
+# `*` where no data set is known: an undeclared field, a restricted user's whole element)
+SCOPE, RETENTION, RESTRICTION, MASKING = "scope", "retention", "restriction", "masking"
+UNKNOWN = "*"
+
+
 @dataclass
 class Outcome:
-    """What a redaction served, removed and whom it was about (for the audit row)."""
+    """What a redaction served, removed and whom it was about (for the audit row), and the
+    receipt: how many elements were withheld (or masked) and why."""
     served: set[str] = field(default_factory=set)
     removed: set[str] = field(default_factory=set)
     subjects: set[str] = field(default_factory=set)
+    withheld: dict[str, dict[str, int]] = field(default_factory=dict)
+
+    def count(self, reason: str, data_set: str | None, n: int = 1) -> None:
+        by_ds = self.withheld.get(reason)
+        if by_ds is None:
+            by_ds = self.withheld[reason] = {}
+        key = data_set or UNKNOWN
+        by_ds[key] = by_ds.get(key, 0) + n
 
 
 def make_plan(route: Route, role: str, relations: frozenset[str], catalog: Catalog,
@@ -59,6 +77,8 @@ def make_plan(route: Route, role: str, relations: frozenset[str], catalog: Catal
         and bool(relations & catalog.data_subject_relations)
         and not route.body_relations - relations
         and not _has_mask(route.body)
+        # elements whose retention counts from their own time are looked at one by one
+        and not any(rule.by_element or rule.anonymise_after for _, rule in route.rules)
     )
     kind = catalog.roles.get(role)
     return RedactionPlan(route, role, relations, readable, passthrough,
@@ -68,13 +88,17 @@ def make_plan(route: Route, role: str, relations: frozenset[str], catalog: Catal
 
 def redact(document: Any, plan: RedactionPlan, sub: str, catalog: Catalog, granted: Granted,
            now: datetime, blocked: Callable[[str], bool] | None = None,
-           params: Mapping[str, str] | None = None) -> tuple[Any, Outcome]:
+           params: Mapping[str, str] | None = None,
+           cut: Cutoffs | None = None) -> tuple[Any, Outcome]:
     """Apply the plan to a parsed body; raise Unmappable when it does not fit the shape,
     SubjectMismatch when a bound identifier differs from the request's `params`.
 
-    `blocked(user)` says a user's data may not reach this viewer at all (a restriction)."""
+    `blocked(user)` says a user's data may not reach this viewer at all (a restriction);
+    `cut` is the request's retention cut-offs (without it: those that need no contract)."""
+    if cut is None:
+        cut = cutoffs(plan.route.rules, "", now, lambda _euo: None)
     me = sub if plan.data_subject else None
-    walker = _Walker(plan.role, me, catalog, granted, now, blocked, params or {})
+    walker = _Walker(plan.role, me, catalog, granted, now, blocked, params or {}, cut)
     out = walker.value(document, plan.route.body, plan.relations, "")
     if out is _DROP:
         out = {}
@@ -162,7 +186,13 @@ def _identifier(value: Any) -> str | None:
 class _Walker:
     def __init__(self, role: str, me: str | None, catalog: Catalog, granted: Granted,
                  now: datetime, blocked: Callable[[str], bool] | None,
-                 params: Mapping[str, str]):
+                 params: Mapping[str, str], cut: Cutoffs):
+        self.cut = cut
+        # the data sets already counted as withheld for retention in the current element
+        # (a list item, or the document): a record counts once, not once per field
+        self.element: set[str] = set()
+        self.in_item = False              # inside a list item (not the document itself)
+        self.retained = 0                 # elements withheld for retention so far
         self.role = role
         self.me = me                   # the viewer's sub when they are a data subject
         self.catalog = catalog
@@ -179,10 +209,13 @@ class _Walker:
             _leaf(value, node, path)
             if node.data_set is None:
                 return value
+            if node.data_set in self.cut.expired:
+                return self.past_retention(value, node.data_set, path)
             if node.data_set in self.granted(self.role, relations, "read"):
                 self.outcome.served.add(node.data_set)
                 return value
             self.outcome.removed.add(path)
+            self.outcome.count(SCOPE, node.data_set)
             return _DROP
         if value is None:
             return None
@@ -190,11 +223,17 @@ class _Walker:
             if not isinstance(value, list):
                 raise Unmappable(f"{path or 'body'} is not a list")
             kept = []
+            retained = self.retained
+            outer, in_item = self.element, self.in_item
+            self.in_item = True
             for item in value:
+                self.element = set()
                 r = self.value(item, node.item, relations, path + "[]")
                 if r is not _DROP:
                     kept.append(r)
-            if value and not kept and not _decides_relations(node.item):
+            self.element, self.in_item = outer, in_item
+            if value and not kept and not _decides_relations(node.item) \
+                    and self.retained == retained:
                 return _DROP    # filtered by permission, not by whose it is: the field goes
             return kept
         return self.object(value, node, relations, path)
@@ -217,7 +256,11 @@ class _Walker:
                 relations = relations - {rel}
         if self.blocked is not None and any(self.blocked(s) for s in subjects):
             self.outcome.removed.add(path or "body")
+            self.outcome.count(RESTRICTION, None)
             return _DROP
+        dead = self.cut.expired
+        if node.aged and self.cut.oldest:
+            dead = self.past(value, node, dead)
         readable = self.granted(self.role, relations, "read")
         # an object with a subject of its own (a note's author, a CDR's owner) goes to
         # that subject, not to whoever is the subject of the enclosing document
@@ -229,6 +272,8 @@ class _Walker:
                 _flat(child, f"{path}.{key}" if path else key)
             chosen = value.get(fld)
             ds = values.get(chosen) if isinstance(chosen, str) else None
+            if ds is not None and ds in dead:
+                return self.past_retention(value, ds, path or "body")
             if ds is not None and ds in readable:
                 self.outcome.served.add(ds)
                 self.outcome.subjects.update(subjects)
@@ -237,6 +282,7 @@ class _Walker:
                 self.outcome.subjects.update(subjects)
                 return value
             self.outcome.removed.add(path or "body")
+            self.outcome.count(SCOPE, ds)
             return _DROP
 
         result: dict[str, Any] = {}
@@ -251,7 +297,12 @@ class _Walker:
                     has_data = own_data = True
                 else:
                     self.outcome.removed.add(sub_path)
+                    self.outcome.count(SCOPE, None)
                     removed_any = True
+                continue
+            if dead is not self.cut.expired and isinstance(spec, Leaf) and spec.data_set in dead:
+                self.past_retention(child, spec.data_set, sub_path)
+                removed_any = True
                 continue
             r = self.value(child, spec, relations, sub_path)
             if r is _DROP:
@@ -271,14 +322,42 @@ class _Walker:
             self.mask(result, node)
         return result
 
+    def past(self, value: dict, node: ObjectOf, dead: frozenset[str]) -> frozenset[str]:
+        """The data sets of this element past retention: those past for the whole EUO, and
+        those whose retention counts from the element's own time (`age:`) and is over. An
+        element whose time is missing or cannot be read counts as old (fail closed)."""
+        at = _instant(value.get(node.age))
+        oldest = self.cut.oldest
+        gone = [ds for ds in node.aged if ds in oldest and (at is None or at < oldest[ds])]
+        return dead.union(gone) if gone else dead
+
+    def past_retention(self, value: Any, data_set: str, path: str) -> Any:
+        """Withhold a value past its data set's retention; count it once per element (a list
+        item, or the document; a list value of the document itself counts its items)."""
+        self.outcome.removed.add(path or "body")
+        if isinstance(value, list) and not self.in_item:
+            n = len(value)
+        elif data_set in self.element:
+            n = 0
+        else:
+            self.element.add(data_set)
+            n = 1
+        if n:
+            self.outcome.count(RETENTION, data_set, n)
+            self.retained += n
+        return _DROP
+
     def mask(self, record: dict[str, Any], node: ObjectOf) -> None:
         """Anonymise old records; one whose age is missing or cannot be read counts as old,
         and a number that is not text is masked as text or refused (fail closed)."""
         mask = node.mask
-        days = self.catalog.data_sets[mask.data_set].anonymise_after_days
-        at = _instant(record.get(mask.age_field))
-        if at is not None and self.now - at <= timedelta(days=days):
+        before = self.cut.anonymise_before.get(mask.data_set)
+        if before is None:
             return
+        at = _instant(record.get(node.age))
+        if at is not None and at >= before:
+            return
+        masked = False
         for fld in mask.fields:
             value = record.get(fld)
             if value is None:
@@ -286,6 +365,15 @@ class _Walker:
             if isinstance(value, bool) or not isinstance(value, (str, int, float)):
                 raise Unmappable(f"{fld} is neither text nor a number")
             record[fld] = mask_number(value if isinstance(value, str) else _digits(value))
+            masked = True
+        if masked:
+            self.outcome.count(MASKING, mask.data_set)
+
+
+def receipt(withheld: dict[str, dict[str, int]]) -> str | None:
+    """The audit row's receipt: what was withheld and why, as canonical JSON (sorted keys,
+    so its hash does not depend on the order things were found); None when nothing was."""
+    return orjson.dumps(withheld, option=orjson.OPT_SORT_KEYS).decode() if withheld else None
 
 
 def _digits(number: int | float) -> str:

@@ -233,3 +233,20 @@ select * from break_glass g
          where c.partner_id = $2 and (c.contract_end is null or c.contract_end > current_date)))
  order by g.created_at desc, g.id
  limit 1000;
+
+-- name: retention_report
+-- What backends served past retention (or un-anonymised past the anonymisation age), from
+-- the receipts of the audit rows in [$1, $2): per backend service, route and data set, how
+-- many elements were withheld, in how many requests, about how many EUOs, first and last seen.
+select a.service, a.route, r.key as reason, d.key as data_set,
+       sum(d.value::bigint)::bigint as elements, count(*) as requests,
+       count(distinct a.subject_euo) as euos,
+       (array_agg(distinct a.subject_euo))[1:20] as some_euos,
+       min(a.at) as first_seen, max(a.at) as last_seen
+  from audit_log a
+ cross join lateral jsonb_each(a.withheld::jsonb) r
+ cross join lateral jsonb_each_text(r.value) d
+ where a.withheld is not null and a.at >= $1 and a.at < $2
+   and r.key = any($3::text[])
+ group by a.service, a.route, r.key, d.key
+ order by max(a.at) desc, a.service, a.route, d.key;

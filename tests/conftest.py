@@ -260,6 +260,7 @@ class Hostile:
     def __init__(self):
         self.seen: list[tuple[str, str, dict[str, str]]] = []
         self.script: Callable[[web.Request], Any] | None = None
+        self.url = ""                    # where it listens, once started
 
     async def handle(self, request: web.Request) -> web.StreamResponse:
         self.seen.append((request.method, request.path_qs, CIMultiDict(request.headers)))
@@ -290,7 +291,7 @@ async def hostile_gateway(database_url, demo) -> AsyncIterator[tuple[str, Hostil
     app = web.Application()
     app.router.add_route("*", "/{tail:.*}", backend.handle)
     runner, port = await start_site(app, "127.0.0.1", 0)
-    url = f"http://127.0.0.1:{port}"
+    url = backend.url = f"http://127.0.0.1:{port}"
     settings = gateway_settings({"telephony": url, "meeting": url}, backend_read_timeout_s=1.0,
                                 backend_deadline_s=1.5, max_json_answer_bytes=1 << 20)
     async with running_gateway(settings, database_url) as gw:

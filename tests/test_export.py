@@ -16,10 +16,12 @@ from .conftest import call, gateway_settings, running_gateway
 
 SESSION = web.AppKey("session", aiohttp.ClientSession)
 
-# every data set (README.md, Contract) that concerns u-alice (she organises mtg-acme-1 and wrote a note)
+# every data set (README.md, Contract) that concerns u-alice (she organises mtg-acme-1 and
+# wrote a note) and is within its retention: her outgoing fax was sent, so it is past
+# (README.md, Retention: the data subject's export is not exempt)
 ALICE_DATA_SETS = {
     "telephony": {"user_name", "user_email", "user_language", "user_mobile", "user_address",
-                  "personal_directory", "voicemails", "faxes_incoming", "faxes_outgoing",
+                  "personal_directory", "voicemails", "faxes_incoming",
                   "call_recordings", "call_history"},
     "meeting": {"organizer_name", "organizer_email", "organizer_language", "address_book",
                 "organizer_documents", "meeting_list", "meeting_topic", "meeting_agenda",

@@ -371,3 +371,30 @@ async def test_a_refused_change_leaves_its_refusal_and_nothing_else(backends, pr
             assert await conn.fetchval("select count(*) from audit_log where request_id = $1",
                                        headers["X-Request-Id"]) == 1
         assert (await verify(conn)).ok
+
+
+async def test_retention_counted_from_a_contract_end_fails_closed_on_a_stale_mirror(
+        backends, private_db, http, token_for):
+    """While the contracts listener is frozen past the staleness bound, a route whose
+    retention counts from the contract end (an EUO's identity) is refused with 503 for
+    provider staff too; one whose retention needs no contract (a user record) is served."""
+    _, dsn = private_db
+    staff = token_for("staff")
+    frozen = None
+    try:
+        async with faulty_gateway(backends, private_db) as gw:
+            assert (await call(http, "GET", gw + ACME, staff))[0] == 200
+            frozen = await listener_pids(dsn, "gateway_contracts")
+            assert len(frozen) == 1
+            signal_all(frozen, signal.SIGSTOP)
+
+            async def refused():
+                status, _, body = await call(http, "GET", gw + ACME, staff)
+                return status == 503 and orjson.loads(body)["error"]["code"] == \
+                    "contracts_unavailable" and b"Acme" not in body
+            assert await wait_for(refused, timeout=STALENESS_S + 3)
+            status, _, body = await call(http, "GET", gw + ALICE, staff)
+            assert status == 200 and b"Alice" in body
+    finally:
+        if frozen:
+            signal_all(frozen, signal.SIGCONT)

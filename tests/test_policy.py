@@ -98,6 +98,7 @@ def test_a_new_data_set_and_route_need_only_policy_files(policy_dir):
     seed: Voicemail transcripts (**)
     purpose: Read voicemails as text
     retention: As voicemails
+    retention_rule: {anchor: never_stored, user_may_keep: true}
     collected_by: The platform
     mandatory: false
     hidden_from: [provider_staff]

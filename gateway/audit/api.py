@@ -36,7 +36,7 @@ PUBLIC_FIELDS = ("at", "chain_id", "seq", "request_id", "actor_sub", "actor_role
                  "actor_euo", "method", "path", "service", "route", "data_sets", "fields_removed",
                  "subject_euo", "subject_users", "decision", "reason", "status", "bytes",
                  "duration_ms", "client_addr", "client_request_id", "requests", "trace_id",
-                 "policy_version", "break_glass")
+                 "policy_version", "break_glass", "withheld")
 DOWNLOADS = {"text/csv": "csv", "application/x-ndjson": "ndjson"}
 
 
@@ -140,6 +140,8 @@ def public(row, principal: Principal | None = None) -> dict[str, Any]:
     out["at"] = row["at"].isoformat()
     out["chain_id"] = str(row["chain_id"])
     out["break_glass"] = str(row["break_glass"]) if row["break_glass"] else None
+    if out["withheld"] is not None:     # the receipt, stored as canonical JSON text
+        out["withheld"] = orjson.loads(out["withheld"])
     if (principal is not None and principal.kind.tenant_claim is not None
             and not _same_organisation(row, principal)):
         # the trace id is the caller's to choose, like its request id: it could tie rows together
@@ -225,7 +227,7 @@ async def _download(request: web.Request, principal: Principal, kind: str, sql: 
 def _cell(value: Any) -> Any:
     """A CSV cell a spreadsheet will not run: text starting with = + - @ tab or CR gets a
     leading ' (OWASP's CSV-injection rule); NDJSON stays raw."""
-    if isinstance(value, list):
+    if isinstance(value, (list, dict)):
         value = orjson.dumps(value).decode()
     if value is None:
         return ""

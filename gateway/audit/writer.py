@@ -71,6 +71,8 @@ class AuditRow:
     trace_id: str | None = None             # the W3C trace the request belongs to
     policy_version: str | None = None       # the policy in force when it was decided
     break_glass: str | None = None          # the break-glass grant it was served under
+    # what redaction withheld and why: canonical JSON {reason: {data set: count}}
+    withheld: str | None = None
 
 
 _REST_OF_ROW = operator.attrgetter(*HASHED[3:])   # the row's fields after at, chain_id, seq

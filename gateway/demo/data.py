@@ -1,5 +1,8 @@
 """Demo data: two partners, four EUOs (one whose contract ended), their users, and the
-voicemails (real WAV), faxes (real PDF), recordings, CDRs and meetings the backends serve."""
+voicemails (real WAV), faxes (real PDF), recordings, CDRs and meetings the backends serve.
+Some of it is past its retention on purpose (old CDRs, a 400-day-old connection statistic,
+sent faxes, everything of the EUO whose contract ended more than 6 months ago), as real
+backends hold it: the gateway withholds it and reports it."""
 
 from __future__ import annotations
 
@@ -152,6 +155,13 @@ def build(now: datetime | None = None) -> DemoData:
                                           if c["id"].endswith(("-0", "-2"))]
         members = [u for u, v in USERS.items() if v[0] == euo]
         organizer, others = members[0], members[1:]
+        # a backend that keeps data too long: connection statistics are deleted after at
+        # most 180 days, yet this row is 400 days old (the gateway withholds it and
+        # `gateway retention report` names the backend)
+        d.stats[euo].append({"user_id": organizer, "at": iso(now - timedelta(days=400)),
+                             "os": "Windows 10", "browser": "Edge 109", "rtt_ms": 80,
+                             "jitter_ms": 9, "packet_loss": 1.5, "quality": "poor",
+                             "errors": ["ice_timeout"]})
         mid = f"mtg-{euo[4:]}-1"
         notes = [{"author_id": organizer, "text": "Remember to send the budget."}]
         notes += [{"author_id": o, "text": f"Private thought of {o}"} for o in others]

@@ -51,6 +51,10 @@ SHOWCASE = [
      "euo-acme", "/v1/me/access-log"),
     ("provider staff: the access log, newest first", "provider_staff", "staff-sam", None, None,
      "/v1/audit?limit=5"),
+    ("partner: connection statistics (a 400-day-old row is past retention: withheld)",
+     "partner", "pat@northwind", "p-northwind", None, "/meeting/accounts/euo-acme/connection-stats"),
+    ("provider staff: backends that served data past retention (run the line above first)",
+     "provider_staff", "staff-sam", None, None, "/v1/admin/retention"),
 ]
 
 # who signs in to the console, one per role
