@@ -67,14 +67,18 @@ def make_plan(route: Route, role: str, relations: frozenset[str], catalog: Catal
 
 
 def redact(document: Any, plan: RedactionPlan, sub: str, catalog: Catalog, granted: Granted,
-           now: datetime, blocked: Callable[[str], bool] | None = None,
-           params: Mapping[str, str] | None = None) -> tuple[Any, Outcome]:
+           now: datetime, blocked: Callable[[str], frozenset[str]] | None = None,
+           params: Mapping[str, str] | None = None,
+           withheld: frozenset[str] = frozenset()) -> tuple[Any, Outcome]:
     """Apply the plan to a parsed body; raise Unmappable when it does not fit the shape,
     SubjectMismatch when a bound identifier differs from the request's `params`.
 
-    `blocked(user)` says a user's data may not reach this viewer at all (a restriction)."""
+    `blocked(user)` names the data sets of a user that may not reach this viewer (a
+    restriction or objection); `withheld`, those of the user the path names. An object
+    that names its own subject withholds that subject's restricted data sets."""
     me = sub if plan.data_subject else None
     walker = _Walker(plan.role, me, catalog, granted, now, blocked, params or {})
+    walker.withheld = withheld
     out = walker.value(document, plan.route.body, plan.relations, "")
     if out is _DROP:
         out = {}
@@ -161,7 +165,7 @@ def _identifier(value: Any) -> str | None:
 
 class _Walker:
     def __init__(self, role: str, me: str | None, catalog: Catalog, granted: Granted,
-                 now: datetime, blocked: Callable[[str], bool] | None,
+                 now: datetime, blocked: Callable[[str], frozenset[str]] | None,
                  params: Mapping[str, str]):
         self.role = role
         self.me = me                   # the viewer's sub when they are a data subject
@@ -169,6 +173,7 @@ class _Walker:
         self.granted = granted
         self.now = now
         self.blocked = blocked
+        self.withheld: frozenset[str] = frozenset()   # restricted data sets of this subject
         self.params = params
         self.outcome = Outcome()
         self.subject_relations = catalog.data_subject_relations
@@ -179,7 +184,8 @@ class _Walker:
             _leaf(value, node, path)
             if node.data_set is None:
                 return value
-            if node.data_set in self.granted(self.role, relations, "read"):
+            if node.data_set in self.granted(self.role, relations, "read") and not (
+                    self.withheld and node.data_set in self.withheld):
                 self.outcome.served.add(node.data_set)
                 return value
             self.outcome.removed.add(path)
@@ -200,6 +206,19 @@ class _Walker:
         return self.object(value, node, relations, path)
 
     def object(self, value: Any, node: ObjectOf, relations: frozenset[str], path: str) -> Any:
+        if self.blocked is None or not node.subject or not isinstance(value, dict):
+            return self._object(value, node, relations, path)
+        # an object naming its own subject withholds that subject's restricted data sets
+        saved = self.withheld
+        self.withheld = frozenset().union(*(
+            self.blocked(_subject_of(value, fld, self.catalog.identifier, path))
+            for rel, fld in node.subject if rel in self.subject_relations))
+        try:
+            return self._object(value, node, relations, path)
+        finally:
+            self.withheld = saved
+
+    def _object(self, value: Any, node: ObjectOf, relations: frozenset[str], path: str) -> Any:
         if not isinstance(value, dict):
             raise Unmappable(f"{path or 'body'} is not an object")
         if node.binds:
@@ -215,10 +234,9 @@ class _Walker:
                 own.add(rel)
             else:
                 relations = relations - {rel}
-        if self.blocked is not None and any(self.blocked(s) for s in subjects):
-            self.outcome.removed.add(path or "body")
-            return _DROP
         readable = self.granted(self.role, relations, "read")
+        if self.withheld:
+            readable = readable - self.withheld
         # an object with a subject of its own (a note's author, a CDR's owner) goes to
         # that subject, not to whoever is the subject of the enclosing document
         is_subject = bool((own if node.subject else relations) & self.subject_relations)
