@@ -103,11 +103,13 @@ class Webhooks:
     async def scan(self) -> int:
         """Queue the due-soon and overdue reminders not queued yet, refresh the counts;
         return how many reminders were queued."""
+        queued = 0
         async with self.pool.acquire() as conn:
-            queued = await conn.fetchval(query("outbox_reminders"), self.enabled)
+            if self.enabled:      # a process without webhooks leaves the reminders to others
+                queued = await conn.fetchval(query("outbox_reminders"))
             counts = await conn.fetchrow(query("dsr_due_counts"))
         self.due_soon, self.overdue = counts["due_soon"], counts["overdue"]
-        if queued and self.enabled:
+        if queued:
             self.wake()
         return queued
 

@@ -142,9 +142,8 @@ insert into webhook_outbox (event, request_id, payload)
 select $1, r.id, dsr_event_payload(r) from dsr_requests r where r.id = $2;
 
 -- name: outbox_reminders
--- Queue "due in 7 days" and "overdue" once per unresolved request ($1: whether webhooks are
--- configured; the requests are marked either way, so enabling webhooks later does not
--- replay old reminders). Returns how many were marked.
+-- Queue "due in 7 days" and "overdue" once per unresolved request (run by processes with
+-- webhooks configured). Returns how many were queued.
 with due_soon as (
     update dsr_requests set due_soon_notified_at = now()
      where status in ('open', 'accepted', 'failed') and due_soon_notified_at is null
@@ -157,9 +156,9 @@ with due_soon as (
     returning *
 ), queued as (
     insert into webhook_outbox (event, request_id, payload)
-    select 'request.due_soon', r.id, dsr_event_payload(r::dsr_requests) from due_soon r where $1
+    select 'request.due_soon', r.id, dsr_event_payload(r::dsr_requests) from due_soon r
     union all
-    select 'request.overdue', r.id, dsr_event_payload(r::dsr_requests) from overdue r where $1
+    select 'request.overdue', r.id, dsr_event_payload(r::dsr_requests) from overdue r
     returning 1
 )
 select (select count(*) from due_soon) + (select count(*) from overdue);
