@@ -24,7 +24,7 @@ from .erasure import Erasure
 from .errors import Denied
 from .pipeline import GATEWAY, Gateway
 from .principal import Principal, scope
-from .webhooks import WEBHOOKS, queue_request_event
+from .webhooks import WEBHOOKS, Webhooks
 
 TYPES = ("rectification", "erasure", "restriction", "objection")
 STATUSES = ("open", "accepted", "rejected", "completed", "withdrawn", "failed")
@@ -134,7 +134,7 @@ async def create_request(request: web.Request, principal: Principal, row: AuditR
                                       kind, data_sets, detail)
         await conn.execute(query("add_transition"), created["id"], None, "open",
                            _actor(principal), None)
-        await queue_request_event(conn, "request.filed", created["id"])
+        await request.app[WEBHOOKS].queue(conn, "request.filed", created["id"])
         restricted = await conn.fetchval(query("restricted_data_sets"), principal.euo,
                                          principal.sub)
         return created, restricted
@@ -254,14 +254,15 @@ async def _transition(request: web.Request, principal: Principal, row: AuditRow,
         raise Denied(404, "no_such_request", "no such request")
     may_act(gw, principal, current, status)
     row.subject_euo, row.subject_users = current["euo_id"], [current["user_sub"]]
-    updated = await _move(request[CALL], gw, principal, current, status, resolution)
+    updated = await _move(request[CALL], gw, request.app[WEBHOOKS], principal, current, status,
+                          resolution)
     request.app[WEBHOOKS].wake()
     if updated["type"] == "erasure" and status == "accepted":
         updated = await _erase(request, gw, principal, updated)
     return json_response(await _details(pool, updated))
 
 
-async def _move(call, gw: Gateway, principal: Principal, current, to: str,
+async def _move(call, gw: Gateway, webhooks: Webhooks, principal: Principal, current, to: str,
                 resolution: str | None):
     """Commit one transition with the call's audit row, its transitions row and the
     webhooks it causes; 409 when the request moved in the meantime."""
@@ -278,11 +279,11 @@ async def _move(call, gw: Gateway, principal: Principal, current, to: str,
         await conn.execute(query("add_transition"), current["id"], current["status"], to,
                            _actor(principal), resolution)
         if to in FINAL:
-            await queue_request_event(conn, "request.resolved", current["id"])
+            await webhooks.queue(conn, "request.resolved", current["id"])
         elif to == "failed":
-            await queue_request_event(conn, "request.erasure_failed", current["id"])
+            await webhooks.queue(conn, "request.erasure_failed", current["id"])
         if lifts:
-            await queue_request_event(conn, "restriction.lifted", current["id"])
+            await webhooks.queue(conn, "restriction.lifted", current["id"])
         return updated, await conn.fetchval(query("restricted_data_sets"), euo, user)
     updated, restricted = await call.allow(200, 0, change=change)
     if updated["type"] in RESTRICTING_TYPES:
@@ -309,8 +310,8 @@ async def _erase(request: web.Request, gw: Gateway, principal: Principal, req):
             await conn.execute(query("add_erasure_call"), req["id"], c.data_sets, c.method,
                                c.path, c.status, c.outcome, c.reason)
     final = "completed" if result.ok else "failed"
-    updated = await _move(_WithChange(call, record), gw, principal, req, final,
-                          result.resolution())
+    updated = await _move(_WithChange(call, record), gw, request.app[WEBHOOKS], principal, req,
+                          final, result.resolution())
     request.app[WEBHOOKS].wake()
     return updated
 

@@ -1,7 +1,7 @@
 """Webhooks (README.md, Notifications): events about data-subject requests, posted signed.
 
 An event is a row of `webhook_outbox`, inserted in the same transaction as the change it
-reports (`queue_request_event`), or by the reminder scan (due in 7 days, overdue). A task
+reports (`Webhooks.queue`), or by the reminder scan (due in 7 days, overdue). A task
 in every gateway process claims due rows with a lease, posts each to GATEWAY_WEBHOOK_URL
 signed with HMAC-SHA256, and records every attempt in `webhook_deliveries`; a failed
 attempt is retried with exponential backoff up to GATEWAY_WEBHOOK_MAX_ATTEMPTS. Delivery
@@ -56,12 +56,6 @@ def verify(secret: bytes, timestamp: str, body: bytes, signature: str,
     return age <= tolerance_s and hmac.compare_digest(sign(secret, timestamp, body), signature)
 
 
-async def queue_request_event(conn: asyncpg.Connection, event: str, request_id) -> None:
-    """Queue an event about a request, in the caller's transaction (with the change)."""
-    assert event in EVENTS, event
-    await conn.execute(query("outbox_add_request_event"), event, request_id)
-
-
 class Webhooks:
     """The outbox's delivery task and the reminder scan of one process."""
 
@@ -82,6 +76,13 @@ class Webhooks:
     @property
     def enabled(self) -> bool:
         return self.url is not None
+
+    async def queue(self, conn: asyncpg.Connection, event: str, request_id) -> None:
+        """Queue an event about a request in the caller's transaction (with the change it
+        reports); nothing when no receiver is configured."""
+        assert event in EVENTS, event
+        if self.enabled:
+            await conn.execute(query("outbox_add_request_event"), event, request_id)
 
     def wake(self) -> None:
         """An event was committed: deliver now rather than at the next poll."""
