@@ -11,6 +11,7 @@ import time
 import uuid
 
 import orjson
+import pytest
 import pytest_asyncio
 from aiohttp import web
 
@@ -183,6 +184,7 @@ async def test_due_soon_and_overdue_are_told_once_and_counted(hooked, http, toke
     await db.execute("update dsr_requests set status = 'rejected' where id = $1::uuid", req["id"])
 
 
+@pytest.mark.slow
 async def test_an_event_survives_a_killed_gateway(backends, database_url, tmp_path, http,
                                                  token_for, db):
     """The receiver is down; the gateway that committed the event is killed (SIGKILL); a
