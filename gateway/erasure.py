@@ -134,6 +134,11 @@ class Erasure:
         deleted = 0
         for item in items or ():
             item_id = item.get("id") if isinstance(item, dict) else item
+            if not isinstance(item_id, str):
+                # nothing to name the item by: it cannot be deleted, so it is not claimed
+                result.calls.append(Outcome(names, "DELETE", eraser.delete.format(
+                    **self.fill, id="?"), None, "failed", "backend_unmappable"))
+                return deleted, "backend_unmappable"
             target = eraser.delete.format(**self.fill, id=item_id)
             outcome = await self._delete(target, names)
             result.calls.append(outcome)
