@@ -220,3 +220,25 @@ async def test_an_event_survives_a_killed_gateway(backends, database_url, tmp_pa
 
 async def _true(value) -> bool:
     return bool(value)
+
+
+def test_a_webhook_url_needs_a_readable_key_of_32_bytes(tmp_path):
+    """`gateway serve` and `check` name the problem before listening: webhooks are always
+    signed, with a key from a file (never from the repository)."""
+    from gateway.settings import ConfigError, Settings
+
+    base = {"GATEWAY_JWT_SECRET": "j" * 32, "GATEWAY_WEBHOOK_URL": "https://hooks.example/in"}
+    short = tmp_path / "short.key"
+    short.write_bytes(b"too short\n")
+    for extra, problem in (({}, "GATEWAY_WEBHOOK_SECRET_FILE is not"),
+                           ({"GATEWAY_WEBHOOK_SECRET_FILE": str(tmp_path / "none")}, "not readable"),
+                           ({"GATEWAY_WEBHOOK_SECRET_FILE": str(short)}, "fewer than 32 bytes")):
+        settings = Settings.from_env({**base, **extra})
+        with pytest.raises(ConfigError, match=problem):
+            settings.check_for_serving()
+    good = Settings.from_env({**base, "GATEWAY_WEBHOOK_SECRET_FILE": str(secret_file(tmp_path)),
+                              "GATEWAY_WEBHOOK_BACKOFF_S": "0.5"})
+    good.check_for_serving()
+    assert good.webhook_url == "https://hooks.example/in" and good.webhook_backoff_s == 0.5
+    with pytest.raises(ConfigError, match="GATEWAY_WEBHOOK_URL"):
+        Settings.from_env({**base, "GATEWAY_WEBHOOK_URL": "ftp://nope"})
