@@ -17,6 +17,8 @@ from aiohttp import web
 
 from . import pipeline
 from .audit import AuditRow
+from .audit.writer import Change
+from .call import Call
 from .catalog import ObjectOf
 from .db import POOL, query
 from .endpoints import CALL, ME, api, json_object, json_response, text
@@ -262,15 +264,17 @@ async def _transition(request: web.Request, principal: Principal, row: AuditRow,
     return json_response(await _details(pool, updated))
 
 
-async def _move(call, gw: Gateway, webhooks: Webhooks, principal: Principal, current, to: str,
-                resolution: str | None):
+async def _move(call: Call, gw: Gateway, webhooks: Webhooks, principal: Principal, current,
+                to: str, resolution: str | None, before: Change | None = None):
     """Commit one transition with the call's audit row, its transitions row and the
-    webhooks it causes; 409 when the request moved in the meantime."""
+    webhooks it causes (and `before`, when given); 409 when the request moved meanwhile."""
     euo, user = current["euo_id"], current["user_sub"]
     lifts = (current["type"] in RESTRICTING_TYPES and current["status"] in RESTRICTING
              and to not in RESTRICTING)
 
     async def change(conn):
+        if before is not None:
+            await before(conn)
         updated = await conn.fetchrow(query("update_request"), current["id"], to, resolution,
                                       _actor(principal), current["status"])
         if updated is None:
@@ -310,23 +314,10 @@ async def _erase(request: web.Request, gw: Gateway, principal: Principal, req):
             await conn.execute(query("add_erasure_call"), req["id"], c.data_sets, c.method,
                                c.path, c.status, c.outcome, c.reason)
     final = "completed" if result.ok else "failed"
-    updated = await _move(_WithChange(call, record), gw, request.app[WEBHOOKS], principal, req,
-                          final, result.resolution())
+    updated = await _move(call, gw, request.app[WEBHOOKS], principal, req, final,
+                          result.resolution(), before=record)
     request.app[WEBHOOKS].wake()
     return updated
-
-
-class _WithChange:
-    """A call whose allow() runs one more change first, in the same transaction."""
-
-    def __init__(self, call, before):
-        self.call, self.before = call, before
-
-    async def allow(self, status: int, size: int, change):
-        async def both(conn):
-            await self.before(conn)
-            return await change(conn)
-        return await self.call.allow(status, size, change=both)
 
 
 def add_routes(app: web.Application) -> None:
