@@ -42,7 +42,8 @@ from .principal import Principal
 from .proxy import PRIVATE, Backends
 from .restrictions import RestrictionCache
 from .retention import OWN_EXPORT_DECISION, OWN_EXPORT_EXEMPT
-from .settings import Settings
+from .settings import Settings, webhook_secret
+from .webhooks import WEBHOOKS, Webhooks
 
 log = logging.getLogger("gateway")
 
@@ -124,6 +125,13 @@ def _resources(settings: Settings, dsn: str, catalog, policy: Policy, metrics: M
         backends = Backends(settings.upstreams, session, settings.backend_read_timeout_s,
                             settings.backend_connect_timeout_s, settings.backend_deadline_s,
                             settings.max_json_answer_bytes)
+        webhooks = app[WEBHOOKS] = Webhooks(
+            pool, session, settings.webhook_url,
+            webhook_secret(settings) if settings.webhook_url else None,
+            settings.webhook_max_attempts, settings.webhook_backoff_s, settings.webhook_timeout_s,
+            settings.webhook_poll_s, settings.dsr_scan_s, observe=metrics.observe_webhook)
+        webhooks.start()
+        metrics.watch_requests(webhooks)
         app[POOL] = pool
         gateway = app[pipeline.GATEWAY] = pipeline.Gateway(
             catalog=catalog, policy=policy, authn=Authenticator(settings, catalog.roles, session),
@@ -131,11 +139,12 @@ def _resources(settings: Settings, dsn: str, catalog, policy: Policy, metrics: M
             backends=backends, audit=audit,
             anonymous=anonymous, max_body_bytes=settings.max_body_bytes,
             max_streams=settings.max_streams, policy_version=app[POLICY_SET].version,
-            export_sources=app[POLICY_SET].export_sources)
+            export_sources=app[POLICY_SET].export_sources, erasers=app[POLICY_SET].erasers)
         del gateway
         try:
             yield
         finally:
+            await webhooks.close()
             await anonymous.close()
             await audit.close()
             await checkpointer.close()        # seals the closed chains
@@ -181,7 +190,7 @@ def reload_policy(app: web.Application, policy_dir) -> bool:
     except (PolicyError, OSError) as e:
         log.error("policy reload refused, policy %s stays in force: %s", gw.policy_version, e)
         return False
-    gw.use(new.catalog, new.policy, new.version, new.export_sources)
+    gw.use(new.catalog, new.policy, new.version, new.export_sources, new.erasers)
     log.info("policy %s in force (reloaded from %s)", new.version, policy_dir)
     return True
 

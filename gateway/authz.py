@@ -65,7 +65,9 @@ class Policy:
                 if role.column in ds.hidden_from:
                     problems.append(f"{name} may {act} {ds_name}, which datasets.yaml marks (**) "
                                     f"as hidden from {role.column}")
-                if ds.subject == "author" and rel != "author":
+                # an author deleting their own note names themself in the path (self)
+                if ds.subject == "author" and rel != "author" and not (
+                        role.data_subject and rel == "self" and act == "delete"):
                     problems.append(f"{name} may {act} {ds_name} as {rel}: only its author may")
                 if role.data_subject and rel == "same_euo" and ds.subject in ("user", "meeting"):
                     problems.append(f"a {name} may {act} another user's {ds_name}")

@@ -396,13 +396,18 @@ def _route(i: int, spec: dict, builder: _ShapeBuilder, grammars: dict[str, re.Pa
         if p not in params:
             raise PolicyError(f"routes.yaml: {where}: subject names unknown parameter {p!r}")
     body = builder.build(spec["body"], f"{where}.body") if "body" in spec else None
-    binary = tuple(spec.get("binary") or ())
+    # `deletes:` a DELETE-only route (answered 204, no body): like a file, the caller needs
+    # every data set it names
+    deletes = "deletes" in spec
+    if deletes and methods != {"DELETE"}:
+        raise PolicyError(f"routes.yaml: {where}: a route with deletes: has methods [DELETE]")
+    binary = tuple(spec.get("deletes" if deletes else "binary") or ())
     for ds in binary:
         builder._known(ds, where)
-    if (body is None) == (not binary):
-        raise PolicyError(f"routes.yaml: {where}: give exactly one of body or binary")
+    if (body is None) == (not binary) or (deletes and "binary" in spec):
+        raise PolicyError(f"routes.yaml: {where}: give exactly one of body, binary or deletes")
     media_types = tuple(str(t).lower() for t in spec.get("media_types") or ())
-    if binary and not media_types:
+    if binary and not media_types and not deletes:
         raise PolicyError(f"routes.yaml: {where}: a binary route lists its media_types")
     if any("json" in t or t in ("*/*", "text/*", "text/html") for t in media_types):
         raise PolicyError(f"routes.yaml: {where}: media_types may not admit JSON or HTML")

@@ -42,10 +42,14 @@ RUNTIME_PRIVILEGES = (
     ("audit_signing_keys", ("SELECT", "INSERT")),
     ("audit_checkpoints", ("SELECT", "INSERT")),
     ("break_glass", ("SELECT", "INSERT", "UPDATE")),
+    ("dsr_transitions", ("SELECT", "INSERT")),
+    ("dsr_erasure_calls", ("SELECT", "INSERT")),
+    ("webhook_outbox", ("SELECT", "INSERT", "UPDATE")),
+    ("webhook_deliveries", ("SELECT", "INSERT")),
 )
 MIGRATE_HINT = "run `gateway migrate` as the schema's owner"
 SECRET_FIELDS = ("jwt_secret",)
-URL_FIELDS = ("database_url", "jwt_jwks_url")
+URL_FIELDS = ("database_url", "jwt_jwks_url", "webhook_url")
 
 
 @dataclass

@@ -60,6 +60,7 @@ REASONS: dict[str, tuple[int, str]] = {
     "no_such_request": (404, "no such data-subject request in the caller's scope"),
     "no_such_grant": (404, "no such break-glass grant in the caller's scope"),
     "backend_not_found": (404, "the backend has no such resource"),
+    "invalid_transition": (409, "the request cannot make that move (its state, your role) or has moved"),
     "retention_expired": (410, "the data is past its data set's retention period"),
     # failures: the backend, the database, the gateway
     "backend_unreachable": (502, "the backend cannot be reached or broke off"),

@@ -76,12 +76,23 @@ class Metrics:
         self.staleness = Gauge("gateway_mirror_staleness_seconds",
                                "Seconds since a mirror was last proven fresh (worst worker)",
                                ("mirror",), registry=r, multiprocess_mode="livemax")
+        # data-subject requests (every worker reads the same table: the largest is the count)
+        self.due_soon = Gauge("gateway_dsr_requests_due_soon",
+                              "Unresolved data-subject requests due within 7 days",
+                              registry=r, multiprocess_mode="livemax")
+        self.overdue = Gauge("gateway_dsr_requests_overdue",
+                             "Unresolved data-subject requests past their due date",
+                             registry=r, multiprocess_mode="livemax")
+        self.webhooks = Counter("gateway_webhook_deliveries",
+                                "Webhook delivery attempts by outcome (delivered, failed, given_up)",
+                                ("outcome",), registry=r)
         # the labelled children per (route, decision, status, reason): a dict hit per request
         # instead of labels()' validation and locking; bounded, as routes are the route
         # table's templates and reasons the error catalogue's ids
         self._children: dict[tuple, tuple] = {}
         self._backends: dict[str, Histogram] = {}
         self._sources: tuple | None = None
+        self._requests = None
 
     def observe(self, row: AuditRow) -> None:
         """Count one finished call (Call's observer)."""
@@ -120,8 +131,18 @@ class Metrics:
         """Where the gauges are read: the audit writer, the pool, the mirrors by name."""
         self._sources = (audit, pool, dict(mirrors))
 
+    def watch_requests(self, webhooks) -> None:
+        """Where the due-soon and overdue counts are read (the reminder scan keeps them)."""
+        self._requests = webhooks
+
+    def observe_webhook(self, outcome: str) -> None:
+        self.webhooks.labels(outcome).inc()
+
     def sample(self) -> None:
         """Set the gauges from what they watch (cheap: no I/O)."""
+        if self._requests is not None:
+            self.due_soon.set(self._requests.due_soon)
+            self.overdue.set(self._requests.overdue)
         if self._sources is None:
             return
         audit, pool, mirrors = self._sources

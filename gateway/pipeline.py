@@ -73,16 +73,18 @@ class Gateway:
 
     policy_version: str = ""
     export_sources: list = field(default_factory=list)   # export.yaml, as loaded
+    erasers: tuple = ()                # routes.yaml's erasure: entries, as loaded
 
     def __post_init__(self):
         self.plan = lru_cache(maxsize=4096)(self._plan)
         self.targets = Targets(self.catalog)
 
-    def use(self, catalog: Catalog, policy: Policy, version: str, export_sources: list) -> None:
+    def use(self, catalog: Catalog, policy: Policy, version: str, export_sources: list,
+            erasers: tuple = ()) -> None:
         """Swap the policy whole (no await in between: no request sees half of each).
         Requests under way finish with the routes and plans they started with."""
         self.catalog, self.policy, self.policy_version = catalog, policy, version
-        self.export_sources = export_sources
+        self.export_sources, self.erasers = export_sources, erasers
         self.authn.use(catalog.roles)
         self.targets = Targets(catalog)
         self.plan = lru_cache(maxsize=4096)(self._plan)
@@ -129,7 +131,9 @@ class Target:
     action: str
     principal: Principal
     relations: frozenset[str]
-    blocked: Callable[[str], bool] | None     # restricted users, for roles a restriction blocks
+    blocked: Callable[[str], frozenset[str]] | None   # a user's restricted data sets, for
+    #                                                    the roles a restriction blocks
+    withheld: frozenset[str] = frozenset()   # those of the user the path names
 
 
 def match_route(gw: Gateway, method: str, raw_target: str, call: Call) -> Matched:
@@ -159,17 +163,35 @@ def authorize(gw: Gateway, principal: Principal, method: str, matched: Matched,
             if call is not None:
                 call.row.break_glass = grant.id
     blocked = None
+    withheld: frozenset[str] = frozenset()
+    action = ACTION_OF_METHOD[method]
     if principal.role in gw.catalog.restricted_roles:
         restrictions = gw.restrictions
 
-        def blocked(subject: str) -> bool:
-            return restrictions.is_restricted(euo, subject)
-        if user is not None and blocked(user):
-            raise Denied(403, "processing_restricted",
-                         "this user has restricted the processing of their data")
-    action = ACTION_OF_METHOD[method]
+        def blocked(subject: str) -> frozenset[str]:
+            return restrictions.restricted(euo, subject)
+        if user is not None:
+            withheld = blocked(user)
+            if withheld and _all_restricted(gw, route, principal, relations, action, withheld):
+                raise Denied(403, "processing_restricted",
+                             "this user has restricted the processing of this data: "
+                             + ", ".join(sorted(withheld)))
     _check_route(gw, route, principal, relations, action)
-    return Target(route, matched.upstream, params, action, principal, relations, blocked)
+    return Target(route, matched.upstream, params, action, principal, relations, blocked,
+                  withheld)
+
+
+def _all_restricted(gw: Gateway, route: Route, principal: Principal, relations: frozenset[str],
+                    action: str, withheld: frozenset[str]) -> bool:
+    """Whether a restriction leaves nothing of this resource to the caller: a file of a
+    restricted data set, or a document whose every data set the caller may see is restricted
+    (a write is checked field by field)."""
+    if route.binary:
+        return bool(set(route.binary) & withheld)
+    if action == "write":
+        return False
+    visible = route.data_sets & gw.policy.granted(principal.role, relations, "read")
+    return bool(visible) and visible <= withheld
 
 
 async def _serve(request: web.Request, gw: Gateway, call: Call) -> web.StreamResponse:
@@ -245,7 +267,7 @@ async def read_json(gw: Gateway, target: Target, upstream, call: Call,
             check_shape(document, route.body, target.params, gw.catalog.identifier)
             return JsonAnswer(status, headers, document, served=list(plan.visible))
         redacted, outcome = redact(document, plan, principal.sub, gw.catalog, gw.policy.granted,
-                                   now, target.blocked, target.params, cut)
+                                   now, target.blocked, target.params, cut, target.withheld)
     except SubjectMismatch as e:
         log.warning("request %s: the backend answered about someone else (%s)",
                     call.row.request_id, e)
@@ -294,6 +316,9 @@ async def _request_body(request: web.Request, gw: Gateway, target: Target) -> by
             raise Denied(400, "field_not_writable", f"{key[:64]!r} cannot be changed through the gateway")
         if data_set not in writable:
             raise Denied(403, "write_not_permitted", f"you may not change {data_set}")
+        if data_set in target.withheld:
+            raise Denied(403, "processing_restricted",
+                         f"this user has restricted the processing of {data_set}")
         if not _plain(doc[key], top=True):
             raise Denied(400, "bad_value",
                          f"{key!r} must be text, a number, true/false, null, or a list of "

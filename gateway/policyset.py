@@ -13,6 +13,7 @@ from pathlib import Path
 
 from .authz import Policy, load_policy
 from .catalog import Catalog, load_catalog
+from .erasure import Eraser, load_erasers
 from .export.handler import Source, load_sources
 from .settings import POLICY_FILES
 
@@ -23,6 +24,7 @@ class PolicySet:
     policy: Policy
     export_sources: list[Source]
     version: str
+    erasers: tuple[Eraser, ...] = ()     # routes.yaml's erasure: entries
 
 
 def policy_version(policy_dir: Path) -> str:
@@ -42,8 +44,9 @@ def load_policy_set(policy_dir: Path) -> PolicySet:
     catalog = load_catalog(policy_dir)
     policy = load_policy(policy_dir, catalog)
     sources = load_sources(policy_dir, catalog)
+    erasers = tuple(load_erasers(policy_dir, catalog))
     if policy_version(policy_dir) != version:
         # a file changed while being read: refuse rather than record a version that lies
         from .catalog import PolicyError
         raise PolicyError(f"{policy_dir} changed while it was being loaded; try again")
-    return PolicySet(catalog, policy, sources, version)
+    return PolicySet(catalog, policy, sources, version, erasers)

@@ -87,18 +87,21 @@ def make_plan(route: Route, role: str, relations: frozenset[str], catalog: Catal
 
 
 def redact(document: Any, plan: RedactionPlan, sub: str, catalog: Catalog, granted: Granted,
-           now: datetime, blocked: Callable[[str], bool] | None = None,
-           params: Mapping[str, str] | None = None,
-           cut: Cutoffs | None = None) -> tuple[Any, Outcome]:
+           now: datetime, blocked: Callable[[str], frozenset[str]] | None = None,
+           params: Mapping[str, str] | None = None, cut: Cutoffs | None = None,
+           withheld: frozenset[str] = frozenset()) -> tuple[Any, Outcome]:
     """Apply the plan to a parsed body; raise Unmappable when it does not fit the shape,
     SubjectMismatch when a bound identifier differs from the request's `params`.
 
-    `blocked(user)` says a user's data may not reach this viewer at all (a restriction);
-    `cut` is the request's retention cut-offs (without it: those that need no contract)."""
+    `blocked(user)` names the data sets of a user that may not reach this viewer (a
+    restriction or objection); `withheld`, those of the user the path names. An object
+    that names its own subject withholds that subject's restricted data sets. `cut` is the
+    request's retention cut-offs (without it: those that need no contract)."""
     if cut is None:
         cut = cutoffs(plan.route.rules, "", now, lambda _euo: None)
     me = sub if plan.data_subject else None
     walker = _Walker(plan.role, me, catalog, granted, now, blocked, params or {}, cut)
+    walker.withheld = withheld
     out = walker.value(document, plan.route.body, plan.relations, "")
     if out is _DROP:
         out = {}
@@ -185,7 +188,7 @@ def _identifier(value: Any) -> str | None:
 
 class _Walker:
     def __init__(self, role: str, me: str | None, catalog: Catalog, granted: Granted,
-                 now: datetime, blocked: Callable[[str], bool] | None,
+                 now: datetime, blocked: Callable[[str], frozenset[str]] | None,
                  params: Mapping[str, str], cut: Cutoffs):
         self.cut = cut
         # the data sets already counted as withheld for retention in the current element
@@ -199,6 +202,7 @@ class _Walker:
         self.granted = granted
         self.now = now
         self.blocked = blocked
+        self.withheld: frozenset[str] = frozenset()   # restricted data sets of this subject
         self.params = params
         self.outcome = Outcome()
         self.subject_relations = catalog.data_subject_relations
@@ -211,6 +215,10 @@ class _Walker:
                 return value
             if node.data_set in self.cut.expired:
                 return self.past_retention(value, node.data_set, path)
+            if self.withheld and node.data_set in self.withheld:
+                self.outcome.removed.add(path)
+                self.outcome.count(RESTRICTION, node.data_set)
+                return _DROP
             if node.data_set in self.granted(self.role, relations, "read"):
                 self.outcome.served.add(node.data_set)
                 return value
@@ -239,6 +247,19 @@ class _Walker:
         return self.object(value, node, relations, path)
 
     def object(self, value: Any, node: ObjectOf, relations: frozenset[str], path: str) -> Any:
+        if self.blocked is None or not node.subject or not isinstance(value, dict):
+            return self._object(value, node, relations, path)
+        # an object naming its own subject withholds that subject's restricted data sets
+        saved = self.withheld
+        self.withheld = frozenset().union(*(
+            self.blocked(_subject_of(value, fld, self.catalog.identifier, path))
+            for rel, fld in node.subject if rel in self.subject_relations))
+        try:
+            return self._object(value, node, relations, path)
+        finally:
+            self.withheld = saved
+
+    def _object(self, value: Any, node: ObjectOf, relations: frozenset[str], path: str) -> Any:
         if not isinstance(value, dict):
             raise Unmappable(f"{path or 'body'} is not an object")
         if node.binds:
@@ -254,14 +275,12 @@ class _Walker:
                 own.add(rel)
             else:
                 relations = relations - {rel}
-        if self.blocked is not None and any(self.blocked(s) for s in subjects):
-            self.outcome.removed.add(path or "body")
-            self.outcome.count(RESTRICTION, None)
-            return _DROP
         dead = self.cut.expired
         if node.aged and self.cut.oldest:
             dead = self.past(value, node, dead)
         readable = self.granted(self.role, relations, "read")
+        if self.withheld:
+            readable = readable - self.withheld
         # an object with a subject of its own (a note's author, a CDR's owner) goes to
         # that subject, not to whoever is the subject of the enclosing document
         is_subject = bool((own if node.subject else relations) & self.subject_relations)
@@ -282,7 +301,7 @@ class _Walker:
                 self.outcome.subjects.update(subjects)
                 return value
             self.outcome.removed.add(path or "body")
-            self.outcome.count(SCOPE, ds)
+            self.outcome.count(RESTRICTION if ds in self.withheld else SCOPE, ds)
             return _DROP
 
         result: dict[str, Any] = {}

@@ -1,15 +1,20 @@
-"""Users whose processing is restricted (an open or accepted restriction request),
-mirrored in memory (see notified.py). A user is (EUO, sub): the same sub in two EUOs is two
-people. While the mirror cannot be trusted, the roles a restriction blocks are refused
-(503 `restrictions_unavailable`)."""
+"""Users whose processing is restricted, and of which data sets (an open or accepted
+restriction or objection restricts exactly the data sets it names), mirrored in memory (see
+notified.py). A user is (EUO, sub): the same sub in two EUOs is two people. While the mirror
+cannot be trusted, the roles a restriction blocks are refused (503
+`restrictions_unavailable`)."""
 
 from __future__ import annotations
+
+from collections.abc import Iterable
 
 import asyncpg
 import orjson
 
 from .db import query
 from .notified import STALENESS_S, NotifiedCache
+
+NONE: frozenset[str] = frozenset()
 
 
 class RestrictionCache(NotifiedCache):
@@ -19,25 +24,27 @@ class RestrictionCache(NotifiedCache):
 
     def __init__(self, pool: asyncpg.Pool, dsn: str, staleness_s: float = STALENESS_S):
         super().__init__(pool, dsn, staleness_s)
-        self._users: set[tuple[str, str]] = set()
+        self._users: dict[tuple[str, str], frozenset[str]] = {}
 
-    def is_restricted(self, euo: str, user: str) -> bool:
+    def restricted(self, euo: str, user: str) -> frozenset[str]:
+        """The data sets of this user that the blocked roles may not process (empty: none)."""
         self.check_fresh()
-        return (euo, user) in self._users
+        return self._users.get((euo, user), NONE)
 
-    def remember(self, euo: str, user: str, restricted: bool) -> None:
+    def remember(self, euo: str, user: str, data_sets: Iterable[str]) -> None:
         """Record a change this process made itself (others hear of it by NOTIFY)."""
-        if restricted:
-            self._users.add((euo, user))
+        data_sets = frozenset(data_sets)
+        if data_sets:
+            self._users[(euo, user)] = data_sets
         else:
-            self._users.discard((euo, user))
+            self._users.pop((euo, user), None)
 
     async def load_all(self, conn: asyncpg.Connection) -> int:
-        self._users = {(r["euo_id"], r["user_sub"])
+        self._users = {(r["euo_id"], r["user_sub"]): frozenset(r["data_sets"])
                        for r in await conn.fetch(query("restricted_users"))}
         return len(self._users)
 
     async def reload(self, conn: asyncpg.Pool, key: str) -> None:
         """Re-read one user's restriction; `key` is the NOTIFY payload [euo, user]."""
         euo, user = orjson.loads(key)
-        self.remember(euo, user, await conn.fetchval(query("is_restricted"), euo, user))
+        self.remember(euo, user, await conn.fetchval(query("restricted_data_sets"), euo, user))

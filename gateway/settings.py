@@ -76,6 +76,15 @@ class Settings:
     # one JSON line per request on stdout; off unless asked for in code (tests, embedding),
     # on by default when read from the environment (`gateway serve`)
     access_log: str = "off"
+    # webhooks (README.md, Notifications): where events are posted, the file holding the
+    # HMAC-SHA256 key that signs them, how often and how long a delivery is retried
+    webhook_url: str | None = None
+    webhook_secret_file: Path | None = None
+    webhook_max_attempts: int = 10
+    webhook_backoff_s: float = 5.0         # the first retry; doubling, at most an hour
+    webhook_timeout_s: float = 10.0        # one delivery attempt, end to end
+    webhook_poll_s: float = 1.0            # how often the outbox is looked at when idle
+    dsr_scan_s: float = 60.0               # due-soon/overdue reminders and counts
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> Settings:
@@ -119,6 +128,15 @@ class Settings:
                                     if env.get("GATEWAY_AUDIT_SIGNING_KEY_FILE") else None),
             audit_checkpoint_s=_positive(env, "GATEWAY_AUDIT_CHECKPOINT_S", cls.audit_checkpoint_s),
             access_log=_choice(env, "GATEWAY_ACCESS_LOG", "json", ACCESS_LOG_FORMATS),
+            webhook_url=(_check_url("GATEWAY_WEBHOOK_URL", env["GATEWAY_WEBHOOK_URL"])
+                         if env.get("GATEWAY_WEBHOOK_URL") else None),
+            webhook_secret_file=(Path(env["GATEWAY_WEBHOOK_SECRET_FILE"])
+                                 if env.get("GATEWAY_WEBHOOK_SECRET_FILE") else None),
+            webhook_max_attempts=_int(env, "GATEWAY_WEBHOOK_MAX_ATTEMPTS",
+                                      cls.webhook_max_attempts),
+            webhook_backoff_s=_positive(env, "GATEWAY_WEBHOOK_BACKOFF_S", cls.webhook_backoff_s),
+            webhook_timeout_s=_positive(env, "GATEWAY_WEBHOOK_TIMEOUT_S", cls.webhook_timeout_s),
+            dsr_scan_s=_positive(env, "GATEWAY_DSR_SCAN_S", cls.dsr_scan_s),
         )
 
     def with_(self, **changes) -> Settings:
@@ -145,11 +163,38 @@ class Settings:
                         "short can be guessed offline")
         if self.jwt_public_key_file and not _readable(self.jwt_public_key_file):
             problems.append(f"GATEWAY_JWT_PUBLIC_KEY_FILE {self.jwt_public_key_file} is not readable")
+        if self.webhook_url:
+            try:
+                webhook_secret(self)
+            except ConfigError as e:
+                problems.append(str(e))
+        if self.webhook_max_attempts < 1:
+            problems.append("GATEWAY_WEBHOOK_MAX_ATTEMPTS must be at least 1")
         for name in POLICY_FILES:
             if not _readable(self.policy_dir / name):
                 problems.append(f"policy file {self.policy_dir / name} is not readable")
         if problems:
             raise ConfigError("; ".join(problems))
+
+
+WEBHOOK_SECRET_MIN_BYTES = 32
+
+
+def webhook_secret(settings: Settings) -> bytes:
+    """The webhook signing key: the bytes of GATEWAY_WEBHOOK_SECRET_FILE, surrounding
+    whitespace removed, at least 32 bytes; ConfigError otherwise."""
+    if settings.webhook_secret_file is None:
+        raise ConfigError("GATEWAY_WEBHOOK_URL is set but GATEWAY_WEBHOOK_SECRET_FILE is not: "
+                          "webhooks are always signed")
+    try:
+        secret = Path(settings.webhook_secret_file).read_bytes().strip()
+    except OSError as e:
+        raise ConfigError(f"GATEWAY_WEBHOOK_SECRET_FILE {settings.webhook_secret_file} is not "
+                          f"readable: {e.strerror}") from None
+    if len(secret) < WEBHOOK_SECRET_MIN_BYTES:
+        raise ConfigError(f"GATEWAY_WEBHOOK_SECRET_FILE {settings.webhook_secret_file} holds "
+                          f"fewer than {WEBHOOK_SECRET_MIN_BYTES} bytes")
+    return secret
 
 
 def _default_policy_dir() -> Path:

@@ -1,8 +1,11 @@
 """The data-subject requests ledger: a user files rectification, erasure, restriction or
 objection requests; the admins whose scope covers that user answer them within 30 days.
 
-A restriction that is open or accepted is enforced in the request path at once (see
-restrictions.py); every change here is audited like any access.
+A request moves through explicit states (TRANSITIONS); each transition commits together with
+its audit row, its `dsr_transitions` row and the webhook it causes. An accepted erasure
+calls the backend delete routes of the route table (erasure.py) and ends `completed` or
+`failed`. A restriction or objection that is open or accepted restricts the data sets it
+names, enforced in the request path at once (see restrictions.py).
 """
 
 from __future__ import annotations
@@ -12,16 +15,33 @@ from typing import Any
 
 from aiohttp import web
 
+from . import pipeline
 from .audit import AuditRow
+from .audit.writer import Change
+from .call import Call
+from .catalog import ObjectOf
 from .db import POOL, query
 from .endpoints import CALL, ME, api, json_object, json_response, text
+from .erasure import Erasure
 from .errors import Denied
-from .pipeline import GATEWAY
+from .pipeline import GATEWAY, Gateway
 from .principal import Principal, scope
+from .webhooks import WEBHOOKS, Webhooks
 
 TYPES = ("rectification", "erasure", "restriction", "objection")
-STATUSES = ("open", "accepted", "rejected", "completed")
+STATUSES = ("open", "accepted", "rejected", "completed", "withdrawn", "failed")
 RESTRICTING = ("open", "accepted")
+RESTRICTING_TYPES = ("restriction", "objection")
+FINAL = ("completed", "rejected", "withdrawn")
+ADMIN, SUBJECT, GATEWAY_ITSELF = "admin", "subject", "gateway"
+# (from, to) -> who may make the move: an admin whose scope covers the user, the data
+# subject, or the gateway itself (an erasure's outcome)
+TRANSITIONS: dict[tuple[str, str], str] = {
+    ("open", "accepted"): ADMIN, ("open", "rejected"): ADMIN, ("open", "withdrawn"): SUBJECT,
+    ("accepted", "completed"): ADMIN, ("accepted", "rejected"): ADMIN,
+    ("accepted", "withdrawn"): SUBJECT, ("accepted", "failed"): GATEWAY_ITSELF,
+    ("failed", "accepted"): ADMIN, ("failed", "rejected"): ADMIN, ("failed", "withdrawn"): SUBJECT,
+}
 
 
 def public(row) -> dict[str, Any]:
@@ -29,7 +49,68 @@ def public(row) -> dict[str, Any]:
     out["id"] = str(out["id"])
     for key in ("created_at", "due_at", "updated_at"):
         out[key] = out[key].isoformat()
+    for key in ("due_soon_notified_at", "overdue_notified_at"):
+        out.pop(key, None)
     return out
+
+
+def _request_id(request: web.Request) -> uuid.UUID:
+    try:
+        return uuid.UUID(request.match_info["id"])
+    except ValueError:
+        raise Denied(404, "no_such_request", "no such request") from None
+
+
+def _actor(principal: Principal) -> str:
+    """How a transition names who made it: role and organisation (the user: themself)."""
+    if principal.kind.data_subject:
+        return f"user:{principal.euo}:{principal.sub}"
+    return f"{principal.role}:{principal.partner or principal.euo or 'provider'}"
+
+
+def may_act(gw: Gateway, principal: Principal, req, to: str) -> None:
+    """Who may move a request to `to` (the one place that decides it); Denied otherwise:
+    404 when the request is not in the caller's scope, 403/409 when it is but the move is
+    not theirs or not allowed from its state."""
+    mover = TRANSITIONS.get((req["status"], to))
+    if principal.kind.data_subject:
+        if req["euo_id"] != principal.euo or req["user_sub"] != principal.sub:
+            raise Denied(404, "no_such_request", "no such request of yours")
+        if mover != SUBJECT:
+            raise _no_transition(req, to, "you may withdraw your own request, nothing else")
+        return
+    if not _covers(gw, principal, req):
+        raise Denied(404, "no_such_request", "no such request in your scope")
+    if req["type"] in RESTRICTING_TYPES and principal.role in gw.catalog.restricted_roles:
+        # the party a restriction blocks may not lift it: the EUO's admin or staff decide
+        raise Denied(403, "role_not_permitted",
+                     "a restriction that blocks your role is answered by the EUO's admin")
+    erasure_retry = req["type"] == "erasure" and (req["status"], to) == ("accepted", "accepted")
+    if mover != ADMIN and not erasure_retry:
+        raise _no_transition(req, to, "")
+    if req["type"] == "erasure" and to == "completed":
+        raise _no_transition(req, to, "an erasure is completed by the gateway once every "
+                             "backend call succeeded: accept it")
+
+
+def _no_transition(req, to: str, why: str) -> Denied:
+    allowed = sorted(t for (f, t), who in TRANSITIONS.items()
+                     if f == req["status"] and who != GATEWAY_ITSELF)
+    return Denied(409, "invalid_transition",
+                  f"a {req['status']} request cannot become {to} "
+                  f"(from {req['status']}: {', '.join(allowed) or 'none, it is final'})"
+                  + (f"; {why}" if why else ""))
+
+
+def _covers(gw, principal: Principal, req) -> bool:
+    """Whether the request is about a user in the caller's scope (a partner's: an EUO it
+    holds an active contract with today)."""
+    claim = principal.kind.tenant_claim
+    if claim is None:
+        return True
+    if claim == "euo":
+        return req["euo_id"] == principal.euo
+    return gw.contracts.active_partner(req["euo_id"]) == principal.partner
 
 
 @api("/v1/me/requests", ME)
@@ -40,7 +121,8 @@ async def create_request(request: web.Request, principal: Principal, row: AuditR
     if kind not in TYPES:
         raise Denied(400, "invalid_request", f"type must be one of {', '.join(TYPES)}")
     data_sets = body.get("data_sets")
-    catalog = request.app[GATEWAY].catalog
+    gw = request.app[GATEWAY]
+    catalog = gw.catalog
     if (not isinstance(data_sets, list) or not data_sets
             or not all(isinstance(d, str) and d in catalog.data_sets for d in data_sets)):
         raise Denied(400, "invalid_request", "data_sets must list data sets of GET /v1/catalog")
@@ -48,13 +130,45 @@ async def create_request(request: web.Request, principal: Principal, row: AuditR
     if len(set(data_sets)) != len(data_sets):
         raise Denied(400, "invalid_request", "data_sets lists a data set twice")
     row.subject_euo, row.subject_users, row.data_sets = principal.euo, [principal.sub], data_sets
+
     async def change(conn):
-        return await conn.fetchrow(query("create_request"), principal.sub, principal.euo, kind,
-                                   data_sets, detail)
-    created = await request[CALL].allow(201, 0, change=change)
-    if kind == "restriction":
-        request.app[GATEWAY].restrictions.remember(principal.euo, principal.sub, True)
-    return json_response(public(created), status=201)
+        created = await conn.fetchrow(query("create_request"), principal.sub, principal.euo,
+                                      kind, data_sets, detail)
+        await conn.execute(query("add_transition"), created["id"], None, "open",
+                           _actor(principal), None)
+        await request.app[WEBHOOKS].queue(conn, "request.filed", created["id"])
+        restricted = await conn.fetchval(query("restricted_data_sets"), principal.euo,
+                                         principal.sub)
+        return created, restricted
+    created, restricted = await request[CALL].allow(201, 0, change=change)
+    request.app[WEBHOOKS].wake()
+    if kind in RESTRICTING_TYPES:
+        gw.restrictions.remember(principal.euo, principal.sub, restricted)
+    out = public(created)
+    if kind == "rectification":
+        out["self_service"] = self_service(gw, principal, data_sets)
+    return json_response(out, status=201)
+
+
+def self_service(gw: Gateway, principal: Principal, data_sets: list[str]) -> list[dict]:
+    """Where the user corrects these data sets themself: each PATCH route of the route table
+    whose fields of a data set the policy lets them write. The others wait for an admin."""
+    writable = gw.policy.granted(principal.role, frozenset({"self"}), "write")
+    out = []
+    for route in gw.catalog.routes:
+        if "PATCH" not in route.methods or route.subject_user is None \
+                or not isinstance(route.body, ObjectOf):
+            continue
+        fields: dict[str, list[str]] = {}
+        for name, spec in route.body.fields.items():
+            ds = getattr(spec, "data_set", None)
+            if ds in data_sets and ds in writable:
+                fields.setdefault(ds, []).append(name)
+        path = "/" + route.service + route.path.format_map(
+            {route.subject_euo: principal.euo, route.subject_user: principal.sub})
+        out += [{"data_set": ds, "method": "PATCH", "path": path, "fields": names}
+                for ds, names in sorted(fields.items())]
+    return out
 
 
 @api("/v1/me/requests", ME)
@@ -64,6 +178,40 @@ async def my_requests(request: web.Request, principal: Principal, row: AuditRow)
     return json_response({"requests": [public(r) for r in rows]})
 
 
+async def _details(pool, req) -> dict[str, Any]:
+    out = public(req)
+    out["transitions"] = [
+        {"from": t["from_status"], "to": t["to_status"], "at": t["at"].isoformat(),
+         "by": t["actor"]} for t in await pool.fetch(query("request_transitions"), req["id"])]
+    out["erasure_calls"] = [
+        {"at": c["at"].isoformat(), "data_sets": c["data_sets"], "method": c["method"],
+         "path": c["path"], "status": c["status"], "outcome": c["outcome"], "reason": c["reason"]}
+        for c in await pool.fetch(query("request_erasure_calls"), req["id"])]
+    return out
+
+
+@api("/v1/me/requests/{id}", ME)
+async def my_request(request: web.Request, principal: Principal, row: AuditRow):
+    """One of the caller's requests with its transitions and erasure calls."""
+    request_id = _request_id(request)
+    row.subject_euo, row.subject_users = principal.euo, [principal.sub]
+    pool = request.app[POOL]
+    req = await pool.fetchrow(query("get_request"), request_id)
+    if req is None or req["euo_id"] != principal.euo or req["user_sub"] != principal.sub:
+        raise Denied(404, "no_such_request", "no such request of yours")
+    return json_response(await _details(pool, req))
+
+
+@api("/v1/requests/{id}", "requests")
+async def get_request(request: web.Request, principal: Principal, row: AuditRow):
+    """A request in the caller's scope with its transitions and erasure calls."""
+    request_id = _request_id(request)
+    pool = request.app[POOL]
+    req = await pool.fetchrow(query("get_request"), request_id)
+    if req is None or not _covers(request.app[GATEWAY], principal, req):
+        raise Denied(404, "no_such_request", "no such request in your scope")
+    row.subject_euo, row.subject_users = req["euo_id"], [req["user_sub"]]
+    return json_response(await _details(pool, req))
 
 
 @api("/v1/requests", "requests")
@@ -82,52 +230,101 @@ async def list_requests(request: web.Request, principal: Principal, row: AuditRo
 
 @api("/v1/requests/{id}", "requests")
 async def update_request(request: web.Request, principal: Principal, row: AuditRow):
-    """Accept, reject or complete a request in the caller's scope."""
-    try:
-        request_id = uuid.UUID(request.match_info["id"])
-    except ValueError:
-        raise Denied(404, "no_such_request", "no such request") from None
+    """Accept, reject or complete a request in the caller's scope; accepting an erasure
+    runs its backend calls."""
+    return await _transition(request, principal, row, ("accepted", "rejected", "completed"))
+
+
+@api("/v1/me/requests/{id}", ME)
+async def withdraw_request(request: web.Request, principal: Principal, row: AuditRow):
+    """The user withdraws their own request (a restriction or objection stops at once)."""
+    return await _transition(request, principal, row, ("withdrawn",))
+
+
+async def _transition(request: web.Request, principal: Principal, row: AuditRow,
+                      offered: tuple[str, ...]) -> web.Response:
+    request_id = _request_id(request)
     body = await json_object(request)
     status = body.get("status")
-    if status not in STATUSES:
-        raise Denied(400, "invalid_request", f"status must be one of {', '.join(STATUSES)}")
+    if status not in offered:
+        raise Denied(400, "invalid_request", f"status must be one of {', '.join(offered)}")
     resolution = text(body.get("resolution"), "resolution")
     pool = request.app[POOL]
     gw = request.app[GATEWAY]
     current = await pool.fetchrow(query("get_request"), request_id)
-    if current is None or not _covers(gw, principal, current):
-        raise Denied(404, "no_such_request", "no such request in your scope")
-    if current["type"] == "restriction" and principal.role in gw.catalog.restricted_roles:
-        # the party a restriction blocks may not lift it: the EUO's admin or staff decide
-        raise Denied(403, "role_not_permitted",
-                     "a restriction that blocks your role is answered by the EUO's admin")
+    if current is None:
+        raise Denied(404, "no_such_request", "no such request")
+    may_act(gw, principal, current, status)
     row.subject_euo, row.subject_users = current["euo_id"], [current["user_sub"]]
-    resolver = f"{principal.role}:{principal.partner or principal.euo or 'provider'}"
+    updated = await _move(request[CALL], gw, request.app[WEBHOOKS], principal, current, status,
+                          resolution)
+    request.app[WEBHOOKS].wake()
+    if updated["type"] == "erasure" and status == "accepted":
+        updated = await _erase(request, gw, principal, updated)
+    return json_response(await _details(pool, updated))
+
+
+async def _move(call: Call, gw: Gateway, webhooks: Webhooks, principal: Principal, current,
+                to: str, resolution: str | None, before: Change | None = None):
+    """Commit one transition with the call's audit row, its transitions row and the
+    webhooks it causes (and `before`, when given); 409 when the request moved meanwhile."""
     euo, user = current["euo_id"], current["user_sub"]
+    lifts = (current["type"] in RESTRICTING_TYPES and current["status"] in RESTRICTING
+             and to not in RESTRICTING)
 
     async def change(conn):
-        updated = await conn.fetchrow(query("update_request"), request_id, status, resolution,
-                                      resolver)
-        return updated, await conn.fetchval(query("is_restricted"), euo, user)
-    updated, restricted = await request[CALL].allow(200, 0, change=change)
-    if updated["type"] == "restriction":
+        if before is not None:
+            await before(conn)
+        updated = await conn.fetchrow(query("update_request"), current["id"], to, resolution,
+                                      _actor(principal), current["status"])
+        if updated is None:
+            raise Denied(409, "invalid_transition",
+                         "the request changed meanwhile; read it again")
+        await conn.execute(query("add_transition"), current["id"], current["status"], to,
+                           _actor(principal), resolution)
+        if to in FINAL:
+            await webhooks.queue(conn, "request.resolved", current["id"])
+        elif to == "failed":
+            await webhooks.queue(conn, "request.erasure_failed", current["id"])
+        if lifts:
+            await webhooks.queue(conn, "restriction.lifted", current["id"])
+        return updated, await conn.fetchval(query("restricted_data_sets"), euo, user)
+    updated, restricted = await call.allow(200, 0, change=change)
+    if updated["type"] in RESTRICTING_TYPES:
         gw.restrictions.remember(euo, user, restricted)
-    return json_response(public(updated))
+    return updated
 
 
-def _covers(gw, principal: Principal, req) -> bool:
-    """Whether the request is about a user in the caller's scope (a partner's: an EUO it
-    holds an active contract with today)."""
-    claim = principal.kind.tenant_claim
-    if claim is None:
-        return True
-    if claim == "euo":
-        return req["euo_id"] == principal.euo
-    return gw.contracts.active_partner(req["euo_id"]) == principal.partner
+async def _erase(request: web.Request, gw: Gateway, principal: Principal, req):
+    """Run an accepted erasure's backend calls (each audited), then commit its outcome:
+    `completed` when every call succeeded, else `failed` (nothing claimed erased that was
+    not); the resolution says what was erased, what failed and what no backend can erase."""
+    request_id = request[pipeline.REQUEST_ID]
+    erasure = Erasure(gw, list(gw.erasers), principal, req["euo_id"], req["user_sub"],
+                      request_id, request.remote)
+    result = await erasure.run(list(req["data_sets"]))
+    call = gw.new_call(request_id, "PATCH", request.raw_path, request.remote)
+    call.identify(principal)
+    call.row.service, call.row.route = "gateway", "gateway:/v1/requests/{id}"
+    call.about(req["euo_id"], [req["user_sub"]])
+    outcome_rows = result.calls
+
+    async def record(conn):
+        for c in outcome_rows:
+            await conn.execute(query("add_erasure_call"), req["id"], c.data_sets, c.method,
+                               c.path, c.status, c.outcome, c.reason)
+    final = "completed" if result.ok else "failed"
+    updated = await _move(call, gw, request.app[WEBHOOKS], principal, req, final,
+                          result.resolution(), before=record)
+    request.app[WEBHOOKS].wake()
+    return updated
 
 
 def add_routes(app: web.Application) -> None:
     app.router.add_post("/v1/me/requests", create_request)
     app.router.add_get("/v1/me/requests", my_requests)
+    app.router.add_get("/v1/me/requests/{id}", my_request)
+    app.router.add_patch("/v1/me/requests/{id}", withdraw_request)
     app.router.add_get("/v1/requests", list_requests)
+    app.router.add_get("/v1/requests/{id}", get_request)
     app.router.add_patch("/v1/requests/{id}", update_request)

@@ -76,14 +76,19 @@ select a.at, a.chain_id, a.seq, a.actor_role, a.actor_partner, a.actor_euo, a.me
 select partition, ends from audit_prune($1, $2);
 
 -- name: restricted_users
-select distinct euo_id, user_sub from dsr_requests
- where type = 'restriction' and status in ('open', 'accepted');
+-- Each restricted user with the data sets restricted (restrictions and objections, open or
+-- accepted, restrict only what they name).
+select r.euo_id, r.user_sub, array_agg(distinct ds order by ds) as data_sets
+  from dsr_requests r, unnest(r.data_sets) ds
+ where r.type in ('restriction', 'objection') and r.status in ('open', 'accepted')
+ group by r.euo_id, r.user_sub;
 
--- name: is_restricted
--- $1: EUO, $2: user
-select exists (select 1 from dsr_requests
-                where euo_id = $1 and user_sub = $2 and type = 'restriction'
-                  and status in ('open', 'accepted'));
+-- name: restricted_data_sets
+-- $1: EUO, $2: user. The data sets restricted for this user (empty: none).
+select coalesce(array_agg(distinct ds order by ds), '{}'::text[])
+  from dsr_requests r, unnest(r.data_sets) ds
+ where r.euo_id = $1 and r.user_sub = $2 and r.type in ('restriction', 'objection')
+   and r.status in ('open', 'accepted');
 
 -- name: create_request
 insert into dsr_requests (user_sub, euo_id, type, data_sets, detail)
@@ -110,10 +115,84 @@ select * from dsr_requests r
 select * from dsr_requests where id = $1;
 
 -- name: update_request
+-- A transition: only from the state the caller saw ($5), so two admins cannot both move it.
 update dsr_requests
    set status = $2, resolution = coalesce($3, resolution), resolved_by = $4, updated_at = now()
- where id = $1
+ where id = $1 and status = $5
 returning *;
+
+-- name: add_transition
+insert into dsr_transitions (request_id, from_status, to_status, actor, note)
+values ($1, $2, $3, $4, $5);
+
+-- name: request_transitions
+select from_status, to_status, at, actor from dsr_transitions where request_id = $1 order by id;
+
+-- name: add_erasure_call
+insert into dsr_erasure_calls (request_id, data_sets, method, path, status, outcome, reason)
+values ($1, $2, $3, $4, $5, $6, $7);
+
+-- name: request_erasure_calls
+select at, data_sets, method, path, status, outcome, reason
+  from dsr_erasure_calls where request_id = $1 order by id;
+
+-- name: outbox_add_request_event
+-- $1: event, $2: request id. In the transaction of the change it reports.
+insert into webhook_outbox (event, request_id, payload)
+select $1, r.id, dsr_event_payload(r) from dsr_requests r where r.id = $2;
+
+-- name: outbox_reminders
+-- Queue "due in 7 days" and "overdue" once per unresolved request (run by processes with
+-- webhooks configured). Returns how many were queued.
+with due_soon as (
+    update dsr_requests set due_soon_notified_at = now()
+     where status in ('open', 'accepted', 'failed') and due_soon_notified_at is null
+       and due_at > now() and due_at <= now() + interval '7 days'
+    returning *
+), overdue as (
+    update dsr_requests set overdue_notified_at = now()
+     where status in ('open', 'accepted', 'failed') and overdue_notified_at is null
+       and due_at <= now()
+    returning *
+), queued as (
+    insert into webhook_outbox (event, request_id, payload)
+    select 'request.due_soon', r.id, dsr_event_payload(r::dsr_requests) from due_soon r
+    union all
+    select 'request.overdue', r.id, dsr_event_payload(r::dsr_requests) from overdue r
+    returning 1
+)
+select (select count(*) from due_soon) + (select count(*) from overdue);
+
+-- name: dsr_due_counts
+select count(*) filter (where due_at > now() and due_at <= now() + interval '7 days') as due_soon,
+       count(*) filter (where due_at <= now()) as overdue
+  from dsr_requests where status in ('open', 'accepted', 'failed');
+
+-- name: outbox_claim
+-- $1: how many, $2: the lease in seconds. Claimed rows move ahead by the lease, so another
+-- process takes them only if this one dies before recording the outcome.
+update webhook_outbox o
+   set next_attempt_at = now() + make_interval(secs => $2), attempts = o.attempts + 1
+ where o.id in (select id from webhook_outbox
+                 where delivered_at is null and given_up_at is null and next_attempt_at <= now()
+                 order by next_attempt_at, id
+                 limit $1
+                   for update skip locked)
+returning o.id, o.event, o.payload, o.created_at, o.attempts;
+
+-- name: outbox_delivered
+update webhook_outbox set delivered_at = now(), last_error = null where id = $1;
+
+-- name: outbox_failed
+-- $2: seconds until the next attempt, $3: the error, $4: give up now
+update webhook_outbox
+   set next_attempt_at = now() + make_interval(secs => $2), last_error = $3,
+       given_up_at = case when $4 then now() end
+ where id = $1;
+
+-- name: delivery_log
+insert into webhook_deliveries (outbox_id, attempt, url, status, error, duration_ms)
+values ($1, $2, $3, $4, $5, $6);
 
 -- name: audit_lane_session
 -- A lane's statements end server-side by the commit deadline too (a COPY stuck behind a

@@ -25,6 +25,15 @@ begin
     execute format('grant select on contract_history to %I', runtime);
     execute format('grant select, insert, update on dsr_requests to %I', runtime);
     execute format('grant select on schema_migrations to %I', runtime);
+    -- data-subject request states, erasure outcomes, webhooks (015, 016)
+    execute format('grant select, insert on dsr_transitions to %I', runtime);
+    execute format('grant usage on sequence dsr_transitions_id_seq to %I', runtime);
+    execute format('grant select, insert on dsr_erasure_calls to %I', runtime);
+    execute format('grant usage on sequence dsr_erasure_calls_id_seq to %I', runtime);
+    execute format('grant select, insert, update on webhook_outbox to %I', runtime);
+    execute format('grant usage on sequence webhook_outbox_id_seq to %I', runtime);
+    execute format('grant select, insert on webhook_deliveries to %I', runtime);
+    execute format('grant usage on sequence webhook_deliveries_id_seq to %I', runtime);
     -- signed checkpoints (010): appended, never changed
     execute format('grant select, insert on audit_signing_keys to %I', runtime);
     execute format('grant select, insert on audit_checkpoints to %I', runtime);

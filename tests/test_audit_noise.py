@@ -106,10 +106,10 @@ async def test_a_listing_of_requests_is_audited_per_euo(gateway, http, token_for
     each user's access log shows it."""
     for caller in ("bob", "alice"):
         await call(http, "POST", gateway + "/v1/me/requests", token_for(caller),
-                   json={"type": "objection", "data_sets": ["connection_statistics"]})
+                   json={"type": "rectification", "data_sets": ["connection_statistics"]})
     await call(http, "POST", gateway + "/v1/me/requests",
                token_for(role="user", sub="u-dirk", euo="euo-globex"),
-               json={"type": "objection", "data_sets": ["connection_statistics"]})
+               json={"type": "rectification", "data_sets": ["connection_statistics"]})
     status, headers, _ = await call(http, "GET", gateway + "/v1/requests", token_for("staff"))
     assert status == 200
     rows = await db.fetch("select subject_euo, subject_users from audit_log where request_id = $1",

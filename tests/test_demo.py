@@ -52,6 +52,16 @@ async def test_demo_prints_tokens_whose_curl_lines_show_what_each_role_sees(http
             status, _, answer = await call(http, method, url, token, json=orjson.loads(body))
             statuses.append(status)
         assert statuses == [403, 201, 200], answer
+        # the demo's webhook receiver checks the signature and prints the event
+        assert re.search(r"Webhooks .* go to http://127\.0\.0\.1:\d+/webhooks", text)
+        filer = next(t for t, u in shows if u.endswith("/v1/me/access-log"))
+        status, _, _ = await call(http, "POST", f"http://127.0.0.1:{port}/v1/me/requests", filer,
+                                  json={"type": "restriction", "data_sets": ["user_mobile"]})
+        assert status == 201
+        async with asyncio.timeout(30):
+            while "webhook request.filed (signature ok)" not in (line := (
+                    await proc.stdout.readline()).decode()):
+                assert line, "the demo ended without printing the webhook"
     finally:
         proc.send_signal(signal.SIGINT)
         async with asyncio.timeout(30):

@@ -7,18 +7,21 @@ from __future__ import annotations
 import asyncpg
 import orjson
 
-from .conftest import call, free_port, gateway_process, serve_env
+from .conftest import call, free_port, gateway_process, serve_env, wait_for
 from .roles import as_role, drop_last_migration, gateway_cli, migrated_with_grants, two_roles
+from .test_webhooks import receiving, secret_file
 
 ALICE = "/telephony/euos/euo-acme/users/u-alice"
 
 
 async def test_the_runtime_role_serves_audits_and_changes_contracts_and_requests(
         database_url, backends, http, token_for, tmp_path):
-    async with two_roles(database_url) as roles:
+    async with two_roles(database_url) as roles, receiving() as (receiver, hook_url):
         await migrated_with_grants(roles)
         async with gateway_process(http, backends, roles.runtime_dsn, tmp_path,
-                                   "--no-migrate") as (_, base):
+                                   "--no-migrate", GATEWAY_WEBHOOK_URL=hook_url,
+                                   GATEWAY_WEBHOOK_SECRET_FILE=str(secret_file(tmp_path))
+                                   ) as (_, base):
             status, _, _ = await call(http, "PUT", base + "/v1/admin/euos/euo-acme",
                                       token_for("staff"), json={"partner_id": "p-northwind",
                                                                 "contract_end": None})
@@ -26,10 +29,30 @@ async def test_the_runtime_role_serves_audits_and_changes_contracts_and_requests
             status, headers, _ = await call(http, "GET", base + ALICE, token_for("alice"))
             assert status == 200
             request_id = headers["X-Request-Id"]
-            status, _, _ = await call(http, "POST", base + "/v1/me/requests", token_for("alice"),
-                                      json={"type": "rectification", "data_sets": ["user_address"],
-                                            "detail": "new street"})
+            status, _, body = await call(http, "POST", base + "/v1/me/requests", token_for("alice"),
+                                         json={"type": "rectification",
+                                               "data_sets": ["user_address"],
+                                               "detail": "new street"})
             assert status == 201
+            filed = orjson.loads(body)["id"]
+            # transitions, the outbox and the delivery log are the runtime role's to write
+            status, _, _ = await call(http, "PATCH", f"{base}/v1/me/requests/{filed}",
+                                      token_for("alice"), json={"status": "withdrawn"})
+            assert status == 200
+
+            async def told():
+                return {e["event"] for e in receiver.about(filed)} == {"request.filed",
+                                                                      "request.resolved"}
+            assert await wait_for(told, timeout=10)
+            logged = await asyncpg.connect(roles.owner_dsn)
+            try:
+                async def delivered():
+                    return await logged.fetchval(
+                        "select count(*) from webhook_outbox o join webhook_deliveries d on "
+                        "d.outbox_id = o.id where o.delivered_at is not null") == 2
+                assert await wait_for(delivered)
+            finally:
+                await logged.close()
             status, _, body = await call(http, "GET", base + "/v1/audit/verify", token_for("staff"))
             assert status == 200 and orjson.loads(body)["ok"] is True
             status, _, body = await call(http, "GET", base + "/readyz")

@@ -55,8 +55,14 @@ async def test_detail_that_is_not_plain_text_is_refused(gateway, http, token_for
     assert status == 400 and answer["error"]["code"] == "invalid_text"
 
 
+def somebody(euo: str = "euo-acme") -> dict:
+    """A user of no other test: an open objection or restriction of theirs blocks nothing
+    another test reads."""
+    return {"role": "user", "sub": f"u-ledger-{uuid.uuid4().hex[:8]}", "euo": euo}
+
+
 async def test_admins_see_only_requests_in_their_scope(gateway, http, token_for):
-    _, acme = await file_request(http, gateway, token_for("bob"), type="objection",
+    _, acme = await file_request(http, gateway, token_for(**somebody()), type="objection",
                                  data_sets=["call_history"])
     _, initech = await file_request(http, gateway, token_for(**FARID), type="erasure",
                                     data_sets=["voicemails"])
@@ -88,48 +94,154 @@ async def test_overdue_requests_come_first(gateway, http, token_for, db):
     assert first["id"] == late["id"]
 
 
-async def test_restriction_blocks_staff_and_partners_not_the_user_or_admin(
+async def test_a_restriction_blocks_only_its_data_sets_and_lifting_is_seen_everywhere(
         gateway, backends, database_url, http, token_for):
-    """While open, staff and partners get 403 processing_restricted and lose the user's rows
-    from lists; the user and their EUO admin still see everything. Lifting it restores
-    access at once, in every gateway process."""
+    """A restriction of ["user_mobile"]: staff and partners get the user's record without the
+    mobile number (everything else stays), a write of it is refused, and a resource of which
+    nothing else would remain (the call history, restricted by an objection) is refused with
+    403 and its list elements removed. The user and their EUO admin still see everything.
+    Lifting restores access at once, in every gateway process."""
     path = "/telephony/euos/euo-initech/users/u-greet"
     staff, partner = token_for("staff"), token_for(**BLUESKY)
-    assert (await call(http, "GET", gateway + path, staff))[0] == 200
+    status, _, body = await call(http, "GET", gateway + path, staff)
+    assert status == 200 and orjson.loads(body)["mobile"]
     async with running_gateway(gateway_settings(backends["urls"]), database_url) as other:
         _, req = await file_request(http, gateway, token_for(**GREET), type="restriction",
-                                    data_sets=["user_name"], detail="dispute")
+                                    data_sets=["user_mobile"], detail="dispute")
+        _, objection = await file_request(http, gateway, token_for(**GREET), type="objection",
+                                          data_sets=["call_history"], detail="no marketing")
         for who in (staff, partner):
             status, _, body = await call(http, "GET", gateway + path, who)
-            assert status == 403 and orjson.loads(body)["error"]["code"] == "processing_restricted"
+            record = orjson.loads(body)
+            assert status == 200 and "mobile" not in record
+            assert record["first_name"] == "Greet" and record["email"]
+        status, _, body = await call(http, "PATCH", gateway + path, staff,
+                                     json={"mobile": "+32000000000"})
+        assert status == 403 and orjson.loads(body)["error"]["code"] == "processing_restricted"
 
         async def restricted_there():
-            return (await call(http, "GET", other + path, staff))[0] == 403
+            _, _, body = await call(http, "GET", other + path, staff)
+            return "mobile" not in orjson.loads(body)
         assert await wait_for(restricted_there, timeout=1.0)
 
         _, _, body = await call(http, "GET", gateway + "/telephony/euos/euo-initech/users", staff)
-        assert "u-greet" not in {u["id"] for u in orjson.loads(body)["users"]}
+        users = {u["id"]: u for u in orjson.loads(body)["users"]}
+        assert "mobile" not in users["u-greet"] and users["u-greet"]["last_name"] == "Wouters"
+        assert users["u-farid"]["mobile"]                       # someone else's: untouched
         _, _, body = await call(http, "GET", gateway + "/telephony/euos/euo-initech/cdrs", partner)
-        assert "u-greet" not in {c["user_id"] for c in orjson.loads(body)["cdrs"]}
+        owners = {c["user_id"] for c in orjson.loads(body)["cdrs"]}
+        assert "u-greet" not in owners and "u-farid" in owners
+        status, _, body = await call(http, "GET", gateway + "/telephony/euos/euo-initech/cdrs",
+                                     partner, params={"user": "u-greet"})
+        assert status == 200 and orjson.loads(body)["cdrs"] == []
         for who in (token_for(**GREET), token_for(**INITECH_ADMIN)):
-            assert (await call(http, "GET", gateway + path, who))[0] == 200
+            status, _, body = await call(http, "GET", gateway + path, who)
+            assert status == 200 and orjson.loads(body)["mobile"]
 
         status, _, _ = await call(http, "PATCH", f"{gateway}/v1/requests/{req['id']}",
                                   token_for(**INITECH_ADMIN),
-                                  json={"status": "completed", "resolution": "lifted"})
+                                  json={"status": "rejected", "resolution": "lifted"})
         assert status == 200
-        assert (await call(http, "GET", gateway + path, staff))[0] == 200
+        assert "mobile" in orjson.loads((await call(http, "GET", gateway + path, staff))[2])
 
         async def lifted_there():
-            return (await call(http, "GET", other + path, partner))[0] == 200
+            _, _, body = await call(http, "GET", other + path, partner)
+            return "mobile" in orjson.loads(body)
         assert await wait_for(lifted_there, timeout=1.0)
+        status, _, _ = await call(http, "PATCH", f"{gateway}/v1/me/requests/{objection['id']}",
+                                  token_for(**GREET), json={"status": "withdrawn"})
+        assert status == 200
+
+
+async def test_a_restriction_of_a_file_data_set_refuses_the_file(gateway, http, token_for):
+    """A partner may read call recordings; restricted, a recording (a file cannot be partly
+    served) and the list of them are refused, the user's record is not."""
+    carla = {"role": "user", "sub": "u-carla", "euo": "euo-acme"}
+    _, req = await file_request(http, gateway, token_for(**carla), type="restriction",
+                                data_sets=["call_recordings"])
+    try:
+        base = "/telephony/euos/euo-acme/users/u-carla"
+        for path in (base + "/recordings", base + "/recordings/rec-u-carla-1"):
+            status, _, body = await call(http, "GET", gateway + path, token_for("partner"))
+            assert status == 403 and orjson.loads(body)["error"]["code"] == "processing_restricted"
+        assert (await call(http, "GET", gateway + base, token_for("partner")))[0] == 200
+        assert (await call(http, "GET", gateway + base + "/recordings", token_for(**carla)))[0] == 200
+    finally:
+        await call(http, "PATCH", f"{gateway}/v1/me/requests/{req['id']}", token_for(**carla),
+                   json={"status": "withdrawn"})
+    assert (await call(http, "GET", gateway + base + "/recordings", token_for("partner")))[0] == 200
+
+
+async def test_the_user_withdraws_their_own_request_and_nothing_else(gateway, http, token_for, db):
+    """Withdrawing is the data subject's move: recorded as a transition with its audit row;
+    another user cannot, an admin cannot, and a final request stays final (409)."""
+    me = somebody("euo-initech")
+    _, req = await file_request(http, gateway, token_for(**me), type="restriction",
+                                data_sets=["user_mobile"])
+    url = f"{gateway}/v1/me/requests/{req['id']}"
+    status, _, body = await call(http, "PATCH", url, token_for(**somebody("euo-initech")),
+                                 json={"status": "withdrawn"})
+    assert status == 404 and orjson.loads(body)["error"]["code"] == "no_such_request"
+    status, _, body = await call(http, "PATCH", url, token_for(**me), json={"status": "completed"})
+    assert status == 400 and orjson.loads(body)["error"]["code"] == "invalid_request"
+    status, _, body = await call(http, "PATCH", f"{gateway}/v1/requests/{req['id']}",
+                                 token_for(**INITECH_ADMIN), json={"status": "withdrawn"})
+    assert status == 400
+    status, headers, body = await call(http, "PATCH", url, token_for(**me),
+                                       json={"status": "withdrawn"})
+    assert status == 200
+    done = orjson.loads(body)
+    assert done["status"] == "withdrawn"
+    assert [(t["from"], t["to"]) for t in done["transitions"]] == [(None, "open"),
+                                                                    ("open", "withdrawn")]
+    row = await db.fetchrow("select * from audit_log where request_id = $1", headers["X-Request-Id"])
+    assert row["decision"] == "allow" and row["subject_users"] == [me["sub"]]
+    assert row["route"] == "gateway:/v1/me/requests/{id}"
+    status, _, body = await call(http, "PATCH", url, token_for(**me), json={"status": "withdrawn"})
+    assert status == 409 and orjson.loads(body)["error"]["code"] == "invalid_transition"
+    status, _, body = await call(http, "GET", url, token_for(**me))
+    assert status == 200 and orjson.loads(body)["status"] == "withdrawn"
+
+
+async def test_transitions_follow_the_state_table(gateway, http, token_for):
+    """An admin accepts, then completes; a completed request cannot be reopened, a
+    rectification cannot be completed twice, and a request an admin cannot see is 404."""
+    me = somebody("euo-initech")
+    _, req = await file_request(http, gateway, token_for(**me), type="rectification",
+                                data_sets=["euo_identity"], detail="our address is wrong")
+    url = f"{gateway}/v1/requests/{req['id']}"
+    admin = token_for(**INITECH_ADMIN)
+    assert (await call(http, "PATCH", url, token_for("admin"), json={"status": "accepted"}))[0] == 404
+    assert (await call(http, "PATCH", url, admin, json={"status": "accepted"}))[0] == 200
+    status, _, body = await call(http, "PATCH", url, admin,
+                                 json={"status": "completed", "resolution": "fixed"})
+    assert status == 200 and orjson.loads(body)["status"] == "completed"
+    status, _, body = await call(http, "PATCH", url, admin, json={"status": "accepted"})
+    assert status == 409 and orjson.loads(body)["error"]["code"] == "invalid_transition"
+    status, _, body = await call(http, "GET", url, admin)
+    assert [t["to"] for t in orjson.loads(body)["transitions"]] == ["open", "accepted", "completed"]
+
+
+async def test_rectification_names_where_the_user_corrects_it_themself(gateway, http, token_for):
+    """A rectification of data the user may write points at the gateway route that writes it;
+    data they may not write (the EUO's identity) is left to the admins."""
+    status, req = await file_request(http, gateway, token_for(**somebody()), type="rectification",
+                                     data_sets=["user_mobile", "organizer_language",
+                                                "euo_identity"])
+    assert status == 201
+    by_set = {s["data_set"]: s for s in req["self_service"]}
+    assert set(by_set) == {"user_mobile", "organizer_language"}
+    assert by_set["user_mobile"]["method"] == "PATCH"
+    assert by_set["user_mobile"]["path"].startswith("/telephony/euos/euo-acme/users/u-ledger-")
+    assert by_set["user_mobile"]["fields"] == ["mobile"]
 
 
 async def test_request_changes_are_audited(gateway, http, token_for, db):
-    _, headers, _ = await call(http, "POST", gateway + "/v1/me/requests", token_for("alice"),
+    who = somebody()
+    _, headers, _ = await call(http, "POST", gateway + "/v1/me/requests", token_for(**who),
                                json={"type": "objection", "data_sets": ["user_email"]})
     row = await db.fetchrow("select * from audit_log where request_id = $1", headers["X-Request-Id"])
-    assert row["route"] == "gateway:/v1/me/requests" and row["subject_users"] == ["u-alice"]
+    assert row["route"] == "gateway:/v1/me/requests" and row["subject_users"] == [who["sub"]]
     assert row["decision"] == "allow" and row["data_sets"] == ["user_email"]
 
 

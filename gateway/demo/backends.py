@@ -166,14 +166,48 @@ def meeting_app(data: DemoData, middlewares=()) -> web.Application:
     async def patch_organizer(request):
         return await _patch(request, organizer(request))
 
-    @r.get("/accounts/{euo}/organizers/{user}/documents/{id}")
+    @r.route("*", "/accounts/{euo}/organizers/{user}/documents/{id}")
     async def document(request):
         org = organizer(request)
         doc_id = request.match_info["id"]
         if not any(doc["id"] == doc_id for doc in org["documents"]):
             raise _missing()
+        if request.method == "DELETE":
+            org["documents"] = [doc for doc in org["documents"] if doc["id"] != doc_id]
+            data.blobs.pop(doc_id, None)
+            return web.Response(status=204)
         kind, blob = data.blobs[doc_id]
         return web.Response(body=blob, content_type=kind)
+
+    @r.delete("/accounts/{euo}/organizers/{user}/address-book/{entry}")
+    async def delete_address(request):
+        org = organizer(request)
+        entry = request.match_info["entry"]
+        if entry not in org["address_book"]:
+            raise _missing()
+        org["address_book"] = [a for a in org["address_book"] if a != entry]
+        return web.Response(status=204)
+
+    @r.delete("/accounts/{euo}/organizers/{user}/meetings/{meeting}")
+    async def delete_meeting(request):
+        org = organizer(request)
+        mid = request.match_info["meeting"]
+        found = data.meetings.get(mid)
+        if found is None or found["organizer_id"] != org["id"]:
+            raise _missing()          # only a meeting this organizer organises
+        del data.meetings[mid]
+        org["meetings"] = [m for m in org["meetings"] if m["id"] != mid]
+        return web.Response(status=204)
+
+    @r.delete("/accounts/{euo}/meetings/{meeting}/notes/{user}")
+    async def delete_note(request):
+        found = data.meetings.get(request.match_info["meeting"])
+        author = request.match_info["user"]
+        if found is None or found["euo"] != request.match_info["euo"] or not any(
+                n["author_id"] == author for n in found["private_notes"]):
+            raise _missing()
+        found["private_notes"] = [n for n in found["private_notes"] if n["author_id"] != author]
+        return web.Response(status=204)
 
     @r.get("/accounts/{euo}/meetings/{meeting}")
     async def meeting(request):

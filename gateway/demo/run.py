@@ -18,6 +18,7 @@ from ..db import EmbeddedPostgres, migrate, query
 from ..settings import ConfigError, Settings
 from . import data as demo_data
 from .backends import meeting_app, telephony_app
+from .receiver import demo_secret_file, receiver_app
 
 # (label, role, sub, partner, euo, path): what each printed curl line shows
 SHOWCASE = [
@@ -55,6 +56,9 @@ SHOWCASE = [
      "partner", "pat@northwind", "p-northwind", None, "/meeting/accounts/euo-acme/connection-stats"),
     ("provider staff: backends that served data past retention (run the line above first)",
      "provider_staff", "staff-sam", None, None, "/v1/admin/retention"),
+    ("user: restrict processing of their mobile number (a webhook is printed below)", "user",
+     "u-bob", None, "euo-acme", "/v1/me/requests -H 'Content-Type: application/json' "
+     "-d '{\"type\": \"restriction\", \"data_sets\": [\"user_mobile\"]}'"),
 ]
 
 # who signs in to the console, one per role
@@ -136,12 +140,22 @@ async def _run(settings: Settings, dsn: str) -> None:
         runners.append(runner)
         upstreams[service] = f"http://127.0.0.1:{port}"
     settings = settings.with_(upstreams=upstreams)
+    if settings.webhook_url is None:      # the demo's own receiver, unless one is configured
+        key_file = demo_secret_file(settings.data_dir)
+        runner, port = await start_site(receiver_app(key_file.read_bytes().strip()),
+                                        "127.0.0.1", 0)
+        runners.append(runner)
+        settings = settings.with_(webhook_url=f"http://127.0.0.1:{port}/webhooks",
+                                  webhook_secret_file=key_file)
     runner, port = await start_site(create_app(settings, dsn), settings.listen_host,
                                     settings.listen_port)
     runners.append(runner)
     base = f"http://{settings.listen_host}:{port}"
     print(f"\nGateway demo on {base}  (backends: {upstreams['telephony']}, "
           f"{upstreams['meeting']})")
+    print(f"Webhooks (requests filed, due in 7 days, overdue, resolved, restrictions lifted) "
+          f"go to {settings.webhook_url}, signed with the key in {settings.webhook_secret_file}"
+          "; the demo's receiver checks each signature and prints the event here.")
     print("Partners: p-northwind (euo-acme, euo-globex), p-bluesky (euo-initech; euo-umbrella "
           "ended 2025-06-30)\n")
     for label, role, sub, partner, euo, path in SHOWCASE:

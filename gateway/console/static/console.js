@@ -508,7 +508,7 @@ async function loadRequests() {
     if (!current()) return;
     const now = Date.now();
     $("requests-table").tBodies[0].replaceChildren(...r.requests.map((q) => {
-      const overdue = new Date(q.due_at).getTime() < now && !["rejected", "completed"].includes(q.status);
+      const overdue = new Date(q.due_at).getTime() < now && !["rejected", "completed", "withdrawn"].includes(q.status);
       const resolution = el("input", {type: "text", placeholder: "resolution", maxlength: "10000",
                                       "aria-label": "resolution"});
       const answer = el("td", {class: "answer"}, resolution);

@@ -1,0 +1,172 @@
+"""Erasure that acts: accepting an erasure request calls the delete routes the route table
+declares for its data sets on real loopback backends (demo data of this module's own, so
+nothing another test reads is deleted), records each call's outcome, and says what no
+backend can erase. A backend that fails leaves the request `failed`, nothing of that data
+set claimed erased; accepting again retries."""
+
+from __future__ import annotations
+
+import orjson
+import pytest_asyncio
+from aiohttp import web
+
+from gateway.demo import data as demo_data
+from gateway.demo.backends import meeting_app, telephony_app
+from gateway.demo.run import start_site
+
+from .conftest import Seen, call, gateway_settings, running_gateway
+
+DIRK = {"role": "user", "sub": "u-dirk", "euo": "euo-globex"}
+EVA = {"role": "user", "sub": "u-eva", "euo": "euo-globex"}
+GLOBEX_ADMIN = {"role": "euo_admin", "sub": "admin@globex", "euo": "euo-globex"}
+
+
+class Faults:
+    """Backend paths that answer 500 while listed."""
+
+    def __init__(self):
+        self.failing: set[str] = set()
+
+    def middleware(self):
+        @web.middleware
+        async def fail(request, handler):
+            if (request.method, request.path) in self.failing:
+                return web.json_response({"error": "disk full"}, status=500)
+            return await handler(request)
+        return fail
+
+
+@pytest_asyncio.fixture(scope="module")
+async def erasable(database_url):
+    """(gateway URL, the backends' data, what they received, faults) — data of our own."""
+    data, seen, faults = demo_data.build(), Seen(), Faults()
+    runners, urls = [], {}
+    for service, make in (("telephony", telephony_app), ("meeting", meeting_app)):
+        runner, port = await start_site(make(data, [seen.middleware(), faults.middleware()]),
+                                        "127.0.0.1", 0)
+        runners.append(runner)
+        urls[service] = f"http://127.0.0.1:{port}"
+    async with running_gateway(gateway_settings(urls), database_url) as gw:
+        yield gw, data, seen, faults
+    for r in runners:
+        await r.cleanup()
+
+
+async def file_and_accept(http, gw, token_for, who, data_sets):
+    status, _, body = await call(http, "POST", gw + "/v1/me/requests", token_for(**who),
+                                 json={"type": "erasure", "data_sets": data_sets})
+    assert status == 201
+    req = orjson.loads(body)
+    status, headers, body = await call(http, "PATCH", f"{gw}/v1/requests/{req['id']}",
+                                       token_for(**GLOBEX_ADMIN), json={"status": "accepted"})
+    assert status == 200, body
+    return orjson.loads(body), headers["X-Request-Id"]
+
+
+async def test_accepted_erasure_calls_the_declared_delete_routes(erasable, http, token_for, db):
+    gw, data, seen, _ = erasable
+    seen.requests.clear()
+    done, request_id = await file_and_accept(
+        http, gw, token_for, DIRK, ["voicemails", "call_recordings", "organizer_documents",
+                                    "address_book", "meeting_list", "faxes_outgoing", "user_name"])
+    assert done["status"] == "completed"
+    deletes = sorted(p for m, p, _ in seen.requests if m == "DELETE")
+    assert deletes == sorted([
+        "/euos/euo-globex/users/u-dirk/voicemails/vm-u-dirk-1",
+        "/euos/euo-globex/users/u-dirk/recordings/rec-u-dirk-1",
+        "/accounts/euo-globex/organizers/u-dirk/documents/doc-u-dirk-1",
+        "/accounts/euo-globex/organizers/u-dirk/address-book/client3@customer.example",
+        "/accounts/euo-globex/organizers/u-dirk/address-book/team@ops.example",
+        "/accounts/euo-globex/organizers/u-dirk/meetings/mtg-globex-1",
+    ])
+    # really gone from the backends
+    assert data.voicemails["u-dirk"] == [] and data.recordings["u-dirk"] == []
+    assert data.organizers["u-dirk"]["documents"] == []
+    assert data.organizers["u-dirk"]["address_book"] == []
+    assert "mtg-globex-1" not in data.meetings
+    assert data.faxes["u-dirk"] and data.users["u-dirk"]["first_name"] == "Dirk"
+    # every call's outcome, and what no backend can erase, in the answer and the database
+    outcomes = {(c["method"], c["path"]): c["outcome"] for c in done["erasure_calls"]}
+    assert outcomes[("DELETE", "/meeting/accounts/euo-globex/organizers/u-dirk/meetings/"
+                               "mtg-globex-1")] == "erased"
+    assert set(outcomes.values()) == {"erased"} and len(outcomes) == 6
+    assert "cannot be erased through a backend" in done["resolution"]
+    assert "faxes_outgoing, user_name" in done["resolution"]
+    assert "voicemails (1 item)" in done["resolution"]
+    assert [(t["from"], t["to"]) for t in done["transitions"]] == [
+        (None, "open"), ("open", "accepted"), ("accepted", "completed")]
+    rows = await db.fetch("select method, route, decision, actor_role, subject_users from audit_log"
+                          " where request_id = $1", request_id)
+    deleted = [r for r in rows if r["method"] == "DELETE"]
+    assert len(deleted) == 6 and {r["decision"] for r in deleted} == {"allow"}
+    assert {r["actor_role"] for r in rows} == {"euo_admin"}           # who caused it
+    assert all(r["subject_users"] == ["u-dirk"] for r in deleted)
+    patches = [r for r in rows if r["route"] == "gateway:/v1/requests/{id}"]
+    assert len(patches) == 2                                          # accepted, completed
+    assert await db.fetchval("select count(*) from dsr_erasure_calls where request_id = $1::uuid",
+                             done["id"]) == 6
+
+
+async def test_a_failing_backend_leaves_the_erasure_failed_and_a_retry_finishes_it(
+        erasable, http, token_for, db):
+    gw, data, _, faults = erasable
+    recording = "/euos/euo-globex/users/u-eva/recordings/rec-u-eva-1"
+    faults.failing.add(("DELETE", recording))
+    try:
+        done, request_id = await file_and_accept(http, gw, token_for, EVA,
+                                                 ["voicemails", "call_recordings"])
+    finally:
+        faults.failing.clear()
+    assert done["status"] == "failed"
+    assert data.recordings["u-eva"] and data.voicemails["u-eva"] == []
+    by_path = {c["path"]: c for c in done["erasure_calls"]}
+    failed = by_path["/telephony" + recording]
+    assert failed["outcome"] == "failed" and failed["reason"] == "backend_error"
+    assert failed["status"] == 502
+    assert "NOT erased" in done["resolution"] and "call_recordings (backend_error)" in done["resolution"]
+    assert "erased through the backends: voicemails" in done["resolution"]
+    assert "call_recordings (1" not in done["resolution"]              # not claimed erased
+    row = await db.fetchrow("select decision, reason from audit_log where request_id = $1 and "
+                            "method = 'DELETE' and path like '%recordings%'", request_id)
+    assert row["decision"] == "error" and row["reason"] == "backend_error"
+
+    status, _, body = await call(http, "PATCH", f"{gw}/v1/requests/{done['id']}",
+                                 token_for(**GLOBEX_ADMIN), json={"status": "accepted"})
+    again = orjson.loads(body)
+    assert status == 200 and again["status"] == "completed"
+    assert data.recordings["u-eva"] == []
+    assert [t["to"] for t in again["transitions"]] == ["open", "accepted", "failed", "accepted",
+                                                       "completed"]
+
+
+async def test_only_the_gateway_completes_an_erasure(erasable, http, token_for):
+    gw, *_ = erasable
+    status, _, body = await call(http, "POST", gw + "/v1/me/requests", token_for(**EVA),
+                                 json={"type": "erasure", "data_sets": ["user_name"]})
+    req = orjson.loads(body)
+    status, _, body = await call(http, "PATCH", f"{gw}/v1/requests/{req['id']}",
+                                 token_for(**GLOBEX_ADMIN), json={"status": "completed"})
+    assert status == 409 and orjson.loads(body)["error"]["code"] == "invalid_transition"
+
+
+async def test_the_organizer_deletes_meetings_documents_addresses_and_notes(
+        erasable, http, token_for):
+    """The seed's organizer deletions, self-service through the gateway; a colleague cannot."""
+    gw, data, _, _ = erasable
+    acme = "/meeting/accounts/euo-acme"
+    alice = {"role": "user", "sub": "u-alice", "euo": "euo-acme"}
+    bob = {"role": "user", "sub": "u-bob", "euo": "euo-acme"}
+    note = f"{acme}/meetings/mtg-acme-1/notes/u-bob"
+    assert (await call(http, "DELETE", gw + note, token_for(**alice)))[0] == 403
+    assert (await call(http, "DELETE", gw + note, token_for(**bob)))[0] == 204
+    assert "u-bob" not in {n["author_id"] for n in data.meetings["mtg-acme-1"]["private_notes"]}
+    for path in (f"{acme}/organizers/u-alice/address-book/team@ops.example",
+                 f"{acme}/organizers/u-alice/documents/doc-u-alice-1",
+                 f"{acme}/organizers/u-alice/meetings/mtg-acme-1"):
+        status, _, body = await call(http, "DELETE", gw + path, token_for(**bob))
+        assert status == 403, path
+        assert (await call(http, "DELETE", gw + path, token_for("admin")))[0] == 403
+        assert (await call(http, "DELETE", gw + path, token_for(**alice)))[0] == 204, path
+    assert "mtg-acme-1" not in data.meetings
+    assert data.organizers["u-alice"]["documents"] == []
+    assert "team@ops.example" not in data.organizers["u-alice"]["address_book"]

@@ -1,0 +1,244 @@
+"""Webhooks: signed (the receiver here recomputes the HMAC itself), retried with backoff
+after a receiver failure, every attempt logged, never in the way of the request that caused
+them, and not lost when the gateway is killed before it could deliver."""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import hmac
+import time
+import uuid
+
+import orjson
+import pytest
+import pytest_asyncio
+from aiohttp import web
+
+from gateway.demo.run import start_site
+
+from .conftest import call, free_port, gateway_process, gateway_settings, running_gateway, wait_for
+
+SECRET = b"webhook-test-key-" + b"k" * 32           # a test key, not a secret
+
+
+class Receiver:
+    """A webhook receiver on loopback: checks each signature, can be told to fail."""
+
+    def __init__(self, secret: bytes = SECRET):
+        self.secret = secret
+        self.events: list[dict] = []              # verified deliveries
+        self.attempts: list[tuple[str, int]] = []   # (event, status answered)
+        self.fail: dict[str, int] = {}            # user sub -> deliveries to refuse
+
+    async def handle(self, request: web.Request) -> web.Response:
+        body = await request.read()
+        stamp = request.headers.get("X-Gateway-Timestamp", "")
+        given = request.headers.get("X-Gateway-Signature", "")
+        expected = "v1=" + hmac.new(self.secret, stamp.encode() + b"." + body,
+                                    hashlib.sha256).hexdigest()
+        fresh = stamp.isdigit() and abs(time.time() - int(stamp)) < 300
+        event = orjson.loads(body)
+        status = 204
+        if not (hmac.compare_digest(given, expected) and fresh):
+            status = 401
+        elif self.fail.get(event["request"]["user_sub"], 0) > 0:
+            self.fail[event["request"]["user_sub"]] -= 1
+            status = 500
+        self.attempts.append((event["event"], status))
+        if status == 204:
+            self.events.append(event)
+        return web.Response(status=status)
+
+    def about(self, request_id: str, event: str | None = None) -> list[dict]:
+        return [e for e in self.events if e["request"]["id"] == request_id
+                and (event is None or e["event"] == event)]
+
+
+@contextlib.asynccontextmanager
+async def receiving(port: int = 0, secret: bytes = SECRET):
+    receiver = Receiver(secret)
+    app = web.Application()
+    app.router.add_post("/hooks", receiver.handle)
+    runner, port = await start_site(app, "127.0.0.1", port)
+    try:
+        yield receiver, f"http://127.0.0.1:{port}/hooks"
+    finally:
+        await runner.cleanup()
+
+
+def secret_file(tmp_path, secret: bytes = SECRET):
+    path = tmp_path / "webhook.key"
+    path.write_bytes(secret + b"\n")
+    return path
+
+
+@pytest_asyncio.fixture
+async def hooked(backends, database_url, tmp_path):
+    """A gateway posting webhooks to a receiver of this test; (gateway URL, receiver)."""
+    async with receiving() as (receiver, url):
+        settings = gateway_settings(backends["urls"], webhook_url=url,
+                                    webhook_secret_file=secret_file(tmp_path),
+                                    webhook_backoff_s=0.05, webhook_poll_s=0.05, dsr_scan_s=0.1)
+        async with running_gateway(settings, database_url) as gw:
+            yield gw, receiver
+
+
+def somebody() -> dict:
+    return {"role": "user", "sub": f"u-hook-{uuid.uuid4().hex[:8]}", "euo": "euo-acme"}
+
+
+async def file(http, gw, token, **body) -> dict:
+    status, _, answer = await call(http, "POST", gw + "/v1/me/requests", token, json=body)
+    assert status == 201
+    return orjson.loads(answer)
+
+
+async def test_filing_a_request_posts_a_signed_webhook_and_logs_it(hooked, http, token_for, db):
+    gw, receiver = hooked
+    req = await file(http, gw, token_for(**somebody()), type="erasure", data_sets=["voicemails"],
+                     detail="my-private-words")
+    assert await wait_for(lambda: _true(receiver.about(req["id"], "request.filed")))
+    event = receiver.about(req["id"])[0]
+    assert event["request"]["type"] == "erasure" and event["request"]["status"] == "open"
+    assert event["request"]["data_sets"] == ["voicemails"]
+    assert "my-private-words" not in orjson.dumps(event).decode()    # free text stays home
+    log = await db.fetch("select d.status, d.error, d.attempt, o.delivered_at from "
+                         "webhook_deliveries d join webhook_outbox o on o.id = d.outbox_id "
+                         "where o.request_id = $1::uuid", req["id"])
+    assert [(r["status"], r["error"], r["attempt"]) for r in log] == [(204, None, 1)]
+    assert log[0]["delivered_at"] is not None
+
+
+async def test_a_receiver_with_another_key_refuses_every_delivery(backends, database_url, tmp_path,
+                                                                 http, token_for, db):
+    """The signature depends on the key: a receiver holding another key refuses (401), the
+    attempt is logged as failed and retried, never counted as delivered."""
+    async with receiving(secret=b"another-key-" + b"z" * 32) as (receiver, url):
+        settings = gateway_settings(backends["urls"], webhook_url=url,
+                                    webhook_secret_file=secret_file(tmp_path),
+                                    webhook_backoff_s=0.05, webhook_poll_s=0.05,
+                                    webhook_max_attempts=2)
+        async with running_gateway(settings, database_url) as gw:
+            req = await file(http, gw, token_for(**somebody()), type="objection",
+                             data_sets=["connection_statistics"])
+
+            async def given_up():
+                return await db.fetchval("select given_up_at is not null from webhook_outbox "
+                                         "where request_id = $1::uuid and event = 'request.filed'",
+                                         req["id"])
+            assert await wait_for(given_up)
+    statuses = await db.fetch("select d.status from webhook_deliveries d join webhook_outbox o "
+                              "on o.id = d.outbox_id where o.request_id = $1::uuid", req["id"])
+    assert [r["status"] for r in statuses] == [401, 401]
+    assert receiver.about(req["id"]) == []
+
+
+async def test_a_failing_receiver_gets_the_event_again_with_backoff(hooked, http, token_for, db):
+    gw, receiver = hooked
+    who = somebody()
+    receiver.fail[who["sub"]] = 2
+    started = time.monotonic()
+    req = await file(http, gw, token_for(**who), type="restriction", data_sets=["user_mobile"])
+    assert time.monotonic() - started < 5           # the request never waited for delivery
+    assert await wait_for(lambda: _true(receiver.about(req["id"], "request.filed")), timeout=10)
+    log = await db.fetch("select d.attempt, d.status, d.error, d.at from webhook_deliveries d "
+                         "join webhook_outbox o on o.id = d.outbox_id "
+                         "where o.request_id = $1::uuid order by d.id", req["id"])
+    assert [(r["attempt"], r["status"]) for r in log] == [(1, 500), (2, 500), (3, 204)]
+    assert log[0]["error"] == "the receiver answered 500" and log[2]["error"] is None
+    # exponential: the second wait is at least twice the base delay
+    assert (log[2]["at"] - log[1]["at"]).total_seconds() >= 0.1
+    await call(http, "PATCH", f"{gw}/v1/me/requests/{req['id']}", token_for(**who),
+               json={"status": "withdrawn"})
+
+
+async def test_lifting_a_restriction_and_resolving_are_told(hooked, http, token_for):
+    gw, receiver = hooked
+    who = somebody()
+    req = await file(http, gw, token_for(**who), type="restriction", data_sets=["user_email"])
+    status, _, _ = await call(http, "PATCH", f"{gw}/v1/me/requests/{req['id']}", token_for(**who),
+                              json={"status": "withdrawn"})
+    assert status == 200
+    assert await wait_for(lambda: _true(receiver.about(req["id"], "restriction.lifted")
+                                        and receiver.about(req["id"], "request.resolved")))
+    lifted = receiver.about(req["id"], "restriction.lifted")[0]
+    assert lifted["request"]["status"] == "withdrawn" and lifted["request"]["user_sub"] == who["sub"]
+
+
+async def test_due_soon_and_overdue_are_told_once_and_counted(hooked, http, token_for, db):
+    gw, receiver = hooked
+    req = await file(http, gw, token_for(**somebody()), type="rectification",
+                     data_sets=["user_address"])
+    await db.execute("update dsr_requests set due_at = now() + interval '3 days' where id = $1::uuid",
+                     req["id"])
+    assert await wait_for(lambda: _true(receiver.about(req["id"], "request.due_soon")))
+    _, _, metrics = await call(http, "GET", gw + "/metrics")
+    due_soon = [line for line in metrics.decode().splitlines()
+                if line.startswith("gateway_dsr_requests_due_soon ")]
+    assert due_soon and float(due_soon[0].split()[1]) >= 1
+    await db.execute("update dsr_requests set due_at = now() - interval '1 day' where id = $1::uuid",
+                     req["id"])
+    assert await wait_for(lambda: _true(receiver.about(req["id"], "request.overdue")))
+    assert len(receiver.about(req["id"], "request.due_soon")) == 1
+    await db.execute("update dsr_requests set status = 'rejected' where id = $1::uuid", req["id"])
+
+
+@pytest.mark.slow
+async def test_an_event_survives_a_killed_gateway(backends, database_url, tmp_path, http,
+                                                 token_for, db):
+    """The receiver is down; the gateway that committed the event is killed (SIGKILL); a
+    gateway started later delivers it."""
+    port = free_port()
+    url = f"http://127.0.0.1:{port}/hooks"
+    who = somebody()
+    async with gateway_process(http, backends, database_url, tmp_path,
+                               GATEWAY_WEBHOOK_URL=url,
+                               GATEWAY_WEBHOOK_SECRET_FILE=str(secret_file(tmp_path)),
+                               GATEWAY_WEBHOOK_BACKOFF_S="0.2") as (proc, gw):
+        req = await file(http, gw, token_for(**who), type="objection", data_sets=["user_email"])
+
+        async def tried():
+            return await db.fetchval(
+                "select count(*) from webhook_deliveries d join webhook_outbox o on "
+                "o.id = d.outbox_id where o.request_id = $1::uuid and d.status is null", req["id"])
+        assert await wait_for(tried, timeout=10)
+        proc.kill()
+        proc.wait()
+    assert await db.fetchval("select delivered_at from webhook_outbox where request_id = $1::uuid",
+                             req["id"]) is None
+    async with receiving(port) as (receiver, _):
+        settings = gateway_settings(backends["urls"], webhook_url=url,
+                                    webhook_secret_file=secret_file(tmp_path),
+                                    webhook_backoff_s=0.05, webhook_poll_s=0.05)
+        async with running_gateway(settings, database_url) as gw:
+            assert await wait_for(lambda: _true(receiver.about(req["id"], "request.filed")),
+                                  timeout=10)
+            await call(http, "PATCH", f"{gw}/v1/me/requests/{req['id']}", token_for(**who),
+                       json={"status": "withdrawn"})
+
+
+async def _true(value) -> bool:
+    return bool(value)
+
+
+def test_a_webhook_url_needs_a_readable_key_of_32_bytes(tmp_path):
+    """`gateway serve` and `check` name the problem before listening: webhooks are always
+    signed, with a key from a file (never from the repository)."""
+    from gateway.settings import ConfigError, Settings
+
+    base = {"GATEWAY_JWT_SECRET": "j" * 32, "GATEWAY_WEBHOOK_URL": "https://hooks.example/in"}
+    short = tmp_path / "short.key"
+    short.write_bytes(b"too short\n")
+    for extra, problem in (({}, "GATEWAY_WEBHOOK_SECRET_FILE is not"),
+                           ({"GATEWAY_WEBHOOK_SECRET_FILE": str(tmp_path / "none")}, "not readable"),
+                           ({"GATEWAY_WEBHOOK_SECRET_FILE": str(short)}, "fewer than 32 bytes")):
+        settings = Settings.from_env({**base, **extra})
+        with pytest.raises(ConfigError, match=problem):
+            settings.check_for_serving()
+    good = Settings.from_env({**base, "GATEWAY_WEBHOOK_SECRET_FILE": str(secret_file(tmp_path)),
+                              "GATEWAY_WEBHOOK_BACKOFF_S": "0.5"})
+    good.check_for_serving()
+    assert good.webhook_url == "https://hooks.example/in" and good.webhook_backoff_s == 0.5
+    with pytest.raises(ConfigError, match="GATEWAY_WEBHOOK_URL"):
+        Settings.from_env({**base, "GATEWAY_WEBHOOK_URL": "ftp://nope"})
