@@ -203,11 +203,28 @@ select set_config('statement_timeout', $1, false);
 -- Whether a COPY into audit_log could start now (run inside a transaction, then rolled back).
 lock table only audit_log in row exclusive mode;
 
--- name: audit_chain_advance
--- A batch's chain head, in the batch's transaction.
-insert into audit_chain_heads (chain_id, last_seq, last_hash) values ($1, $2, $3)
+-- name: audit_write_batch
+-- A batch in one statement (one round trip, its own transaction unless one is open): its
+-- rows ($1, audit_log's row type in its column order) and its chain's new head ($2..$4)
+-- land together or not at all. `go` is evaluated once, after any lock wait: past the
+-- batch's deadline ($5 seconds after the statement arrived) nothing is written, so a
+-- batch its callers gave up on (and were answered 503 for) does not commit afterwards.
+-- Returns the head's seq, or no row when nothing was written.
+with go as materialized (
+    select 1 where clock_timestamp() < statement_timestamp() + make_interval(secs => $5)
+), written as (
+    insert into audit_log select r.* from unnest($1::audit_log[]) as r, go
+)
+insert into audit_chain_heads (chain_id, last_seq, last_hash) select $2, $3, $4 from go
 on conflict (chain_id) do update
-    set last_seq = excluded.last_seq, last_hash = excluded.last_hash, updated_at = now();
+    set last_seq = excluded.last_seq, last_hash = excluded.last_hash, updated_at = now()
+returning last_seq;
+
+-- name: audit_log_columns
+-- audit_log's columns in their physical order (the order of its row type).
+select attname from pg_attribute
+ where attrelid = 'audit_log'::regclass and attnum > 0 and not attisdropped
+ order by attnum;
 
 -- name: audit_chain_close
 update audit_chain_heads set closed = true, closed_at = now() where chain_id = $1 and not closed;

@@ -1,16 +1,18 @@
 """The audit writer: one per process, group commit, hash chains, fail closed.
 
 Requests hand their row to `record()`; a lane takes every row queued while its previous
-batch was being written, links them into its chain, writes them with one COPY and moves
-the chain's head (`audit_chain_heads`) in the same transaction, and only then resolves
-every waiting future. A few lanes run at once, each with its own chain, so one batch's
+batch was being written (so batches grow with the load, and a row arriving at an idle
+lane is written at once), links them into its chain, writes them and moves the chain's
+head (`audit_chain_heads`) in one statement — one round trip, one transaction — and only
+then resolves every waiting future. A few lanes run at once, each with its own chain, so one batch's
 commit latency overlaps the next. A response that carries personal data awaits its future
 before it is sent, so it leaves the gateway only once its row is committed.
 
 Every waited row has a deadline (`commit_timeout_s` after it was queued). Past it the
 caller gets 503 `audit_unavailable` and no data, the row is never reported committed, and
-a batch still being written for it is abandoned: the lane drops its connection (before
-COMMIT, so PostgreSQL rolls the batch back) and starts a new chain, as it does on any
+a batch still being written for it is abandoned: the lane drops its connection, and the
+statement itself writes nothing once it runs past the batch's deadline (checked in the
+database after any lock wait), and the lane starts a new chain, as it does on any
 failure (an unanswered COMMIT may or may not have landed, and a new chain keeps that doubt
 from looking like tampering). When the queue is full the caller gets the 503 at once.
 `health()` says, without touching the database, whether the writer keeps its deadlines.
@@ -40,6 +42,7 @@ log = logging.getLogger("gateway.audit")
 BATCH_MAX = 5000
 LANES = 1          # batches in flight at once (each lane its own chain)
 COMMIT_TIMEOUT_S = 2.0
+DEADLINE_MARGIN_S = 0.005   # the database's deadline for a batch: this much before ours
 PROBE_EVERY_S = 0.5   # while failing and idle, how often a lane checks the database is back
 COLUMNS = HASHED + ("prev_hash", "row_hash")
 
@@ -230,6 +233,7 @@ class AuditWriter:
 
 
 class _Lane:
+
     """Group commit on one connection at a time: whatever queued while the previous batch
     was being written goes in the next, linked into this lane's chain."""
 
@@ -237,6 +241,7 @@ class _Lane:
         self.writer = writer
         self.conn: asyncpg.pool.PoolConnectionProxy | None = None
         self.writing_since: float | None = None     # queue time of the oldest row in flight
+        self._order: Callable[[tuple], tuple] = tuple   # COLUMNS order -> audit_log's
         self._new_chain()
 
     def _new_chain(self) -> None:
@@ -273,6 +278,9 @@ class _Lane:
             self.conn = conn
             await conn.execute(query("audit_lane_session"),
                                f"{int(self.writer.commit_timeout_s * 1000)}ms")
+            # audit_log's row type is in the table's column order, which is the order
+            # the migrations added them in: read once per connection
+            self._order = _reorder([r[0] for r in await conn.fetch(query("audit_log_columns"))])
 
     async def _probe(self) -> None:
         """Whether a COPY into audit_log could start now; clears the failing state if so."""
@@ -313,13 +321,14 @@ class _Lane:
             log.warning("could not close audit chain %s: %s", self.chain_id, e)
 
     def _link(self, batch: list[_Pending]) -> tuple[list[tuple], bytes]:
+        """The batch's rows as audit_log's row type, chained; and the last row's hash."""
         records, prev, seq = [], self.prev_hash, self.seq
-        chain_id = self.chain_id
+        chain_id, order = self.chain_id, self._order
         for item in batch:
             seq += 1
             values = (item.row.at, chain_id, seq, *_REST_OF_ROW(item.row))
             row_hash = link(prev, canonical(values))
-            records.append((*values, prev, row_hash))
+            records.append(order((*values, prev, row_hash)))
             prev = row_hash
         return records, prev
 
@@ -339,20 +348,25 @@ class _Lane:
                 # without one (see `gateway audit maintain`) goes to audit_log_default
                 # no `async with`: on failure its ROLLBACK would wait on a stuck backend;
                 # dropping the connection rolls the batch back without waiting
-                batch_tx = self.conn.transaction()
-                await batch_tx.start()
-                for i, item in enumerate(batch):
-                    if item.change is not None:
-                        await self._change(i, item, changed, refused)
+                batch_tx = None
+                if any(item.change is not None for item in batch):
+                    # state changes: a transaction around them and the rows
+                    batch_tx = self.conn.transaction()
+                    await batch_tx.start()
+                    for i, item in enumerate(batch):
+                        if item.change is not None:
+                            await self._change(i, item, changed, refused)
                 written = [item for i, item in enumerate(batch) if i not in refused]
                 records, last_hash = self._link(written)
                 last_seq = self.seq + len(records)
                 if records:
-                    await self.conn.copy_records_to_table("audit_log", records=records,
-                                                          columns=COLUMNS)
-                    await self.conn.execute(query("audit_chain_advance"), self.chain_id,
-                                            last_seq, last_hash)
-                await batch_tx.commit()
+                    left = deadline - asyncio.get_running_loop().time() - DEADLINE_MARGIN_S
+                    head = await self.conn.fetchval(query("audit_write_batch"), records,
+                                                    self.chain_id, last_seq, last_hash, left)
+                    if head != last_seq:
+                        raise TimeoutError("the batch reached the database past its deadline")
+                if batch_tx is not None:
+                    await batch_tx.commit()
         except Exception as e:  # any failure means the rows are not durable: fail closed
             log.error("audit write of %d rows failed: %s", len(batch), str(e) or type(e).__name__)
             writer._failing = True
@@ -392,6 +406,20 @@ class _Lane:
             refused[i] = e
             return
         await savepoint.commit()
+
+
+def _reorder(names: list[str]) -> Callable[[tuple], tuple]:
+    """A function from a COLUMNS-ordered record to audit_log's row type (columns in the
+    table's order; ones this code does not write are null)."""
+    unknown = len(COLUMNS)
+    positions = [COLUMNS.index(n) if n in COLUMNS else unknown for n in names]
+    if sorted(positions) != list(range(len(COLUMNS))):
+        if not set(range(len(COLUMNS))) <= set(positions):
+            missing = [c for c in COLUMNS if c not in names]
+            raise RuntimeError(f"audit_log lacks columns {missing} (migrations not applied?)")
+        pick = operator.itemgetter(*positions)
+        return lambda record: pick((*record, None))
+    return operator.itemgetter(*positions)
 
 
 def _retrieve(fut: asyncio.Future) -> None:
