@@ -28,6 +28,7 @@ from .audit import per_day as audit_per_day
 from .audit.checkpoints import Checkpointer, signing_key
 from .authn import Authenticator
 from .authz import Policy
+from .backend_client import BackendClient
 from .break_glass import BreakGlassCache
 from .call import AnonymousRefusals
 from .catalog import PolicyError
@@ -122,8 +123,9 @@ def _resources(settings: Settings, dsn: str, catalog, policy: Policy, metrics: M
                                          limit_per_host=settings.backend_connections,
                                          keepalive_timeout=30)
         session = aiohttp.ClientSession(connector=connector, auto_decompress=False)
-        backends = Backends(settings.upstreams, session, settings.backend_read_timeout_s,
-                            settings.backend_connect_timeout_s, settings.backend_deadline_s,
+        client = BackendClient(settings.upstreams, settings.backend_connections,
+                               settings.backend_connect_timeout_s, settings.backend_read_timeout_s)
+        backends = Backends(settings.upstreams, client, settings.backend_deadline_s,
                             settings.max_json_answer_bytes)
         webhooks = app[WEBHOOKS] = Webhooks(
             pool, session, settings.webhook_url,
@@ -152,6 +154,7 @@ def _resources(settings: Settings, dsn: str, catalog, policy: Policy, metrics: M
             await restrictions.close()
             await break_glass.close()
             await partitions.close()
+            await client.close()
             await session.close()
             await pool.close()
     return ctx

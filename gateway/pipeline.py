@@ -26,6 +26,7 @@ from aiohttp import web
 from .audit import AuditWriter
 from .authn import Authenticator
 from .authz import BREAK_GLASS, Policy, path_relations
+from .backend_client import Answer
 from .call import AnonymousRefusals, Call, Observer, client_request_id
 from .catalog import ACTION_OF_METHOD, Catalog, ObjectOf, Route
 from .contracts import ContractCache
@@ -213,7 +214,7 @@ async def _serve(request: web.Request, gw: Gateway, call: Call) -> web.StreamRes
 
 async def send(gw: Gateway, target: Target, method: str, headers: Mapping[str, str], call: Call,
                client: str | None, deadline: float, body: bytes | None = None
-               ) -> aiohttp.ClientResponse:
+               ) -> Answer:
     """Stage 4: forward exactly what was authorized; a backend error status becomes our own
     error, its body dropped."""
     upstream = await gw.backends.send(

@@ -1,4 +1,4 @@
-"""Forwarding to the backends: header allow-lists, one pooled client, a total deadline
+"""Forwarding to the backends: header allow-lists, one lean pooled client, a total deadline
 and a size cap per answer mapped to 504/502, and binary bodies streamed through in chunks."""
 
 from __future__ import annotations
@@ -10,6 +10,7 @@ from collections.abc import Callable, Mapping
 
 import aiohttp
 
+from .backend_client import Answer, BackendClient, probe
 from .errors import Denied
 
 # Allow-lists, both ways: a client header reaches a backend only if named here (identity,
@@ -65,36 +66,31 @@ def binary_headers(upstream: Mapping[str, str]) -> dict[str, str]:
 
 
 class Backends:
-    """One pooled client session for every backend."""
+    """Every backend, through one lean pooled client (backend_client.py)."""
 
-    def __init__(self, upstreams: Mapping[str, str], session: aiohttp.ClientSession,
-                 read_timeout_s: float, connect_timeout_s: float, deadline_s: float,
+    def __init__(self, upstreams: Mapping[str, str], client: BackendClient, deadline_s: float,
                  max_json_bytes: int):
         self.upstreams = dict(upstreams)
-        self.session = session
+        self.client = client
         self.deadline_s = deadline_s
         self.max_json_bytes = max_json_bytes
-        self.timeout = aiohttp.ClientTimeout(
-            total=None, connect=connect_timeout_s, sock_read=read_timeout_s)
+        self._time = asyncio.get_running_loop().time
         # (service, seconds to the answer's headers) of every answered call, for the metrics
         self.observe: Callable[[str, float], None] | None = None
 
     def deadline(self) -> float:
         """The loop time by which a backend call must have answered (headers and JSON body)."""
-        return asyncio.get_running_loop().time() + self.deadline_s
+        return self._time() + self.deadline_s
 
     async def send(self, service: str, path_qs: str, method: str, headers: Mapping[str, str],
-                   body: bytes | None, deadline: float) -> aiohttp.ClientResponse:
+                   body: bytes | None, deadline: float) -> Answer:
         """Send the request upstream and return the response with its body still unread."""
-        url = self.upstreams[service] + path_qs
-        loop = asyncio.get_running_loop()
-        started = loop.time()
+        started = self._time()
         try:
             async with asyncio.timeout_at(deadline):
-                answer = await self.session.request(method, url, headers=headers, data=body,
-                                                    timeout=self.timeout, allow_redirects=False)
+                answer = await self.client.request(service, method, path_qs, headers, body)
             if self.observe is not None:
-                self.observe(service, loop.time() - started)
+                self.observe(service, self._time() - started)
             return answer
         except TimeoutError:
             raise Denied(504, "backend_timeout", f"the {service} backend did not answer in time") from None
@@ -102,7 +98,7 @@ class Backends:
             raise Denied(502, "backend_unreachable",
                          f"the {service} backend cannot be reached ({type(e).__name__})") from None
 
-    async def read(self, response: aiohttp.ClientResponse, deadline: float) -> bytes:
+    async def read(self, response: Answer, deadline: float) -> bytes:
         """The whole body of a JSON answer, by the deadline and within the size cap."""
         limit = self.max_json_bytes
         try:
@@ -125,13 +121,7 @@ class Backends:
 
     async def ready(self) -> dict[str, bool]:
         """Whether each backend answers HTTP at all (any status counts)."""
-        async def probe(base: str) -> bool:
-            try:
-                async with self.session.get(base + "/", timeout=aiohttp.ClientTimeout(total=2)):
-                    return True
-            except (TimeoutError, aiohttp.ClientError):
-                return False
-        results = await asyncio.gather(*(probe(u) for u in self.upstreams.values()))
+        results = await asyncio.gather(*(probe(self.client, name, 2) for name in self.upstreams))
         return dict(zip(self.upstreams, results, strict=True))
 
 

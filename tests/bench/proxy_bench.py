@@ -102,7 +102,13 @@ def serve_bare_proxy(port: int, upstream: str) -> None:
                 loop=uvloop.new_event_loop())
 
 
+_PORTS: list[int] = []      # --ports FIRST: take ports from there (a shared machine)
+
+
 def free_port() -> int:
+    if _PORTS:
+        _PORTS[0] += 1
+        return _PORTS[0] - 1
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
@@ -212,7 +218,8 @@ async def main_async(args) -> None:
                          GATEWAY_UPSTREAM_TELEPHONY=f"http://127.0.0.1:{tel_bare}",
                          GATEWAY_UPSTREAM_MEETING=f"http://127.0.0.1:{meet}",
                          GATEWAY_JWT_SECRET=SECRET, GATEWAY_JWT_ISSUER=ISSUER,
-                         GATEWAY_JWT_AUDIENCE=AUDIENCE), stderr=subprocess.DEVNULL))
+                         GATEWAY_JWT_AUDIENCE=AUDIENCE),
+                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
         else:
             procs.append(subprocess.Popen(me + ["--bare", str(bare), f"http://127.0.0.1:{tel_bare}"]))
         env = dict(os.environ, GATEWAY_DATABASE_URL=dsn, GATEWAY_LISTEN=f"127.0.0.1:{gw}",
@@ -222,7 +229,9 @@ async def main_async(args) -> None:
                    GATEWAY_JWT_AUDIENCE=AUDIENCE)
         procs.append(subprocess.Popen([sys.executable, "-m", "gateway", "serve"]
                                       + (["--workers", str(args.workers)] if args.workers > 1 else []),
-                                      env=env, stderr=subprocess.DEVNULL))
+                                      # the access log is written (to /dev/null), not shown
+                                      env=env, stdout=subprocess.DEVNULL,
+                                      stderr=subprocess.DEVNULL))
         if args.paired:
             procs.append(subprocess.Popen(me + ["--backend", str(tel_bare)]))
         for port in (tel, tel_bare, bare, gw):
@@ -523,7 +532,12 @@ def main() -> None:
     parser.add_argument("--json", metavar="FILE", help="with --paired: write every round here")
     parser.add_argument("--only", action="append", choices=[s[0] for s in SCENARIOS],
                         help="run only this scenario (repeatable)")
-    asyncio.run(main_async(parser.parse_args()))
+    parser.add_argument("--ports", type=int, metavar="FIRST",
+                        help="listen on FIRST, FIRST+1, … instead of any free port")
+    args = parser.parse_args()
+    if args.ports:
+        _PORTS.append(args.ports)
+    asyncio.run(main_async(args))
 
 
 if __name__ == "__main__":
