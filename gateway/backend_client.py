@@ -31,6 +31,10 @@ HIGH_WATER = 256 * 1024  # bytes buffered before the socket stops being read
 _BAD_VALUE = str.maketrans("", "", "\r\n\0")
 
 
+class TooLarge(Exception):
+    """An answer's body is over the size the caller accepts."""
+
+
 class _Upstream:
     """Where one backend listens, and its idle connections (newest last)."""
 
@@ -147,6 +151,7 @@ class _Connection(asyncio.Protocol):
         self.reused = False
         self._parser = None
         self._lost = False
+        self._paused = False
 
     def usable(self) -> bool:
         return not self._lost and self.transport is not None and not self.transport.is_closing()
@@ -202,11 +207,13 @@ class _Connection(asyncio.Protocol):
             answer._fail(aiohttp.ClientPayloadError("the backend closed the connection mid-answer"))
 
     def pause(self) -> None:
-        if self.transport is not None:
+        if self.transport is not None and not self._paused:
+            self._paused = True
             self.transport.pause_reading()
 
     def resume(self) -> None:
-        if self.transport is not None and not self._lost:
+        if self._paused and self.transport is not None and not self._lost:
+            self._paused = False
             self.transport.resume_reading()
 
 
@@ -325,6 +332,29 @@ class Answer:
             if self._complete:
                 return
             async with asyncio.timeout(read_timeout):
+                await self._wait()
+
+    async def read(self, limit: int) -> bytes:
+        """The whole body (the caller bounds the time); raises TooLarge past `limit` bytes,
+        aiohttp.ClientPayloadError if the answer breaks off, TimeoutError if no byte comes
+        for the read timeout."""
+        if (self.content_length or 0) > limit:
+            raise TooLarge()
+        parts, size, chunks = [], 0, self._chunks
+        while True:
+            while chunks:
+                chunk = chunks.popleft()
+                parts.append(chunk)
+                size += len(chunk)
+            self._buffered = 0
+            if size > limit:
+                raise TooLarge()
+            if self._error is not None:
+                raise self._error
+            if self._complete:
+                return parts[0] if len(parts) == 1 else b"".join(parts)
+            self._conn.resume()
+            async with asyncio.timeout(self._client.read_timeout_s):
                 await self._wait()
 
     def release(self) -> None:

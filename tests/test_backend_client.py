@@ -226,3 +226,22 @@ async def test_connections_in_use_are_bounded(raw):
     assert await third == (200, b"{}")
     assert raw.connections == 2
     await client.close()
+
+
+async def test_a_body_larger_than_the_buffer_is_read_whole_or_refused_over_the_cap(raw):
+    big = b"[" + b"1," * 400_000 + b"1]"              # ~800 KB: reading pauses and resumes
+    chunked = b"".join(b"%x\r\n%s\r\n" % (len(big[i:i + 50_000]), big[i:i + 50_000])
+                       for i in range(0, len(big), 50_000)) + b"0\r\n\r\n"
+    raw.replies = [json_reply(big),
+                   b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\n"
+                   b"Transfer-Encoding: chunked\r\n\r\n" + chunked]
+    backends = Backends({"svc": raw.url}, client_for(raw), deadline_s=5, max_json_bytes=1 << 20)
+    deadline = backends.deadline()
+    answer = await backends.send("svc", "/x", "GET", {}, None, deadline)
+    assert await backends.read(answer, deadline) == big
+    backends.max_json_bytes = 500_000                  # no length given: cut while reading
+    answer = await backends.send("svc", "/x", "GET", {}, None, backends.deadline())
+    with pytest.raises(Denied) as refused:
+        await backends.read(answer, backends.deadline())
+    assert refused.value.code == "backend_answer_too_large"
+    await backends.client.close()
