@@ -101,10 +101,13 @@ class Call:
             self.row.data_sets = list(served)
         if removed:
             self.row.fields_removed = list(removed)
-        siblings = [dataclasses.replace(self.row, subject_euo=euo, subject_users=users)
-                    for euo, users in self.siblings]
-        result, *_ = await asyncio.gather(self.audit.commit(self.row, change),
-                                          *(self.audit.commit(row) for row in siblings))
+        if self.siblings:
+            siblings = [dataclasses.replace(self.row, subject_euo=euo, subject_users=users)
+                        for euo, users in self.siblings]
+            result, *_ = await asyncio.gather(self.audit.commit(self.row, change),
+                                              *(self.audit.commit(row) for row in siblings))
+        else:                   # the common case: one row, no task for it
+            result = await self.audit.commit(self.row, change)
         self.committed = True
         if self.observe is not None:
             self.observe(self.row)

@@ -158,7 +158,8 @@ def _flat(value: Any, path: str, depth: int = 2) -> None:
         if depth == 0:
             raise Unmappable(f"{path} nests deeper than the route table allows")
         for child in value.values() if isinstance(value, dict) else value:
-            _flat(child, path, depth - 1)
+            if isinstance(child, (dict, list)):     # scalars need no call (most children)
+                _flat(child, path, depth - 1)
 
 
 def _subject_of(value: dict, fld: str, identifier: re.Pattern, path: str) -> str:
