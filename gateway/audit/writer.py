@@ -152,15 +152,21 @@ class AuditWriter:
         if self._failing:
             raise unavailable()
         fut = self.record(row, change=change)
+        # one timer (cheaper than asyncio.timeout); the shield keeps a cancelled caller
+        # from cancelling the row itself (it is still written)
+        timer = asyncio.get_running_loop().call_later(self.commit_timeout_s, self._expire, fut)
         try:
-            async with asyncio.timeout(self.commit_timeout_s):
-                return await asyncio.shield(fut)
-        except TimeoutError:
-            self._failing = True   # its batch misses the deadline too and is being abandoned
-            if not fut.done():     # from now on nobody may take this row as committed
-                fut.set_exception(unavailable())
-                fut.add_done_callback(_retrieve)
-            raise unavailable() from None
+            return await asyncio.shield(fut)
+        finally:
+            timer.cancel()
+
+    def _expire(self, fut: asyncio.Future) -> None:
+        """A waited row's deadline passed: its caller gets 503, and from now on nobody may
+        take the row as committed (its batch misses the deadline too and is abandoned)."""
+        if not fut.done():
+            self._failing = True
+            fut.set_exception(unavailable())
+            fut.add_done_callback(_retrieve)
 
     def heads(self) -> list[tuple[uuid.UUID, int, bytes]]:
         """(chain id, last committed seq, its row hash) of each lane: what a checkpoint signs."""
