@@ -77,6 +77,20 @@ def main(argv: list[str] | None = None) -> int:
                             metavar="PEM", help="an Ed25519 public key (from GET /v1/audit/keys); "
                             "repeat for rotated keys. Rows after a chain's last checkpoint are "
                             "reported as not yet sealed")
+    for name, what in (("verify-slice", "check a slice (saved from GET /v1/audit/slice) offline, "
+                         "no database: signatures, every row against its signed root"),
+                       ("verify-consistency", "check a consistency proof (saved from GET "
+                        "/v1/audit/consistency) offline: the later signed tree extends the "
+                        "earlier")):
+        offline = audit_sub.add_parser(name, help=what + "; exit 1 if anything fails")
+        offline.add_argument("file", type=Path, help="the saved JSON answer")
+        offline.add_argument("--public-key", action="append", type=Path, required=True,
+                             metavar="PEM", help="an Ed25519 public key (from GET "
+                             "/v1/audit/keys); repeat for rotated keys")
+        if name == "verify-slice":
+            offline.add_argument("--previous", type=Path, metavar="FILE", help="an earlier "
+                                 "slice of the same caller and window: each of its proved rows "
+                                 "must still be there, unchanged")
     audit_sub.add_parser("maintain", help="create the audit partitions ahead and drop those "
                          "past GATEWAY_AUDIT_RETENTION_DAYS (a periodic job, as the owner)")
     prune = audit_sub.add_parser("prune", help="drop whole month partitions past retention")
@@ -119,6 +133,8 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s %(message)s")
     for noisy in ("pgserver", "casbin", "casbin.policy", "casbin.enforcer", "casbin.role"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
+    if args.command == "audit" and args.audit_command in ("verify-slice", "verify-consistency"):
+        return _verify_offline(args)
     try:
         settings = Settings.from_env()
         if args.command == "serve":
@@ -152,6 +168,27 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:     # Ctrl-C while starting: nothing to report
         return 130
     return 1
+
+
+def _verify_offline(args) -> int:
+    """verify-slice / verify-consistency: files and keys only, no settings, no database."""
+    from .audit import checkpoints, slices
+    try:
+        keys = checkpoints.load_public_keys(args.public_key)
+        doc = slices.load_document(args.file)
+        if args.audit_command == "verify-consistency":
+            report = slices.verify_consistency_doc(doc, keys)
+        else:
+            previous = slices.load_document(args.previous) if args.previous else None
+            report = slices.verify_slice(doc, keys, previous)
+    except ConfigError as e:
+        print(f"gateway: {e}", file=sys.stderr)
+        return 2
+    except (OSError, ValueError) as e:     # unreadable, or not JSON (orjson's error is one)
+        print(f"gateway audit {args.audit_command}: {e}", file=sys.stderr)
+        return 2
+    print(orjson.dumps(report, option=orjson.OPT_INDENT_2).decode())
+    return 0 if report["ok"] else 1
 
 
 def _days(value: str) -> int:

@@ -25,6 +25,7 @@ from .access_log import AccessLog
 from .audit import AuditRow, AuditWriter
 from .audit import api as audit_api
 from .audit import per_day as audit_per_day
+from .audit import slices as audit_slices
 from .audit.checkpoints import Checkpointer, signing_key
 from .authn import Authenticator
 from .authz import Policy
@@ -79,6 +80,7 @@ def create_app(settings: Settings, dsn: str, reload_on_sighup: bool = False,
     app.router.add_delete("/v1/admin/euos/{euo}", delete_contract)
     audit_api.add_routes(app)
     audit_per_day.add_routes(app)
+    audit_slices.add_routes(app)
     subject_requests.add_routes(app)
     break_glass_api.add_routes(app)
     export.add_routes(app)
