@@ -28,9 +28,10 @@ from gateway.audit.checkpoints import load_public_keys, signed_bytes
 from gateway.audit.leaves import WITHHELD, record_leaf
 from gateway.audit.merkle import Frontier
 from gateway.audit.slices import build_slice, consistency_doc, verify_consistency_doc, verify_slice
+from gateway.catalog import load_catalog
 from gateway.principal import Principal
 
-from .conftest import CALLERS, call, gateway_settings, private_database, running_gateway, wait_for
+from .conftest import CALLERS, POLICY_DIR, call, gateway_settings, private_database, running_gateway, wait_for
 
 pytestmark = pytest.mark.slow
 
@@ -50,8 +51,16 @@ CONTRACTED = {"p-northwind": {"euo-acme", "euo-globex"}, "p-bluesky": {"euo-init
 CALLERS_HERE = {**CALLERS, "bluesky": dict(role="partner", sub="ops@bluesky", partner="p-bluesky")}
 
 
-def _principal(name: str) -> Principal:
-    return Principal(**CALLERS_HERE[name])
+CATALOG = load_catalog(POLICY_DIR)
+
+
+def _principal(name: str = None, **spec) -> Principal:
+    spec = spec or CALLERS_HERE[name]
+    return Principal(**spec, kind=CATALOG.roles[spec["role"]])
+
+
+async def _slice(conn, principal):
+    return await build_slice(conn, principal, MultiDict(), CATALOG.data_subject_roles)
 
 
 @pytest_asyncio.fixture(scope="module")
@@ -84,6 +93,16 @@ async def sliced(tmp_path_factory, demo, backends, http, token_for):
             keys = orjson.loads(body)["keys"]
             status, _, body = await call(http, "GET", gw + "/v1/audit/slice", token_for("staff"))
             assert status == 403 and orjson.loads(body)["error"]["code"] == "role_not_permitted"
+            # every role may ask for a consistency proof (it names no tenant)
+            status, _, body = await call(http, "GET", gw + "/v1/audit/consistency?first=1&second=1",
+                                         token_for("alice"))
+            assert status in (200, 400), body
+            status, _, body = await call(http, "GET", gw + "/v1/audit/consistency?first=x&second=1",
+                                         token_for("alice"))
+            assert status == 400 and orjson.loads(body)["error"]["code"] == "bad_filter"
+            status, _, body = await call(
+                http, "GET", gw + "/v1/audit/consistency?first=1&second=999999", token_for("admin"))
+            assert status == 404 and orjson.loads(body)["error"]["code"] == "no_such_checkpoint"
         pems = []
         for key in keys:
             path = where / f"{key['key_id']}.pub.pem"
@@ -239,7 +258,7 @@ async def test_a_row_altered_in_the_database_fails_and_a_dropped_one_is_missed(s
         conn, tx = await _tampered(sliced["dsn"], statement, uuid.UUID(target["chain_id"]),
                                    target["seq"])
         try:
-            after = await build_slice(conn, principal, MultiDict())
+            after = await _slice(conn, principal)
         finally:
             await tx.rollback()
             await conn.close()
@@ -248,7 +267,7 @@ async def test_a_row_altered_in_the_database_fails_and_a_dropped_one_is_missed(s
     # untouched, the later slice agrees with the earlier one
     conn = await asyncpg.connect(sliced["dsn"])
     try:
-        again = await build_slice(conn, principal, MultiDict())
+        again = await _slice(conn, principal)
     finally:
         await conn.close()
     assert verify_slice(again, keys, previous=before)["ok"]
@@ -351,7 +370,7 @@ def test_a_slice_never_holds_another_tenants_row(sliced, rows, viewer):
 
 async def _scoped(dsn, rows, viewer):
     role, partner, euo, sub = viewer
-    principal = Principal(sub=sub, role=role, partner=partner, euo=euo)
+    principal = _principal(sub=sub, role=role, partner=partner, euo=euo)
     chain = uuid.uuid4()
     conn = await asyncpg.connect(dsn)
     tx = conn.transaction(isolation="repeatable_read")
@@ -372,7 +391,8 @@ async def _scoped(dsn, rows, viewer):
         await conn.copy_records_to_table("audit_log", records=records,
                                          columns=(*HASHED, "prev_hash", "row_hash"))
         doc = await build_slice(conn, principal, MultiDict({"from": start.isoformat(),
-                                                            "limit": "1000"}))
+                                                            "limit": "1000"}),
+                                CATALOG.data_subject_roles)
     finally:
         await tx.rollback()
         await conn.close()

@@ -28,8 +28,9 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 from ..db import POOL, query
 from ..endpoints import api, json_response
 from ..errors import Denied
+from ..pipeline import GATEWAY
 from ..principal import Principal
-from .api import encode_cursor, parse_filters, public, scope
+from .api import encode_cursor, parse_filters, public, scoped_args
 from .chain import HASHED
 from .checkpoints import checkpoint_json, checkpoint_signed_bytes, fetch_nodes
 from .leaves import WITHHELD, leaf, row_hash_matches
@@ -48,25 +49,40 @@ CONSISTENCY_FORMAT = "partner-gateway-consistency/1"
 LEAF_FORMAT = "partner-gateway-leaf/1"
 
 
-def _caller(principal: Principal) -> dict[str, Any]:
-    if principal.role == "partner":
-        return {"role": "partner", "partner": principal.partner}
-    if principal.role == "euo_admin":
-        return {"role": "euo_admin", "euo": principal.euo}
-    return {"role": "user", "euo": principal.euo, "sub": principal.sub}
+def as_subject(principal: Principal) -> bool:
+    """Whether the caller's slice is the data subject's (the access log's scope) rather
+    than a tenant's audit scope; Denied(403) if it may have neither."""
+    kind = principal.kind
+    if kind.tenant_claim is not None and kind.may("audit"):
+        return False
+    if kind.data_subject:
+        return True
+    raise Denied(403, "role_not_permitted", "only a role with a tenant's audit scope or a "
+                 "data subject may ask for a slice (roles.yaml)")
 
 
-async def build_slice(conn, principal: Principal, params) -> dict[str, Any]:
-    """One page (at most 1000 rows, newest first) of the caller's rows with their proofs."""
+def _caller(principal: Principal, subject: bool) -> dict[str, Any]:
+    claim = principal.kind.tenant_claim
+    out = {"role": principal.role, claim: getattr(principal, claim)}
+    if subject:
+        out["sub"] = principal.sub
+    return out
+
+
+async def build_slice(conn, principal: Principal, params,
+                      data_subject_roles: list[str]) -> dict[str, Any]:
+    """One page (at most 1000 rows, newest first) of the caller's own rows with their proofs."""
+    subject = as_subject(principal)
     filters = parse_filters(params, download=False)
     async with conn.transaction(isolation="repeatable_read", readonly=True):
         await conn.execute("set local plan_cache_mode = force_custom_plan")
-        if principal.role == "user":
+        if subject:
             at, chain, seq = filters.cursor or (None, None, None)
             rows = await conn.fetch(query("access_log"), principal.sub, principal.euo,
-                                    filters.since, filters.until, at, chain, seq, filters.limit)
+                                    filters.since, filters.until, at, chain, seq, filters.limit,
+                                    data_subject_roles)
         else:
-            rows = await conn.fetch(query("audit_query"), *filters.args(*scope(principal)))
+            rows = await conn.fetch(query("audit_query"), *scoped_args(filters, principal))
         trees = {cp["chain_id"]: cp for cp in await conn.fetch(
             query("audit_latest_trees"), list({r["chain_id"] for r in rows}))}
         wanted = defaultdict(dict)          # chain -> row seq -> ranges of its proof
@@ -87,7 +103,7 @@ async def build_slice(conn, principal: Principal, params) -> dict[str, Any]:
     entries = []
     for r in rows:
         item = public(r, principal)
-        if principal.role == "user":        # a user sees others by role and organisation only
+        if subject:                         # a data subject sees others by role and organisation only
             for name in WITHHELD:
                 item[name] = None
         disclosed = all(item[name] == r[name] for name in WITHHELD)
@@ -99,29 +115,32 @@ async def build_slice(conn, principal: Principal, params) -> dict[str, Any]:
             "inclusion": [h.hex() for h in proof] if proof is not None else None})
     truncated = filters.limit is not None and len(rows) == filters.limit
     return {
-        "format": SLICE_FORMAT, "leaf_format": LEAF_FORMAT, "caller": _caller(principal),
+        "format": SLICE_FORMAT, "leaf_format": LEAF_FORMAT, "caller": _caller(principal, subject),
         "window": {"from": filters.since.isoformat() if filters.since else None,
                    "to": filters.until.isoformat() if filters.until else None,
                    "cursor": params.get("cursor"),
                    "query": {k: params.get(k) for k in ("actor", "subject_user", "euo",
                                                          "dataset", "decision")
-                             if params.get(k) is not None and principal.role != "user"}},
+                             if params.get(k) is not None and not subject}},
         "checkpoints": [checkpoint_json(cp) for cp in trees.values()],
         "rows": entries,
         "not_yet_sealed": sum(1 for e in entries if e["inclusion"] is None),
         "next_cursor": encode_cursor(rows[-1]) if truncated else None}
 
 
-@api("/v1/audit/slice", roles=("partner", "euo_admin", "user"))
+@api("/v1/audit/slice")
 async def audit_slice(request: web.Request, principal: Principal, row: AuditRow):
-    """The caller's rows with inclusion proofs against signed roots (see build_slice)."""
-    if principal.role == "user":
+    """The caller's rows with inclusion proofs against signed roots (see build_slice): a
+    tenant's audit scope (roles.yaml: a tenant claim and gateway_api `audit`), or the data
+    subject's access log."""
+    if as_subject(principal):
         row.subject_euo, row.subject_users = principal.euo, [principal.sub]
     async with request.app[POOL].acquire() as conn:
-        return json_response(await build_slice(conn, principal, request.query))
+        return json_response(await build_slice(conn, principal, request.query,
+                                               request.app[GATEWAY].catalog.data_subject_roles))
 
 
-@api("/v1/audit/consistency", roles=("provider_staff", "partner", "euo_admin", "user"))
+@api("/v1/audit/consistency")
 async def audit_consistency(request: web.Request, principal: Principal, row: AuditRow):
     """A consistency proof between two format 2 checkpoints (`first`, `second`: their ids)
     of one chain."""
