@@ -116,6 +116,21 @@ def main(argv: list[str] | None = None) -> int:
     rep.add_argument("--from", dest="since",
                      help="ISO 8601 time with zone (inclusive; default 30 days before --to)")
     rep.add_argument("--to", dest="until", help="ISO 8601 time with zone (exclusive; default now)")
+    pol = sub.add_parser("policy", help="ask the policy directory (GATEWAY_POLICY_DIR) offline")
+    pol_sub = pol.add_subparsers(dest="policy_command", required=True)
+    exp = pol_sub.add_parser("explain", help="what the gateway would decide for a request and "
+                             "why (route, relations, data sets served and removed, the policy "
+                             "lines), as GET /v1/explain answers, without database or backend")
+    exp.add_argument("path", help="the backend path, e.g. /telephony/euos/euo-acme/users/u-alice")
+    exp.add_argument("--method", default="GET", help="GET (default), POST, PUT, PATCH or DELETE")
+    exp.add_argument("--role", required=True, help="the caller's role (roles.yaml)")
+    exp.add_argument("--sub", required=True, help="the caller's token subject")
+    exp.add_argument("--partner", help="the partner claim")
+    exp.add_argument("--euo", help="the EUO claim")
+    exp.add_argument("--contract", action="append", default=[], metavar="EUO=PARTNER",
+                     help="an active contract to assume (repeat); none by default")
+    exp.add_argument("--restricted", action="append", default=[], metavar="EUO/USER",
+                     help="a user who restricted processing (repeat); none by default")
     contracts = sub.add_parser("contracts", help="the partner <-> EUO contracts")
     contracts_sub = contracts.add_subparsers(dest="contracts_command", required=True)
     contracts_sub.add_parser("list", help="print every contract as NDJSON (euo_id, partner_id, "
@@ -151,6 +166,8 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "audit":
             from .audit import cli
             return _with_database(settings, lambda dsn: cli.run(dsn, settings, args))
+        if args.command == "policy":
+            return _explain_offline(settings, args)
         if args.command == "contracts":
             return _with_database(settings, _list_contracts)
         if args.command == "retention":
@@ -168,6 +185,35 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:     # Ctrl-C while starting: nothing to report
         return 130
     return 1
+
+
+def _explain_offline(settings: Settings, args) -> int:
+    """gateway policy explain: the policy files alone (contracts and restrictions as given)."""
+    from .explain import Offline, explain
+    from .policyset import load_policy_set
+    from .principal import Principal
+    policy_set = load_policy_set(settings.policy_dir)
+    kind = policy_set.catalog.roles.get(args.role)
+    if kind is None:
+        print(f"gateway policy explain: no role {args.role!r} in roles.yaml", file=sys.stderr)
+        return 2
+    try:
+        contracts = dict(c.split("=", 1) for c in args.contract)
+        restricted = {tuple(r.split("/", 1)) for r in args.restricted}
+    except ValueError:
+        print("gateway policy explain: --contract EUO=PARTNER, --restricted EUO/USER",
+              file=sys.stderr)
+        return 2
+    if args.method not in ("GET", "POST", "PUT", "PATCH", "DELETE"):
+        print("gateway policy explain: --method is one of GET POST PUT PATCH DELETE",
+              file=sys.stderr)
+        return 2
+    principal = Principal(sub=args.sub, role=args.role, partner=args.partner, euo=args.euo,
+                          kind=kind)
+    gw = Offline(policy_set.catalog, policy_set.policy, policy_set.version, contracts, restricted)
+    print(orjson.dumps(explain(gw, principal, args.method, args.path),
+                       option=orjson.OPT_INDENT_2).decode())
+    return 0
 
 
 def _verify_offline(args) -> int:

@@ -28,6 +28,7 @@ REASONS: dict[str, tuple[int, str]] = {
     "invalid_request": (400, "a data-subject request body is malformed"),
     "invalid_break_glass": (400, "a break-glass request lacks a purpose or ticket, or asks too long"),
     "bad_filter": (400, "an audit or request filter is malformed"),
+    "bad_explain": (400, "explain needs a method and a backend path"),
     "bad_cursor": (400, "the paging cursor is not one the gateway gave out"),
     "bad_format": (400, "the export format is neither zip nor json"),
     "backend_rejected": (400, "the backend refused the request (400, 409, 422)"),
