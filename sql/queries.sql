@@ -295,10 +295,12 @@ select distinct on (chain_id) * from audit_checkpoints
 
 -- name: audit_merkle_nodes
 -- Stored perfect nodes ($2[i], $3[i]) = (level, idx) of a chain's tree.
-select n.level, n.idx, n.hash from audit_merkle_nodes n
-  join unnest($2::smallint[], $3::bigint[]) as w(level, idx)
-    on n.level = w.level and n.idx = w.idx
- where n.chain_id = $1;
+-- One primary-key look-up each (offset 0 keeps the planner from turning this into a join
+-- that reads the chain's whole tree).
+select w.level, w.idx, n.hash
+  from unnest($2::smallint[], $3::bigint[]) as w(level, idx)
+ cross join lateral (select hash from audit_merkle_nodes
+                      where chain_id = $1 and level = w.level and idx = w.idx offset 0) n;
 
 -- name: audit_chain_rows_after
 -- A chain's rows $2 < seq <= $3, in order (what a checkpoint adds to the chain's tree).

@@ -214,7 +214,7 @@ class Checkpointer:
         nodes = []
         prev = None
         async for row in conn.cursor(query("audit_chain_rows_after"), chain_id, tree.size, seq,
-                                     prefetch=2000):
+                                     prefetch=500):     # short turns of the event loop
             if row["seq"] != tree.size + 1:
                 raise TreeError(f"row {tree.size + 1} is missing")
             if (prev is not None and row["prev_hash"] != prev) or link(
