@@ -64,11 +64,12 @@ def explain(gw: Any, principal: Principal, method: str, path: str) -> dict[str, 
                     "params": dict(matched.params), "data_sets": sorted(route.data_sets),
                     "binary": list(route.binary) or None}
     out["subject"] = {"euo": scratch.row.subject_euo, "users": scratch.row.subject_users}
-    relations = None
+    relations, restricted = None, frozenset()
     try:
         target = authorize(gw, principal, method, matched)
         relations = target.relations
         out["decision"], out["status"], out["reason"] = "allow", 200, None
+        restricted = target.withheld
     except Denied as e:
         out.update(_denied(e))
         try:                                # how far it got: the relations, if any held
@@ -79,7 +80,7 @@ def explain(gw: Any, principal: Principal, method: str, path: str) -> dict[str, 
             return out
     out["relations"] = sorted(relations)
     out.update(_data_sets(gw.catalog, gw.policy, gw.plan, route, principal, relations,
-                          ACTION_OF_METHOD[method], out["decision"] == "allow"))
+                          ACTION_OF_METHOD[method], out["decision"] == "allow", restricted))
     return out
 
 
@@ -88,7 +89,8 @@ def _denied(e: Denied) -> dict[str, Any]:
 
 
 def _data_sets(catalog: Catalog, policy: Policy, plan, route, principal: Principal,
-               relations: frozenset[str], action: str, allowed: bool) -> dict[str, Any]:
+               relations: frozenset[str], action: str, allowed: bool,
+               restricted: frozenset[str]) -> dict[str, Any]:
     role = principal.kind
     offered = frozenset(route.binary) if route.binary else route.data_sets
     if action == "read" and not route.binary:
@@ -99,6 +101,8 @@ def _data_sets(catalog: Catalog, policy: Policy, plan, route, principal: Princip
     if role.data_subject and action == "read" and not route.binary:
         maybe = set(offered & policy.granted(principal.role, relations | route.body_relations,
                                              "read")) - served
+    withheld = (served | maybe) & restricted         # the subject restricted them
+    served, maybe = served - withheld, maybe - withheld
     hidden = {ds for ds in offered if role.column in catalog.data_sets[ds].hidden_from}
     deciding = policy.deciding_lines(principal.role, relations | route.body_relations, action,
                                      served | maybe)
@@ -110,13 +114,16 @@ def _data_sets(catalog: Catalog, policy: Policy, plan, route, principal: Princip
             if allowed and maybe else None),
         "removed": sorted(offered - served - maybe) if allowed else sorted(offered),
         "never_served": sorted(hidden),
+        "withheld_by_restriction": sorted(withheld),
         "policy_lines": deciding,
         "restriction_applies": principal.role in catalog.restricted_roles,
         "decided_by_the_answer": [note for note, holds in (
             ("retention windows and masks (datasets.yaml)", True),
             ("elements of users who restricted processing",
              principal.role in catalog.restricted_roles),
-            ("elements of a list about the caller alone (a data subject)", role.data_subject))
+            ("elements of a list about the caller alone (a data subject)", role.data_subject),
+            ("which one of its data sets a file is (the listing the route names)",
+             len(route.binary) > 1))
             if holds],
     }
 
@@ -151,10 +158,18 @@ class _Contracts:
 
 @dataclass
 class _Restrictions:
-    restricted: set[tuple[str, str]]
+    users: set[tuple[str, str]]
 
-    def is_restricted(self, euo: str, user: str) -> bool:
-        return (euo, user) in self.restricted
+    def restricted(self, euo: str, user: str) -> frozenset[str]:
+        """A user given as restricted has restricted every data set."""
+        return self._all if (euo, user) in self.users else frozenset()
+
+    _all: frozenset[str] = frozenset()
+
+
+class _NoGrants:
+    def grant_for(self, principal, euo, user):
+        return None
 
 
 class Offline:
@@ -167,7 +182,8 @@ class Offline:
         self.catalog, self.policy, self.policy_version = catalog, policy, version
         self.targets = Targets(catalog)
         self.contracts = _Contracts(contracts or {})
-        self.restrictions = _Restrictions(restricted or set())
+        self.restrictions = _Restrictions(restricted or set(), frozenset(catalog.data_sets))
+        self.break_glass = _NoGrants()         # no break-glass grant is assumed offline
 
     def plan(self, route, role, relations):
         return make_plan(route, role, relations, self.catalog, self.policy.granted)

@@ -201,9 +201,17 @@ def _check_checkpoint(cp: Any, keys: dict[str, Ed25519PublicKey]) -> None:
 
 
 def _values(item: dict[str, Any]) -> list[Any]:
+    """A row as served, back in the form its hash covers (HASHED order; the time as a
+    datetime; the redaction receipt as the canonical JSON text it is stored as)."""
     values = [item[name] for name in HASHED]
     values[0] = datetime.fromisoformat(values[0])
+    if item.get("withheld") is not None:
+        values[_WITHHELD_RECEIPT] = orjson.dumps(item["withheld"],
+                                                 option=orjson.OPT_SORT_KEYS).decode()
     return values
+
+
+_WITHHELD_RECEIPT = HASHED.index("withheld")
 
 
 def _hex_list(value: Any) -> list[bytes]:
