@@ -45,6 +45,7 @@ REQUESTS = [  # (caller, path): rows about several tenants, by several roles
     ("bluesky", "/telephony/euos/euo-initech/users/u-greet"),
     ("staff", "/telephony/euos/euo-acme/users/u-alice/voicemails"),
     ("partner", "/telephony/euos/euo-acme/users/u-alice"),
+    ("partner", "/meeting/accounts/euo-acme/connection-stats"),   # a receipt: past retention
 ]
 # the demo's contracts in force (Umbrella's ended)
 CONTRACTED = {"p-northwind": {"euo-acme", "euo-globex"}, "p-bluesky": {"euo-initech"}}
@@ -142,6 +143,8 @@ async def test_each_callers_slice_verifies_offline_and_holds_only_its_rows(slice
         report = verify_slice(doc, load_public_keys(sliced["pems"]))
         assert report["ok"], (name, report)
         assert report["rows_proved"] == len(rows) - report["rows_not_yet_sealed"] > 0
+    # a row with a redaction receipt (stored as JSON text, served as an object) verifies too
+    assert any(e["row"]["withheld"] and e["inclusion"] for e in sliced["slices"]["partner"]["rows"])
     # the EUO admin sees the staff's and the partner's requests about Acme, the actor withheld
     admin = sliced["slices"]["admin"]
     staff_rows = [e for e in admin["rows"] if e["row"]["actor_role"] == "provider_staff"]
