@@ -77,6 +77,20 @@ def main(argv: list[str] | None = None) -> int:
                             metavar="PEM", help="an Ed25519 public key (from GET /v1/audit/keys); "
                             "repeat for rotated keys. Rows after a chain's last checkpoint are "
                             "reported as not yet sealed")
+    for name, what in (("verify-slice", "check a slice (saved from GET /v1/audit/slice) offline, "
+                         "no database: signatures, every row against its signed root"),
+                       ("verify-consistency", "check a consistency proof (saved from GET "
+                        "/v1/audit/consistency) offline: the later signed tree extends the "
+                        "earlier")):
+        offline = audit_sub.add_parser(name, help=what + "; exit 1 if anything fails")
+        offline.add_argument("file", type=Path, help="the saved JSON answer")
+        offline.add_argument("--public-key", action="append", type=Path, required=True,
+                             metavar="PEM", help="an Ed25519 public key (from GET "
+                             "/v1/audit/keys); repeat for rotated keys")
+        if name == "verify-slice":
+            offline.add_argument("--previous", type=Path, metavar="FILE", help="an earlier "
+                                 "slice of the same caller and window: each of its proved rows "
+                                 "must still be there, unchanged")
     audit_sub.add_parser("maintain", help="create the audit partitions ahead and drop those "
                          "past GATEWAY_AUDIT_RETENTION_DAYS (a periodic job, as the owner)")
     prune = audit_sub.add_parser("prune", help="drop whole month partitions past retention")
@@ -102,6 +116,21 @@ def main(argv: list[str] | None = None) -> int:
     rep.add_argument("--from", dest="since",
                      help="ISO 8601 time with zone (inclusive; default 30 days before --to)")
     rep.add_argument("--to", dest="until", help="ISO 8601 time with zone (exclusive; default now)")
+    pol = sub.add_parser("policy", help="ask the policy directory (GATEWAY_POLICY_DIR) offline")
+    pol_sub = pol.add_subparsers(dest="policy_command", required=True)
+    exp = pol_sub.add_parser("explain", help="what the gateway would decide for a request and "
+                             "why (route, relations, data sets served and removed, the policy "
+                             "lines), as GET /v1/explain answers, without database or backend")
+    exp.add_argument("path", help="the backend path, e.g. /telephony/euos/euo-acme/users/u-alice")
+    exp.add_argument("--method", default="GET", help="GET (default), POST, PUT, PATCH or DELETE")
+    exp.add_argument("--role", required=True, help="the caller's role (roles.yaml)")
+    exp.add_argument("--sub", required=True, help="the caller's token subject")
+    exp.add_argument("--partner", help="the partner claim")
+    exp.add_argument("--euo", help="the EUO claim")
+    exp.add_argument("--contract", action="append", default=[], metavar="EUO=PARTNER",
+                     help="an active contract to assume (repeat); none by default")
+    exp.add_argument("--restricted", action="append", default=[], metavar="EUO/USER",
+                     help="a user who restricted processing (repeat); none by default")
     contracts = sub.add_parser("contracts", help="the partner <-> EUO contracts")
     contracts_sub = contracts.add_subparsers(dest="contracts_command", required=True)
     contracts_sub.add_parser("list", help="print every contract as NDJSON (euo_id, partner_id, "
@@ -119,6 +148,8 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s %(message)s")
     for noisy in ("pgserver", "casbin", "casbin.policy", "casbin.enforcer", "casbin.role"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
+    if args.command == "audit" and args.audit_command in ("verify-slice", "verify-consistency"):
+        return _verify_offline(args)
     try:
         settings = Settings.from_env()
         if args.command == "serve":
@@ -135,6 +166,8 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "audit":
             from .audit import cli
             return _with_database(settings, lambda dsn: cli.run(dsn, settings, args))
+        if args.command == "policy":
+            return _explain_offline(settings, args)
         if args.command == "contracts":
             return _with_database(settings, _list_contracts)
         if args.command == "retention":
@@ -152,6 +185,56 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:     # Ctrl-C while starting: nothing to report
         return 130
     return 1
+
+
+def _explain_offline(settings: Settings, args) -> int:
+    """gateway policy explain: the policy files alone (contracts and restrictions as given)."""
+    from .explain import Offline, explain
+    from .policyset import load_policy_set
+    from .principal import Principal
+    policy_set = load_policy_set(settings.policy_dir)
+    kind = policy_set.catalog.roles.get(args.role)
+    if kind is None:
+        print(f"gateway policy explain: no role {args.role!r} in roles.yaml", file=sys.stderr)
+        return 2
+    try:
+        contracts = dict(c.split("=", 1) for c in args.contract)
+        restricted = {tuple(r.split("/", 1)) for r in args.restricted}
+    except ValueError:
+        print("gateway policy explain: --contract EUO=PARTNER, --restricted EUO/USER",
+              file=sys.stderr)
+        return 2
+    if args.method not in ("GET", "POST", "PUT", "PATCH", "DELETE"):
+        print("gateway policy explain: --method is one of GET POST PUT PATCH DELETE",
+              file=sys.stderr)
+        return 2
+    principal = Principal(sub=args.sub, role=args.role, partner=args.partner, euo=args.euo,
+                          kind=kind)
+    gw = Offline(policy_set.catalog, policy_set.policy, policy_set.version, contracts, restricted)
+    print(orjson.dumps(explain(gw, principal, args.method, args.path),
+                       option=orjson.OPT_INDENT_2).decode())
+    return 0
+
+
+def _verify_offline(args) -> int:
+    """verify-slice / verify-consistency: files and keys only, no settings, no database."""
+    from .audit import checkpoints, slices
+    try:
+        keys = checkpoints.load_public_keys(args.public_key)
+        doc = slices.load_document(args.file)
+        if args.audit_command == "verify-consistency":
+            report = slices.verify_consistency_doc(doc, keys)
+        else:
+            previous = slices.load_document(args.previous) if args.previous else None
+            report = slices.verify_slice(doc, keys, previous)
+    except ConfigError as e:
+        print(f"gateway: {e}", file=sys.stderr)
+        return 2
+    except (OSError, ValueError) as e:     # unreadable, or not JSON (orjson's error is one)
+        print(f"gateway audit {args.audit_command}: {e}", file=sys.stderr)
+        return 2
+    print(orjson.dumps(report, option=orjson.OPT_INDENT_2).decode())
+    return 0 if report["ok"] else 1
 
 
 def _days(value: str) -> int:

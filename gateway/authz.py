@@ -31,6 +31,15 @@ class Policy:
                         ds for ds in catalog.data_sets if enforcer.enforce(role, rel, ds, act))
         self._unknown = _unknown_terms(enforcer, catalog)
         self.granted = lru_cache(maxsize=4096)(self._granted)
+        self.line_numbers: dict[tuple[str, str, str, str], int] = {}   # policy.csv, by line
+
+    def deciding_lines(self, role: str, relations: frozenset[str], action: str,
+                       data_sets: set[str]) -> list[dict[str, object]]:
+        """The allow-lines that grant these data sets to this role and relations (explain)."""
+        return [{"line": self.line_numbers.get((role, rel, ds, action)),
+                 "rule": f"p, {role}, {rel}, {ds}, {action}"}
+                for rel in sorted(relations) for ds in sorted(data_sets)
+                if ds in self._lines.get((role, rel, action), ())]
 
     def _granted(self, role: str, relations: frozenset[str], action: str) -> frozenset[str]:
         """The data sets a caller of this role holding these relations may act on."""
@@ -99,6 +108,10 @@ def load_policy(policy_dir: Path, catalog: Catalog) -> Policy:
         raise PolicyError(f"Casbin could not load {model} / {lines}: {e}") from None
     policy = Policy(catalog, enforcer)
     policy.check_floors(lines)
+    for number, text in enumerate(lines.read_text(encoding="utf-8").splitlines(), 1):
+        fields = [f.strip() for f in text.split(",")]
+        if len(fields) == 5 and fields[0] == "p":
+            policy.line_numbers.setdefault(tuple(fields[1:]), number)
     return policy
 
 

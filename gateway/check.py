@@ -46,6 +46,7 @@ RUNTIME_PRIVILEGES = (
     ("dsr_erasure_calls", ("SELECT", "INSERT")),
     ("webhook_outbox", ("SELECT", "INSERT", "UPDATE")),
     ("webhook_deliveries", ("SELECT", "INSERT")),
+    ("audit_merkle_nodes", ("SELECT", "INSERT")),
 )
 MIGRATE_HINT = "run `gateway migrate` as the schema's owner"
 SECRET_FIELDS = ("jwt_secret",)

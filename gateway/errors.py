@@ -28,6 +28,7 @@ REASONS: dict[str, tuple[int, str]] = {
     "invalid_request": (400, "a data-subject request body is malformed"),
     "invalid_break_glass": (400, "a break-glass request lacks a purpose or ticket, or asks too long"),
     "bad_filter": (400, "an audit or request filter is malformed"),
+    "bad_explain": (400, "explain needs a method and a backend path"),
     "bad_cursor": (400, "the paging cursor is not one the gateway gave out"),
     "bad_format": (400, "the export format is neither zip nor json"),
     "backend_rejected": (400, "the backend refused the request (400, 409, 422)"),
@@ -60,6 +61,7 @@ REASONS: dict[str, tuple[int, str]] = {
     "no_such_request": (404, "no such data-subject request in the caller's scope"),
     "no_such_grant": (404, "no such break-glass grant in the caller's scope"),
     "backend_not_found": (404, "the backend has no such resource"),
+    "no_such_checkpoint": (404, "no audit checkpoint has that id"),
     "invalid_transition": (409, "the request cannot make that move (its state, your role) or has moved"),
     "retention_expired": (410, "the data is past its data set's retention period"),
     # failures: the backend, the database, the gateway
@@ -72,6 +74,7 @@ REASONS: dict[str, tuple[int, str]] = {
     "audit_unavailable": (503, "the audit row cannot be committed: nothing is served"),
     "streams_busy": (503, "GATEWAY_MAX_STREAMS files are being copied through already"),
     "database_unavailable": (503, "the gateway's database cannot be reached"),
+    "audit_tree_incomplete": (503, "the audit log's Merkle tree lacks nodes a proof needs"),
     "contracts_unavailable": (503, "the contracts mirror is stale: partners are refused"),
     "restrictions_unavailable": (503, "the restrictions mirror is stale: blocked roles are refused"),
     "break_glass_unavailable": (503, "the break-glass mirror is stale: a caller holding a grant is refused"),

@@ -58,9 +58,9 @@ select * from audit_log a
 -- name: access_log
 -- What others did with one user's data: never the user's own requests (a user is
 -- (EUO, sub) under a data-subject role $9: someone of another organisation with the same
--- sub is someone else).
-select a.at, a.chain_id, a.seq, a.actor_role, a.actor_partner, a.actor_euo, a.method,
-       a.route, a.data_sets, a.decision, a.reason, a.break_glass, g.purpose, g.ticket
+-- sub is someone else). Every column of the row: /v1/audit/slice proves these rows, the
+-- access log shows a few (and the break-glass grant's purpose and ticket).
+select a.*, g.purpose, g.ticket
   from audit_log a
   left join break_glass g on g.id = a.break_glass
  where a.subject_users @> array[$1::text]
@@ -286,17 +286,42 @@ insert into audit_signing_keys (key_id, public_key) values ($1, $2) on conflict 
 select key_id, public_key, first_used from audit_signing_keys order by first_used, key_id;
 
 -- name: audit_checkpoint_add
-insert into audit_checkpoints (chain_id, seq, row_hash, at, closed, key_id, signature)
-values ($1, $2, $3, $4, $5, $6, $7);
+insert into audit_checkpoints (chain_id, seq, row_hash, at, closed, key_id, signature,
+                               version, tree_size, root)
+values ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10);
 
 -- name: audit_checkpoints
 -- $1: only checkpoints after this id (paging); $2: at most this many
-select id, chain_id, seq, row_hash, at, closed, key_id, signature from audit_checkpoints
- where ($1::bigint is null or id > $1) order by id limit $2;
+select * from audit_checkpoints where ($1::bigint is null or id > $1) order by id limit $2;
 
 -- name: audit_all_checkpoints
-select id, chain_id, seq, row_hash, at, closed, key_id, signature from audit_checkpoints
- order by chain_id, seq;
+select * from audit_checkpoints order by chain_id, seq;
+
+-- name: audit_checkpoint
+select * from audit_checkpoints where id = $1;
+
+-- name: audit_tree_size
+-- The size of a chain's tree as its last format 2 checkpoint signed it.
+select max(tree_size) from audit_checkpoints where chain_id = $1 and version = 2;
+
+-- name: audit_latest_trees
+-- Each chain's last format 2 checkpoint (the root a slice's rows are proved against).
+select distinct on (chain_id) * from audit_checkpoints
+ where chain_id = any($1::uuid[]) and version = 2
+ order by chain_id, tree_size desc, id desc;
+
+-- name: audit_merkle_nodes
+-- Stored perfect nodes ($2[i], $3[i]) = (level, idx) of a chain's tree.
+-- One primary-key look-up each (offset 0 keeps the planner from turning this into a join
+-- that reads the chain's whole tree).
+select w.level, w.idx, n.hash
+  from unnest($2::smallint[], $3::bigint[]) as w(level, idx)
+ cross join lateral (select hash from audit_merkle_nodes
+                      where chain_id = $1 and level = w.level and idx = w.idx offset 0) n;
+
+-- name: audit_chain_rows_after
+-- A chain's rows $2 < seq <= $3, in order (what a checkpoint adds to the chain's tree).
+select * from audit_log where chain_id = $1 and seq > $2 and seq <= $3 order by seq;
 
 -- name: audit_row_hash_at
 select row_hash from audit_log where chain_id = $1 and seq = $2;

@@ -40,4 +40,6 @@ begin
     execute format('grant usage on sequence audit_checkpoints_id_seq to %I', runtime);
     -- break-glass grants (018): opened and ended through the API
     execute format('grant select, insert, update on break_glass to %I', runtime);
+    -- the checkpoints' Merkle trees (017): appended, never changed
+    execute format('grant select, insert on audit_merkle_nodes to %I', runtime);
 end $$;

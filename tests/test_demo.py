@@ -42,6 +42,11 @@ async def test_demo_prints_tokens_whose_curl_lines_show_what_each_role_sees(http
         assert outcomes["/telephony/euos/euo-umbrella"][0] == 403
         voicemail = outcomes["/telephony/euos/euo-acme/users/u-alice/voicemails/vm-u-alice-1"]
         assert voicemail[0] == 200 and voicemail[1].startswith(b"RIFF")
+        explained = outcomes["/v1/explain?path=/telephony/euos/euo-acme/users/u-bob/recordings"]
+        assert explained[0] == 200 and orjson.loads(explained[1])["decision"] == "allow"
+        sliced = outcomes["/v1/audit/slice"]
+        assert sliced[0] == 200 and orjson.loads(sliced[1])["format"] == "partner-gateway-slice/1"
+        assert "gateway audit verify-slice slice.json --public-key key.pem" in text
         # the break-glass lines, in order: refused, opened, allowed
         block = text[text.index("# provider staff: break-glass"):]
         token = re.search(r"TOKEN=(\S+)", block).group(1)

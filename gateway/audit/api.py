@@ -27,7 +27,7 @@ from ..errors import Denied
 from ..pipeline import GATEWAY
 from ..principal import Principal, scope
 from .chain import verify
-from .checkpoints import FORMAT, public_pem
+from .checkpoints import FORMAT, checkpoint_json, public_pem
 from .writer import AuditRow
 
 DEFAULT_LIMIT, MAX_LIMIT = 100, 1000
@@ -297,10 +297,8 @@ async def audit_checkpoints(request: web.Request, principal: Principal, row: Aud
         raise Denied(400, "bad_filter", f"after must be a checkpoint id, limit 1-{MAX_LIMIT}")
     rows = await request.app[POOL].fetch(query("audit_checkpoints"),
                                          int(after) if after else None, int(raw_limit))
-    return json_response({"format": FORMAT.decode().strip(), "checkpoints": [{
-        "id": r["id"], "chain_id": str(r["chain_id"]), "seq": r["seq"],
-        "row_hash": bytes(r["row_hash"]).hex(), "at": r["at"].isoformat(), "closed": r["closed"],
-        "key_id": r["key_id"], "signature": bytes(r["signature"]).hex()} for r in rows]})
+    return json_response({"format": FORMAT.decode().strip(),
+                          "checkpoints": [checkpoint_json(r) for r in rows]})
 
 
 def add_routes(app: web.Application) -> None:

@@ -9,6 +9,13 @@ no longer covers. Rows after a chain's last checkpoint are reported as "not yet 
 
 Key rotation: every public key ever used is kept (audit_signing_keys), so old
 checkpoints stay verifiable; a checkpoint names its key by id.
+
+Format 2 also signs the chain's RFC 6962 Merkle tree (gateway/audit/merkle.py; its leaves
+are the chain's rows in seq order, gateway/audit/leaves.py): its size (the seq) and root.
+At each checkpoint the tree is extended by the rows written since the last one, read back
+from the database, and the perfect subtrees they complete are stored with the checkpoint
+(audit_merkle_nodes), so no request ever builds a tree. Format 1 checkpoints, written
+before, verify as they always did.
 """
 
 from __future__ import annotations
@@ -31,15 +38,49 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey,
 
 from ..db import query
 from ..settings import ConfigError
+from .chain import HASHED, canonical, link
+from .leaves import record_leaf
+from .merkle import Frontier
 
 log = logging.getLogger("gateway.audit.checkpoints")
 FORMAT = b"partner-gateway-checkpoint/1\n"
+FORMAT_2 = b"partner-gateway-checkpoint/2\n"
 
 
-def signed_bytes(chain_id: Any, seq: int, row_hash: bytes, at: datetime, closed: bool) -> bytes:
-    """What a checkpoint's signature covers (the same bytes when written and when checked)."""
-    return FORMAT + orjson.dumps([str(chain_id), int(seq), bytes(row_hash).hex(),
-                                  at.astimezone(UTC).isoformat(), bool(closed)])
+def signed_bytes(chain_id: Any, seq: int, row_hash: bytes, at: datetime, closed: bool,
+                 root: bytes | None = None) -> bytes:
+    """What a checkpoint's signature covers (the same bytes when written and when checked):
+    format 1 without a tree root, format 2 with the tree's size and root."""
+    head = [str(chain_id), int(seq), bytes(row_hash).hex(), at.astimezone(UTC).isoformat(),
+            bool(closed)]
+    if root is None:
+        return FORMAT + orjson.dumps(head)
+    return FORMAT_2 + orjson.dumps([*head, int(seq), bytes(root).hex()])
+
+
+def checkpoint_json(r) -> dict[str, Any]:
+    """A stored checkpoint as the API serves it (and verify-slice reads it)."""
+    out = {"id": r["id"], "version": r["version"], "chain_id": str(r["chain_id"]),
+           "seq": r["seq"], "row_hash": bytes(r["row_hash"]).hex(), "at": r["at"].isoformat(),
+           "closed": r["closed"], "key_id": r["key_id"],
+           "signature": bytes(r["signature"]).hex()}
+    if r["version"] == 2:
+        out["tree_size"], out["root"] = r["tree_size"], bytes(r["root"]).hex()
+    return out
+
+
+def checkpoint_signed_bytes(cp: dict[str, Any]) -> bytes:
+    """signed_bytes of a checkpoint as checkpoint_json gave it (ValueError if malformed)."""
+    version = cp["version"]
+    if version not in (1, 2) or (version == 2 and cp["tree_size"] != cp["seq"]):
+        raise ValueError("not a checkpoint of format 1 or 2")
+    return signed_bytes(cp["chain_id"], cp["seq"], bytes.fromhex(cp["row_hash"]),
+                        datetime.fromisoformat(cp["at"]), cp["closed"],
+                        bytes.fromhex(cp["root"]) if version == 2 else None)
+
+
+class TreeError(Exception):
+    """The rows a checkpoint would seal cannot be read back as written."""
 
 
 def raw_public(key: Ed25519PublicKey) -> bytes:
@@ -119,6 +160,7 @@ class Checkpointer:
         self.key_id = key_id(key.public_key())
         self.interval_s = interval_s
         self._sealed: dict[Any, int] = {}
+        self._trees: dict[Any, Frontier] = {}     # chain -> its tree as last signed
         self._task: asyncio.Task | None = None
 
     async def start(self) -> None:
@@ -142,13 +184,50 @@ class Checkpointer:
         for chain_id, seq, last_hash in self.heads():
             if seq == 0 or (self._sealed.get(chain_id) == seq and not closed):
                 continue
-            at = datetime.now(UTC)
-            signature = self.key.sign(signed_bytes(chain_id, seq, last_hash, at, closed))
-            await self.pool.execute(query("audit_checkpoint_add"), chain_id, seq, last_hash, at,
-                                    closed, self.key_id, signature)
+            async with self.pool.acquire() as conn, conn.transaction():
+                try:
+                    tree = await self._grow(conn, chain_id, seq, last_hash)
+                except TreeError as e:
+                    # the head is still sealed (format 1); the tree tries again next time
+                    log.warning("audit chain %s: no Merkle tree at seq %s: %s", chain_id, seq, e)
+                    tree = None
+                at = datetime.now(UTC)
+                root = tree.root() if tree else None
+                signature = self.key.sign(signed_bytes(chain_id, seq, last_hash, at, closed,
+                                                       root))
+                await conn.execute(query("audit_checkpoint_add"), chain_id, seq, last_hash, at,
+                                   closed, self.key_id, signature, 2 if tree else 1,
+                                   seq if tree else None, root)
+            if tree:
+                self._trees[chain_id] = tree
             self._sealed[chain_id] = seq
             stored += 1
         return stored
+
+    async def _grow(self, conn: asyncpg.Connection, chain_id, seq: int,
+                    last_hash: bytes) -> Frontier:
+        """The chain's tree extended to `seq` leaves, its new perfect nodes stored (in the
+        checkpoint's transaction); TreeError if the rows read back do not chain up to the
+        head the writer holds."""
+        old = self._trees.get(chain_id) or await load_frontier(conn, chain_id)
+        tree = Frontier(old.size, old.edge)
+        nodes = []
+        prev = None
+        async for row in conn.cursor(query("audit_chain_rows_after"), chain_id, tree.size, seq,
+                                     prefetch=500):     # short turns of the event loop
+            if row["seq"] != tree.size + 1:
+                raise TreeError(f"row {tree.size + 1} is missing")
+            if (prev is not None and row["prev_hash"] != prev) or link(
+                    row["prev_hash"], canonical([row[f] for f in HASHED])) != row["row_hash"]:
+                raise TreeError(f"row {row['seq']} does not match its hash")
+            prev = row["row_hash"]
+            nodes.extend((chain_id, level, idx, h) for level, idx, h in tree.append(record_leaf(row)))
+        if tree.size != seq or (prev is not None and bytes(prev) != bytes(last_hash)):
+            raise TreeError(f"rows up to {seq} are not all readable")
+        if nodes:
+            await conn.copy_records_to_table("audit_merkle_nodes", records=nodes,
+                                             columns=("chain_id", "level", "idx", "hash"))
+        return tree
 
     async def close(self) -> None:
         """Stop the interval and seal the final heads as closed (after the writer closed)."""
@@ -160,6 +239,24 @@ class Checkpointer:
             await self.seal(closed=True)
         except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError, TimeoutError) as e:
             log.warning("could not seal the audit chains at shutdown: %s", e)
+
+
+async def load_frontier(conn: asyncpg.Connection, chain_id) -> Frontier:
+    """A chain's tree as its last format 2 checkpoint signed it (empty if none)."""
+    size = await conn.fetchval(query("audit_tree_size"), chain_id) or 0
+    wanted = Frontier.edge_nodes(size)
+    found = await fetch_nodes(conn, chain_id, wanted)
+    if len(found) != len(wanted):
+        raise TreeError(f"the stored tree of {size} leaves lacks nodes")
+    return Frontier(size, {level: found[(level, idx)] for level, idx in wanted})
+
+
+async def fetch_nodes(conn: asyncpg.Connection, chain_id, wanted) -> dict[tuple[int, int], bytes]:
+    """Stored perfect nodes of a chain's tree, by (level, idx)."""
+    wanted = list(wanted)
+    rows = await conn.fetch(query("audit_merkle_nodes"), chain_id,
+                            [lv for lv, _ in wanted], [ix for _, ix in wanted])
+    return {(r["level"], r["idx"]): bytes(r["hash"]) for r in rows}
 
 
 @dataclass
@@ -196,7 +293,8 @@ async def verify_checkpoints(conn: asyncpg.Connection,
                 return report
             try:
                 key.verify(bytes(cp["signature"]), signed_bytes(
-                    cp["chain_id"], cp["seq"], cp["row_hash"], cp["at"], cp["closed"]))
+                    cp["chain_id"], cp["seq"], cp["row_hash"], cp["at"], cp["closed"],
+                    cp["root"] if cp["version"] == 2 else None))
             except InvalidSignature:
                 report.first_break = {**where, "problem": "the checkpoint's signature does not verify"}
                 return report

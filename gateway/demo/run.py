@@ -59,6 +59,11 @@ SHOWCASE = [
     ("user: restrict processing of their mobile number (a webhook is printed below)", "user",
      "u-bob", None, "euo-acme", "/v1/me/requests -H 'Content-Type: application/json' "
      "-d '{\"type\": \"restriction\", \"data_sets\": [\"user_mobile\"]}'"),
+    ("partner: why a contracted EUO's recordings are served (explain, no backend call)",
+     "partner", "pat@northwind", "p-northwind", None,
+     "/v1/explain?path=/telephony/euos/euo-acme/users/u-bob/recordings"),
+    ("EUO admin: their slice of the audit log with inclusion proofs (checked below)",
+     "euo_admin", "admin@acme", None, "euo-acme", "/v1/audit/slice -o slice.json"),
 ]
 
 # who signs in to the console, one per role
@@ -175,6 +180,10 @@ async def _run(settings: Settings, dsn: str) -> None:
           f"{base}/v1/break-glass\n"
           f"  {send.format('PATCH')} -d '{{\"language\": \"en\"}}' "
           f"{base}/meeting/accounts/euo-acme/organizers/u-alice\n")
+    print("# Check the slice offline against the published key (rows are sealed every "
+          f"GATEWAY_AUDIT_CHECKPOINT_S):\n  curl -s {base}/v1/audit/keys | jq -r "
+          "'.keys[-1].public_key_pem' > key.pem\n  gateway audit verify-slice slice.json "
+          "--public-key key.pem\n")
     print(f"# Console: open {base}/console/ and paste one of these tokens (one per role)")
     for role, sub, partner, euo in CONSOLE:
         token = mint_token(settings, role, sub, partner, euo, 8 * 3600)

@@ -1,0 +1,426 @@
+"""Per-tenant verifiable slices: each caller gets only its own rows, each with an RFC 6962
+inclusion proof against a signed root, checkable offline with the public key alone; a
+flipped bit, a dropped or reordered row, a forged key or a swapped root is found; a
+consistency proof shows a signed tree only grew, and fails once a past row is rewritten."""
+
+from __future__ import annotations
+
+import asyncio
+import copy
+import os
+import subprocess
+import sys
+import uuid
+from datetime import UTC, datetime, timedelta
+
+import asyncpg
+import orjson
+import pytest
+import pytest_asyncio
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from multidict import MultiDict
+
+from gateway.audit.chain import GENESIS, HASHED, canonical, link
+from gateway.audit.checkpoints import load_public_keys, signed_bytes
+from gateway.audit.leaves import WITHHELD, record_leaf
+from gateway.audit.merkle import Frontier
+from gateway.audit.slices import build_slice, consistency_doc, verify_consistency_doc, verify_slice
+from gateway.catalog import load_catalog
+from gateway.principal import Principal
+
+from .conftest import CALLERS, POLICY_DIR, call, gateway_settings, private_database, running_gateway, wait_for
+
+pytestmark = pytest.mark.slow
+
+REQUESTS = [  # (caller, path): rows about several tenants, by several roles
+    ("staff", "/telephony/euos/euo-acme/users/u-alice"),
+    ("staff", "/telephony/euos/euo-initech/users/u-farid"),
+    ("partner", "/telephony/euos/euo-globex/users/u-dirk"),
+    ("partner", "/telephony/euos/euo-acme/users/u-bob"),
+    ("admin", "/telephony/euos/euo-acme/users/u-alice"),
+    ("admin", "/telephony/euos/euo-acme"),
+    ("bluesky", "/telephony/euos/euo-initech/users/u-greet"),
+    ("staff", "/telephony/euos/euo-acme/users/u-alice/voicemails"),
+    ("partner", "/telephony/euos/euo-acme/users/u-alice"),
+    ("partner", "/meeting/accounts/euo-acme/connection-stats"),   # a receipt: past retention
+]
+# the demo's contracts in force (Umbrella's ended)
+CONTRACTED = {"p-northwind": {"euo-acme", "euo-globex"}, "p-bluesky": {"euo-initech"}}
+CALLERS_HERE = {**CALLERS, "bluesky": dict(role="partner", sub="ops@bluesky", partner="p-bluesky")}
+
+
+CATALOG = load_catalog(POLICY_DIR)
+
+
+def _principal(name: str = None, **spec) -> Principal:
+    spec = spec or CALLERS_HERE[name]
+    return Principal(**spec, kind=CATALOG.roles[spec["role"]])
+
+
+async def _slice(conn, principal):
+    return await build_slice(conn, principal, MultiDict(), CATALOG.data_subject_roles)
+
+
+@pytest_asyncio.fixture(scope="module")
+async def sliced(tmp_path_factory, demo, backends, http, token_for):
+    """A private database whose log holds REQUESTS, sealed with trees; the slices and keys."""
+    where = tmp_path_factory.mktemp("sliced")
+    async with private_database(where / "db", demo) as server:
+        settings = gateway_settings(backends["urls"], audit_checkpoint_s=0.2, data_dir=where)
+        async with running_gateway(settings, server.dsn) as gw:
+            for name, path in REQUESTS:
+                status = (await call(http, "GET", gw + path, token_for(**CALLERS_HERE[name])))[0]
+                assert status in (200, 403), (name, path)   # a refusal is a row too
+            conn = await asyncpg.connect(server.dsn)
+            try:
+                async def sealed():       # every chain's rows so far under a signed tree
+                    return await conn.fetchval(
+                        "select bool_and(coalesce((select max(tree_size) from audit_checkpoints c"
+                        " where c.chain_id = h.chain_id and version = 2), 0) >= h.last_seq)"
+                        " from audit_chain_heads h")
+                assert await wait_for(sealed, timeout=10)
+            finally:
+                await conn.close()
+            slices = {}
+            for name in ("admin", "partner", "alice", "bluesky"):
+                status, _, body = await call(http, "GET", gw + "/v1/audit/slice",
+                                             token_for(**CALLERS_HERE[name]))
+                assert status == 200, body
+                slices[name] = orjson.loads(body)
+            status, _, body = await call(http, "GET", gw + "/v1/audit/keys")
+            keys = orjson.loads(body)["keys"]
+            status, _, body = await call(http, "GET", gw + "/v1/audit/slice", token_for("staff"))
+            assert status == 403 and orjson.loads(body)["error"]["code"] == "role_not_permitted"
+            # every role may ask for a consistency proof (it names no tenant)
+            status, _, body = await call(http, "GET", gw + "/v1/audit/consistency?first=1&second=1",
+                                         token_for("alice"))
+            assert status in (200, 400), body
+            status, _, body = await call(http, "GET", gw + "/v1/audit/consistency?first=x&second=1",
+                                         token_for("alice"))
+            assert status == 400 and orjson.loads(body)["error"]["code"] == "bad_filter"
+            status, _, body = await call(
+                http, "GET", gw + "/v1/audit/consistency?first=1&second=999999", token_for("admin"))
+            assert status == 404 and orjson.loads(body)["error"]["code"] == "no_such_checkpoint"
+        pems = []
+        for key in keys:
+            path = where / f"{key['key_id']}.pub.pem"
+            path.write_text(key["public_key_pem"])
+            pems.append(path)
+        yield {"dsn": server.dsn, "slices": slices, "pems": pems, "where": where,
+               "private_key": where / "audit-signing-key.pem"}
+
+
+def _cli(*args: str) -> subprocess.CompletedProcess:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("GATEWAY_")}
+    env["GATEWAY_DATABASE_URL"] = "postgresql://nobody@127.0.0.1:1/none"   # never used
+    return subprocess.run([sys.executable, "-m", "gateway", "audit", *args], env=env,
+                          capture_output=True, text=True, timeout=60)
+
+
+def _keyargs(pems) -> list[str]:
+    return [a for p in pems for a in ("--public-key", str(p))]
+
+
+def _in_scope(name: str, row: dict) -> bool:
+    """Independently of the gateway's SQL: whether `row` is about (or by) the caller."""
+    c = CALLERS_HERE[name]
+    if c["role"] == "euo_admin":
+        return row["subject_euo"] == c["euo"]
+    if c["role"] == "user":
+        return (row["subject_euo"] == c["euo"] and c["sub"] in row["subject_users"]
+                and not (row["actor_role"] == "user" and row["actor_sub"] == c["sub"]))
+    return row["actor_partner"] == c["partner"] or row["subject_euo"] in CONTRACTED[c["partner"]]
+
+
+async def test_each_callers_slice_verifies_offline_and_holds_only_its_rows(sliced):
+    for name, doc in sliced["slices"].items():
+        rows = [e["row"] for e in doc["rows"]]
+        assert rows and all(_in_scope(name, r) for r in rows), name
+        assert doc["rows"][0]["inclusion"] is not None
+        report = verify_slice(doc, load_public_keys(sliced["pems"]))
+        assert report["ok"], (name, report)
+        assert report["rows_proved"] == len(rows) - report["rows_not_yet_sealed"] > 0
+    # a row with a redaction receipt (stored as JSON text, served as an object) verifies too
+    assert any(e["row"]["withheld"] and e["inclusion"] for e in sliced["slices"]["partner"]["rows"])
+    # the EUO admin sees the staff's and the partner's requests about Acme, the actor withheld
+    admin = sliced["slices"]["admin"]
+    staff_rows = [e for e in admin["rows"] if e["row"]["actor_role"] == "provider_staff"]
+    assert staff_rows and all(e["row"]["actor_sub"] is None and not e["disclosed"]
+                              for e in staff_rows)
+    own = [e for e in admin["rows"] if e["row"]["actor_role"] == "euo_admin"]
+    assert own and all(e["disclosed"] and e["prev_hash"] for e in own)
+    # a user sees nobody by name, not even their own EUO's admin
+    assert all(e["row"][f] is None for e in sliced["slices"]["alice"]["rows"] for f in WITHHELD)
+    # the one command an EUO admin runs, with no database
+    path = sliced["where"] / "admin-slice.json"
+    path.write_bytes(orjson.dumps(admin))
+    done = _cli("verify-slice", str(path), *_keyargs(sliced["pems"]))
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert orjson.loads(done.stdout)["ok"] is True
+
+
+def _first_sealed(doc) -> int:
+    return next(i for i, e in enumerate(doc["rows"]) if e["inclusion"] is not None)
+
+
+def _flip_field(doc):
+    i = _first_sealed(doc)
+    doc["rows"][i]["row"]["status"] += 1
+
+
+def _flip_hash_bit(doc):
+    i = _first_sealed(doc)
+    h = bytearray.fromhex(doc["rows"][i]["row_hash"])
+    h[3] ^= 0x10
+    doc["rows"][i]["row_hash"] = h.hex()
+
+
+def _reorder(doc):
+    doc["rows"][0], doc["rows"][1] = doc["rows"][1], doc["rows"][0]
+
+
+def _swap_proofs(doc):      # each row keeps its place, but claims the other's leaf position
+    a, b = [i for i, e in enumerate(doc["rows"]) if e["inclusion"] is not None][:2]
+    ra, rb = doc["rows"][a]["row"], doc["rows"][b]["row"]
+    ra["seq"], rb["seq"] = rb["seq"], ra["seq"]
+
+
+def _swap_root(doc):
+    cp = doc["checkpoints"][0]
+    cp["root"] = bytes(32).hex()
+
+
+def _hide_a_proof(doc):
+    doc["rows"][_first_sealed(doc)]["inclusion"] = None
+
+
+def _forged_signature(doc):
+    sig = bytearray.fromhex(doc["checkpoints"][0]["signature"])
+    sig[7] ^= 1
+    doc["checkpoints"][0]["signature"] = sig.hex()
+
+
+TAMPERING = {
+    "a flipped field": (_flip_field, "is not in the tree"),
+    "a flipped bit in a row hash": (_flip_hash_bit, "is not in the tree"),
+    "reordered rows": (_reorder, "out of order"),
+    "rows moved to each other's place": (_swap_proofs, None),
+    "a swapped root": (_swap_root, "does not verify"),
+    "a forged signature": (_forged_signature, "does not verify"),
+    "a sealed row passed off as unsealed": (_hide_a_proof, "without its proof"),
+}
+
+
+@pytest.mark.parametrize("tampering", TAMPERING)
+async def test_a_tampered_slice_fails(sliced, tampering):
+    change, problem = TAMPERING[tampering]
+    doc = copy.deepcopy(sliced["slices"]["admin"])
+    change(doc)
+    report = verify_slice(doc, load_public_keys(sliced["pems"]))
+    assert not report["ok"]
+    assert problem is None or problem in report["problem"], report
+    path = sliced["where"] / f"tampered-{uuid.uuid4().hex}.json"
+    path.write_bytes(orjson.dumps(doc))
+    done = _cli("verify-slice", str(path), *_keyargs(sliced["pems"]))
+    assert done.returncode == 1 and orjson.loads(done.stdout)["ok"] is False
+
+
+async def test_a_forged_key_fails(sliced, tmp_path):
+    other = tmp_path / "other.pub.pem"
+    other.write_bytes(Ed25519PrivateKey.generate().public_key().public_bytes(
+        serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo))
+    report = verify_slice(sliced["slices"]["partner"], load_public_keys([other]))
+    assert not report["ok"] and "not among the public keys" in report["problem"]
+
+
+async def _tampered(dsn, statement: str, *args):
+    """A connection in a transaction (rolled back by the caller) in which `statement` ran
+    as a superuser with the append-only triggers off."""
+    conn = await asyncpg.connect(dsn)
+    tx = conn.transaction(isolation="repeatable_read")
+    await tx.start()
+    await conn.execute("alter table audit_log disable trigger audit_log_append_only")
+    await conn.execute("alter table audit_merkle_nodes disable trigger "
+                       "audit_merkle_nodes_append_only")
+    await conn.execute(statement, *args)
+    return conn, tx
+
+
+async def test_a_row_altered_in_the_database_fails_and_a_dropped_one_is_missed(sliced):
+    keys = load_public_keys(sliced["pems"])
+    before = sliced["slices"]["admin"]
+    target = before["rows"][_first_sealed(before)]["row"]
+    principal = _principal("admin")
+    for statement, problem in (
+            ("update audit_log set data_sets = array['directory'] where chain_id = $1 and seq = $2",
+             "is not in the tree"),
+            ("delete from audit_log where chain_id = $1 and seq = $2", "is gone")):
+        conn, tx = await _tampered(sliced["dsn"], statement, uuid.UUID(target["chain_id"]),
+                                   target["seq"])
+        try:
+            after = await _slice(conn, principal)
+        finally:
+            await tx.rollback()
+            await conn.close()
+        report = verify_slice(after, keys, previous=before)
+        assert not report["ok"] and problem in report["problem"], report
+    # untouched, the later slice agrees with the earlier one
+    conn = await asyncpg.connect(sliced["dsn"])
+    try:
+        again = await _slice(conn, principal)
+    finally:
+        await conn.close()
+    assert verify_slice(again, keys, previous=before)["ok"]
+
+
+async def test_consistency_proofs_show_the_log_only_grew(sliced):
+    keys = load_public_keys(sliced["pems"])
+    conn = await asyncpg.connect(sliced["dsn"])
+    try:
+        cps = await conn.fetch("select id, chain_id, tree_size from audit_checkpoints where version"
+                               " = 2 order by chain_id, tree_size")
+        chain = max({c["chain_id"] for c in cps}, key=lambda ch: sum(c["chain_id"] == ch for c in cps))
+        mine = [c for c in cps if c["chain_id"] == chain]
+        assert len(mine) >= 2
+        for a, b in zip(mine, mine[1:], strict=False):
+            doc = await consistency_doc(conn, a["id"], b["id"])
+            assert verify_consistency_doc(doc, keys)["ok"]
+        first, last = mine[0], mine[-1]
+        doc = await consistency_doc(conn, first["id"], last["id"])
+    finally:
+        await conn.close()
+    path = sliced["where"] / "consistency.json"
+    path.write_bytes(orjson.dumps(doc))
+    done = _cli("verify-consistency", str(path), *_keyargs(sliced["pems"]))
+    assert done.returncode == 0, done.stdout + done.stderr
+    bad = copy.deepcopy(doc)
+    bad["first"], bad["second"] = doc["second"], doc["first"]
+    assert not verify_consistency_doc(bad, keys)["ok"]
+    if doc["proof"]:
+        bad = copy.deepcopy(doc)
+        bad["proof"][0] = bytes(32).hex()
+        assert not verify_consistency_doc(bad, keys)["ok"]
+
+
+async def test_history_rewritten_and_resigned_with_the_key_is_inconsistent(sliced):
+    """Even whoever holds the signing key cannot rewrite a sealed row: a new tree over the
+    altered rows, signed and stored, is not consistent with a root an auditor kept."""
+    keys = load_public_keys(sliced["pems"])
+    key = serialization.load_pem_private_key(sliced["private_key"].read_bytes(), None)
+    conn = await asyncpg.connect(sliced["dsn"])
+    tx = conn.transaction(isolation="repeatable_read")
+    await tx.start()
+    try:
+        old = await conn.fetchrow("select * from audit_checkpoints where version = 2 and"
+                                  " tree_size >= 2 order by id limit 1")
+        chain = old["chain_id"]
+        await conn.execute("alter table audit_log disable trigger audit_log_append_only")
+        await conn.execute("alter table audit_merkle_nodes disable trigger "
+                           "audit_merkle_nodes_append_only")
+        rows = [dict(r) for r in await conn.fetch(
+            "select * from audit_log where chain_id = $1 order by seq", chain)]
+        rows[0]["status"] = 404                               # the past, rewritten
+        prev, tree, nodes = GENESIS, Frontier(), []
+        for r in rows:                                        # chain and tree recomputed
+            r["prev_hash"], r["row_hash"] = prev, link(prev, canonical([r[f] for f in HASHED]))
+            prev = r["row_hash"]
+            nodes += tree.append(record_leaf(r))
+        await conn.execute("delete from audit_merkle_nodes where chain_id = $1", chain)
+        await conn.copy_records_to_table("audit_merkle_nodes", columns=("chain_id", "level", "idx",
+                                         "hash"), records=[(chain, *n) for n in nodes])
+        at = datetime.now(UTC)
+        sig = key.sign(signed_bytes(chain, tree.size, prev, at, True, tree.root()))
+        new_id = await conn.fetchval(
+            "insert into audit_checkpoints (chain_id, seq, row_hash, at, closed, key_id,"
+            " signature, version, tree_size, root) values ($1, $2, $3, $4, true, $5, $6, 2, $2, $7)"
+            " returning id", chain, tree.size, prev, at, old["key_id"], sig, tree.root())
+        doc = await consistency_doc(conn, old["id"], new_id)
+    finally:
+        await tx.rollback()
+        await conn.close()
+    assert verify_consistency_doc(doc, keys)["problem"].endswith("sealed rows were changed or "
+                                                                 "removed")
+
+
+# --- a slice never holds another tenant's row ------------------------------------------------
+EUOS = ("euo-acme", "euo-globex", "euo-initech", "euo-umbrella")
+USERS = ("u-alice", "u-bob", "u-dirk", "u-farid", "u-hugo")
+ACTORS = st.sampled_from([("provider_staff", "staff-sam", None, None),
+                          ("partner", "pat@northwind", "p-northwind", None),
+                          ("partner", "ops@bluesky", "p-bluesky", None),
+                          ("euo_admin", "admin@acme", None, "euo-acme"),
+                          ("euo_admin", "admin@globex", None, "euo-globex"),
+                          ("user", "u-alice", None, "euo-acme"),
+                          ("user", "u-farid", None, "euo-initech")])
+ROWS = st.lists(st.tuples(ACTORS, st.sampled_from(EUOS),
+                          st.lists(st.sampled_from(USERS), max_size=3, unique=True)),
+                min_size=1, max_size=25)
+VIEWERS = st.sampled_from([("partner", "p-northwind", None, "x@northwind"),
+                           ("partner", "p-bluesky", None, "x@bluesky"),
+                           *[("euo_admin", None, e, f"admin@{e}") for e in EUOS],
+                           *[("user", None, "euo-acme", u) for u in ("u-alice", "u-bob")],
+                           ("user", None, "euo-initech", "u-farid")])
+
+
+@settings(max_examples=40, deadline=None, suppress_health_check=list(HealthCheck))
+@given(rows=ROWS, viewer=VIEWERS)
+def test_a_slice_never_holds_another_tenants_row(sliced, rows, viewer):
+    asyncio.run(_scoped(sliced["dsn"], rows, viewer))
+
+
+async def _scoped(dsn, rows, viewer):
+    role, partner, euo, sub = viewer
+    principal = _principal(sub=sub, role=role, partner=partner, euo=euo)
+    chain = uuid.uuid4()
+    conn = await asyncpg.connect(dsn)
+    tx = conn.transaction(isolation="repeatable_read")
+    await tx.start()
+    try:
+        start = datetime.now(UTC) + timedelta(days=1)   # after everything else: the first page
+        records, prev = [], GENESIS
+        for i, ((a_role, a_sub, a_partner, a_euo), s_euo, s_users) in enumerate(rows):
+            v = {f: None for f in HASHED}
+            v.update(at=start + timedelta(seconds=i), chain_id=chain, seq=i + 1,
+                     request_id=f"r{i}", actor_sub=a_sub, actor_role=a_role,
+                     actor_partner=a_partner, actor_euo=a_euo, method="GET", path="/x",
+                     data_sets=[], fields_removed=[], subject_euo=s_euo, subject_users=s_users,
+                     decision="allow", status=200, bytes=0, duration_ms=1.0)
+            h = link(prev, canonical([v[f] for f in HASHED]))
+            records.append((*[v[f] for f in HASHED], prev, h))
+            prev = h
+        await conn.copy_records_to_table("audit_log", records=records,
+                                         columns=(*HASHED, "prev_hash", "row_hash"))
+        doc = await build_slice(conn, principal, MultiDict({"from": start.isoformat(),
+                                                            "limit": "1000"}),
+                                CATALOG.data_subject_roles)
+    finally:
+        await tx.rollback()
+        await conn.close()
+    expected = 0
+    for (a_role, a_sub, a_partner, a_euo), s_euo, s_users in rows:
+        if role == "partner":
+            mine = a_partner == partner or s_euo in CONTRACTED[partner]
+        elif role == "euo_admin":
+            mine = s_euo == euo
+        else:
+            mine = (s_euo == euo and sub in s_users
+                    and not (a_role == "user" and a_sub == sub and a_euo == euo))
+        expected += mine
+    got = doc["rows"]
+    assert len(got) == expected
+    for e in got:
+        r = e["row"]
+        assert r["chain_id"] == str(chain)
+        if role == "euo_admin":
+            assert r["subject_euo"] == euo
+        elif role == "user":
+            assert r["subject_euo"] == euo and sub in r["subject_users"]
+            assert all(r[f] is None for f in WITHHELD)
+        else:
+            assert r["actor_partner"] == partner or r["subject_euo"] in CONTRACTED[partner]
+        if r["actor_sub"] is not None:      # named only when of the caller's own organisation
+            assert (r["actor_partner"] == partner if role == "partner"
+                    else r["actor_euo"] == euo and role != "user")
