@@ -73,14 +73,14 @@ class Gateway:
     observe: Observer | None = None    # metrics and access log (wired in app.py)
 
     policy_version: str = ""
-    export_sources: list = field(default_factory=list)   # export.yaml, as loaded
+    export_sources: Any = None         # export.yaml as loaded (ExportSpec: sources, purposes)
     erasers: tuple = ()                # routes.yaml's erasure: entries, as loaded
 
     def __post_init__(self):
         self.plan = lru_cache(maxsize=4096)(self._plan)
         self.targets = Targets(self.catalog)
 
-    def use(self, catalog: Catalog, policy: Policy, version: str, export_sources: list,
+    def use(self, catalog: Catalog, policy: Policy, version: str, export_sources: Any,
             erasers: tuple = ()) -> None:
         """Swap the policy whole (no await in between: no request sees half of each).
         Requests under way finish with the routes and plans they started with."""

@@ -14,7 +14,7 @@ from pathlib import Path
 from .authz import Policy, load_policy
 from .catalog import Catalog, load_catalog
 from .erasure import Eraser, load_erasers
-from .export.handler import Source, load_sources
+from .export.handler import ExportSpec, load_sources
 from .settings import POLICY_FILES
 
 
@@ -22,7 +22,7 @@ from .settings import POLICY_FILES
 class PolicySet:
     catalog: Catalog
     policy: Policy
-    export_sources: list[Source]
+    export_sources: ExportSpec       # export.yaml: its sources and assisted purposes
     version: str
     erasers: tuple[Eraser, ...] = ()     # routes.yaml's erasure: entries
 
@@ -43,7 +43,11 @@ def load_policy_set(policy_dir: Path) -> PolicySet:
     version = policy_version(policy_dir)
     catalog = load_catalog(policy_dir)
     policy = load_policy(policy_dir, catalog)
-    sources = load_sources(policy_dir, catalog)
+    # the export must hold every data set a data subject may read under this policy
+    readable = frozenset().union(*(
+        policy.granted(name, role.relations, "read")
+        for name, role in catalog.roles.items() if role.data_subject))
+    sources = load_sources(policy_dir, catalog, readable)
     erasers = tuple(load_erasers(policy_dir, catalog))
     if policy_version(policy_dir) != version:
         # a file changed while being read: refuse rather than record a version that lies

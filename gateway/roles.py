@@ -20,7 +20,7 @@ COLUMNS_OF_CLAIM = {None: ("provider_staff",), "partner": ("partner",), "euo": (
 # the relation a role of each tenant claim holds to a resource it reaches
 REACH = {None: "any", "partner": "contracted_partner", "euo": "same_euo"}
 SUBJECT_RELATIONS = frozenset({"self", "organizer", "author"})
-API_GROUPS = ("audit", "requests", "audit_verify", "contracts", "retention")
+API_GROUPS = ("audit", "requests", "audit_verify", "contracts", "retention", "assisted_export")
 PROVIDER_ONLY = frozenset({"audit_verify", "contracts", "retention"})
 
 
@@ -133,6 +133,9 @@ def _role(name: str, spec: Any, source: str) -> Role:
     if claim is not None and (provider := PROVIDER_ONLY & set(groups)):
         raise RoleError(f"{where}: {', '.join(sorted(provider))} reach every organisation's "
                         "data: only a role without a tenant claim may call them")
+    if "assisted_export" in groups and (claim != "euo" or data_subject):
+        raise RoleError(f"{where}: assisted_export is an EUO administrator's: only a role of "
+                        "tenant_claim euo that is not a data subject may list it")
     break_glass = spec.get("break_glass", False)
     if not isinstance(break_glass, bool):
         raise RoleError(f"{where}: break_glass must be true or false")

@@ -3,32 +3,46 @@ failed backend call fails the export."""
 
 from __future__ import annotations
 
+import contextlib
 import io
+import shutil
 import zipfile
 
 import aiohttp
 import orjson
+import pytest
+import yaml
 from aiohttp import web
 
+from gateway.catalog import PolicyError, load_catalog
 from gateway.demo.run import start_site
+from gateway.export.handler import foreign, strip
+from gateway.policyset import load_policy_set
 
-from .conftest import call, gateway_settings, running_gateway
+from .conftest import POLICY_DIR, call, gateway_settings, running_gateway
 
 SESSION = web.AppKey("session", aiohttp.ClientSession)
 
-# every data set (README.md, Contract) that concerns u-alice (she organises mtg-acme-1 and
-# wrote a note) and is within its retention: her outgoing fax was sent, so it is past
-# (README.md, Retention: the data subject's export is not exempt)
+# every data set (README.md, Contract) u-alice may read and is within its retention: her
+# EUO's identity and her entry of its directory, her own data, and the content of mtg-acme-1
+# (she organises it and took part); her outgoing fax was sent, so it is past (README.md,
+# Retention: the data subject's export is not exempt)
 ALICE_DATA_SETS = {
-    "telephony": {"user_name", "user_email", "user_language", "user_mobile", "user_address",
-                  "personal_directory", "voicemails", "faxes_incoming",
-                  "call_recordings", "call_history"},
-    "meeting": {"organizer_name", "organizer_email", "organizer_language", "address_book",
-                "organizer_documents", "meeting_list", "meeting_topic", "meeting_agenda",
-                "meeting_invitees", "meeting_documents", "whiteboard_drawings", "chat_messages",
-                "meeting_minutes", "private_notes", "participant_name", "participant_email",
-                "connection_statistics"},
+    "telephony": {"euo_identity", "company_directory", "user_name", "user_email",
+                  "user_language", "user_mobile", "user_address", "personal_directory",
+                  "voicemails", "faxes_incoming", "call_recordings", "call_history"},
+    "meeting": {"account_name", "company_name", "organizer_name", "organizer_email",
+                "organizer_language", "address_book", "organizer_documents", "meeting_list",
+                "meeting_topic", "meeting_agenda", "meeting_invitees", "meeting_documents",
+                "whiteboard_drawings", "chat_messages", "meeting_minutes", "private_notes",
+                "participant_name", "participant_email", "connection_statistics"},
 }
+# u-bob took part in mtg-acme-1 without organising it: of its content, only his own note
+# and chat messages; his participation (the name and email he joined under)
+BOB_MEETING = {"account_name", "company_name", "organizer_name", "organizer_email",
+               "organizer_language", "address_book", "organizer_documents", "meeting_list",
+               "private_notes", "chat_messages", "participant_name", "participant_email",
+               "connection_statistics"}
 
 
 async def export_json(http, gateway, token):
@@ -55,16 +69,92 @@ async def test_export_holds_nothing_about_anyone_else(gateway, http, token_for):
     assert cdrs and {r["data"]["user_id"] for r in cdrs} == {"u-alice"}
     stats = doc["services"]["meeting"]["connection_statistics"]["records"]
     assert {r["data"]["user_id"] for r in stats} == {"u-alice"}
+    directory = doc["services"]["telephony"]["company_directory"]["records"]
+    assert [r["data"]["user_id"] for r in directory] == ["u-alice"]
     for other in (b"Private thought of u-bob", b"Peeters'", b"+32470111202", b"u-dirk"):
         assert other not in body
+    assert doc["not_held"] == []          # every source answered: nothing known missing
 
 
-async def test_a_user_without_meetings_has_no_meeting_content(gateway, http, token_for):
-    doc, body = await export_json(http, gateway, token_for("bob"))
-    assert "meeting_topic" not in doc["services"]["meeting"]
-    notes = doc["services"]["meeting"]["private_notes"]["records"] if (
-        "private_notes" in doc["services"]["meeting"]) else []
-    assert all(r["data"]["author_id"] == "u-bob" for r in notes)
+async def test_trunk_call_records_are_in_the_export(gateway, http, token_for, demo):
+    """SIP-trunk CDRs, found through the trunks the EUO's record lists, asked per user."""
+    doc, _ = await export_json(http, gateway, token_for("alice"))
+    records = doc["services"]["telephony"]["call_history"]["records"]
+    trunk = {r["data"]["id"] for r in records
+             if r["source"] == "GET /telephony/euos/euo-acme/trunks/trunk-1/cdrs?user=u-alice"}
+    expected = {c["id"] for c in demo.trunk_cdrs[("euo-acme", "trunk-1")]
+                if c["user_id"] == "u-alice"}
+    assert expected and trunk == expected
+
+
+async def test_participant_side_meeting_data_is_in_the_export(gateway, http, token_for, db):
+    """u-bob took part in u-alice's meeting: his own note and chat are in his export, nothing
+    else of the meeting, and the rows of his export name him alone."""
+    status, headers, body = await call(http, "GET", gateway + "/v1/me/export?format=json",
+                                       token_for("bob"))
+    assert status == 200, body
+    doc = orjson.loads(body)
+    assert set(doc["services"]["meeting"]) == BOB_MEETING
+    meeting = doc["services"]["meeting"]
+    source = "GET /meeting/accounts/euo-acme/meetings/mtg-acme-1"
+    assert [r["data"] for r in meeting["private_notes"]["records"]] == [
+        {"author_id": "u-bob", "text": "Private thought of u-bob"}]
+    chat = meeting["chat_messages"]["records"]
+    assert [r["data"]["text"] for r in chat] == ["Hello all, Bob here"]
+    assert {r["source"] for r in chat} == {source}
+    joined = meeting["participant_name"]["records"]
+    assert [r["data"]["name"] for r in joined] == ["Bob Peeters"]
+    for other in (b"Remember to send the budget", b"Alice here", b"Carla here", b"Weekly planning",
+                  b"Budget approved", b"Private thought of u-carla"):
+        assert other not in body
+    rows = await db.fetch("select route, actor_sub, subject_users, data_sets from audit_log "
+                          "where request_id = $1", headers["X-Request-Id"])
+    assert {r["actor_sub"] for r in rows} == {"u-bob"}
+    assert {u for r in rows for u in r["subject_users"]} == {"u-bob"}
+    (meeting_row,) = [r for r in rows if r["route"] == "meeting:/accounts/{euo}/meetings/{meeting}"]
+    assert meeting_row["subject_users"] == ["u-bob"]
+    assert set(meeting_row["data_sets"]) == {"private_notes", "chat_messages"}
+
+
+async def test_each_data_set_says_purpose_retention_and_recipients_from_the_policy(
+        gateway, http, token_for):
+    doc, _ = await export_json(http, gateway, token_for("alice"))
+    tel, meet = doc["services"]["telephony"], doc["services"]["meeting"]
+    assert meet["private_notes"]["about"]["recipients"] == [{"role": "user", "relation": "author"}]
+    assert tel["voicemails"]["about"]["recipients"] == [{"role": "user", "relation": "self"}]
+    assert tel["call_recordings"]["about"]["recipients"] == [
+        {"role": "partner", "relation": "contracted_partner"},
+        {"role": "euo_admin", "relation": "same_euo"}, {"role": "user", "relation": "self"}]
+    assert meet["chat_messages"]["about"]["recipients"] == [
+        {"role": "user", "relation": "organizer"}, {"role": "user", "relation": "author"}]
+    about = tel["call_history"]["about"]
+    assert about["purpose"] == "Invoicing, reporting and fraud detection"
+    assert about["retention"].startswith("Duration of the contract + 6 months")
+
+
+async def test_a_changed_policy_changes_the_recipients(backends, database_url, http, token_for,
+                                                       tmp_path):
+    """Recipients are the policy's, not words: a policy that gives voicemails to EUO admins
+    too makes the export say so."""
+    policy = tmp_path / "policies"
+    shutil.copytree(POLICY_DIR, policy)
+    with open(policy / "policy.csv", "a") as f:
+        f.write("p, euo_admin, same_euo, voicemails, read\n")
+    settings = gateway_settings(backends["urls"], policy_dir=policy)
+    async with running_gateway(settings, database_url) as gw:
+        doc, _ = await export_json(http, gw, token_for("alice"))
+    assert doc["services"]["telephony"]["voicemails"]["about"]["recipients"] == [
+        {"role": "euo_admin", "relation": "same_euo"}, {"role": "user", "relation": "self"}]
+
+
+def test_an_export_list_that_leaves_out_a_readable_data_set_is_refused(tmp_path):
+    policy = tmp_path / "policies"
+    shutil.copytree(POLICY_DIR, policy)
+    spec = yaml.safe_load((policy / "export.yaml").read_text())
+    spec["sources"] = [s for s in spec["sources"] if "directory?" not in s["get"]]
+    (policy / "export.yaml").write_text(yaml.safe_dump(spec))
+    with pytest.raises(PolicyError, match="leaves out .*: company_directory$"):
+        load_policy_set(policy)
 
 
 async def test_zip_attachments_are_byte_identical_to_the_backend(gateway, http, token_for,
@@ -153,3 +243,245 @@ async def test_an_attachment_breaking_off_midway_breaks_the_download(backends, d
                 raise AssertionError("a broken export produced a valid archive")
         finally:
             await runner.cleanup()
+
+
+@contextlib.asynccontextmanager
+async def tampering(backends, database_url, tamper, **settings):
+    """A gateway whose backends are the demo's behind a proxy on loopback that may rewrite
+    any answer: tamper(path_qs, status, document) returns (status, document) or a response."""
+    async def proxy(request):
+        service = request.match_info["service"]
+        url = backends["urls"][service] + "/" + request.match_info["tail"]
+        if request.query_string:
+            url += "?" + request.query_string
+        async with request.app[SESSION].get(url) as r:
+            body, kind, status = await r.read(), r.content_type, r.status
+        path = request.path_qs                    # /telephony/euos/...: as the export asks
+        if kind == "application/json":
+            answer = tamper(path, status, orjson.loads(body))
+            if isinstance(answer, web.StreamResponse):
+                return answer
+            status, document = answer
+            return web.Response(body=orjson.dumps(document), status=status, content_type=kind)
+        answer = tamper(path, status, None)
+        if isinstance(answer, web.StreamResponse):
+            return answer
+        return web.Response(body=body, status=status, content_type=kind)
+    app = web.Application()
+    app.router.add_get("/{service}/{tail:.*}", proxy)
+    async with aiohttp.ClientSession() as session:
+        app[SESSION] = session
+        runner, port = await start_site(app, "127.0.0.1", 0)
+        try:
+            urls = {s: f"http://127.0.0.1:{port}/{s}" for s in backends["urls"]}
+            async with running_gateway(gateway_settings(urls, **settings), database_url) as gw:
+                yield gw
+        finally:
+            await runner.cleanup()
+
+
+def gone(status: int = 404):
+    return web.json_response({"error": "not found"}, status=status)
+
+
+async def test_not_held_lists_exactly_what_the_backends_do_not_hold(backends, database_url,
+                                                                    http, token_for):
+    """A backend without the participations route, a meeting deleted between its listing
+    and its fetch, a recording deleted before the ZIP got it: each is in not_held with
+    its data sets, and nothing else is."""
+    def tamper(path, status, document):
+        if path.startswith("/meeting/accounts/euo-acme/participants/"):
+            return gone()
+        if path == "/meeting/accounts/euo-acme/meetings/mtg-acme-1":
+            return gone()
+        if path.endswith("/recordings/rec-u-alice-1"):
+            return gone()
+        return status, document
+    async with tampering(backends, database_url, tamper) as gw:
+        doc, _ = await export_json(http, gw, token_for("alice"))
+        status, _, body = await call(http, "GET", gw + "/v1/me/export", token_for("alice"))
+    participation = {
+        "source": "GET /meeting/accounts/euo-acme/participants/u-alice",
+        "data_sets": ["chat_messages", "meeting_agenda", "meeting_documents", "meeting_invitees",
+                      "meeting_minutes", "meeting_topic", "participant_email", "participant_name",
+                      "private_notes", "whiteboard_drawings"],
+        "reason": "backend_not_found"}
+    meeting = {"source": "GET /meeting/accounts/euo-acme/meetings/mtg-acme-1",
+               "data_sets": ["chat_messages", "meeting_agenda", "meeting_documents",
+                             "meeting_invitees", "meeting_minutes", "meeting_topic",
+                             "participant_email", "participant_name", "private_notes",
+                             "whiteboard_drawings"],
+               "reason": "backend_not_found"}
+    recording = {"source": "GET /telephony/euos/euo-acme/users/u-alice/recordings/rec-u-alice-1",
+                 "data_sets": ["call_recordings"], "reason": "backend_not_found"}
+    strip_meaning = [{k: v for k, v in e.items() if k != "meaning"} for e in doc["not_held"]]
+    assert strip_meaning == [meeting, participation]    # the JSON export fetches no files
+    assert status == 200
+    archive = zipfile.ZipFile(io.BytesIO(body))
+    assert archive.testzip() is None
+    zipped = orjson.loads(archive.read("export.json"))
+    assert [{k: v for k, v in e.items() if k != "meaning"} for e in zipped["not_held"]] == [
+        meeting, participation, recording]
+    assert "recordings" not in {a["file"].split("/")[1] for a in zipped["attachments"]}
+    assert not any(n.startswith("telephony/recordings/") for n in archive.namelist())
+
+
+async def test_a_slipped_in_note_of_another_user_is_dropped_and_audited(backends, database_url,
+                                                                         http, token_for, db):
+    """The meeting backend slips Carla's note and a chat message of hers into the meeting
+    Bob attended: his export drops them and the row says what was removed."""
+    def tamper(path, status, document):
+        if path == "/meeting/accounts/euo-acme/meetings/mtg-acme-1":
+            document = dict(document)
+            document["private_notes"] = document["private_notes"] + [
+                {"author_id": "u-carla", "text": "CARLA-SECRET"}]
+            document["chat"] = document["chat"] + [
+                {"author_id": "u-carla", "author": "Carla", "text": "CARLA-DM", "at": "x"}]
+        return status, document
+    async with tampering(backends, database_url, tamper) as gw:
+        status, headers, body = await call(http, "GET", gw + "/v1/me/export?format=json",
+                                           token_for("bob"))
+    assert status == 200 and b"CARLA" not in body
+    row = await db.fetchrow("select fields_removed, subject_users from audit_log where "
+                            "request_id = $1 and route = $2", headers["X-Request-Id"],
+                            "meeting:/accounts/{euo}/meetings/{meeting}")
+    assert {"private_notes[].text", "chat[].text"} <= set(row["fields_removed"])
+    assert row["subject_users"] == ["u-bob"]
+
+
+ALICE_ROW = {"user_id": "u-alice", "name": "ALICE-ROW", "number": "+3227000000"}
+
+
+@pytest.mark.parametrize(("path", "tampered"), [
+    ("/telephony/euos/euo-acme/trunks/trunk-1/cdrs?user=u-bob",
+     lambda doc: {"cdrs": doc["cdrs"] + [dict(doc["cdrs"][0], user_id="u-alice", id="ALICE-ROW")]}),
+    ("/telephony/euos/euo-acme/directory?user=u-bob",
+     lambda doc: {"entries": doc["entries"] + [ALICE_ROW]}),
+    ("/meeting/accounts/euo-acme/participants/u-bob",
+     lambda doc: dict(doc, id="u-alice", meetings=[{"id": "m", "name": "ALICE-ROW"}])),
+], ids=["trunk-cdrs", "directory", "participations"])
+async def test_another_users_record_in_a_bound_answer_refuses_the_export(
+        backends, database_url, http, token_for, db, path, tampered):
+    """An answer asked for u-bob that holds u-alice's call record, directory entry or
+    participation: the export fails (502, audited), nothing of hers is sent."""
+    def tamper(p, status, document):
+        return status, tampered(document) if p == path else document
+    async with tampering(backends, database_url, tamper) as gw:
+        for fmt in ("json", "zip"):
+            status, headers, body = await call(http, "GET", f"{gw}/v1/me/export?format={fmt}",
+                                               token_for("bob"))
+            assert status == 502, body
+            assert orjson.loads(body)["error"]["code"] == "backend_subject_mismatch"
+            assert b"ALICE" not in body
+            rows = await db.fetch("select path, decision, reason from audit_log where "
+                                  "request_id = $1", headers["X-Request-Id"])
+            assert (path, "error", "backend_subject_mismatch") in {
+                (r["path"], r["decision"], r["reason"]) for r in rows}
+
+
+def test_the_export_finds_another_persons_own_data_the_redaction_let_through():
+    """The second line: an element naming someone else that carries a data set of theirs
+    is found wherever it sits; meeting content the user may read as organizer is not."""
+    catalog = load_catalog(POLICY_DIR)
+    route = {r.name: r for r in catalog.routes}
+    meeting = route["meeting:/accounts/{euo}/meetings/{meeting}"].body
+    cdrs = route["telephony:/euos/{euo}/cdrs"].body
+    mine = {"id": "m", "organizer_id": "u-alice", "topic": "T",
+            "chat": [{"author_id": "u-bob", "text": "hi"}],
+            "private_notes": [{"author_id": "u-alice", "text": "mine"}]}
+    assert foreign(mine, meeting, "u-alice", catalog) is None
+    leaked = dict(mine, private_notes=[{"author_id": "u-bob", "text": "his"}])
+    assert foreign(leaked, meeting, "u-alice", catalog) == "private_notes[]"
+    assert foreign({"cdrs": [{"user_id": "u-bob", "caller": "1"}]}, cdrs, "u-alice",
+                   catalog) == "cdrs[]"
+    assert foreign({"cdrs": [{"user_id": "u-alice", "caller": "1"}]}, cdrs, "u-alice",
+                   catalog) is None
+    removed: set[str] = set()
+    kept = strip(mine, meeting, frozenset({"private_notes"}), removed)
+    assert "private_notes" not in kept and kept["chat"] == mine["chat"]
+    assert removed == {"private_notes[].author_id", "private_notes[].text"}
+
+
+ASSISTED = "/v1/euos/euo-acme/users/u-bob/export?purpose=user_cannot_sign_in"
+
+
+async def test_an_euo_admin_exports_for_a_user_of_their_euo(gateway, http, token_for, db):
+    """The user's export, minus what only its author may receive; every row names the admin
+    as actor, the user as subject and the purpose; the user's access log shows it."""
+    status, headers, body = await call(http, "GET", f"{gateway}{ASSISTED}&format=json",
+                                       token_for("admin"))
+    assert status == 200, body
+    doc = orjson.loads(body)
+    assert doc["subject"] == {"user": "u-bob", "euo": "euo-acme"}
+    assert doc["export"]["assisted"]["by"] == {"role": "euo_admin", "sub": "admin@acme",
+                                              "euo": "euo-acme"}
+    assert doc["export"]["assisted"]["purpose"] == "user_cannot_sign_in"
+    assert set(doc["services"]["meeting"]) == BOB_MEETING - {"private_notes"}
+    assert b"Private thought" not in body and b"Hello all, Bob here" in body
+    assert b"vm-u-bob-1" in body                   # his own communications are his export's
+    assert doc["withheld"][0]["data_sets"] == ["private_notes"]
+    assert doc["withheld"][0]["sources"] == ["GET /meeting/accounts/euo-acme/meetings/mtg-acme-1"]
+    rows = await db.fetch("select route, actor_sub, actor_role, subject_euo, subject_users, "
+                          "data_sets, reason, decision from audit_log where request_id = $1",
+                          headers["X-Request-Id"])
+    assert len(rows) > 10
+    for r in rows:
+        assert (r["actor_sub"], r["actor_role"], r["decision"]) == ("admin@acme", "euo_admin", "allow")
+        assert r["subject_euo"] == "euo-acme" and set(r["subject_users"]) <= {"u-bob"}
+        assert r["reason"] == "assisted_export:user_cannot_sign_in"
+        assert "private_notes" not in r["data_sets"]
+    (top,) = [r for r in rows if r["route"] == "gateway:/v1/euos/{euo}/users/{user}/export"]
+    assert top["subject_users"] == ["u-bob"]
+    _, _, log = await call(http, "GET", gateway + "/v1/me/access-log?limit=200", token_for("bob"))
+    seen = [a for a in orjson.loads(log)["accesses"]
+            if a["route"] == "gateway:/v1/euos/{euo}/users/{user}/export"]
+    assert seen and seen[0]["accessor"] == {"role": "euo_admin", "organisation": "euo-acme"}
+    assert seen[0]["reason"] == "assisted_export:user_cannot_sign_in"
+
+
+async def test_the_assisted_zip_streams_the_users_files(gateway, http, token_for, demo):
+    status, headers, body = await call(http, "GET", gateway + ASSISTED, token_for("admin"))
+    assert status == 200 and headers["Content-Type"] == "application/zip"
+    archive = zipfile.ZipFile(io.BytesIO(body))
+    doc = orjson.loads(archive.read("export.json"))
+    assert doc["subject"]["user"] == "u-bob" and doc["attachments"]
+    for item in doc["attachments"]:
+        assert archive.read(item["file"]) == demo.blobs[item["id"]][1]
+
+
+@pytest.mark.parametrize(("caller", "path", "status", "code"), [
+    ("admin", "/v1/euos/euo-globex/users/u-dirk/export?purpose=user_cannot_sign_in", 403,
+     "other_euo"),
+    ("partner", ASSISTED, 403, "role_not_permitted"),
+    ("staff", ASSISTED, 403, "role_not_permitted"),
+    ("alice", ASSISTED, 403, "role_not_permitted"),
+    ("bob", ASSISTED, 403, "role_not_permitted"),
+    ("admin", "/v1/euos/euo-acme/users/u-bob/export", 400, "bad_purpose"),
+    ("admin", "/v1/euos/euo-acme/users/u-bob/export?purpose=curiosity", 400, "bad_purpose"),
+    ("admin", ASSISTED + "&purpose=user_asked_admin", 400, "bad_purpose"),
+    ("admin", "/v1/euos/euo-acme/users/u-nobody/export?purpose=user_asked_admin", 404,
+     "backend_not_found"),
+])
+async def test_assisted_export_refusals(gateway, http, token_for, db, backends, caller, path,
+                                        status, code):
+    """Another EUO's user, partners, staff and users: refused with a reason id, audited,
+    and (but for an unknown user, whom only the backend can know) no backend is asked."""
+    before = len(backends["seen"].requests)
+    got, headers, body = await call(http, "GET", gateway + path, token_for(caller))
+    assert (got, orjson.loads(body)["error"]["code"]) == (status, code)
+    row = await db.fetchrow("select actor_role, reason, decision from audit_log where "
+                            "request_id = $1 and route like 'gateway:%'", headers["X-Request-Id"])
+    assert row["reason"] == code and row["decision"] != "allow"
+    if code != "backend_not_found":
+        assert len(backends["seen"].requests) == before
+
+
+async def test_the_zip_export_takes_a_stream_slot(backends, database_url, http, token_for):
+    """GATEWAY_MAX_STREAMS holds for exports too: with none free the ZIP is refused at once
+    (the JSON export copies no file and still works)."""
+    settings = gateway_settings(backends["urls"], max_streams=0)
+    async with running_gateway(settings, database_url) as gw:
+        status, _, body = await call(http, "GET", gw + "/v1/me/export", token_for("alice"))
+        assert (status, orjson.loads(body)["error"]["code"]) == (503, "streams_busy")
+        assert (await call(http, "GET", gw + "/v1/me/export?format=json",
+                           token_for("alice")))[0] == 200

@@ -67,12 +67,14 @@ def binary(kind: str):
 
 def meeting_view(organizer: bool):
     def check(doc, sub):
-        assert set(doc) == (MEETING_ALL if organizer else MEETING_IDS | {"private_notes"})
+        assert set(doc) == (MEETING_ALL if organizer else MEETING_IDS | {"private_notes", "chat"})
         assert {n["author_id"] for n in doc["private_notes"]} == {sub}
+        authors = {c["author_id"] for c in doc["chat"]}
+        assert authors > {sub} if organizer else authors == {sub}   # a participant: their own
     return check
 
 
-EUO_FIELDS = keys({"id", "name", "postal_address", "partner_id"})
+EUO_FIELDS = keys({"id", "name", "postal_address", "partner_id", "trunks"})
 ACCOUNT = keys({"id", "account_name", "company_name"})
 ALL_CDRS = owned_by("cdrs", "user_id", everyone=True)
 OWN_CDRS = owned_by("cdrs", "user_id", everyone=False)
@@ -103,6 +105,7 @@ MATRIX = [
      keys(ORG_ALL), DENY),
     (f"{ORGANIZER}/documents/doc-u-alice-1",        DENY, DENY, DENY, binary("pdf"), DENY),
     (MEETING,                                       DENY, DENY, DENY, meeting_view(True), meeting_view(False)),
+    (f"{M}/participants/u-alice",                   DENY, DENY, DENY, keys({"id", "meetings"}), DENY),
     (f"{M}/connection-stats",                       ALL_STATS, ALL_STATS, ALL_STATS, OWN_STATS, OWN_STATS),
 ]
 CALLER_ORDER = ("staff", "partner", "admin", "alice", "bob")

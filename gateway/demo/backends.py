@@ -74,7 +74,10 @@ def telephony_app(data: DemoData, middlewares=()) -> web.Application:
 
     @r.get("/euos/{euo}/directory")
     async def directory(request):
-        return _json({"entries": data.directories.get(euo_of(request), [])})
+        entries = data.directories.get(euo_of(request), [])
+        if "user" in request.query:
+            entries = [e for e in entries if e.get("user_id") == request.query["user"]]
+        return _json({"entries": entries})
 
     @r.get("/euos/{euo}/users")
     async def users(request):
@@ -129,7 +132,10 @@ def telephony_app(data: DemoData, middlewares=()) -> web.Application:
         key = (euo_of(request), request.match_info["trunk"])
         if key not in data.trunk_cdrs:
             raise _missing()
-        return _json({"cdrs": data.trunk_cdrs[key]})
+        rows = data.trunk_cdrs[key]
+        if "user" in request.query:
+            rows = [c for c in rows if c["user_id"] == request.query["user"]]
+        return _json({"cdrs": rows})
 
     app.add_routes(r)
     return app
@@ -217,6 +223,13 @@ def meeting_app(data: DemoData, middlewares=()) -> web.Application:
         body = copy.copy(found)
         del body["euo"]
         return _json(body)
+
+    @r.get("/accounts/{euo}/participants/{user}")
+    async def participations(request):
+        euo, uid = request.match_info["euo"], request.match_info["user"]
+        if uid not in data.users or data.users[uid]["euo_id"] != euo:
+            raise _missing()
+        return _json({"id": uid, "meetings": data.participations.get(uid, [])})
 
     @r.get("/accounts/{euo}/connection-stats")
     async def stats(request):

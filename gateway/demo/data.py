@@ -93,6 +93,7 @@ class DemoData:
     accounts: dict[str, dict] = field(default_factory=dict)
     organizers: dict[str, dict] = field(default_factory=dict)
     meetings: dict[str, dict] = field(default_factory=dict)
+    participations: dict[str, list[dict]] = field(default_factory=dict)   # user -> meetings
     stats: dict[str, list[dict]] = field(default_factory=dict)
 
     def contracts(self) -> dict[str, tuple[str, date | None]]:
@@ -105,7 +106,8 @@ def build(now: datetime | None = None) -> DemoData:
     d = DemoData()
     iso = lambda t: t.replace(microsecond=0).isoformat()  # noqa: E731
     for euo, (name, address, partner, _end) in EUOS.items():
-        d.euos[euo] = {"id": euo, "name": name, "postal_address": address, "partner_id": partner}
+        d.euos[euo] = {"id": euo, "name": name, "postal_address": address, "partner_id": partner,
+                       "trunks": [{"id": "trunk-1"}]}
         d.accounts[euo] = {"id": euo, "account_name": name.split()[0].lower() + "-meet",
                            "company_name": name}
         d.cdrs[euo] = []
@@ -119,7 +121,7 @@ def build(now: datetime | None = None) -> DemoData:
                                    {"name": "Mum", "number": f"+3247099{n:04d}"}],
         }
         d.directories.setdefault(euo, []).append(
-            {"name": f"{first} {last}", "number": f"+32 2 700 1{n:02d}"})
+            {"user_id": uid, "name": f"{first} {last}", "number": f"+32 2 700 1{n:02d}"})
         d.voicemails[uid] = [{"id": f"vm-{uid}-1", "caller": "+3226400000",
                               "received_at": iso(now - timedelta(hours=5 + n)), "duration_s": 1}]
         d.blobs[f"vm-{uid}-1"] = ("audio/wav", wav_bytes(1.0, 440 + 20 * n))
@@ -172,8 +174,8 @@ def build(now: datetime | None = None) -> DemoData:
             "invited": [d.users[m]["email"] for m in members],
             "documents": [{"id": f"mdoc-{mid}", "name": "slides.pdf", "size": 2048}],
             "whiteboards": [{"id": "wb-1", "svg": "<svg><line x1='0' y1='0' x2='9' y2='9'/></svg>"}],
-            "chat": [{"author": USERS[m][1], "text": "Hello all", "at": iso(now - timedelta(days=2))}
-                     for m in members],
+            "chat": [{"author_id": m, "author": USERS[m][1], "text": f"Hello all, {USERS[m][1]} here",
+                      "at": iso(now - timedelta(days=2))} for m in members],
             "minutes": "Budget approved.",
             "private_notes": notes,
             "participants": [{"name": f"{USERS[m][1]} {USERS[m][2]}", "email": d.users[m]["email"]}
@@ -181,4 +183,7 @@ def build(now: datetime | None = None) -> DemoData:
         }
         d.organizers[organizer]["meetings"].append(
             {"id": mid, "topic": "Weekly planning", "start": d.meetings[mid]["start"]})
+        for m in members:       # everyone took part, the organizer too
+            d.participations.setdefault(m, []).append(
+                {"id": mid, "name": f"{USERS[m][1]} {USERS[m][2]}", "email": d.users[m]["email"]})
     return d

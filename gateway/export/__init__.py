@@ -9,6 +9,6 @@ connection is cut before the ZIP's directory is written, so the client gets a br
 download, never a silently partial archive.
 """
 
-from .handler import add_routes
+from .handler import ExportSpec, add_routes
 
-__all__ = ["add_routes"]
+__all__ = ["ExportSpec", "add_routes"]

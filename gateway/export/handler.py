@@ -17,7 +17,7 @@ from multidict import CIMultiDict
 from .. import pipeline
 from ..audit import AuditRow
 from ..call import Call
-from ..catalog import Catalog, Leaf, ListOf, Node, PolicyError
+from ..catalog import Catalog, Leaf, ListOf, Node, ObjectOf, PolicyError
 from ..endpoints import CALL, IDENTIFIER, ME, api, identifier, json_response
 from ..errors import Denied
 from ..pipeline import GATEWAY, Gateway
@@ -27,6 +27,7 @@ from ..redact import now_utc
 from .zipstream import ZipStream
 
 FORMAT = "partner-gateway-export/1"
+ASSISTED_EXPORT = "assisted_export"      # the API group of roles.yaml that may make one
 
 
 @dataclass(frozen=True)
@@ -45,10 +46,21 @@ class Source:
     follow: tuple[str, str] | None = None      # (list field, path with {id})
 
 
-def load_sources(policy_dir: Path, catalog: Catalog) -> list[Source]:
-    """export.yaml, each path checked against the route table."""
+@dataclass(frozen=True)
+class ExportSpec:
+    """export.yaml: the sources, and the purposes an admin-assisted export may give."""
+    sources: list[Source]
+    purposes: dict[str, str]
+
+
+def load_sources(policy_dir: Path, catalog: Catalog,
+                 readable: frozenset[str] | None = None) -> ExportSpec:
+    """export.yaml, each path checked against the route table; with `readable` (the data
+    sets a user may read under the policy), a list that leaves one out is refused."""
     try:
         doc = yaml.safe_load((policy_dir / "export.yaml").read_text(encoding="utf-8"))
+        purposes = {str(k): str(v) for k, v in
+                    ((doc.get("assisted") or {}).get("purposes") or {}).items()}
         sources = []
         for spec in doc["sources"]:
             att = spec.get("attachments")
@@ -58,13 +70,25 @@ def load_sources(policy_dir: Path, catalog: Catalog) -> list[Source]:
                 attachments=Attachments(att["list"], att["get"], tuple(att["name"]), att.get("ext"))
                 if att else None,
                 follow=(follow["list"], follow["get"]) if follow else None))
-    except (OSError, yaml.YAMLError, KeyError, TypeError) as e:
+    except (OSError, yaml.YAMLError, KeyError, TypeError, AttributeError) as e:
         raise PolicyError(f"export.yaml: {e}") from None
+    covered: set[str] = set()
     for s in sources:
         for path in (s.get, s.attachments and s.attachments.get, s.follow and s.follow[1]):
-            if path and _route_of(catalog, path) is None:
+            if not path:
+                continue
+            found = _route_of(catalog, path.format(euo="e", user="u", id="i"))
+            if found is None:
                 raise PolicyError(f"export.yaml: {path} is not in the route table")
-    return sources
+            covered |= found[0].data_sets
+    for purpose in purposes:
+        if not IDENTIFIER.fullmatch(purpose):
+            raise PolicyError(f"export.yaml: assisted purpose {purpose!r} is not an identifier")
+    if readable is not None and (missing := readable - covered):
+        raise PolicyError("export.yaml leaves out data sets a user may read (the export must "
+                          f"hold every one): {', '.join(sorted(missing))}")
+    return ExportSpec(sources, purposes)
+
 
 
 def _route_of(catalog: Catalog, path: str):
@@ -77,68 +101,128 @@ class Gathered:
     services: dict[str, dict[str, list]] = field(default_factory=lambda: defaultdict(
         lambda: defaultdict(list)))
     attachments: list[dict[str, Any]] = field(default_factory=list)
-    not_held: list[str] = field(default_factory=list)
+    not_held: list[dict[str, Any]] = field(default_factory=list)
+    withheld: dict[str, set[str]] = field(default_factory=lambda: defaultdict(set))
     names: set[str] = field(default_factory=set)
+    fetched: set[str] = field(default_factory=set)
+
+
+NOT_HELD = "the backend holds no such data for this user (it answered 404)"
 
 
 class Exporter:
-    """One user's export: every backend call made as that user, each audited."""
+    """One user's export: every backend call made with that user as viewer, each audited.
 
-    def __init__(self, request: web.Request, principal: Principal):
+    `actor` receives the archive and is the actor of every row: the user themself, or the
+    EUO admin of an assisted export, whose rows also carry `reason` (the purpose). In an
+    assisted export the data sets only their author may ever receive (private notes, a
+    floor) are taken out before the row is committed, so the rows say what the admin got."""
+
+    def __init__(self, request: web.Request, actor: Principal, subject: Principal,
+                 reason: str | None = None, assisted: bool = False):
         self.gw: Gateway = request.app[GATEWAY]
-        self.principal = principal
+        self.actor, self.viewer, self.reason = actor, subject, reason
         self.request_id = request[pipeline.REQUEST_ID]
         self.client = request.remote
-        self.fill = {"euo": identifier(principal.euo, "the token's euo claim"),
-                     "user": identifier(principal.sub, "the token's sub claim")}
+        self.fill = {"euo": identifier(subject.euo, "the user's EUO"),
+                     "user": identifier(subject.sub, "the user")}
+        catalog = self.gw.catalog
+        self.withhold = frozenset(
+            name for name, ds in catalog.data_sets.items() if ds.subject == "author"
+        ) if assisted else frozenset()
+        self.readable = self.gw.policy.granted(subject.role, subject.kind.relations, "read")
 
     def _call(self, path: str) -> Call:
         call = self.gw.new_call(self.request_id, "GET", path, self.client)
-        call.identify(self.principal)
+        call.identify(self.actor)
+        call.row.reason = self.reason
         return call
 
     async def _open(self, path: str, call: Call):
         matched = pipeline.match_route(self.gw, "GET", path, call)
-        target = pipeline.authorize(self.gw, self.principal, "GET", matched)
+        target = pipeline.authorize(self.gw, self.viewer, "GET", matched)
         deadline = self.gw.backends.deadline()
         upstream = await pipeline.send(self.gw, target, "GET", CIMultiDict(), call, self.client,
                                        deadline)
         return target, upstream, deadline
 
-    async def get_json(self, path: str) -> tuple[Any, Node]:
-        """A redacted document, its row committed; Denied on any failure (audited)."""
+    async def get_json(self, path: str, out: Gathered | None = None) -> tuple[Any, Node]:
+        """A redacted document bound to the user, its row committed; Denied on any
+        failure (audited)."""
         call = self._call(path)
         try:
             target, upstream, deadline = await self._open(path, call)
             answer = await pipeline.read_json(self.gw, target, upstream, call, deadline)
-            document = answer.document
-            await call.allow(answer.status, len(answer.body), answer.served, answer.removed)
+            document, served, removed = answer.document, answer.served, answer.removed
+            size = len(answer.body)
+            shape = target.route.body
+            if self.withhold:
+                stripped: set[str] = set()
+                document = strip(document, shape, self.withhold, stripped)
+                if stripped:
+                    served = [d for d in served if d not in self.withhold]
+                    removed = sorted(set(removed) | stripped)
+                    size = len(orjson.dumps(document))
+                    if out is not None:
+                        for ds in self.withhold & served_in(stripped, shape):
+                            out.withheld[ds].add(f"GET {path}")
+            if (where := foreign(document, shape, self.viewer.sub, self.gw.catalog)) is not None:
+                pipeline.log.warning("export %s: %s names another person at %s",
+                                     self.request_id, path, where)
+                raise Denied(502, "backend_subject_mismatch",
+                             "the backend answered with another person's data")
+            await call.allow(answer.status, size, served, removed)
         except Exception as e:
             denial = e if isinstance(e, Denied) else pipeline.internal(e, self.request_id)
             await call.record_refusal(denial)
             raise denial from None
-        return document, target.route.body
+        return document, shape
+
+    def _data_sets(self, *paths: str | None) -> list[str]:
+        """The data sets the user may read that these (template) paths would have served."""
+        found: set[str] = set()
+        for path in paths:
+            if path:
+                route, _ = _route_of(self.gw.catalog, path.format(**self.fill, id="x"))
+                found |= route.data_sets | set(route.binary)
+        return sorted((found & self.readable) - self.withhold)
+
+    async def _fetch(self, out: Gathered, path: str, optional: bool,
+                     covers: list[str]) -> tuple[Any, Node] | None:
+        """get_json, once per path; a 404 of an optional source is recorded as not held."""
+        out.fetched.add(path)
+        try:
+            return await self.get_json(path, out)
+        except Denied as d:
+            if optional and d.code == "backend_not_found":
+                out.not_held.append({"source": f"GET {path}", "data_sets": covers,
+                                     "reason": d.code, "meaning": NOT_HELD})
+                return None
+            raise
 
     async def gather(self, sources: list[Source]) -> Gathered:
         out = Gathered()
         for source in sources:
             path = source.get.format(**self.fill)
-            try:
-                document, shape = await self.get_json(path)
-            except Denied as d:
-                if source.optional and d.code == "backend_not_found":
-                    out.not_held.append(f"GET {path}")
-                    continue
-                raise
+            att = source.attachments
+            fetched = await self._fetch(out, path, source.optional, self._data_sets(
+                source.get, att and att.get, source.follow and source.follow[1]))
+            if fetched is None:
+                continue
+            document, shape = fetched
             self._file(out, path, document, shape)
             if source.follow and isinstance(document, dict):
                 list_field, follow = source.follow
                 for item in _items(document, list_field):
                     sub_path = follow.format(**self.fill, id=item["id"])
-                    sub_doc, sub_shape = await self.get_json(sub_path)
-                    self._file(out, sub_path, sub_doc, sub_shape)
-            if source.attachments and isinstance(document, dict):
-                self._list_attachments(out, source.attachments, document)
+                    if sub_path in out.fetched:       # a meeting organised and attended
+                        continue
+                    # listed a moment ago, gone now (deleted meanwhile): not held, said so
+                    sub = await self._fetch(out, sub_path, True, self._data_sets(follow))
+                    if sub is not None:
+                        self._file(out, sub_path, *sub)
+            if att and isinstance(document, dict):
+                self._list_attachments(out, att, document)
         return out
 
     def _file(self, out: Gathered, path: str, document: Any, shape: Node) -> None:
@@ -167,7 +251,8 @@ class Exporter:
 
     async def stream_attachment(self, path: str, zipped: ZipStream, file: str,
                                 response: web.StreamResponse) -> None:
-        """Commit the call's row, then copy the backend's bytes into the archive."""
+        """Commit the call's row, then copy the backend's bytes into the archive. Denied
+        before the first byte (the member is not begun)."""
         call = self._call(path)
         try:
             target, upstream, _ = await self._open(path, call)
@@ -178,9 +263,10 @@ class Exporter:
             except Denied:
                 upstream.release()
                 raise
-        except Denied as d:
-            await call.record_refusal(d)
-            raise
+        except Exception as e:
+            denial = e if isinstance(e, Denied) else pipeline.internal(e, self.request_id)
+            await call.record_refusal(denial)
+            raise denial from None
         try:
             with zipped.open(file, compress=False) as member:
                 async for chunk in upstream.content.iter_chunked(CHUNK):
@@ -188,6 +274,108 @@ class Exporter:
                     await response.write(zipped.take())
         finally:
             upstream.release()
+
+
+_GONE = object()
+
+
+def strip(document: Any, node: Node | None, data_sets: frozenset[str], removed: set[str],
+          path: str = "") -> Any:
+    """The document without the values of `data_sets` (their paths added to `removed`);
+    an object or list element left with no data of its own goes too."""
+    out = _strip(document, node, data_sets, removed, path) if node is not None else document
+    return {} if out is _GONE else out
+
+
+def _strip(value: Any, node: Node, data_sets: frozenset[str], removed: set[str],
+           path: str) -> Any:
+    if isinstance(node, Leaf):
+        if node.data_set in data_sets:
+            removed.add(path)
+            return _GONE
+        return value
+    if value is None:
+        return None
+    if isinstance(node, ListOf):
+        kept = [r for r in (_strip(i, node.item, data_sets, removed, path + "[]") for i in value)
+                if r is not _GONE]
+        return _GONE if value and not kept else kept
+    if node.dataset_by is not None:
+        fld, values = node.dataset_by
+        if values.get(value.get(fld)) in data_sets:
+            removed.add(path or "body")
+            return _GONE
+        return value
+    result, has_data, removed_any = {}, False, False
+    for key, child in value.items():
+        spec = node.fields.get(key)
+        if spec is None:
+            result[key] = child            # undeclared: the redaction let it through
+            continue
+        r = _strip(child, spec, data_sets, removed, f"{path}.{key}" if path else key)
+        if r is _GONE:
+            removed_any = True
+            continue
+        result[key] = r
+        has_data = has_data or not (isinstance(spec, Leaf) and spec.data_set is None)
+    return _GONE if removed_any and not has_data else result
+
+
+def served_in(paths: set[str], node: Node | None) -> set[str]:
+    """The data sets of a shape whose values sit at these paths (what strip took out)."""
+    found: set[str] = set()
+    for path in paths:
+        at = node
+        for part in path.split("."):
+            part = part.removesuffix("[]")
+            while isinstance(at, ListOf):
+                at = at.item
+            if isinstance(at, ObjectOf) and part in at.fields:
+                at = at.fields[part]
+        while isinstance(at, ListOf):
+            at = at.item
+        if isinstance(at, Leaf) and at.data_set:
+            found.add(at.data_set)
+        elif isinstance(at, ObjectOf) and at.dataset_by:
+            found |= set(at.dataset_by[1].values())
+    return found
+
+
+OWN_KINDS = ("user", "author")      # data sets that are one person's own (datasets.yaml)
+
+
+def foreign(value: Any, node: Node | None, sub: str, catalog: Catalog, path: str = "") -> str | None:
+    """Where the export's document holds data of another person: an object naming someone
+    else as its user or author (a CDR, a note, a user record) that still carries data of
+    a data set that is that person's own. None when every element is about `sub` or is data
+    the user may read (meeting content of a meeting they organised, EUO data). A second
+    line behind the redaction, which already drops such objects."""
+    if node is None or value is None or isinstance(node, Leaf):
+        return None
+    if isinstance(node, ListOf):
+        for item in value if isinstance(value, list) else ():
+            if (where := foreign(item, node.item, sub, catalog, path + "[]")) is not None:
+                return where
+        return None
+    if not isinstance(value, dict):
+        return None
+    for rel, fld in node.subject:
+        named = value.get(fld)
+        named = str(named) if isinstance(named, int) and not isinstance(named, bool) else named
+        if rel in ("self", "author") and named != sub:
+            own = {spec.data_set for key, spec in node.fields.items()
+                   if key in value and isinstance(spec, Leaf) and spec.data_set}
+            if node.dataset_by is not None:
+                own.add(node.dataset_by[1].get(value.get(node.dataset_by[0])))
+            if any(d in catalog.data_sets and catalog.data_sets[d].subject in OWN_KINDS
+                   for d in own):
+                return path or "body"
+    for key, spec in node.fields.items():
+        if not isinstance(spec, Leaf) and key in value:
+            where = foreign(value[key], spec, sub, catalog, f"{path}.{key}" if path else key)
+            if where is not None:
+                return where
+    return None
 
 
 def _items(document: dict, list_field: str) -> list[dict]:
@@ -256,55 +444,134 @@ def _safe(name: str) -> str:
     return re.sub(r"[^A-Za-z0-9._+-]+", "_", name).strip("_")[:120] or "file"
 
 
-def export_document(gw: Gateway, principal: Principal, gathered: Gathered,
-                    request: web.Request) -> dict[str, Any]:
+def export_document(gw: Gateway, subject: Principal, gathered: Gathered,
+                    request: web.Request, assisted: dict[str, str] | None = None) -> dict[str, Any]:
+    """export.json: the records by service and data set, each data set with what the
+    catalog says of it and who may see it under the policy in force."""
     catalog = gw.catalog
     services = {}
     for service, data_sets in gathered.services.items():
         services[service] = {}
         for name, records in sorted(data_sets.items()):
-            ds = catalog.data_sets.get(name)
-            about = ({"seed": ds.seed, "purpose": ds.purpose, "retention": ds.retention,
-                      "collected_by": ds.collected_by} if ds else
-                     {"note": "fields the route table does not classify"})
-            services[service][name] = {"about": about, "records": records}
-    return {
-        "export": {"format": FORMAT, "exported_at": now_utc().isoformat(),
-                   "exported_from": {"gateway": request.host, "client_addr": request.remote},
-                   "request_id": request[pipeline.REQUEST_ID]},
-        "subject": {"user": principal.sub, "euo": principal.euo},
+            services[service][name] = {"about": about(gw, name), "records": records}
+    export = {"format": FORMAT, "exported_at": now_utc().isoformat(),
+              "exported_from": {"gateway": request.host, "client_addr": request.remote},
+              "request_id": request[pipeline.REQUEST_ID], "policy_version": gw.policy_version}
+    if assisted:
+        export["assisted"] = assisted
+    document = {
+        "export": export,
+        "subject": {"user": subject.sub, "euo": subject.euo},
         "services": services,
         "attachments": gathered.attachments,
         "not_held": gathered.not_held,
     }
+    if assisted:
+        document["withheld"] = [{
+            "data_sets": [name], "sources": sorted(gathered.withheld.get(name, ())),
+            "reason": "author_only",
+            "meaning": f"only its author may ever receive {name} (a floor): not given to the "
+                       "administrator who made this export; the user exports it themself"}
+            for name in sorted(name for name, ds in catalog.data_sets.items()
+                               if ds.subject == "author")]
+    return document
+
+
+def about(gw: Gateway, name: str) -> dict[str, Any]:
+    """What the catalog says of a data set (purpose, retention, ...) and its recipients:
+    every (role, relation) the policy in force lets read it."""
+    ds = gw.catalog.data_sets.get(name)
+    if ds is None:
+        return {"note": "fields the route table does not classify"}
+    out = {k: v for k, v in ds.public().items() if k not in ("name",)}
+    out["recipients"] = [{"role": w["role"], "relation": w["relation"]}
+                         for w in gw.policy.who_may(name) if "read" in w["actions"]]
+    return out
 
 
 @api("/v1/me/export", ME)
 async def export(request: web.Request, principal: Principal, row: AuditRow):
     """The caller's personal data from every backend: ZIP (default) or ?format=json."""
+    return await _export(request, principal, principal, row)
+
+
+@api("/v1/euos/{euo}/users/{user}/export", ASSISTED_EXPORT)
+async def assisted_export(request: web.Request, principal: Principal, row: AuditRow):
+    """An EUO admin exports for a user of their own EUO who cannot serve themself; every
+    row names the admin as actor, the user as subject and the purpose as reason."""
+    euo = identifier(request.match_info["euo"], "the EUO")
+    user = identifier(request.match_info["user"], "the user")
+    if euo != principal.euo:
+        raise Denied(403, "other_euo", "this user belongs to another EUO")
+    gw = request.app[GATEWAY]
+    purposes = gw.export_sources.purposes
+    purpose = request.query.get("purpose")
+    if purpose not in purposes or len(request.query.getall("purpose")) != 1:
+        raise Denied(400, "bad_purpose",
+                     f"purpose must be one of {', '.join(sorted(purposes))}")
+    # the user as viewer: the data-subject role of roles.yaml (the first, if several)
+    role = gw.catalog.data_subject_roles[0]
+    subject = Principal(sub=user, role=role, euo=euo, kind=gw.catalog.roles[role])
+    row.reason = f"assisted_export:{purpose}"
+    return await _export(request, principal, subject, row, {
+        "by": {"role": principal.role, "sub": principal.sub, "euo": principal.euo},
+        "purpose": purpose, "purpose_meaning": purposes[purpose]})
+
+
+async def _export(request: web.Request, actor: Principal, subject: Principal, row: AuditRow,
+                  assisted: dict | None = None) -> web.StreamResponse:
     fmt = request.query.get("format", "zip")
     if fmt not in ("zip", "json"):
         raise Denied(400, "bad_format", "format must be zip or json")
-    exporter = Exporter(request, principal)
-    gathered = await exporter.gather(request.app[GATEWAY].export_sources)
-    document = export_document(exporter.gw, principal, gathered, request)
-    row.subject_euo, row.subject_users = principal.euo, [principal.sub]
-    row.data_sets = sorted({d for s in gathered.services.values() for d in s} |
-                           {d for a in gathered.attachments for d in a["data_sets"]})
+    row.subject_euo, row.subject_users = subject.euo, [subject.sub]
+    exporter = Exporter(request, actor, subject, row.reason, assisted=assisted is not None)
+    gw = exporter.gw
     if fmt == "json":
-        return json_response(document)
+        gathered = await exporter.gather(gw.export_sources.sources)
+        row.data_sets = _served(gathered)
+        return json_response(export_document(gw, subject, gathered, request, assisted))
+    if gw.streams >= gw.max_streams:        # the ZIP copies files: it takes a stream slot
+        raise Denied(503, "streams_busy", "too many files are being downloaded; try again shortly")
+    gw.streams += 1
+    try:
+        return await _zip(request, exporter, subject, row, assisted)
+    finally:
+        gw.streams -= 1
+
+
+def _served(gathered: Gathered) -> list[str]:
+    return sorted({d for s in gathered.services.values() for d in s} |
+                  {d for a in gathered.attachments for d in a["data_sets"]})
+
+
+async def _zip(request: web.Request, exporter: Exporter, subject: Principal, row: AuditRow,
+               assisted: dict | None) -> web.StreamResponse:
+    """Attachments stream into the archive first, export.json (which says what was not
+    held, a file deleted meanwhile included) last; the JSON parts were gathered before
+    anything was sent, so a failing backend there is an error status."""
+    gathered = await exporter.gather(exporter.gw.export_sources.sources)
+    row.data_sets = _served(gathered)
     await request[CALL].allow(200, 0)
     response = web.StreamResponse(headers={
         "Content-Type": "application/zip",
-        "Content-Disposition": f'attachment; filename="export-{_safe(principal.sub)}.zip"'})
+        "Content-Disposition": f'attachment; filename="export-{_safe(subject.sub)}.zip"'})
     await response.prepare(request)
     zipped = ZipStream()
     try:
+        for item in list(gathered.attachments):
+            try:
+                await exporter.stream_attachment(item["source"][4:], zipped, item["file"],
+                                                 response)
+            except Denied as d:
+                if d.code != "backend_not_found":
+                    raise
+                gathered.attachments.remove(item)     # listed, then deleted before we got it
+                gathered.not_held.append({"source": item["source"], "data_sets": item["data_sets"],
+                                          "reason": d.code, "meaning": NOT_HELD})
+        document = export_document(exporter.gw, subject, gathered, request, assisted)
         with zipped.open("export.json", compress=True) as member:
             member.write(orjson.dumps(document, option=orjson.OPT_INDENT_2))
         await response.write(zipped.take())
-        for item in gathered.attachments:
-            await exporter.stream_attachment(item["source"][4:], zipped, item["file"], response)
         await response.write(zipped.close())
     except (Denied, aiohttp.ClientError, TimeoutError) as e:
         # too late for an error status: cut the connection before the ZIP directory, so
@@ -321,3 +588,4 @@ async def export(request: web.Request, principal: Principal, row: AuditRow):
 
 def add_routes(app: web.Application) -> None:
     app.router.add_get("/v1/me/export", export)
+    app.router.add_get("/v1/euos/{euo}/users/{user}/export", assisted_export)
