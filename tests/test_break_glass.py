@@ -159,7 +159,8 @@ def test_break_glass_can_never_unlock_a_hidden_data_set(policy_dir):
 
 
 @pytest.mark.parametrize(("change", "message"), [
-    (("    gateway_api: [audit, requests]\n", "    gateway_api: [audit, requests]\n"
+    (("    gateway_api: [audit, requests, assisted_export]\n",
+      "    gateway_api: [audit, requests, assisted_export]\n"
       "    break_glass: true\n"), "not an EUO's own people"),
     (("break_glass:\n  max_minutes: 240\n", ""), "max_minutes: N}` is not set"),
     (("  max_minutes: 240\n", "  max_minutes: 99999\n"), "max_minutes must be 1 to 10080"),

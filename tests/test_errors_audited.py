@@ -68,8 +68,10 @@ async def test_an_export_failing_on_a_backend_item_is_audited_as_an_error(
     def script(request):
         if request.path.endswith("/voicemails"):
             return {"voicemails": [{"caller": "+32", "received_at": "2026-01-01T00:00:00Z"}]}
-        if request.path.endswith("/personal-directory"):
+        if request.path.endswith(("/personal-directory", "/directory")):
             return {"entries": []}
+        if request.path == "/euos/euo-acme":
+            return {"id": "euo-acme", "name": "Acme"}
         return {"id": "u-alice", "euo_id": "euo-acme", "first_name": "Alice"}
     backend.answer(script)
     status, headers, body = await call(http, "GET", gw + "/v1/me/export?format=json",

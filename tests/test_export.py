@@ -18,6 +18,7 @@ from gateway.catalog import PolicyError, load_catalog
 from gateway.demo.run import start_site
 from gateway.export.handler import foreign, strip
 from gateway.policyset import load_policy_set
+from gateway.roles import RoleError, load_roles
 
 from .conftest import POLICY_DIR, call, gateway_settings, running_gateway, wait_for
 
@@ -500,3 +501,16 @@ async def test_the_zip_export_takes_a_stream_slot(backends, database_url, http, 
         assert (status, orjson.loads(body)["error"]["code"]) == (503, "streams_busy")
         assert (await call(http, "GET", gw + "/v1/me/export?format=json",
                            token_for("alice")))[0] == 200
+
+
+@pytest.mark.parametrize(("claim", "subject"), [(None, False), ("partner", False), ("euo", True)])
+def test_only_an_euo_admin_role_may_hold_the_assisted_export(claim, subject):
+    """roles.yaml refuses assisted_export for the Provider's and Partners' roles and for
+    data subjects: only an EUO's administrators may export for one of its users."""
+    spec = {"tenant_claim": claim, "gateway_api": ["assisted_export"], "data_subject": subject,
+            "column": {None: "provider_staff", "partner": "partner", "euo": "user"}[claim]}
+    if claim is None:
+        spec["organisation"] = "Provider"
+    with pytest.raises(RoleError, match="assisted_export"):
+        load_roles({"roles": {"helper": spec, "user": {"tenant_claim": "euo",
+                                                       "data_subject": True}}})
