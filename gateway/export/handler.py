@@ -24,6 +24,7 @@ from ..pipeline import GATEWAY, Gateway
 from ..principal import Principal
 from ..proxy import CHUNK
 from ..redact import now_utc
+from ..roles import REACH
 from .zipstream import ZipStream
 
 FORMAT = "partner-gateway-export/1"
@@ -115,8 +116,9 @@ class Exporter:
 
     `actor` receives the archive and is the actor of every row: the user themself, or the
     EUO admin of an assisted export, whose rows also carry `reason` (the purpose). In an
-    assisted export the data sets only their author may ever receive (private notes, a
-    floor) are taken out before the row is committed, so the rows say what the admin got."""
+    assisted export the data sets the admin may not read of this user through the API
+    (personal communications, private notes: their own policy lines decide) are taken out
+    before the row is committed, so the rows say what the admin got."""
 
     def __init__(self, request: web.Request, actor: Principal, subject: Principal,
                  reason: str | None = None, assisted: bool = False):
@@ -127,9 +129,12 @@ class Exporter:
         self.fill = {"euo": identifier(subject.euo, "the user's EUO"),
                      "user": identifier(subject.sub, "the user")}
         catalog = self.gw.catalog
-        self.withhold = frozenset(
-            name for name, ds in catalog.data_sets.items() if ds.subject == "author"
-        ) if assisted else frozenset()
+        # an assisted export gives the admin no more than their own policy lines give them
+        # over this user's data through the API (never private notes: a floor); the rest is
+        # listed as withheld, for the user to export themself
+        reach = frozenset({REACH[actor.kind.tenant_claim]})
+        self.withhold = frozenset(catalog.data_sets) - self.gw.policy.granted(
+            actor.role, reach, "read") if assisted else frozenset()
         self.readable = self.gw.policy.granted(subject.role, subject.kind.relations, "read")
 
     def _call(self, path: str) -> Call:
@@ -146,14 +151,16 @@ class Exporter:
                                        deadline)
         return target, upstream, deadline
 
-    async def get_json(self, path: str, out: Gathered | None = None) -> tuple[Any, Node]:
+    async def get_json(self, path: str, out: Gathered | None = None) -> tuple[Any, Node, Any]:
         """A redacted document bound to the user, its row committed; Denied on any
-        failure (audited)."""
+        failure (audited). Also the document as the user would see it (an assisted export
+        follows its identifiers: the meetings and files the user's own listing names)."""
         call = self._call(path)
         try:
             target, upstream, deadline = await self._open(path, call)
             answer = await pipeline.read_json(self.gw, target, upstream, call, deadline)
             document, served, removed = answer.document, answer.served, answer.removed
+            full = document
             size = len(answer.body)
             shape = target.route.body
             if self.withhold:
@@ -176,7 +183,7 @@ class Exporter:
             denial = e if isinstance(e, Denied) else pipeline.internal(e, self.request_id)
             await call.record_refusal(denial)
             raise denial from None
-        return document, shape
+        return document, shape, full
 
     def _data_sets(self, *paths: str | None) -> list[str]:
         """The data sets the user may read that these (template) paths would have served."""
@@ -188,7 +195,7 @@ class Exporter:
         return sorted((found & self.readable) - self.withhold)
 
     async def _fetch(self, out: Gathered, path: str, optional: bool,
-                     covers: list[str]) -> tuple[Any, Node] | None:
+                     covers: list[str]) -> tuple[Any, Node, Any] | None:
         """get_json, once per path; a 404 of an optional source is recorded as not held."""
         out.fetched.add(path)
         try:
@@ -209,31 +216,37 @@ class Exporter:
                 source.get, att and att.get, source.follow and source.follow[1]))
             if fetched is None:
                 continue
-            document, shape = fetched
+            document, shape, full = fetched
             self._file(out, path, document, shape)
-            if source.follow and isinstance(document, dict):
+            if source.follow and isinstance(full, dict):
                 list_field, follow = source.follow
-                for item in _items(document, list_field):
+                for item in _items(full, list_field):
                     sub_path = follow.format(**self.fill, id=item["id"])
                     if sub_path in out.fetched:       # a meeting organised and attended
                         continue
                     # listed a moment ago, gone now (deleted meanwhile): not held, said so
                     sub = await self._fetch(out, sub_path, True, self._data_sets(follow))
                     if sub is not None:
-                        self._file(out, sub_path, *sub)
-            if att and isinstance(document, dict):
-                self._list_attachments(out, att, document)
+                        self._file(out, sub_path, *sub[:2])
+            if att and isinstance(full, dict):
+                self._list_attachments(out, att, full)
         return out
 
     def _file(self, out: Gathered, path: str, document: Any, shape: Node) -> None:
         service = path.strip("/").split("/")[0]
         for data_set, values in split_by_data_set(document, shape).items():
             for value in values:
+                if value == {}:         # nothing left of it (an assisted export's strip)
+                    continue
                 out.services[service][data_set].append({"source": f"GET {path}", "data": value})
 
     def _list_attachments(self, out: Gathered, spec: Attachments, document: dict) -> None:
         service = spec.get.strip("/").split("/")[0]
         route, _ = _route_of(self.gw.catalog, spec.get.format(**self.fill, id="x"))
+        if set(route.binary) & self.withhold:      # not the assisting admin's to receive
+            for ds in set(route.binary) & self.withhold:
+                out.withheld[ds].add("GET " + spec.get.format(**self.fill, id="{id}"))
+            return
         for item in _items(document, spec.list_field):
             item_id = item["id"]
             stem = "_".join(str(item.get(f, "")) for f in spec.name) or item_id
@@ -445,7 +458,8 @@ def _safe(name: str) -> str:
 
 
 def export_document(gw: Gateway, subject: Principal, gathered: Gathered,
-                    request: web.Request, assisted: dict[str, str] | None = None) -> dict[str, Any]:
+                    request: web.Request, assisted: dict[str, str] | None = None,
+                    exporter_withhold: frozenset[str] = frozenset()) -> dict[str, Any]:
     """export.json: the records by service and data set, each data set with what the
     catalog says of it and who may see it under the policy in force."""
     catalog = gw.catalog
@@ -467,13 +481,16 @@ def export_document(gw: Gateway, subject: Principal, gathered: Gathered,
         "not_held": gathered.not_held,
     }
     if assisted:
+        readable = gw.policy.granted(subject.role, subject.kind.relations, "read")
         document["withheld"] = [{
             "data_sets": [name], "sources": sorted(gathered.withheld.get(name, ())),
-            "reason": "author_only",
-            "meaning": f"only its author may ever receive {name} (a floor): not given to the "
-                       "administrator who made this export; the user exports it themself"}
-            for name in sorted(name for name, ds in catalog.data_sets.items()
-                               if ds.subject == "author")]
+            "reason": "author_only" if catalog.data_sets[name].subject == "author"
+            else "not_the_administrators",
+            "meaning": f"only its author may ever receive {name} (a floor)"
+            if catalog.data_sets[name].subject == "author" else
+            f"the administrator's own policy lines do not give them {name} of this user: "
+            "not given to the administrator who made this export; the user exports it themself"}
+            for name in sorted(readable & exporter_withhold)]
     return document
 
 
@@ -529,7 +546,8 @@ async def _export(request: web.Request, actor: Principal, subject: Principal, ro
     if fmt == "json":
         gathered = await exporter.gather(gw.export_sources.sources)
         row.data_sets = _served(gathered)
-        return json_response(export_document(gw, subject, gathered, request, assisted))
+        return json_response(export_document(gw, subject, gathered, request, assisted,
+                                                      exporter.withhold))
     if gw.streams >= gw.max_streams:        # the ZIP copies files: it takes a stream slot
         raise Denied(503, "streams_busy", "too many files are being downloaded; try again shortly")
     gw.streams += 1
@@ -568,7 +586,8 @@ async def _zip(request: web.Request, exporter: Exporter, subject: Principal, row
                 gathered.attachments.remove(item)     # listed, then deleted before we got it
                 gathered.not_held.append({"source": item["source"], "data_sets": item["data_sets"],
                                           "reason": d.code, "meaning": NOT_HELD})
-        document = export_document(exporter.gw, subject, gathered, request, assisted)
+        document = export_document(exporter.gw, subject, gathered, request, assisted,
+                                   exporter.withhold)
         with zipped.open("export.json", compress=True) as member:
             member.write(orjson.dumps(document, option=orjson.OPT_INDENT_2))
         await response.write(zipped.take())
