@@ -196,6 +196,38 @@ async def wait_for(predicate, timeout: float = 3.0):
 POLICY_DIR = Path(DEFAULT_POLICY_DIR)
 
 
+def pytest_terminal_summary(terminalreporter, exitstatus, config):
+    """The test order's seed, even under -q: `pytest --randomly-seed=N` repeats it."""
+    seed = getattr(config.option, "randomly_seed", None)
+    if seed is not None:
+        terminalreporter.write_line(f"test order: --randomly-seed={seed}")
+
+
+MIRRORS = {"contracts_unavailable", "restrictions_unavailable", "break_glass_unavailable"}
+
+
+@pytest_asyncio.fixture(autouse=True)
+async def _fresh_mirrors(request):
+    """Each test that uses a session gateway starts with its mirrors proven fresh: a test
+    before it (a synchronous one above all: the session's event loop does not run while it
+    does) may have held the loop past the staleness bound, and a stale mirror fails closed
+    with 503 — right for the gateway, noise for the next test."""
+    bases = []
+    for name in ("gateway", "hostile_gateway"):
+        if name in request.fixturenames:
+            value = request.getfixturevalue(name)
+            bases.append(value[0] if isinstance(value, tuple) else value)
+    if not bases:
+        return
+    http = request.getfixturevalue("http")
+    for base in bases:
+        async def fresh(base=base):
+            async with http.get(base + "/readyz") as r:
+                reasons = (await r.json()).get("reasons", ())
+            return not MIRRORS & set(reasons)
+        assert await wait_for(fresh, timeout=15), f"{base}: mirrors stay stale"
+
+
 @pytest.fixture
 def policy_dir(tmp_path) -> Path:
     """A writable copy of the shipped policies."""

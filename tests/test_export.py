@@ -20,7 +20,7 @@ from gateway.export.handler import foreign, strip
 from gateway.policyset import load_policy_set
 from gateway.roles import RoleError, load_roles
 
-from .conftest import POLICY_DIR, call, gateway_settings, running_gateway, wait_for
+from .conftest import POLICY_DIR, call, gateway_settings, running_gateway
 
 SESSION = web.AppKey("session", aiohttp.ClientSession)
 
@@ -44,21 +44,6 @@ BOB_MEETING = {"account_name", "company_name", "organizer_name", "organizer_emai
                "organizer_language", "address_book", "organizer_documents", "meeting_list",
                "private_notes", "chat_messages", "participant_name", "participant_email",
                "connection_statistics"}
-
-
-@pytest.fixture(autouse=True)
-async def _fresh_mirrors(request, http):
-    """Each test starts with the session gateway's mirrors proven fresh: a test before it
-    that started a gateway of its own may have held the event loop long enough for them to
-    go stale (retention then fails closed with 503)."""
-    if "gateway" in request.fixturenames:
-        base = request.getfixturevalue("gateway")
-
-        async def fresh():
-            _, _, body = await call(http, "GET", base + "/readyz")
-            reasons = orjson.loads(body).get("reasons", ())
-            return not {"contracts_unavailable", "restrictions_unavailable"} & set(reasons)
-        assert await wait_for(fresh, timeout=15)
 
 
 async def export_json(http, gateway, token):

@@ -25,7 +25,6 @@ from .conftest import (
     gateway_settings,
     running_gateway,
     serve_env,
-    wait_for,
 )
 
 MINUTE = timedelta(minutes=1)
@@ -38,22 +37,6 @@ def iso(t: datetime) -> str:
 
 def now() -> datetime:
     return datetime.now(UTC)
-
-
-@pytest.fixture(autouse=True)
-async def _fresh_mirrors(request, http):
-    """Each test starts with its gateway's contracts and restrictions mirrors proven fresh
-    (a test before it may have held the event loop long enough for them to go stale)."""
-    for name in ("gateway", "hostile_gateway"):
-        if name in request.fixturenames:
-            value = request.getfixturevalue(name)
-            base = value[0] if isinstance(value, tuple) else value
-
-            async def fresh(base=base):
-                _, _, body = await call(http, "GET", base + "/readyz")
-                reasons = orjson.loads(body).get("reasons", ())
-                return not {"contracts_unavailable", "restrictions_unavailable"} & set(reasons)
-            assert await wait_for(fresh, timeout=15)
 
 
 async def receipt(db, headers) -> dict | None:
