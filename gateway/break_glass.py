@@ -107,14 +107,42 @@ class BreakGlassCache(NotifiedCache):
             self.remember(record)
 
 
-def public(r: Any) -> dict[str, Any]:
-    return {"id": str(r["id"]), "role": r["actor_role"], "sub": r["actor_sub"],
+def public(r: Any, viewer: Principal) -> dict[str, Any]:
+    """A grant as this viewer may see it: as in the audit log, the people of another
+    organisation (provider staff above all) by role only, never by name."""
+    return {"id": str(r["id"]), "role": r["actor_role"],
+            "sub": r["actor_sub"] if _colleague(viewer, r["actor_role"], r["actor_partner"])
+            else None,
             "partner": r["actor_partner"], "euo": r["euo_id"], "user": r["user_sub"],
             "purpose": r["purpose"], "ticket": r["ticket"],
             "created_at": r["created_at"].isoformat(), "ends_at": r["ends_at"].isoformat(),
             "ended_at": r["ended_at"].isoformat() if r["ended_at"] else None,
-            "ended_by": r["ended_by"],
+            "ended_by": _ended_by(viewer, r),
             "in_force": r["ended_at"] is None and r["ends_at"] > datetime.now(UTC)}
+
+
+def _colleague(viewer: Principal, role: str, partner: str | None, euo: str | None = None) -> bool:
+    """Whether someone of this role (and partner, or EUO) is of the viewer's organisation;
+    the Provider's roles see everyone (gateway/audit/api.py, same rule)."""
+    claim = viewer.kind.tenant_claim
+    if claim is None:
+        return True
+    theirs = {"partner": partner, "euo": euo}[claim]
+    return role in viewer.kind.peers and theirs is not None and theirs == getattr(viewer, claim)
+
+
+def _ended_by(viewer: Principal, r: Any) -> str | None:
+    """`role:sub` of who ended the grant, or only the role when they are of another
+    organisation. An EUO's people end only grants over their own EUO; a partner's person is
+    known by organisation only when it is the grantee."""
+    by = r["ended_by"]
+    if by is None:
+        return None
+    role, _, sub = by.partition(":")
+    grantee = (role, sub) == (r["actor_role"], r["actor_sub"])
+    if _colleague(viewer, role, r["actor_partner"] if grantee else None, r["euo_id"]):
+        return by
+    return role
 
 
 @api("/v1/break-glass")
@@ -149,7 +177,7 @@ async def open_grant(request: web.Request, principal: Principal, row: AuditRow):
                                    ticket, ends_at)
     record = await request[CALL].allow(201, 0, change=change)
     gw.break_glass.remember(record)
-    return json_response(public(record), status=201)
+    return json_response(public(record, principal), status=201)
 
 
 @api("/v1/break-glass/{id}")
@@ -173,7 +201,7 @@ async def end_grant(request: web.Request, principal: Principal, row: AuditRow):
         return await conn.fetchrow(query("break_glass_end"), gid, by)
     record = await request[CALL].allow(200, 0, change=change) or current
     gw.break_glass.remember(record)
-    return json_response(public(record))
+    return json_response(public(record, principal))
 
 
 def _may_end(gw, principal: Principal, grant: Any) -> bool:
@@ -192,8 +220,8 @@ def _covers(gw, principal: Principal, euo: str) -> bool:
 
 @api("/v1/break-glass", "audit")
 async def list_grants(request: web.Request, principal: Principal, row: AuditRow):
-    """The grants over EUOs in the caller's audit scope, newest first (a partner: the EUOs
-    it holds an active contract with; an EUO admin: its EUO)."""
+    """The grants over EUOs in the caller's audit scope, newest first (a partner: its own,
+    and those in force over an EUO while it held it; an EUO admin: its EUO)."""
     euo = request.query.get("euo")
     if euo is not None:
         identifier(euo, "euo")
@@ -207,7 +235,7 @@ async def list_grants(request: web.Request, principal: Principal, row: AuditRow)
     for r in rows:
         users_by_euo.setdefault(r["euo_id"], set()).update([r["user_sub"]] if r["user_sub"] else [])
     request[CALL].about_each(users_by_euo)
-    return json_response({"grants": [public(r) for r in rows]})
+    return json_response({"grants": [public(r, principal) for r in rows]})
 
 
 def add_routes(app: web.Application) -> None:

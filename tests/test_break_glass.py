@@ -181,3 +181,57 @@ def test_a_line_for_break_glass_needs_a_role_that_may_open_grants(policy_dir):
         f.write("p, partner, break_glass, user_name, read\n")
     with pytest.raises(PolicyError, match="partner can never hold relation 'break_glass'"):
         load_policy(policy_dir, load_catalog(policy_dir))
+
+
+# Who may see whom in a grant: as in the audit log, an organisation sees its own people by
+# name and everyone else by role and organisation only.
+NAME_SEEN_BY = {"staff": True, "partner": False, "admin": False, "other_staff": True}
+
+
+async def test_a_grant_names_the_grantee_only_to_their_own_organisation(gateway, http,
+                                                                          token_for):
+    sub = f"staff-{uuid.uuid4().hex[:6]}"
+    staff = token_for(role="provider_staff", sub=sub)
+    status, _, body = await _open(http, gateway, staff)
+    assert status == 201 and orjson.loads(body)["sub"] == sub       # the grantee's own
+    gid = orjson.loads(body)["id"]
+    viewers = {"staff": staff, "partner": token_for("partner"), "admin": token_for("admin"),
+               "other_staff": token_for("staff")}
+    for name, token in viewers.items():
+        _, _, body = await call(http, "GET", gateway + "/v1/break-glass", token)
+        [grant] = [g for g in orjson.loads(body)["grants"] if g["id"] == gid]
+        assert grant["role"] == "provider_staff"
+        assert (grant["sub"] == sub) is NAME_SEEN_BY[name], (name, grant)
+        assert grant["sub"] in (sub, None)
+    # the admin ends it: the answer does not name the grantee either
+    status, _, body = await call(http, "DELETE", f"{gateway}/v1/break-glass/{gid}",
+                                 token_for("admin"))
+    assert status == 200 and orjson.loads(body)["sub"] is None
+    assert orjson.loads(body)["ended_by"] == "euo_admin:admin@acme"    # their own name
+    # who ended it: by name to the ender's organisation (and the Provider), else by role
+    for name, token in viewers.items():
+        _, _, body = await call(http, "GET", gateway + "/v1/break-glass", token)
+        [grant] = [g for g in orjson.loads(body)["grants"] if g["id"] == gid]
+        assert grant["ended_by"] == ("euo_admin" if name == "partner"
+                                     else "euo_admin:admin@acme"), (name, grant)
+
+
+@pytest.mark.parametrize("viewer", ["staff", "partner", "admin", "alice_admin_of_globex"])
+async def test_a_grant_names_its_grantee_exactly_where_the_audit_log_does(gateway, http,
+                                                                         token_for, viewer):
+    """The grant's `sub` is shown to a viewer exactly when the audit row that opened it
+    shows its actor_sub to that viewer (or neither is in the viewer's scope)."""
+    sub = f"staff-{uuid.uuid4().hex[:6]}"
+    staff = token_for(role="provider_staff", sub=sub)
+    status, _, body = await _open(http, gateway, staff)
+    gid = orjson.loads(body)["id"]
+    token = (token_for(role="euo_admin", sub="boss@globex", euo="euo-globex")
+             if viewer == "alice_admin_of_globex" else token_for(viewer))
+    _, _, body = await call(http, "GET", gateway + "/v1/break-glass", token)
+    grants = [g for g in orjson.loads(body)["grants"] if g["id"] == gid]
+    _, _, body = await call(http, "GET", gateway + "/v1/audit?limit=1000&euo=euo-acme", token)
+    rows = [r for r in orjson.loads(body)["rows"] if r["break_glass"] == gid
+            and r["method"] == "POST"]
+    assert len(grants) == len(rows) <= 1
+    if rows:
+        assert grants[0]["sub"] == rows[0]["actor_sub"] and grants[0]["sub"] in (sub, None)
