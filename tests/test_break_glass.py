@@ -216,6 +216,41 @@ async def test_a_grant_names_the_grantee_only_to_their_own_organisation(gateway,
                                      else "euo_admin:admin@acme"), (name, grant)
 
 
+async def test_a_partner_lists_the_grants_over_the_euos_it_held_while_it_held_them(
+        gateway, http, token_for):
+    """The grants a partner lists follow its audit scope: an EUO it took over shows no
+    grant that ended before, an EUO it lost still shows those of its time."""
+    staff = token_for(role="provider_staff", sub=f"staff-{uuid.uuid4().hex[:6]}")
+    northwind, bluesky = token_for("partner"), token_for(
+        role="partner", sub="bea@bluesky", partner="p-bluesky")
+    euo = f"euo-bg-{uuid.uuid4().hex[:8]}"
+    admin_euo = f"{gateway}/v1/admin/euos/{euo}"
+
+    async def listed(token):
+        _, _, body = await call(http, "GET", gateway + "/v1/break-glass", token)
+        return {g["id"] for g in orjson.loads(body)["grants"]}
+    assert (await call(http, "PUT", admin_euo, staff, json={"partner_id": "p-bluesky"}))[0] == 200
+    try:
+        status, _, body = await _open(http, gateway, staff, euo=euo, user=None)
+        assert status == 201
+        before = orjson.loads(body)["id"]
+        assert (await call(http, "DELETE", f"{gateway}/v1/break-glass/{before}", staff))[0] == 200
+        assert before in await listed(bluesky)
+        status, _, body = await _open(http, gateway, staff, euo=euo, user=None)
+        across = orjson.loads(body)["id"]           # still in force when the EUO changes hands
+        status, _, _ = await call(http, "PUT", admin_euo, staff, json={"partner_id": "p-northwind"})
+        assert status == 200
+        status, _, body = await _open(http, gateway, staff, euo=euo, user=None)
+        after = orjson.loads(body)["id"]
+        assert before not in await listed(northwind)      # ended before it held the EUO
+        assert after in await listed(northwind)
+        assert before in await listed(bluesky)            # of its time
+        assert after not in await listed(bluesky)
+        assert across in await listed(northwind) and across in await listed(bluesky)
+    finally:
+        await call(http, "DELETE", admin_euo, staff)
+
+
 @pytest.mark.parametrize("viewer", ["staff", "partner", "admin", "alice_admin_of_globex"])
 async def test_a_grant_names_its_grantee_exactly_where_the_audit_log_does(gateway, http,
                                                                          token_for, viewer):
