@@ -58,6 +58,10 @@ class BreakGlassCache(NotifiedCache):
     def __init__(self, pool: asyncpg.Pool, dsn: str, staleness_s: float = STALENESS_S):
         super().__init__(pool, dsn, staleness_s)
         self._by_caller: dict[tuple[str, str, str | None], dict[str, Grant]] = {}
+        # grants ended early, until their planned end: a record read before the end and
+        # remembered after it (a notification's reload overtaken, an answer under way)
+        # must not put one back in force; an end is final
+        self._ended: dict[str, float] = {}
 
     def grant_for(self, principal: Principal, euo: str, user: str | None) -> Grant | None:
         """The grant in force that covers this caller's request to this EUO (and user)."""
@@ -77,7 +81,12 @@ class BreakGlassCache(NotifiedCache):
         others hear of it by NOTIFY."""
         key = _caller(record["actor_role"], record["actor_sub"], record["actor_partner"])
         gid = str(record["id"])
-        in_force = record["ended_at"] is None and record["ends_at"] > datetime.now(UTC)
+        now = time.time()
+        if record["ended_at"] is not None:
+            self._ended = {g: t for g, t in self._ended.items() if t > now}
+            self._ended[gid] = record["ends_at"].timestamp()
+        in_force = (record["ended_at"] is None and record["ends_at"].timestamp() > now
+                    and gid not in self._ended)
         grants = self._by_caller.get(key, {})
         if in_force:
             grants[gid] = Grant(gid, record["euo_id"], record["user_sub"],
@@ -198,8 +207,11 @@ async def end_grant(request: web.Request, principal: Principal, row: AuditRow):
     by = f"{principal.role}:{principal.sub}"
 
     async def change(conn):
-        return await conn.fetchrow(query("break_glass_end"), gid, by)
-    record = await request[CALL].allow(200, 0, change=change) or current
+        # ended already (by someone else a moment ago, or on time): answer it as it is now,
+        # never as it was read before the end (it would go back in force in the mirror)
+        return (await conn.fetchrow(query("break_glass_end"), gid, by)
+                or await conn.fetchrow(query("break_glass_get"), gid))
+    record = await request[CALL].allow(200, 0, change=change)
     gw.break_glass.remember(record)
     return json_response(public(record, principal))
 

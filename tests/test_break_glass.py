@@ -4,6 +4,7 @@ EUO admin's list and the touched user's access log, ends early on DELETE and on 
 
 from __future__ import annotations
 
+import asyncio
 import uuid
 
 import orjson
@@ -270,3 +271,36 @@ async def test_a_grant_names_its_grantee_exactly_where_the_audit_log_does(gatewa
     assert len(grants) == len(rows) <= 1
     if rows:
         assert grants[0]["sub"] == rows[0]["actor_sub"] and grants[0]["sub"] in (sub, None)
+
+
+async def test_a_grant_ended_by_two_at_once_stays_ended(gateway, http, token_for, db):
+    """A DELETE that loses the race with another end answers the grant as ended and does not
+    put it back in force in its process's mirror."""
+    staff = token_for(role="provider_staff", sub=f"staff-{uuid.uuid4().hex[:6]}")
+    status, _, body = await _open(http, gateway, staff)
+    gid = orjson.loads(body)["id"]
+    assert (await _same_language(http, gateway, staff))[0] == 200
+    async with db.acquire() as other:
+        tx = other.transaction()
+        await tx.start()
+        # the other ender: holds the grant's row until the gateway's DELETE waits for it
+        await other.execute("update break_glass set ended_at = now(), ended_by = 'other:ender' "
+                            "where id = $1", uuid.UUID(gid))
+        deleting = asyncio.ensure_future(
+            call(http, "DELETE", f"{gateway}/v1/break-glass/{gid}", staff))
+
+        async def waiting():
+            return await db.fetchval(
+                "select count(*) from pg_stat_activity where wait_event_type = 'Lock' "
+                "and query like '%update break_glass set ended_at%'")
+        assert await wait_for(waiting, timeout=10)
+        await tx.commit()
+    status, _, body = await deleting
+    grant = orjson.loads(body)
+    assert status == 200 and not grant["in_force"] and grant["ended_by"] == "other:ender"
+
+    async def refused():
+        return (await _same_language(http, gateway, staff))[0] == 403
+    assert await wait_for(refused, timeout=5)
+    # and stays refused once every notification has been heard
+    assert all([(await _same_language(http, gateway, staff))[0] == 403 for _ in range(5)])
