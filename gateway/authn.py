@@ -17,12 +17,14 @@ from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from cryptography.hazmat.primitives.serialization import load_pem_public_key
 
 from .errors import Denied
+from .grammar import IDENTIFIER
 from .principal import Principal
 from .roles import Role
 from .settings import ConfigError, Settings
 
 LEEWAY_S = 10
 CACHE_MAX = 100_000
+MAX_SUB = 256      # as the audit API's actor filter
 
 _REASONS = [  # most specific first: several are subclasses of others
     (jwt.ExpiredSignatureError, "token_expired", "the token has expired"),
@@ -158,6 +160,10 @@ def _principal(claims: dict, roles: dict[str, Role]) -> Principal:
     sub = claims.get("sub")
     if not isinstance(sub, str) or not sub:
         raise _unauthorized("missing_claim", "the token has no subject (sub)")
+    # the claims go into the audit row: a value it cannot store (a NUL, a lone surrogate)
+    # would fail the batch of every caller it shares, so each is checked against a grammar
+    if len(sub) > MAX_SUB or not sub.isprintable():
+        raise _unauthorized("bad_claim", f"sub must be at most {MAX_SUB} printable characters")
     tenant = role.tenant_claim
     values = {"partner": None, "euo": None}
     if tenant is not None:
@@ -165,6 +171,9 @@ def _principal(claims: dict, roles: dict[str, Role]) -> Principal:
         if not isinstance(value, str) or not value:
             raise _unauthorized("missing_tenant_claim",
                                 f"a {name} token must carry the {tenant!r} claim")
+        if not IDENTIFIER.fullmatch(value) or value in (".", ".."):
+            raise _unauthorized("bad_claim", f"the {tenant!r} claim must be 1-128 characters "
+                                "of A-Z a-z 0-9 . _ ~ @ : -")
         values[tenant] = value
     return Principal(sub=sub, role=name, exp=float(claims["exp"]), kind=role, **values)
 

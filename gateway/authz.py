@@ -16,6 +16,7 @@ import casbin
 from .catalog import ACTIONS, RELATIONS, Catalog, PolicyError
 from .errors import Denied
 from .principal import Principal
+from .roles import SUBJECT_RELATIONS
 
 
 class Policy:
@@ -78,7 +79,10 @@ class Policy:
                 if ds.subject == "author" and rel != "author" and not (
                         role.data_subject and rel == "self" and act == "delete"):
                     problems.append(f"{name} may {act} {ds_name} as {rel}: only its author may")
-                if role.data_subject and rel == "same_euo" and ds.subject in ("user", "meeting"):
+                # a data subject, or any role held to the user's column: someone else's
+                # personal data only as its subject (self, organizer), never by reach
+                if (role.data_subject or role.column == "user") and \
+                        rel not in SUBJECT_RELATIONS and ds.subject in ("user", "meeting"):
                     problems.append(f"a {name} may {act} another user's {ds_name}")
                 if rel == "organizer" and ds.subject != "meeting":
                     problems.append(f"a meeting organizer may {act} {ds_name}, not meeting data")

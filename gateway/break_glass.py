@@ -58,6 +58,10 @@ class BreakGlassCache(NotifiedCache):
     def __init__(self, pool: asyncpg.Pool, dsn: str, staleness_s: float = STALENESS_S):
         super().__init__(pool, dsn, staleness_s)
         self._by_caller: dict[tuple[str, str, str | None], dict[str, Grant]] = {}
+        # grants ended early, until their planned end: a record read before the end and
+        # remembered after it (a notification's reload overtaken, an answer under way)
+        # must not put one back in force; an end is final
+        self._ended: dict[str, float] = {}
 
     def grant_for(self, principal: Principal, euo: str, user: str | None) -> Grant | None:
         """The grant in force that covers this caller's request to this EUO (and user)."""
@@ -77,7 +81,12 @@ class BreakGlassCache(NotifiedCache):
         others hear of it by NOTIFY."""
         key = _caller(record["actor_role"], record["actor_sub"], record["actor_partner"])
         gid = str(record["id"])
-        in_force = record["ended_at"] is None and record["ends_at"] > datetime.now(UTC)
+        now = time.time()
+        if record["ended_at"] is not None:
+            self._ended = {g: t for g, t in self._ended.items() if t > now}
+            self._ended[gid] = record["ends_at"].timestamp()
+        in_force = (record["ended_at"] is None and record["ends_at"].timestamp() > now
+                    and gid not in self._ended)
         grants = self._by_caller.get(key, {})
         if in_force:
             grants[gid] = Grant(gid, record["euo_id"], record["user_sub"],
@@ -107,14 +116,42 @@ class BreakGlassCache(NotifiedCache):
             self.remember(record)
 
 
-def public(r: Any) -> dict[str, Any]:
-    return {"id": str(r["id"]), "role": r["actor_role"], "sub": r["actor_sub"],
+def public(r: Any, viewer: Principal) -> dict[str, Any]:
+    """A grant as this viewer may see it: as in the audit log, the people of another
+    organisation (provider staff above all) by role only, never by name."""
+    return {"id": str(r["id"]), "role": r["actor_role"],
+            "sub": r["actor_sub"] if _colleague(viewer, r["actor_role"], r["actor_partner"])
+            else None,
             "partner": r["actor_partner"], "euo": r["euo_id"], "user": r["user_sub"],
             "purpose": r["purpose"], "ticket": r["ticket"],
             "created_at": r["created_at"].isoformat(), "ends_at": r["ends_at"].isoformat(),
             "ended_at": r["ended_at"].isoformat() if r["ended_at"] else None,
-            "ended_by": r["ended_by"],
+            "ended_by": _ended_by(viewer, r),
             "in_force": r["ended_at"] is None and r["ends_at"] > datetime.now(UTC)}
+
+
+def _colleague(viewer: Principal, role: str, partner: str | None, euo: str | None = None) -> bool:
+    """Whether someone of this role (and partner, or EUO) is of the viewer's organisation;
+    the Provider's roles see everyone (gateway/audit/api.py, same rule)."""
+    claim = viewer.kind.tenant_claim
+    if claim is None:
+        return True
+    theirs = {"partner": partner, "euo": euo}[claim]
+    return role in viewer.kind.peers and theirs is not None and theirs == getattr(viewer, claim)
+
+
+def _ended_by(viewer: Principal, r: Any) -> str | None:
+    """`role:sub` of who ended the grant, or only the role when they are of another
+    organisation. An EUO's people end only grants over their own EUO; a partner's person is
+    known by organisation only when it is the grantee."""
+    by = r["ended_by"]
+    if by is None:
+        return None
+    role, _, sub = by.partition(":")
+    grantee = (role, sub) == (r["actor_role"], r["actor_sub"])
+    if _colleague(viewer, role, r["actor_partner"] if grantee else None, r["euo_id"]):
+        return by
+    return role
 
 
 @api("/v1/break-glass")
@@ -149,7 +186,7 @@ async def open_grant(request: web.Request, principal: Principal, row: AuditRow):
                                    ticket, ends_at)
     record = await request[CALL].allow(201, 0, change=change)
     gw.break_glass.remember(record)
-    return json_response(public(record), status=201)
+    return json_response(public(record, principal), status=201)
 
 
 @api("/v1/break-glass/{id}")
@@ -170,10 +207,13 @@ async def end_grant(request: web.Request, principal: Principal, row: AuditRow):
     by = f"{principal.role}:{principal.sub}"
 
     async def change(conn):
-        return await conn.fetchrow(query("break_glass_end"), gid, by)
-    record = await request[CALL].allow(200, 0, change=change) or current
+        # ended already (by someone else a moment ago, or on time): answer it as it is now,
+        # never as it was read before the end (it would go back in force in the mirror)
+        return (await conn.fetchrow(query("break_glass_end"), gid, by)
+                or await conn.fetchrow(query("break_glass_get"), gid))
+    record = await request[CALL].allow(200, 0, change=change)
     gw.break_glass.remember(record)
-    return json_response(public(record))
+    return json_response(public(record, principal))
 
 
 def _may_end(gw, principal: Principal, grant: Any) -> bool:
@@ -192,8 +232,8 @@ def _covers(gw, principal: Principal, euo: str) -> bool:
 
 @api("/v1/break-glass", "audit")
 async def list_grants(request: web.Request, principal: Principal, row: AuditRow):
-    """The grants over EUOs in the caller's audit scope, newest first (a partner: the EUOs
-    it holds an active contract with; an EUO admin: its EUO)."""
+    """The grants over EUOs in the caller's audit scope, newest first (a partner: its own,
+    and those in force over an EUO while it held it; an EUO admin: its EUO)."""
     euo = request.query.get("euo")
     if euo is not None:
         identifier(euo, "euo")
@@ -207,7 +247,7 @@ async def list_grants(request: web.Request, principal: Principal, row: AuditRow)
     for r in rows:
         users_by_euo.setdefault(r["euo_id"], set()).update([r["user_sub"]] if r["user_sub"] else [])
     request[CALL].about_each(users_by_euo)
-    return json_response({"grants": [public(r) for r in rows]})
+    return json_response({"grants": [public(r, principal) for r in rows]})
 
 
 def add_routes(app: web.Application) -> None:

@@ -48,6 +48,7 @@ REASONS: dict[str, tuple[int, str]] = {
     "wrong_issuer": (401, "the token comes from an unexpected issuer"),
     "missing_claim": (401, "the token lacks a required claim"),
     "missing_tenant_claim": (401, "the token lacks the tenant claim of its role"),
+    "bad_claim": (401, "sub or the tenant claim is outside its grammar"),
     "unknown_role": (401, "the token's role is not one the gateway knows"),
     # what they may see
     "role_not_permitted": (403, "this role may not call this endpoint"),

@@ -345,13 +345,17 @@ update break_glass set ended_at = now(), ended_by = $2
 returning *;
 
 -- name: break_glass_list
--- $1: an EUO admin's EUO (or an EUO asked for), $2: a partner (its EUOs under an active
--- contract); both null: every grant. Newest first.
+-- $1: an EUO admin's EUO (or an EUO asked for), $2: a partner: its own grants and those in
+-- force over an EUO at some time while it held it (its audit scope, contract_history); both
+-- null: every grant. Newest first.
 select * from break_glass g
  where ($1::text is null or g.euo_id = $1)
-   and ($2::text is null or g.euo_id in (
-        select c.euo_id from contracts c
-         where c.partner_id = $2 and (c.contract_end is null or c.contract_end > current_date)))
+   and ($2::text is null or g.actor_partner = $2 or exists (
+        select 1 from contract_history h
+         where h.partner_id = $2 and h.euo_id = g.euo_id
+           and h.started_at < coalesce(g.ended_at, g.ends_at)
+           and g.created_at < coalesce(least(h.ended_at, h.contract_end::timestamptz),
+                                       'infinity')))
  order by g.created_at desc, g.id
  limit 1000;
 

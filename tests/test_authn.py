@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import asyncio
 import base64
+import hashlib
+import hmac
 import json
 
 import jwt
@@ -11,10 +14,12 @@ import pytest
 from aiohttp import web
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from gateway.demo.run import start_site
 
-from .conftest import call, gateway_settings, make_token, running_gateway
+from .conftest import AUDIENCE, ISSUER, SECRET, call, gateway_settings, make_token, running_gateway
 
 PATH = "/telephony/euos/euo-acme"
 
@@ -140,3 +145,55 @@ def _jwk(private_key, kid: str, alg: str) -> dict:
     jwk = json.loads(algo.to_jwk(private_key.public_key()))
     jwk.update(kid=kid, alg=alg, use="sig")
     return jwk
+
+
+# Claims a token may carry but the gateway must not take at face value: the audit row
+# stores them, so a value PostgreSQL cannot store (a NUL, a lone surrogate) would fail the
+# whole batch its row is in, every other caller of that batch included.
+BAD_CLAIMS = [
+    ("NUL in the euo claim", dict(role="user", sub="u-alice", euo="euo-acme\x00")),
+    ("NUL in the sub", dict(role="user", sub="u-alice\x00", euo="euo-acme")),
+    ("lone surrogate in the sub", dict(role="provider_staff", sub="staff-\ud800")),
+    ("partner claim outside the grammar", dict(role="partner", sub="p", partner="p-north wind")),
+    ("euo claim of 129 characters", dict(role="euo_admin", sub="a", euo="e" * 129)),
+    ("euo claim ..", dict(role="euo_admin", sub="a", euo="..")),
+    ("bidi override in the sub", dict(role="provider_staff", sub="staff\u202esam")),
+    ("sub of 257 characters", dict(role="provider_staff", sub="s" * 257)),
+]
+
+
+def _token(claims: dict) -> str:
+    # pyjwt cannot encode a lone surrogate: sign the JSON ourselves
+    body = {"iss": ISSUER, "aud": AUDIENCE, "exp": 2**33} | claims
+    enc = lambda b: base64.urlsafe_b64encode(b).rstrip(b"=")  # noqa: E731
+    signing = enc(b'{"alg":"HS256","typ":"JWT"}') + b"." + enc(
+        json.dumps(body, ensure_ascii=True).encode())
+    return (signing + b"." + enc(hmac.new(SECRET.encode(), signing, hashlib.sha256).digest())).decode()
+
+
+@pytest.mark.parametrize("claims", [pytest.param(c, id=n) for n, c in BAD_CLAIMS])
+async def test_claims_outside_their_grammar_are_refused_and_cost_nobody_else(
+        gateway, http, token_for, claims):
+    """A claim outside its grammar is 401 bad_claim; callers whose rows would share its
+    audit batch are served as usual."""
+    good = token_for("staff")
+    answers = await asyncio.gather(*(
+        call(http, "GET", gateway + PATH, _token(claims) if i % 5 == 0 else good)
+        for i in range(25)))
+    refused = [(s, orjson.loads(b)["error"]["code"]) for i, (s, _, b) in enumerate(answers)
+               if i % 5 == 0]
+    assert refused == [(401, "bad_claim")] * 5
+    assert [s for i, (s, _, _) in enumerate(answers) if i % 5] == [200] * 20
+
+
+@pytest.mark.slow
+@settings(max_examples=300, deadline=None, derandomize=True,
+          suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(role=st.sampled_from(["provider_staff", "partner", "euo_admin", "user"]),
+       sub=st.text(min_size=1, max_size=300), tenant=st.text(min_size=1, max_size=140))
+async def test_any_claim_values_get_an_answer_never_a_failure(gateway, http, role, sub, tenant):
+    """Whatever text a signed token carries in sub and its tenant claim, the caller gets
+    an answer or a 4xx; the audit log never fails on it."""
+    claims = {"role": role, "sub": sub, "partner": tenant, "euo": tenant}
+    status, _, body = await call(http, "GET", gateway + PATH, _token(claims))
+    assert status < 500, (claims, body)

@@ -4,6 +4,7 @@ EUO admin's list and the touched user's access log, ends early on DELETE and on 
 
 from __future__ import annotations
 
+import asyncio
 import uuid
 
 import orjson
@@ -182,3 +183,125 @@ def test_a_line_for_break_glass_needs_a_role_that_may_open_grants(policy_dir):
         f.write("p, partner, break_glass, user_name, read\n")
     with pytest.raises(PolicyError, match="partner can never hold relation 'break_glass'"):
         load_policy(policy_dir, load_catalog(policy_dir))
+
+
+# Who may see whom in a grant: as in the audit log, an organisation sees its own people by
+# name and everyone else by role and organisation only.
+NAME_SEEN_BY = {"staff": True, "partner": False, "admin": False, "other_staff": True}
+
+
+async def test_a_grant_names_the_grantee_only_to_their_own_organisation(gateway, http,
+                                                                          token_for):
+    sub = f"staff-{uuid.uuid4().hex[:6]}"
+    staff = token_for(role="provider_staff", sub=sub)
+    status, _, body = await _open(http, gateway, staff)
+    assert status == 201 and orjson.loads(body)["sub"] == sub       # the grantee's own
+    gid = orjson.loads(body)["id"]
+    viewers = {"staff": staff, "partner": token_for("partner"), "admin": token_for("admin"),
+               "other_staff": token_for("staff")}
+    for name, token in viewers.items():
+        _, _, body = await call(http, "GET", gateway + "/v1/break-glass", token)
+        [grant] = [g for g in orjson.loads(body)["grants"] if g["id"] == gid]
+        assert grant["role"] == "provider_staff"
+        assert (grant["sub"] == sub) is NAME_SEEN_BY[name], (name, grant)
+        assert grant["sub"] in (sub, None)
+    # the admin ends it: the answer does not name the grantee either
+    status, _, body = await call(http, "DELETE", f"{gateway}/v1/break-glass/{gid}",
+                                 token_for("admin"))
+    assert status == 200 and orjson.loads(body)["sub"] is None
+    assert orjson.loads(body)["ended_by"] == "euo_admin:admin@acme"    # their own name
+    # who ended it: by name to the ender's organisation (and the Provider), else by role
+    for name, token in viewers.items():
+        _, _, body = await call(http, "GET", gateway + "/v1/break-glass", token)
+        [grant] = [g for g in orjson.loads(body)["grants"] if g["id"] == gid]
+        assert grant["ended_by"] == ("euo_admin" if name == "partner"
+                                     else "euo_admin:admin@acme"), (name, grant)
+
+
+async def test_a_partner_lists_the_grants_over_the_euos_it_held_while_it_held_them(
+        gateway, http, token_for):
+    """The grants a partner lists follow its audit scope: an EUO it took over shows no
+    grant that ended before, an EUO it lost still shows those of its time."""
+    staff = token_for(role="provider_staff", sub=f"staff-{uuid.uuid4().hex[:6]}")
+    northwind, bluesky = token_for("partner"), token_for(
+        role="partner", sub="bea@bluesky", partner="p-bluesky")
+    euo = f"euo-bg-{uuid.uuid4().hex[:8]}"
+    admin_euo = f"{gateway}/v1/admin/euos/{euo}"
+
+    async def listed(token):
+        _, _, body = await call(http, "GET", gateway + "/v1/break-glass", token)
+        return {g["id"] for g in orjson.loads(body)["grants"]}
+    assert (await call(http, "PUT", admin_euo, staff, json={"partner_id": "p-bluesky"}))[0] == 200
+    try:
+        status, _, body = await _open(http, gateway, staff, euo=euo, user=None)
+        assert status == 201
+        before = orjson.loads(body)["id"]
+        assert (await call(http, "DELETE", f"{gateway}/v1/break-glass/{before}", staff))[0] == 200
+        assert before in await listed(bluesky)
+        status, _, body = await _open(http, gateway, staff, euo=euo, user=None)
+        across = orjson.loads(body)["id"]           # still in force when the EUO changes hands
+        status, _, _ = await call(http, "PUT", admin_euo, staff, json={"partner_id": "p-northwind"})
+        assert status == 200
+        status, _, body = await _open(http, gateway, staff, euo=euo, user=None)
+        after = orjson.loads(body)["id"]
+        assert before not in await listed(northwind)      # ended before it held the EUO
+        assert after in await listed(northwind)
+        assert before in await listed(bluesky)            # of its time
+        assert after not in await listed(bluesky)
+        assert across in await listed(northwind) and across in await listed(bluesky)
+    finally:
+        await call(http, "DELETE", admin_euo, staff)
+
+
+@pytest.mark.parametrize("viewer", ["staff", "partner", "admin", "alice_admin_of_globex"])
+async def test_a_grant_names_its_grantee_exactly_where_the_audit_log_does(gateway, http,
+                                                                         token_for, viewer):
+    """The grant's `sub` is shown to a viewer exactly when the audit row that opened it
+    shows its actor_sub to that viewer (or neither is in the viewer's scope)."""
+    sub = f"staff-{uuid.uuid4().hex[:6]}"
+    staff = token_for(role="provider_staff", sub=sub)
+    status, _, body = await _open(http, gateway, staff)
+    gid = orjson.loads(body)["id"]
+    token = (token_for(role="euo_admin", sub="boss@globex", euo="euo-globex")
+             if viewer == "alice_admin_of_globex" else token_for(viewer))
+    _, _, body = await call(http, "GET", gateway + "/v1/break-glass", token)
+    grants = [g for g in orjson.loads(body)["grants"] if g["id"] == gid]
+    _, _, body = await call(http, "GET", gateway + "/v1/audit?limit=1000&euo=euo-acme", token)
+    rows = [r for r in orjson.loads(body)["rows"] if r["break_glass"] == gid
+            and r["method"] == "POST"]
+    assert len(grants) == len(rows) <= 1
+    if rows:
+        assert grants[0]["sub"] == rows[0]["actor_sub"] and grants[0]["sub"] in (sub, None)
+
+
+async def test_a_grant_ended_by_two_at_once_stays_ended(gateway, http, token_for, db):
+    """A DELETE that loses the race with another end answers the grant as ended and does not
+    put it back in force in its process's mirror."""
+    staff = token_for(role="provider_staff", sub=f"staff-{uuid.uuid4().hex[:6]}")
+    status, _, body = await _open(http, gateway, staff)
+    gid = orjson.loads(body)["id"]
+    assert (await _same_language(http, gateway, staff))[0] == 200
+    async with db.acquire() as other:
+        tx = other.transaction()
+        await tx.start()
+        # the other ender: holds the grant's row until the gateway's DELETE waits for it
+        await other.execute("update break_glass set ended_at = now(), ended_by = 'other:ender' "
+                            "where id = $1", uuid.UUID(gid))
+        deleting = asyncio.ensure_future(
+            call(http, "DELETE", f"{gateway}/v1/break-glass/{gid}", staff))
+
+        async def waiting():
+            return await db.fetchval(
+                "select count(*) from pg_stat_activity where wait_event_type = 'Lock' "
+                "and query like '%update break_glass set ended_at%'")
+        assert await wait_for(waiting, timeout=10)
+        await tx.commit()
+    status, _, body = await deleting
+    grant = orjson.loads(body)
+    assert status == 200 and not grant["in_force"] and grant["ended_by"] == "other:ender"
+
+    async def refused():
+        return (await _same_language(http, gateway, staff))[0] == 403
+    assert await wait_for(refused, timeout=5)
+    # and stays refused once every notification has been heard
+    assert all([(await _same_language(http, gateway, staff))[0] == 403 for _ in range(5)])

@@ -8,15 +8,20 @@ import os
 import shutil
 import subprocess
 import sys
+import uuid
 
 import jwt
 import orjson
 import pytest
+import yaml
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from gateway.app import create_app, reload_policy
 from gateway.authz import load_policy
-from gateway.catalog import PolicyError, load_catalog
+from gateway.catalog import ACTIONS, RELATIONS, PolicyError, load_catalog
 from gateway.demo.run import seed_contracts, start_site
+from gateway.roles import COLUMNS, COLUMNS_OF_CLAIM
 
 from .conftest import POLICY_DIR, call, gateway_settings, wait_for
 
@@ -198,3 +203,78 @@ def test_gateway_token_mints_any_role_of_the_policy(policy_dir, tmp_path):
     assert done.returncode == 2 and "needs --partner" in done.stderr
     done = token("--role", "auditor", "--sub", "audrey")
     assert done.returncode == 2 and "unknown role 'auditor'" in done.stderr
+
+
+@pytest.mark.parametrize("role", [
+    # held to the user's column without being a data subject: still never another user's
+    "  helper:\n    tenant_claim: euo\n    column: user\n",
+    # the seed's user, its column kept, as a new name
+    "  member:\n    tenant_claim: euo\n    column: user\n    gateway_api: [requests]\n",
+])
+def test_a_role_held_to_the_users_column_never_reads_another_users_data(policy_dir, role):
+    name = role.split(":")[0].strip()
+    add_roles(policy_dir, "\n" + role, f"p, {name}, same_euo, voicemails, read\n")
+    with pytest.raises(PolicyError, match=f"a {name} may read another user's voicemails"):
+        load(policy_dir)
+
+
+DATA_SETS = load_catalog(POLICY_DIR).data_sets
+REACH_OF = {None: {"any"}, "partner": {"contracted_partner"}, "euo": {"same_euo"}}
+
+
+def _held(spec) -> set[str]:
+    """The relations a role of this spec can hold (README, Roles and tokens), on their own."""
+    return REACH_OF[spec["tenant_claim"]] | (
+        {"break_glass"} if spec["break_glass"] else set()) | (
+        {"self", "organizer", "author"} if spec["data_subject"] else set())
+
+
+@st.composite
+def _roles_and_lines(draw):
+    claim = draw(st.sampled_from([None, "partner", "euo"]))
+    fitting = list(COLUMNS_OF_CLAIM[claim])
+    spec = {"tenant_claim": claim,
+            "column": draw(st.sampled_from(fitting * 3 + list(COLUMNS))),
+            "data_subject": draw(st.booleans()), "break_glass": draw(st.booleans())}
+    if claim is None:
+        spec["organisation"] = "Elsewhere"
+    # mostly relations it can hold (a line it cannot is refused, which proves little)
+    rels = st.sampled_from(sorted(_held(spec))) | st.sampled_from(RELATIONS)
+    lines = draw(st.lists(st.tuples(rels, st.sampled_from(sorted(DATA_SETS)),
+                                    st.sampled_from(ACTIONS)), min_size=1, max_size=2))
+    return spec, lines
+
+
+@pytest.mark.slow
+@settings(max_examples=120, deadline=None, derandomize=True,
+          suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(drawn=_roles_and_lines())
+def test_whatever_a_new_role_says_a_policy_that_loads_keeps_the_floors(tmp_path, drawn):
+    """Any new role (tenant claim, column, data subject, break-glass) with any allow-lines:
+    either the policy is refused, or every line keeps the floors of README.md, stated
+    here again on their own."""
+    spec, lines = drawn
+    where = tmp_path / uuid.uuid4().hex
+    shutil.copytree(POLICY_DIR, where)
+    raw = yaml.safe_load((where / "roles.yaml").read_text())
+    raw["roles"]["newcomer"] = spec
+    (where / "roles.yaml").write_text(yaml.safe_dump(raw))
+    with open(where / "policy.csv", "a") as f:
+        f.writelines(f"p, newcomer, {rel}, {ds}, {act}\n" for rel, ds, act in lines)
+    try:
+        load(where)
+    except PolicyError:
+        return
+    claim, column = spec["tenant_claim"], spec["column"]
+    held = _held(spec)
+    for rel, name, _ in lines:
+        ds = DATA_SETS[name]
+        assert rel in held, (spec, rel)
+        assert column in COLUMNS_OF_CLAIM[claim]
+        assert column not in ds.hidden_from, (spec, rel, name)
+        if ds.subject == "author":
+            assert rel == "author", (spec, rel, name)
+        if (column == "user" or spec["data_subject"]) and ds.subject in ("user", "meeting"):
+            assert rel in ("self", "organizer", "author"), (spec, rel, name)
+        if rel == "organizer":
+            assert ds.subject == "meeting", (spec, rel, name)
