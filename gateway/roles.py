@@ -69,7 +69,10 @@ def load_roles(raw: Any, source: str = "roles.yaml") -> dict[str, Role]:
     roles_raw = raw.get("roles") if isinstance(raw, dict) else None
     if not isinstance(roles_raw, dict) or not roles_raw:
         raise RoleError(f"{source}: no `roles:` mapping")
-    roles = {str(name): _role(str(name), spec, source) for name, spec in roles_raw.items()}
+    if odd := [name for name in roles_raw if not isinstance(name, str)]:
+        # YAML reads true:, no:, null: or 1: as no text: "True" could then shadow "True"
+        raise RoleError(f"{source}: role names must be text, not {odd!r} (quote them)")
+    roles = {name: _role(name, spec, source) for name, spec in roles_raw.items()}
     roles = {name: replace(role, peers=tuple(sorted(
         other.name for other in roles.values() if other.tenant_claim == role.tenant_claim)))
         for name, role in roles.items()}

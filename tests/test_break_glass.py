@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import uuid
 
+import asyncpg
 import orjson
 import pytest
 
@@ -117,18 +118,42 @@ async def test_what_break_glass_refuses(gateway, http, token_for, caller, fields
 
 
 async def test_a_grant_ends_on_time_without_a_notification(gateway, http, token_for, db):
+    sub = f"staff-{uuid.uuid4().hex[:6]}"
+    staff = token_for(role="provider_staff", sub=sub)
+    # a grant of a few seconds (the API counts in minutes), written as the gateway writes it
+    await db.execute(
+        "insert into break_glass (actor_role, actor_sub, euo_id, user_sub, purpose, ticket, "
+        "ends_at) values ('provider_staff', $1, 'euo-acme', 'u-alice', 'test', 'INC-1', "
+        "now() + interval '8 seconds')", sub)
+
+    async def unlocked():
+        return (await _same_language(http, gateway, staff))[0] == 200
+    assert await wait_for(unlocked, timeout=8)
+
+    async def refused():
+        return (await _same_language(http, gateway, staff))[0] == 403
+    assert await wait_for(refused, timeout=15)
+
+
+async def test_a_grant_is_evidence_only_its_end_may_be_written_once(gateway, http, token_for,
+                                                                   db):
     staff = token_for(role="provider_staff", sub=f"staff-{uuid.uuid4().hex[:6]}")
     status, _, body = await _open(http, gateway, staff)
     assert status == 201
     gid = uuid.UUID(orjson.loads(body)["id"])
-    assert (await _same_language(http, gateway, staff))[0] == 200
-    # shorten it to end a moment from now (the trigger tells the mirror the new end)
-    await db.execute("update break_glass set ends_at = now() + interval '1 second' "
-                     "where id = $1", gid)
-
-    async def refused():
-        return (await _same_language(http, gateway, staff))[0] == 403
-    assert await wait_for(refused, timeout=10)
+    for statement in ("update break_glass set purpose = 'nothing to see' where id = $1",
+                      "update break_glass set ends_at = ends_at + interval '1 day' where id = $1",
+                      "update break_glass set ended_at = now() where id = $1",   # no ended_by
+                      "delete from break_glass where id = $1"):
+        with pytest.raises(asyncpg.RaiseError, match="break_glass"):
+            await db.execute(statement, gid)
+    status, _, _ = await call(http, "DELETE", f"{gateway}/v1/break-glass/{gid}", staff)
+    assert status == 200
+    with pytest.raises(asyncpg.RaiseError, match="only a grant's early end"):
+        await db.execute("update break_glass set ended_at = now(), ended_by = 'x' "
+                         "where id = $1", gid)
+    with pytest.raises(asyncpg.RaiseError, match="never truncated"):
+        await db.execute("truncate break_glass")
 
 
 async def test_a_grant_opened_in_one_process_is_in_force_in_another(backends, database_url,

@@ -100,6 +100,13 @@ def test_a_role_that_could_lower_a_floor_is_refused(policy_dir, role, message):
         load(policy_dir)
 
 
+@pytest.mark.parametrize("key", ["true", "no", "null", "1"])
+def test_a_role_name_yaml_reads_as_no_text_is_refused(policy_dir, key):
+    add_roles(policy_dir, f"\n  {key}:\n    tenant_claim: euo\n    column: euo_admin\n")
+    with pytest.raises(PolicyError, match="role names must be text"):
+        load_catalog(policy_dir)
+
+
 def test_every_data_subject_role_keeps_the_right_of_access(policy_dir):
     add_roles(policy_dir, "\n  guest:\n    tenant_claim: euo\n    column: user\n"
                           "    data_subject: true\n")
