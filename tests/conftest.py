@@ -206,26 +206,35 @@ def pytest_terminal_summary(terminalreporter, exitstatus, config):
 MIRRORS = {"contracts_unavailable", "restrictions_unavailable", "break_glass_unavailable"}
 
 
-@pytest_asyncio.fixture(autouse=True)
-async def _fresh_mirrors(request):
+GATEWAYS = ("gateway", "hostile_gateway")
+
+
+@pytest.fixture(autouse=True)
+def _fresh_mirrors(request):
     """Each test that uses a session gateway starts with its mirrors proven fresh: a test
     before it (a synchronous one above all: the session's event loop does not run while it
     does) may have held the loop past the staleness bound, and a stale mirror fails closed
-    with 503 — right for the gateway, noise for the next test."""
-    bases = []
-    for name in ("gateway", "hostile_gateway"):
+    with 503 — right for the gateway, noise for the next test. (Synchronous, so that a
+    gateway not yet started is set up here, outside the running loop.)"""
+    if any(name in request.fixturenames for name in GATEWAYS):
+        for name in GATEWAYS:
+            if name in request.fixturenames:
+                request.getfixturevalue(name)
+        request.getfixturevalue("_mirrors_proven_fresh")
+
+
+@pytest_asyncio.fixture
+async def _mirrors_proven_fresh(request, http):
+    for name in GATEWAYS:
         if name in request.fixturenames:
-            value = request.getfixturevalue(name)
-            bases.append(value[0] if isinstance(value, tuple) else value)
-    if not bases:
-        return
-    http = request.getfixturevalue("http")
-    for base in bases:
-        async def fresh(base=base):
-            async with http.get(base + "/readyz") as r:
-                reasons = (await r.json()).get("reasons", ())
-            return not MIRRORS & set(reasons)
-        assert await wait_for(fresh, timeout=15), f"{base}: mirrors stay stale"
+            value = request.getfixturevalue(name)          # set up already: cached
+            base = value[0] if isinstance(value, tuple) else value
+
+            async def fresh(base=base):
+                async with http.get(base + "/readyz") as r:
+                    reasons = (await r.json()).get("reasons", ())
+                return not MIRRORS & set(reasons)
+            assert await wait_for(fresh, timeout=15), f"{base}: mirrors stay stale"
 
 
 @pytest.fixture
