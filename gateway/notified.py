@@ -8,6 +8,12 @@ notifications in commit order, hearing that heartbeat back proves every change c
 before it was sent has been heard too. A closed connection, or no heartbeat heard within
 `staleness_s` (a half-open connection, a frozen backend, a failover), and `check_fresh`
 refuses (503) until the listener is re-opened and the mirror reloaded.
+
+A key's reloads run one at a time: a change heard while its key is being re-read is read
+again when that read ends, so an older read can never land after a newer one. A heard
+heartbeat proves the mirror fresh only up to the oldest change still being re-read (the
+freshness mark it had when that change was heard), so a re-read that hangs turns the
+mirror stale within the bound instead of leaving the old value trusted.
 """
 
 from __future__ import annotations
@@ -43,7 +49,11 @@ class NotifiedCache:
         self._listener: asyncpg.Connection | None = None
         self._heartbeat_channel = ""
         self._proven_at = -math.inf     # time.monotonic() up to which the mirror is known fresh
+        self._heard_at = -math.inf      # when the latest heartbeat heard back was sent
         self._last_beat = -math.inf     # when the latest heartbeat was sent
+        # keys being re-read: the freshness mark when their change was heard, their task
+        self._reloading: dict[str, tuple[float, asyncio.Task]] = {}
+        self._again: set[str] = set()   # keys changed again while being re-read
         self._task: asyncio.Task | None = None
         self._beat: asyncio.Task | None = None
         self._lost = asyncio.Event()
@@ -83,6 +93,7 @@ class NotifiedCache:
             self._task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._task
+        self._forget_reloads()
         if self._listener is not None and not self._listener.is_closed():
             self._listener.terminate()
 
@@ -92,6 +103,7 @@ class NotifiedCache:
             old.remove_termination_listener(self._on_terminated)
             old.terminate()   # no goodbye: its backend may not answer
         self._lost.clear()
+        self._forget_reloads()   # the full load below reads every key afresh
         # bounded: a frozen server accepts the TCP connection and then never answers
         async with asyncio.timeout(max(5.0, 2 * self.staleness_s)):
             conn = await asyncpg.connect(
@@ -107,7 +119,8 @@ class NotifiedCache:
                 conn.terminate()
                 raise
         self._listener, self._heartbeat_channel = conn, heartbeat_channel
-        self._proven_at = listening_since   # changes after LISTEN are heard; the load saw the rest
+        self._proven_at = self._heard_at = listening_since   # changes after LISTEN are heard;
+        # the load saw the rest
         self._last_beat = listening_since
         log.info("loaded %d rows of the %s", count, self.what)
 
@@ -115,8 +128,22 @@ class NotifiedCache:
         self._on_lost()
 
     def _on_lost(self) -> None:
-        self._proven_at = -math.inf
+        self._proven_at = self._heard_at = -math.inf
         self._lost.set()
+
+    def _prove(self) -> None:
+        """Move the freshness mark to the latest heartbeat heard, held back by the oldest
+        change still being re-read."""
+        mark = self._heard_at
+        for heard_when, _task in self._reloading.values():
+            mark = min(mark, heard_when)
+        self._proven_at = mark
+
+    def _forget_reloads(self) -> None:
+        for _mark, task in self._reloading.values():
+            task.cancel()
+        self._reloading.clear()
+        self._again.clear()
 
     async def _keep_listening(self) -> None:
         """Send heartbeats; when one is not heard back in time, re-open and reload."""
@@ -161,13 +188,31 @@ class NotifiedCache:
 
     def _on_heartbeat(self, conn: Any, _pid: int, _channel: str, sent_at: str) -> None:
         if conn is self._listener:
-            self._proven_at = max(self._proven_at, float(sent_at))
+            self._heard_at = max(self._heard_at, float(sent_at))
+            self._prove()
 
-    def _on_notify(self, _conn: Any, _pid: int, _channel: str, key: str) -> None:
-        asyncio.get_running_loop().create_task(self._reload_or_distrust(key))
+    def _on_notify(self, conn: Any, _pid: int, _channel: str, key: str) -> None:
+        if conn is not self._listener:
+            return   # a listener already replaced: the full load read this change
+        if key in self._reloading:
+            self._again.add(key)   # read again once the read under way ends
+            return
+        task = asyncio.get_running_loop().create_task(self._reload_or_distrust(key))
+        self._reloading[key] = (self._proven_at, task)
+        self._prove()
 
     async def _reload_or_distrust(self, key: str) -> None:
         try:
-            await self.reload(self.pool, key)
+            while True:
+                self._again.discard(key)
+                await self.reload(self.pool, key)
+                if key not in self._again:
+                    break
         except (TimeoutError, OSError, asyncpg.PostgresError, asyncpg.InterfaceError):
             self._on_lost()   # a change we could not read: distrust the mirror until reload
+        finally:
+            entry = self._reloading.get(key)
+            if entry is not None and entry[1] is asyncio.current_task():
+                del self._reloading[key]
+                self._again.discard(key)
+                self._prove()
