@@ -39,6 +39,7 @@ class Role:
     gateway_api: frozenset[str]
     break_glass: bool = False          # may open break-glass grants (relation break_glass)
     peers: tuple[str, ...] = ()        # the roles of the same tenant claim, this one included
+    label: str = ""                    # how people read its name (the console, the access log)
 
     @property
     def relations(self) -> frozenset[str]:
@@ -58,7 +59,8 @@ class Role:
         return row[f"actor_{self.tenant_claim}"]
 
     def public(self) -> dict[str, Any]:
-        return {"name": self.name, "description": self.description,
+        return {"name": self.name, "label": self.label, "description": self.description,
+                "organisation": self.organisation,
                 "tenant_claim": self.tenant_claim, "data_subject": self.data_subject,
                 "column": self.column, "relations": sorted(self.relations),
                 "gateway_api": sorted(self.gateway_api), "break_glass": self.break_glass}
@@ -96,7 +98,7 @@ def load_break_glass(raw: Any, roles: dict[str, Role], source: str = "roles.yaml
     return most
 
 
-_KEYS = {"description", "tenant_claim", "organisation", "data_subject", "column", "gateway_api",
+_KEYS = {"label", "description", "tenant_claim", "organisation", "data_subject", "column", "gateway_api",
          "break_glass"}
 
 
@@ -148,5 +150,8 @@ def _role(name: str, spec: Any, source: str) -> Role:
     description = spec.get("description", "")
     if not isinstance(description, str):
         raise RoleError(f"{where}: description must be text")
+    label = spec.get("label", name.replace("_", " "))
+    if not isinstance(label, str) or not label or len(label) > 64:
+        raise RoleError(f"{where}: label must be text of 1 to 64 characters")
     return Role(name, description, claim, organisation, data_subject, column, frozenset(groups),
-                break_glass)
+                break_glass, label=label)

@@ -30,6 +30,7 @@ from pathlib import Path
 import pytest
 
 from .conftest import REPORTS, free_port
+from .test_policy_roles import AUDITOR, AUDITOR_LINES, add_roles
 
 pytestmark = pytest.mark.browser
 
@@ -80,12 +81,13 @@ class Demo:
             return e.code, e.read()
 
 
-@pytest.fixture(scope="module")
-def demo(chromium, tmp_path_factory):
+@contextlib.contextmanager
+def run_demo(data_dir: Path, **env_extra: str):
     """The README's demo command on a free port, with a data dir of its own."""
     port = free_port()
     env = {k: v for k, v in os.environ.items() if not k.startswith("GATEWAY_")}
-    env["GATEWAY_DATA_DIR"] = str(tmp_path_factory.mktemp("demo"))
+    env["GATEWAY_DATA_DIR"] = str(data_dir)
+    env.update(env_extra)
     proc = subprocess.Popen([sys.executable, "-m", "gateway", "demo", "--port", str(port)],
                             env=env, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
     lines: queue.Queue[str] = queue.Queue()
@@ -108,6 +110,12 @@ def demo(chromium, tmp_path_factory):
         except subprocess.TimeoutExpired:
             proc.kill()
             proc.wait()
+
+
+@pytest.fixture(scope="module")
+def demo(chromium, tmp_path_factory):
+    with run_demo(tmp_path_factory.mktemp("demo")) as running:
+        yield running
 
 
 @pytest.fixture
@@ -277,6 +285,12 @@ def test_a_partner_and_an_euo_admin_see_only_their_scope(browser, demo):
 
 def test_a_user_sees_who_accessed_their_data_downloads_it_and_files_a_request(browser, demo):
     assert demo.call("GET", "/telephony/euos/euo-acme/users/u-alice", "provider_staff")[0] == 200
+    ticket = f"INC-{time.monotonic_ns()}"
+    assert demo.call("POST", "/v1/break-glass", "provider_staff", body={
+        "euo": "euo-acme", "user": "u-alice", "purpose": "organizer locked out",
+        "ticket": ticket, "minutes": 5})[0] == 201
+    assert demo.call("PATCH", "/meeting/accounts/euo-acme/organizers/u-alice", "provider_staff",
+                     body={"language": "en"})[0] == 200
     sign_in(browser, demo, "user")
     assert by_id(browser, "mydata").is_displayed()
     assert not by_id(browser, "tab-audit").is_displayed()
@@ -285,6 +299,9 @@ def test_a_user_sees_who_accessed_their_data_downloads_it_and_files_a_request(br
     assert any(r[1] == "provider staff" and r[2] == "Provider" and "user_name" in r[4] for r in rows), rows
     # her own requests (the console's included) are not in her access log
     assert all(r[1] != "user" for r in rows), rows
+    # emergency access is shown as such, with its purpose and ticket
+    assert any(r[1] == "provider staff" and r[6] == f"break-glass: organizer locked out (ticket {ticket})"
+               for r in rows), rows
 
     by_id(browser, "export").click()
     archive = downloaded(browser, "export.zip")
@@ -348,3 +365,36 @@ def test_an_admin_answers_a_request_whose_script_canary_renders_as_text(browser,
     wait(browser, lambda d: any("connect-src 'self'" in m for m in log + problems(d)) or None,
          what="the third-party fetch refused")
 
+
+
+def test_a_role_added_to_the_policy_signs_in_and_gets_the_views_its_groups_allow(
+        browser, chromium, tmp_path_factory):
+    """A role that exists only in roles.yaml and policy.csv (the Provider's auditors: audit and
+    chain checks, no requests, not a data subject): the console knows it from /v1/catalog,
+    names it and its organisation, opens the audit explorer with the chain check, and hides
+    what its groups do not give it."""
+    policies = tmp_path_factory.mktemp("auditor") / "policies"
+    shutil.copytree(Path(__file__).parent.parent / "policies", policies)
+    add_roles(policies, AUDITOR.replace("description:", "label: internal auditor\n    description:"),
+              AUDITOR_LINES)
+    data_dir = tmp_path_factory.mktemp("auditor-demo")
+    with run_demo(data_dir, GATEWAY_POLICY_DIR=str(policies)) as running:
+        env = {k: v for k, v in os.environ.items() if not k.startswith("GATEWAY_")}
+        env.update(GATEWAY_DATA_DIR=str(data_dir), GATEWAY_POLICY_DIR=str(policies))
+        running.tokens["auditor"] = subprocess.run(
+            [sys.executable, "-m", "gateway", "token", "--role", "auditor", "--sub", "audrey"],
+            env=env, check=True, capture_output=True, text=True).stdout.strip()
+        assert running.call("GET", "/telephony/euos/euo-acme/users/u-alice", "auditor")[0] == 200
+        sign_in(browser, running, "auditor")
+        assert by_id(browser, "who-text").text == "audrey · internal auditor · Provider internal audit"
+        assert by_id(browser, "tab-audit").is_displayed() and by_id(browser, "audit").is_displayed()
+        assert not by_id(browser, "tab-requests").is_displayed()
+        assert not by_id(browser, "tab-mydata").is_displayed()
+        assert by_id(browser, "verify").is_displayed()
+        rows = wait(browser, lambda d: table_rows(d, "audit-table"), what="audit rows")
+        assert any(r[1] == "internal auditor · Provider internal audit · audrey" for r in rows), rows
+        legend = wait(browser, lambda d: d.find_elements(By.CSS_SELECTOR, "#chart ul.legend li"),
+                      what="chart legend")
+        assert "internal auditor" in [li.text for li in legend]
+        shot(browser, "auditor")
+        assert problems(browser) == []

@@ -8,9 +8,10 @@
 "use strict";
 
 const TOKEN_KEY = "gateway-console-token";
-const ROLES = ["provider_staff", "partner", "euo_admin", "user"];
-const ROLE_LABEL = {provider_staff: "provider staff", partner: "partner", euo_admin: "EUO admin",
-                    user: "user"};
+// The roles are the policy's (GET /v1/catalog `roles`), never a list written here: what a
+// role may open follows from its gateway_api groups and whether it is a data subject.
+let roles = new Map();
+const PALETTE = 8;   // console.css colours role-0 … role-7, in the policy's order of roles
 const $ = (id) => document.getElementById(id);
 
 // --- small helpers ------------------------------------------------------------------------
@@ -57,10 +58,25 @@ function bytes(n) {
   return `${(n / 1024 / 1024).toFixed(1)} MiB`;
 }
 
+function roleLabel(role) {
+  if (role === null || role === undefined) return "no token";
+  const r = roles.get(role);
+  return r ? r.label : String(role);
+}
+
+function roleColour(role) {
+  const names = [...roles.keys()];
+  return role === null || role === undefined || !names.includes(role) ? "role-none"
+    : `role-${names.indexOf(role) % PALETTE}`;
+}
+
+function may(group) { return Boolean(me && roles.get(me.role)?.gateway_api.includes(group)); }
+
 function organisation(role, partner, euo) {
-  if (role === "provider_staff") return "Provider";
-  if (role === "partner") return partner || "";
-  return euo || "";
+  const r = roles.get(role);
+  if (!r) return partner || euo || "";
+  if (r.tenant_claim === null) return r.organisation || "";
+  return (r.tenant_claim === "partner" ? partner : euo) || "";
 }
 
 // --- the API ------------------------------------------------------------------------------
@@ -150,7 +166,7 @@ let me = null;
 
 async function signIn(jwt) {
   const c = claims(jwt);
-  if (!c || !ROLES.includes(c.role)) {
+  if (!c || typeof c.role !== "string" || !c.role) {
     say("signin-error", "This is not a gateway token (a JWT with a role claim).", true);
     return;
   }
@@ -162,20 +178,27 @@ async function signIn(jwt) {
     say("signin-error", `Sign-in refused: ${e.message}`, true);
     return;
   }
+  roles = new Map((catalog.roles || []).map((r) => [r.name, r]));
+  const mine = roles.get(c.role);
+  if (!mine) {
+    sessionStorage.removeItem(TOKEN_KEY);
+    say("signin-error", `Sign-in refused: the role ${c.role} is not in this gateway's policy.`, true);
+    return;
+  }
   me = c;
   say("signin-error", "");
   $("token").value = "";
   $("signin").hidden = true;
   $("who").hidden = false;
   const org = organisation(c.role, c.partner, c.euo);
-  $("who-text").textContent = `${c.sub} · ${ROLE_LABEL[c.role]}${org ? " · " + org : ""}`;
-  const admin = c.role !== "user";
+  $("who-text").textContent = `${c.sub} · ${mine.label}${org ? " · " + org : ""}`;
+  const tabs = {audit: may("audit"), requests: may("requests"), mydata: mine.data_subject};
   $("tabs").hidden = false;
-  $("tab-audit").hidden = !admin;
-  $("tab-requests").hidden = !admin;
-  $("tab-mydata").hidden = admin;
+  for (const [tab, open] of Object.entries(tabs)) $("tab-" + tab).hidden = !open;
   fillDataSets();
-  show(admin ? "audit" : "mydata");
+  const first = Object.keys(tabs).find((tab) => tabs[tab]);
+  if (first) show(first);
+  else say("signin-error", `Signed in, but the role ${mine.label} may use none of the console's views.`, true);
 }
 
 function signOut(why) {
@@ -237,12 +260,12 @@ function readFilters() {
 }
 
 function openAudit() {
-  const staff = me && me.role === "provider_staff";
+  const staff = may("audit_verify");
   $("verify").hidden = !staff;
   if (!audit.opened) {
     audit.opened = true;
     say("verify-status", staff ? "Not checked yet."
-        : "Checking every hash chain is for provider staff (GET /v1/audit/verify); " +
+        : "Checking every hash chain is for the Provider's roles (GET /v1/audit/verify); " +
           "signed checkpoints are at GET /v1/audit/checkpoints.");
     searchAudit();
   }
@@ -282,7 +305,7 @@ async function loadAuditPage() {
 function renderAudit(rows) {
   const body = $("audit-table").tBodies[0];
   body.replaceChildren(...rows.map((r) => {
-    const actor = [ROLE_LABEL[r.actor_role] || r.actor_role || "no token",
+    const actor = [roleLabel(r.actor_role),
                    organisation(r.actor_role, r.actor_partner, r.actor_euo), r.actor_sub]
       .filter(Boolean).join(" · ");
     const tr = el("tr", {tabindex: "0", class: "clickable"},
@@ -334,7 +357,6 @@ async function auditDownload(kind) {
   }
 }
 
-const CHART_ROLES = ["provider_staff", "partner", "euo_admin", "user", null];
 
 async function loadChart() {
   const current = ticket("chart");
@@ -367,6 +389,10 @@ function drawChart(data) {
   }
   const W = 720, H = 200, left = 36, bottom = 22, top = 8;
   const keys = [...counts.keys()].sort();
+  // the policy's roles, then any other role the rows name (one since removed), then no token
+  const named = new Set(data.days.map((item) => item.role));
+  const chartRoles = [...roles.keys(), ...[...named].filter((r) => r !== null && !roles.has(r)).sort(), null]
+    .filter((role) => role === null || roles.has(role) || named.has(role));
   const max = Math.max(1, ...keys.map((d) => [...counts.get(d).values()].reduce((a, b) => a + b, 0)));
   const slot = (W - left - 4) / Math.max(1, keys.length);
   const scale = (H - bottom - top) / max;
@@ -379,21 +405,21 @@ function drawChart(data) {
     let y = H - bottom;
     const width = Math.max(1, Math.min(slot * 0.8, 28));
     const x = left + i * slot + (slot - width) / 2;
-    for (const role of CHART_ROLES) {
+    for (const role of chartRoles) {
       const n = counts.get(day).get(role) || 0;
       if (!n) continue;
       const h = Math.max(1, n * scale);
       y -= h;
       chart.append(svg("rect", {x, y, width, height: h,
-                                class: "role-" + (role || "none"), "data-day": day, "data-role": role || "none"},
-        svg("title", null, `${day} · ${ROLE_LABEL[role] || "no token"}: ${n}`)));
+                                class: roleColour(role), "data-day": day, "data-role": role || "none"},
+        svg("title", null, `${day} · ${roleLabel(role)}: ${n}`)));
     }
     if (keys.length <= 14 || i % Math.ceil(keys.length / 10) === 0) {
       chart.append(svg("text", {x: x + width / 2, y: H - 6, class: "tick", "text-anchor": "middle"}, day.slice(5)));
     }
   });
-  const legend = el("ul", {class: "legend"}, ...CHART_ROLES.map((role) =>
-    el("li", null, el("span", {class: "swatch role-" + (role || "none")}), ROLE_LABEL[role] || "no token")));
+  const legend = el("ul", {class: "legend"}, ...chartRoles.map((role) =>
+    el("li", null, el("span", {class: "swatch " + roleColour(role)}), roleLabel(role))));
   $("chart").replaceChildren(chart, legend);
   say("chart-status", `${total} ${total === 1 ? "access" : "accesses"} from ${keys[0] || ""} to ${keys[keys.length - 1] || ""} (UTC days).`);
 }
@@ -429,11 +455,13 @@ async function loadAccessLog() {
     if (!current()) return;
     $("access-table").tBodies[0].replaceChildren(...page.accesses.map((a) => el("tr", null,
       el("td", {title: a.at}, when(a.at)),
-      el("td", null, ROLE_LABEL[a.accessor.role] || a.accessor.role || ""),
+      el("td", null, roleLabel(a.accessor.role)),
       el("td", null, a.accessor.organisation || ""),
       el("td", null, `${a.action || ""} ${a.route || ""}`),
       el("td", null, list(a.data_sets)),
-      el("td", {class: "decision-" + a.decision}, a.decision || ""))));
+      el("td", {class: "decision-" + a.decision}, a.decision || ""),
+      el("td", {class: "break-glass"}, a.break_glass
+        ? `break-glass: ${a.break_glass.purpose} (ticket ${a.break_glass.ticket})` : ""))));
     if (page.next_cursor) access.cursors[access.page + 1] = page.next_cursor;
     $("access-older").disabled = !page.next_cursor;
     $("access-newer").disabled = access.page === 0;
