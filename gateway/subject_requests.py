@@ -178,7 +178,7 @@ async def my_requests(request: web.Request, principal: Principal, row: AuditRow)
     return json_response({"requests": [public(r) for r in rows]})
 
 
-async def _details(pool, req) -> dict[str, Any]:
+async def request_details(pool, req) -> dict[str, Any]:
     out = public(req)
     out["transitions"] = [
         {"from": t["from_status"], "to": t["to_status"], "at": t["at"].isoformat(),
@@ -199,7 +199,7 @@ async def my_request(request: web.Request, principal: Principal, row: AuditRow):
     req = await pool.fetchrow(query("get_request"), request_id)
     if req is None or req["euo_id"] != principal.euo or req["user_sub"] != principal.sub:
         raise Denied(404, "no_such_request", "no such request of yours")
-    return json_response(await _details(pool, req))
+    return json_response(await request_details(pool, req))
 
 
 @api("/v1/requests/{id}", "requests")
@@ -211,7 +211,7 @@ async def get_request(request: web.Request, principal: Principal, row: AuditRow)
     if req is None or not _covers(request.app[GATEWAY], principal, req):
         raise Denied(404, "no_such_request", "no such request in your scope")
     row.subject_euo, row.subject_users = req["euo_id"], [req["user_sub"]]
-    return json_response(await _details(pool, req))
+    return json_response(await request_details(pool, req))
 
 
 @api("/v1/requests", "requests")
@@ -261,7 +261,7 @@ async def _transition(request: web.Request, principal: Principal, row: AuditRow,
     request.app[WEBHOOKS].wake()
     if updated["type"] == "erasure" and status == "accepted":
         updated = await _erase(request, gw, principal, updated)
-    return json_response(await _details(pool, updated))
+    return json_response(await request_details(pool, updated))
 
 
 async def _move(call: Call, gw: Gateway, webhooks: Webhooks, principal: Principal, current,

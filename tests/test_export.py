@@ -185,6 +185,58 @@ async def test_the_export_and_its_backend_calls_are_audited(gateway, http, token
     assert {r["decision"] for r in rows} == {"allow"}
 
 
+async def test_the_export_holds_what_the_gateway_itself_keeps_about_the_user(
+        gateway, http, token_for):
+    """Her whole access log (the recipients of her data, as GET /v1/me/access-log shows it,
+    every page) and her requests with their history are hers too (right of access)."""
+    alice = token_for("alice")
+    assert (await call(http, "GET", gateway + "/telephony/euos/euo-acme/users/u-alice",
+                       token_for("staff")))[0] == 200
+    status, _, body = await call(http, "POST", gateway + "/v1/me/requests", alice, json={
+        "type": "rectification", "data_sets": ["user_address"],
+        "detail": "the export test's request"})
+    assert status == 201, body
+    filed = orjson.loads(body)["id"]
+    log, cursor = [], None
+    while True:
+        _, _, page = await call(http, "GET", gateway + "/v1/me/access-log?limit=100"
+                                + (f"&cursor={cursor}" if cursor else ""), alice)
+        page = orjson.loads(page)
+        log += page["accesses"]
+        if not (cursor := page["next_cursor"]):
+            break
+    doc, _ = await export_json(http, gateway, alice)
+    held = doc["held_by_gateway"]
+    assert held["access_log"] == log and log
+    assert log[0]["accessor"] == {"role": "provider_staff", "organisation": "Provider"}
+    (mine,) = [r for r in held["requests"] if r["id"] == filed]
+    assert mine["status"] == "open" and mine["detail"] == "the export test's request"
+    assert mine["transitions"] and mine["transitions"][0]["to"] == "open"
+    # nothing of anyone else: every request is hers, no access is her own
+    assert {(r["euo_id"], r["user_sub"]) for r in held["requests"]} == {("euo-acme", "u-alice")}
+
+
+async def test_the_export_counts_the_elements_left_out_and_says_why(gateway, http, token_for,
+                                                                     db):
+    """What retention, masking and scope left out is in export.json: the sum of the receipts
+    of the export's backend calls."""
+    status, headers, body = await call(http, "GET", gateway + "/v1/me/export?format=json",
+                                       token_for("alice"))
+    assert status == 200
+    doc = orjson.loads(body)
+    got = {(w["reason"], w["data_set"]): w["elements"] for w in doc["withheld_elements"]}
+    expected: dict = {}
+    for (receipt,) in await db.fetch("select withheld from audit_log where request_id = $1 "
+                                     "and withheld is not null", headers["X-Request-Id"]):
+        for reason, counts in orjson.loads(receipt).items():
+            for data_set, n in counts.items():
+                expected[reason, data_set] = expected.get((reason, data_set), 0) + n
+    assert got == expected
+    # the demo's outgoing fax was sent, so it is past retention, and its old CDRs are masked
+    assert got[("retention", "faxes_outgoing")] >= 1 and got[("masking", "call_history")] >= 1
+    assert all(w["meaning"] for w in doc["withheld_elements"])
+
+
 async def test_only_users_may_export(gateway, http, token_for):
     for who in ("staff", "partner", "admin"):
         assert (await call(http, "GET", gateway + "/v1/me/export", token_for(who)))[0] == 403

@@ -16,15 +16,18 @@ from multidict import CIMultiDict
 
 from .. import pipeline
 from ..audit import AuditRow
+from ..audit.api import whole_access_log
 from ..call import Call
 from ..catalog import Catalog, Leaf, ListOf, Node, ObjectOf, PolicyError
+from ..db import POOL, query
 from ..endpoints import CALL, IDENTIFIER, ME, api, identifier, json_response
 from ..errors import Denied
 from ..pipeline import GATEWAY, Gateway
 from ..principal import Principal
 from ..proxy import CHUNK
-from ..redact import now_utc
+from ..redact import MASKING, RESTRICTION, RETENTION, SCOPE, now_utc
 from ..roles import REACH
+from ..subject_requests import request_details
 from .zipstream import ZipStream
 
 FORMAT = "partner-gateway-export/1"
@@ -104,8 +107,28 @@ class Gathered:
     attachments: list[dict[str, Any]] = field(default_factory=list)
     not_held: list[dict[str, Any]] = field(default_factory=list)
     withheld: dict[str, set[str]] = field(default_factory=lambda: defaultdict(set))
+    held_by_gateway: dict[str, Any] = field(default_factory=dict)
     names: set[str] = field(default_factory=set)
     fetched: set[str] = field(default_factory=set)
+    # elements the redaction left out or masked, from each call's receipt: reason -> data set
+    # -> count (past retention, under a restriction, masked, outside the viewer's scope)
+    elements: dict[str, dict[str, int]] = field(default_factory=lambda: defaultdict(
+        lambda: defaultdict(int)))
+
+    def add_receipt(self, receipt: str | None) -> None:
+        for reason, by_data_set in (orjson.loads(receipt) if receipt else {}).items():
+            for data_set, count in by_data_set.items():
+                self.elements[reason][data_set] += count
+
+
+ELEMENT_MEANING = {
+    RETENTION: "past its retention period (the catalog entry's retention says how long): "
+               "no longer given to anyone, you included",
+    RESTRICTION: "under a processing restriction or objection of yours: withheld until it is "
+                 "lifted",
+    MASKING: "given masked (old records anonymised; the catalog entry says when)",
+    SCOPE: "outside what the viewer of this export may be given",
+}
 
 
 NOT_HELD = "the backend holds no such data for this user (it answered 404)"
@@ -123,6 +146,7 @@ class Exporter:
     def __init__(self, request: web.Request, actor: Principal, subject: Principal,
                  reason: str | None = None, assisted: bool = False):
         self.gw: Gateway = request.app[GATEWAY]
+        self.pool = request.app[POOL]
         self.actor, self.viewer, self.reason = actor, subject, reason
         self.request_id = request[pipeline.REQUEST_ID]
         self.client = request.remote
@@ -179,6 +203,8 @@ class Exporter:
                 raise Denied(502, "backend_subject_mismatch",
                              "the backend answered with another person's data")
             await call.allow(answer.status, size, served, removed)
+            if out is not None:
+                out.add_receipt(call.row.withheld)
         except Exception as e:
             denial = e if isinstance(e, Denied) else pipeline.internal(e, self.request_id)
             await call.record_refusal(denial)
@@ -230,6 +256,7 @@ class Exporter:
                         self._file(out, sub_path, *sub[:2])
             if att and isinstance(full, dict):
                 self._list_attachments(out, att, full)
+        out.held_by_gateway = await held_by_gateway(self.gw, self.pool, self.viewer)
         return out
 
     def _file(self, out: Gathered, path: str, document: Any, shape: Node) -> None:
@@ -479,6 +506,12 @@ def export_document(gw: Gateway, subject: Principal, gathered: Gathered,
         "services": services,
         "attachments": gathered.attachments,
         "not_held": gathered.not_held,
+        "withheld_elements": [
+            {"reason": reason, "data_set": None if data_set == "null" else data_set,
+             "elements": count, "meaning": ELEMENT_MEANING.get(reason, reason)}
+            for reason, by_data_set in sorted(gathered.elements.items())
+            for data_set, count in sorted(by_data_set.items())],
+        "held_by_gateway": gathered.held_by_gateway,
     }
     if assisted:
         readable = gw.policy.granted(subject.role, subject.kind.relations, "read")
@@ -492,6 +525,19 @@ def export_document(gw: Gateway, subject: Principal, gathered: Gathered,
             "not given to the administrator who made this export; the user exports it themself"}
             for name in sorted(readable & exporter_withhold)]
     return document
+
+
+async def held_by_gateway(gw: Gateway, pool, subject: Principal) -> dict[str, Any]:
+    """What the gateway itself holds about the user, beside what the backends hold: who
+    accessed their data (their whole access log: the recipients) and their requests."""
+    requests = await pool.fetch(query("my_requests"), subject.euo, subject.sub)
+    return {
+        "about": "kept by the gateway itself: every access by others to your data (by role "
+                 "and organisation, as GET /v1/me/access-log shows it) and your data-subject "
+                 "requests with their history",
+        "access_log": await whole_access_log(pool, gw.catalog, subject.sub, subject.euo),
+        "requests": [await request_details(pool, r) for r in requests],
+    }
 
 
 def about(gw: Gateway, name: str) -> dict[str, Any]:
