@@ -144,7 +144,12 @@ def _resources(settings: Settings, dsn: str, catalog, policy: Policy, metrics: M
             backends=backends, audit=audit,
             anonymous=anonymous, max_body_bytes=settings.max_body_bytes,
             max_streams=settings.max_streams, policy_version=app[POLICY_SET].version,
-            export_sources=app[POLICY_SET].export_sources, erasers=app[POLICY_SET].erasers)
+            export_sources=app[POLICY_SET].export_sources, erasers=app[POLICY_SET].erasers,
+            erasure_deadline_s=settings.erasure_deadline_s)
+        # an erasure still `accepted` well past its deadline ran in a gateway that stopped
+        webhooks.sweeps.append(functools.partial(
+            subject_requests.fail_interrupted_erasures, gateway, webhooks, pool,
+            2 * settings.erasure_deadline_s + settings.backend_deadline_s))
         del gateway
         try:
             yield

@@ -9,6 +9,8 @@ cannot be erased through a backend and is listed in the resolution.
 
 from __future__ import annotations
 
+import time
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -93,8 +95,14 @@ class Erasure:
     """One erasure request's backend calls."""
 
     def __init__(self, gw: Gateway, erasers: list[Eraser], actor: Principal, euo: str,
-                 user: str, request_id: str, client: str | None):
+                 user: str, request_id: str, client: str | None,
+                 record: Callable[[Outcome], Awaitable[None]], deadline_s: float):
         self.gw, self.erasers, self.actor = gw, erasers, actor
+        # each backend call's outcome is recorded as soon as it is known (durably), so a
+        # gateway that stops midway leaves what it did; past the deadline nothing more is
+        # called and what remains is failed (`erasure_deadline`): accept again to go on
+        self.record = record
+        self.deadline = time.monotonic() + deadline_s
         # the data subject, as the role of roles.yaml a data subject holds (requests do not
         # record which, as long as one role is the data subjects' own)
         role = gw.catalog.data_subject_roles[0]
@@ -126,6 +134,10 @@ class Erasure:
         """Delete every listed item; (how many were deleted, the first failure's reason)."""
         path = eraser.list.format(**self.fill)
         if path not in self._listed:
+            if time.monotonic() > self.deadline:
+                await self._add(result, Outcome(names, "GET", path, None, "failed",
+                                                "erasure_deadline"))
+                return 0, "erasure_deadline"
             self._listed[path] = await self._list(path, names, result)
         document = self._listed[path]
         if isinstance(document, str):
@@ -136,16 +148,24 @@ class Erasure:
             item_id = item.get("id") if isinstance(item, dict) else item
             if not isinstance(item_id, str):
                 # nothing to name the item by: it cannot be deleted, so it is not claimed
-                result.calls.append(Outcome(names, "DELETE", eraser.delete.format(
+                await self._add(result, Outcome(names, "DELETE", eraser.delete.format(
                     **self.fill, id="?"), None, "failed", "backend_unmappable"))
                 return deleted, "backend_unmappable"
             target = eraser.delete.format(**self.fill, id=item_id)
+            if time.monotonic() > self.deadline:
+                await self._add(result, Outcome(names, "DELETE", target, None, "failed",
+                                                "erasure_deadline"))
+                return deleted, "erasure_deadline"
             outcome = await self._delete(target, names)
-            result.calls.append(outcome)
+            await self._add(result, outcome)
             if outcome.outcome == "failed":
                 return deleted, outcome.reason
             deleted += outcome.outcome == "erased"
         return deleted, None
+
+    async def _add(self, result: ErasureResult, outcome: Outcome) -> None:
+        result.calls.append(outcome)
+        await self.record(outcome)
 
     def _call(self, method: str, path: str):
         call = self.gw.new_call(self.request_id, method, path, self.client)
@@ -169,9 +189,9 @@ class Erasure:
             denial = e if isinstance(e, Denied) else pipeline.internal(e, self.request_id)
             await call.record_refusal(denial)
             held = denial.code != "backend_not_found"
-            result.calls.append(Outcome(names, "GET", path, denial.status,
-                                        "failed" if held else "not_held",
-                                        denial.code if held else None))
+            await self._add(result, Outcome(names, "GET", path, denial.status,
+                                            "failed" if held else "not_held",
+                                            denial.code if held else None))
             return denial.code if held else None
         return answer.document
 

@@ -75,6 +75,7 @@ class Gateway:
     policy_version: str = ""
     export_sources: Any = None         # export.yaml as loaded (ExportSpec: sources, purposes)
     erasers: tuple = ()                # routes.yaml's erasure: entries, as loaded
+    erasure_deadline_s: float = 300.0  # an accepted erasure's backend calls, all told
 
     def __post_init__(self):
         self.plan = lru_cache(maxsize=4096)(self._plan)

@@ -85,6 +85,7 @@ class Settings:
     webhook_timeout_s: float = 10.0        # one delivery attempt, end to end
     webhook_poll_s: float = 1.0            # how often the outbox is looked at when idle
     dsr_scan_s: float = 60.0               # due-soon/overdue reminders and counts
+    erasure_deadline_s: float = 300.0      # an accepted erasure's backend calls, all told
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> Settings:
@@ -137,6 +138,8 @@ class Settings:
             webhook_backoff_s=_positive(env, "GATEWAY_WEBHOOK_BACKOFF_S", cls.webhook_backoff_s),
             webhook_timeout_s=_positive(env, "GATEWAY_WEBHOOK_TIMEOUT_S", cls.webhook_timeout_s),
             dsr_scan_s=_positive(env, "GATEWAY_DSR_SCAN_S", cls.dsr_scan_s),
+            erasure_deadline_s=_positive(env, "GATEWAY_ERASURE_DEADLINE_S",
+                                         cls.erasure_deadline_s),
         )
 
     def with_(self, **changes) -> Settings:

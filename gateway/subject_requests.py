@@ -22,7 +22,7 @@ from .call import Call
 from .catalog import ObjectOf
 from .db import POOL, query
 from .endpoints import CALL, ME, api, json_object, json_response, text
-from .erasure import Erasure
+from .erasure import Erasure, Outcome
 from .errors import Denied
 from .pipeline import GATEWAY, Gateway
 from .principal import Principal, scope
@@ -61,8 +61,11 @@ def _request_id(request: web.Request) -> uuid.UUID:
         raise Denied(404, "no_such_request", "no such request") from None
 
 
-def _actor(principal: Principal) -> str:
-    """How a transition names who made it: role and organisation (the user: themself)."""
+def _actor(principal: Principal | None) -> str:
+    """How a transition names who made it: role and organisation (the user: themself; the
+    gateway: None)."""
+    if principal is None:
+        return "gateway"
     if principal.kind.data_subject:
         return f"user:{principal.euo}:{principal.sub}"
     return f"{principal.role}:{principal.partner or principal.euo or 'provider'}"
@@ -264,7 +267,7 @@ async def _transition(request: web.Request, principal: Principal, row: AuditRow,
     return json_response(await request_details(pool, updated))
 
 
-async def _move(call: Call, gw: Gateway, webhooks: Webhooks, principal: Principal, current,
+async def _move(call: Call, gw: Gateway, webhooks: Webhooks, principal: Principal | None, current,
                 to: str, resolution: str | None, before: Change | None = None):
     """Commit one transition with the call's audit row, its transitions row and the
     webhooks it causes (and `before`, when given); 409 when the request moved meanwhile."""
@@ -300,24 +303,48 @@ async def _erase(request: web.Request, gw: Gateway, principal: Principal, req):
     `completed` when every call succeeded, else `failed` (nothing claimed erased that was
     not); the resolution says what was erased, what failed and what no backend can erase."""
     request_id = request[pipeline.REQUEST_ID]
+    pool = request.app[POOL]
+
+    async def record(c: Outcome) -> None:
+        await pool.execute(query("add_erasure_call"), req["id"], c.data_sets, c.method,
+                           c.path, c.status, c.outcome, c.reason)
     erasure = Erasure(gw, list(gw.erasers), principal, req["euo_id"], req["user_sub"],
-                      request_id, request.remote)
+                      request_id, request.remote, record, gw.erasure_deadline_s)
     result = await erasure.run(list(req["data_sets"]))
     call = gw.new_call(request_id, "PATCH", request.raw_path, request.remote)
     call.identify(principal)
     call.row.service, call.row.route = "gateway", "gateway:/v1/requests/{id}"
     call.about(req["euo_id"], [req["user_sub"]])
-    outcome_rows = result.calls
-
-    async def record(conn):
-        for c in outcome_rows:
-            await conn.execute(query("add_erasure_call"), req["id"], c.data_sets, c.method,
-                               c.path, c.status, c.outcome, c.reason)
     final = "completed" if result.ok else "failed"
     updated = await _move(call, gw, request.app[WEBHOOKS], principal, req, final,
-                          result.resolution(), before=record)
+                          result.resolution())
     request.app[WEBHOOKS].wake()
     return updated
+
+
+INTERRUPTED = ("interrupted: the gateway stopped before this erasure's backend calls were "
+               "done (its erasure calls say how far it got); accept again to go on")
+
+
+async def fail_interrupted_erasures(gw: Gateway, webhooks: Webhooks, pool,
+                                    older_than_s: float) -> int:
+    """An erasure still `accepted` long after it was accepted ran in a gateway that stopped
+    midway (a crash, a kill): move it to `failed`, audited as the gateway's own act, so that
+    nothing claims it done and an admin can accept it again. Returns how many."""
+    moved = 0
+    for req in await pool.fetch(query("interrupted_erasures"), older_than_s):
+        call = gw.new_call(str(uuid.uuid4()), "PATCH", f"/v1/requests/{req['id']}", None)
+        call.row.service, call.row.route = "gateway", "gateway:/v1/requests/{id}"
+        call.row.reason = "erasure_interrupted"
+        call.about(req["euo_id"], [req["user_sub"]])
+        try:
+            await _move(call, gw, webhooks, None, req, "failed", INTERRUPTED)
+            moved += 1
+        except Denied as e:     # moved meanwhile (409), or the audit log is unavailable
+            pipeline.log.warning("interrupted erasure %s not failed: %s", req["id"], e.code)
+    if moved:
+        webhooks.wake()
+    return moved
 
 
 def add_routes(app: web.Application) -> None:

@@ -21,7 +21,8 @@ import hashlib
 import hmac
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
+from typing import Any
 
 import aiohttp
 import asyncpg
@@ -72,6 +73,8 @@ class Webhooks:
         self.overdue = 0
         self._wake = asyncio.Event()
         self._tasks: list[asyncio.Task] = []
+        # more periodic checks of the requests, run at each scan (an interrupted erasure)
+        self.sweeps: list[Callable[[], Awaitable[Any]]] = []
 
     @property
     def enabled(self) -> bool:
@@ -102,8 +105,11 @@ class Webhooks:
         self._tasks.clear()
 
     async def scan(self) -> int:
-        """Queue the due-soon and overdue reminders not queued yet, refresh the counts;
-        return how many reminders were queued."""
+        """Queue the due-soon and overdue reminders not queued yet, refresh the counts, run
+        the other periodic checks of requests (`sweeps`); return how many reminders were
+        queued."""
+        for sweep in self.sweeps:
+            await sweep()
         queued = 0
         async with self.pool.acquire() as conn:
             if self.enabled:      # a process without webhooks leaves the reminders to others

@@ -375,3 +375,11 @@ select a.service, a.route, r.key as reason, d.key as data_set,
    and r.key = any($3::text[])
  group by a.service, a.route, r.key, d.key
  order by max(a.at) desc, a.service, a.route, d.key;
+
+-- name: interrupted_erasures
+-- $1: seconds. Erasures accepted longer ago than that and still `accepted`: the gateway that
+-- ran their backend calls stopped midway (an erasure runs in the request that accepted it).
+select * from dsr_requests
+ where type = 'erasure' and status = 'accepted' and updated_at < now() - make_interval(secs => $1)
+ order by updated_at
+ limit 100;

@@ -6,7 +6,13 @@ set claimed erased; accepting again retries."""
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
+import time
+
+import aiohttp
 import orjson
+import pytest
 import pytest_asyncio
 from aiohttp import web
 
@@ -14,7 +20,7 @@ from gateway.demo import data as demo_data
 from gateway.demo.backends import meeting_app, telephony_app
 from gateway.demo.run import start_site
 
-from .conftest import Seen, call, gateway_settings, running_gateway
+from .conftest import Seen, call, gateway_process, gateway_settings, running_gateway, wait_for
 
 DIRK = {"role": "user", "sub": "u-dirk", "euo": "euo-globex"}
 EVA = {"role": "user", "sub": "u-eva", "euo": "euo-globex"}
@@ -22,16 +28,23 @@ GLOBEX_ADMIN = {"role": "euo_admin", "sub": "admin@globex", "euo": "euo-globex"}
 
 
 class Faults:
-    """Backend paths that answer 500 while listed."""
+    """Backend paths that answer 500 while listed, or that wait for `release` while held."""
 
     def __init__(self):
         self.failing: set[str] = set()
+        self.held: set[tuple[str, str]] = set()
+        self.arrived = asyncio.Event()     # a held call has come in
+        self.release = asyncio.Event()
+        self.urls: dict[str, str] = {}
 
     def middleware(self):
         @web.middleware
         async def fail(request, handler):
             if (request.method, request.path) in self.failing:
                 return web.json_response({"error": "disk full"}, status=500)
+            if (request.method, request.path) in self.held:
+                self.arrived.set()
+                await self.release.wait()
             return await handler(request)
         return fail
 
@@ -46,19 +59,30 @@ async def erasable(database_url):
                                         "127.0.0.1", 0)
         runners.append(runner)
         urls[service] = f"http://127.0.0.1:{port}"
+    faults.urls = urls
     async with running_gateway(gateway_settings(urls), database_url) as gw:
         yield gw, data, seen, faults
     for r in runners:
         await r.cleanup()
 
 
-async def file_and_accept(http, gw, token_for, who, data_sets):
+@contextlib.contextmanager
+def holding(faults: Faults, method: str, path: str):
+    faults.held, faults.arrived, faults.release = {(method, path)}, asyncio.Event(), asyncio.Event()
+    try:
+        yield
+    finally:
+        faults.held = set()
+        faults.release.set()
+
+
+async def file_and_accept(http, gw, token_for, who, data_sets, admin=GLOBEX_ADMIN):
     status, _, body = await call(http, "POST", gw + "/v1/me/requests", token_for(**who),
                                  json={"type": "erasure", "data_sets": data_sets})
     assert status == 201
     req = orjson.loads(body)
     status, headers, body = await call(http, "PATCH", f"{gw}/v1/requests/{req['id']}",
-                                       token_for(**GLOBEX_ADMIN), json={"status": "accepted"})
+                                       token_for(**admin), json={"status": "accepted"})
     assert status == 200, body
     return orjson.loads(body), headers["X-Request-Id"]
 
@@ -170,3 +194,89 @@ async def test_the_organizer_deletes_meetings_documents_addresses_and_notes(
     assert "mtg-acme-1" not in data.meetings
     assert data.organizers["u-alice"]["documents"] == []
     assert "team@ops.example" not in data.organizers["u-alice"]["address_book"]
+
+
+FARID = {"role": "user", "sub": "u-farid", "euo": "euo-initech"}
+GREET = {"role": "user", "sub": "u-greet", "euo": "euo-initech"}
+INITECH_ADMIN = {"role": "euo_admin", "sub": "admin@initech", "euo": "euo-initech"}
+
+
+async def test_an_erasure_cut_off_by_a_killed_gateway_is_failed_and_accepting_again_finishes_it(
+        erasable, http, token_for, db, database_url, tmp_path):
+    """`gateway serve` is SIGKILLed while an erasure's second delete is under way: what it
+    did is recorded (the first delete), and a gateway's request scan later moves the request,
+    stuck in `accepted`, to `failed` (audited, by `gateway`), so an admin can accept it again."""
+    _, data, _, faults = erasable
+    recording = "/euos/euo-initech/users/u-farid/recordings/rec-u-farid-1"
+    with holding(faults, "DELETE", recording):
+        async with gateway_process(http, {"urls": faults.urls}, database_url, tmp_path) as (
+                proc, base):
+            status, _, body = await call(http, "POST", base + "/v1/me/requests",
+                                         token_for(**FARID),
+                                         json={"type": "erasure",
+                                               "data_sets": ["voicemails", "call_recordings"]})
+            assert status == 201
+            request_id = orjson.loads(body)["id"]
+            accepting = asyncio.ensure_future(call(
+                http, "PATCH", f"{base}/v1/requests/{request_id}", token_for(**INITECH_ADMIN),
+                json={"status": "accepted"}))
+            await asyncio.wait_for(faults.arrived.wait(), 20)
+            proc.kill()
+            proc.wait()
+            with pytest.raises(aiohttp.ClientError):
+                await accepting
+    assert data.voicemails["u-farid"] == [] and data.recordings["u-farid"]
+    req = await db.fetchrow("select status from dsr_requests where id = $1::uuid", request_id)
+    assert req["status"] == "accepted"
+    calls = await db.fetch("select method, path, outcome from dsr_erasure_calls "
+                           "where request_id = $1::uuid", request_id)
+    assert [(c["method"], c["outcome"]) for c in calls] == [("DELETE", "erased")]   # kept
+
+    settings = gateway_settings(faults.urls, erasure_deadline_s=0.1, backend_deadline_s=0.3,
+                                dsr_scan_s=0.1)
+    async with running_gateway(settings, database_url) as gw:
+        async def failed():
+            return await db.fetchval("select status = 'failed' from dsr_requests "
+                                     "where id = $1::uuid", request_id)
+        assert await wait_for(failed, timeout=10)
+        _, _, body = await call(http, "GET", f"{gw}/v1/requests/{request_id}",
+                                token_for(**INITECH_ADMIN))
+        seen = orjson.loads(body)
+        assert seen["transitions"][-1] == {**seen["transitions"][-1], "from": "accepted",
+                                           "to": "failed", "by": "gateway"}
+        assert seen["resolution"].startswith("interrupted")
+        row = await db.fetchrow("select actor_role, route, reason, subject_euo, subject_users "
+                                "from audit_log where reason = 'erasure_interrupted' and "
+                                "path = $1", f"/v1/requests/{request_id}")
+        assert dict(row) == {"actor_role": None, "route": "gateway:/v1/requests/{id}",
+                             "reason": "erasure_interrupted", "subject_euo": "euo-initech",
+                             "subject_users": ["u-farid"]}
+        status, _, body = await call(http, "PATCH", f"{gw}/v1/requests/{request_id}",
+                                     token_for(**INITECH_ADMIN), json={"status": "accepted"})
+        assert status == 200 and orjson.loads(body)["status"] == "completed", body
+    assert data.recordings["u-farid"] == []
+
+
+async def test_an_erasure_past_its_deadline_calls_no_more_and_is_failed(
+        erasable, http, token_for, database_url):
+    _, data, seen, faults = erasable
+    voicemail = "/euos/euo-initech/users/u-greet/voicemails/vm-u-greet-1"
+    deadline_s = 0.2
+    settings = gateway_settings(faults.urls, erasure_deadline_s=deadline_s)
+    async with running_gateway(settings, database_url) as gw:
+        with holding(faults, "DELETE", voicemail):
+            accepting = asyncio.ensure_future(
+                file_and_accept(http, gw, token_for, GREET, ["voicemails", "call_recordings"],
+                                INITECH_ADMIN))
+            await asyncio.wait_for(faults.arrived.wait(), 20)
+            held_at = time.monotonic()
+
+            async def past():
+                return time.monotonic() > held_at + deadline_s
+            assert await wait_for(past)
+        done, _ = await accepting
+    assert done["status"] == "failed"
+    outcomes = [(c["method"], c["outcome"], c["reason"]) for c in done["erasure_calls"]]
+    assert outcomes == [("DELETE", "erased", None), ("GET", "failed", "erasure_deadline")]
+    assert data.voicemails["u-greet"] == [] and data.recordings["u-greet"]   # not called
+    assert "call_recordings (erasure_deadline)" in done["resolution"]
