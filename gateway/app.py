@@ -18,6 +18,7 @@ import aiohttp
 import orjson
 import yaml
 from aiohttp import web
+from aiohttp.http_exceptions import HttpProcessingError
 
 from . import break_glass as break_glass_api
 from . import console, explain, export, pipeline, retention_report, subject_requests
@@ -54,6 +55,24 @@ NEW_REQUEST_ID = web.AppKey("new_request_id", Callable[[], str])
 PARTITIONS = web.AppKey("partitions", PartitionWatch)
 
 
+class MalformedRequests(logging.Filter):
+    """aiohttp logs each request its parser refuses (400) at ERROR with a traceback; for a
+    gateway on a hostile network that is one attacker-made traceback per packet. Such a
+    record becomes one WARNING line with the parser's reason, and no traceback."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        exc = record.exc_info[1] if record.exc_info else None
+        if isinstance(exc, HttpProcessingError) and exc.code == 400:
+            record.levelno, record.levelname = logging.WARNING, "WARNING"
+            record.msg, record.args = "%s: malformed HTTP request refused (400): %s", (
+                record.getMessage(), type(exc).__name__)
+            record.exc_info = record.exc_text = None
+        return True
+
+
+_MALFORMED = MalformedRequests()
+
+
 def create_app(settings: Settings, dsn: str, reload_on_sighup: bool = False,
                policy_set: PolicySet | None = None, migrate: bool = True) -> web.Application:
     """The gateway application; resources open and close with its cleanup contexts. With
@@ -65,6 +84,9 @@ def create_app(settings: Settings, dsn: str, reload_on_sighup: bool = False,
     (--no-migrate)."""
     policy_set = policy_set or load_policy_set(settings.policy_dir)
     catalog, policy = policy_set.catalog, policy_set.policy
+    server_log = logging.getLogger("aiohttp.server")
+    if _MALFORMED not in server_log.filters:
+        server_log.addFilter(_MALFORMED)
     app = web.Application(middlewares=[_request_ids], client_max_size=settings.max_body_bytes)
     app[NEW_REQUEST_ID] = request_ids()
     app.on_response_prepare.append(_private_answers)

@@ -4,6 +4,7 @@ query of the route that was authorized and audited, or nothing at all."""
 from __future__ import annotations
 
 import asyncio
+import logging
 from urllib.parse import urlsplit
 
 import orjson
@@ -169,3 +170,28 @@ async def test_the_backend_receives_only_canonical_authorized_targets(
     assert canonical.route.name == row["route"], (target, path_qs)
     assert canonical.upstream == path_qs, (target, path_qs)
     assert row["subject_euo"] == canonical.params[canonical.route.subject_euo]
+
+
+@pytest.mark.parametrize("head", [
+    b"GET /v1/catalog HTTP/1.1\r\nHost: x\r\nBad Header: 1\r\n",        # space in a name
+    b"GET /v1/catalog HTTP/1.1\r\nHost: x\r\nX: \x00\r\n",              # NUL in a value
+    b"GET /v1/catalog HTTP/1.1\r\nHost: x\r\nContent-Length: -1\r\n",
+    b"GET /v1/catalog HTTP/1.1\r\nHost: x\r\nX: " + b"a" * 70000 + b"\r\n",   # too long
+])
+async def test_a_malformed_request_is_refused_with_one_line_of_log_not_a_traceback(
+        gateway, head, caplog):
+    """The parser's refusals (400) are what an attacker sends at will: each is one WARNING
+    line naming the parser's reason, never an ERROR with a traceback."""
+    url = urlsplit(gateway)
+    reader, writer = await asyncio.open_connection(url.hostname, url.port)
+    with caplog.at_level(logging.DEBUG, logger="aiohttp.server"):
+        writer.write(head + b"Connection: close\r\n\r\n")
+        await writer.drain()
+        data = await reader.read()
+        writer.close()
+    assert data.split(b" ", 2)[1] == b"400", data[:200]
+    records = [r for r in caplog.records if r.name == "aiohttp.server"]
+    assert records, "the refusal was not logged at all"
+    for r in records:
+        assert r.levelno == logging.WARNING and r.exc_info is None and r.exc_text is None
+        assert "malformed HTTP request refused (400)" in r.getMessage()
