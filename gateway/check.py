@@ -12,7 +12,9 @@ import asyncio
 import contextlib
 import dataclasses
 import logging
+import re
 from dataclasses import dataclass, field
+from pathlib import Path
 from urllib.parse import parse_qsl, urlencode, urlsplit
 
 import aiohttp
@@ -21,6 +23,8 @@ import asyncpg
 from .catalog import PolicyError
 from .db import (
     PARTITION_MONTHS_REQUIRED,
+    RUNTIME_GRANTS,
+    SQL_DIR,
     ensure_partitions,
     migrate,
     missing_partitions,
@@ -31,23 +35,20 @@ from .settings import ConfigError, Settings
 
 log = logging.getLogger("gateway.check")
 
-# What the runtime role needs, table by table: the same list as sql/runtime_grants.sql.
-RUNTIME_PRIVILEGES = (
-    ("audit_log", ("SELECT", "INSERT")),
-    ("audit_chain_heads", ("SELECT", "INSERT", "UPDATE")),
-    ("contracts", ("SELECT", "INSERT", "UPDATE", "DELETE")),
-    ("contract_history", ("SELECT",)),
-    ("dsr_requests", ("SELECT", "INSERT", "UPDATE")),
-    ("schema_migrations", ("SELECT",)),
-    ("audit_signing_keys", ("SELECT", "INSERT")),
-    ("audit_checkpoints", ("SELECT", "INSERT")),
-    ("break_glass", ("SELECT", "INSERT", "UPDATE")),
-    ("dsr_transitions", ("SELECT", "INSERT")),
-    ("dsr_erasure_calls", ("SELECT", "INSERT")),
-    ("webhook_outbox", ("SELECT", "INSERT", "UPDATE")),
-    ("webhook_deliveries", ("SELECT", "INSERT")),
-    ("audit_merkle_nodes", ("SELECT", "INSERT")),
-)
+# What the runtime role needs, table by table: read from sql/runtime_grants.sql itself
+# (its `grant … on TABLE to` lines), so the check and the grants cannot drift apart.
+_GRANT = re.compile(r"grant ([a-z, ]+) on ([a-z_]+) to", re.I)
+
+
+def runtime_privileges(sql_dir: Path = SQL_DIR) -> tuple[tuple[str, tuple[str, ...]], ...]:
+    """(table, privileges) for every table runtime_grants.sql grants on (not sequences,
+    schemas or functions)."""
+    text = (sql_dir / RUNTIME_GRANTS).read_text(encoding="utf-8")
+    return tuple((table, tuple(p.strip().upper() for p in privs.split(",")))
+                 for privs, table in _GRANT.findall(text)
+                 if not privs.strip().lower().startswith(("usage", "execute")))
+
+
 MIGRATE_HINT = "run `gateway migrate` as the schema's owner"
 SECRET_FIELDS = ("jwt_secret",)
 URL_FIELDS = ("database_url", "jwt_jwks_url", "webhook_url")
@@ -136,8 +137,9 @@ async def check_database(dsn: str, found: Findings, migrating: bool = False) -> 
 
 async def _check_grants(conn: asyncpg.Connection, role: str, me, found: Findings) -> None:
     """The privileges a runtime role needs (sql/runtime_grants.sql), and none to create."""
-    tables = [t for t, privs in RUNTIME_PRIVILEGES for _ in privs]
-    privileges = [p for _, privs in RUNTIME_PRIVILEGES for p in privs]
+    needed = runtime_privileges()
+    tables = [t for t, privs in needed for _ in privs]
+    privileges = [p for _, privs in needed for p in privs]
     lacking = await conn.fetch(query("missing_privileges"), tables, privileges)
     for r in lacking:
         found.problems.append(f"role {role} lacks {r['priv']} on {r['tbl']}: run "

@@ -6,8 +6,8 @@
 --   gateway grant --role gateway_runtime
 --   PGOPTIONS='-c gateway.runtime_role=gateway_runtime' psql "$OWNER_DSN" -f sql/runtime_grants.sql
 --
--- Idempotent; run it again after a migration that adds a table. gateway/check.py
--- (RUNTIME_PRIVILEGES) checks the same list when `gateway check` or `serve` runs as this role.
+-- Idempotent; run it again after a migration that adds a table. `gateway check` and `serve`,
+-- run as this role, read the table grants below (gateway/check.py) and check each is held.
 do $$
 declare
     runtime text := nullif(current_setting('gateway.runtime_role', true), '');

@@ -3,9 +3,13 @@ exit 0 when nothing stops `serve`, 2 otherwise."""
 
 from __future__ import annotations
 
+import re
 import shutil
 
 import asyncpg
+
+from gateway.check import runtime_privileges
+from gateway.db import SQL_DIR
 
 from .conftest import POLICY_DIR, SECRET, free_port, serve_env
 from .roles import drop_last_migration, gateway_cli, migrated_with_grants, two_roles
@@ -82,3 +86,15 @@ async def test_a_runtime_role_without_its_grants_is_a_problem(database_url, back
     assert done.returncode == 2
     assert (f"problem: role {roles.runtime} lacks DELETE on contracts: run `gateway grant "
             f"--role {roles.runtime}` as the schema's owner") in done.stdout.splitlines()
+
+
+def test_every_table_the_migrations_create_is_granted_to_the_runtime_role_and_checked():
+    """`gateway check` reads its list from runtime_grants.sql: a table a migration adds and
+    the grants forget is caught here, before a runtime role fails on it in production."""
+    created = set()
+    for migration in sorted(SQL_DIR.glob("[0-9][0-9][0-9]_*.sql")):
+        # a partition is read and written through its parent's grants
+        created |= set(re.findall(r"^create table (\w+)(?! partition of)\b", migration.read_text(),
+                                  re.M))
+    checked = {table for table, privileges in runtime_privileges() if "SELECT" in privileges}
+    assert created and created <= checked, sorted(created - checked)
