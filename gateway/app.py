@@ -156,7 +156,8 @@ def _resources(settings: Settings, dsn: str, catalog, policy: Policy, metrics: M
             pool, session, settings.webhook_url,
             webhook_secret(settings) if settings.webhook_url else None,
             settings.webhook_max_attempts, settings.webhook_backoff_s, settings.webhook_timeout_s,
-            settings.webhook_poll_s, settings.dsr_scan_s, observe=metrics.observe_webhook)
+            settings.webhook_poll_s, settings.dsr_scan_s, observe=metrics.observe_webhook,
+            keep_days=settings.webhook_keep_days)
         webhooks.start()
         metrics.watch_requests(webhooks)
         app[POOL] = pool

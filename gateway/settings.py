@@ -84,6 +84,7 @@ class Settings:
     webhook_backoff_s: float = 5.0         # the first retry; doubling, at most an hour
     webhook_timeout_s: float = 10.0        # one delivery attempt, end to end
     webhook_poll_s: float = 1.0            # how often the outbox is looked at when idle
+    webhook_keep_days: int = 30            # finished events are deleted after this long
     dsr_scan_s: float = 60.0               # due-soon/overdue reminders and counts
     erasure_deadline_s: float = 300.0      # an accepted erasure's backend calls, all told
 
@@ -137,6 +138,7 @@ class Settings:
                                       cls.webhook_max_attempts),
             webhook_backoff_s=_positive(env, "GATEWAY_WEBHOOK_BACKOFF_S", cls.webhook_backoff_s),
             webhook_timeout_s=_positive(env, "GATEWAY_WEBHOOK_TIMEOUT_S", cls.webhook_timeout_s),
+            webhook_keep_days=_int(env, "GATEWAY_WEBHOOK_KEEP_DAYS", cls.webhook_keep_days),
             dsr_scan_s=_positive(env, "GATEWAY_DSR_SCAN_S", cls.dsr_scan_s),
             erasure_deadline_s=_positive(env, "GATEWAY_ERASURE_DEADLINE_S",
                                          cls.erasure_deadline_s),
@@ -171,6 +173,8 @@ class Settings:
                 webhook_secret(self)
             except ConfigError as e:
                 problems.append(str(e))
+        if self.webhook_keep_days < 1:
+            problems.append("GATEWAY_WEBHOOK_KEEP_DAYS must be at least 1")
         if self.webhook_max_attempts < 1:
             problems.append("GATEWAY_WEBHOOK_MAX_ATTEMPTS must be at least 1")
         for name in POLICY_FILES:

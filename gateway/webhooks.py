@@ -63,11 +63,11 @@ class Webhooks:
     def __init__(self, pool: asyncpg.Pool, session: aiohttp.ClientSession, url: str | None,
                  secret: bytes | None, max_attempts: int = 10, backoff_s: float = 5.0,
                  timeout_s: float = 10.0, poll_s: float = 1.0, scan_s: float = 60.0,
-                 observe: Callable[[str], None] | None = None):
+                 observe: Callable[[str], None] | None = None, keep_days: int = 30):
         self.pool, self.session = pool, session
         self.url, self.secret = url, secret
         self.max_attempts, self.backoff_s, self.timeout_s = max_attempts, backoff_s, timeout_s
-        self.poll_s, self.scan_s = poll_s, scan_s
+        self.poll_s, self.scan_s, self.keep_days = poll_s, scan_s, keep_days
         self.observe = observe                  # told each attempt's outcome (metrics)
         self.due_soon = 0                       # unresolved requests due within 7 days
         self.overdue = 0
@@ -108,8 +108,11 @@ class Webhooks:
         """Queue the due-soon and overdue reminders not queued yet, refresh the counts, run
         the other periodic checks of requests (`sweeps`); return how many reminders were
         queued."""
-        for sweep in self.sweeps:
-            await sweep()
+        for sweep in (self.prune, *self.sweeps):
+            try:
+                await sweep()
+            except _DB_ERRORS as e:   # one check failing keeps none of the others from running
+                log.warning("request scan: %s failed: %s", getattr(sweep, "__name__", sweep), e)
         queued = 0
         async with self.pool.acquire() as conn:
             if self.enabled:      # a process without webhooks leaves the reminders to others
@@ -119,6 +122,11 @@ class Webhooks:
         if queued:
             self.wake()
         return queued
+
+    async def prune(self) -> int:
+        """Delete the events delivered or given up more than keep_days ago (and their
+        delivery attempts); return how many."""
+        return await self.pool.fetchval(query("webhook_prune"), self.keep_days)
 
     async def _scanning(self) -> None:
         while True:

@@ -376,6 +376,9 @@ select a.service, a.route, r.key as reason, d.key as data_set,
  group by a.service, a.route, r.key, d.key
  order by max(a.at) desc, a.service, a.route, d.key;
 
+-- name: webhook_prune
+select webhook_prune(make_interval(days => $1));
+
 -- name: interrupted_erasures
 -- $1: seconds. Erasures accepted longer ago than that and still `accepted`: the gateway that
 -- ran their backend calls stopped midway (an erasure runs in the request that accepted it).

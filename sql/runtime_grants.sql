@@ -34,6 +34,9 @@ begin
     execute format('grant usage on sequence webhook_outbox_id_seq to %I', runtime);
     execute format('grant select, insert on webhook_deliveries to %I', runtime);
     execute format('grant usage on sequence webhook_deliveries_id_seq to %I', runtime);
+    -- finished events are deleted after GATEWAY_WEBHOOK_KEEP_DAYS by this owner's function
+    -- only (022), never by a DELETE of the runtime role's own
+    execute format('grant execute on function webhook_prune(interval) to %I', runtime);
     -- signed checkpoints (010): appended, never changed
     execute format('grant select, insert on audit_signing_keys to %I', runtime);
     execute format('grant select, insert on audit_checkpoints to %I', runtime);

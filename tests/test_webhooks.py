@@ -10,14 +10,17 @@ import hmac
 import time
 import uuid
 
+import asyncpg
 import orjson
 import pytest
 import pytest_asyncio
 from aiohttp import web
 
 from gateway.demo.run import start_site
+from gateway.webhooks import Webhooks
 
 from .conftest import call, free_port, gateway_process, gateway_settings, running_gateway, wait_for
+from .roles import migrated_with_grants, two_roles
 
 SECRET = b"webhook-test-key-" + b"k" * 32           # a test key, not a secret
 
@@ -242,3 +245,39 @@ def test_a_webhook_url_needs_a_readable_key_of_32_bytes(tmp_path):
     assert good.webhook_url == "https://hooks.example/in" and good.webhook_backoff_s == 0.5
     with pytest.raises(ConfigError, match="GATEWAY_WEBHOOK_URL"):
         Settings.from_env({**base, "GATEWAY_WEBHOOK_URL": "ftp://nope"})
+
+
+async def test_finished_events_are_deleted_after_the_keep_days_and_pending_ones_never(
+        database_url):
+    """Events name a request's user: transport, not record. Delivered or given up longer ago
+    than GATEWAY_WEBHOOK_KEEP_DAYS, an event and its attempts go; one still to be delivered
+    stays however old. The runtime role (least privilege) does it through the owner's
+    function, and still cannot DELETE an event itself."""
+    async with two_roles(database_url) as roles:
+        await migrated_with_grants(roles)
+        owner = await asyncpg.connect(roles.owner_dsn)
+        runtime = await asyncpg.connect(roles.runtime_dsn)
+        try:
+            ids = {}
+            for name, delivered, given_up in (
+                    ("old_delivered", "40 days", None), ("old_given_up", None, "40 days"),
+                    ("recent", "2 days", None), ("old_pending", None, None)):
+                ids[name] = await owner.fetchval(
+                    "insert into webhook_outbox (event, payload, created_at, delivered_at, "
+                    "given_up_at) values ('request.filed', '{}', now() - interval '41 days', "
+                    "now() - $1::text::interval, now() - $2::text::interval) returning id",
+                    delivered, given_up)
+                await owner.execute("insert into webhook_deliveries (outbox_id, attempt, url, "
+                                    "duration_ms) values ($1, 1, 'http://x', 1)", ids[name])
+            async with asyncpg.create_pool(roles.runtime_dsn, min_size=1, max_size=1) as pool:
+                await Webhooks(pool, None, None, None, keep_days=30).scan()   # the periodic scan
+            left = {r["id"] for r in await owner.fetch("select id from webhook_outbox")}
+            assert left == {ids["recent"], ids["old_pending"]}
+            attempts = {r["outbox_id"] for r in
+                        await owner.fetch("select outbox_id from webhook_deliveries")}
+            assert attempts == left
+            with pytest.raises(asyncpg.InsufficientPrivilegeError):
+                await runtime.execute("delete from webhook_outbox where id = $1", ids["recent"])
+        finally:
+            await runtime.close()
+            await owner.close()
