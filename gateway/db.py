@@ -127,6 +127,12 @@ class EmbeddedPostgres:
             # reboot or in a new container); pgserver would take it for a running server
             log.warning("removing stale %s (pid %s is not a running PostgreSQL)", pid_file, pid)
             pid_file.unlink()
+        # the socket's lock file (the socket lives in pgdata) outlives a killed server too,
+        # and PostgreSQL refuses to start while its pid exists at all: a zombie not yet
+        # reaped (PID 1 of a container that reaps nothing) or a reused pid would block it
+        for lock in self.pgdata.glob(".s.PGSQL.*.lock"):
+            log.warning("removing stale %s (no PostgreSQL runs on %s)", lock, self.pgdata)
+            lock.unlink(missing_ok=True)
         # pgserver counts its users in this file and never stops a server while a pid it
         # lists (dead ones included) remains; this process manages the lifetime instead
         (self.pgdata / ".handle_pids.json").unlink(missing_ok=True)

@@ -178,7 +178,18 @@ async def test_a_stale_postmaster_pid_does_not_block_a_restart(backends, http, d
     assert await wait_for(all_gone, timeout=30)
     await asyncio.to_thread(server.stop)
     assert (pgdata / "postmaster.pid").exists()
-    if owner == "another program":
-        lines = (pgdata / "postmaster.pid").read_text().split("\n")
-        (pgdata / "postmaster.pid").write_text("\n".join([str(os.getpid()), *lines[1:]]))
-    await _serve_and_stop(http, backends, data_dir)
+    # a live process of PostgreSQL's own user (PostgreSQL takes a pid it may not signal for a
+    # stale one): as a killed server's unreaped zombie is
+    pg_user = pgdata.stat().st_uid
+    other = subprocess.Popen(["sleep", "300"], user=pg_user if os.getuid() == 0 else None)
+    try:
+        if owner == "another program":
+            # the pid file and the socket's lock file name a live pid that is not PostgreSQL
+            # (an unreaped zombie's pid is alive too, which PostgreSQL cannot tell apart)
+            for name in ("postmaster.pid", *(p.name for p in pgdata.glob(".s.PGSQL.*.lock"))):
+                lines = (pgdata / name).read_text().split("\n")
+                (pgdata / name).write_text("\n".join([str(other.pid), *lines[1:]]))
+        await _serve_and_stop(http, backends, data_dir)
+    finally:
+        other.kill()
+        other.wait()
