@@ -131,6 +131,10 @@ def main(argv: list[str] | None = None) -> int:
                      help="an active contract to assume (repeat); none by default")
     exp.add_argument("--restricted", action="append", default=[], metavar="EUO/USER",
                      help="a user who restricted processing (repeat); none by default")
+    pt = pol_sub.add_parser("test", help="run the YAML cases of DIR (default: the policy "
+                            "directory's tests/) against the policy, as explain decides them; "
+                            "exit 1 when one fails, 2 when a case file is malformed")
+    pt.add_argument("dir", nargs="?", help="a directory of *.yaml case files")
     contracts = sub.add_parser("contracts", help="the partner <-> EUO contracts")
     contracts_sub = contracts.add_subparsers(dest="contracts_command", required=True)
     contracts_sub.add_parser("list", help="print every contract as NDJSON (euo_id, partner_id, "
@@ -167,7 +171,8 @@ def main(argv: list[str] | None = None) -> int:
             from .audit import cli
             return _with_database(settings, lambda dsn: cli.run(dsn, settings, args))
         if args.command == "policy":
-            return _explain_offline(settings, args)
+            return (_explain_offline(settings, args) if args.policy_command == "explain"
+                    else _policy_test(settings, args))
         if args.command == "contracts":
             return _with_database(settings, _list_contracts)
         if args.command == "retention":
@@ -214,6 +219,25 @@ def _explain_offline(settings: Settings, args) -> int:
     print(orjson.dumps(explain(gw, principal, args.method, args.path),
                        option=orjson.OPT_INDENT_2).decode())
     return 0
+
+
+def _policy_test(settings: Settings, args) -> int:
+    """gateway policy test: every case of DIR against the policy directory."""
+    from .policyset import load_policy_set
+    from .policytest import CaseError, run
+    policy_set = load_policy_set(settings.policy_dir)
+    directory = Path(args.dir) if args.dir else settings.policy_dir / "tests"
+    try:
+        cases, failures = run(directory, policy_set)
+    except CaseError as e:
+        print(f"gateway policy test: {e}", file=sys.stderr)
+        return 2
+    for failure in failures:
+        print(failure)
+    files = len({c.file for c in cases})
+    print(f"policy test: {len(cases)} cases in {files} file{'s' if files != 1 else ''}, "
+          f"{len(failures)} failed (policy {policy_set.version}, {settings.policy_dir})")
+    return 1 if failures else 0
 
 
 def _verify_offline(args) -> int:

@@ -89,6 +89,9 @@ async def test_the_installed_wheel_migrates_and_serves_an_audited_request(
                 "print(s.__file__); print(s.SQL_DIR); print(s.DEFAULT_POLICY_DIR)",
                 cwd=tmp_path, env=env).stdout.split()
     assert all(Path(p).is_relative_to(venv) for p in where), where
+    # the shipped policy's own test cases come with it, and pass
+    tested = run(venv / "bin" / "gateway", "policy", "test", cwd=tmp_path, env=env).stdout
+    assert "144 cases in 2 files, 0 failed" in tested, tested
 
     run(venv / "bin" / "gateway", "migrate", cwd=tmp_path, env=env, timeout=60)
     conn = await asyncpg.connect(empty_database)
