@@ -19,7 +19,7 @@ from aiohttp import web
 
 from .authz import Policy, path_relations
 from .catalog import ACTION_OF_METHOD, Catalog
-from .endpoints import api, json_response
+from .endpoints import api, identifier, json_response
 from .errors import Denied
 from .pipeline import GATEWAY, authorize, match_route
 from .principal import Principal
@@ -137,11 +137,43 @@ def _request(params) -> tuple[str, str]:
     return method, path
 
 
+AS_PARAMETERS = ("role", "sub", "partner", "euo")
+
+
+def _as(catalog: Catalog, params) -> Principal:
+    """The caller to explain for, from role, sub and the tenant claim its role needs."""
+    for name in AS_PARAMETERS:
+        if len(params.getall(name, ())) > 1:
+            raise Denied(400, "bad_explain", f"{name} is given once")
+    kind = catalog.roles.get(params.get("role"))
+    if kind is None:
+        raise Denied(400, "bad_explain", "role must be one of roles.yaml: "
+                     + ", ".join(sorted(catalog.roles)))
+    sub = identifier(params.get("sub"), "sub")
+    claims = {}
+    for claim in ("partner", "euo"):
+        value = params.get(claim)
+        if claim == kind.tenant_claim:
+            claims[claim] = identifier(value, claim)
+        elif value is not None:
+            raise Denied(400, "bad_explain", f"role {kind.name} carries no {claim} claim")
+    return Principal(sub=sub, role=kind.name, kind=kind, **claims)
+
+
 @api("/v1/explain")
 async def explain_endpoint(request: web.Request, principal: Principal, row) -> web.Response:
-    """The decision for the caller, without calling the backend (any role)."""
+    """The decision for the caller, without calling the backend (any role); for another
+    caller (role, sub and its tenant claim given) for a role with the explain_any group."""
     method, path = _request(request.query)
-    return json_response(explain(request.app[GATEWAY], principal, method, path))
+    gw = request.app[GATEWAY]
+    if not any(name in request.query for name in AS_PARAMETERS):
+        return json_response(explain(gw, principal, method, path))
+    if not principal.kind.may("explain_any"):
+        raise Denied(403, "role_not_permitted", "only a role with the explain_any group "
+                     "(roles.yaml) may explain for another caller")
+    said = explain(gw, _as(gw.catalog, request.query), method, path)
+    said["explained_by"] = {"role": principal.role, "sub": principal.sub}
+    return json_response(said)
 
 
 def add_routes(app: web.Application) -> None:

@@ -20,8 +20,9 @@ COLUMNS_OF_CLAIM = {None: ("provider_staff",), "partner": ("partner",), "euo": (
 # the relation a role of each tenant claim holds to a resource it reaches
 REACH = {None: "any", "partner": "contracted_partner", "euo": "same_euo"}
 SUBJECT_RELATIONS = frozenset({"self", "organizer", "author"})
-API_GROUPS = ("audit", "requests", "audit_verify", "contracts", "retention", "assisted_export")
-PROVIDER_ONLY = frozenset({"audit_verify", "contracts", "retention"})
+API_GROUPS = ("audit", "requests", "audit_verify", "contracts", "retention", "assisted_export",
+              "explain_any")
+PROVIDER_ONLY = frozenset({"audit_verify", "contracts", "retention", "explain_any"})
 
 
 class RoleError(ValueError):

@@ -87,3 +87,38 @@ async def test_offline_explain_matches_the_endpoint(gateway, http, token_for):
     done = _offline("--role", "partner", "--sub", "x", "--partner", "p-northwind", path)
     assert orjson.loads(done.stdout)["reason"] == "no_active_contract"   # no contract given
     assert _offline("--role", "nobody", "--sub", "x", path).returncode == 2
+
+
+@pytest.mark.parametrize(("path", "caller", "expected"), CASES)
+async def test_staff_explaining_for_a_caller_answer_as_that_caller_would_be_answered(
+        gateway, http, token_for, path, caller, expected):
+    """Provider staff (explain_any) ask for any role and tenant: the answer is the one that
+    caller gets asking itself, and says whose view it is and who asked."""
+    claims = CALLERS[caller]
+    own = await _explain(http, gateway, token_for(caller), path)
+    query = "&".join(f"{k}={quote(v, safe='')}" for k, v in claims.items())
+    status, _, body = await call(http, "GET", f"{gateway}/v1/explain?method=GET&path="
+                                 f"{quote(path, safe='')}&{query}", token_for("staff"))
+    assert status == 200, body
+    for_them = orjson.loads(body)
+    assert for_them.pop("explained_by") == {"role": "provider_staff", "sub": "staff-sam"}
+    assert for_them == own
+    assert for_them["caller"]["role"] == claims["role"]
+
+
+@pytest.mark.parametrize(("who", "query", "status", "code"), [
+    ("partner", "role=user&sub=u-alice&euo=euo-acme", 403, "role_not_permitted"),
+    ("alice", "role=user&sub=u-bob&euo=euo-acme", 403, "role_not_permitted"),
+    ("admin", "sub=u-bob", 403, "role_not_permitted"),
+    ("staff", "role=janitor&sub=x", 400, "bad_explain"),
+    ("staff", "sub=u-alice", 400, "bad_explain"),
+    ("staff", "role=user&sub=u-alice", 400, "bad_identifier"),           # no euo claim
+    ("staff", "role=user&sub=u-alice&euo=euo-acme&partner=p-northwind", 400, "bad_explain"),
+    ("staff", "role=user&sub=%00&euo=euo-acme", 400, "bad_identifier"),
+    ("staff", "role=user&role=partner&sub=u-alice&euo=euo-acme", 400, "bad_explain"),
+])
+async def test_explaining_for_another_caller_is_refused_unless_allowed_and_well_formed(
+        gateway, http, token_for, who, query, status, code):
+    got, _, body = await call(http, "GET", f"{gateway}/v1/explain?method=GET&path=/telephony/"
+                              f"euos/euo-acme&{query}", token_for(who))
+    assert (got, orjson.loads(body)["error"]["code"]) == (status, code)
