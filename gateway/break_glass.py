@@ -34,6 +34,7 @@ from .errors import Denied
 from .notified import STALENESS_S, NotifiedCache
 from .pipeline import GATEWAY
 from .principal import Principal, scope
+from .webhooks import WEBHOOKS
 
 RELATION = "break_glass"
 
@@ -130,6 +131,17 @@ def public(r: Any, viewer: Principal) -> dict[str, Any]:
             "in_force": r["ended_at"] is None and r["ends_at"] > datetime.now(UTC)}
 
 
+def event_payload(r: Any) -> dict[str, Any]:
+    """What a break-glass webhook says: the grant, its holder and who ended it by role and
+    organisation only (as the EUO's admins see other organisations' people)."""
+    return {"id": str(r["id"]), "euo": r["euo_id"], "user": r["user_sub"],
+            "role": r["actor_role"], "partner": r["actor_partner"],
+            "purpose": r["purpose"], "ticket": r["ticket"],
+            "created_at": r["created_at"].isoformat(), "ends_at": r["ends_at"].isoformat(),
+            "ended_at": r["ended_at"].isoformat() if r["ended_at"] else None,
+            "ended_by": r["ended_by"].partition(":")[0] if r["ended_by"] else None}
+
+
 def _colleague(viewer: Principal, role: str, partner: str | None, euo: str | None = None) -> bool:
     """Whether someone of this role (and partner, or EUO) is of the viewer's organisation;
     the Provider's roles see everyone (gateway/audit/api.py, same rule)."""
@@ -180,12 +192,17 @@ async def open_grant(request: web.Request, principal: Principal, row: AuditRow):
     gid = uuid.uuid4()
     row.break_glass = str(gid)            # the row that opens it names it
 
+    webhooks = request.app[WEBHOOKS]
+
     async def change(conn):
-        return await conn.fetchrow(query("break_glass_open"), gid, principal.role,
-                                   principal.sub, principal.partner, euo, user, purpose,
-                                   ticket, ends_at)
+        opened = await conn.fetchrow(query("break_glass_open"), gid, principal.role,
+                                     principal.sub, principal.partner, euo, user, purpose,
+                                     ticket, ends_at)
+        await webhooks.queue_payload(conn, "break_glass.opened", event_payload(opened))
+        return opened
     record = await request[CALL].allow(201, 0, change=change)
     gw.break_glass.remember(record)
+    webhooks.wake()
     return json_response(public(record, principal), status=201)
 
 
@@ -205,14 +222,19 @@ async def end_grant(request: web.Request, principal: Principal, row: AuditRow):
     row.subject_users = [current["user_sub"]] if current["user_sub"] else []
     row.break_glass = str(gid)
     by = f"{principal.role}:{principal.sub}"
+    webhooks = request.app[WEBHOOKS]
 
     async def change(conn):
         # ended already (by someone else a moment ago, or on time): answer it as it is now,
         # never as it was read before the end (it would go back in force in the mirror)
-        return (await conn.fetchrow(query("break_glass_end"), gid, by)
-                or await conn.fetchrow(query("break_glass_get"), gid))
+        ended = await conn.fetchrow(query("break_glass_end"), gid, by)
+        if ended is None:
+            return await conn.fetchrow(query("break_glass_get"), gid)
+        await webhooks.queue_payload(conn, "break_glass.ended", event_payload(ended))
+        return ended
     record = await request[CALL].allow(200, 0, change=change)
     gw.break_glass.remember(record)
+    webhooks.wake()
     return json_response(public(record, principal))
 
 

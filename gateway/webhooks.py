@@ -34,7 +34,8 @@ from .db import query
 log = logging.getLogger("gateway.webhooks")
 
 EVENTS = ("request.filed", "request.due_soon", "request.overdue", "request.resolved",
-          "request.erasure_failed", "restriction.lifted")
+          "request.erasure_failed", "restriction.lifted", "break_glass.opened",
+          "break_glass.ended")
 SIGNATURE_HEADER = "X-Gateway-Signature"
 TIMESTAMP_HEADER = "X-Gateway-Timestamp"
 BATCH = 20
@@ -86,6 +87,14 @@ class Webhooks:
         assert event in EVENTS, event
         if self.enabled:
             await conn.execute(query("outbox_add_request_event"), event, request_id)
+
+    async def queue_payload(self, conn: asyncpg.Connection, event: str,
+                            payload: dict[str, Any]) -> None:
+        """Queue an event about something else than a request (a break-glass grant), its
+        payload as given, in the caller's transaction; nothing without a receiver."""
+        assert event in EVENTS and not event.startswith("request."), event
+        if self.enabled:
+            await conn.execute(query("outbox_add_event"), event, orjson.dumps(payload).decode())
 
     def wake(self) -> None:
         """An event was committed: deliver now rather than at the next poll."""
@@ -158,9 +167,12 @@ class Webhooks:
         return len(rows)
 
     async def _attempt(self, row) -> None:
+        # the payload under the name of what the event is about: "request" (request.*,
+        # restriction.lifted) or "break_glass" (break_glass.*)
+        about = "break_glass" if row["event"].startswith("break_glass.") else "request"
         body = orjson.dumps({"id": row["id"], "event": row["event"],
                              "created_at": row["created_at"].isoformat(),
-                             "request": orjson.loads(row["payload"])})
+                             about: orjson.loads(row["payload"])})
         timestamp = str(int(time.time()))
         headers = {"Content-Type": "application/json", "User-Agent": "partner-gateway-webhooks",
                    "X-Gateway-Event": row["event"], "X-Gateway-Delivery": str(row["id"]),

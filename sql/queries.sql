@@ -141,6 +141,10 @@ select at, data_sets, method, path, status, outcome, reason
 insert into webhook_outbox (event, request_id, payload)
 select $1, r.id, dsr_event_payload(r) from dsr_requests r where r.id = $2;
 
+-- name: outbox_add_event
+-- $1: event, $2: its payload (JSON text). In the transaction of the change it reports.
+insert into webhook_outbox (event, payload) values ($1, $2::jsonb);
+
 -- name: outbox_reminders
 -- Queue "due in 7 days" and "overdue" once per unresolved request (run by processes with
 -- webhooks configured). Returns how many were queued.

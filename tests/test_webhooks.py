@@ -45,7 +45,7 @@ class Receiver:
         status = 204
         if not (hmac.compare_digest(given, expected) and fresh):
             status = 401
-        elif self.fail.get(event["request"]["user_sub"], 0) > 0:
+        elif self.fail.get(event.get("request", {}).get("user_sub"), 0) > 0:
             self.fail[event["request"]["user_sub"]] -= 1
             status = 500
         self.attempts.append((event["event"], status))
@@ -54,7 +54,8 @@ class Receiver:
         return web.Response(status=status)
 
     def about(self, request_id: str, event: str | None = None) -> list[dict]:
-        return [e for e in self.events if e["request"]["id"] == request_id
+        """The events about this request (or break-glass grant)."""
+        return [e for e in self.events if e.get("request", e.get("break_glass"))["id"] == request_id
                 and (event is None or e["event"] == event)]
 
 
@@ -281,3 +282,36 @@ async def test_finished_events_are_deleted_after_the_keep_days_and_pending_ones_
         finally:
             await runtime.close()
             await owner.close()
+
+
+async def test_break_glass_opened_and_ended_early_are_told_with_the_grant(
+        hooked, http, token_for, db):
+    """In the transaction of the grant (and of its early end), never for a refused one; the
+    provider's person by role only, as the EUO's admins see them."""
+    gw, receiver = hooked
+    staff = token_for("staff")
+    ticket = f"INC-{uuid.uuid4().hex[:8]}"
+    status, _, body = await call(http, "POST", gw + "/v1/break-glass", staff, json={
+        "euo": "euo-acme", "purpose": "too long", "ticket": ticket, "minutes": 100000})
+    assert status == 400
+    status, _, body = await call(http, "POST", gw + "/v1/break-glass", staff, json={
+        "euo": "euo-acme", "user": "u-alice", "purpose": "organizer locked out",
+        "ticket": ticket, "minutes": 5})
+    assert status == 201, body
+    grant = orjson.loads(body)["id"]
+    assert await wait_for(lambda: _true(receiver.about(grant, "break_glass.opened")))
+    opened = receiver.about(grant)[0]["break_glass"]
+    assert {k: opened[k] for k in ("euo", "user", "role", "purpose", "ticket", "ended_at")} == {
+        "euo": "euo-acme", "user": "u-alice", "role": "provider_staff",
+        "purpose": "organizer locked out", "ticket": ticket, "ended_at": None}
+    assert "staff-sam" not in orjson.dumps(receiver.about(grant)).decode()
+    status, _, _ = await call(http, "DELETE", f"{gw}/v1/break-glass/{grant}", staff)
+    assert status == 200
+    assert await wait_for(lambda: _true(receiver.about(grant, "break_glass.ended")))
+    ended = receiver.about(grant, "break_glass.ended")[0]["break_glass"]
+    assert ended["ended_at"] and ended["ended_by"] == "provider_staff"
+    status, _, _ = await call(http, "DELETE", f"{gw}/v1/break-glass/{grant}", staff)
+    assert status == 200                                   # ended already: no second event
+    queued = await db.fetch("select event from webhook_outbox where payload->>'ticket' = $1 "
+                            "order by id", ticket)
+    assert [r["event"] for r in queued] == ["break_glass.opened", "break_glass.ended"]
