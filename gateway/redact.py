@@ -113,7 +113,8 @@ def check_shape(document: Any, node: Node | None, params: Mapping[str, str],
     """Raise Unmappable (SubjectMismatch) unless the answer has the route's shape and is
     about the request's subject: the check the nothing-to-remove path still pays."""
     if isinstance(node, Leaf):
-        _leaf(document, node, path)
+        if isinstance(document, (dict, list)):    # a scalar is always a good leaf
+            _leaf(document, node, path)
     elif document is None:
         return
     elif isinstance(node, ListOf):
@@ -128,6 +129,10 @@ def check_shape(document: Any, node: Node | None, params: Mapping[str, str],
         for _rel, fld in node.subject:
             _subject_of(document, fld, identifier, path)
         for key, child in document.items():
+            if not isinstance(child, (dict, list)) and (
+                    key not in node.fields or node.dataset_by is not None
+                    or isinstance(node.fields[key], Leaf)):
+                continue         # a scalar where a scalar may be: nothing to check (most)
             spec = node.fields.get(key)
             sub_path = f"{path}.{key}" if path else key
             if spec is None:
@@ -211,7 +216,8 @@ class _Walker:
     def value(self, value: Any, node: Node, relations: frozenset[str], path: str) -> Any:
         """The redacted value, or _DROP when none of it may be seen."""
         if isinstance(node, Leaf):
-            _leaf(value, node, path)
+            if isinstance(value, (dict, list)):       # a scalar is always a good leaf
+                _leaf(value, node, path)
             if node.data_set is None:
                 return value
             if node.data_set in self.cut.expired:
