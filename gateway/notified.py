@@ -13,7 +13,9 @@ A key's reloads run one at a time: a change heard while its key is being re-read
 again when that read ends, so an older read can never land after a newer one. A heard
 heartbeat proves the mirror fresh only up to the oldest change still being re-read (the
 freshness mark it had when that change was heard), so a re-read that hangs turns the
-mirror stale within the bound instead of leaving the old value trusted.
+mirror stale within the bound instead of leaving the old value trusted. A change heard while
+the whole table is being loaded (the listener is up first) is read again once the load has
+landed, which may have read the key before it changed.
 """
 
 from __future__ import annotations
@@ -54,6 +56,9 @@ class NotifiedCache:
         # keys being re-read: the freshness mark when their change was heard, their task
         self._reloading: dict[str, tuple[float, asyncio.Task]] = {}
         self._again: set[str] = set()   # keys changed again while being re-read
+        # while the whole table loads on a new listener: the keys it hears changed (read
+        # again once the load has landed, which may not have seen them)
+        self._loading: tuple[asyncpg.Connection, set[str]] | None = None
         self._task: asyncio.Task | None = None
         self._beat: asyncio.Task | None = None
         self._lost = asyncio.Event()
@@ -108,6 +113,8 @@ class NotifiedCache:
         async with asyncio.timeout(max(5.0, 2 * self.staleness_s)):
             conn = await asyncpg.connect(
                 self.dsn, server_settings={"application_name": f"gateway listener {self.channel}"})
+            changed: set[str] = set()
+            self._loading = (conn, changed)
             try:
                 conn.add_termination_listener(self._on_terminated)
                 await conn.add_listener(self.channel, self._on_notify)
@@ -118,10 +125,14 @@ class NotifiedCache:
             except BaseException:
                 conn.terminate()
                 raise
+            finally:
+                self._loading = None
         self._listener, self._heartbeat_channel = conn, heartbeat_channel
         self._proven_at = self._heard_at = listening_since   # changes after LISTEN are heard;
-        # the load saw the rest
+        # the load saw the rest, except perhaps what changed while it ran: read that again
         self._last_beat = listening_since
+        for key in changed:
+            self._reread(key)
         log.info("loaded %d rows of the %s", count, self.what)
 
     def _on_terminated(self, _conn: Any) -> None:
@@ -192,8 +203,14 @@ class NotifiedCache:
             self._prove()
 
     def _on_notify(self, conn: Any, _pid: int, _channel: str, key: str) -> None:
+        if self._loading is not None and conn is self._loading[0]:
+            self._loading[1].add(key)   # the load under way may have read it before it changed
+            return
         if conn is not self._listener:
             return   # a listener already replaced: the full load read this change
+        self._reread(key)
+
+    def _reread(self, key: str) -> None:
         if key in self._reloading:
             self._again.add(key)   # read again once the read under way ends
             return

@@ -31,10 +31,21 @@ class GatedMirror(NotifiedCache):
         self.table: dict[str, int] = {}     # what the database holds
         self.mirror: dict[str, int] = {}    # what the process believes
         self.reads: list[tuple[str, asyncio.Event]] = []   # re-reads under way, in order
+        self.load_gate: asyncio.Event | None = None   # when set: the whole load waits for it
+        self.loaded_from: dict[str, int] | None = None     # what the held load read
+        self.heard: list[str] = []                          # every key notified, in order
 
     async def load_all(self, conn) -> int:
-        self.mirror = dict(self.table)
+        snapshot = dict(self.table)           # the read: what was committed when it ran
+        if self.load_gate is not None:
+            self.loaded_from = snapshot
+            await self.load_gate.wait()
+        self.mirror = snapshot
         return len(self.mirror)
+
+    def _on_notify(self, conn, pid, channel, key) -> None:
+        self.heard.append(key)
+        super()._on_notify(conn, pid, channel, key)
 
     async def reload(self, conn, key: str) -> None:
         value = self.table.get(key)          # the read: what was committed when it ran
@@ -111,6 +122,35 @@ async def test_a_change_heard_while_its_key_is_reread_is_read_again_once_that_re
         await until(lambda: not cache.reads and cache.mirror.get("euo-1") == 3)
         await heard(cache, notifier, "marker-2")
         assert cache.mirror["euo-1"] == 3 and cache.stale_reason() is None
+
+
+async def test_a_change_heard_while_the_whole_table_loads_is_read_again_once_it_has(
+        database_url):
+    """The listener is up before the table is read; a change committed after that read and
+    heard before it lands must be read again afterwards, or the mirror keeps the old value
+    with every heartbeat answered."""
+    pool = await asyncpg.create_pool(database_url, min_size=1, max_size=2)
+    cache = GatedMirror(pool, database_url, 5.0)
+    cache.table = {"euo-1": 1}
+    cache.load_gate = asyncio.Event()
+    notifier = await asyncpg.connect(database_url)
+    starting = asyncio.ensure_future(cache.start())
+    try:
+        await until(lambda: cache.loaded_from is not None)
+        await change(cache, notifier, "euo-1", 2)
+        await until(lambda: "euo-1" in cache.heard)
+        cache.load_gate.set()
+        await starting
+        assert cache.mirror["euo-1"] == 1                    # what the load had read
+        await until(lambda: bool(cache.reads))               # and is read again
+        await end_read(cache, cache.reads[0])
+        assert cache.mirror["euo-1"] == 2 and cache.stale_reason() is None
+    finally:
+        cache.load_gate.set()
+        await asyncio.gather(starting, return_exceptions=True)
+        await cache.close()
+        notifier.terminate()
+        await pool.close()
 
 
 async def test_a_reread_that_hangs_turns_the_mirror_stale_within_the_bound(database_url):
