@@ -57,6 +57,13 @@ async def test_demo_prints_tokens_whose_curl_lines_show_what_each_role_sees(http
             status, _, answer = await call(http, method, url, token, json=orjson.loads(body))
             statuses.append(status)
         assert statuses == [403, 201, 200], answer
+        # the policy's own tests, as printed (from the demo's directory, with its settings)
+        assert re.search(r"\n  gateway policy test\n", text)
+        tested = await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "gateway", "policy", "test", env=env,
+            stdout=asyncio.subprocess.PIPE)
+        out, _ = await tested.communicate()
+        assert tested.returncode == 0 and b" 0 failed" in out, out
         # the demo's webhook receiver checks the signature and prints the event
         assert re.search(r"Webhooks .* go to http://127\.0\.0\.1:\d+/webhooks", text)
         filer = next(t for t, u in shows if u.endswith("/v1/me/access-log"))

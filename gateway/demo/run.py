@@ -184,6 +184,8 @@ async def _run(settings: Settings, dsn: str) -> None:
           f"GATEWAY_AUDIT_CHECKPOINT_S):\n  curl -s {base}/v1/audit/keys | jq -r "
           "'.keys[-1].public_key_pem' > key.pem\n  gateway audit verify-slice slice.json "
           "--public-key key.pem\n")
+    print("# The policy's own tests (the floors and the visibility matrix as YAML cases; "
+          "no database needed):\n  gateway policy test\n")
     print(f"# Console: open {base}/console/ and paste one of these tokens (one per role)")
     for role, sub, partner, euo in CONSOLE:
         token = mint_token(settings, role, sub, partner, euo, 8 * 3600)
