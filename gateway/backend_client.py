@@ -63,9 +63,12 @@ class BackendClient:
         self._closed = False
 
     async def request(self, service: str, method: str, path_qs: str,
-                      headers: Mapping[str, str], body: bytes | None = None) -> Answer:
-        """Send a request and return its answer once its headers arrived (body unread).
-        The caller bounds the whole call (asyncio.timeout) and must release() the answer."""
+                      headers: Mapping[str, str], body: bytes | None = None,
+                      deadline: float | None = None) -> Answer:
+        """Send a request and return its answer once its headers arrived (body unread), by
+        the loop time `deadline` if given (TimeoutError past it: waiting for a free
+        connection, connecting, or for the headers). The caller must release() the answer.
+        One timer per wait, not an asyncio.timeout per call: this is the request path."""
         upstream = self._upstreams[service]
         lines = [f"{method} {upstream.prefix}{path_qs} HTTP/1.1\r\n".encode("ascii"), upstream.head]
         for name, value in headers.items():
@@ -78,15 +81,19 @@ class BackendClient:
         else:
             lines.append(b"\r\n")
         message = b"".join(lines)
-        await self._slots.acquire()
+        if deadline is not None and self._slots.locked():   # every connection busy: queue
+            async with asyncio.timeout_at(deadline):
+                await self._slots.acquire()
+        else:
+            await self._slots.acquire()
         try:
             # a reused connection the server closed meanwhile fails before any byte of an
             # answer: a method that changes nothing is then sent once more, on a new one
             for attempt in (0, 1):
-                conn = self._idle(upstream) or await self._connect(upstream)
+                conn = self._idle(upstream) or await self._connect(upstream, deadline)
                 answer = conn.send(message, self)
                 try:
-                    await answer._headers_ready()
+                    await answer._headers_ready(deadline)
                 except BaseException as e:
                     answer._released = True
                     conn.abort()
@@ -111,14 +118,18 @@ class BackendClient:
             conn.close()
         return None
 
-    async def _connect(self, upstream: _Upstream) -> _Connection:
+    async def _connect(self, upstream: _Upstream, deadline: float | None = None) -> _Connection:
         loop = asyncio.get_running_loop()
+        give_up = loop.time() + self.connect_timeout_s
+        by_deadline = deadline is not None and deadline < give_up
         try:
-            async with asyncio.timeout(self.connect_timeout_s):
+            async with asyncio.timeout_at(deadline if by_deadline else give_up):
                 _, conn = await loop.create_connection(
                     lambda: _Connection(upstream), upstream.host, upstream.port,
                     ssl=upstream.tls)
         except TimeoutError:
+            if by_deadline:
+                raise                  # the whole call's time is up (504), not the connect's
             raise aiohttp.ServerTimeoutError(
                 f"connecting to {upstream.host}:{upstream.port} timed out") from None
         except OSError as e:
@@ -298,19 +309,28 @@ class Answer:
         if waiter is not None and not waiter.done():
             waiter.set_result(None)
 
-    async def _wait(self) -> None:
-        self._waiter = asyncio.get_running_loop().create_future()
+    async def _wait(self, until: float) -> None:
+        """Until bytes, the end or an error arrive; TimeoutError at the loop time `until`."""
+        loop = asyncio.get_running_loop()
+        waiter = self._waiter = loop.create_future()
+        timer = loop.call_at(until, _expire, waiter)
         try:
-            await self._waiter
+            await waiter
         finally:
+            timer.cancel()
             self._waiter = None
 
-    async def _headers_ready(self) -> None:
-        async with asyncio.timeout(self._client.read_timeout_s):
-            while self._status is None:
-                if self._error is not None:
-                    raise self._error
-                await self._wait()
+    def _until(self, deadline: float | None) -> float:
+        """No byte for the read timeout, or the call's deadline: whichever comes first."""
+        until = asyncio.get_running_loop().time() + self._client.read_timeout_s
+        return until if deadline is None or deadline > until else deadline
+
+    async def _headers_ready(self, deadline: float | None = None) -> None:
+        until = self._until(deadline)          # the headers, all of them, in that time
+        while self._status is None:
+            if self._error is not None:
+                raise self._error
+            await self._wait(until)
 
     async def iter_chunked(self, size: int) -> AsyncIterator[bytes]:
         """The body in pieces of at most `size` bytes; raises aiohttp.ClientPayloadError if
@@ -331,13 +351,12 @@ class Answer:
                 raise self._error
             if self._complete:
                 return
-            async with asyncio.timeout(read_timeout):
-                await self._wait()
+            await self._wait(asyncio.get_running_loop().time() + read_timeout)
 
-    async def read(self, limit: int) -> bytes:
-        """The whole body (the caller bounds the time); raises TooLarge past `limit` bytes,
-        aiohttp.ClientPayloadError if the answer breaks off, TimeoutError if no byte comes
-        for the read timeout."""
+    async def read(self, limit: int, deadline: float | None = None) -> bytes:
+        """The whole body; raises TooLarge past `limit` bytes, aiohttp.ClientPayloadError if
+        the answer breaks off, TimeoutError if no byte comes for the read timeout or the
+        loop time `deadline` passes."""
         if (self.content_length or 0) > limit:
             raise TooLarge()
         parts, size, chunks = [], 0, self._chunks
@@ -354,8 +373,7 @@ class Answer:
             if self._complete:
                 return parts[0] if len(parts) == 1 else b"".join(parts)
             self._conn.resume()
-            async with asyncio.timeout(self._client.read_timeout_s):
-                await self._wait()
+            await self._wait(self._until(deadline))
 
     def release(self) -> None:
         """Done with the answer: the connection is reused if it was read to the end."""
@@ -365,6 +383,11 @@ class Answer:
         reusable = self._complete and self._keep_alive and self._error is None
         self._chunks.clear()
         self._client._done(self._conn, reusable)
+
+
+def _expire(waiter: asyncio.Future) -> None:
+    if not waiter.done():
+        waiter.set_exception(TimeoutError())
 
 
 async def probe(client: BackendClient, service: str, timeout_s: float) -> bool:

@@ -88,8 +88,7 @@ class Backends:
         """Send the request upstream and return the response with its body still unread."""
         started = self._time()
         try:
-            async with asyncio.timeout_at(deadline):
-                answer = await self.client.request(service, method, path_qs, headers, body)
+            answer = await self.client.request(service, method, path_qs, headers, body, deadline)
             if self.observe is not None:
                 self.observe(service, self._time() - started)
             return answer
@@ -102,8 +101,7 @@ class Backends:
     async def read(self, response: Answer, deadline: float) -> bytes:
         """The whole body of a JSON answer, by the deadline and within the size cap."""
         try:
-            async with asyncio.timeout_at(deadline):
-                return await response.read(self.max_json_bytes)
+            return await response.read(self.max_json_bytes, deadline)
         except TooLarge:
             raise _too_large() from None
         except TimeoutError:

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import socket
 
 import aiohttp
 import pytest
@@ -245,3 +246,57 @@ async def test_a_body_larger_than_the_buffer_is_read_whole_or_refused_over_the_c
         await backends.read(answer, backends.deadline())
     assert refused.value.code == "backend_answer_too_large"
     await backends.client.close()
+
+
+async def test_the_deadline_bounds_the_wait_for_a_free_connection_and_a_connect(raw):
+    """Every connection busy: a call queued behind them still gets 504 at its deadline, not
+    when one frees; a backend that never accepts fails the connect by the deadline too, or by
+    the connect timeout when that comes first (504 either way)."""
+    release, arrived = asyncio.Event(), asyncio.Event()
+
+    async def held(writer):
+        arrived.set()
+        await release.wait()
+        writer.write(json_reply(b"{}"))
+        await writer.drain()
+    raw.replies = [held]
+    client = BackendClient({"svc": raw.url}, limit=1, connect_timeout_s=2, read_timeout_s=5)
+    backends = Backends({"svc": raw.url}, client, deadline_s=0.3, max_json_bytes=100)
+    busy = asyncio.create_task(body_of(client))
+    await asyncio.wait_for(arrived.wait(), 5)
+    loop = asyncio.get_running_loop()
+    started = loop.time()
+    with pytest.raises(Denied) as refused:
+        await backends.send("svc", "/x", "GET", {}, None, backends.deadline())
+    assert refused.value.code == "backend_timeout" and loop.time() - started < 1.0
+    release.set()
+    assert await busy == (200, b"{}")
+    await client.close()
+
+    # a listening socket whose backlog is full never completes a connect
+    with socket.socket() as full:
+        full.bind(("127.0.0.1", 0))
+        full.listen(0)
+        fillers = []
+        url = f"http://127.0.0.1:{full.getsockname()[1]}"
+        try:
+            for _ in range(8):          # fill the backlog so a further connect hangs
+                s = socket.socket()
+                s.setblocking(False)
+                with contextlib.suppress(BlockingIOError):
+                    s.connect(full.getsockname())
+                fillers.append(s)
+            for deadline_s, connect_s in ((0.3, 5), (5, 0.3)):
+                client = BackendClient({"svc": url}, limit=1, connect_timeout_s=connect_s,
+                                       read_timeout_s=5)
+                backends = Backends({"svc": url}, client, deadline_s=deadline_s,
+                                    max_json_bytes=100)
+                started = loop.time()
+                with pytest.raises(Denied) as refused:
+                    await backends.send("svc", "/x", "GET", {}, None, backends.deadline())
+                assert refused.value.code == "backend_timeout"
+                assert loop.time() - started < 2.0      # whichever bound comes first
+                await client.close()
+        finally:
+            for s in fillers:
+                s.close()
