@@ -16,6 +16,7 @@ from aiohttp import web
 
 from gateway.catalog import PolicyError, load_catalog
 from gateway.demo.run import start_site
+from gateway.export import handler as export_handler
 from gateway.export.handler import foreign, strip
 from gateway.policyset import load_policy_set
 from gateway.roles import RoleError, load_roles
@@ -166,7 +167,7 @@ async def test_zip_attachments_are_byte_identical_to_the_backend(gateway, http, 
     assert archive.testzip() is None
     doc = orjson.loads(archive.read("export.json"))
     files = {a["file"]: a for a in doc["attachments"]}
-    assert set(archive.namelist()) == {"export.json", *files}
+    assert set(archive.namelist()) == {"export.json", "access-log.ndjson", *files}
     kinds = {f.split("/")[1] for f in files}
     assert kinds == {"voicemails", "faxes", "recordings", "documents"}
     for name, item in files.items():
@@ -207,13 +208,36 @@ async def test_the_export_holds_what_the_gateway_itself_keeps_about_the_user(
             break
     doc, _ = await export_json(http, gateway, alice)
     held = doc["held_by_gateway"]
-    assert held["access_log"] == log and log
+    assert held["access_log"] == log and log and held["access_log_complete"] is True
     assert log[0]["accessor"] == {"role": "provider_staff", "organisation": "Provider"}
+    # the ZIP streams the whole log as a file of its own, a line per access
+    status, _, body = await call(http, "GET", gateway + "/v1/me/export", alice)
+    assert status == 200
+    with zipfile.ZipFile(io.BytesIO(body)) as z:
+        lines = z.read("access-log.ndjson").splitlines()
+        inside = orjson.loads(z.read("export.json"))["held_by_gateway"]
+    assert [orjson.loads(x) for x in lines] == log
+    assert inside["access_log_file"] == "access-log.ndjson"
     (mine,) = [r for r in held["requests"] if r["id"] == filed]
     assert mine["status"] == "open" and mine["detail"] == "the export test's request"
     assert mine["transitions"] and mine["transitions"][0]["to"] == "open"
     # nothing of anyone else: every request is hers, no access is her own
     assert {(r["euo_id"], r["user_sub"]) for r in held["requests"]} == {("euo-acme", "u-alice")}
+
+
+async def test_export_json_holds_the_newest_accesses_and_says_when_there_are_more(
+        gateway, http, token_for, monkeypatch):
+    """export.json's copy of the access log is bounded (memory); it says when it is not the
+    whole log, which the ZIP's access-log.ndjson and GET /v1/me/access-log hold."""
+    alice = token_for("alice")
+    for _ in range(2):
+        assert (await call(http, "GET", gateway + "/telephony/euos/euo-acme/users/u-alice",
+                           token_for("admin")))[0] == 200
+    monkeypatch.setattr(export_handler, "EXPORT_ACCESSES", 1)
+    doc, _ = await export_json(http, gateway, alice)
+    held = doc["held_by_gateway"]
+    assert len(held["access_log"]) == 1 and held["access_log_complete"] is False
+    assert held["access_log"][0]["accessor"]["role"] == "euo_admin"      # the newest
 
 
 async def test_the_export_counts_the_elements_left_out_and_says_why(gateway, http, token_for,

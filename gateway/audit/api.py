@@ -13,6 +13,7 @@ import base64
 import csv
 import io
 import uuid
+from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
@@ -276,11 +277,20 @@ def access_entry(roles, r) -> dict[str, Any]:
     }
 
 
-async def whole_access_log(pool, catalog, sub: str, euo: str,
-                           page: int = 1000) -> list[dict[str, Any]]:
-    """Every entry of a user's access log, newest first (the export's copy), read a page at
-    a time in one snapshot so that a page boundary neither repeats nor skips a row."""
-    entries: list[dict[str, Any]] = []
+async def newest_accesses(pool, catalog, sub: str, euo: str,
+                          most: int) -> tuple[list[dict[str, Any]], bool]:
+    """The newest `most` entries of a user's access log, and whether that is all of it."""
+    async with pool.acquire() as conn, conn.transaction(readonly=True):
+        await conn.execute("set local plan_cache_mode = force_custom_plan")
+        rows = await conn.fetch(query("access_log"), sub, euo, None, None, None, None, None,
+                                most + 1, catalog.data_subject_roles)
+    return [access_entry(catalog.roles, r) for r in rows[:most]], len(rows) <= most
+
+
+async def access_log_pages(pool, catalog, sub: str, euo: str,
+                           page: int = 1000) -> AsyncIterator[list[dict[str, Any]]]:
+    """Every entry of a user's access log, newest first, a page at a time, in one snapshot
+    so that a page boundary neither repeats nor skips a row (close it: `aclosing`)."""
     at = chain = seq = None
     async with pool.acquire() as conn, conn.transaction(isolation="repeatable_read",
                                                         readonly=True):
@@ -288,9 +298,10 @@ async def whole_access_log(pool, catalog, sub: str, euo: str,
         while True:
             rows = await conn.fetch(query("access_log"), sub, euo, None, None, at, chain, seq,
                                     page, catalog.data_subject_roles)
-            entries.extend(access_entry(catalog.roles, r) for r in rows)
+            if rows:
+                yield [access_entry(catalog.roles, r) for r in rows]
             if len(rows) < page:
-                return entries
+                return
             at, chain, seq = rows[-1]["at"], rows[-1]["chain_id"], rows[-1]["seq"]
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import re
 from collections import defaultdict
 from dataclasses import dataclass, field
@@ -9,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 import aiohttp
+import asyncpg
 import orjson
 import yaml
 from aiohttp import web
@@ -16,7 +18,7 @@ from multidict import CIMultiDict
 
 from .. import pipeline
 from ..audit import AuditRow
-from ..audit.api import whole_access_log
+from ..audit.api import access_log_pages, newest_accesses
 from ..call import Call
 from ..catalog import Catalog, Leaf, ListOf, Node, ObjectOf, PolicyError
 from ..db import POOL, query
@@ -527,15 +529,22 @@ def export_document(gw: Gateway, subject: Principal, gathered: Gathered,
     return document
 
 
+EXPORT_ACCESSES = 10_000       # access-log entries in export.json (memory); the ZIP has all
+ACCESS_LOG_FILE = "access-log.ndjson"
+
+
 async def held_by_gateway(gw: Gateway, pool, subject: Principal) -> dict[str, Any]:
     """What the gateway itself holds about the user, beside what the backends hold: who
-    accessed their data (their whole access log: the recipients) and their requests."""
+    accessed their data (their access log: the recipients) and their requests."""
     requests = await pool.fetch(query("my_requests"), subject.euo, subject.sub)
+    accesses, complete = await newest_accesses(pool, gw.catalog, subject.sub, subject.euo,
+                                               EXPORT_ACCESSES)
     return {
         "about": "kept by the gateway itself: every access by others to your data (by role "
                  "and organisation, as GET /v1/me/access-log shows it) and your data-subject "
                  "requests with their history",
-        "access_log": await whole_access_log(pool, gw.catalog, subject.sub, subject.euo),
+        "access_log": accesses,
+        "access_log_complete": complete,
         "requests": [await request_details(pool, r) for r in requests],
     }
 
@@ -632,13 +641,22 @@ async def _zip(request: web.Request, exporter: Exporter, subject: Principal, row
                 gathered.attachments.remove(item)     # listed, then deleted before we got it
                 gathered.not_held.append({"source": item["source"], "data_sets": item["data_sets"],
                                           "reason": d.code, "meaning": NOT_HELD})
+        # the whole access log, streamed a page at a time (export.json holds the newest)
+        gathered.held_by_gateway["access_log_file"] = ACCESS_LOG_FILE
+        with zipped.open(ACCESS_LOG_FILE, compress=True) as member:
+            async with contextlib.aclosing(access_log_pages(
+                    exporter.pool, exporter.gw.catalog, subject.sub, subject.euo)) as pages:
+                async for page in pages:
+                    member.write(b"".join(orjson.dumps(entry) + b"\n" for entry in page))
+                    await response.write(zipped.take())
         document = export_document(exporter.gw, subject, gathered, request, assisted,
                                    exporter.withhold)
         with zipped.open("export.json", compress=True) as member:
             member.write(orjson.dumps(document, option=orjson.OPT_INDENT_2))
         await response.write(zipped.take())
         await response.write(zipped.close())
-    except (Denied, aiohttp.ClientError, TimeoutError) as e:
+    except (Denied, aiohttp.ClientError, TimeoutError, OSError, asyncpg.PostgresError,
+            asyncpg.InterfaceError) as e:
         # too late for an error status: cut the connection before the ZIP directory, so
         # the client sees a broken download rather than a quietly incomplete archive
         pipeline.log.error("export %s failed midway: %s", row.request_id, e)
