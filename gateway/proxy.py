@@ -4,8 +4,8 @@ and a size cap per answer mapped to 504/502, and binary bodies streamed through 
 from __future__ import annotations
 
 import asyncio
+import random
 import re
-import secrets
 from collections.abc import Callable, Mapping
 
 import aiohttp
@@ -33,8 +33,10 @@ def traceparent(incoming: Mapping[str, str]) -> str:
     given = incoming.get("traceparent")
     if given is not None and _TRACEPARENT.fullmatch(given):
         return given
-    ids = secrets.token_hex(24)            # one system call for both ids
-    return f"00-{ids[:32]}-{ids[32:]}-00"
+    # ids for following a trace, not secrets: the process's PRNG (reseeded in each forked
+    # worker by the random module itself) instead of a getrandom() system call per request;
+    # never all zeros, which the format reserves as invalid
+    return f"00-{random.getrandbits(128) or 1:032x}-{random.getrandbits(64) or 1:016x}-00"
 
 
 def trace_id(traceparent: str) -> str:

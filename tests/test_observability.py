@@ -4,6 +4,7 @@ and the W3C trace carried to the backends and into the audit row."""
 from __future__ import annotations
 
 import contextlib
+import multiprocessing
 import os
 import re
 import signal
@@ -15,6 +16,7 @@ import orjson
 import pytest
 
 from gateway.audit.chain import HASHED, canonical
+from gateway.proxy import traceparent
 
 from .conftest import audit_row, call, gateway_process, wait_for
 
@@ -197,6 +199,24 @@ async def test_without_a_trace_the_gateway_starts_one(gateway, http, token_for, 
     assert (version, flags) == ("00", "00")            # not sampled: the gateway records no spans
     assert re.fullmatch("[0-9a-f]{32}", trace) and trace != "0" * 32
     assert (await audit_row(db, headers["X-Request-Id"]))["trace_id"] == trace
+
+
+def _child_trace(pipe) -> None:
+    pipe.send(traceparent({}))
+
+
+def test_forked_workers_start_traces_of_their_own():
+    """Trace ids come from the process's PRNG (no system call): each `serve --workers`
+    child, forked as the supervisor forks them, must not repeat its parent's sequence."""
+    fork = multiprocessing.get_context("fork")
+    mine, theirs = fork.Pipe()
+    child = fork.Process(target=_child_trace, args=(theirs,))
+    child.start()
+    from_child = mine.recv()
+    child.join()
+    ours = traceparent({})
+    assert from_child.split("-")[1] != ours.split("-")[1]
+    assert from_child.split("-")[2] != ours.split("-")[2]
 
 
 @pytest.mark.parametrize(("caller", "sees_trace"), [("staff", True), ("partner", False)])

@@ -468,7 +468,7 @@ async def profile_round(args, conn, pids, bare, gw, name, path, token) -> None:
         sys.exit("py-spy is not installed (.venv/bin/pip install py-spy)")
     out = f"{args.profile}-{name.replace(' ', '-')}.txt"
     spy_proc = subprocess.Popen(
-        [spy, "record", "--native", "--rate", "250", "--format", "raw", "-o", out,
+        [spy, "record", "--native", "--rate", str(args.profile_rate), "--format", "raw", "-o", out,
          "--duration", str(args.duration + 1), "--pid", str(pids["gateway"])]
         + (["--subprocesses"] if args.workers > 1 else []),
         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
@@ -526,6 +526,8 @@ def main() -> None:
                         help="with --paired: one more round per scenario under py-spy, its "
                              "collapsed stacks written to PREFIX-<scenario>.txt and broken down "
                              "by slice (pip install py-spy)")
+    parser.add_argument("--profile-rate", type=int, default=250, metavar="HZ",
+                        help="with --profile: py-spy samples per second")
     parser.add_argument("--against", metavar="CHECKOUT",
                         help="with --paired: in the bare proxy's place, run the gateway of "
                              "another checkout (say a git worktree of the parent commit), to "
