@@ -10,26 +10,32 @@ With `gateway serve --workers N` the parent sets PROMETHEUS_MULTIPROC_DIR to a f
 directory before it forks: every worker writes its values to files there, and `/metrics`,
 whichever worker answers, renders all of them (prometheus-client's multiprocess mode;
 a dead worker's gauges are dropped by the parent, its counters kept). With one process,
-its own registry, as before.
+its counters and histograms are plain numbers in this module (`PlainCounter`,
+`PlainHistogram`: an add per observation, no lock, no value object), turned into the
+exposition text only when scraped; under --workers, prometheus-client's own classes, which
+keep each value in the worker's file.
 """
 
 from __future__ import annotations
 
 import asyncio
 import os
-from collections.abc import Mapping
+from bisect import bisect_left
+from collections.abc import Iterator, Mapping
 
 import orjson
 from aiohttp import web
 from prometheus_client import (
     CONTENT_TYPE_LATEST,
     CollectorRegistry,
-    Counter,
     Gauge,
-    Histogram,
     generate_latest,
 )
+from prometheus_client import Counter as _Counter
+from prometheus_client import Histogram as _Histogram
+from prometheus_client.metrics_core import CounterMetricFamily, HistogramMetricFamily, Metric
 from prometheus_client.multiprocess import MultiProcessCollector
+from prometheus_client.utils import floatToGoString
 
 from .audit import AuditRow
 
@@ -42,12 +48,108 @@ def multiprocess_dir() -> str | None:
     return os.environ.get("PROMETHEUS_MULTIPROC_DIR") or None
 
 
+class _Count:
+    __slots__ = ("value",)
+
+    def __init__(self):
+        self.value = 0.0
+
+    def inc(self, amount: float = 1) -> None:
+        self.value += amount
+
+
+class _Buckets:
+    __slots__ = ("bounds", "counts", "sum")
+
+    def __init__(self, bounds: tuple[float, ...]):
+        self.bounds = bounds
+        self.counts = [0] * (len(bounds) + 1)      # the last one: above every bound (+Inf)
+        self.sum = 0.0
+
+    def observe(self, value: float) -> None:
+        self.counts[bisect_left(self.bounds, value)] += 1    # `le`: a bound counts its value
+        self.sum += value
+
+
+class _Plain:
+    """A labelled family of plain values, registered as a collector: the request path adds
+    to a number (the event loop's thread only, so no lock); a scrape renders them."""
+
+    def __init__(self, name: str, documentation: str, labelnames: tuple[str, ...] = (),
+                 registry: CollectorRegistry | None = None):
+        self.name, self.documentation, self.labelnames = name, documentation, tuple(labelnames)
+        self._children: dict[tuple[str, ...], object] = {}
+        if registry is not None:
+            registry.register(self)
+
+    def labels(self, *values: str):
+        key = tuple(str(v) for v in values)
+        child = self._children.get(key)
+        if child is None:
+            if len(key) != len(self.labelnames):
+                raise ValueError(f"{self.name}: labels {self.labelnames} expected, got {key}")
+            child = self._children[key] = self._new()
+        return child
+
+    def _new(self):
+        raise NotImplementedError
+
+    def collect(self) -> Iterator[Metric]:
+        raise NotImplementedError
+
+
+class PlainCounter(_Plain):
+    """prometheus_client.Counter's interface (labels, inc), without its lock and value objects."""
+
+    def _new(self) -> _Count:
+        return _Count()
+
+    def inc(self, amount: float = 1) -> None:
+        self.labels().inc(amount)
+
+    def collect(self) -> Iterator[Metric]:
+        family = CounterMetricFamily(self.name, self.documentation, labels=self.labelnames)
+        for key, child in self._children.items():
+            family.add_metric(key, child.value)
+        yield family
+
+
+class PlainHistogram(_Plain):
+    """prometheus_client.Histogram's interface (labels, observe), as plain bucket counts."""
+
+    def __init__(self, name: str, documentation: str, labelnames: tuple[str, ...] = (),
+                 registry: CollectorRegistry | None = None, buckets: tuple[float, ...] = _LATENCY):
+        self.bounds = tuple(float(b) for b in buckets if b != float("inf"))
+        super().__init__(name, documentation, labelnames, registry)
+        self._unlabelled = None if labelnames else self.labels()
+
+    def _new(self) -> _Buckets:
+        return _Buckets(self.bounds)
+
+    def observe(self, value: float) -> None:
+        self._unlabelled.observe(value)
+
+    def collect(self) -> Iterator[Metric]:
+        family = HistogramMetricFamily(self.name, self.documentation, labels=self.labelnames)
+        edges = [floatToGoString(b) for b in self.bounds] + ["+Inf"]
+        for key, child in self._children.items():
+            running, cumulative = 0, []
+            for edge, n in zip(edges, child.counts, strict=True):
+                running += n
+                cumulative.append((edge, running))
+            family.add_metric(key, cumulative, child.sum)
+        yield family
+
+
 class Metrics:
     """The gateway's metrics, and where the scrape-time gauges are read from."""
 
     def __init__(self):
         self.multiprocess = multiprocess_dir() is not None
         self.registry = r = CollectorRegistry()
+        # one process: plain numbers; --workers: each value in the worker's file
+        Counter, Histogram = (_Counter, _Histogram) if self.multiprocess else (  # noqa: N806
+            PlainCounter, PlainHistogram)
         self.requests = Counter("gateway_requests", "Requests by route, decision and status",
                                 ("route", "decision", "status"), registry=r)
         self.duration = Histogram("gateway_request_duration_seconds", "Time to answer",

@@ -196,6 +196,44 @@ async def test_metrics_count_requests_by_route_and_decision(gateway, http, token
     assert "gateway_request_duration_seconds_bucket" in text
 
 
+async def test_metrics_of_one_process_count_each_request_once(gateway, http, token_for):
+    """One process keeps plain numbers and renders them at scrape: what Prometheus parses
+    must add up (counters by the requests made, histograms cumulative with +Inf = count)."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    route = "telephony:/euos/{euo}/users/{user}"
+
+    async def scrape() -> dict[str, dict[tuple, float]]:
+        body = (await call(http, "GET", gateway + "/metrics"))[2].decode()
+        out: dict[str, dict[tuple, float]] = {}
+        for family in text_string_to_metric_families(body):
+            for sample in family.samples:
+                out.setdefault(sample.name, {})[tuple(sorted(sample.labels.items()))] = sample.value
+        return out
+
+    before = await scrape()
+    user = "/telephony/euos/euo-acme/users/u-alice"
+    for path in (user, user, user + "/voicemails"):
+        await call(http, "GET", gateway + path, token_for("staff"))
+    after = await scrape()
+
+    def delta(name: str, **labels) -> float:
+        key = tuple(sorted(labels.items()))
+        return after[name].get(key, 0) - before.get(name, {}).get(key, 0)
+    assert delta("gateway_requests_total", route=route, decision="allow", status="200") == 2
+    assert delta("gateway_refusals_total", reason="dataset_not_permitted") == 1
+    assert delta("gateway_request_duration_seconds_count", route=route) == 2
+    assert delta("gateway_request_duration_seconds_sum", route=route) > 0
+    buckets = sorted(((float(dict(k)["le"]), v) for k, v in
+                      after["gateway_request_duration_seconds_bucket"].items()
+                      if dict(k)["route"] == route))
+    counts = [v for _, v in buckets]
+    assert counts == sorted(counts) and buckets[-1][0] == float("inf")
+    assert counts[-1] == after["gateway_request_duration_seconds_count"][(("route", route),)]
+    assert delta("gateway_backend_duration_seconds_count", service="telephony") == 2
+    assert after["gateway_audit_batch_rows_count"][()] >= 1
+
+
 async def test_streamed_answers_carry_the_request_id_too(gateway, http, token_for, db):
     """Binary and ZIP answers are prepared before the handler returns; the id is still
     there, and the client's own id is kept beside it in the audit row."""
