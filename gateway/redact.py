@@ -159,12 +159,36 @@ def _flat(value: Any, path: str, depth: int = 2) -> None:
     """A value that belongs wholly to one data set is a scalar, or a list or object of at
     most two levels of them (entries: [{name, number}]); an undeclared field's, of one:
     nothing deeper, so no object with a subject of its own can hide inside it."""
-    if isinstance(value, (dict, list)):
-        if depth == 0:
+    # at most two levels, so two loops and no call per element (a directory of hundreds of
+    # entries is the common large value); JSON's scalar types by exact type, an allow-list
+    scalars = _SCALARS
+    if type(value) in scalars:
+        return
+    children = _children(value, path)
+    if depth == 0:
+        raise Unmappable(f"{path} nests deeper than the route table allows")
+    for child in children:
+        if type(child) in scalars:
+            continue
+        grandchildren = _children(child, path)
+        if depth == 1:
             raise Unmappable(f"{path} nests deeper than the route table allows")
-        for child in value.values() if isinstance(value, dict) else value:
-            if isinstance(child, (dict, list)):     # scalars need no call (most children)
-                _flat(child, path, depth - 1)
+        for grandchild in grandchildren:
+            if type(grandchild) not in scalars:
+                if depth == 2:
+                    raise Unmappable(f"{path} nests deeper than the route table allows")
+                _flat(grandchild, path, depth - 2)      # never with today's depths (<= 2)
+
+
+_SCALARS = frozenset((str, int, float, bool, type(None)))
+
+
+def _children(value: Any, path: str):
+    if isinstance(value, dict):
+        return value.values()
+    if isinstance(value, list):
+        return value
+    raise Unmappable(f"{path} holds a value JSON does not have")
 
 
 def _subject_of(value: dict, fld: str, identifier: re.Pattern, path: str) -> str:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from datetime import UTC, datetime
 
 import pytest
@@ -88,3 +89,45 @@ def test_numeric_user_ids_still_name_the_caller(policy):
                     {"id": 2, "user_id": 8, "caller": "+32", "start": "2026-11-21T00:00:00Z"}]}
     _, out, _ = run(policy, "telephony", "euos/e/cdrs", "user", {"same_euo"}, doc, sub="7")
     assert [c["id"] for c in out["cdrs"]] == [1]
+
+
+# --- the shape check's nesting bound, against its definition ----------------------------
+
+from hypothesis import given, settings  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
+
+from gateway.catalog import Leaf, ObjectOf  # noqa: E402
+from gateway.redact import Unmappable, check_shape  # noqa: E402
+
+JSON = st.recursive(st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False)
+                    | st.text(max_size=3),
+                    lambda inner: st.lists(inner, max_size=3)
+                    | st.dictionaries(st.text(max_size=2), inner, max_size=3),
+                    max_leaves=12)
+
+
+def nesting(value) -> int:
+    """Levels of lists and objects: 0 for a scalar, 1 for [1, 2], 2 for [{"a": 1}]."""
+    if isinstance(value, dict):
+        value = list(value.values())
+    if isinstance(value, list):
+        return 1 + max(map(nesting, value), default=0)
+    return 0
+
+
+def refused(document, node) -> bool:
+    try:
+        check_shape(document, node, {}, re.compile(".+"))
+    except Unmappable:
+        return True
+    return False
+
+
+@settings(max_examples=400, deadline=None)
+@given(JSON)
+def test_a_data_sets_value_nests_at_most_two_levels_and_an_undeclared_field_one(value):
+    """A declared field's value may nest two levels of lists/objects, an undeclared one's
+    one; nothing deeper passes (so no object with a subject of its own hides inside)."""
+    assert refused({"entries": value}, ObjectOf({"entries": Leaf("personal_directory")})) == (
+        nesting(value) > 2)
+    assert refused({"other": value}, ObjectOf({})) == (nesting(value) > 1)
