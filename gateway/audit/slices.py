@@ -362,7 +362,3 @@ def verify_consistency_doc(doc: Any, keys: dict[str, Ed25519PublicKey]) -> dict[
         report["problem"] = str(e)
     return report
 
-
-def load_document(path) -> Any:
-    with open(path, "rb") as f:
-        return orjson.loads(f.read())
