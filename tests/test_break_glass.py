@@ -395,6 +395,23 @@ async def test_a_partner_breaks_glass_over_its_contracted_euos_if_the_policy_all
         assert status == 200 and orjson.loads(body)["ended_by"] == f"partner:{sub}"
         status, _, body = await _same_language(http, gw, partner)
         assert status == 403 and _code(body) == "write_not_permitted"
+        # a grant in force counts only while the partner holds the EUO
+        staff = token_for("staff")
+        euo = f"euo-bg-{uuid.uuid4().hex[:8]}"
+        contract = f"{gw}/v1/admin/euos/{euo}"
+        assert (await call(http, "PUT", contract, staff, json={"partner_id": "p-northwind"}))[0] == 200
+        try:
+            status, _, body = await _open(http, gw, partner, euo=euo, user=None)
+            assert status == 201, body
+            assert (await call(http, "PUT", contract, staff, json={"partner_id": "p-bluesky"}))[0] == 200
+
+            async def refused():
+                status, _, body = await call(http, "PATCH", f"{gw}/meeting/accounts/{euo}/"
+                                             "organizers/u-x", partner, json={"language": "en"})
+                return status == 403 and _code(body) == "no_active_contract"
+            assert await wait_for(refused)
+        finally:
+            await call(http, "DELETE", contract, staff)
 
 
 def test_a_partners_break_glass_can_never_unlock_its_hidden_data_sets(policy_dir):
