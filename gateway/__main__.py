@@ -73,22 +73,28 @@ def main(argv: list[str] | None = None) -> int:
     audit_sub = audit.add_subparsers(dest="audit_command", required=True)
     verify_cmd = audit_sub.add_parser("verify", help="check every hash chain (and, with "
                                       "--public-key, the signed checkpoints); exit 1 on a break")
-    verify_cmd.add_argument("--public-key", action="append", type=Path, default=[],
-                            metavar="PEM", help="an Ed25519 public key (from GET /v1/audit/keys); "
-                            "repeat for rotated keys. Rows after a chain's last checkpoint are "
+    keys_help = ("the Ed25519 public keys: a file or http(s) URL holding PEM keys or the "
+                 "answer of GET /v1/audit/keys (every key ever used, rotated ones included); "
+                 "repeatable")
+    verify_cmd.add_argument("--public-key", action="append", default=[], metavar="KEYS",
+                            help=keys_help + ". Rows after a chain's last checkpoint are "
                             "reported as not yet sealed")
-    for name, what in (("verify-slice", "check a slice (saved from GET /v1/audit/slice) offline, "
-                         "no database: signatures, every row against its signed root"),
-                       ("verify-consistency", "check a consistency proof (saved from GET "
-                        "/v1/audit/consistency) offline: the later signed tree extends the "
-                        "earlier")):
+    for name, what in (("verify-slice", "check a slice of GET /v1/audit/slice with no "
+                         "database: signatures, every row against its signed root"),
+                       ("verify-consistency", "check a consistency proof of GET "
+                        "/v1/audit/consistency with no database: the later signed tree "
+                        "extends the earlier")):
         offline = audit_sub.add_parser(name, help=what + "; exit 1 if anything fails")
-        offline.add_argument("file", type=Path, help="the saved JSON answer")
-        offline.add_argument("--public-key", action="append", type=Path, required=True,
-                             metavar="PEM", help="an Ed25519 public key (from GET "
-                             "/v1/audit/keys); repeat for rotated keys")
+        offline.add_argument("file", metavar="FILE_OR_URL", help="the saved JSON answer, or "
+                             "the endpoint's http(s) URL (query included) to download it from "
+                             "with --token")
+        offline.add_argument("--public-key", action="append", required=True, metavar="KEYS",
+                             help=keys_help)
+        offline.add_argument("--token", help="the bearer token to download FILE_OR_URL with")
+        offline.add_argument("--save", type=Path, metavar="FILE", help="keep what was "
+                             "downloaded here (e.g. for a later --previous)")
         if name == "verify-slice":
-            offline.add_argument("--previous", type=Path, metavar="FILE", help="an earlier "
+            offline.add_argument("--previous", metavar="FILE_OR_URL", help="an earlier "
                                  "slice of the same caller and window: each of its proved rows "
                                  "must still be there, unchanged")
     audit_sub.add_parser("maintain", help="create the audit partitions ahead and drop those "
@@ -241,24 +247,40 @@ def _policy_test(settings: Settings, args) -> int:
 
 
 def _verify_offline(args) -> int:
-    """verify-slice / verify-consistency: files and keys only, no settings, no database."""
-    from .audit import checkpoints, slices
+    """verify-slice / verify-consistency: files, URLs and keys only, no settings, no
+    database; a document given by URL is downloaded (with --token) and checked at once."""
+    from .audit import checkpoints, remote, slices
     try:
+        if args.save and not remote.is_url(args.file):
+            raise ConfigError("--save keeps a download: give FILE_OR_URL as an http(s) URL")
         keys = checkpoints.load_public_keys(args.public_key)
-        doc = slices.load_document(args.file)
+        data = remote.read(args.file, args.token)
+        if args.save:
+            args.save.write_bytes(data)
+        doc = _json(data, args.file)
         if args.audit_command == "verify-consistency":
             report = slices.verify_consistency_doc(doc, keys)
         else:
-            previous = slices.load_document(args.previous) if args.previous else None
+            previous = (_json(remote.read(args.previous, args.token), args.previous)
+                        if args.previous else None)
             report = slices.verify_slice(doc, keys, previous)
+            if isinstance(doc, dict) and doc.get("next_cursor"):
+                report["next_cursor"] = doc["next_cursor"]     # more rows: ask with cursor=
     except ConfigError as e:
-        print(f"gateway: {e}", file=sys.stderr)
+        print(f"gateway audit {args.audit_command}: {e}", file=sys.stderr)
         return 2
-    except (OSError, ValueError) as e:     # unreadable, or not JSON (orjson's error is one)
+    except OSError as e:                   # --save unwritable
         print(f"gateway audit {args.audit_command}: {e}", file=sys.stderr)
         return 2
     print(orjson.dumps(report, option=orjson.OPT_INDENT_2).decode())
     return 0 if report["ok"] else 1
+
+
+def _json(data: bytes, source) -> object:
+    try:
+        return orjson.loads(data)
+    except ValueError as e:
+        raise ConfigError(f"{source}: not a JSON document ({e})") from None
 
 
 def _days(value: str) -> int:

@@ -155,17 +155,18 @@ class AnonymousRefusals:
     def __init__(self, audit: AuditWriter, max_keys: int = 10_000):
         self.audit = audit
         self.max_keys = max_keys
-        self._counts: dict[tuple[datetime, str | None, str, int], int] = {}
+        self._counts: dict[tuple[datetime, str | None, str, int, str | None], int] = {}
         self._task: asyncio.Task | None = None
 
     def count(self, row: AuditRow, reason: str) -> None:
         """Count one refusal; the bucket is the row's minute, source address and reason."""
         minute = row.at.replace(second=0, microsecond=0)
         client = row.client_addr
-        if (minute, client, reason, row.status) not in self._counts and \
+        if (minute, client, reason, row.status, row.policy_version) not in self._counts and \
                 len(self._counts) >= self.max_keys:
             client = "other"           # bounded memory whatever the number of sources
-        key = (minute, client, reason, row.status)
+        # the policy in force is part of the bucket: a reload within the minute splits it
+        key = (minute, client, reason, row.status, row.policy_version)
         self._counts[key] = self._counts.get(key, 0) + 1
 
     def flush(self, everything: bool = False) -> int:
@@ -173,11 +174,11 @@ class AnonymousRefusals:
         current = now_utc().replace(second=0, microsecond=0)
         done = [k for k in self._counts if everything or k[0] < current]
         for key in done:
-            minute, client, reason, status = key
+            minute, client, reason, status, version = key
             row = AuditRow(at=minute, request_id=f"unauthenticated:{minute.isoformat()}",
                            method="*", path="*", route=ANONYMOUS_ROUTE, decision="deny",
                            reason=reason, status=status, client_addr=client,
-                           requests=self._counts.pop(key))
+                           requests=self._counts.pop(key), policy_version=version)
             self.audit.record_nowait(row)
         return len(done)
 

@@ -16,6 +16,8 @@ PATH = "/telephony/euos/euo-acme/users/u-alice"
 async def test_a_flood_without_tokens_becomes_one_counted_row(backends, database_url, http, db,
                                                               token_for):
     async with running_gateway(gateway_settings(backends["urls"]), database_url) as gw:
+        _, _, body = await call(http, "GET", gw + "/v1/catalog", token_for("staff"))
+        version = orjson.loads(body)["policy_version"]
         ids = []
         for _ in range(300):
             status, headers, _ = await call(http, "GET", gw + PATH)
@@ -28,13 +30,15 @@ async def test_a_flood_without_tokens_becomes_one_counted_row(backends, database
     assert await db.fetchval("select count(*) from audit_log where request_id = any($1::text[])",
                              ids) == 0
     # ... one row per source, minute and reason, with the count, flushed at shutdown
-    rows = await db.fetch("select reason, requests, subject_users, status from audit_log"
+    rows = await db.fetch("select reason, requests, subject_users, status, policy_version"
+                          " from audit_log"
                           " where route = 'gateway:unauthenticated' and at > now() - interval '3 minutes'"
                           " and reason in ('missing_token', 'malformed_token')")
     counts = {}
     for r in rows:
         counts[r["reason"]] = counts.get(r["reason"], 0) + r["requests"]
         assert r["subject_users"] == [] and r["status"] == 401
+        assert r["policy_version"] == version      # a counted row names the policy too
     assert counts["missing_token"] >= 300 and counts["malformed_token"] >= 1
 
 

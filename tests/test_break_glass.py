@@ -330,3 +330,92 @@ async def test_a_grant_ended_by_two_at_once_stays_ended(gateway, http, token_for
     assert await wait_for(refused, timeout=5)
     # and stays refused once every notification has been heard
     assert all([(await _same_language(http, gateway, staff))[0] == 403 for _ in range(5)])
+
+
+def _partners_may_break_glass(policy_dir, *lines: str):
+    """The shipped policy, with the partner role allowed break-glass and `lines` added."""
+    path = policy_dir / "roles.yaml"
+    text = path.read_text()
+    old = "    tenant_claim: partner\n    gateway_api: [audit, requests]\n"
+    assert old in text
+    path.write_text(text.replace(old, old + "    break_glass: true\n"))
+    with open(policy_dir / "policy.csv", "a") as f:
+        f.writelines(line + "\n" for line in lines)
+
+
+async def test_a_partner_breaks_glass_over_its_contracted_euos_if_the_policy_allows(
+        gateway, backends, database_url, http, token_for, policy_dir, db):
+    """roles.yaml gives the partner role `break_glass: true` and policy.csv a line for the
+    relation: the partner opens a grant over a contracted EUO (never another partner's or an
+    ended contract's), it unlocks that line only, is flagged and seen like staff's, and ends."""
+    _partners_may_break_glass(policy_dir, "p, partner, break_glass, organizer_language, write")
+    sub = f"pat-{uuid.uuid4().hex[:6]}@northwind"
+    partner = token_for(role="partner", sub=sub, partner="p-northwind")
+    async with running_gateway(gateway_settings(backends["urls"], policy_dir=policy_dir),
+                               database_url) as gw:
+        status, _, body = await _same_language(http, gw, partner)
+        assert status == 403 and _code(body) == "write_not_permitted"
+        for euo in ("euo-initech", "euo-umbrella"):     # another partner's; an ended contract
+            status, _, body = await _open(http, gw, partner, euo=euo, user=None)
+            assert (status, _code(body)) == (403, "no_active_contract"), euo
+        status, _, body = await _open(http, gw, partner, minutes=241)
+        assert (status, _code(body)) == (400, "invalid_break_glass")
+        status, _, body = await _open(http, gw, partner)
+        assert status == 201, body
+        grant = orjson.loads(body)
+        assert (grant["role"], grant["partner"], grant["sub"]) == ("partner", "p-northwind", sub)
+        status, _, body = await _same_language(http, gw, partner)
+        assert status == 200, body
+        # only what the line gives: the organizer's name stays read-only
+        status, _, body = await call(http, "PATCH", gw + ORGANIZER, partner,
+                                     json={"first_name": "Alice"})
+        assert status == 403 and _code(body) == "write_not_permitted"
+        flagged = await db.fetch("select method from audit_log where break_glass = $1",
+                                 uuid.UUID(grant["id"]))
+        assert {r["method"] for r in flagged} >= {"POST", "PATCH"}
+        # the EUO's admin lists it (the grantee by role and partner only), the partner too,
+        # and Alice sees purpose and ticket beside the access
+        _, _, body = await call(http, "GET", gw + "/v1/break-glass", token_for("admin"))
+        [seen] = [g for g in orjson.loads(body)["grants"] if g["id"] == grant["id"]]
+        assert (seen["role"], seen["partner"], seen["sub"]) == ("partner", "p-northwind", None)
+        _, _, body = await call(http, "GET", gw + "/v1/break-glass", partner)
+        assert grant["id"] in [g["id"] for g in orjson.loads(body)["grants"]]
+
+        async def alice_sees():
+            _, _, body = await call(http, "GET", gw + "/v1/me/access-log?limit=50",
+                                    token_for("alice"))
+            return [a for a in orjson.loads(body)["accesses"] if a["action"] == "PATCH"
+                    and (a["break_glass"] or {}).get("id") == grant["id"]]
+        seen = await wait_for(alice_sees)      # the allowed PATCH and the refused one
+        assert {a["decision"] for a in seen} == {"allow", "deny"}
+        assert all(a["accessor"] == {"role": "partner", "organisation": "p-northwind"}
+                   and a["break_glass"]["ticket"] == grant["ticket"] for a in seen)
+        # the grantee ends it early
+        status, _, body = await call(http, "DELETE", f"{gw}/v1/break-glass/{grant['id']}", partner)
+        assert status == 200 and orjson.loads(body)["ended_by"] == f"partner:{sub}"
+        status, _, body = await _same_language(http, gw, partner)
+        assert status == 403 and _code(body) == "write_not_permitted"
+        # a grant in force counts only while the partner holds the EUO
+        staff = token_for("staff")
+        euo = f"euo-bg-{uuid.uuid4().hex[:8]}"
+        contract = f"{gw}/v1/admin/euos/{euo}"
+        assert (await call(http, "PUT", contract, staff, json={"partner_id": "p-northwind"}))[0] == 200
+        try:
+            status, _, body = await _open(http, gw, partner, euo=euo, user=None)
+            assert status == 201, body
+            assert (await call(http, "PUT", contract, staff, json={"partner_id": "p-bluesky"}))[0] == 200
+
+            async def refused():
+                status, _, body = await call(http, "PATCH", f"{gw}/meeting/accounts/{euo}/"
+                                             "organizers/u-x", partner, json={"language": "en"})
+                return status == 403 and _code(body) == "no_active_contract"
+            assert await wait_for(refused)
+        finally:
+            await call(http, "DELETE", contract, staff)
+
+
+def test_a_partners_break_glass_can_never_unlock_its_hidden_data_sets(policy_dir):
+    _partners_may_break_glass(policy_dir, "p, partner, break_glass, address_book, read")
+    with pytest.raises(PolicyError, match="partner may read address_book, which datasets.yaml "
+                                          "marks"):
+        load_policy(policy_dir, load_catalog(policy_dir))

@@ -5,13 +5,14 @@ from __future__ import annotations
 import asyncio
 import os
 import re
+import shlex
 import signal
 import socket
 import sys
 
 import orjson
 
-from .conftest import call
+from .conftest import call, wait_for
 
 
 async def test_demo_prints_tokens_whose_curl_lines_show_what_each_role_sees(http, tmp_path):
@@ -20,6 +21,7 @@ async def test_demo_prints_tokens_whose_curl_lines_show_what_each_role_sees(http
         port = probe.getsockname()[1]
     env = {k: v for k, v in os.environ.items() if not k.startswith("GATEWAY_")}
     env["GATEWAY_DATA_DIR"] = str(tmp_path)
+    env["GATEWAY_AUDIT_CHECKPOINT_S"] = "0.5"     # the slice's rows sealed within the test
     proc = await asyncio.create_subprocess_exec(
         sys.executable, "-m", "gateway", "demo", "--port", str(port), env=env,
         stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.DEVNULL)
@@ -29,7 +31,7 @@ async def test_demo_prints_tokens_whose_curl_lines_show_what_each_role_sees(http
             while not printed or "Ctrl-C" not in printed[-1]:
                 printed.append((await proc.stdout.readline()).decode())
         text = "".join(printed)
-        shows = re.findall(r"TOKEN=(\S+)\n\s+curl -s -H \"Authorization: Bearer \$TOKEN\" (\S+)",
+        shows = re.findall(r"TOKEN=(\S+)\n\s+curl -s -H \"Authorization: Bearer \$TOKEN\" (http\S+)",
                            text)
         assert len(shows) >= 12
         outcomes = {}
@@ -44,26 +46,30 @@ async def test_demo_prints_tokens_whose_curl_lines_show_what_each_role_sees(http
         assert voicemail[0] == 200 and voicemail[1].startswith(b"RIFF")
         explained = outcomes["/v1/explain?path=/telephony/euos/euo-acme/users/u-bob/recordings"]
         assert explained[0] == 200 and orjson.loads(explained[1])["decision"] == "allow"
-        sliced = outcomes["/v1/audit/slice"]
-        assert sliced[0] == 200 and orjson.loads(sliced[1])["format"] == "partner-gateway-slice/1"
-        assert "gateway audit verify-slice slice.json --public-key key.pem" in text
-        # the break-glass lines, in order: refused, opened, allowed
-        block = text[text.index("# provider staff: break-glass"):]
-        token = re.search(r"TOKEN=(\S+)", block).group(1)
-        sends = re.findall(r"curl -s -X (\w+) -H \"Authorization: Bearer \$TOKEN\" "
-                           r"-H 'Content-Type: application/json' -d '(\{.*?\})' (\S+)", block)
-        statuses = []
-        for method, body, url in sends:
-            status, _, answer = await call(http, method, url, token, json=orjson.loads(body))
-            statuses.append(status)
-        assert statuses == [403, 201, 200], answer
-        # the policy's own tests, as printed (from the demo's directory, with its settings)
-        assert re.search(r"\n  gateway policy test\n", text)
-        tested = await asyncio.create_subprocess_exec(
-            sys.executable, "-m", "gateway", "policy", "test", env=env,
-            stdout=asyncio.subprocess.PIPE)
-        out, _ = await tested.communicate()
-        assert tested.returncode == 0 and b" 0 failed" in out, out
+        # every printed shell line after the tokens, run as a user pastes them, in order
+        outputs = await _run_as_printed(text, tmp_path / "shell")
+        for name, (matches, check) in SHELL_EXPECT.items():
+            ran = [(c, o) for c, o in outputs if matches(c)]
+            assert ran, f"no printed line for: {name}"
+            command, out = ran[0]
+            assert check(out), f"{name}: {command}\n{out}"
+        # break-glass: refused, allowed under the grant, refused again once it is ended
+        patches = [o for c, o in outputs if "-X PATCH" in c]
+        assert [_code(o) for o in patches] == ["write_not_permitted", None,
+                                              "write_not_permitted"], patches
+        # the slice's one command proves rows against the published keys once they are sealed
+        (slice_line,) = [c for c, _ in outputs if " audit verify-slice " in c]
+
+        async def proved():
+            done = await asyncio.create_subprocess_shell(
+                f"ADMIN={shlex.quote(_admin_token(text))}\n{slice_line}",
+                cwd=tmp_path / "shell", stdout=asyncio.subprocess.PIPE)
+            out, _ = await done.communicate()
+            report = orjson.loads(out)
+            assert done.returncode == 0 and report["ok"], out
+            return report["rows_proved"] > 0
+        assert await wait_for(proved, timeout=20)
+        assert orjson.loads((tmp_path / "shell" / "slice.json").read_bytes())["rows"]
         # the demo's webhook receiver checks the signature and prints the event
         assert re.search(r"Webhooks .* go to http://127\.0\.0\.1:\d+/webhooks", text)
         filer = next(t for t, u in shows if u.endswith("/v1/me/access-log"))
@@ -78,3 +84,80 @@ async def test_demo_prints_tokens_whose_curl_lines_show_what_each_role_sees(http
         proc.send_signal(signal.SIGINT)
         async with asyncio.timeout(30):
             assert await proc.wait() == 0
+
+
+def _code(answer: str) -> str | None:
+    try:
+        return orjson.loads(answer)["error"]["code"]
+    except (ValueError, KeyError, TypeError):
+        return None
+
+
+def _json(answer: str) -> dict:
+    try:
+        doc = orjson.loads(answer)
+    except ValueError:
+        return {}
+    return doc if isinstance(doc, dict) else {}
+
+
+def _admin_token(text: str) -> str:
+    return re.findall(r"\n  ADMIN=(\S+)\n", text)[-1]
+
+
+async def _run_as_printed(text: str, where) -> list[tuple[str, str]]:
+    """Each shell line the demo prints from its first curl line up to the console tokens,
+    run in one bash as printed (TOKEN=… lines set what the next lines use), with no
+    GATEWAY_ settings; each command with what it printed."""
+    where.mkdir()
+    section = text[text.index("# provider staff: a user record"):text.index("# Console")]
+    commands = [line.strip() for line in section.splitlines()
+                if line.strip() and not line.lstrip().startswith("#")]
+    script = "".join(f"{c}\necho\necho @@@\n" for c in commands)
+    env = {k: v for k, v in os.environ.items() if not k.startswith("GATEWAY_")}
+    done = await asyncio.create_subprocess_exec(
+        "bash", "-c", script, cwd=where, env=env, stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE)
+    out, err = await asyncio.wait_for(done.communicate(), timeout=120)
+    assert done.returncode == 0, err
+    outs = out.decode().split("@@@\n")
+    assert len(outs) == len(commands) + 1, (commands, outs)
+    return [(c, o.strip()) for c, o in zip(commands, outs, strict=False)
+            if not re.fullmatch(r"[A-Z]+=\S+", c)]
+
+
+def _has(*words):
+    return lambda command: all(w in command for w in words)
+
+
+# what a printed line (found by what it contains) must print
+SHELL_EXPECT = {
+    "staff explain for the EUO admin: voicemails refused, naming who asked": (
+        _has("/v1/explain?path=", "&role=euo_admin"),
+        lambda o: _json(o).get("decision") == "deny"
+        and _json(o)["explained_by"]["role"] == "provider_staff"),
+    "a grant opened with purpose and ticket": (
+        _has("-X POST", "/v1/break-glass"),
+        lambda o: _json(o).get("in_force") is True and _json(o)["ticket"] == "INC-1234"),
+    "the EUO admin lists the grant in force": (
+        lambda c: "$ADMIN" in c and c.endswith("/v1/break-glass"),
+        lambda o: any(g["in_force"] and g["ticket"] == "INC-1234"
+                      for g in _json(o).get("grants", []))),
+    "u-alice sees the access under the grant, with purpose and ticket": (
+        _has("$ALICE", "/v1/me/access-log"),
+        lambda o: any((a["break_glass"] or {}).get("ticket") == "INC-1234"
+                      and a["action"] == "PATCH" for a in _json(o).get("accesses", []))),
+    "the EUO admin ends the grant early": (
+        _has("-X DELETE", "/v1/break-glass/"),
+        lambda o: _json(o).get("in_force") is False
+        and _json(o)["ended_by"] == "euo_admin:admin@acme"),
+    "explain offline, as the endpoint answers": (
+        _has(" policy explain "),
+        lambda o: _json(o).get("decision") == "allow"
+        and _json(o)["served"] == ["call_recordings"]),
+    "the EUO admin's slice downloaded and verified in one command": (
+        _has(" audit verify-slice ", "--token", "/v1/audit/keys"),
+        lambda o: _json(o).get("ok") is True and _json(o)["rows_checked"] > 0),
+    "the policy's own tests pass": (
+        _has(" policy test"), lambda o: " 0 failed" in o),
+}

@@ -197,6 +197,15 @@ def _hide_a_proof(doc):
     doc["rows"][_first_sealed(doc)]["inclusion"] = None
 
 
+def _name_filled_in(doc):   # who acted, on a row whose actor the caller may not see
+    i = next(i for i, e in enumerate(doc["rows"]) if not e["disclosed"])
+    doc["rows"][i]["row"]["actor_sub"] = "someone@else"
+
+
+def _field_added(doc):
+    doc["rows"][_first_sealed(doc)]["row"]["approved_by"] = "the DPO"
+
+
 def _forged_signature(doc):
     sig = bytearray.fromhex(doc["checkpoints"][0]["signature"])
     sig[7] ^= 1
@@ -211,6 +220,8 @@ TAMPERING = {
     "a swapped root": (_swap_root, "does not verify"),
     "a forged signature": (_forged_signature, "does not verify"),
     "a sealed row passed off as unsealed": (_hide_a_proof, "without its proof"),
+    "a withheld name filled in": (_name_filled_in, "actor_sub, which nothing in the slice proves"),
+    "a field no hash covers": (_field_added, "approved_by, which nothing in the slice proves"),
 }
 
 

@@ -136,18 +136,49 @@ def signing_key(configured: Path | None, data_dir: Path) -> Ed25519PrivateKey:
     return load_signing_key(path)
 
 
-def load_public_keys(paths: list[Path]) -> dict[str, Ed25519PublicKey]:
-    """Public keys (PEM) by id, for verification; ConfigError naming a bad file."""
+def load_public_keys(sources: list) -> dict[str, Ed25519PublicKey]:
+    """Public keys by id, for verification, from files or http(s) URLs; each holds one or
+    more PEM public keys, or is a document as GET /v1/audit/keys answers (every key ever
+    used, so a rotation needs nothing more). ConfigError naming a bad source."""
+    from .remote import read
     keys = {}
-    for path in paths:
+    for source in sources:
+        name = f"--public-key {source}"
+        data = read(source, what=name)
         try:
-            key = serialization.load_pem_public_key(Path(path).read_bytes())
-        except (OSError, ValueError) as e:
-            raise ConfigError(f"--public-key {path}: {e}") from None
-        if not isinstance(key, Ed25519PublicKey):
-            raise ConfigError(f"--public-key {path} is not an Ed25519 public key")
-        keys[key_id(key)] = key
+            pems = _pems(data)
+        except (ValueError, KeyError, TypeError) as e:
+            raise ConfigError(f"{name}: {e}") from None
+        if not pems:
+            raise ConfigError(f"{name}: holds no PEM public key")
+        for claimed, pem in pems:
+            try:
+                key = serialization.load_pem_public_key(pem)
+            except (ValueError, TypeError) as e:
+                raise ConfigError(f"{name}: {e}") from None
+            if not isinstance(key, Ed25519PublicKey):
+                raise ConfigError(f"{name} is not an Ed25519 public key")
+            if claimed is not None and claimed != key_id(key):
+                raise ConfigError(f"{name}: key {claimed} is not the key its PEM holds")
+            keys[key_id(key)] = key
     return keys
+
+
+_PEM_END = b"-----END PUBLIC KEY-----"
+
+
+def _pems(data: bytes) -> list[tuple[str | None, bytes]]:
+    """(claimed key id or None, PEM) of each key in a keys document or a PEM file."""
+    if data.lstrip().startswith(b"{"):
+        doc = orjson.loads(data)
+        return [(k["key_id"], k["public_key_pem"].encode()) for k in doc["keys"]]
+    blocks = []
+    for part in data.split(_PEM_END)[:-1]:
+        start = part.find(b"-----BEGIN")
+        if start < 0:
+            raise ValueError("not a PEM file")
+        blocks.append((None, part[start:] + _PEM_END + b"\n"))
+    return blocks
 
 
 class Checkpointer:

@@ -268,6 +268,13 @@ def _verify(doc: Any, keys, report: dict[str, Any]) -> dict[tuple[str, int], str
         except (KeyError, TypeError, ValueError, AttributeError):
             raise Broken(f"row {n} is malformed") from None
         report["rows_checked"] += 1
+        # what no hash covers must not be there: a field beyond the hashed ones, or a
+        # withheld field filled in on a row whose row_hash the caller cannot recompute
+        extra = sorted(set(item) - set(HASHED))
+        if entry.get("disclosed") is not True:
+            extra += [name for name in WITHHELD if item.get(name) is not None]
+        if extra:
+            raise Broken(f"{where} holds {', '.join(extra)}, which nothing in the slice proves")
         if last_key is not None and not key < last_key:
             raise Broken(f"{where} is out of order (rows come newest first, each once)")
         last_key = key
@@ -355,7 +362,3 @@ def verify_consistency_doc(doc: Any, keys: dict[str, Ed25519PublicKey]) -> dict[
         report["problem"] = str(e)
     return report
 
-
-def load_document(path) -> Any:
-    with open(path, "rb") as f:
-        return orjson.loads(f.read())

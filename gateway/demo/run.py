@@ -6,8 +6,10 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
+import shlex
 import shutil
 import socket
+import sys
 from pathlib import Path
 
 import asyncpg
@@ -62,8 +64,10 @@ SHOWCASE = [
     ("partner: why a contracted EUO's recordings are served (explain, no backend call)",
      "partner", "pat@northwind", "p-northwind", None,
      "/v1/explain?path=/telephony/euos/euo-acme/users/u-bob/recordings"),
-    ("EUO admin: their slice of the audit log with inclusion proofs (checked below)",
-     "euo_admin", "admin@acme", None, "euo-acme", "/v1/audit/slice -o slice.json"),
+    ("provider staff: explain for another caller (here the EUO admin: voicemails refused, "
+     "and the policy lines that decide)", "provider_staff", "staff-sam", None, None,
+     "'/v1/explain?path=/telephony/euos/euo-acme/users/u-alice/voicemails"
+     "&role=euo_admin&sub=admin@acme&euo=euo-acme'"),
 ]
 
 # who signs in to the console, one per role
@@ -133,6 +137,61 @@ async def start_site(app: web.Application, host: str, port: int) -> tuple[web.Ap
     return runner, sock.getsockname()[1]
 
 
+def gateway_command() -> str:
+    """How to run this gateway's CLI from a shell, as the demo was run: `gateway` when that
+    is on PATH, else the script's own path (`.venv/bin/gateway`), or `python -m gateway`."""
+    script = Path(sys.argv[0])
+    if script.name == "gateway" and script.exists():
+        found = shutil.which("gateway")
+        if found and Path(found).resolve() == script.resolve():
+            return "gateway"
+        return shlex.quote(str(script.absolute()))
+    return f"{shlex.quote(sys.executable)} -m gateway"
+
+
+def print_break_glass_and_slice(settings: Settings, base: str, gateway: str) -> None:
+    """The break-glass story (refused, opened, allowed and flagged, seen by the EUO admin and
+    the user, ended early, refused again), explain offline, the EUO admin's slice downloaded
+    and verified in one command, and the policy's own tests: shell lines to paste in order."""
+    def token(role, sub, partner=None, euo=None):
+        return mint_token(settings, role, sub, partner, euo, 8 * 3600)
+    send = "curl -s -X {} -H \"Authorization: Bearer $TOKEN\" -H 'Content-Type: application/json'"
+    organizer = f"{base}/meeting/accounts/euo-acme/organizers/u-alice"
+    grant_id = "$(python3 -c \"import json; print(json.load(open('grant.json'))['id'])\")"
+    print("# provider staff: break-glass. Correcting an organizer's profile is refused; open a\n"
+          "# 30-minute grant with purpose and ticket (saved in grant.json), and it is allowed\n"
+          "# and flagged in the audit rows (a grant opened by an earlier run of the demo that is\n"
+          "# still in force allows it too: `gateway demo --reset` starts clean)\n"
+          f"  TOKEN={token('provider_staff', 'staff-sam')}\n"
+          f"  {send.format('PATCH')} -d '{{\"language\": \"en\"}}' {organizer}\n"
+          f"  {send.format('POST')} -d '{{\"euo\": \"euo-acme\", \"user\": \"u-alice\", "
+          f"\"purpose\": \"organizer locked out\", \"ticket\": \"INC-1234\", \"minutes\": 30}}' "
+          f"{base}/v1/break-glass | tee grant.json\n"
+          f"  {send.format('PATCH')} -d '{{\"language\": \"en\"}}' {organizer}\n")
+    print("# the EUO admin sees the grant (purpose, ticket, until when), u-alice sees it beside\n"
+          "# the access in her access log; the EUO admin ends it early, and the same correction\n"
+          "# is refused again\n"
+          f"  ADMIN={token('euo_admin', 'admin@acme', euo='euo-acme')}\n"
+          f"  ALICE={token('user', 'u-alice', euo='euo-acme')}\n"
+          f"  curl -s -H \"Authorization: Bearer $ADMIN\" {base}/v1/break-glass\n"
+          f"  curl -s -H \"Authorization: Bearer $ALICE\" '{base}/v1/me/access-log?limit=3'\n"
+          f"  curl -s -X DELETE -H \"Authorization: Bearer $ADMIN\" {base}/v1/break-glass/{grant_id}\n"
+          f"  {send.format('PATCH')} -d '{{\"language\": \"en\"}}' {organizer}\n")
+    print("# explain offline, from the policy files alone (no database, no backend; contracts\n"
+          "# as given):\n"
+          f"  {gateway} policy explain --role partner --sub pat@northwind --partner p-northwind "
+          "--contract euo-acme=p-northwind /telephony/euos/euo-acme/users/u-bob/recordings\n")
+    print("# EUO admin: download their slice of the audit log (their rows, with inclusion proofs\n"
+          "# against signed roots) and verify it against the published keys, in one command.\n"
+          "# Rows are sealed every GATEWAY_AUDIT_CHECKPOINT_S (60 s by default): newer ones are\n"
+          "# counted as rows_not_yet_sealed; run it again a minute later to see them proved\n"
+          f"  ADMIN={token('euo_admin', 'admin@acme', euo='euo-acme')}\n"
+          f"  {gateway} audit verify-slice '{base}/v1/audit/slice?limit=1000' --token \"$ADMIN\" "
+          f"--public-key {base}/v1/audit/keys --save slice.json\n")
+    print("# The policy's own tests (the floors and the visibility matrix as YAML cases; no "
+          f"database needed):\n  {gateway} policy test\n")
+
+
 async def _run(settings: Settings, dsn: str) -> None:
     from ..app import create_app
 
@@ -165,33 +224,16 @@ async def _run(settings: Settings, dsn: str) -> None:
           "ended 2025-06-30)\n")
     for label, role, sub, partner, euo, path in SHOWCASE:
         token = mint_token(settings, role, sub, partner, euo, 8 * 3600)
+        quote, path = ("'", path[1:]) if path.startswith("'") else ("", path)
         print(f"# {label}\n  TOKEN={token}\n  curl -s -H \"Authorization: Bearer $TOKEN\" "
-              f"{base}{path}\n")
-    token = mint_token(settings, "provider_staff", "staff-sam", None, None, 8 * 3600)
-    send = "curl -s -X {} -H \"Authorization: Bearer $TOKEN\" -H 'Content-Type: application/json'"
-    print("# provider staff: break-glass. Correcting an organizer's profile is refused; open a\n"
-          "# 30-minute grant with purpose and ticket, and it is allowed and flagged in the audit\n"
-          "# rows, u-alice's access log and the EUO admin's GET /v1/break-glass\n"
-          f"  TOKEN={token}\n"
-          f"  {send.format('PATCH')} -d '{{\"language\": \"en\"}}' "
-          f"{base}/meeting/accounts/euo-acme/organizers/u-alice\n"
-          f"  {send.format('POST')} -d '{{\"euo\": \"euo-acme\", \"user\": \"u-alice\", "
-          f"\"purpose\": \"organizer locked out\", \"ticket\": \"INC-1234\", \"minutes\": 30}}' "
-          f"{base}/v1/break-glass\n"
-          f"  {send.format('PATCH')} -d '{{\"language\": \"en\"}}' "
-          f"{base}/meeting/accounts/euo-acme/organizers/u-alice\n")
-    print("# Check the slice offline against the published key (rows are sealed every "
-          f"GATEWAY_AUDIT_CHECKPOINT_S):\n  curl -s {base}/v1/audit/keys | jq -r "
-          "'.keys[-1].public_key_pem' > key.pem\n  gateway audit verify-slice slice.json "
-          "--public-key key.pem\n")
-    print("# The policy's own tests (the floors and the visibility matrix as YAML cases; "
-          "no database needed):\n  gateway policy test\n")
+              f"{quote}{base}{path}\n")
+    print_break_glass_and_slice(settings, base, gateway_command())
     print(f"# Console: open {base}/console/ and paste one of these tokens (one per role)")
     for role, sub, partner, euo in CONSOLE:
         token = mint_token(settings, role, sub, partner, euo, 8 * 3600)
         print(f"  {role:<14} {sub:<14} {token}")
     print()
-    print("More tokens: gateway token --role user --euo euo-acme --sub u-bob  "
+    print(f"More tokens: {gateway_command()} token --role user --euo euo-acme --sub u-bob  "
           f"(same GATEWAY_DATA_DIR={settings.data_dir})\nCtrl-C stops the demo.")
     try:
         await wait_for_signal()
