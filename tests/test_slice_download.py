@@ -105,3 +105,34 @@ async def test_one_command_downloads_and_verifies_a_slice_across_a_key_rotation(
             code, _, err = await _cli("verify-slice", str(saved), "--public-key",
                                       str(tmp_path / "empty.pem"))
             assert code == 2 and "holds no PEM public key" in err
+
+
+async def test_the_token_is_not_sent_on_where_a_redirect_points(aiohttp_server, tmp_path):
+    """A slice URL that redirects elsewhere (a moved gateway, a hostile link) must not hand
+    the admin's bearer token to the other host; the download then fails clearly."""
+    from aiohttp import web
+    seen: list[str | None] = []
+
+    async def elsewhere(request: web.Request) -> web.Response:
+        seen.append(request.headers.get("Authorization"))
+        return web.json_response({"error": {"code": "unauthenticated", "message": "no token"}},
+                                  status=401)
+    second = web.Application()
+    second.router.add_get("/slice", elsewhere)
+    other = await aiohttp_server(second)
+
+    async def moved(request: web.Request) -> web.Response:
+        assert request.headers["Authorization"] == "Bearer the-admins-token"
+        raise web.HTTPFound(str(other.make_url("/slice")))
+    first = web.Application()
+    first.router.add_get("/v1/audit/slice", moved)
+    gateway = await aiohttp_server(first)
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+    key = tmp_path / "key.pem"
+    key.write_bytes(Ed25519PrivateKey.generate().public_key().public_bytes(
+        serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo))
+    code, _, err = await _cli("verify-slice", str(gateway.make_url("/v1/audit/slice")),
+                              "--token", "the-admins-token", "--public-key", str(key))
+    assert seen == [None], err
+    assert code == 2 and "401" in err

@@ -32,7 +32,8 @@ def read(source: str | Path, token: str | None = None, what: str = "") -> bytes:
             raise ConfigError(f"{name}: {e.strerror or e}") from None
     request = urllib.request.Request(str(source), headers={"Accept": "application/json"})
     if token:
-        request.add_header("Authorization", f"Bearer {token}")
+        # not sent on to wherever a redirect points (another host must not get the token)
+        request.add_unredirected_header("Authorization", f"Bearer {token}")
     try:
         with urllib.request.urlopen(request, timeout=TIMEOUT_S) as answer:
             body = answer.read(MAX_BYTES + 1)
