@@ -696,9 +696,25 @@ def _run_worker(settings: Settings, dsn: str, sock: socket.socket, create_app,
     # a reload asked for before the app listens for it must not end the process
     signal.signal(signal.SIGHUP, signal.SIG_IGN)
     _use_uvloop()
-    web.run_app(create_app(settings, dsn, reload_on_sighup=True, policy_set=policy.current),
-                sock=sock, access_log=None,
-                print=lambda s: log.info(s.strip()))
+    asyncio.run(_serve_app(create_app(settings, dsn, reload_on_sighup=True,
+                                      policy_set=policy.current), sock))
+
+
+async def _serve_app(app, sock: socket.socket) -> None:
+    """What web.run_app does for one app on an inherited socket, with the gateway's runner
+    (proxy paths straight to the pipeline): serve until SIGTERM or SIGINT, then let the
+    requests under way finish (aiohttp's shutdown timeout) and close every resource."""
+    from .app import GatewayRunner
+    stop = stop_on_signal()           # from the start: a SIGTERM during start-up stops cleanly
+    runner = GatewayRunner(app, access_log=None)
+    try:
+        await runner.setup()
+        site = web.SockSite(runner, sock)
+        await site.start()
+        log.info("serving on %s", site.name)
+        await stop.wait()
+    finally:
+        await runner.cleanup()
 
 
 def _die_with_parent(parent_pid: int) -> None:
@@ -717,12 +733,17 @@ def _use_uvloop() -> None:
         asyncio.set_event_loop_policy(uvloop.EventLoopPolicy())
 
 
-async def wait_for_signal() -> None:
+def stop_on_signal() -> asyncio.Event:
+    """An event set by the first SIGINT or SIGTERM."""
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
-    await stop.wait()
+    return stop
+
+
+async def wait_for_signal() -> None:
+    await stop_on_signal().wait()
 
 
 if __name__ == "__main__":

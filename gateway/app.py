@@ -168,7 +168,7 @@ def _resources(settings: Settings, dsn: str, catalog, policy: Policy, metrics: M
             anonymous=anonymous, max_body_bytes=settings.max_body_bytes,
             max_streams=settings.max_streams, policy_version=app[POLICY_SET].version,
             export_sources=app[POLICY_SET].export_sources, erasers=app[POLICY_SET].erasers,
-            erasure_deadline_s=settings.erasure_deadline_s)
+            erasure_deadline_s=settings.erasure_deadline_s, new_request_id=app[NEW_REQUEST_ID])
         # an erasure still `accepted` well past its deadline ran in a gateway that stopped
         webhooks.sweeps.append(functools.partial(
             subject_requests.fail_interrupted_erasures, gateway, webhooks, pool,
@@ -189,6 +189,18 @@ def _resources(settings: Settings, dsn: str, catalog, policy: Policy, metrics: M
             await session.close()
             await pool.close()
     return ctx
+
+
+class GatewayRunner(web.AppRunner):
+    """The app's runner, whose server hands the proxy's paths to the pipeline directly
+    (pipeline.direct): no route resolution, middleware or prepare signal per proxied
+    request. Everything else, and any request if this runner is not used, goes through the
+    app as before, with the same answers."""
+
+    async def _make_server(self) -> web.Server:
+        server = await super()._make_server()
+        server.request_handler = pipeline.direct(self.app, server.request_handler)
+        return server
 
 
 POLICY_SET = web.AppKey("policy_set", PolicySet)

@@ -207,7 +207,7 @@ class Metrics:
         duration.observe(row.duration_ms / 1000)
         if refusals is not None:
             refusals.inc()
-        if row.withheld is not None:
+        if row.withheld is not None and '"retention"' in row.withheld:   # most are scope only
             retention = orjson.loads(row.withheld).get("retention")
             for data_set, n in (retention or {}).items():
                 self.retention.labels(data_set, row.service or "none").inc(n)

@@ -77,9 +77,12 @@ class Gateway:
     erasers: tuple = ()                # routes.yaml's erasure: entries, as loaded
     erasure_deadline_s: float = 300.0  # an accepted erasure's backend calls, all told
 
+    new_request_id: Callable[[], str] = field(default=lambda: "")   # set by create_app
+
     def __post_init__(self):
         self.plan = lru_cache(maxsize=4096)(self._plan)
         self.targets = Targets(self.catalog)
+        self.prefixes = tuple(f"/{service}/" for service in self.catalog.services)
 
     def use(self, catalog: Catalog, policy: Policy, version: str, export_sources: Any,
             erasers: tuple = ()) -> None:
@@ -90,6 +93,7 @@ class Gateway:
         self.authn.use(catalog.roles)
         self.targets = Targets(catalog)
         self.plan = lru_cache(maxsize=4096)(self._plan)
+        self.prefixes = tuple(f"/{service}/" for service in catalog.services)
 
     def _plan(self, route: Route, role: str, relations: frozenset[str]) -> RedactionPlan:
         return make_plan(route, role, relations, self.catalog, self.policy.granted)
@@ -99,9 +103,10 @@ class Gateway:
         a stale contracts mirror refuses with 503)."""
         return cutoffs(route.rules, params[route.subject_euo], now, self.contracts.contract_end)
 
-    def call(self, request: web.Request) -> Call:
-        """A new audited call for this HTTP request."""
-        return self.new_call(request[REQUEST_ID], request.method, request.raw_path,
+    def call(self, request: web.BaseRequest, request_id: str | None = None) -> Call:
+        """A new audited call for this HTTP request (its id given by the app's middleware,
+        or `request_id` on the direct path)."""
+        return self.new_call(request_id or request[REQUEST_ID], request.method, request.raw_path,
                              request.remote, client_request_id(request),
                              traceparent(request.headers))
 
@@ -116,12 +121,39 @@ class Gateway:
 
 
 async def handle(request: web.Request) -> web.StreamResponse:
-    gw: Gateway = request.app[GATEWAY]
-    call = gw.call(request)
+    """The proxy's paths as a route of the app (behind its middleware), when the server is
+    not a GatewayRunner's (see `direct`)."""
+    return await serve(request.app[GATEWAY], request, request[REQUEST_ID])
+
+
+async def serve(gw: Gateway, request: web.BaseRequest, request_id: str) -> web.StreamResponse:
+    """One proxied request, answered with the headers every answer carries (the request id,
+    no shared caching) whether or not the app's middleware and prepare hook ran."""
+    call = gw.call(request, request_id)
     try:
-        return await _serve(request, gw, call)
+        response = await _serve(request, gw, call)
     except Exception as e:
-        return await call.refuse(e if isinstance(e, Denied) else internal(e, call.row.request_id))
+        response = await call.refuse(e if isinstance(e, Denied) else internal(e, request_id))
+    if not response.prepared:           # a streamed file set them before it began
+        headers = response.headers
+        headers["X-Request-Id"] = request_id
+        for name, value in PRIVATE.items():
+            headers.setdefault(name, value)
+    return response
+
+
+def direct(app: web.Application, app_handler: Callable) -> Callable:
+    """A server's request handler that hands the proxy's paths straight to `serve`, and
+    everything else to the app (`app_handler`, the app's own `_handle`). The proxy's path
+    then pays no route resolution, middleware or prepare signal: it sets what they would
+    itself. A request expecting `100 Continue` goes through the app, which answers that."""
+    async def dispatch(request: web.BaseRequest) -> web.StreamResponse:
+        gw = app.get(GATEWAY)
+        if gw is not None and request.raw_path.startswith(gw.prefixes) \
+                and "Expect" not in request.headers:
+            return await serve(gw, request, gw.new_request_id())
+        return await app_handler(request)
+    return dispatch
 
 
 @dataclass(frozen=True, slots=True)
@@ -475,6 +507,7 @@ async def _copy(request: web.Request, route: Route, upstream, call: Call,
         raise
     response = web.StreamResponse(status=upstream.status, headers=binary_headers(upstream.headers))
     response.headers.update(PRIVATE)
+    response.headers["X-Request-Id"] = call.row.request_id
     if upstream.content_length is not None:
         response.content_length = upstream.content_length
     await response.prepare(request)

@@ -127,7 +127,8 @@ async def seed_contracts(dsn: str, data: demo_data.DemoData) -> None:
 
 async def start_site(app: web.Application, host: str, port: int) -> tuple[web.AppRunner, int]:
     """Serve an app on host:port (0: any free port); return the runner and the port."""
-    runner = web.AppRunner(app, access_log=None)
+    from ..app import GatewayRunner
+    runner = GatewayRunner(app, access_log=None)
     await runner.setup()
     sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
