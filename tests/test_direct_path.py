@@ -16,7 +16,7 @@ from aiohttp import web
 
 from gateway.app import create_app
 
-from .conftest import audit_row, call, gateway_settings
+from .conftest import audit_row, gateway_settings
 
 USER = "/telephony/euos/euo-acme/users/u-alice"
 CASES = [   # (caller, method, path, body)
