@@ -5,7 +5,8 @@ When nothing can, `check_shape` still checks the whole answer's shape and subjec
 caller then gets it re-encoded). When something can, the body is walked along the route's
 shape: fields of data sets the viewer may not read are removed (not nulled), list elements
 of which nothing but identifiers would remain are dropped, and old call records are masked.
-Both walks share the same checks (_leaf, _flat, _subject_of, _check_binds).
+Both walks share the same checks (_leaf, _flat, _subject_of, _check_binds); the walk checks
+the shape of each value it serves, not of a value it withholds (that reaches nobody).
 """
 
 from __future__ import annotations
@@ -168,9 +169,15 @@ def _flat(value: Any, path: str, depth: int = 2) -> None:
     if depth == 0:
         raise Unmappable(f"{path} nests deeper than the route table allows")
     for child in children:
-        if type(child) in scalars:
+        t = type(child)
+        if t in scalars:
             continue
-        grandchildren = _children(child, path)
+        if t is dict:
+            grandchildren = child.values()
+        elif t is list:
+            grandchildren = child
+        else:
+            raise Unmappable(f"{path} holds a value JSON does not have")
         if depth == 1:
             raise Unmappable(f"{path} nests deeper than the route table allows")
         for grandchild in grandchildren:
@@ -184,9 +191,10 @@ _SCALARS = frozenset((str, int, float, bool, type(None)))
 
 
 def _children(value: Any, path: str):
-    if isinstance(value, dict):
+    t = type(value)
+    if t is dict:
         return value.values()
-    if isinstance(value, list):
+    if t is list:
         return value
     raise Unmappable(f"{path} holds a value JSON does not have")
 
@@ -240,9 +248,10 @@ class _Walker:
     def value(self, value: Any, node: Node, relations: frozenset[str], path: str) -> Any:
         """The redacted value, or _DROP when none of it may be seen."""
         if isinstance(node, Leaf):
-            if isinstance(value, (dict, list)):       # a scalar is always a good leaf
-                _leaf(value, node, path)
+            # the shape of what is served is checked; what is withheld reaches nobody
             if node.data_set is None:
+                if type(value) not in _SCALARS:
+                    _leaf(value, node, path)
                 return value
             if node.data_set in self.cut.expired:
                 return self.past_retention(value, node.data_set, path)
@@ -251,6 +260,8 @@ class _Walker:
                 self.outcome.count(RESTRICTION, node.data_set)
                 return _DROP
             if node.data_set in self.granted(self.role, relations, "read"):
+                if type(value) not in _SCALARS:      # a scalar is always a good leaf
+                    _leaf(value, node, path)
                 self.outcome.served.add(node.data_set)
                 return value
             self.outcome.removed.add(path)
@@ -341,8 +352,8 @@ class _Walker:
             spec = node.fields.get(key)
             sub_path = f"{path}.{key}" if path else key
             if spec is None:
-                _flat(child, sub_path, UNDECLARED_DEPTH)
                 if is_subject:
+                    _flat(child, sub_path, UNDECLARED_DEPTH)
                     result[key] = child
                     has_data = own_data = True
                 else:

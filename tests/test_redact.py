@@ -131,3 +131,26 @@ def test_a_data_sets_value_nests_at_most_two_levels_and_an_undeclared_field_one(
     assert refused({"entries": value}, ObjectOf({"entries": Leaf("personal_directory")})) == (
         nesting(value) > 2)
     assert refused({"other": value}, ObjectOf({})) == (nesting(value) > 1)
+
+
+@settings(max_examples=300, deadline=None)
+@given(JSON, JSON)
+def test_the_walk_checks_what_it_serves_and_serves_nothing_it_withholds(policy, directory, other):
+    """A user's own record: their personal directory and an undeclared field are served,
+    so an answer nesting them deeper than allowed is refused. Provider staff get neither:
+    whatever those values hold, the walk answers without them (and without refusing)."""
+    doc = {"id": "u1", "euo_id": "e", "first_name": "A", "personal_directory": directory,
+           "shoe_size": other}
+    plan = make_plan(policy.catalog.match("telephony", ["euos", "e", "users", "u1"])[0], "user",
+                     frozenset({"same_euo", "self"}), policy.catalog, policy.granted)
+    # the walk itself (a plan that may remove nothing skips it in the proxy, whose
+    # check_shape the test above covers)
+    try:
+        out, _ = redact(doc, plan, "u1", policy.catalog, policy.granted, NOW)
+    except Unmappable:
+        assert nesting(directory) > 2 or nesting(other) > 1
+    else:
+        assert nesting(directory) <= 2 and nesting(other) <= 1 and out == doc
+    _, out, outcome = run(policy, "telephony", "euos/e/users/u1", "provider_staff", {"any"}, doc)
+    assert "personal_directory" not in out and "shoe_size" not in out
+    assert {"personal_directory", "shoe_size"} <= outcome.removed
