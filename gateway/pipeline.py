@@ -131,14 +131,13 @@ async def serve(gw: Gateway, request: web.BaseRequest, request_id: str) -> web.S
     no shared caching) whether or not the app's middleware and prepare hook ran."""
     call = gw.call(request, request_id)
     try:
-        response = await _serve(request, gw, call)
+        return await _serve(request, gw, call)    # its answers carry them from the start
     except Exception as e:
         response = await call.refuse(e if isinstance(e, Denied) else internal(e, request_id))
-    if not response.prepared:           # a streamed file set them before it began
-        headers = response.headers
-        headers["X-Request-Id"] = request_id
-        for name, value in PRIVATE.items():
-            headers.setdefault(name, value)
+    headers = response.headers
+    headers["X-Request-Id"] = request_id
+    for name, value in PRIVATE.items():
+        headers.setdefault(name, value)
     return response
 
 
@@ -282,6 +281,7 @@ async def read_json(gw: Gateway, target: Target, upstream, call: Call,
     content_type = upstream.content_type.lower()
     raw = await gw.backends.read(upstream, deadline)
     headers = dict(PRIVATE)
+    headers["X-Request-Id"] = call.row.request_id
     if status == 204 or not raw:
         return JsonAnswer(status, headers, None)
     if not (content_type == "application/json" or content_type.endswith("+json")):
@@ -290,7 +290,7 @@ async def read_json(gw: Gateway, target: Target, upstream, call: Call,
     headers["Content-Type"] = "application/json"
     route, principal = target.route, target.principal
     plan = gw.plan(route, principal.role, target.relations)
-    now = now_utc()
+    now = call.row.at                  # decided as of the request's arrival
     cut = gw.cutoffs(route, target.params, now)
     try:
         document = orjson.loads(raw)
