@@ -142,7 +142,7 @@ def _resources(settings: Settings, dsn: str, catalog, policy: Policy, metrics: M
         anonymous.start()
         checkpointer = app[CHECKPOINTER] = Checkpointer(
             pool, audit.heads, signing_key(settings.audit_signing_key_file, settings.data_dir),
-            settings.audit_checkpoint_s)
+            settings.audit_checkpoint_s, leaves=audit.leaves, sealed=audit.sealed)
         await checkpointer.start()
         connector = aiohttp.TCPConnector(limit=settings.backend_connections,
                                          limit_per_host=settings.backend_connections,

@@ -157,3 +157,51 @@ async def test_checkpoints_are_listed_for_auditors(backends, sealed_db, http, to
         listed = orjson.loads(body)["checkpoints"]
         assert any(c["chain_id"] == str(chain) for c in listed)
         assert (await call(http, "GET", gw + "/v1/audit/checkpoints", token_for("alice")))[0] == 403
+
+
+async def test_a_row_altered_before_its_seal_is_found_against_what_was_written(
+        backends, http, token_for, tmp_path, demo):
+    """The checkpoint builds its tree from the leaves the writer committed, not from the
+    rows read back: a row altered between its commit and the seal does not get itself
+    signed. The signed root is that of the rows as written, which the altered rows no
+    longer give (and the chain walk names the row)."""
+    from gateway.audit.chain import verify
+    from gateway.audit.leaves import record_leaf
+    from gateway.audit.merkle import Frontier
+
+    async def root_of_rows(conn, chain) -> bytes:
+        tree = Frontier()
+        for row in await conn.fetch("select * from audit_log where chain_id = $1 order by seq",
+                                    chain):
+            tree.append(record_leaf(row))
+        return tree.root()
+
+    actor = f"altered-{uuid.uuid4().hex[:8]}"
+    async with private_database(tmp_path / "db", demo) as server:
+        settings = gateway_settings(backends["urls"], audit_checkpoint_s=3600, data_dir=tmp_path)
+        conn = await asyncpg.connect(server.dsn)
+        try:
+            async with running_gateway(settings, server.dsn) as gw:
+                for _ in range(3):
+                    assert (await call(http, "GET", gw + ACME,
+                                       token_for(role="provider_staff", sub=actor)))[0] == 200
+                chain = await conn.fetchval(
+                    "select distinct chain_id from audit_log where actor_sub = $1", actor)
+                written = await conn.fetchval(
+                    "select data_sets from audit_log where chain_id = $1 and seq = 2", chain)
+                await conn.execute("alter table audit_log disable trigger audit_log_append_only")
+                await conn.execute("update audit_log set data_sets = array['nothing'] "
+                                   "where chain_id = $1 and seq = 2", chain)
+            # stopped: the closed chain was sealed, with a tree of its three rows
+            version, size, root = await conn.fetchrow(
+                "select version, tree_size, root from audit_checkpoints where chain_id = $1 "
+                "order by id desc limit 1", chain)
+            assert (version, size) == (2, 3)
+            assert bytes(root) != await root_of_rows(conn, chain)
+            report = await verify(conn)
+            assert [b["seq"] for b in report.breaks if b["chain_id"] == str(chain)] == [2]
+            await conn.execute("update audit_log set data_sets = $2 "
+                               "where chain_id = $1 and seq = 2", chain, written)
+            assert bytes(root) == await root_of_rows(conn, chain)     # as written: signed
+        finally:
+            await conn.close()

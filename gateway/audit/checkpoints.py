@@ -184,9 +184,14 @@ def _pems(data: bytes) -> list[tuple[str | None, bytes]]:
 class Checkpointer:
     """Signs this process's chain heads every `interval_s` and once more when it stops."""
 
-    def __init__(self, pool: asyncpg.Pool, heads, key: Ed25519PrivateKey, interval_s: float):
+    def __init__(self, pool: asyncpg.Pool, heads, key: Ed25519PrivateKey, interval_s: float,
+                 leaves=None, sealed=None):
         self.pool = pool
         self.heads = heads                  # () -> [(chain_id, seq, last_hash)]
+        # (chain_id, after, upto) -> the writer's leaves of those rows, or None (then the
+        # rows are read back); and (chain_id, upto): the tree holds them, let them go
+        self.leaves = leaves
+        self.sealed = sealed
         self.key = key
         self.key_id = key_id(key.public_key())
         self.interval_s = interval_s
@@ -231,6 +236,8 @@ class Checkpointer:
                                    seq if tree else None, root)
             if tree:
                 self._trees[chain_id] = tree
+                if self.sealed is not None:
+                    self.sealed(chain_id, tree.size)
             self._sealed[chain_id] = seq
             stored += 1
         return stored
@@ -238,11 +245,22 @@ class Checkpointer:
     async def _grow(self, conn: asyncpg.Connection, chain_id, seq: int,
                     last_hash: bytes) -> Frontier:
         """The chain's tree extended to `seq` leaves, its new perfect nodes stored (in the
-        checkpoint's transaction); TreeError if the rows read back do not chain up to the
-        head the writer holds."""
+        checkpoint's transaction). The leaves come from this process's writer when it holds
+        them (no row is read back); otherwise from the rows read back, and TreeError if
+        those do not chain up to the head the writer holds."""
         old = self._trees.get(chain_id) or await load_frontier(conn, chain_id)
         tree = Frontier(old.size, old.edge)
         nodes = []
+        written = self.leaves(chain_id, tree.size, seq) if self.leaves is not None else None
+        if written is not None:
+            # the leaves of the rows as this process's writer committed them: what is signed
+            # is what was written (a row altered since fails verification against it)
+            for one in written:
+                nodes.extend((chain_id, level, idx, h) for level, idx, h in tree.append(one))
+            if nodes:
+                await conn.copy_records_to_table("audit_merkle_nodes", records=nodes,
+                                                 columns=("chain_id", "level", "idx", "hash"))
+            return tree
         prev = None
         async for row in conn.cursor(query("audit_chain_rows_after"), chain_id, tree.size, seq,
                                      prefetch=500):     # short turns of the event loop

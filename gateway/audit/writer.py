@@ -36,6 +36,7 @@ import asyncpg
 from ..db import query
 from ..errors import Denied
 from .chain import GENESIS, HASHED, canonical, link
+from .leaves import leaf
 
 log = logging.getLogger("gateway.audit")
 
@@ -45,6 +46,7 @@ COMMIT_TIMEOUT_S = 2.0
 DEADLINE_MARGIN_S = 0.005   # the database's deadline for a batch: this much before ours
 PROBE_EVERY_S = 0.5   # while failing and idle, how often a lane checks the database is back
 COLUMNS = HASHED + ("prev_hash", "row_hash")
+LEAVES_MAX = 1_000_000    # unsealed Merkle leaves a lane keeps (~70 MB) for its checkpoint
 
 
 @dataclass(slots=True)
@@ -173,6 +175,25 @@ class AuditWriter:
         """(chain id, last committed seq, its row hash) of each lane: what a checkpoint signs."""
         return [(lane.chain_id, lane.seq, lane.prev_hash) for lane in self.lanes]
 
+    def leaves(self, chain_id: uuid.UUID, after: int, upto: int) -> list[bytes] | None:
+        """The Merkle leaves (leaves.py) of a chain's committed rows after+1 .. upto, as the
+        writer wrote them; None when it does not hold them all (another process's chain, one
+        it gave up, or leaves already sealed). The checkpoint builds its tree from these
+        instead of reading every row back."""
+        for lane in self.lanes:
+            if lane.chain_id == chain_id:
+                lo, hi = after - lane.leaves_from, upto - lane.leaves_from
+                if 0 <= lo <= hi <= len(lane.leaves):
+                    return lane.leaves[lo:hi]
+        return None
+
+    def sealed(self, chain_id: uuid.UUID, upto: int) -> None:
+        """A checkpoint holds the chain's tree up to `upto` leaves: their leaves may go."""
+        for lane in self.lanes:
+            if lane.chain_id == chain_id and upto > lane.leaves_from:
+                del lane.leaves[:upto - lane.leaves_from]
+                lane.leaves_from = upto
+
     def queue_depth(self) -> int:
         """Rows waiting for a lane (not those being written)."""
         return len(self._queue)
@@ -257,6 +278,10 @@ class _Lane:
         self.chain_id = uuid.uuid4()
         self.seq = 0
         self.prev_hash = GENESIS
+        # the committed rows' Merkle leaves not yet sealed: those of seq leaves_from+1 ..
+        # (bounded by what one checkpoint interval commits)
+        self.leaves: list[bytes] = []
+        self.leaves_from = 0
 
     async def run(self) -> None:
         """Write batches as rows arrive; while failing and idle, probe until the database is back."""
@@ -329,17 +354,19 @@ class _Lane:
         except Exception as e:  # the head stays open at what was committed
             log.warning("could not close audit chain %s: %s", self.chain_id, e)
 
-    def _link(self, batch: list[_Pending]) -> tuple[list[tuple], bytes]:
-        """The batch's rows as audit_log's row type, chained; and the last row's hash."""
-        records, prev, seq = [], self.prev_hash, self.seq
+    def _link(self, batch: list[_Pending]) -> tuple[list[tuple], bytes, list[bytes]]:
+        """The batch's rows as audit_log's row type, chained; the last row's hash; and the
+        rows' Merkle leaves."""
+        records, leaves, prev, seq = [], [], self.prev_hash, self.seq
         chain_id, order = self.chain_id, self._order
         for item in batch:
             seq += 1
             values = (item.row.at, chain_id, seq, *_REST_OF_ROW(item.row))
             row_hash = link(prev, canonical(values))
             records.append(order((*values, prev, row_hash)))
+            leaves.append(leaf(values, row_hash))
             prev = row_hash
-        return records, prev
+        return records, prev, leaves
 
     async def _write(self, batch: list[_Pending]) -> None:
         writer = self.writer
@@ -366,7 +393,7 @@ class _Lane:
                         if item.change is not None:
                             await self._change(i, item, changed, refused)
                 written = [item for i, item in enumerate(batch) if i not in refused]
-                records, last_hash = self._link(written)
+                records, last_hash, leaves = self._link(written)
                 last_seq = self.seq + len(records)
                 if records:
                     left = deadline - asyncio.get_running_loop().time() - DEADLINE_MARGIN_S
@@ -387,6 +414,11 @@ class _Lane:
             return
         writer._failing = False
         self.seq, self.prev_hash = last_seq, last_hash
+        if records:
+            self.leaves.extend(leaves)
+            if len(self.leaves) > LEAVES_MAX:       # checkpoints failing for long: let go
+                self.leaves_from += len(self.leaves)    # (the next one reads the rows back)
+                self.leaves = []
         if writer.on_batch is not None:
             writer.on_batch(len(batch) - len(refused), asyncio.get_running_loop().time() - started)
         late = 0
