@@ -136,3 +136,34 @@ def test_any_change_to_a_proof_fails(n, data):
     assert not verify_consistency(first, n, mth(altered[:first]), root, c)
     if c:
         assert not verify_consistency(first, n, old, root, c[:-1])
+
+
+# --- the writer's one-pass encoding against the definitions ------------------------------
+
+from datetime import UTC, timedelta, timezone  # noqa: E402
+
+from gateway.audit import leaves as row_leaves  # noqa: E402
+from gateway.audit.chain import HASHED, canonical, link  # noqa: E402
+
+_TEXT = st.none() | st.text(max_size=4)
+_FIELD = {"data_sets": st.lists(st.text(max_size=3), max_size=2),
+          "fields_removed": st.lists(st.text(max_size=3), max_size=2),
+          "subject_users": st.lists(st.text(max_size=3), max_size=2),
+          "status": st.integers(0, 599), "bytes": st.integers(0, 2**40),
+          "duration_ms": st.floats(0, 1e6) | st.integers(0, 10**6),
+          "requests": st.none() | st.integers(1, 10**6),
+          "break_glass": st.none() | st.uuids()}
+
+
+@given(st.datetimes(timezones=st.just(UTC)) | st.datetimes(
+           timezones=st.just(timezone(timedelta(hours=2)))),
+       st.uuids(), st.integers(1, 10**9),
+       st.fixed_dictionaries({name: _FIELD.get(name, _TEXT) for name in HASHED[3:]}),
+       st.binary(min_size=32, max_size=32))
+def test_the_writers_row_hash_and_leaf_are_those_of_the_definitions(at, chain, seq, rest, prev):
+    """hash_and_leaf encodes a row once for its chain hash and its Merkle leaf; both must be
+    exactly what chain.canonical and leaves.leaf define (which verifiers recompute)."""
+    values = (at, chain, seq, *(rest[name] for name in HASHED[3:]))
+    row_hash, one = row_leaves.hash_and_leaf(values, prev)
+    assert row_hash == link(prev, canonical(values))
+    assert one == row_leaves.leaf(values, row_hash)

@@ -64,6 +64,31 @@ def canonical(values: Sequence[Any]) -> bytes:
     return orjson.dumps(v)
 
 
+def canonical_pair(values: Sequence[Any], nulled: Sequence[int]) -> tuple[bytes, bytes]:
+    """canonical(values), and canonical of the same values with the fields at `nulled` set
+    to null, normalised once (the writer's row hash and Merkle leaf of each row)."""
+    v = list(values)
+    v[0] = v[0].astimezone(UTC)
+    v[1] = str(v[1])
+    v[_DURATION] = float(v[_DURATION])
+    if v[_BREAK_GLASS] is not None:
+        v[_BREAK_GLASS] = str(v[_BREAK_GLASS])
+    full = orjson.dumps(v[:_trimmed(v)])
+    for i in nulled:
+        v[i] = None
+    return full, orjson.dumps(v[:_trimmed(v)])
+
+
+def _trimmed(v: list) -> int:
+    """How many of the fields are hashed: the trailing optional ones left out while null."""
+    n = len(v)
+    for _ in range(_OPTIONAL):
+        if v[n - 1] is not None:
+            break
+        n -= 1
+    return n
+
+
 def record_values(record: asyncpg.Record) -> tuple:
     return tuple(record[name] for name in HASHED)
 

@@ -22,7 +22,7 @@ import hashlib
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-from .chain import HASHED, canonical, link
+from .chain import HASHED, canonical, canonical_pair, link
 from .merkle import leaf_hash
 
 WITHHELD = ("actor_sub", "client_addr", "client_request_id", "trace_id")
@@ -39,6 +39,14 @@ def public_digest(values: Sequence[Any]) -> bytes:
 def leaf(values: Sequence[Any], row_hash: bytes) -> bytes:
     """The leaf hash of a row (its values in HASHED order)."""
     return leaf_hash(public_digest(values) + bytes(row_hash))
+
+
+def hash_and_leaf(values: Sequence[Any], prev_hash: bytes) -> tuple[bytes, bytes]:
+    """A new row's hash in its chain (after `prev_hash`) and its leaf hash, the values
+    encoded once for both (the writer's path)."""
+    full, public = canonical_pair(values, _WITHHELD_AT)
+    row_hash = link(prev_hash, full)
+    return row_hash, leaf_hash(hashlib.sha256(public).digest() + row_hash)
 
 
 def record_leaf(row: Mapping[str, Any]) -> bytes:

@@ -35,8 +35,8 @@ import asyncpg
 
 from ..db import query
 from ..errors import Denied
-from .chain import GENESIS, HASHED, canonical, link
-from .leaves import leaf
+from .chain import GENESIS, HASHED
+from .leaves import hash_and_leaf
 
 log = logging.getLogger("gateway.audit")
 
@@ -276,7 +276,8 @@ class _Lane:
 
     def _new_chain(self) -> None:
         self.chain_id = uuid.uuid4()
-        self.seq = 0
+        self._chain_text = str(self.chain_id)    # as rows carry it (hashed as text; asyncpg
+        self.seq = 0                             # encodes text for a uuid column)
         self.prev_hash = GENESIS
         # the committed rows' Merkle leaves not yet sealed: those of seq leaves_from+1 ..
         # (bounded by what one checkpoint interval commits)
@@ -358,13 +359,13 @@ class _Lane:
         """The batch's rows as audit_log's row type, chained; the last row's hash; and the
         rows' Merkle leaves."""
         records, leaves, prev, seq = [], [], self.prev_hash, self.seq
-        chain_id, order = self.chain_id, self._order
+        chain_id, order = self._chain_text, self._order
         for item in batch:
             seq += 1
             values = (item.row.at, chain_id, seq, *_REST_OF_ROW(item.row))
-            row_hash = link(prev, canonical(values))
+            row_hash, one = hash_and_leaf(values, prev)
             records.append(order((*values, prev, row_hash)))
-            leaves.append(leaf(values, row_hash))
+            leaves.append(one)
             prev = row_hash
         return records, prev, leaves
 
