@@ -61,6 +61,9 @@ class BackendClient:
         self.connect_timeout_s = connect_timeout_s
         self.read_timeout_s = read_timeout_s
         self._closed = False
+        # the loop this client's connections belong to, looked up once: on Python 3.11
+        # each asyncio.get_running_loop() is a getpid() system call
+        self._loop = asyncio.get_running_loop()
 
     async def request(self, service: str, method: str, path_qs: str,
                       headers: Mapping[str, str], body: bytes | None = None,
@@ -109,7 +112,7 @@ class BackendClient:
         raise AssertionError("unreachable")
 
     def _idle(self, upstream: _Upstream) -> _Connection | None:
-        loop_time = asyncio.get_running_loop().time()
+        loop_time = self._loop.time()
         while upstream.idle:
             conn, since = upstream.idle.pop()
             if conn.usable() and loop_time - since < IDLE_S:
@@ -119,7 +122,7 @@ class BackendClient:
         return None
 
     async def _connect(self, upstream: _Upstream, deadline: float | None = None) -> _Connection:
-        loop = asyncio.get_running_loop()
+        loop = self._loop
         give_up = loop.time() + self.connect_timeout_s
         by_deadline = deadline is not None and deadline < give_up
         try:
@@ -141,7 +144,7 @@ class BackendClient:
         """An answer was released: its connection back to the pool, or closed."""
         self._slots.release()
         if reusable and not self._closed and conn.usable():
-            conn.upstream.idle.append((conn, asyncio.get_running_loop().time()))
+            conn.upstream.idle.append((conn, self._loop.time()))
         else:
             conn.close()
 
@@ -311,7 +314,7 @@ class Answer:
 
     async def _wait(self, until: float) -> None:
         """Until bytes, the end or an error arrive; TimeoutError at the loop time `until`."""
-        loop = asyncio.get_running_loop()
+        loop = self._client._loop
         waiter = self._waiter = loop.create_future()
         timer = loop.call_at(until, _expire, waiter)
         try:
@@ -322,7 +325,7 @@ class Answer:
 
     def _until(self, deadline: float | None) -> float:
         """No byte for the read timeout, or the call's deadline: whichever comes first."""
-        until = asyncio.get_running_loop().time() + self._client.read_timeout_s
+        until = self._client._loop.time() + self._client.read_timeout_s
         return until if deadline is None or deadline > until else deadline
 
     async def _headers_ready(self, deadline: float | None = None) -> None:
@@ -351,7 +354,7 @@ class Answer:
                 raise self._error
             if self._complete:
                 return
-            await self._wait(asyncio.get_running_loop().time() + read_timeout)
+            await self._wait(self._client._loop.time() + read_timeout)
 
     async def read(self, limit: int, deadline: float | None = None) -> bytes:
         """The whole body; raises TooLarge past `limit` bytes, aiohttp.ClientPayloadError if

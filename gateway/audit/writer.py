@@ -110,6 +110,7 @@ class AuditWriter:
     def __init__(self, pool: asyncpg.Pool, queue_max: int, lanes: int = LANES,
                  commit_timeout_s: float = COMMIT_TIMEOUT_S):
         self.pool = pool
+        self._loop = asyncio.get_running_loop()    # once: each lookup is a getpid() on 3.11
         # (rows, seconds from taking the batch to its COMMIT) of every committed batch
         self.on_batch: Callable[[int, float], None] | None = None
         self.queue_max = queue_max
@@ -127,7 +128,7 @@ class AuditWriter:
                ) -> asyncio.Future:
         """Queue a row; the future resolves once it is committed (raises Denied if it cannot),
         to what `change` returned when the row carries a state change."""
-        loop = asyncio.get_running_loop()
+        loop = self._loop
         fut = loop.create_future()
         if len(self._queue) >= self.queue_max:
             fut.set_exception(unavailable())
@@ -157,7 +158,7 @@ class AuditWriter:
         # one timer (cheaper than asyncio.timeout), and no shield (an extra future and two
         # callbacks per row): a caller cancelled while waiting cancels `fut`, and a lane
         # writes a row whose future was cancelled all the same (nobody waits for it)
-        timer = asyncio.get_running_loop().call_later(self.commit_timeout_s, self._expire, fut)
+        timer = self._loop.call_later(self.commit_timeout_s, self._expire, fut)
         try:
             return await fut
         finally:
@@ -206,7 +207,7 @@ class AuditWriter:
         if self._queue:
             first = self._queue[0].queued_at
             oldest = first if oldest is None else min(oldest, first)
-        if oldest is not None and asyncio.get_running_loop().time() - oldest > self.commit_timeout_s:
+        if oldest is not None and self._loop.time() - oldest > self.commit_timeout_s:
             reasons.append("audit_queue_stalled")
         if self._failing:
             reasons.append("audit_write_failed")
@@ -238,7 +239,7 @@ class AuditWriter:
     def _take(self) -> list[_Pending]:
         """Everything queued (up to BATCH_MAX) whose caller has not given up yet."""
         batch, expired = [], 0
-        queue, now = self._queue, asyncio.get_running_loop().time()
+        queue, now = self._queue, self._loop.time()
         while queue and len(batch) < BATCH_MAX:
             item = queue.popleft()
             if item.fut.cancelled() and (item.deadline is None or item.deadline > now):
@@ -373,11 +374,11 @@ class _Lane:
         writer = self.writer
         # the batch must commit before its earliest waiting caller gives up
         deadline = min((i.deadline for i in batch if i.deadline is not None),
-                       default=asyncio.get_running_loop().time() + writer.commit_timeout_s)
+                       default=writer._loop.time() + writer.commit_timeout_s)
         changed: dict[int, Any] = {}          # index in batch -> what its change returned
         refused: dict[int, BaseException] = {}
         last_seq, last_hash = self.seq, self.prev_hash
-        started = asyncio.get_running_loop().time()
+        started = writer._loop.time()
         try:
             async with asyncio.timeout_at(deadline):
                 await self._connect()
@@ -397,7 +398,7 @@ class _Lane:
                 records, last_hash, leaves = self._link(written)
                 last_seq = self.seq + len(records)
                 if records:
-                    left = deadline - asyncio.get_running_loop().time() - DEADLINE_MARGIN_S
+                    left = deadline - writer._loop.time() - DEADLINE_MARGIN_S
                     head = await self.conn.fetchval(query("audit_write_batch"), records,
                                                     self.chain_id, last_seq, last_hash, left)
                     if head != last_seq:
@@ -421,7 +422,7 @@ class _Lane:
                 self.leaves_from += len(self.leaves)    # (the next one reads the rows back)
                 self.leaves = []
         if writer.on_batch is not None:
-            writer.on_batch(len(batch) - len(refused), asyncio.get_running_loop().time() - started)
+            writer.on_batch(len(batch) - len(refused), writer._loop.time() - started)
         late = 0
         for i, item in enumerate(batch):
             if item.fut.cancelled():
