@@ -313,21 +313,23 @@ def wrk_result(proc: subprocess.Popen) -> dict[str, float]:
 
 
 async def paired_round(args, conn: asyncpg.Connection, pids: dict[str, int], bare: int, gw: int,
-                       path: str, token: str) -> dict:
+                       path: str, token: str, bare_connections: int | None = None) -> dict:
     """One window: wrk on the bare proxy and wrk on the gateway at the same moment, each
-    process's CPU from /proc over that same window."""
+    process's CPU from /proc over that same window (the bare proxy with
+    `bare_connections` connections when given, else as many as the gateway)."""
     urls = (f"http://127.0.0.1:{bare}{path}", f"http://127.0.0.1:{gw}{path}")
-    for p in [wrk_start(u, token, 1, args.connections) for u in urls]:      # warm both
-        p.communicate()
+    connections = (bare_connections or args.connections, args.connections)
+    for p in [wrk_start(u, token, 1, c) for u, c in zip(urls, connections, strict=True)]:
+        p.communicate()                                                      # warm both
     load = os.getloadavg()[0]
     counters = await audit_counters(conn)
     before = {name: cpu_split(pid) for name, pid in pids.items()}
-    runs = [wrk_start(u, token, args.duration, args.connections) for u in urls]
+    runs = [wrk_start(u, token, args.duration, c) for u, c in zip(urls, connections, strict=True)]
     results = [wrk_result(p) for p in runs]
     after = {name: cpu_split(pid) for name, pid in pids.items()}
     rows, batches = (b - a for a, b in zip(counters, await audit_counters(conn), strict=True))
     out = {"bare": results[0], "gateway": results[1], "rows": rows, "batches": batches,
-           "load_before": load, "cpu": {}}
+           "load_before": load, "cpu": {}, "bare_connections": connections[0]}
     served = {"gateway": results[1]["requests"], "bare": results[0]["requests"],
               "backend gw": results[1]["requests"], "backend bare": results[0]["requests"],
               "postgres": results[1]["requests"]}
@@ -358,8 +360,21 @@ async def paired(args, dsn: str, pids: dict[str, int], bare: int, gw: int) -> No
             continue
         token = make_token(ttl=3600, **claims)
         rounds = []
+        bare_connections = None
         for i in range(args.rounds):
-            r = await paired_round(args, conn, pids, bare, gw, path, token)
+            r = await paired_round(args, conn, pids, bare, gw, path, token, bare_connections)
+            if args.match_rate:
+                # CPU per request falls as the rate rises (more events per turn of each
+                # loop): the bare proxy gets fewer connections until both serve about the
+                # same rate in the same window, and only such windows are kept
+                for _ in range(4):
+                    ratio = r["gateway"]["rps"] / r["bare"]["rps"]
+                    if abs(ratio - 1) <= 0.1:
+                        break
+                    bare_connections = max(1, min(args.connections, round(
+                        r["bare_connections"] * ratio)))
+                    r = await paired_round(args, conn, pids, bare, gw, path, token,
+                                           bare_connections)
             rounds.append(r)
             c = r["cpu"]
             print(f"{name:<16} round {i + 1} (load {r['load_before']:.1f}): "
@@ -371,6 +386,7 @@ async def paired(args, dsn: str, pids: dict[str, int], bare: int, gw: int) -> No
                   f"backend gw/bare {c['backend gw']['total']:.0f}/{c['backend bare']['total']:.0f}  "
                   f"rows/commit {r['rows'] / max(r['batches'], 1):.1f}  "
                   f"req/s bare {r['bare']['rps']:,.0f} gw {r['gateway']['rps']:,.0f}  "
+                  + (f"(bare -c{r['bare_connections']})  " if args.match_rate else "") +
                   f"p50 {r['bare']['p50']:.1f}/{r['gateway']['p50']:.1f} ms  "
                   f"p99 {r['bare']['p99']:.1f}/{r['gateway']['p99']:.1f} ms"
                   + (f"  NON-2XX {r['gateway']['non2xx']}/{r['bare']['non2xx']}"
@@ -536,6 +552,9 @@ def main() -> None:
                         help="with --paired: in the bare proxy's place, run the gateway of "
                              "another checkout (say a git worktree of the parent commit), to "
                              "measure a change paired; 'bare' in the output is then that gateway")
+    parser.add_argument("--match-rate", action="store_true",
+                        help="with --paired: fewer connections on the bare proxy until both "
+                             "serve the same request rate (within 10%%) in the same window")
     parser.add_argument("--json", metavar="FILE", help="with --paired: write every round here")
     parser.add_argument("--only", action="append", choices=[s[0] for s in SCENARIOS],
                         help="run only this scenario (repeatable)")
