@@ -375,6 +375,11 @@ async def paired(args, dsn: str, pids: dict[str, int], bare: int, gw: int) -> No
                         r["bare_connections"] * ratio)))
                     r = await paired_round(args, conn, pids, bare, gw, path, token,
                                            bare_connections)
+                if abs(r["gateway"]["rps"] / r["bare"]["rps"] - 1) > 0.1:
+                    print(f"{name:<16} round {i + 1}: rates not matched (bare "
+                          f"{r['bare']['rps']:,.0f} at -c{r['bare_connections']}, gateway "
+                          f"{r['gateway']['rps']:,.0f} req/s): left out")
+                    continue
             rounds.append(r)
             c = r["cpu"]
             print(f"{name:<16} round {i + 1} (load {r['load_before']:.1f}): "
@@ -392,6 +397,8 @@ async def paired(args, dsn: str, pids: dict[str, int], bare: int, gw: int) -> No
                   + (f"  NON-2XX {r['gateway']['non2xx']}/{r['bare']['non2xx']}"
                      if r["gateway"]["non2xx"] or r["bare"]["non2xx"] else ""))
         report[name] = rounds
+        if not rounds:
+            continue
         if args.profile:
             await profile_round(args, conn, pids, bare, gw, name, path, token)
 
