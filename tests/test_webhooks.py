@@ -284,6 +284,48 @@ async def test_finished_events_are_deleted_after_the_keep_days_and_pending_ones_
             await owner.close()
 
 
+async def test_the_runtime_role_cannot_make_the_prune_delete_early_or_pending_events(
+        database_url):
+    """The prune is the runtime role's only way to delete an event: it cannot hand it a
+    keep of zero (or less) to delete an event delivered a moment ago, nor backdate an
+    event's delivery or giving up (or rewrite it) so that one still to be delivered goes."""
+    async with two_roles(database_url) as roles:
+        await migrated_with_grants(roles)
+        owner = await asyncpg.connect(roles.owner_dsn)
+        runtime = await asyncpg.connect(roles.runtime_dsn)
+        try:
+            ids = {}
+            for name, delivered in (("just_delivered", "1 second"), ("pending", None)):
+                ids[name] = await owner.fetchval(
+                    "insert into webhook_outbox (event, payload, delivered_at) values "
+                    "('request.filed', '{}', now() - $1::text::interval) returning id",
+                    delivered)
+            for keep in ("0", "-100 years", "-1 second"):
+                await runtime.fetchval("select webhook_prune($1::text::interval)", keep)
+            for column in ("delivered_at", "given_up_at"):
+                with pytest.raises(asyncpg.RaiseError, match="webhook_outbox"):
+                    await runtime.execute(f"update webhook_outbox set {column} = now() - "
+                                          "interval '100 days' where id = $1", ids["pending"])
+            for change in ("payload = '{\"x\": 1}'", "event = 'request.resolved'",
+                           "created_at = now() - interval '1 year'"):
+                with pytest.raises(asyncpg.RaiseError, match="webhook_outbox"):
+                    await runtime.execute(f"update webhook_outbox set {change} where id = $1",
+                                          ids["pending"])
+            await runtime.fetchval("select webhook_prune(make_interval(days => 1))")
+            left = {r["id"] for r in await owner.fetch("select id from webhook_outbox")}
+            assert left == set(ids.values())
+            # what the gateway itself writes still goes through: claim, fail, deliver
+            await runtime.execute("update webhook_outbox set next_attempt_at = now(), "
+                                  "attempts = attempts + 1 where id = $1", ids["pending"])
+            await runtime.execute("update webhook_outbox set last_error = 'x', given_up_at = "
+                                  "null where id = $1", ids["pending"])
+            await runtime.execute("update webhook_outbox set delivered_at = now() where id = $1",
+                                  ids["pending"])
+        finally:
+            await runtime.close()
+            await owner.close()
+
+
 async def test_break_glass_opened_and_ended_early_are_told_with_the_grant(
         hooked, http, token_for, db):
     """In the transaction of the grant (and of its early end), never for a refused one; the
