@@ -232,6 +232,37 @@ async def test_an_open_ended_contract_cuts_nothing(hostile_gateway, http, token_
     assert status == 200 and b"Retained SA" in body
 
 
+@pytest.mark.parametrize("end", [date(9999, 12, 31), date(9999, 7, 1), date(1, 1, 1)], ids=str)
+async def test_a_contract_end_at_the_edge_of_the_calendar_is_served_not_a_500(
+        hostile_gateway, http, token_for, db, end, euo_ret):
+    """9999-12-31 is a common "no end" sentinel: a contract end whose 6 months later (or a
+    rule's window before now) falls off the calendar is a contract still running (or long
+    ended), never an internal error for everyone reading the EUO."""
+    gw, backend = hostile_gateway
+    backend.answer(_euo_answer("euo-ret"))
+    await _contract(http, gw, token_for, "euo-ret", end)
+    running = end > now().date()
+    for who in ("staff", RET_PARTNER):
+        token = token_for(**who) if isinstance(who, dict) else token_for(who)
+        for path in ("/telephony/euos/euo-ret", "/telephony/euos/euo-ret/cdrs",
+                     "/telephony/euos/euo-ret/directory"):
+            status, _, body = await call(http, "GET", gw + path, token)
+            if who == RET_PARTNER and not running:
+                assert status == 403, body
+                continue
+            assert status == 200, (path, body)
+            assert (b"Retained SA" in body or b"Reception" in body or b"c1" in body) == running
+
+
+def test_a_retention_window_off_the_calendar_saturates():
+    """after() past the last day is later than any day; before() before the first is
+    earlier than any time: comparisons stay right, nothing raises."""
+    assert Duration(months=6).after(date.max) == date.max
+    assert Duration(days=1).after(date(9999, 12, 31)) == date.max
+    assert Duration(months=12 * 5000).before(now()) < now() - timedelta(days=365 * 2025)
+    assert Duration(days=10 ** 6).before(now()).year == 1
+
+
 async def test_the_demo_euo_whose_contract_ended_long_ago_shows_no_identity(gateway, http,
                                                                            token_for):
     """euo-umbrella's contract ended 2025-06-30: past + 6 months, its name is gone."""
