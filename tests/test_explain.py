@@ -60,7 +60,11 @@ async def test_explain_refusals_and_bad_input(gateway, http, token_for):
     assert said["reason"] == "dataset_not_permitted" and said["never_served"] == ["voicemails"]
     said = await _explain(http, gateway, token_for("admin"), "/telephony/nowhere")
     assert said["reason"] == "unknown_route" and said["route"] is None
-    for query in ("method=GET", "method=BREW&path=/telephony/euos/euo-acme", "path="):
+    # a repeated method or path is refused, as the proxy refuses a repeated parameter:
+    # explain must not answer for another request than the one a reader of the URL sees
+    for query in ("method=GET", "method=BREW&path=/telephony/euos/euo-acme", "path=",
+                  "path=/telephony/euos/euo-acme&path=/telephony/euos/euo-initech",
+                  "method=GET&method=DELETE&path=/telephony/euos/euo-acme"):
         status, _, body = await call(http, "GET", f"{gateway}/v1/explain?{query}",
                                      token_for("admin"))
         assert status == 400 and orjson.loads(body)["error"]["code"] == "bad_explain"
