@@ -157,6 +157,44 @@ async def test_a_failing_receiver_gets_the_event_again_with_backoff(hooked, http
                json={"status": "withdrawn"})
 
 
+async def test_a_receiver_answering_2xx_with_an_endless_body_is_delivered_not_read(
+        backends, database_url, tmp_path, http, token_for, db):
+    """The status is the answer: the gateway does not read the receiver's body (a receiver
+    streaming without end once had the gateway buffer it until the attempt's timeout, in
+    memory, and then count a 200 as failed and post the event again)."""
+    async def endless(request: web.Request) -> web.StreamResponse:
+        await request.read()
+        answer = web.StreamResponse(status=200)
+        await answer.prepare(request)
+        with contextlib.suppress(ConnectionError, RuntimeError):
+            while True:
+                await answer.write(b"x" * 65536)
+        return answer
+    app = web.Application()
+    app.router.add_post("/hooks", endless)
+    runner, port = await start_site(app, "127.0.0.1", 0)
+    try:
+        settings = gateway_settings(backends["urls"], webhook_url=f"http://127.0.0.1:{port}/hooks",
+                                    webhook_secret_file=secret_file(tmp_path),
+                                    webhook_backoff_s=0.05, webhook_poll_s=0.05,
+                                    webhook_timeout_s=3)
+        async with running_gateway(settings, database_url) as gw:
+            req = await file(http, gw, token_for(**somebody()), type="objection",
+                             data_sets=["connection_statistics"])
+
+            async def attempted():
+                return await db.fetch(
+                    "select d.status, d.error, d.duration_ms, o.delivered_at from "
+                    "webhook_deliveries d join webhook_outbox o on o.id = d.outbox_id where "
+                    "o.request_id = $1::uuid and o.event = 'request.filed'", req["id"])
+            assert await wait_for(attempted, timeout=10)
+            (attempt,) = await attempted()
+            assert (attempt["status"], attempt["error"]) == (200, None)
+            assert attempt["delivered_at"] is not None and attempt["duration_ms"] < 3000
+    finally:
+        await runner.cleanup()
+
+
 async def test_lifting_a_restriction_and_resolving_are_told(hooked, http, token_for):
     gw, receiver = hooked
     who = somebody()
