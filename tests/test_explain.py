@@ -78,6 +78,21 @@ def _offline(*args: str) -> subprocess.CompletedProcess:
                           capture_output=True, text=True, timeout=60)
 
 
+@pytest.mark.parametrize(("args", "message"), [
+    (("--role", "partner", "--sub", "x"), "needs the partner claim"),
+    (("--role", "user", "--sub", "u-alice"), "needs the euo claim"),
+    (("--role", "partner", "--sub", "x", "--partner", "p/x"), "bad_claim"),
+    (("--role", "user", "--sub", "u\x07", "--euo", "euo-acme"), "bad_claim"),
+])
+def test_offline_explain_refuses_a_caller_no_token_could_be(args, message):
+    """The proxy never meets a partner without a partner claim (401 missing_tenant_claim):
+    explained offline it was allowed into every EUO without a contract (no partner equals
+    no contract's partner). Such a caller is an error, exit 2, never a decision."""
+    done = _offline(*args, f"{T}/users/u-alice")
+    assert done.returncode == 2, done.stdout
+    assert message in done.stderr and done.stdout == ""
+
+
 async def test_offline_explain_matches_the_endpoint(gateway, http, token_for):
     path = f"{T}/users/u-alice/recordings"
     online = await _explain(http, gateway, token_for("partner"), path)
