@@ -13,6 +13,8 @@ from datetime import UTC, date, datetime, timedelta
 import orjson
 import pytest
 import yaml
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from gateway.catalog import PolicyError, load_catalog
 from gateway.retention import Duration, RuleError, cutoffs, parse_rule
@@ -261,6 +263,18 @@ def test_a_retention_window_off_the_calendar_saturates():
     assert Duration(days=1).after(date(9999, 12, 31)) == date.max
     assert Duration(months=12 * 5000).before(now()) < now() - timedelta(days=365 * 2025)
     assert Duration(days=10 ** 6).before(now()).year == 1
+
+
+@pytest.mark.slow
+@settings(max_examples=500, deadline=None)
+@given(d=st.dates(), days=st.integers(0, 10 ** 6), months=st.integers(0, 12 * 99999),
+       t=st.datetimes(timezones=st.just(UTC)))
+def test_any_window_from_any_day_is_a_day_never_an_error(d, days, months, t):
+    """Property (the cousins of 9999-12-31): whatever the anchor and the rule, a window
+    ends on a day no earlier than its anchor and starts no later than its reference."""
+    keep = Duration(days=days, months=months)
+    assert keep.after(d) >= d
+    assert keep.before(t) <= t
 
 
 async def test_the_demo_euo_whose_contract_ended_long_ago_shows_no_identity(gateway, http,
