@@ -152,6 +152,9 @@ class Webhooks:
             except _DB_ERRORS as e:
                 log.warning("webhook outbox not read: %s", e)
                 busy = False
+            except Exception:     # one event must never end delivery for the process
+                log.exception("webhook delivery failed; going on")
+                busy = False
             if not busy:
                 with contextlib.suppress(TimeoutError):
                     async with asyncio.timeout(self.poll_s):
@@ -201,7 +204,8 @@ class Webhooks:
                 await conn.execute(query("outbox_delivered"), row["id"])
             else:
                 give_up = attempt >= self.max_attempts
-                delay = min(self.backoff_s * 2 ** (attempt - 1), MAX_BACKOFF_S)
+                # doubling, at most an hour (the exponent bounded: 2.0 ** 1024 overflows)
+                delay = min(self.backoff_s * 2.0 ** min(attempt - 1, 64), MAX_BACKOFF_S)
                 await conn.execute(query("outbox_failed"), row["id"], delay, error, give_up)
                 log.warning("webhook %s (%s) attempt %d failed: %s%s", row["id"], row["event"],
                             attempt, error, "; giving up" if give_up else f"; retry in {delay:g} s")

@@ -195,6 +195,39 @@ async def test_a_receiver_answering_2xx_with_an_endless_body_is_delivered_not_re
         await runner.cleanup()
 
 
+async def test_an_event_failed_a_thousand_times_is_retried_and_delivery_goes_on(
+        backends, database_url, tmp_path, http, token_for, db):
+    """The backoff doubles up to an hour: past attempt 1025 the doubling once overflowed
+    a float, the exception escaped the delivery task and ended it, so the process
+    delivered nothing more (with GATEWAY_WEBHOOK_MAX_ATTEMPTS set that high)."""
+    async with receiving() as (receiver, url):
+        stuck = f"u-hook-stuck-{uuid.uuid4().hex[:6]}"
+        receiver.fail[stuck] = 10 ** 6
+        settings = gateway_settings(backends["urls"], webhook_url=url,
+                                    webhook_secret_file=secret_file(tmp_path),
+                                    webhook_backoff_s=0.05, webhook_poll_s=0.05,
+                                    webhook_max_attempts=5000)
+        async with running_gateway(settings, database_url) as gw:
+            oid = await db.fetchval(
+                "insert into webhook_outbox (event, payload, attempts) values ('request.filed',"
+                " jsonb_build_object('id', gen_random_uuid(), 'user_sub', $1::text), 1100) "
+                "returning id", stuck)
+            async def retried():
+                return await db.fetchrow(
+                    "select attempts, last_error, next_attempt_at > now() + interval '30 "
+                    "minutes' as later from webhook_outbox where id = $1 and attempts > 1100 "
+                    "and last_error is not null",
+                    oid)
+            assert await wait_for(retried, timeout=10)
+            row = await retried()
+            assert row["last_error"] == "the receiver answered 500" and row["later"]
+            req = await file(http, gw, token_for(**somebody()), type="objection",
+                             data_sets=["connection_statistics"])
+            assert await wait_for(lambda: _true(receiver.about(req["id"], "request.filed")),
+                                  timeout=10)
+    await db.execute("update webhook_outbox set given_up_at = now() where id = $1", oid)
+
+
 async def test_lifting_a_restriction_and_resolving_are_told(hooked, http, token_for):
     gw, receiver = hooked
     who = somebody()
