@@ -107,6 +107,8 @@ class _CaseLoader(yaml.SafeLoader):
 
 def _read(path: Path, where: str) -> Any:
     try:
+        if not path.is_file():          # a FIFO would block, a device never end
+            raise CaseError(f"{where}: cannot be read: not a regular file")
         with path.open("rb") as f:
             data = f.read(MAX_FILE_BYTES + 1)
         if len(data) > MAX_FILE_BYTES:

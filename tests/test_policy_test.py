@@ -176,6 +176,18 @@ def test_a_hostile_case_file_is_an_error_never_a_traceback(tmp_path, what, text,
     assert "Traceback" not in done.stderr
 
 
+def test_a_case_file_that_is_no_regular_file_is_an_error_not_a_hang(tmp_path):
+    """A FIFO named *.yaml blocked the run for ever (nobody writes to it); a device never
+    ends. Neither is read."""
+    os.mkfifo(tmp_path / "fifo.yaml")
+    done = policy_test(POLICY_DIR, str(tmp_path))
+    assert done.returncode == 2 and "fifo.yaml: cannot be read: not a regular file" in done.stderr
+    (tmp_path / "fifo.yaml").unlink()
+    (tmp_path / "zero.yaml").symlink_to("/dev/zero")
+    done = policy_test(POLICY_DIR, str(tmp_path))
+    assert done.returncode == 2 and "zero.yaml: cannot be read: not a regular file" in done.stderr
+
+
 def test_contracts_and_restrictions_are_optional(tmp_path):
     """A file assuming no contract: the partner is refused no_active_contract, as the
     proxy would refuse it, rather than the file being an error."""
