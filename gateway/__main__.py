@@ -272,6 +272,12 @@ def _verify_offline(args) -> int:
     except (OSError, ValueError) as e:     # unreadable, or not JSON (orjson's error is one)
         print(f"gateway audit {args.audit_command}: {e}", file=sys.stderr)
         return 2
+    except (TypeError, KeyError, AttributeError, IndexError, RecursionError) as e:
+        # a value of the wrong type where the format has another: never verified, and a
+        # message rather than a traceback
+        print(f"gateway audit {args.audit_command}: the file is not in the format the "
+              f"gateway writes ({type(e).__name__}: {e})", file=sys.stderr)
+        return 2
     print(orjson.dumps(report, option=orjson.OPT_INDENT_2).decode())
     return 0 if report["ok"] else 1
 

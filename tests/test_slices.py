@@ -228,6 +228,33 @@ async def test_a_tampered_slice_fails(sliced, tampering):
     assert done.returncode == 1 and orjson.loads(done.stdout)["ok"] is False
 
 
+def _seq_as_text(doc):
+    doc["rows"][0]["row"]["seq"] = str(doc["rows"][0]["row"]["seq"])
+
+
+def _checkpoint_id_a_list(doc):
+    doc["checkpoints"][0]["id"] = [doc["checkpoints"][0]["id"]]
+
+
+def _rows_a_mapping(doc):
+    doc["rows"] = {"0": doc["rows"][0]}
+
+
+@pytest.mark.parametrize("change", [_seq_as_text, _checkpoint_id_a_list, _rows_a_mapping],
+                         ids=lambda c: c.__name__)
+async def test_a_slice_of_the_wrong_types_is_never_verified_and_never_a_traceback(
+        sliced, change):
+    """A value of another type than the format's (a sequence number as text): once a
+    TypeError traceback; now exit 2 with a message, and never ok."""
+    doc = copy.deepcopy(sliced["slices"]["admin"])
+    change(doc)
+    path = sliced["where"] / f"odd-{uuid.uuid4().hex}.json"
+    path.write_bytes(orjson.dumps(doc))
+    done = _cli("verify-slice", str(path), *_keyargs(sliced["pems"]))
+    assert done.returncode in (1, 2) and "Traceback" not in done.stderr, done.stderr
+    assert done.returncode == 2 or orjson.loads(done.stdout)["ok"] is False
+
+
 async def test_a_forged_key_fails(sliced, tmp_path):
     other = tmp_path / "other.pub.pem"
     other.write_bytes(Ed25519PrivateKey.generate().public_key().public_bytes(
