@@ -214,6 +214,33 @@ TAMPERING = {
 }
 
 
+def _undisclosed(doc) -> dict:
+    return next(e for e in doc["rows"] if not e["disclosed"])
+
+
+def _address_on_an_undisclosed_row(doc):
+    _undisclosed(doc)["row"]["client_addr"] = "203.0.113.9"
+
+
+def _disclosed_row_altered_and_undisclosed(doc):
+    entry = next(e for e in doc["rows"] if e["disclosed"])
+    entry["row"]["client_addr"] = "203.0.113.9"
+    entry["disclosed"] = False
+
+
+def _disclosed_as_text(doc):
+    next(e for e in doc["rows"] if e["disclosed"])["disclosed"] = "yes"
+
+
+TAMPERING.update({
+    "an address shown on an undisclosed row": (_address_on_an_undisclosed_row,
+                                               "not disclosed but shows client_addr"),
+    "a disclosed row altered and said undisclosed": (_disclosed_row_altered_and_undisclosed,
+                                                     "not disclosed but shows"),
+    "disclosed as text": (_disclosed_as_text, "disclosed is true or false"),
+})
+
+
 @pytest.mark.parametrize("tampering", TAMPERING)
 async def test_a_tampered_slice_fails(sliced, tampering):
     change, problem = TAMPERING[tampering]

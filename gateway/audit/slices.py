@@ -271,7 +271,18 @@ def _verify(doc: Any, keys, report: dict[str, Any]) -> dict[tuple[str, int], str
         if last_key is not None and not key < last_key:
             raise Broken(f"{where} is out of order (rows come newest first, each once)")
         last_key = key
-        if entry.get("disclosed") is True:
+        disclosed = entry.get("disclosed")
+        if not isinstance(disclosed, bool):
+            raise Broken(f"{where}: disclosed is true or false")
+        if not disclosed:
+            # an undisclosed row's proof covers these fields as null only: a value shown
+            # there would pass unverified (a tamperer's client address, say)
+            shown = [name for name in (*WITHHELD, "prev_hash")
+                     if (entry if name == "prev_hash" else item).get(name) is not None]
+            if shown:
+                raise Broken(f"{where} is not disclosed but shows {', '.join(shown)}, which "
+                             "its proof does not cover")
+        if disclosed:
             try:
                 ok = row_hash_matches(values, bytes.fromhex(entry["prev_hash"]), row_hash)
             except (KeyError, TypeError, ValueError):
