@@ -357,6 +357,12 @@ async def test_consistency_proofs_show_the_log_only_grew(sliced):
         bad = copy.deepcopy(doc)
         bad["proof"][0] = bytes(32).hex()
         assert not verify_consistency_doc(bad, keys)["ok"]
+    # `closed` is signed as a boolean: another value the signature happens to cover
+    # (null, {}, "" are all false) is not shown as verified
+    for odd in (None, {}, ""):
+        bad = copy.deepcopy(doc)
+        bad["first"]["closed"] = odd
+        assert not verify_consistency_doc(bad, keys)["ok"], odd
 
 
 async def test_history_rewritten_and_resigned_with_the_key_is_inconsistent(sliced):
