@@ -238,6 +238,8 @@ TAMPERING.update({
     "a disclosed row altered and said undisclosed": (_disclosed_row_altered_and_undisclosed,
                                                      "not disclosed but shows"),
     "disclosed as text": (_disclosed_as_text, "disclosed is true or false"),
+    "a sequence number as a float": (lambda doc: doc["rows"][0]["row"].update(
+        seq=float(doc["rows"][0]["row"]["seq"])), "is malformed"),
 })
 
 

@@ -265,6 +265,8 @@ def _verify(doc: Any, keys, report: dict[str, Any]) -> dict[tuple[str, int], str
             row_hash = bytes.fromhex(entry["row_hash"])
             key = _order_key(item)
             inclusion = entry["inclusion"]
+            if type(item["seq"]) is not int:
+                raise TypeError("seq is an integer")
         except (KeyError, TypeError, ValueError, AttributeError):
             raise Broken(f"row {n} is malformed") from None
         report["rows_checked"] += 1
