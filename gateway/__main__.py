@@ -219,8 +219,23 @@ def _explain_offline(settings: Settings, args) -> int:
         print("gateway policy explain: --method is one of GET POST PUT PATCH DELETE",
               file=sys.stderr)
         return 2
-    principal = Principal(sub=args.sub, role=args.role, partner=args.partner, euo=args.euo,
-                          kind=kind)
+    # the caller a token with these claims would be, or none (as the proxy would refuse it)
+    from .authn import _principal
+    from .errors import Denied
+    if kind.tenant_claim is not None and getattr(args, kind.tenant_claim) is None:
+        print(f"gateway policy explain: role {kind.name} needs the {kind.tenant_claim} claim "
+              f"(--{kind.tenant_claim})", file=sys.stderr)
+        return 2
+    try:
+        claims = {"role": args.role, "sub": args.sub, "exp": 0,
+                  "partner": args.partner, "euo": args.euo}
+        token_caller = _principal(claims, policy_set.catalog.roles)
+    except Denied as e:
+        print(f"gateway policy explain: a token with these claims is refused ({e.code}: "
+              f"{e.message})", file=sys.stderr)
+        return 2
+    principal = Principal(sub=token_caller.sub, role=token_caller.role,
+                          partner=token_caller.partner, euo=token_caller.euo, kind=kind)
     gw = Offline(policy_set.catalog, policy_set.policy, policy_set.version, contracts, restricted)
     print(orjson.dumps(explain(gw, principal, args.method, args.path),
                        option=orjson.OPT_INDENT_2).decode())
@@ -271,6 +286,12 @@ def _verify_offline(args) -> int:
         return 2
     except OSError as e:                   # --save unwritable
         print(f"gateway audit {args.audit_command}: {e}", file=sys.stderr)
+        return 2
+    except (TypeError, KeyError, AttributeError, IndexError, RecursionError) as e:
+        # a value of the wrong type where the format has another: never verified, and a
+        # message rather than a traceback
+        print(f"gateway audit {args.audit_command}: the file is not in the format the "
+              f"gateway writes ({type(e).__name__}: {e})", file=sys.stderr)
         return 2
     print(orjson.dumps(report, option=orjson.OPT_INDENT_2).decode())
     return 0 if report["ok"] else 1

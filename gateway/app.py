@@ -286,7 +286,7 @@ async def _request_ids(request: web.Request, handler) -> web.StreamResponse:
         gw = request.app[pipeline.GATEWAY]
         call = gw.call(request)
         with contextlib.suppress(Denied):
-            call.identify(await gw.authn.authenticate(request.headers.get("Authorization")))
+            call.identify(await gw.authn.authenticate_request(request.headers))
         return await call.refuse(_http_denial(e))
     except asyncio.CancelledError:
         raise

@@ -67,6 +67,15 @@ class Authenticator:
         self.roles = roles
         self._cache = {}
 
+    async def authenticate_request(self, headers) -> Principal:
+        """The caller of a request: its one Authorization header (two are refused, as a
+        proxy in front may add its own after the client's: which is meant is unknowable)."""
+        given = headers.getall("Authorization", ())
+        if len(given) > 1:
+            raise _unauthorized("malformed_authorization",
+                                "send one Authorization header, not several")
+        return await self.authenticate(given[0] if given else None)
+
     async def authenticate(self, authorization: str | None) -> Principal:
         """The caller's principal; raise Denied(401) when the token is absent or bad."""
         if not authorization:

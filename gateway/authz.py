@@ -146,11 +146,12 @@ def path_relations(principal: Principal, euo: str, user: str | None,
     if role.tenant_claim is None:
         return ANY
     if role.tenant_claim == "partner":
-        if active_partner(euo) != principal.partner:
+        # no partner claim is no contract (never "equal" to an EUO without one)
+        if principal.partner is None or active_partner(euo) != principal.partner:
             raise Denied(403, "no_active_contract",
                          "your partner holds no active contract with this EUO")
         return CONTRACTED
-    if principal.euo != euo:
+    if principal.euo is None or principal.euo != euo:
         raise Denied(403, "other_euo", "this resource belongs to another EUO")
     if role.data_subject and user is not None and user == principal.sub:
         return SAME_EUO_SELF

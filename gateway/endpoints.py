@@ -35,7 +35,7 @@ def api(route: str, group: str | None = None) -> Callable[[Handler], Callable]:
             row = call.row
             row.service, row.route = "gateway", f"gateway:{route}"
             try:
-                call.identify(await gw.authn.authenticate(request.headers.get("Authorization")))
+                call.identify(await gw.authn.authenticate_request(request.headers))
                 if group is not None and not _may(call.principal, group):
                     raise Denied(403, "role_not_permitted", _NOT_PERMITTED[group is ME])
                 try:

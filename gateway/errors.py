@@ -36,7 +36,8 @@ REASONS: dict[str, tuple[int, str]] = {
     "body_too_large": (413, "the request body is over GATEWAY_MAX_BODY_BYTES"),
     # who is asking
     "missing_token": (401, "no Authorization header"),
-    "malformed_authorization": (401, "the Authorization header is not `Bearer <token>`"),
+    "malformed_authorization": (401, "the Authorization header is not `Bearer <token>`, or "
+                                     "there are several"),
     "malformed_token": (401, "the token cannot be decoded"),
     "invalid_token": (401, "the token does not verify"),
     "bad_signature": (401, "the token's signature does not verify"),

@@ -130,10 +130,11 @@ def _data_sets(catalog: Catalog, policy: Policy, plan, route, principal: Princip
 
 def _request(params) -> tuple[str, str]:
     method, path = params.get("method", "GET"), params.get("path")
-    if method not in ACTION_OF_METHOD or not isinstance(path, str) or not path:
+    repeated = any(len(params.getall(name, ())) > 1 for name in ("method", "path"))
+    if repeated or method not in ACTION_OF_METHOD or not isinstance(path, str) or not path:
         raise Denied(400, "bad_explain", "explain needs method (one the route table knows: "
                      f"{', '.join(sorted(ACTION_OF_METHOD))}) and path (a backend path, e.g. "
-                     "/telephony/euos/euo-acme)")
+                     "/telephony/euos/euo-acme), each once")
     return method, path
 
 

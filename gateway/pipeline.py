@@ -228,7 +228,7 @@ def _all_restricted(gw: Gateway, route: Route, principal: Principal, relations: 
 
 
 async def _serve(request: web.Request, gw: Gateway, call: Call) -> web.StreamResponse:
-    principal = await gw.authn.authenticate(request.headers.get("Authorization"))
+    principal = await gw.authn.authenticate_request(request.headers)
     call.identify(principal)
     matched = match_route(gw, request.method, request.raw_path, call)
     target = authorize(gw, principal, request.method, matched, call)

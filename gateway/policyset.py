@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .authz import Policy, load_policy
-from .catalog import Catalog, load_catalog
+from .catalog import Catalog, PolicyError, load_catalog
 from .erasure import Eraser, load_erasers
 from .export.handler import ExportSpec, load_sources
 from .settings import POLICY_FILES
@@ -41,16 +41,28 @@ def policy_version(policy_dir: Path) -> str:
 def load_policy_set(policy_dir: Path) -> PolicySet:
     """Load and check every policy file; raise PolicyError naming what is wrong."""
     version = policy_version(policy_dir)
-    catalog = load_catalog(policy_dir)
-    policy = load_policy(policy_dir, catalog)
+    catalog = _loading("roles.yaml, datasets.yaml or routes.yaml", load_catalog, policy_dir)
+    policy = _loading("model.conf or policy.csv", load_policy, policy_dir, catalog)
     # the export must hold every data set a data subject may read under this policy
     readable = frozenset().union(*(
         policy.granted(name, role.relations, "read")
         for name, role in catalog.roles.items() if role.data_subject))
-    sources = load_sources(policy_dir, catalog, readable)
-    erasers = tuple(load_erasers(policy_dir, catalog))
+    sources = _loading("export.yaml", load_sources, policy_dir, catalog, readable)
+    erasers = tuple(_loading("routes.yaml (erasure:)", load_erasers, policy_dir, catalog))
     if policy_version(policy_dir) != version:
         # a file changed while being read: refuse rather than record a version that lies
-        from .catalog import PolicyError
         raise PolicyError(f"{policy_dir} changed while it was being loaded; try again")
     return PolicySet(catalog, policy, sources, version, erasers)
+
+
+def _loading(files: str, load, *args):
+    """A loader's result; a file of the wrong shape somewhere the loader did not check (a
+    list where a mapping is due) is a PolicyError naming the files, never another
+    exception: a reload keeps the policy in force, `check` and `serve` name the problem."""
+    try:
+        return load(*args)
+    except PolicyError:
+        raise
+    except (TypeError, AttributeError, ValueError, KeyError, IndexError, RecursionError) as e:
+        raise PolicyError(f"{files} in {args[0]}: a value of the wrong shape "
+                          f"({type(e).__name__}: {e})") from None

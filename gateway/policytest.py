@@ -40,7 +40,9 @@ from typing import Any
 
 import yaml
 
+from .authn import _principal
 from .catalog import ACTION_OF_METHOD
+from .errors import Denied
 from .explain import Offline, explain
 from .policyset import PolicySet
 from .principal import Principal
@@ -50,6 +52,7 @@ CASE_KEYS = {"name", "as", "request", "expect"}
 CALLER_KEYS = {"role", "sub", "partner", "euo"}
 SET_EXPECTATIONS = ("served", "includes", "excludes", "removed", "served_where_the_answer_shows")
 EXPECT_KEYS = {"refused", *SET_EXPECTATIONS}
+MAX_FILE_BYTES = 4 * 1024 * 1024     # the shipped suites are ~25 KB together
 
 
 class CaseError(ValueError):
@@ -89,25 +92,54 @@ def load_cases(directory: Path, policy_set: PolicySet) -> list[Case]:
     return cases
 
 
-def _file_cases(path: Path, policy_set: PolicySet) -> list[Case]:
-    where = path.name
+class _CaseLoader(yaml.SafeLoader):
+    """yaml.safe_load without aliases: `*name` may stand for a structure that is itself
+    made of aliases, so a few hundred bytes can stand for billions of nodes (a "billion
+    laughs"); no case needs one."""
+
+    def compose_node(self, parent, index):
+        if self.check_event(yaml.AliasEvent):
+            raise yaml.composer.ComposerError(
+                None, None, "aliases (*name) are not allowed in case files",
+                self.peek_event().start_mark)
+        return super().compose_node(parent, index)
+
+
+def _read(path: Path, where: str) -> Any:
     try:
-        doc = yaml.safe_load(path.read_text(encoding="utf-8"))
+        if not path.is_file():          # a FIFO would block, a device never end
+            raise CaseError(f"{where}: cannot be read: not a regular file")
+        with path.open("rb") as f:
+            data = f.read(MAX_FILE_BYTES + 1)
+        if len(data) > MAX_FILE_BYTES:
+            raise CaseError(f"{where}: cannot be read: larger than {MAX_FILE_BYTES} bytes")
+        return yaml.load(data.decode("utf-8"), Loader=_CaseLoader)  # noqa: S506 (safe)
     except (OSError, UnicodeDecodeError, yaml.YAMLError) as e:
         raise CaseError(f"{where}: cannot be read: {e}") from None
+    except RecursionError:
+        raise CaseError(f"{where}: cannot be read: nested too deeply") from None
+
+
+def _file_cases(path: Path, policy_set: PolicySet) -> list[Case]:
+    where = path.name
+    doc = _read(path, where)
     if not isinstance(doc, dict):
         raise CaseError(f"{where}: expected a mapping with `cases:`")
     _known(doc, FILE_KEYS, where)
     catalog = policy_set.catalog
     callers = {name: _caller(name, spec, catalog.roles, where)
                for name, spec in _mapping(doc.get("callers"), f"{where}: callers").items()}
-    contracts = _mapping(doc.get("contracts") or {}, f"{where}: contracts")
-    if not all(isinstance(k, str) and isinstance(v, str) for k, v in contracts.items()):
+    contracts = doc.get("contracts") or {}        # optional: none assumed
+    if not isinstance(contracts, dict) or not all(
+            isinstance(k, str) and isinstance(v, str) for k, v in contracts.items()):
         raise CaseError(f"{where}: contracts maps an EUO id to a partner id")
     restricted = set()
-    for item in doc.get("restricted") or []:
+    listed = doc.get("restricted") or []
+    if not isinstance(listed, list):
+        raise CaseError(f"{where}: restricted is a list of EUO/USER")
+    for item in listed:
         if not isinstance(item, str) or item.count("/") != 1:
-            raise CaseError(f"{where}: restricted lists EUO/USER, not {item!r}")
+            raise CaseError(f"{where}: restricted lists EUO/USER, not {_show(item)}")
         restricted.add(tuple(item.split("/")))
     gw = Offline(catalog, policy_set.policy, policy_set.version, contracts, restricted)
     raw_cases = doc.get("cases")
@@ -117,19 +149,20 @@ def _file_cases(path: Path, policy_set: PolicySet) -> list[Case]:
     for i, raw in enumerate(raw_cases, 1):
         if not isinstance(raw, dict):
             raise CaseError(f"{where}: case {i}: a case is a mapping (as, request, expect)")
+        caller, request = raw.get("as"), raw.get("request", "")
         # by default a case is named by who asks what
-        name = raw.get("name", f"{raw.get('as')} {raw.get('request')}")
-        here = f"{where}: case {i} ({name})"
+        name = raw.get("name", " ".join(v if isinstance(v, str) else f"<{type(v).__name__}>"
+                                        for v in (caller, request)))
         if not isinstance(name, str) or not name:
-            raise CaseError(f"{here}: a name is text")
+            raise CaseError(f"{where}: case {i}: a name is text")
+        here = f"{where}: case {i} ({name})"
         if name in names:
             raise CaseError(f"{here}: the name is used twice in this file")
         names.add(name)
         _known(raw, CASE_KEYS, here)
-        caller = raw.get("as")
-        if caller not in callers:
+        if not isinstance(caller, str) or caller not in callers:
             raise CaseError(f"{here}: `as` must name one of callers: {', '.join(callers)}")
-        method, _, target = str(raw.get("request", "")).partition(" ")
+        method, _, target = (request if isinstance(request, str) else "").partition(" ")
         if method not in ACTION_OF_METHOD or not target.startswith("/"):
             raise CaseError(f"{here}: request is 'METHOD /path' with METHOD one of "
                             f"{', '.join(sorted(ACTION_OF_METHOD))}")
@@ -142,16 +175,24 @@ def _caller(name: Any, spec: Any, roles, where: str) -> Principal:
     if not isinstance(name, str) or not isinstance(spec, dict):
         raise CaseError(f"{where}: callers maps a name to its claims (role, sub, …)")
     _known(spec, CALLER_KEYS, f"{where}: caller {name}")
-    kind = roles.get(spec.get("role"))
+    role = spec.get("role")
+    kind = roles.get(role) if isinstance(role, str) else None
     if kind is None:
-        raise CaseError(f"{where}: caller {name}: no role {spec.get('role')!r} in roles.yaml")
+        raise CaseError(f"{where}: caller {name}: no role {_show(role)} in roles.yaml")
     if not isinstance(spec.get("sub"), str):
         raise CaseError(f"{where}: caller {name}: `sub` is required")
     if kind.tenant_claim is not None and not isinstance(spec.get(kind.tenant_claim), str):
         raise CaseError(f"{where}: caller {name}: role {kind.name} needs the "
                         f"{kind.tenant_claim} claim")
-    return Principal(sub=spec["sub"], role=spec["role"], partner=spec.get("partner"),
-                     euo=spec.get("euo"), kind=kind)
+    # the caller a token with these claims would be: the same grammar, and only the
+    # role's own tenant claim counts (the proxy ignores the others)
+    try:
+        principal = _principal({**spec, "exp": 0}, roles)
+    except Denied as e:
+        raise CaseError(f"{where}: caller {name}: a token with these claims is refused "
+                        f"({e.code}: {e.message})") from None
+    return Principal(sub=principal.sub, role=principal.role, partner=principal.partner,
+                     euo=principal.euo, kind=kind)
 
 
 def _expectation(raw: Any, data_sets: set[str], where: str) -> dict[str, Any]:
@@ -162,7 +203,9 @@ def _expectation(raw: Any, data_sets: set[str], where: str) -> dict[str, Any]:
         if len(raw) > 1:
             raise CaseError(f"{where}: a refused case expects nothing else")
         refused = raw["refused"]
-        if not isinstance(refused, dict) or not isinstance(refused.get("status"), int):
+        status = refused.get("status") if isinstance(refused, dict) else None
+        if type(status) is not int or not 400 <= status <= 599 or \
+                not isinstance(refused.get("reason", ""), str):
             raise CaseError(f"{where}: refused is {{status: 4xx, reason: id}}")
         _known(refused, {"status", "reason"}, f"{where}: refused")
         return raw
@@ -181,6 +224,13 @@ def _known(mapping: dict, keys: set[str], where: str) -> None:
     if unknown := sorted(str(k) for k in set(mapping) - keys):
         raise CaseError(f"{where}: unknown keys {', '.join(unknown)} "
                         f"(known: {', '.join(sorted(keys))})")
+
+
+def _show(value: Any) -> str:
+    """A value of the file, for a message: short whatever it holds."""
+    if not isinstance(value, str):
+        return f"<{type(value).__name__}>"
+    return repr(value[:80] + "…" if len(value) > 80 else value)
 
 
 def _mapping(value: Any, where: str) -> dict:

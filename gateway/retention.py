@@ -61,10 +61,20 @@ class Duration:
     months: int = 0
 
     def before(self, t: datetime) -> datetime:
-        return _add_months(t, -self.months) - timedelta(days=self.days)
+        """`t` less this long; before the calendar's first day, its first moment (earlier
+        than any time an element can carry)."""
+        try:
+            return _add_months(t, -self.months) - timedelta(days=self.days)
+        except (ValueError, OverflowError):
+            return datetime.min.replace(tzinfo=t.tzinfo)
 
     def after(self, d: date) -> date:
-        return _add_months(d, self.months) + timedelta(days=self.days)
+        """`d` plus this long; past the calendar's last day (a contract ending 9999-12-31,
+        a common "no end"), its last day: later than any today."""
+        try:
+            return _add_months(d, self.months) + timedelta(days=self.days)
+        except (ValueError, OverflowError):
+            return date.max
 
     def __str__(self) -> str:
         if self.months:

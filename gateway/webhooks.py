@@ -152,6 +152,9 @@ class Webhooks:
             except _DB_ERRORS as e:
                 log.warning("webhook outbox not read: %s", e)
                 busy = False
+            except Exception:     # one event must never end delivery for the process
+                log.exception("webhook delivery failed; going on")
+                busy = False
             if not busy:
                 with contextlib.suppress(TimeoutError):
                     async with asyncio.timeout(self.poll_s):
@@ -181,10 +184,11 @@ class Webhooks:
         status = error = None
         try:
             async with asyncio.timeout(self.timeout_s):
+                # the status is the answer: the body is never read (a receiver could
+                # stream one without end, to be buffered until the timeout)
                 async with self.session.post(self.url, data=body, headers=headers,
                                              allow_redirects=False) as answer:
                     status = answer.status
-                    await answer.read()
             if not 200 <= status < 300:
                 error = f"the receiver answered {status}"
         except TimeoutError:
@@ -200,7 +204,8 @@ class Webhooks:
                 await conn.execute(query("outbox_delivered"), row["id"])
             else:
                 give_up = attempt >= self.max_attempts
-                delay = min(self.backoff_s * 2 ** (attempt - 1), MAX_BACKOFF_S)
+                # doubling, at most an hour (the exponent bounded: 2.0 ** 1024 overflows)
+                delay = min(self.backoff_s * 2.0 ** min(attempt - 1, 64), MAX_BACKOFF_S)
                 await conn.execute(query("outbox_failed"), row["id"], delay, error, give_up)
                 log.warning("webhook %s (%s) attempt %d failed: %s%s", row["id"], row["event"],
                             attempt, error, "; giving up" if give_up else f"; retry in {delay:g} s")

@@ -16,6 +16,7 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from multidict import CIMultiDict
 
 from gateway.demo.run import start_site
 
@@ -71,6 +72,23 @@ async def test_missing_or_malformed_authorization(gateway, http, header, code):
     headers = {"Authorization": header} if header else {}
     status, _, body = await call(http, "GET", gateway + PATH, headers=headers)
     assert status == 401 and orjson.loads(body)["error"]["code"] == code
+
+
+@pytest.mark.parametrize("path", [PATH, "/v1/catalog", "/v1/audit"])
+async def test_two_authorization_headers_are_refused_whichever_comes_first(gateway, http,
+                                                                          path):
+    """A proxy in front may add its own Authorization after the client's: the gateway
+    cannot know which is meant, so it takes neither (the first once won: a user's token
+    then a staff token was served as the user, staff then user as staff)."""
+    for first, second in (("user", "provider_staff"), ("provider_staff", "user")):
+        tokens = {"user": make_token("user", "u-alice", euo="euo-acme"),
+                  "provider_staff": make_token("provider_staff", "staff-sam")}
+        headers = CIMultiDict([("Authorization", f"Bearer {tokens[first]}"),
+                               ("Authorization", f"Bearer {tokens[second]}")])
+        async with http.get(gateway + path, headers=headers) as answer:
+            body = await answer.read()
+        assert answer.status == 401, body
+        assert orjson.loads(body)["error"]["code"] == "malformed_authorization"
 
 
 @pytest.fixture(scope="module")

@@ -60,7 +60,11 @@ async def test_explain_refusals_and_bad_input(gateway, http, token_for):
     assert said["reason"] == "dataset_not_permitted" and said["never_served"] == ["voicemails"]
     said = await _explain(http, gateway, token_for("admin"), "/telephony/nowhere")
     assert said["reason"] == "unknown_route" and said["route"] is None
-    for query in ("method=GET", "method=BREW&path=/telephony/euos/euo-acme", "path="):
+    # a repeated method or path is refused, as the proxy refuses a repeated parameter:
+    # explain must not answer for another request than the one a reader of the URL sees
+    for query in ("method=GET", "method=BREW&path=/telephony/euos/euo-acme", "path=",
+                  "path=/telephony/euos/euo-acme&path=/telephony/euos/euo-initech",
+                  "method=GET&method=DELETE&path=/telephony/euos/euo-acme"):
         status, _, body = await call(http, "GET", f"{gateway}/v1/explain?{query}",
                                      token_for("admin"))
         assert status == 400 and orjson.loads(body)["error"]["code"] == "bad_explain"
@@ -72,6 +76,21 @@ def _offline(*args: str) -> subprocess.CompletedProcess:
     env = {k: v for k, v in os.environ.items() if not k.startswith("GATEWAY_")}
     return subprocess.run([sys.executable, "-m", "gateway", "policy", "explain", *args], env=env,
                           capture_output=True, text=True, timeout=60)
+
+
+@pytest.mark.parametrize(("args", "message"), [
+    (("--role", "partner", "--sub", "x"), "needs the partner claim"),
+    (("--role", "user", "--sub", "u-alice"), "needs the euo claim"),
+    (("--role", "partner", "--sub", "x", "--partner", "p/x"), "bad_claim"),
+    (("--role", "user", "--sub", "u\x07", "--euo", "euo-acme"), "bad_claim"),
+])
+def test_offline_explain_refuses_a_caller_no_token_could_be(args, message):
+    """The proxy never meets a partner without a partner claim (401 missing_tenant_claim):
+    explained offline it was allowed into every EUO without a contract (no partner equals
+    no contract's partner). Such a caller is an error, exit 2, never a decision."""
+    done = _offline(*args, f"{T}/users/u-alice")
+    assert done.returncode == 2, done.stdout
+    assert message in done.stderr and done.stdout == ""
 
 
 async def test_offline_explain_matches_the_endpoint(gateway, http, token_for):

@@ -524,6 +524,40 @@ async def test_an_euo_admin_exports_for_a_user_of_their_euo(gateway, http, token
     assert seen[0]["reason"] == "assisted_export:user_cannot_sign_in"
 
 
+async def test_an_assisted_export_gives_the_admin_no_field_the_route_table_does_not_declare(
+        backends, database_url, http, token_for, db):
+    """A field no data set claims reaches only the data subject (deny by default): the
+    user's own export carries it, but an EUO admin reading the user's record through the
+    API gets it removed, and so must the admin's assisted export of that user."""
+    def tamper(path, status, document):
+        if path == "/telephony/euos/euo-acme/users/u-bob":
+            document = dict(document, national_id="BOB-UNDECLARED-1",
+                            personal_directory=[dict(e, note="BOB-UNDECLARED-2")
+                                                for e in document["personal_directory"]])
+        if path == "/meeting/accounts/euo-acme":
+            document = dict(document, billing_contact="BOB-UNDECLARED-3")
+        return status, document
+    async with tampering(backends, database_url, tamper) as gw:
+        status, _, body = await call(http, "GET", gw + "/telephony/euos/euo-acme/users/u-bob",
+                                     token_for("admin"))
+        assert status == 200 and b"BOB-UNDECLARED" not in body      # the API: removed
+        for fmt in ("json", "zip"):
+            status, headers, body = await call(http, "GET", f"{gw}{ASSISTED}&format={fmt}",
+                                               token_for("admin"))
+            assert status == 200, body
+            if fmt == "zip":
+                body = zipfile.ZipFile(io.BytesIO(body)).read("export.json")
+            assert b"BOB-UNDECLARED" not in body
+            assert b"user_name" in body                               # the record is there
+            row = await db.fetchrow("select fields_removed from audit_log where request_id = "
+                                    "$1 and route = $2", headers["X-Request-Id"],
+                                    "telephony:/euos/{euo}/users/{user}")
+            assert "national_id" in row["fields_removed"]
+        status, _, body = await call(http, "GET", gw + "/v1/me/export?format=json",
+                                     token_for("bob"))
+        assert status == 200 and b"BOB-UNDECLARED-1" in body          # his own: his
+
+
 async def test_the_assisted_zip_streams_the_users_files(gateway, http, token_for, demo):
     status, headers, body = await call(http, "GET", gateway + ASSISTED, token_for("admin"))
     assert status == 200 and headers["Content-Type"] == "application/zip"

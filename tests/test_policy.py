@@ -3,12 +3,17 @@ table and catalog are data: a new data set, route or service needs no Python cha
 
 from __future__ import annotations
 
+import contextlib
+import shutil
 import subprocess
 import sys
 
 import orjson
 import pytest
+import yaml as _yaml
 from aiohttp import web
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from gateway.authz import load_policy
 from gateway.catalog import PolicyError, load_catalog
@@ -198,3 +203,39 @@ def test_a_service_name_that_would_shadow_the_gateway_is_refused(policy_dir, ser
 """)
     with pytest.raises(PolicyError, match="lower-case name"):
         load(policy_dir)
+
+
+# --- property: a policy file of any shape is loaded or refused with a PolicyError, never
+# another exception (a reload keeps the policy in force only on a PolicyError)
+
+_SHAPES = st.sampled_from([None, True, 0, -1, 1.5, "", "x", [], {}, [[1]], [{}], {"a": [1]},
+                           {1: 2}, "euo", "user", [None], 10 ** 30])
+
+
+@pytest.mark.slow
+@settings(max_examples=60, deadline=None,
+          suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
+@given(name=st.sampled_from(["roles.yaml", "datasets.yaml", "routes.yaml", "export.yaml"]),
+       data=st.data())
+def test_a_policy_file_of_any_shape_is_loaded_or_a_policy_error(tmp_path_factory, name, data):
+    from gateway.policyset import load_policy_set
+    where = tmp_path_factory.mktemp("policy") / "p"
+    shutil.copytree(POLICY_DIR, where)
+    doc = _yaml.safe_load((where / name).read_text())
+    paths = []
+
+    def walk(node, path):
+        paths.append(path)
+        children = node.items() if isinstance(node, dict) else (
+            enumerate(node) if isinstance(node, list) else ())
+        for key, child in children:
+            walk(child, path + (key,))
+    walk(doc, ())
+    path = data.draw(st.sampled_from(paths[1:]))
+    node = doc
+    for step in path[:-1]:
+        node = node[step]
+    node[path[-1]] = data.draw(_SHAPES)
+    (where / name).write_text(_yaml.safe_dump(doc))
+    with contextlib.suppress(PolicyError):
+        load_policy_set(where)

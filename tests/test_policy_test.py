@@ -10,6 +10,9 @@ import sys
 from pathlib import Path
 
 import pytest
+import yaml
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from .conftest import POLICY_DIR
 
@@ -118,3 +121,152 @@ def test_cases_of_their_own_report_each_failure_with_what_was_expected(tmp_path)
     assert "expected refused 403, got allowed, serving call_recordings" in done.stdout
     assert "includes: not served: [personal_directory]" in done.stdout
     assert done.stdout.splitlines()[-1].startswith("policy test: 3 cases in 1 file, 2 failed")
+
+
+def _billion_laughs() -> str:
+    """A few hundred bytes that stand for 9**10 strings once every alias is followed."""
+    levels = ['&a0 ["lol", "lol", "lol", "lol", "lol", "lol", "lol", "lol", "lol"]']
+    levels += [f"&a{i} [" + ", ".join([f"*a{i - 1}"] * 9) + "]" for i in range(1, 10)]
+    return CASE.replace("  - as: partner\n", "  - x: [" + ", ".join(levels) + "]\n"
+                        "    as: partner\n").replace(
+        "request: GET /telephony/euos/euo-acme/users/u-alice", "request: *a9")
+
+
+HOSTILE_FILES = [
+    # (what, file text, what stderr says): each is an error naming the file, exit 2
+    ("a billion laughs", _billion_laughs(), "aliases (*name) are not allowed"),
+    ("nesting deeper than the parser's recursion", "cases: " + "[" * 20000 + "]" * 20000,
+     "nested too deeply"),
+    ("a file over the size limit", CASE + "# " + "x" * (4 * 1024 * 1024) + "\n",
+     "larger than 4194304 bytes"),
+    ("`as` a list", CASE.replace("as: partner", "as: [partner]"),
+     "`as` must name one of callers"),
+    ("`as` a mapping", CASE.replace("as: partner", "as: {partner: 1}"),
+     "`as` must name one of callers"),
+    ("a role that is a list", CASE.replace("{role: partner,", "{role: [partner],"),
+     "no role <list> in roles.yaml"),
+    ("restricted a number", CASE.replace("contracts:", "restricted: 5\ncontracts:"),
+     "restricted is a list of EUO/USER"),
+    ("contracts a list", CASE.replace("contracts: {euo-acme: p-northwind}", "contracts: [a]"),
+     "contracts maps an EUO id to a partner id"),
+    ("request a list", CASE.replace("request: GET /telephony/euos/euo-acme/users/u-alice",
+                                    "request: [GET, /x]"), "request is 'METHOD /path'"),
+    ("a status that is a boolean", CASE.replace(
+        "      served: [user_address, user_email, user_language, user_mobile, user_name]",
+        "      refused: {status: true}"), "refused is {status: 4xx, reason: id}"),
+    ("a reason that is a list", CASE.replace(
+        "      served: [user_address, user_email, user_language, user_mobile, user_name]",
+        "      refused: {status: 403, reason: [a]}"), "refused is {status: 4xx, reason: id}"),
+    ("a tenant claim a token could not carry", CASE.replace("partner: p-northwind}",
+                                                           "partner: p/northwind}"),
+     "a token with these claims is refused (bad_claim"),
+    ("a python tag", CASE.replace("callers:", "x: !!python/object/apply:os.system [id]\n"
+                                  "callers:"), "cannot be read"),
+]
+
+
+@pytest.mark.parametrize(("what", "text", "message"), HOSTILE_FILES,
+                         ids=[h[0] for h in HOSTILE_FILES])
+def test_a_hostile_case_file_is_an_error_never_a_traceback(tmp_path, what, text, message):
+    (tmp_path / "cases.yaml").write_text(text)
+    done = policy_test(POLICY_DIR, str(tmp_path))
+    assert done.returncode == 2, (what, done.stdout, done.stderr[-2000:])
+    assert done.stderr.startswith("gateway policy test: cases.yaml: "), done.stderr[-2000:]
+    assert message in done.stderr
+    assert "Traceback" not in done.stderr
+
+
+def test_a_case_file_that_is_no_regular_file_is_an_error_not_a_hang(tmp_path):
+    """A FIFO named *.yaml blocked the run for ever (nobody writes to it); a device never
+    ends. Neither is read."""
+    os.mkfifo(tmp_path / "fifo.yaml")
+    done = policy_test(POLICY_DIR, str(tmp_path))
+    assert done.returncode == 2 and "fifo.yaml: cannot be read: not a regular file" in done.stderr
+    (tmp_path / "fifo.yaml").unlink()
+    (tmp_path / "zero.yaml").symlink_to("/dev/zero")
+    done = policy_test(POLICY_DIR, str(tmp_path))
+    assert done.returncode == 2 and "zero.yaml: cannot be read: not a regular file" in done.stderr
+
+
+def test_contracts_and_restrictions_are_optional(tmp_path):
+    """A file assuming no contract: the partner is refused no_active_contract, as the
+    proxy would refuse it, rather than the file being an error."""
+    (tmp_path / "cases.yaml").write_text(CASE.replace("contracts: {euo-acme: p-northwind}\n", "")
+                                         .replace("served: [user_address, user_email, "
+                                                  "user_language, user_mobile, user_name]",
+                                                  "refused: {status: 403, reason: "
+                                                  "no_active_contract}"))
+    done = policy_test(POLICY_DIR, str(tmp_path))
+    assert done.returncode == 0, done.stdout + done.stderr
+
+
+# --- property: whatever a case file holds, loading and running it ends in cases or a
+# CaseError, never another exception (the CLI turns CaseError into exit 2)
+
+_ANY = st.recursive(
+    st.one_of(st.none(), st.booleans(), st.integers(-1000, 1000), st.floats(allow_nan=True),
+              st.text(max_size=12), st.sampled_from(
+                  ["partner", "user", "euo-acme", "GET /telephony/euos/euo-acme", "u-alice",
+                   "euo-acme/u-alice", "user_name", "p-northwind"])),
+    lambda inner: st.one_of(st.lists(inner, max_size=3),
+                            st.dictionaries(st.one_of(st.sampled_from(
+                                ["role", "sub", "partner", "euo", "as", "request", "expect",
+                                 "name", "refused", "status", "reason", "served", "includes",
+                                 "excludes", "removed", "served_where_the_answer_shows",
+                                 "cases", "callers", "contracts", "restricted"]),
+                                st.integers(0, 3)), inner, max_size=4)),
+    max_leaves=12)
+
+
+@st.composite
+def case_files(draw) -> str:
+    """The sample case file with one of its values, at any depth, replaced by anything."""
+    doc = yaml.safe_load(CASE)
+    paths = []
+
+    def walk(node, path):
+        paths.append(path)
+        if isinstance(node, dict):
+            for k, v in node.items():
+                walk(v, path + (k,))
+        elif isinstance(node, list):
+            for i, v in enumerate(node):
+                walk(v, path + (i,))
+    walk(doc, ())
+    for _ in range(draw(st.integers(1, 3))):
+        path = draw(st.sampled_from(paths))
+        value = draw(_ANY)
+        if not path:
+            doc = value
+            break
+        node = doc
+        try:
+            for step in path[:-1]:
+                node = node[step]
+            node[path[-1]] = value
+        except (KeyError, IndexError, TypeError):
+            pass
+    return yaml.safe_dump(doc)
+
+
+@pytest.mark.slow
+@settings(max_examples=300, deadline=None,
+          suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
+@given(text=case_files())
+def test_any_case_file_gives_cases_or_a_case_error(tmp_path, text):
+    from gateway.policyset import load_policy_set
+    from gateway.policytest import CaseError, check, load_cases
+    global _POLICY_SET
+    if _POLICY_SET is None:
+        _POLICY_SET = load_policy_set(POLICY_DIR)
+    (tmp_path / "cases.yaml").write_text(text)
+    try:
+        cases = load_cases(tmp_path, _POLICY_SET)
+    except CaseError as e:
+        assert str(e).startswith("cases.yaml: ")
+        return
+    for case in cases:
+        check(case)
+
+
+_POLICY_SET = None

@@ -13,6 +13,8 @@ from datetime import UTC, date, datetime, timedelta
 import orjson
 import pytest
 import yaml
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from gateway.catalog import PolicyError, load_catalog
 from gateway.retention import Duration, RuleError, cutoffs, parse_rule
@@ -230,6 +232,49 @@ async def test_an_open_ended_contract_cuts_nothing(hostile_gateway, http, token_
     await _contract(http, gw, token_for, "euo-ret", None)
     status, _, body = await call(http, "GET", gw + "/telephony/euos/euo-ret", token_for("staff"))
     assert status == 200 and b"Retained SA" in body
+
+
+@pytest.mark.parametrize("end", [date(9999, 12, 31), date(9999, 7, 1), date(1, 1, 1)], ids=str)
+async def test_a_contract_end_at_the_edge_of_the_calendar_is_served_not_a_500(
+        hostile_gateway, http, token_for, db, end, euo_ret):
+    """9999-12-31 is a common "no end" sentinel: a contract end whose 6 months later (or a
+    rule's window before now) falls off the calendar is a contract still running (or long
+    ended), never an internal error for everyone reading the EUO."""
+    gw, backend = hostile_gateway
+    backend.answer(_euo_answer("euo-ret"))
+    await _contract(http, gw, token_for, "euo-ret", end)
+    running = end > now().date()
+    for who in ("staff", RET_PARTNER):
+        token = token_for(**who) if isinstance(who, dict) else token_for(who)
+        for path in ("/telephony/euos/euo-ret", "/telephony/euos/euo-ret/cdrs",
+                     "/telephony/euos/euo-ret/directory"):
+            status, _, body = await call(http, "GET", gw + path, token)
+            if who == RET_PARTNER and not running:
+                assert status == 403, body
+                continue
+            assert status == 200, (path, body)
+            assert (b"Retained SA" in body or b"Reception" in body or b"c1" in body) == running
+
+
+def test_a_retention_window_off_the_calendar_saturates():
+    """after() past the last day is later than any day; before() before the first is
+    earlier than any time: comparisons stay right, nothing raises."""
+    assert Duration(months=6).after(date.max) == date.max
+    assert Duration(days=1).after(date(9999, 12, 31)) == date.max
+    assert Duration(months=12 * 5000).before(now()) < now() - timedelta(days=365 * 2025)
+    assert Duration(days=10 ** 6).before(now()).year == 1
+
+
+@pytest.mark.slow
+@settings(max_examples=500, deadline=None)
+@given(d=st.dates(), days=st.integers(0, 10 ** 6), months=st.integers(0, 12 * 99999),
+       t=st.datetimes(timezones=st.just(UTC)))
+def test_any_window_from_any_day_is_a_day_never_an_error(d, days, months, t):
+    """Property (the cousins of 9999-12-31): whatever the anchor and the rule, a window
+    ends on a day no earlier than its anchor and starts no later than its reference."""
+    keep = Duration(days=days, months=months)
+    assert keep.after(d) >= d
+    assert keep.before(t) <= t
 
 
 async def test_the_demo_euo_whose_contract_ended_long_ago_shows_no_identity(gateway, http,

@@ -220,9 +220,38 @@ TAMPERING = {
     "a swapped root": (_swap_root, "does not verify"),
     "a forged signature": (_forged_signature, "does not verify"),
     "a sealed row passed off as unsealed": (_hide_a_proof, "without its proof"),
-    "a withheld name filled in": (_name_filled_in, "actor_sub, which nothing in the slice proves"),
+    "a withheld name filled in": (_name_filled_in, "not disclosed but shows actor_sub"),
     "a field no hash covers": (_field_added, "approved_by, which nothing in the slice proves"),
 }
+
+
+def _undisclosed(doc) -> dict:
+    return next(e for e in doc["rows"] if not e["disclosed"])
+
+
+def _address_on_an_undisclosed_row(doc):
+    _undisclosed(doc)["row"]["client_addr"] = "203.0.113.9"
+
+
+def _disclosed_row_altered_and_undisclosed(doc):
+    entry = next(e for e in doc["rows"] if e["disclosed"])
+    entry["row"]["client_addr"] = "203.0.113.9"
+    entry["disclosed"] = False
+
+
+def _disclosed_as_text(doc):
+    next(e for e in doc["rows"] if e["disclosed"])["disclosed"] = "yes"
+
+
+TAMPERING.update({
+    "an address shown on an undisclosed row": (_address_on_an_undisclosed_row,
+                                               "not disclosed but shows client_addr"),
+    "a disclosed row altered and said undisclosed": (_disclosed_row_altered_and_undisclosed,
+                                                     "not disclosed but shows"),
+    "disclosed as text": (_disclosed_as_text, "disclosed is true or false"),
+    "a sequence number as a float": (lambda doc: doc["rows"][0]["row"].update(
+        seq=float(doc["rows"][0]["row"]["seq"])), "is malformed"),
+})
 
 
 @pytest.mark.parametrize("tampering", TAMPERING)
@@ -237,6 +266,33 @@ async def test_a_tampered_slice_fails(sliced, tampering):
     path.write_bytes(orjson.dumps(doc))
     done = _cli("verify-slice", str(path), *_keyargs(sliced["pems"]))
     assert done.returncode == 1 and orjson.loads(done.stdout)["ok"] is False
+
+
+def _seq_as_text(doc):
+    doc["rows"][0]["row"]["seq"] = str(doc["rows"][0]["row"]["seq"])
+
+
+def _checkpoint_id_a_list(doc):
+    doc["checkpoints"][0]["id"] = [doc["checkpoints"][0]["id"]]
+
+
+def _rows_a_mapping(doc):
+    doc["rows"] = {"0": doc["rows"][0]}
+
+
+@pytest.mark.parametrize("change", [_seq_as_text, _checkpoint_id_a_list, _rows_a_mapping],
+                         ids=lambda c: c.__name__)
+async def test_a_slice_of_the_wrong_types_is_never_verified_and_never_a_traceback(
+        sliced, change):
+    """A value of another type than the format's (a sequence number as text): once a
+    TypeError traceback; now exit 2 with a message, and never ok."""
+    doc = copy.deepcopy(sliced["slices"]["admin"])
+    change(doc)
+    path = sliced["where"] / f"odd-{uuid.uuid4().hex}.json"
+    path.write_bytes(orjson.dumps(doc))
+    done = _cli("verify-slice", str(path), *_keyargs(sliced["pems"]))
+    assert done.returncode in (1, 2) and "Traceback" not in done.stderr, done.stderr
+    assert done.returncode == 2 or orjson.loads(done.stdout)["ok"] is False
 
 
 async def test_a_forged_key_fails(sliced, tmp_path):
@@ -314,6 +370,12 @@ async def test_consistency_proofs_show_the_log_only_grew(sliced):
         bad = copy.deepcopy(doc)
         bad["proof"][0] = bytes(32).hex()
         assert not verify_consistency_doc(bad, keys)["ok"]
+    # `closed` is signed as a boolean: another value the signature happens to cover
+    # (null, {}, "" are all false) is not shown as verified
+    for odd in (None, {}, ""):
+        bad = copy.deepcopy(doc)
+        bad["first"]["closed"] = odd
+        assert not verify_consistency_doc(bad, keys)["ok"], odd
 
 
 async def test_history_rewritten_and_resigned_with_the_key_is_inconsistent(sliced):

@@ -157,6 +157,77 @@ async def test_a_failing_receiver_gets_the_event_again_with_backoff(hooked, http
                json={"status": "withdrawn"})
 
 
+async def test_a_receiver_answering_2xx_with_an_endless_body_is_delivered_not_read(
+        backends, database_url, tmp_path, http, token_for, db):
+    """The status is the answer: the gateway does not read the receiver's body (a receiver
+    streaming without end once had the gateway buffer it until the attempt's timeout, in
+    memory, and then count a 200 as failed and post the event again)."""
+    async def endless(request: web.Request) -> web.StreamResponse:
+        await request.read()
+        answer = web.StreamResponse(status=200)
+        await answer.prepare(request)
+        with contextlib.suppress(ConnectionError, RuntimeError):
+            while True:
+                await answer.write(b"x" * 65536)
+        return answer
+    app = web.Application()
+    app.router.add_post("/hooks", endless)
+    runner, port = await start_site(app, "127.0.0.1", 0)
+    try:
+        settings = gateway_settings(backends["urls"], webhook_url=f"http://127.0.0.1:{port}/hooks",
+                                    webhook_secret_file=secret_file(tmp_path),
+                                    webhook_backoff_s=0.05, webhook_poll_s=0.05,
+                                    webhook_timeout_s=3)
+        async with running_gateway(settings, database_url) as gw:
+            req = await file(http, gw, token_for(**somebody()), type="objection",
+                             data_sets=["connection_statistics"])
+
+            async def attempted():
+                return await db.fetch(
+                    "select d.status, d.error, d.duration_ms, o.delivered_at from "
+                    "webhook_deliveries d join webhook_outbox o on o.id = d.outbox_id where "
+                    "o.request_id = $1::uuid and o.event = 'request.filed'", req["id"])
+            assert await wait_for(attempted, timeout=10)
+            (attempt,) = await attempted()
+            assert (attempt["status"], attempt["error"]) == (200, None)
+            assert attempt["delivered_at"] is not None and attempt["duration_ms"] < 3000
+    finally:
+        await runner.cleanup()
+
+
+async def test_an_event_failed_a_thousand_times_is_retried_and_delivery_goes_on(
+        backends, database_url, tmp_path, http, token_for, db):
+    """The backoff doubles up to an hour: past attempt 1025 the doubling once overflowed
+    a float, the exception escaped the delivery task and ended it, so the process
+    delivered nothing more (with GATEWAY_WEBHOOK_MAX_ATTEMPTS set that high)."""
+    async with receiving() as (receiver, url):
+        stuck = f"u-hook-stuck-{uuid.uuid4().hex[:6]}"
+        receiver.fail[stuck] = 10 ** 6
+        settings = gateway_settings(backends["urls"], webhook_url=url,
+                                    webhook_secret_file=secret_file(tmp_path),
+                                    webhook_backoff_s=0.05, webhook_poll_s=0.05,
+                                    webhook_max_attempts=5000)
+        async with running_gateway(settings, database_url) as gw:
+            oid = await db.fetchval(
+                "insert into webhook_outbox (event, payload, attempts) values ('request.filed',"
+                " jsonb_build_object('id', gen_random_uuid(), 'user_sub', $1::text), 1100) "
+                "returning id", stuck)
+            async def retried():
+                return await db.fetchrow(
+                    "select attempts, last_error, next_attempt_at > now() + interval '30 "
+                    "minutes' as later from webhook_outbox where id = $1 and attempts > 1100 "
+                    "and last_error is not null",
+                    oid)
+            assert await wait_for(retried, timeout=10)
+            row = await retried()
+            assert row["last_error"] == "the receiver answered 500" and row["later"]
+            req = await file(http, gw, token_for(**somebody()), type="objection",
+                             data_sets=["connection_statistics"])
+            assert await wait_for(lambda: _true(receiver.about(req["id"], "request.filed")),
+                                  timeout=10)
+    await db.execute("update webhook_outbox set given_up_at = now() where id = $1", oid)
+
+
 async def test_lifting_a_restriction_and_resolving_are_told(hooked, http, token_for):
     gw, receiver = hooked
     who = somebody()
@@ -279,6 +350,48 @@ async def test_finished_events_are_deleted_after_the_keep_days_and_pending_ones_
             assert attempts == left
             with pytest.raises(asyncpg.InsufficientPrivilegeError):
                 await runtime.execute("delete from webhook_outbox where id = $1", ids["recent"])
+        finally:
+            await runtime.close()
+            await owner.close()
+
+
+async def test_the_runtime_role_cannot_make_the_prune_delete_early_or_pending_events(
+        database_url):
+    """The prune is the runtime role's only way to delete an event: it cannot hand it a
+    keep of zero (or less) to delete an event delivered a moment ago, nor backdate an
+    event's delivery or giving up (or rewrite it) so that one still to be delivered goes."""
+    async with two_roles(database_url) as roles:
+        await migrated_with_grants(roles)
+        owner = await asyncpg.connect(roles.owner_dsn)
+        runtime = await asyncpg.connect(roles.runtime_dsn)
+        try:
+            ids = {}
+            for name, delivered in (("just_delivered", "1 second"), ("pending", None)):
+                ids[name] = await owner.fetchval(
+                    "insert into webhook_outbox (event, payload, delivered_at) values "
+                    "('request.filed', '{}', now() - $1::text::interval) returning id",
+                    delivered)
+            for keep in ("0", "-100 years", "-1 second"):
+                await runtime.fetchval("select webhook_prune($1::text::interval)", keep)
+            for column in ("delivered_at", "given_up_at"):
+                with pytest.raises(asyncpg.RaiseError, match="webhook_outbox"):
+                    await runtime.execute(f"update webhook_outbox set {column} = now() - "
+                                          "interval '100 days' where id = $1", ids["pending"])
+            for change in ("payload = '{\"x\": 1}'", "event = 'request.resolved'",
+                           "created_at = now() - interval '1 year'"):
+                with pytest.raises(asyncpg.RaiseError, match="webhook_outbox"):
+                    await runtime.execute(f"update webhook_outbox set {change} where id = $1",
+                                          ids["pending"])
+            await runtime.fetchval("select webhook_prune(make_interval(days => 1))")
+            left = {r["id"] for r in await owner.fetch("select id from webhook_outbox")}
+            assert left == set(ids.values())
+            # what the gateway itself writes still goes through: claim, fail, deliver
+            await runtime.execute("update webhook_outbox set next_attempt_at = now(), "
+                                  "attempts = attempts + 1 where id = $1", ids["pending"])
+            await runtime.execute("update webhook_outbox set last_error = 'x', given_up_at = "
+                                  "null where id = $1", ids["pending"])
+            await runtime.execute("update webhook_outbox set delivered_at = now() where id = $1",
+                                  ids["pending"])
         finally:
             await runtime.close()
             await owner.close()

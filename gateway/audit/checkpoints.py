@@ -74,6 +74,8 @@ def checkpoint_signed_bytes(cp: dict[str, Any]) -> bytes:
     version = cp["version"]
     if version not in (1, 2) or (version == 2 and cp["tree_size"] != cp["seq"]):
         raise ValueError("not a checkpoint of format 1 or 2")
+    if not isinstance(cp["closed"], bool):   # signed as a boolean: shown as one
+        raise ValueError("closed is true or false")
     return signed_bytes(cp["chain_id"], cp["seq"], bytes.fromhex(cp["row_hash"]),
                         datetime.fromisoformat(cp["at"]), cp["closed"],
                         bytes.fromhex(cp["root"]) if version == 2 else None)

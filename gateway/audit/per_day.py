@@ -35,7 +35,11 @@ async def audit_per_day(request: web.Request, principal: Principal, row: AuditRo
         raise Denied(400, "bad_filter", "per-day counts take no cursor or limit")
     filters = parse_filters(request.query, download=True)
     until = filters.until or datetime.now(UTC)
-    since = filters.since or until - DEFAULT_SPAN
+    try:
+        since = filters.since or until - DEFAULT_SPAN
+    except OverflowError:        # `to` in the calendar's first month: no 31 days before it
+        raise Denied(400, "bad_filter", "to leaves no 31 days before it for from; "
+                     "give from") from None
     if not timedelta(0) < until - since <= MAX_SPAN:
         raise Denied(400, "bad_filter", "from must be before to, at most 366 days apart")
     filters = dataclasses.replace(filters, since=since, until=until, cursor=None, limit=None)

@@ -265,20 +265,31 @@ def _verify(doc: Any, keys, report: dict[str, Any]) -> dict[tuple[str, int], str
             row_hash = bytes.fromhex(entry["row_hash"])
             key = _order_key(item)
             inclusion = entry["inclusion"]
+            if type(item["seq"]) is not int:
+                raise TypeError("seq is an integer")
         except (KeyError, TypeError, ValueError, AttributeError):
             raise Broken(f"row {n} is malformed") from None
         report["rows_checked"] += 1
-        # what no hash covers must not be there: a field beyond the hashed ones, or a
-        # withheld field filled in on a row whose row_hash the caller cannot recompute
+        disclosed = entry.get("disclosed")
+        if not isinstance(disclosed, bool):
+            raise Broken(f"{where}: disclosed is true or false")
+        # what no hash covers must not be there: a field beyond the hashed ones, or (below)
+        # a withheld field filled in on a row whose row_hash the caller cannot recompute
         extra = sorted(set(item) - set(HASHED))
-        if entry.get("disclosed") is not True:
-            extra += [name for name in WITHHELD if item.get(name) is not None]
         if extra:
             raise Broken(f"{where} holds {', '.join(extra)}, which nothing in the slice proves")
         if last_key is not None and not key < last_key:
             raise Broken(f"{where} is out of order (rows come newest first, each once)")
         last_key = key
-        if entry.get("disclosed") is True:
+        if not disclosed:
+            # an undisclosed row's proof covers these fields as null only: a value shown
+            # there would pass unverified (a tamperer's client address, say)
+            shown = [name for name in (*WITHHELD, "prev_hash")
+                     if (entry if name == "prev_hash" else item).get(name) is not None]
+            if shown:
+                raise Broken(f"{where} is not disclosed but shows {', '.join(shown)}, which "
+                             "its proof does not cover")
+        if disclosed:
             try:
                 ok = row_hash_matches(values, bytes.fromhex(entry["prev_hash"]), row_hash)
             except (KeyError, TypeError, ValueError):

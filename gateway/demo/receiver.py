@@ -32,6 +32,13 @@ def receiver_app(secret: bytes) -> web.Application:
             print("webhook refused: bad or stale signature", flush=True)
             return web.Response(status=401)
         event = orjson.loads(body)
+        if "break_glass" in event:           # break_glass.opened / .ended: the grant
+            g = event["break_glass"] or {}
+            print(f"webhook {event.get('event')} (signature ok): grant {g.get('id')} by "
+                  f"{g.get('role')} over {g.get('euo')}/{g.get('user') or '*'} until "
+                  f"{g.get('ends_at')}, ticket {g.get('ticket')}"
+                  + (f", ended by {g.get('ended_by')}" if g.get("ended_at") else ""), flush=True)
+            return web.Response(status=204)
         req = event.get("request") or {}
         print(f"webhook {event.get('event')} (signature ok): request {req.get('id')} "
               f"{req.get('type')} {req.get('status')} of {req.get('euo_id')}/{req.get('user_sub')}"

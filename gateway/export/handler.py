@@ -149,7 +149,7 @@ class Exporter:
                  reason: str | None = None, assisted: bool = False):
         self.gw: Gateway = request.app[GATEWAY]
         self.pool = request.app[POOL]
-        self.actor, self.viewer, self.reason = actor, subject, reason
+        self.actor, self.viewer, self.reason, self.assisted = actor, subject, reason, assisted
         self.request_id = request[pipeline.REQUEST_ID]
         self.client = request.remote
         self.fill = {"euo": identifier(subject.euo, "the user's EUO"),
@@ -189,7 +189,7 @@ class Exporter:
             full = document
             size = len(answer.body)
             shape = target.route.body
-            if self.withhold:
+            if self.assisted:
                 stripped: set[str] = set()
                 document = strip(document, shape, self.withhold, stripped)
                 if stripped:
@@ -323,8 +323,10 @@ _GONE = object()
 
 def strip(document: Any, node: Node | None, data_sets: frozenset[str], removed: set[str],
           path: str = "") -> Any:
-    """The document without the values of `data_sets` (their paths added to `removed`);
-    an object or list element left with no data of its own goes too."""
+    """The document without the values of `data_sets` and without any field the route
+    table does not declare (their paths added to `removed`): what an export made for
+    someone other than the data subject may hold. An object or list element left with no
+    data of its own goes too."""
     out = _strip(document, node, data_sets, removed, path) if node is not None else document
     return {} if out is _GONE else out
 
@@ -347,12 +349,17 @@ def _strip(value: Any, node: Node, data_sets: frozenset[str], removed: set[str],
         if values.get(value.get(fld)) in data_sets:
             removed.add(path or "body")
             return _GONE
-        return value
+        for key in value.keys() - node.fields.keys():
+            removed.add(f"{path}.{key}" if path else key)
+        return {k: v for k, v in value.items() if k in node.fields}
     result, has_data, removed_any = {}, False, False
     for key, child in value.items():
         spec = node.fields.get(key)
         if spec is None:
-            result[key] = child            # undeclared: the redaction let it through
+            # undeclared: the redaction let it through to the data subject only; whoever
+            # else receives the export (the assisting admin) is not them
+            removed.add(f"{path}.{key}" if path else key)
+            removed_any = True
             continue
         r = _strip(child, spec, data_sets, removed, f"{path}.{key}" if path else key)
         if r is _GONE:

@@ -274,7 +274,7 @@ async def main_async(args) -> None:
                   f" {g['pg_us']:>11.0f}"
                   + (f"  ({g['non2xx']} non-2xx)" if name != "denied" and g["non2xx"] else ""))
         if args.soak:
-            soak(gw, procs[3].pid, args.soak, args.connections)
+            soak(gw, procs[3].pid, args.soak, args.connections, args.users, args.tokens)
     finally:
         for p in procs:
             p.terminate()
@@ -509,20 +509,45 @@ async def profile_round(args, conn, pids, bare, gw, name, path, token) -> None:
         print(f"    {slice_name:<52} {share:6.1%} {per:6.0f} µs")
 
 
-def soak(port: int, pid: int, seconds: int, connections: int) -> None:
-    """RSS of the gateway before and after a long run of mixed reads (no growth wanted)."""
+def soak(port: int, pid: int, seconds: int, connections: int, users: int = 0,
+         tokens: int = 0) -> None:
+    """RSS of the gateway before and after a long run of mixed reads (no growth wanted).
+    With `users`, each request names another user (u-0 … u-{users-1}, over and over; the
+    backend knows few of them, so most are audited 404s), and with `tokens` it carries one
+    of that many distinct provider-staff tokens: the route memo, plan cache and token cache
+    must stay bounded however many callers and subjects the traffic holds."""
     from tests.bench.export_bench import rss_mb
     token = make_token(ttl=seconds + 600, **SCENARIOS[0][1])
+    script = None
+    if users or tokens:
+        pool = [make_token(ttl=seconds + 600, role="provider_staff", sub=f"staff-{k}")
+                for k in range(max(tokens, 1))]
+        with tempfile.NamedTemporaryFile("w", suffix=".lua", delete=False) as script:
+            script.write("local tokens = {" + ",".join(f'"{t}"' for t in pool) + "}\n"
+                         f"local users = {max(users, 1)}\nlocal i = 0\n"
+                         "request = function()\n  i = i + 1\n"
+                         "  return wrk.format('GET', '/telephony/euos/euo-acme/users/u-' .. "
+                         "(i % users), {['Authorization'] = 'Bearer ' .. "
+                         "tokens[(i % #tokens) + 1]})\nend\n")
     before = rss_mb(pid)
     rss = []
     per = max(1, seconds // 10)
     total = 0
     for _ in range(max(1, seconds // per)):
-        run = wrk(f"http://127.0.0.1:{port}{USER}", token, per, connections)
+        if script is None:
+            run = wrk(f"http://127.0.0.1:{port}{USER}", token, per, connections)
+        else:
+            out = subprocess.run(["wrk", "-t1", f"-c{connections}", f"-d{per}s", "-s", script.name,
+                                  f"http://127.0.0.1:{port}/"], capture_output=True, text=True,
+                                 check=True).stdout
+            run = {"rps": float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1))}
         total += int(run["rps"] * per)
         rss.append(rss_mb(pid))
-    print(f"soak: ~{total:,} requests in {seconds} s; gateway RSS {before:.0f} MiB before, "
-          f"then {', '.join(f'{r:.0f}' for r in rss)} MiB")
+    if script is not None:
+        os.unlink(script.name)
+    print(f"soak: ~{total:,} requests in {seconds} s"
+          + (f" naming {users:,} users with {max(tokens, 1):,} tokens" if script else "")
+          + f"; gateway RSS {before:.0f} MiB before, then {', '.join(f'{r:.0f}' for r in rss)} MiB")
 
 
 def _best(runs: list[dict[str, float]]) -> dict[str, float]:
@@ -543,6 +568,10 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--euos", type=int, default=0)
     parser.add_argument("--workers", type=int, default=1)
+    parser.add_argument("--users", type=int, default=0, metavar="N",
+                        help="with --soak: each request names another of N users")
+    parser.add_argument("--tokens", type=int, default=0, metavar="N",
+                        help="with --soak: requests carry N distinct tokens in turn")
     parser.add_argument("--soak", type=int, default=0, metavar="SECONDS",
                         help="afterwards, load the gateway this long and report its RSS")
     parser.add_argument("--paired", action="store_true",
