@@ -257,7 +257,16 @@ async def send(gw: Gateway, target: Target, method: str, headers: Mapping[str, s
     if upstream.status >= 300:
         upstream.release()
         raise _upstream_error(upstream.status)
+    if upstream.status not in PASSED_STATUSES:
+        # an allow-list: 206 to a Range never sent, 205, 207 and the like mean something the
+        # gateway did not ask for and cannot check
+        upstream.release()
+        raise Denied(502, "backend_unmappable",
+                     f"the backend answered {upstream.status}, which the gateway does not pass on")
     return upstream
+
+
+PASSED_STATUSES = frozenset((200, 201, 202, 204))   # the backend statuses passed on as such
 
 
 @dataclass(slots=True)

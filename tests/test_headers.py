@@ -4,6 +4,7 @@ client may receive from a backend; every answer is private to its caller."""
 from __future__ import annotations
 
 import aiohttp
+import orjson
 import pytest
 from aiohttp import web
 
@@ -132,3 +133,20 @@ async def test_the_export_refuses_a_document_where_a_file_was_due(hostile_gatewa
         assert r.status != 200 or b"+32470111202" not in body
     except aiohttp.ClientPayloadError:
         pass                      # cut off before the archive could carry the document
+
+
+@pytest.mark.parametrize("status", [203, 205, 206, 207, 226])
+async def test_a_backend_status_the_gateway_did_not_ask_for_is_not_passed_on(
+        hostile_gateway, http, token_for, status):
+    """Only 200, 201, 202 and 204 pass as such: a 206 to a Range never forwarded, a 205 or
+    a 207 is an answer the gateway cannot vouch for (502, the body dropped)."""
+    gw, backend = hostile_gateway
+    backend.answer(lambda request: web.Response(
+        status=status, content_type="application/json",
+        body=orjson.dumps({"id": "u-alice", "euo_id": "euo-acme", "first_name": "Alice"})))
+    got, _, body = await call(http, "GET", gw + "/telephony/euos/euo-acme/users/u-alice",
+                              token_for("alice"))
+    assert (got, orjson.loads(body)["error"]["code"]) == (502, "backend_unmappable")
+    backend.answer(lambda request: {"id": "u-alice", "euo_id": "euo-acme", "first_name": "Alice"})
+    assert (await call(http, "GET", gw + "/telephony/euos/euo-acme/users/u-alice",
+                       token_for("alice")))[0] == 200
