@@ -77,12 +77,10 @@ class Gateway:
     erasers: tuple = ()                # routes.yaml's erasure: entries, as loaded
     erasure_deadline_s: float = 300.0  # an accepted erasure's backend calls, all told
 
-    new_request_id: Callable[[], str] = field(default=lambda: "")   # set by create_app
+    new_request_id: Callable[[], str] = field(kw_only=True)   # the app's (app.request_ids)
 
     def __post_init__(self):
-        self.plan = lru_cache(maxsize=4096)(self._plan)
-        self.targets = Targets(self.catalog)
-        self.prefixes = tuple(f"/{service}/" for service in self.catalog.services)
+        self._derive()
 
     def use(self, catalog: Catalog, policy: Policy, version: str, export_sources: Any,
             erasers: tuple = ()) -> None:
@@ -91,9 +89,14 @@ class Gateway:
         self.catalog, self.policy, self.policy_version = catalog, policy, version
         self.export_sources, self.erasers = export_sources, erasers
         self.authn.use(catalog.roles)
-        self.targets = Targets(catalog)
+        self._derive()
+
+    def _derive(self) -> None:
+        """What follows from the catalog and policy in force: the route memo, the plan
+        cache and the path prefixes the server hands straight to the pipeline."""
+        self.targets = Targets(self.catalog)
         self.plan = lru_cache(maxsize=4096)(self._plan)
-        self.prefixes = tuple(f"/{service}/" for service in catalog.services)
+        self.prefixes = tuple(f"/{service}/" for service in self.catalog.services)
 
     def _plan(self, route: Route, role: str, relations: frozenset[str]) -> RedactionPlan:
         return make_plan(route, role, relations, self.catalog, self.policy.granted)

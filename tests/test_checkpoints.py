@@ -159,6 +159,16 @@ async def test_checkpoints_are_listed_for_auditors(backends, sealed_db, http, to
         assert (await call(http, "GET", gw + "/v1/audit/checkpoints", token_for("alice")))[0] == 403
 
 
+async def _three_rows(http, gw: str, token_for, db) -> uuid.UUID:
+    """Three audited reads by an actor of its own; the chain their rows are in."""
+    actor = f"three-{uuid.uuid4().hex[:8]}"
+    for _ in range(3):
+        assert (await call(http, "GET", gw + ACME,
+                           token_for(role="provider_staff", sub=actor)))[0] == 200
+    return await db.fetchval("select distinct chain_id from audit_log where actor_sub = $1",
+                             actor)
+
+
 async def test_a_row_altered_before_its_seal_is_found_against_what_was_written(
         backends, http, token_for, tmp_path, demo):
     """The checkpoint builds its tree from the leaves the writer committed, not from the
@@ -176,17 +186,12 @@ async def test_a_row_altered_before_its_seal_is_found_against_what_was_written(
             tree.append(record_leaf(row))
         return tree.root()
 
-    actor = f"altered-{uuid.uuid4().hex[:8]}"
     async with private_database(tmp_path / "db", demo) as server:
         settings = gateway_settings(backends["urls"], audit_checkpoint_s=3600, data_dir=tmp_path)
         conn = await asyncpg.connect(server.dsn)
         try:
             async with running_gateway(settings, server.dsn) as gw:
-                for _ in range(3):
-                    assert (await call(http, "GET", gw + ACME,
-                                       token_for(role="provider_staff", sub=actor)))[0] == 200
-                chain = await conn.fetchval(
-                    "select distinct chain_id from audit_log where actor_sub = $1", actor)
+                chain = await _three_rows(http, gw, token_for, conn)
                 written = await conn.fetchval(
                     "select data_sets from audit_log where chain_id = $1 and seq = 2", chain)
                 await conn.execute("alter table audit_log disable trigger audit_log_append_only")
@@ -205,3 +210,37 @@ async def test_a_row_altered_before_its_seal_is_found_against_what_was_written(
             assert bytes(root) == await root_of_rows(conn, chain)     # as written: signed
         finally:
             await conn.close()
+
+
+async def test_a_chain_the_writer_does_not_hold_is_sealed_from_its_rows_read_back(
+        backends, http, token_for, tmp_path, demo):
+    """Another process's chain (or one past the writer's bound of unsealed leaves): the
+    checkpoint reads its rows back, checks them against their chain and builds the same
+    tree the rows give."""
+    from gateway.audit.checkpoints import Checkpointer
+    from gateway.audit.leaves import record_leaf
+    from gateway.audit.merkle import Frontier
+
+    async with private_database(tmp_path / "db", demo) as server:
+        settings = gateway_settings(backends["urls"], audit_checkpoint_s=3600, data_dir=tmp_path)
+        pool = await asyncpg.create_pool(server.dsn, min_size=1, max_size=2)
+        try:
+            async with running_gateway(settings, server.dsn) as gw:
+                chain = await _three_rows(http, gw, token_for, pool)
+                head = await pool.fetchrow("select last_seq, last_hash from audit_chain_heads "
+                                           "where chain_id = $1", chain)
+                other = Checkpointer(pool, lambda: [(chain, head["last_seq"], head["last_hash"])],
+                                     Ed25519PrivateKey.generate(), 3600)   # holds no leaves
+                await other.start()
+                assert await other.seal() == 1
+                await other.close()
+                version, size, root = await pool.fetchrow(
+                    "select version, tree_size, root from audit_checkpoints where chain_id = $1 "
+                    "order by id limit 1", chain)
+                tree = Frontier()
+                for row in await pool.fetch("select * from audit_log where chain_id = $1 "
+                                            "order by seq", chain):
+                    tree.append(record_leaf(row))
+        finally:
+            await pool.close()
+    assert (version, size) == (2, head["last_seq"]) and bytes(root) == tree.root()

@@ -23,6 +23,13 @@ USER = "/telephony/euos/euo-acme/users/u-bob"
 MOBILE_LINE = "p, partner, contracted_partner, user_mobile, read\n"
 
 
+def _own_policy(tmp_path):
+    """A copy of the default policy for the test to edit."""
+    policy = tmp_path / "policy"
+    shutil.copytree(POLICY_DIR, policy)
+    return policy
+
+
 async def _version(http, base, token) -> str:
     _, _, body = await call(http, "GET", base + "/v1/catalog", token)
     return orjson.loads(body)["policy_version"]
@@ -31,9 +38,7 @@ async def _version(http, base, token) -> str:
 async def test_a_bad_policy_is_refused_and_a_good_one_swapped_in(backends, database_url, http,
                                                                 token_for, tmp_path, demo):
     await seed_contracts(database_url, demo)
-    policy = tmp_path / "policy"
-    shutil.copytree(POLICY_DIR, policy)
-    log = tmp_path / "serve.log"
+    policy, log = _own_policy(tmp_path), tmp_path / "serve.log"
     async with gateway_process(http, backends, database_url, tmp_path, "--workers", "2", log=log,
                                GATEWAY_POLICY_DIR=str(policy)) as (proc, base):
         staff, partner = token_for("staff"), token_for("partner")
@@ -83,9 +88,7 @@ async def test_a_malformed_policy_file_is_refused_and_the_gateway_keeps_serving(
     TypeError or AttributeError through the reload: the supervisor died with it and took
     the workers down. It is refused like a floor break, and the policy in force stays."""
     await seed_contracts(database_url, demo)
-    policy = tmp_path / "policy"
-    shutil.copytree(POLICY_DIR, policy)
-    log = tmp_path / "serve.log"
+    policy, log = _own_policy(tmp_path), tmp_path / "serve.log"
     async with gateway_process(http, backends, database_url, tmp_path, "--workers", "2", log=log,
                                GATEWAY_POLICY_DIR=str(policy)) as (proc, base):
         staff = token_for("staff")

@@ -77,13 +77,18 @@ def secret_file(tmp_path, secret: bytes = SECRET):
     return path
 
 
+def hook_settings(backends, url: str, tmp_path, **changes):
+    """Settings posting webhooks to `url`, signed with the test key, retried quickly."""
+    return gateway_settings(backends["urls"], webhook_url=url,
+                            webhook_secret_file=secret_file(tmp_path),
+                            webhook_backoff_s=0.05, webhook_poll_s=0.05, **changes)
+
+
 @pytest_asyncio.fixture
 async def hooked(backends, database_url, tmp_path):
     """A gateway posting webhooks to a receiver of this test; (gateway URL, receiver)."""
     async with receiving() as (receiver, url):
-        settings = gateway_settings(backends["urls"], webhook_url=url,
-                                    webhook_secret_file=secret_file(tmp_path),
-                                    webhook_backoff_s=0.05, webhook_poll_s=0.05, dsr_scan_s=0.1)
+        settings = hook_settings(backends, url, tmp_path, dsr_scan_s=0.1)
         async with running_gateway(settings, database_url) as gw:
             yield gw, receiver
 
@@ -119,10 +124,7 @@ async def test_a_receiver_with_another_key_refuses_every_delivery(backends, data
     """The signature depends on the key: a receiver holding another key refuses (401), the
     attempt is logged as failed and retried, never counted as delivered."""
     async with receiving(secret=b"another-key-" + b"z" * 32) as (receiver, url):
-        settings = gateway_settings(backends["urls"], webhook_url=url,
-                                    webhook_secret_file=secret_file(tmp_path),
-                                    webhook_backoff_s=0.05, webhook_poll_s=0.05,
-                                    webhook_max_attempts=2)
+        settings = hook_settings(backends, url, tmp_path, webhook_max_attempts=2)
         async with running_gateway(settings, database_url) as gw:
             req = await file(http, gw, token_for(**somebody()), type="objection",
                              data_sets=["connection_statistics"])
@@ -174,10 +176,8 @@ async def test_a_receiver_answering_2xx_with_an_endless_body_is_delivered_not_re
     app.router.add_post("/hooks", endless)
     runner, port = await start_site(app, "127.0.0.1", 0)
     try:
-        settings = gateway_settings(backends["urls"], webhook_url=f"http://127.0.0.1:{port}/hooks",
-                                    webhook_secret_file=secret_file(tmp_path),
-                                    webhook_backoff_s=0.05, webhook_poll_s=0.05,
-                                    webhook_timeout_s=3)
+        settings = hook_settings(backends, f"http://127.0.0.1:{port}/hooks", tmp_path,
+                                 webhook_timeout_s=3)
         async with running_gateway(settings, database_url) as gw:
             req = await file(http, gw, token_for(**somebody()), type="objection",
                              data_sets=["connection_statistics"])
@@ -203,10 +203,7 @@ async def test_an_event_failed_a_thousand_times_is_retried_and_delivery_goes_on(
     async with receiving() as (receiver, url):
         stuck = f"u-hook-stuck-{uuid.uuid4().hex[:6]}"
         receiver.fail[stuck] = 10 ** 6
-        settings = gateway_settings(backends["urls"], webhook_url=url,
-                                    webhook_secret_file=secret_file(tmp_path),
-                                    webhook_backoff_s=0.05, webhook_poll_s=0.05,
-                                    webhook_max_attempts=5000)
+        settings = hook_settings(backends, url, tmp_path, webhook_max_attempts=5000)
         async with running_gateway(settings, database_url) as gw:
             oid = await db.fetchval(
                 "insert into webhook_outbox (event, payload, attempts) values ('request.filed',"
@@ -283,9 +280,7 @@ async def test_an_event_survives_a_killed_gateway(backends, database_url, tmp_pa
     assert await db.fetchval("select delivered_at from webhook_outbox where request_id = $1::uuid",
                              req["id"]) is None
     async with receiving(port) as (receiver, _):
-        settings = gateway_settings(backends["urls"], webhook_url=url,
-                                    webhook_secret_file=secret_file(tmp_path),
-                                    webhook_backoff_s=0.05, webhook_poll_s=0.05)
+        settings = hook_settings(backends, url, tmp_path)
         async with running_gateway(settings, database_url) as gw:
             assert await wait_for(lambda: _true(receiver.about(req["id"], "request.filed")),
                                   timeout=10)
@@ -319,40 +314,48 @@ def test_a_webhook_url_needs_a_readable_key_of_32_bytes(tmp_path):
         Settings.from_env({**base, "GATEWAY_WEBHOOK_URL": "ftp://nope"})
 
 
+@contextlib.asynccontextmanager
+async def owner_and_runtime(database_url):
+    """A database migrated by its owner with the runtime role's grants; (the roles, a
+    connection as the owner, one as the runtime role)."""
+    async with two_roles(database_url) as roles:
+        await migrated_with_grants(roles)
+        owner = await asyncpg.connect(roles.owner_dsn)
+        runtime = await asyncpg.connect(roles.runtime_dsn)
+        try:
+            yield roles, owner, runtime
+        finally:
+            await runtime.close()
+            await owner.close()
+
+
 async def test_finished_events_are_deleted_after_the_keep_days_and_pending_ones_never(
         database_url):
     """Events name a request's user: transport, not record. Delivered or given up longer ago
     than GATEWAY_WEBHOOK_KEEP_DAYS, an event and its attempts go; one still to be delivered
     stays however old. The runtime role (least privilege) does it through the owner's
     function, and still cannot DELETE an event itself."""
-    async with two_roles(database_url) as roles:
-        await migrated_with_grants(roles)
-        owner = await asyncpg.connect(roles.owner_dsn)
-        runtime = await asyncpg.connect(roles.runtime_dsn)
-        try:
-            ids = {}
-            for name, delivered, given_up in (
-                    ("old_delivered", "40 days", None), ("old_given_up", None, "40 days"),
-                    ("recent", "2 days", None), ("old_pending", None, None)):
-                ids[name] = await owner.fetchval(
-                    "insert into webhook_outbox (event, payload, created_at, delivered_at, "
-                    "given_up_at) values ('request.filed', '{}', now() - interval '41 days', "
-                    "now() - $1::text::interval, now() - $2::text::interval) returning id",
-                    delivered, given_up)
-                await owner.execute("insert into webhook_deliveries (outbox_id, attempt, url, "
-                                    "duration_ms) values ($1, 1, 'http://x', 1)", ids[name])
-            async with asyncpg.create_pool(roles.runtime_dsn, min_size=1, max_size=1) as pool:
-                await Webhooks(pool, None, None, None, keep_days=30).scan()   # the periodic scan
-            left = {r["id"] for r in await owner.fetch("select id from webhook_outbox")}
-            assert left == {ids["recent"], ids["old_pending"]}
-            attempts = {r["outbox_id"] for r in
-                        await owner.fetch("select outbox_id from webhook_deliveries")}
-            assert attempts == left
-            with pytest.raises(asyncpg.InsufficientPrivilegeError):
-                await runtime.execute("delete from webhook_outbox where id = $1", ids["recent"])
-        finally:
-            await runtime.close()
-            await owner.close()
+    async with owner_and_runtime(database_url) as (roles, owner, runtime):
+        ids = {}
+        for name, delivered, given_up in (
+                ("old_delivered", "40 days", None), ("old_given_up", None, "40 days"),
+                ("recent", "2 days", None), ("old_pending", None, None)):
+            ids[name] = await owner.fetchval(
+                "insert into webhook_outbox (event, payload, created_at, delivered_at, "
+                "given_up_at) values ('request.filed', '{}', now() - interval '41 days', "
+                "now() - $1::text::interval, now() - $2::text::interval) returning id",
+                delivered, given_up)
+            await owner.execute("insert into webhook_deliveries (outbox_id, attempt, url, "
+                                "duration_ms) values ($1, 1, 'http://x', 1)", ids[name])
+        async with asyncpg.create_pool(roles.runtime_dsn, min_size=1, max_size=1) as pool:
+            await Webhooks(pool, None, None, None, keep_days=30).scan()   # the periodic scan
+        left = {r["id"] for r in await owner.fetch("select id from webhook_outbox")}
+        assert left == {ids["recent"], ids["old_pending"]}
+        attempts = {r["outbox_id"] for r in
+                    await owner.fetch("select outbox_id from webhook_deliveries")}
+        assert attempts == left
+        with pytest.raises(asyncpg.InsufficientPrivilegeError):
+            await runtime.execute("delete from webhook_outbox where id = $1", ids["recent"])
 
 
 async def test_the_runtime_role_cannot_make_the_prune_delete_early_or_pending_events(
@@ -360,41 +363,34 @@ async def test_the_runtime_role_cannot_make_the_prune_delete_early_or_pending_ev
     """The prune is the runtime role's only way to delete an event: it cannot hand it a
     keep of zero (or less) to delete an event delivered a moment ago, nor backdate an
     event's delivery or giving up (or rewrite it) so that one still to be delivered goes."""
-    async with two_roles(database_url) as roles:
-        await migrated_with_grants(roles)
-        owner = await asyncpg.connect(roles.owner_dsn)
-        runtime = await asyncpg.connect(roles.runtime_dsn)
-        try:
-            ids = {}
-            for name, delivered in (("just_delivered", "1 second"), ("pending", None)):
-                ids[name] = await owner.fetchval(
-                    "insert into webhook_outbox (event, payload, delivered_at) values "
-                    "('request.filed', '{}', now() - $1::text::interval) returning id",
-                    delivered)
-            for keep in ("0", "-100 years", "-1 second"):
-                await runtime.fetchval("select webhook_prune($1::text::interval)", keep)
-            for column in ("delivered_at", "given_up_at"):
-                with pytest.raises(asyncpg.RaiseError, match="webhook_outbox"):
-                    await runtime.execute(f"update webhook_outbox set {column} = now() - "
-                                          "interval '100 days' where id = $1", ids["pending"])
-            for change in ("payload = '{\"x\": 1}'", "event = 'request.resolved'",
-                           "created_at = now() - interval '1 year'"):
-                with pytest.raises(asyncpg.RaiseError, match="webhook_outbox"):
-                    await runtime.execute(f"update webhook_outbox set {change} where id = $1",
-                                          ids["pending"])
-            await runtime.fetchval("select webhook_prune(make_interval(days => 1))")
-            left = {r["id"] for r in await owner.fetch("select id from webhook_outbox")}
-            assert left == set(ids.values())
-            # what the gateway itself writes still goes through: claim, fail, deliver
-            await runtime.execute("update webhook_outbox set next_attempt_at = now(), "
-                                  "attempts = attempts + 1 where id = $1", ids["pending"])
-            await runtime.execute("update webhook_outbox set last_error = 'x', given_up_at = "
-                                  "null where id = $1", ids["pending"])
-            await runtime.execute("update webhook_outbox set delivered_at = now() where id = $1",
-                                  ids["pending"])
-        finally:
-            await runtime.close()
-            await owner.close()
+    async with owner_and_runtime(database_url) as (roles, owner, runtime):
+        ids = {}
+        for name, delivered in (("just_delivered", "1 second"), ("pending", None)):
+            ids[name] = await owner.fetchval(
+                "insert into webhook_outbox (event, payload, delivered_at) values "
+                "('request.filed', '{}', now() - $1::text::interval) returning id",
+                delivered)
+        for keep in ("0", "-100 years", "-1 second"):
+            await runtime.fetchval("select webhook_prune($1::text::interval)", keep)
+        for column in ("delivered_at", "given_up_at"):
+            with pytest.raises(asyncpg.RaiseError, match="webhook_outbox"):
+                await runtime.execute(f"update webhook_outbox set {column} = now() - "
+                                      "interval '100 days' where id = $1", ids["pending"])
+        for change in ("payload = '{\"x\": 1}'", "event = 'request.resolved'",
+                       "created_at = now() - interval '1 year'"):
+            with pytest.raises(asyncpg.RaiseError, match="webhook_outbox"):
+                await runtime.execute(f"update webhook_outbox set {change} where id = $1",
+                                      ids["pending"])
+        await runtime.fetchval("select webhook_prune(make_interval(days => 1))")
+        left = {r["id"] for r in await owner.fetch("select id from webhook_outbox")}
+        assert left == set(ids.values())
+        # what the gateway itself writes still goes through: claim, fail, deliver
+        await runtime.execute("update webhook_outbox set next_attempt_at = now(), "
+                              "attempts = attempts + 1 where id = $1", ids["pending"])
+        await runtime.execute("update webhook_outbox set last_error = 'x', given_up_at = "
+                              "null where id = $1", ids["pending"])
+        await runtime.execute("update webhook_outbox set delivered_at = now() where id = $1",
+                              ids["pending"])
 
 
 async def test_break_glass_opened_and_ended_early_are_told_with_the_grant(

@@ -25,6 +25,7 @@ import contextlib
 import hashlib
 import logging
 import os
+from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -248,32 +249,17 @@ class Checkpointer:
                     last_hash: bytes) -> Frontier:
         """The chain's tree extended to `seq` leaves, its new perfect nodes stored (in the
         checkpoint's transaction). The leaves come from this process's writer when it holds
-        them (no row is read back); otherwise from the rows read back, and TreeError if
-        those do not chain up to the head the writer holds."""
+        them (no row is read back: what is signed is what was written, so a row altered
+        since fails against it); otherwise from the rows read back (_read_back)."""
         old = self._trees.get(chain_id) or await load_frontier(conn, chain_id)
         tree = Frontier(old.size, old.edge)
-        nodes = []
         written = self.leaves(chain_id, tree.size, seq) if self.leaves is not None else None
-        if written is not None:
-            # the leaves of the rows as this process's writer committed them: what is signed
-            # is what was written (a row altered since fails verification against it)
-            for one in written:
-                nodes.extend((chain_id, level, idx, h) for level, idx, h in tree.append(one))
-            if nodes:
-                await conn.copy_records_to_table("audit_merkle_nodes", records=nodes,
-                                                 columns=("chain_id", "level", "idx", "hash"))
-            return tree
-        prev = None
-        async for row in conn.cursor(query("audit_chain_rows_after"), chain_id, tree.size, seq,
-                                     prefetch=500):     # short turns of the event loop
-            if row["seq"] != tree.size + 1:
-                raise TreeError(f"row {tree.size + 1} is missing")
-            if (prev is not None and row["prev_hash"] != prev) or link(
-                    row["prev_hash"], canonical([row[f] for f in HASHED])) != row["row_hash"]:
-                raise TreeError(f"row {row['seq']} does not match its hash")
-            prev = row["row_hash"]
-            nodes.extend((chain_id, level, idx, h) for level, idx, h in tree.append(record_leaf(row)))
-        if tree.size != seq or (prev is not None and bytes(prev) != bytes(last_hash)):
+        leaves = _each(written) if written is not None else _read_back(
+            conn, chain_id, tree.size, seq, last_hash)
+        nodes = []
+        async for one in leaves:
+            nodes.extend((chain_id, level, idx, h) for level, idx, h in tree.append(one))
+        if tree.size != seq:
             raise TreeError(f"rows up to {seq} are not all readable")
         if nodes:
             await conn.copy_records_to_table("audit_merkle_nodes", records=nodes,
@@ -290,6 +276,29 @@ class Checkpointer:
             await self.seal(closed=True)
         except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError, TimeoutError) as e:
             log.warning("could not seal the audit chains at shutdown: %s", e)
+
+
+async def _each(leaves: list[bytes]) -> AsyncIterator[bytes]:
+    for one in leaves:
+        yield one
+
+
+async def _read_back(conn: asyncpg.Connection, chain_id, after: int, upto: int,
+                     last_hash: bytes) -> AsyncIterator[bytes]:
+    """The leaves of a chain's rows after+1 .. upto read back from the database; TreeError
+    if they do not chain up to the head the writer holds."""
+    expected, prev = after + 1, None
+    async for row in conn.cursor(query("audit_chain_rows_after"), chain_id, after, upto,
+                                 prefetch=500):     # short turns of the event loop
+        if row["seq"] != expected:
+            raise TreeError(f"row {expected} is missing")
+        if (prev is not None and row["prev_hash"] != prev) or link(
+                row["prev_hash"], canonical([row[f] for f in HASHED])) != row["row_hash"]:
+            raise TreeError(f"row {row['seq']} does not match its hash")
+        prev, expected = row["row_hash"], expected + 1
+        yield record_leaf(row)
+    if prev is not None and bytes(prev) != bytes(last_hash):
+        raise TreeError(f"rows up to {upto} are not all readable")
 
 
 async def load_frontier(conn: asyncpg.Connection, chain_id) -> Frontier:
