@@ -15,6 +15,7 @@ import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
+from itertools import chain
 from typing import Any
 
 import orjson
@@ -144,6 +145,10 @@ def check_shape(document: Any, node: Node | None, params: Mapping[str, str],
                 check_shape(child, spec, params, identifier, sub_path)
 
 
+def _join(path: str, key: str) -> str:
+    return f"{path}.{key}" if path else key
+
+
 def _leaf(value: Any, node: Leaf, path: str) -> None:
     """An identifier is a scalar; a data set's value is flat (see _flat)."""
     if node.data_set is None:
@@ -160,14 +165,25 @@ def _flat(value: Any, path: str, depth: int = 2) -> None:
     """A value that belongs wholly to one data set is a scalar, or a list or object of at
     most two levels of them (entries: [{name, number}]); an undeclared field's, of one:
     nothing deeper, so no object with a subject of its own can hide inside it."""
-    # at most two levels, so two loops and no call per element (a directory of hundreds of
-    # entries is the common large value); JSON's scalar types by exact type, an allow-list
+    # JSON's scalar types by exact type, an allow-list; a directory of hundreds of entries
+    # is the common large value, so the types of a level are gathered in one pass in C
+    # (`map(type, …)`), and the loops below, which name what is wrong, run only when
+    # something is
     scalars = _SCALARS
     if type(value) in scalars:
         return
     children = _children(value, path)
     if depth == 0:
         raise Unmappable(f"{path} nests deeper than the route table allows")
+    kinds = set(map(type, children))
+    if kinds <= scalars:
+        return
+    if depth >= 2 and len(kinds) == 1:
+        kind, = kinds
+        inner = (chain.from_iterable(map(dict.values, children)) if kind is dict
+                 else chain.from_iterable(children) if kind is list else None)
+        if inner is not None and set(map(type, inner)) <= scalars:
+            return
     for child in children:
         t = type(child)
         if t in scalars:
@@ -348,22 +364,43 @@ class _Walker:
 
         result: dict[str, Any] = {}
         has_data = own_data = removed_any = False
+        fields, outcome = node.fields, self.outcome
         for key, child in value.items():
-            spec = node.fields.get(key)
-            sub_path = f"{path}.{key}" if path else key
+            spec = fields.get(key)
+            if type(spec) is Leaf:
+                # a leaf is decided here, with the readable set decided once for the object
+                # (as `value` decides it: retention, then restriction, then scope)
+                ds = spec.data_set
+                if ds is None:
+                    if type(child) not in _SCALARS:
+                        _leaf(child, spec, _join(path, key))
+                    result[key] = child
+                elif ds in readable and ds not in dead:
+                    if type(child) not in _SCALARS:      # a scalar is always a good leaf
+                        _leaf(child, spec, _join(path, key))
+                    outcome.served.add(ds)
+                    result[key] = child
+                    has_data = True
+                    own_data = True
+                else:
+                    sub_path = _join(path, key)
+                    if ds in dead:
+                        self.past_retention(child, ds, sub_path)
+                    else:
+                        outcome.removed.add(sub_path)
+                        outcome.count(RESTRICTION if ds in self.withheld else SCOPE, ds)
+                    removed_any = True
+                continue
+            sub_path = _join(path, key)
             if spec is None:
                 if is_subject:
                     _flat(child, sub_path, UNDECLARED_DEPTH)
                     result[key] = child
                     has_data = own_data = True
                 else:
-                    self.outcome.removed.add(sub_path)
-                    self.outcome.count(SCOPE, None)
+                    outcome.removed.add(sub_path)
+                    outcome.count(SCOPE, None)
                     removed_any = True
-                continue
-            if dead is not self.cut.expired and isinstance(spec, Leaf) and spec.data_set in dead:
-                self.past_retention(child, spec.data_set, sub_path)
-                removed_any = True
                 continue
             r = self.value(child, spec, relations, sub_path)
             if r is _DROP:

@@ -315,13 +315,24 @@ select distinct on (chain_id) * from audit_checkpoints
  order by chain_id, tree_size desc, id desc;
 
 -- name: audit_merkle_nodes
--- Stored perfect nodes ($2[i], $3[i]) = (level, idx) of a chain's tree.
--- One primary-key look-up each (offset 0 keeps the planner from turning this into a join
--- that reads the chain's whole tree).
-select w.level, w.idx, n.hash
-  from unnest($2::smallint[], $3::bigint[]) as w(level, idx)
- cross join lateral (select hash from audit_merkle_nodes
-                      where chain_id = $1 and level = w.level and idx = w.idx offset 0) n;
+-- Stored perfect nodes ($2[i], $3[i]) = (level, idx) of a chain's tree: from the run that
+-- holds it (024), else from the one-node-a-row table of before (017). One primary-key
+-- look-up each (offset 0 keeps the planner from turning these into joins that read the
+-- chain's whole tree).
+select w.level, w.idx, coalesce(
+       (select nullif(substring(r.hashes from (w.idx - r.first_idx)::int * 32 + 1 for 32), '')
+          from audit_merkle_runs r
+         where r.chain_id = $1 and r.level = w.level and r.first_idx <= w.idx
+         order by r.first_idx desc limit 1 offset 0),
+       (select n.hash from audit_merkle_nodes n
+         where n.chain_id = $1 and n.level = w.level and n.idx = w.idx offset 0)) as hash
+  from unnest($2::smallint[], $3::bigint[]) as w(level, idx);
+
+-- name: audit_merkle_runs_add
+-- A checkpoint's new perfect nodes, one run of consecutive nodes of a level per row.
+insert into audit_merkle_runs (chain_id, level, first_idx, hashes)
+select $1, r.level, r.first_idx, r.hashes
+  from unnest($2::smallint[], $3::bigint[], $4::bytea[]) as r(level, first_idx, hashes);
 
 -- name: audit_chain_rows_after
 -- A chain's rows $2 < seq <= $3, in order (what a checkpoint adds to the chain's tree).

@@ -45,4 +45,6 @@ begin
     execute format('grant select, insert, update on break_glass to %I', runtime);
     -- the checkpoints' Merkle trees (017): appended, never changed
     execute format('grant select, insert on audit_merkle_nodes to %I', runtime);
+    -- … stored a run of a level at a time since 024
+    execute format('grant select, insert on audit_merkle_runs to %I', runtime);
 end $$;

@@ -244,3 +244,76 @@ async def test_a_chain_the_writer_does_not_hold_is_sealed_from_its_rows_read_bac
         finally:
             await pool.close()
     assert (version, size) == (2, head["last_seq"]) and bytes(root) == tree.root()
+
+
+async def test_a_tree_stored_a_node_a_row_before_goes_on_growing_and_proving(
+        backends, http, token_for, tmp_path, demo):
+    """A chain sealed before 024 has its nodes one a row (audit_merkle_nodes); sealed again
+    after it, its tree grows from them, its new nodes are stored a run of a level a row
+    (one row per level), and every row's inclusion proof and the consistency proof between
+    the two checkpoints are read from both tables and verify against the signed roots."""
+    from gateway.audit.checkpoints import Checkpointer, fetch_nodes
+    from gateway.audit.leaves import record_leaf
+    from gateway.audit.merkle import (
+        consistency_ranges, hashes_of, inclusion_ranges, nodes_for, verify_consistency,
+        verify_inclusion)
+
+    async def seal(pool, chain) -> tuple[int, bytes]:
+        head = await pool.fetchrow("select last_seq, last_hash from audit_chain_heads "
+                                   "where chain_id = $1", chain)
+        sealer = Checkpointer(pool, lambda: [(chain, head["last_seq"], head["last_hash"])],
+                              Ed25519PrivateKey.generate(), 3600)     # reads the rows back
+        await sealer.start()
+        assert await sealer.seal() == 1
+        await sealer.close()
+        size, root = await pool.fetchrow("select tree_size, root from audit_checkpoints where "
+                                         "chain_id = $1 order by id desc limit 1", chain)
+        return size, bytes(root)
+
+    async with private_database(tmp_path / "db", demo) as server:
+        settings = gateway_settings(backends["urls"], audit_checkpoint_s=3600, data_dir=tmp_path)
+        pool = await asyncpg.create_pool(server.dsn, min_size=1, max_size=2)
+        try:
+            async with running_gateway(settings, server.dsn) as gw:
+                chain = await _three_rows(http, gw, token_for, pool)
+                first = await seal(pool, chain)
+                async with pool.acquire() as conn, conn.transaction():   # as 017 stored them
+                    await conn.execute("alter table audit_merkle_runs disable trigger "
+                                       "audit_merkle_runs_append_only")
+                    for run in await conn.fetch("delete from audit_merkle_runs where "
+                                                "chain_id = $1 returning *", chain):
+                        hashes = bytes(run["hashes"])
+                        await conn.executemany(
+                            "insert into audit_merkle_nodes values ($1, $2, $3, $4)",
+                            [(chain, run["level"], run["first_idx"] + i // 32, hashes[i:i + 32])
+                             for i in range(0, len(hashes), 32)])
+                    await conn.execute("alter table audit_merkle_runs enable trigger "
+                                       "audit_merkle_runs_append_only")
+                actor = f"more-{uuid.uuid4().hex[:8]}"
+                for _ in range(2):
+                    assert (await call(http, "GET", gw + ACME,
+                                       token_for(role="provider_staff", sub=actor)))[0] == 200
+                assert await pool.fetchval("select count(distinct chain_id) from audit_log "
+                                           "where actor_sub = $1 and chain_id = $2",
+                                           actor, chain) == 1
+                second = await seal(pool, chain)
+                # leaves 4 and 5 complete nodes at levels 0, 1 and 2: three rows
+                assert await pool.fetchval("select count(*) from audit_merkle_runs "
+                                           "where chain_id = $1", chain) == 3
+                rows = await pool.fetch("select * from audit_log where chain_id = $1 "
+                                        "order by seq", chain)
+                async with pool.acquire() as conn:
+                    proofs = []
+                    for row in rows:
+                        ranges = inclusion_ranges(row["seq"] - 1, second[0])
+                        nodes = await fetch_nodes(conn, chain, nodes_for(ranges))
+                        proofs.append(hashes_of(ranges, nodes.__getitem__))
+                    ranges = consistency_ranges(first[0], second[0])
+                    nodes = await fetch_nodes(conn, chain, nodes_for(ranges))
+                    consistency = hashes_of(ranges, nodes.__getitem__)
+        finally:
+            await pool.close()
+    assert (first[0], second[0]) == (3, 5)
+    assert all(verify_inclusion(record_leaf(row), row["seq"] - 1, second[0], proof, second[1])
+               for row, proof in zip(rows, proofs, strict=True))
+    assert verify_consistency(first[0], second[0], first[1], second[1], consistency)

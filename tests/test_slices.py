@@ -24,11 +24,12 @@ from hypothesis import strategies as st
 from multidict import MultiDict
 
 from gateway.audit.chain import GENESIS, HASHED, canonical, link
-from gateway.audit.checkpoints import load_public_keys, signed_bytes
+from gateway.audit.checkpoints import Runs, load_public_keys, signed_bytes
 from gateway.audit.leaves import WITHHELD, record_leaf
 from gateway.audit.merkle import Frontier
 from gateway.audit.slices import build_slice, consistency_doc, verify_consistency_doc, verify_slice
 from gateway.catalog import load_catalog
+from gateway.db import query
 from gateway.principal import Principal
 
 from .conftest import CALLERS, POLICY_DIR, call, gateway_settings, private_database, running_gateway, wait_for
@@ -310,8 +311,8 @@ async def _tampered(dsn, statement: str, *args):
     tx = conn.transaction(isolation="repeatable_read")
     await tx.start()
     await conn.execute("alter table audit_log disable trigger audit_log_append_only")
-    await conn.execute("alter table audit_merkle_nodes disable trigger "
-                       "audit_merkle_nodes_append_only")
+    await conn.execute("alter table audit_merkle_runs disable trigger "
+                       "audit_merkle_runs_append_only")
     await conn.execute(statement, *args)
     return conn, tx
 
@@ -391,19 +392,18 @@ async def test_history_rewritten_and_resigned_with_the_key_is_inconsistent(slice
                                   " tree_size >= 2 order by id limit 1")
         chain = old["chain_id"]
         await conn.execute("alter table audit_log disable trigger audit_log_append_only")
-        await conn.execute("alter table audit_merkle_nodes disable trigger "
-                           "audit_merkle_nodes_append_only")
+        await conn.execute("alter table audit_merkle_runs disable trigger "
+                           "audit_merkle_runs_append_only")
         rows = [dict(r) for r in await conn.fetch(
             "select * from audit_log where chain_id = $1 order by seq", chain)]
         rows[0]["status"] = 404                               # the past, rewritten
-        prev, tree, nodes = GENESIS, Frontier(), []
+        prev, tree, runs = GENESIS, Frontier(), Runs()
         for r in rows:                                        # chain and tree recomputed
             r["prev_hash"], r["row_hash"] = prev, link(prev, canonical([r[f] for f in HASHED]))
             prev = r["row_hash"]
-            nodes += tree.append(record_leaf(r))
-        await conn.execute("delete from audit_merkle_nodes where chain_id = $1", chain)
-        await conn.copy_records_to_table("audit_merkle_nodes", columns=("chain_id", "level", "idx",
-                                         "hash"), records=[(chain, *n) for n in nodes])
+            runs.add(tree.append(record_leaf(r)))
+        await conn.execute("delete from audit_merkle_runs where chain_id = $1", chain)
+        await conn.execute(query("audit_merkle_runs_add"), chain, *runs.columns())
         at = datetime.now(UTC)
         sig = key.sign(signed_bytes(chain, tree.size, prev, at, True, tree.root()))
         new_id = await conn.fetchval(

@@ -12,9 +12,10 @@ checkpoints stay verifiable; a checkpoint names its key by id.
 
 Format 2 also signs the chain's RFC 6962 Merkle tree (gateway/audit/merkle.py; its leaves
 are the chain's rows in seq order, gateway/audit/leaves.py): its size (the seq) and root.
-At each checkpoint the tree is extended by the rows written since the last one, read back
-from the database, and the perfect subtrees they complete are stored with the checkpoint
-(audit_merkle_nodes), so no request ever builds a tree. Format 1 checkpoints, written
+At each checkpoint the tree is extended by the rows written since the last one, and the
+perfect subtrees they complete are stored with the checkpoint, a run of consecutive nodes
+of one level a row (audit_merkle_runs; audit_merkle_nodes holds those stored one a row
+before), so no request ever builds a tree. Format 1 checkpoints, written
 before, verify as they always did.
 """
 
@@ -256,14 +257,13 @@ class Checkpointer:
         written = self.leaves(chain_id, tree.size, seq) if self.leaves is not None else None
         leaves = _each(written) if written is not None else _read_back(
             conn, chain_id, tree.size, seq, last_hash)
-        nodes = []
+        runs = Runs()
         async for one in leaves:
-            nodes.extend((chain_id, level, idx, h) for level, idx, h in tree.append(one))
+            runs.add(tree.append(one))
         if tree.size != seq:
             raise TreeError(f"rows up to {seq} are not all readable")
-        if nodes:
-            await conn.copy_records_to_table("audit_merkle_nodes", records=nodes,
-                                             columns=("chain_id", "level", "idx", "hash"))
+        if runs:
+            await conn.execute(query("audit_merkle_runs_add"), chain_id, *runs.columns())
         return tree
 
     async def close(self) -> None:
@@ -276,6 +276,34 @@ class Checkpointer:
             await self.seal(closed=True)
         except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError, TimeoutError) as e:
             log.warning("could not seal the audit chains at shutdown: %s", e)
+
+
+class Runs:
+    """New perfect nodes gathered by level, as they are stored: one run of consecutive
+    nodes of a level a row (a growing tree completes each level's nodes in order)."""
+
+    def __init__(self):
+        self._levels: dict[int, tuple[int, list[bytes]]] = {}     # level -> (first idx, hashes)
+
+    def add(self, nodes: list[tuple[int, int, bytes]]) -> None:
+        levels = self._levels
+        for level, idx, h in nodes:
+            run = levels.get(level)
+            if run is None:
+                levels[level] = (idx, [h])
+            elif idx == run[0] + len(run[1]):
+                run[1].append(h)
+            else:       # stored out of order, it would be found at the wrong index
+                raise TreeError(f"node ({level}, {idx}) does not follow its level's run")
+
+    def __bool__(self) -> bool:
+        return bool(self._levels)
+
+    def columns(self) -> tuple[list[int], list[int], list[bytes]]:
+        """(levels, first indexes, concatenated hashes), as audit_merkle_runs_add takes them."""
+        levels = sorted(self._levels)
+        return (levels, [self._levels[lv][0] for lv in levels],
+                [b"".join(self._levels[lv][1]) for lv in levels])
 
 
 async def _each(leaves: list[bytes]) -> AsyncIterator[bytes]:
@@ -316,7 +344,7 @@ async def fetch_nodes(conn: asyncpg.Connection, chain_id, wanted) -> dict[tuple[
     wanted = list(wanted)
     rows = await conn.fetch(query("audit_merkle_nodes"), chain_id,
                             [lv for lv, _ in wanted], [ix for _, ix in wanted])
-    return {(r["level"], r["idx"]): bytes(r["hash"]) for r in rows}
+    return {(r["level"], r["idx"]): bytes(r["hash"]) for r in rows if r["hash"] is not None}
 
 
 @dataclass

@@ -57,7 +57,7 @@ async def run(dsn: str, n: int) -> None:
     t = time.perf_counter()
     await checkpointer.seal()
     sealed = time.perf_counter() - t
-    size = await conn.fetchval("select pg_total_relation_size('audit_merkle_nodes')")
+    size = await conn.fetchval("select pg_total_relation_size('audit_merkle_runs')")
     print(f"sealing {n} rows with their tree: {sealed:.2f} s ({sealed / n * 1e6:.0f} µs/row); "
           f"tree storage {size / n:.0f} bytes/row (nodes and index)")
     catalog = load_catalog(DEFAULT_POLICY_DIR)
