@@ -121,6 +121,9 @@ class AuditWriter:
         self._drained = asyncio.Event()
         self._drained.set()
         self._failing = False           # the last batch (or probe) failed
+        # one timer for every waited row's deadline (not one per row): armed for the
+        # nearest, it refuses the rows due and re-arms for the next
+        self._watch: asyncio.TimerHandle | None = None
         self.lanes = [_Lane(self) for _ in range(lanes)]
         self._tasks: list[asyncio.Task] = []
 
@@ -134,8 +137,10 @@ class AuditWriter:
             fut.set_exception(unavailable())
             return fut
         now = loop.time()
-        self._queue.append(_Pending(row, fut, now, now + self.commit_timeout_s if wait else None,
-                                    change))
+        deadline = now + self.commit_timeout_s if wait else None
+        self._queue.append(_Pending(row, fut, now, deadline, change))
+        if deadline is not None and self._watch is None:
+            self._watch = loop.call_at(deadline, self._watchdog)
         self._unfinished += 1
         self._drained.clear()
         self._arrived.set()
@@ -154,23 +159,38 @@ class AuditWriter:
         out one deadline (and now records its refusal) must not wait out a second."""
         if self._failing:
             raise unavailable()
-        fut = self.record(row, change=change)
-        # one timer (cheaper than asyncio.timeout), and no shield (an extra future and two
-        # callbacks per row): a caller cancelled while waiting cancels `fut`, and a lane
-        # writes a row whose future was cancelled all the same (nobody waits for it)
-        timer = self._loop.call_later(self.commit_timeout_s, self._expire, fut)
-        try:
-            return await fut
-        finally:
-            timer.cancel()
+        # no timer of its own (the watchdog's refuses it at its deadline) and no shield (an
+        # extra future and two callbacks per row): a caller cancelled while waiting cancels
+        # `fut`, and a lane writes a row whose future was cancelled all the same
+        return await self.record(row, change=change)
 
-    def _expire(self, fut: asyncio.Future) -> None:
-        """A waited row's deadline passed: its caller gets 503, and from now on nobody may
-        take the row as committed (its batch misses the deadline too and is abandoned)."""
-        if not fut.done():
+    def _watchdog(self) -> None:
+        """Refuse every waited row whose deadline passed, in a batch being written or in the
+        queue (its caller gets 503, and from now on nobody may take the row as committed:
+        its batch misses the deadline too and is abandoned); re-arm for the next deadline."""
+        self._watch = None
+        now, nearest = self._loop.time(), None
+        for lane in self.lanes:
+            for item in lane.batch:
+                nearest = self._expire(item, now, nearest)
+        for item in self._queue:             # queued in deadline order: the first one not due
+            if item.deadline is not None and item.deadline > now and not item.fut.done():
+                nearest = item.deadline if nearest is None else min(nearest, item.deadline)
+                break
+            nearest = self._expire(item, now, nearest)
+        if nearest is not None:
+            self._watch = self._loop.call_at(nearest, self._watchdog)
+
+    def _expire(self, item: _Pending, now: float, nearest: float | None) -> float | None:
+        """Refuse `item` if it is waited for and due; the nearest deadline still to come."""
+        if item.deadline is None or item.fut.done():
+            return nearest
+        if item.deadline <= now:
             self._failing = True
-            fut.set_exception(unavailable())
-            fut.add_done_callback(_retrieve)
+            item.fut.set_exception(unavailable())
+            item.fut.add_done_callback(_retrieve)
+            return nearest
+        return item.deadline if nearest is None else min(nearest, item.deadline)
 
     def heads(self) -> list[tuple[uuid.UUID, int, bytes]]:
         """(chain id, last committed seq, its row hash) of each lane: what a checkpoint signs."""
@@ -272,6 +292,7 @@ class _Lane:
         self.writer = writer
         self.conn: asyncpg.pool.PoolConnectionProxy | None = None
         self.writing_since: float | None = None     # queue time of the oldest row in flight
+        self.batch: list[_Pending] = []             # the rows in flight
         self._order: Callable[[tuple], tuple] = tuple   # COLUMNS order -> audit_log's
         self._new_chain()
 
@@ -292,10 +313,12 @@ class _Lane:
             batch = writer._take()
             if batch:
                 self.writing_since = batch[0].queued_at
+                self.batch = batch
                 try:
                     await self._write(batch)
                 finally:
                     self.writing_since = None
+                    self.batch = []
                     writer._finished(len(batch))
                 continue
             if not writer._failing:
