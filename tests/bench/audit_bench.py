@@ -2,6 +2,12 @@
 90 days" on a large audit log.
 
     .venv/bin/python -m tests.bench.audit_bench [--rows 10000000] [--ingest 200000]
+    .venv/bin/python -m tests.bench.audit_bench --batches 1,12,32,100
+
+`--batches` measures instead what PostgreSQL's CPU for a durable batch is made of: batches
+of each size through the real writer, one at a time, and the CPU of the server with all
+its processes (user and system) per batch and per row, so that the fixed cost of a commit
+and the cost of a row can be read off, and the rows per commit a per-row target needs.
 
 Runs against a fresh embedded PostgreSQL under a temporary directory (or
 GATEWAY_BENCH_DATABASE_URL, which it fills with rows: use a scratch database).
@@ -104,6 +110,47 @@ async def query_latency(dsn: str, rows: int, samples: int) -> dict[str, float]:
         await conn.close()
 
 
+async def batches(dsn: str, postmaster: int, sizes: list[int], rows: int = 24_000) -> None:
+    """PostgreSQL's CPU (every process of the server) per batch and per row, by batch size."""
+    from tests.bench.proxy_bench import cpu_split
+    pool = await create_pool(dsn, 1, 2)
+    writer = AuditWriter(pool, queue_max=max(sizes) + 1, commit_timeout_s=60)
+    writer.start()
+    now, n = datetime.now(UTC), 0
+    template = dict(method="GET", path="/telephony/euos/euo-1/users/u-1", service="telephony",
+                    route="telephony:/euos/{euo}/users/{user}", actor_sub="bench",
+                    actor_role="partner", actor_partner="p-1", subject_euo="euo-1",
+                    data_sets=["user_name", "user_email"], fields_removed=["personal_directory"],
+                    decision="allow", status=200, bytes=512, duration_ms=1.5,
+                    client_addr="127.0.0.1", trace_id="0af7651916cd43dd8448eb211c80319c",
+                    policy_version="bench")
+
+    async def wave(size: int) -> None:
+        nonlocal n
+        rows_ = []
+        for _ in range(size):          # queued before the lane wakes: one batch
+            n += 1
+            rows_.append(writer.record(AuditRow(at=now, request_id=f"batch-{n}",
+                                                subject_users=[f"u-{n % USERS}"], **template)))
+        await asyncio.gather(*rows_)
+    print("batch  PostgreSQL µs/batch (user + system)  µs/row  wall µs/batch")
+    try:
+        for size in sizes:
+            waves = max(rows // size, 200)
+            for _ in range(20):
+                await wave(size)                                              # warm
+            before, started = cpu_split(postmaster), time.perf_counter()
+            for _ in range(waves):
+                await wave(size)
+            after, wall = cpu_split(postmaster), time.perf_counter() - started
+            user, system = ((b - a) / waves * 1e6 for a, b in zip(before, after, strict=True))
+            print(f"{size:5d}  {user + system:9.0f} ({user:5.0f} + {system:4.0f})"
+                  f"{' ' * 14}{(user + system) / size:6.1f}  {wall / waves * 1e6:9.0f}")
+    finally:
+        await writer.close()
+        await pool.close()
+
+
 async def main_async(args) -> None:
     dsn = os.environ.get("GATEWAY_BENCH_DATABASE_URL")
     server = None
@@ -114,6 +161,13 @@ async def main_async(args) -> None:
         conn = await asyncpg.connect(dsn)
         await migrate(conn)
         await conn.close()
+        if args.batches:
+            if server is None:
+                raise SystemExit("--batches measures the embedded server's processes: "
+                                 "unset GATEWAY_BENCH_DATABASE_URL")
+            postmaster = int((server.pgdata / "postmaster.pid").read_text().split()[0])
+            await batches(dsn, postmaster, [int(s) for s in args.batches.split(",")])
+            return
         rate = await ingest(dsn, args.ingest)
         print(f"ingest: {rate:,.0f} audit rows/s ({args.ingest:,} rows through the writer)")
         if args.rows:
@@ -131,6 +185,8 @@ def main() -> None:
     parser.add_argument("--rows", type=int, default=10_000_000)
     parser.add_argument("--ingest", type=int, default=200_000)
     parser.add_argument("--samples", type=int, default=200)
+    parser.add_argument("--batches", metavar="SIZES",
+                        help="PostgreSQL CPU per durable batch of each size (say 1,12,32,100)")
     asyncio.run(main_async(parser.parse_args()))
 
 
