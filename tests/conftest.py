@@ -140,6 +140,16 @@ async def db(database_url) -> AsyncIterator[asyncpg.Pool]:
     await pool.close()
 
 
+async def move_due_date(db: asyncpg.Pool, request_id, interval: str) -> None:
+    """Time travel for a test: a request's due date set to now() + `interval`. No role may
+    change it (025's guard), so it is done with the guard off for one transaction."""
+    async with db.acquire() as conn, conn.transaction():
+        await conn.execute("alter table dsr_requests disable trigger dsr_requests_guard")
+        await conn.execute("update dsr_requests set due_at = now() + $2::text::interval "
+                           "where id = $1::uuid", str(request_id), interval)
+        await conn.execute("alter table dsr_requests enable trigger dsr_requests_guard")
+
+
 def make_token(role: str, sub: str, *, partner: str | None = None, euo: str | None = None,
                key=SECRET, alg: str = "HS256", ttl: int = 600, headers=None, **claims) -> str:
     now = int(time.time())

@@ -255,8 +255,13 @@ async def test_a_tree_stored_a_node_a_row_before_goes_on_growing_and_proving(
     from gateway.audit.checkpoints import Checkpointer, fetch_nodes
     from gateway.audit.leaves import record_leaf
     from gateway.audit.merkle import (
-        consistency_ranges, hashes_of, inclusion_ranges, nodes_for, verify_consistency,
-        verify_inclusion)
+        consistency_ranges,
+        hashes_of,
+        inclusion_ranges,
+        nodes_for,
+        verify_consistency,
+        verify_inclusion,
+    )
 
     async def seal(pool, chain) -> tuple[int, bytes]:
         head = await pool.fetchrow("select last_seq, last_hash from audit_chain_heads "

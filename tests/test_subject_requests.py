@@ -6,10 +6,11 @@ from __future__ import annotations
 import uuid
 from datetime import datetime
 
+import asyncpg
 import orjson
 import pytest
 
-from .conftest import call, gateway_settings, running_gateway, wait_for
+from .conftest import call, gateway_settings, move_due_date, running_gateway, wait_for
 
 GREET = {"role": "user", "sub": "u-greet", "euo": "euo-initech"}
 FARID = {"role": "user", "sub": "u-farid", "euo": "euo-initech"}
@@ -87,8 +88,7 @@ async def test_admins_see_only_requests_in_their_scope(gateway, http, token_for)
 async def test_overdue_requests_come_first(gateway, http, token_for, db):
     _, late = await file_request(http, gateway, token_for("alice"), type="erasure",
                                  data_sets=["address_book"])
-    await db.execute("update dsr_requests set due_at = now() - interval '1 day' where id = $1",
-                     uuid.UUID(late["id"]))
+    await move_due_date(db, late["id"], "-1 day")
     _, _, body = await call(http, "GET", gateway + "/v1/requests", token_for("admin"))
     first = orjson.loads(body)["requests"][0]
     assert first["id"] == late["id"]
@@ -261,3 +261,51 @@ async def test_self_service_rectification_and_erasure(gateway, http, token_for, 
     status, _, _ = await call(http, "PATCH", gateway + organizer, token_for(**other),
                               json={"language": "nl"})
     assert status == 403
+
+
+ALLOWED_MOVES = {("open", "accepted"), ("open", "rejected"), ("open", "withdrawn"),
+                 ("accepted", "completed"), ("accepted", "rejected"), ("accepted", "withdrawn"),
+                 ("accepted", "failed"), ("failed", "accepted"), ("failed", "rejected"),
+                 ("failed", "withdrawn")}
+STATES = ("open", "accepted", "failed", "completed", "rejected", "withdrawn")
+
+
+async def test_the_database_keeps_requests_to_their_state_table(gateway, db):
+    """Whatever role updates dsr_requests (the runtime role holds UPDATE), the database
+    allows only the state table's moves, keeps a final request final, and never lets a
+    request's subject, type, data sets or due date change, nor a queued notice be unsaid."""
+    async def filed(status: str) -> uuid.UUID:
+        async with db.acquire() as conn, conn.transaction():
+            await conn.execute("alter table dsr_requests disable trigger dsr_requests_guard")
+            rid = await conn.fetchval(
+                "insert into dsr_requests (user_sub, euo_id, type, data_sets, status) values "
+                "('u-guard', 'euo-guard', 'rectification', array['user_address'], $1) "
+                "returning id", status)
+            await conn.execute("alter table dsr_requests enable trigger dsr_requests_guard")
+        return rid
+
+    for old in STATES:
+        for new in STATES:
+            if old == new:
+                continue
+            rid = await filed(old)
+            move = db.execute("update dsr_requests set status = $2, resolved_by = 'x' "
+                              "where id = $1", rid, new)
+            if (old, new) in ALLOWED_MOVES:
+                await move
+            else:
+                with pytest.raises(asyncpg.CheckViolationError):
+                    await move
+    rid = await filed("completed")
+    with pytest.raises(asyncpg.CheckViolationError, match="final"):
+        await db.execute("update dsr_requests set resolution = 'rewritten' where id = $1", rid)
+    rid = await filed("open")
+    for change in ("user_sub = 'u-other'", "euo_id = 'euo-other'", "type = 'erasure'",
+                   "data_sets = array['user_name']", "detail = 'other'",
+                   "due_at = due_at + interval '60 days'", "created_at = now()"):
+        with pytest.raises(asyncpg.CheckViolationError, match="never change"):
+            await db.execute(f"update dsr_requests set {change} where id = $1", rid)
+    await db.execute("update dsr_requests set overdue_notified_at = now() where id = $1", rid)
+    with pytest.raises(asyncpg.CheckViolationError, match="stays noted"):
+        await db.execute("update dsr_requests set overdue_notified_at = null where id = $1", rid)
+    assert await db.fetchval("select status from dsr_requests where id = $1", rid) == "open"

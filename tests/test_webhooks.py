@@ -19,7 +19,15 @@ from aiohttp import web
 from gateway.demo.run import start_site
 from gateway.webhooks import Webhooks
 
-from .conftest import call, free_port, gateway_process, gateway_settings, running_gateway, wait_for
+from .conftest import (
+    call,
+    free_port,
+    gateway_process,
+    gateway_settings,
+    move_due_date,
+    running_gateway,
+    wait_for,
+)
 from .roles import migrated_with_grants, two_roles
 
 SECRET = b"webhook-test-key-" + b"k" * 32           # a test key, not a secret
@@ -242,15 +250,13 @@ async def test_due_soon_and_overdue_are_told_once_and_counted(hooked, http, toke
     gw, receiver = hooked
     req = await file(http, gw, token_for(**somebody()), type="rectification",
                      data_sets=["user_address"])
-    await db.execute("update dsr_requests set due_at = now() + interval '3 days' where id = $1::uuid",
-                     req["id"])
+    await move_due_date(db, req["id"], "3 days")
     assert await wait_for(lambda: _true(receiver.about(req["id"], "request.due_soon")))
     _, _, metrics = await call(http, "GET", gw + "/metrics")
     due_soon = [line for line in metrics.decode().splitlines()
                 if line.startswith("gateway_dsr_requests_due_soon ")]
     assert due_soon and float(due_soon[0].split()[1]) >= 1
-    await db.execute("update dsr_requests set due_at = now() - interval '1 day' where id = $1::uuid",
-                     req["id"])
+    await move_due_date(db, req["id"], "-1 day")
     assert await wait_for(lambda: _true(receiver.about(req["id"], "request.overdue")))
     assert len(receiver.about(req["id"], "request.due_soon")) == 1
     await db.execute("update dsr_requests set status = 'rejected' where id = $1::uuid", req["id"])
