@@ -45,7 +45,7 @@ from .principal import Principal
 from .proxy import PRIVATE, Backends
 from .restrictions import RestrictionCache
 from .retention import OWN_EXPORT_DECISION, OWN_EXPORT_EXEMPT
-from .settings import Settings, webhook_secret
+from .settings import Settings, export_db_slots, webhook_secret
 from .webhooks import WEBHOOKS, Webhooks
 
 log = logging.getLogger("gateway")
@@ -168,7 +168,11 @@ def _resources(settings: Settings, dsn: str, catalog, policy: Policy, metrics: M
             anonymous=anonymous, max_body_bytes=settings.max_body_bytes,
             max_streams=settings.max_streams, policy_version=app[POLICY_SET].version,
             export_sources=app[POLICY_SET].export_sources, erasers=app[POLICY_SET].erasers,
-            erasure_deadline_s=settings.erasure_deadline_s, new_request_id=app[NEW_REQUEST_ID])
+            erasure_deadline_s=settings.erasure_deadline_s,
+            export_slots=asyncio.Semaphore(export_db_slots(settings)),
+            export_write_timeout_s=settings.export_write_timeout_s,
+            export_log_deadline_s=settings.export_log_deadline_s,
+            new_request_id=app[NEW_REQUEST_ID])
         # an erasure still `accepted` well past its deadline ran in a gateway that stopped
         webhooks.sweeps.append(functools.partial(
             subject_requests.fail_interrupted_erasures, gateway, webhooks, pool,

@@ -76,6 +76,7 @@ REASONS: dict[str, tuple[int, str]] = {
     "internal_error": (502, "the gateway failed unexpectedly (logged with a traceback)"),
     "audit_unavailable": (503, "the audit row cannot be committed: nothing is served"),
     "streams_busy": (503, "GATEWAY_MAX_STREAMS files are being copied through already"),
+    "exports_busy": (503, "GATEWAY_EXPORT_DB_SLOTS ZIP exports are being prepared already"),
     "database_unavailable": (503, "the gateway's database cannot be reached"),
     "audit_tree_incomplete": (503, "the audit log's Merkle tree lacks nodes a proof needs"),
     "contracts_unavailable": (503, "the contracts mirror is stale: partners are refused"),

@@ -11,6 +11,7 @@ was refused; a caller without a valid token is only counted (see call.py).
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import logging
 from collections.abc import Callable, Mapping
@@ -76,6 +77,10 @@ class Gateway:
     export_sources: Any = None         # export.yaml as loaded (ExportSpec: sources, purposes)
     erasers: tuple = ()                # routes.yaml's erasure: entries, as loaded
     erasure_deadline_s: float = 300.0  # an accepted erasure's backend calls, all told
+    # ZIP exports streaming the access log, each on a pooled connection (settings.py)
+    export_slots: asyncio.Semaphore = field(kw_only=True)
+    export_write_timeout_s: float = 30.0
+    export_log_deadline_s: float = 300.0
 
     new_request_id: Callable[[], str] = field(kw_only=True)   # the app's (app.request_ids)
 

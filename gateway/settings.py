@@ -87,6 +87,12 @@ class Settings:
     webhook_keep_days: int = 30            # finished events are deleted after this long
     dsr_scan_s: float = 60.0               # due-soon/overdue reminders and counts
     erasure_deadline_s: float = 300.0      # an accepted erasure's backend calls, all told
+    # a ZIP export holds a pooled connection while it streams the access log (README.md,
+    # Data-subject rights): how many may at once (None: a quarter of the pool), how long
+    # one write may wait for a client that reads nothing, and the whole log's deadline
+    export_db_slots: int | None = None
+    export_write_timeout_s: float = 30.0
+    export_log_deadline_s: float = 300.0
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> Settings:
@@ -142,6 +148,11 @@ class Settings:
             dsr_scan_s=_positive(env, "GATEWAY_DSR_SCAN_S", cls.dsr_scan_s),
             erasure_deadline_s=_positive(env, "GATEWAY_ERASURE_DEADLINE_S",
                                          cls.erasure_deadline_s),
+            export_db_slots=_int(env, "GATEWAY_EXPORT_DB_SLOTS", None),
+            export_write_timeout_s=_positive(env, "GATEWAY_EXPORT_WRITE_TIMEOUT_S",
+                                             cls.export_write_timeout_s),
+            export_log_deadline_s=_positive(env, "GATEWAY_EXPORT_LOG_DEADLINE_S",
+                                            cls.export_log_deadline_s),
         )
 
     def with_(self, **changes) -> Settings:
@@ -177,11 +188,23 @@ class Settings:
             problems.append("GATEWAY_WEBHOOK_KEEP_DAYS must be at least 1")
         if self.webhook_max_attempts < 1:
             problems.append("GATEWAY_WEBHOOK_MAX_ATTEMPTS must be at least 1")
+        if not 1 <= export_db_slots(self) < self.db_pool_max - self.audit_lanes:
+            problems.append("GATEWAY_EXPORT_DB_SLOTS must be at least 1 and leave connections "
+                            "beside the audit lanes (below GATEWAY_DB_POOL_MAX minus "
+                            "GATEWAY_AUDIT_LANES)")
         for name in POLICY_FILES:
             if not _readable(self.policy_dir / name):
                 problems.append(f"policy file {self.policy_dir / name} is not readable")
         if problems:
             raise ConfigError("; ".join(problems))
+
+
+def export_db_slots(settings: Settings) -> int:
+    """How many ZIP exports may hold a database connection at once: GATEWAY_EXPORT_DB_SLOTS,
+    or a quarter of the pool, so that exports at their bound leave the rest the other 3/4."""
+    if settings.export_db_slots is not None:
+        return settings.export_db_slots
+    return max(1, settings.db_pool_max // 4)
 
 
 WEBHOOK_SECRET_MIN_BYTES = 32

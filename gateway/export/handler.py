@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import re
 from collections import defaultdict
@@ -624,19 +625,33 @@ def _served(gathered: Gathered) -> list[str]:
                   {d for a in gathered.attachments for d in a["data_sets"]})
 
 
+EXPORT_SLOT_WAIT_S = 1.0     # how long a ZIP export waits for an export slot, then 503
+MIDWAY = (Denied, aiohttp.ClientError, TimeoutError, OSError, asyncpg.PostgresError,
+          asyncpg.InterfaceError)
+
+
 async def _zip(request: web.Request, exporter: Exporter, subject: Principal, row: AuditRow,
                assisted: dict | None) -> web.StreamResponse:
-    """Attachments stream into the archive first, export.json (which says what was not
-    held, a file deleted meanwhile included) last; the JSON parts were gathered before
-    anything was sent, so a failing backend there is an error status."""
-    gathered = await exporter.gather(exporter.gw.export_sources.sources)
-    row.data_sets = _served(gathered)
-    await request[CALL].allow(200, 0)
-    response = web.StreamResponse(headers={
-        "Content-Type": "application/zip",
-        "Content-Disposition": f'attachment; filename="export-{_safe(subject.sub)}.zip"'})
-    await response.prepare(request)
-    zipped = ZipStream()
+    """The access log streams first, on a pooled connection: its export slot is taken
+    before any backend is called (none free is still an error status) and given back once
+    the log is sent, never held while files stream. Then the attachments, in constant
+    memory, and export.json (which says what was not held, a file deleted meanwhile
+    included) last; the JSON parts were gathered before anything was sent, so a failing
+    backend there is an error status."""
+    async with _export_slot(exporter.gw):
+        gathered = await exporter.gather(exporter.gw.export_sources.sources)
+        row.data_sets = _served(gathered)
+        await request[CALL].allow(200, 0)
+        response = web.StreamResponse(headers={
+            "Content-Type": "application/zip",
+            "Content-Disposition": f'attachment; filename="export-{_safe(subject.sub)}.zip"'})
+        await response.prepare(request)
+        zipped = ZipStream()
+        try:
+            await _stream_access_log(exporter, subject, zipped, response)
+        except MIDWAY as e:
+            return _cut(request, response, zipped, row, e)
+    gathered.held_by_gateway["access_log_file"] = ACCESS_LOG_FILE
     try:
         for item in list(gathered.attachments):
             try:
@@ -648,31 +663,67 @@ async def _zip(request: web.Request, exporter: Exporter, subject: Principal, row
                 gathered.attachments.remove(item)     # listed, then deleted before we got it
                 gathered.not_held.append({"source": item["source"], "data_sets": item["data_sets"],
                                           "reason": d.code, "meaning": NOT_HELD})
-        # the whole access log, streamed a page at a time (export.json holds the newest)
-        gathered.held_by_gateway["access_log_file"] = ACCESS_LOG_FILE
-        with zipped.open(ACCESS_LOG_FILE, compress=True) as member:
-            async with contextlib.aclosing(access_log_pages(
-                    exporter.pool, exporter.gw.catalog, subject.sub, subject.euo)) as pages:
-                async for page in pages:
-                    member.write(b"".join(orjson.dumps(entry) + b"\n" for entry in page))
-                    await response.write(zipped.take())
         document = export_document(exporter.gw, subject, gathered, request, assisted,
                                    exporter.withhold)
         with zipped.open("export.json", compress=True) as member:
             member.write(orjson.dumps(document, option=orjson.OPT_INDENT_2))
         await response.write(zipped.take())
         await response.write(zipped.close())
-    except (Denied, aiohttp.ClientError, TimeoutError, OSError, asyncpg.PostgresError,
-            asyncpg.InterfaceError) as e:
-        # too late for an error status: cut the connection before the ZIP directory, so
-        # the client sees a broken download rather than a quietly incomplete archive
-        pipeline.log.error("export %s failed midway: %s", row.request_id, e)
-        zipped.abandon()
-        response.force_close()
-        if request.transport is not None:
-            request.transport.close()
-        return response
+    except MIDWAY as e:
+        return _cut(request, response, zipped, row, e)
     await response.write_eof()
+    return response
+
+
+@contextlib.asynccontextmanager
+async def _export_slot(gw: Gateway):
+    """One of the export slots (settings.export_db_slots), waited for a moment: the pool
+    keeps connections for everything else however many exports are asked for."""
+    try:
+        async with asyncio.timeout(EXPORT_SLOT_WAIT_S):
+            await gw.export_slots.acquire()
+    except TimeoutError:
+        raise Denied(503, "exports_busy", "too many exports are under way; try again shortly") \
+            from None
+    try:
+        yield
+    finally:
+        gw.export_slots.release()
+
+
+async def _stream_access_log(exporter: Exporter, subject: Principal, zipped: ZipStream,
+                             response: web.StreamResponse) -> None:
+    """The whole access log as one member, a page at a time from one snapshot. That holds a
+    pooled connection throughout, so a client that stops reading or trickles must not keep
+    it: each write has export_write_timeout_s, the whole log export_log_deadline_s."""
+    gw = exporter.gw
+    whole = asyncio.timeout(gw.export_log_deadline_s)
+    try:
+        async with whole:
+            with zipped.open(ACCESS_LOG_FILE, compress=True) as member:
+                async with contextlib.aclosing(access_log_pages(
+                        exporter.pool, gw.catalog, subject.sub, subject.euo)) as pages:
+                    async for page in pages:
+                        member.write(b"".join(orjson.dumps(entry) + b"\n" for entry in page))
+                        async with asyncio.timeout(gw.export_write_timeout_s):
+                            await response.write(zipped.take())
+    except TimeoutError:
+        raise TimeoutError(
+            f"the access log was not taken within {gw.export_log_deadline_s:g} s"
+            if whole.expired() else
+            f"the client took no page of it within {gw.export_write_timeout_s:g} s") from None
+
+
+def _cut(request: web.Request, response: web.StreamResponse, zipped: ZipStream,
+         row: AuditRow, e: Exception) -> web.StreamResponse:
+    """Too late for an error status: the connection is cut before the ZIP directory, so
+    the client sees a broken download rather than a quietly incomplete archive. Aborted,
+    not closed: a close would wait for a client that reads nothing to take what is buffered."""
+    pipeline.log.error("export %s failed midway: %s", row.request_id, e)
+    zipped.abandon()
+    response.force_close()
+    if request.transport is not None:
+        request.transport.abort()
     return response
 
 
