@@ -172,7 +172,8 @@ async def open_grant(request: web.Request, principal: Principal, row: AuditRow):
     gw = request.app[GATEWAY]
     if not principal.kind.break_glass:
         raise Denied(403, "role_not_permitted", "your role may not use break-glass (roles.yaml)")
-    body = await json_object(request)
+    body = await json_object(request, ("euo", "user", "purpose", "ticket", "minutes"),
+                             "invalid_break_glass")
     euo = identifier(body.get("euo"), "euo")
     user = identifier(body["user"], "user") if body.get("user") is not None else None
     purpose = text(body.get("purpose"), "purpose", required=True).strip()

@@ -119,7 +119,7 @@ def _covers(gw, principal: Principal, req) -> bool:
 @api("/v1/me/requests", ME)
 async def create_request(request: web.Request, principal: Principal, row: AuditRow):
     """File a request about the caller's own data; it is due 30 days from now."""
-    body = await json_object(request)
+    body = await json_object(request, ("type", "data_sets", "detail"), "invalid_request")
     kind = body.get("type")
     if kind not in TYPES:
         raise Denied(400, "invalid_request", f"type must be one of {', '.join(TYPES)}")
@@ -235,19 +235,20 @@ async def list_requests(request: web.Request, principal: Principal, row: AuditRo
 async def update_request(request: web.Request, principal: Principal, row: AuditRow):
     """Accept, reject or complete a request in the caller's scope; accepting an erasure
     runs its backend calls."""
-    return await _transition(request, principal, row, ("accepted", "rejected", "completed"))
+    return await _transition(request, principal, row, ("accepted", "rejected", "completed"),
+                             ("status", "resolution"))
 
 
 @api("/v1/me/requests/{id}", ME)
 async def withdraw_request(request: web.Request, principal: Principal, row: AuditRow):
     """The user withdraws their own request (a restriction or objection stops at once)."""
-    return await _transition(request, principal, row, ("withdrawn",))
+    return await _transition(request, principal, row, ("withdrawn",), ("status",))
 
 
 async def _transition(request: web.Request, principal: Principal, row: AuditRow,
-                      offered: tuple[str, ...]) -> web.Response:
+                      offered: tuple[str, ...], fields: tuple[str, ...]) -> web.Response:
     request_id = _request_id(request)
-    body = await json_object(request)
+    body = await json_object(request, fields, "invalid_request")
     status = body.get("status")
     if status not in offered:
         raise Denied(400, "invalid_request", f"status must be one of {', '.join(offered)}")

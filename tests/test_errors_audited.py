@@ -152,3 +152,40 @@ async def test_written_values_must_be_plain(gateway, http, token_for, backends, 
                                    token_for("partner"), json=body)
     assert status == 400 and orjson.loads(answer)["error"]["code"] == "bad_value"
     assert len(backends["seen"].requests) == before
+
+
+@pytest.mark.parametrize(("caller", "method", "path", "body", "code"), [
+    # a misspelt `user` would open a grant over the whole EUO instead of one user
+    ("staff", "POST", "/v1/break-glass", {"euo": "euo-acme", "usr": "u-alice", "purpose": "p",
+                                          "ticket": "INC-1", "minutes": 5}, "invalid_break_glass"),
+    # a misspelt `contract_end` would make the contract open-ended: the partner keeps access
+    ("staff", "PUT", "/v1/admin/euos/euo-typo", {"partner_id": "p-northwind",
+                                                 "contract_ends": "2020-01-01"}, "invalid_contract"),
+    ("alice", "POST", "/v1/me/requests", {"type": "erasure", "data_sets": ["voicemails"],
+                                          "details": "x"}, "invalid_request"),
+    ("admin", "PATCH", "/v1/requests/{id}", {"status": "rejected", "note": "x"}, "invalid_request"),
+    # the resolution is the admins' (or the gateway's: what an erasure did not erase), never
+    # the user's to rewrite as they withdraw
+    ("alice", "PATCH", "/v1/me/requests/{id}", {"status": "withdrawn", "resolution": "all erased"},
+     "invalid_request"),
+])
+async def test_a_body_field_an_endpoint_does_not_take_is_refused(gateway, http, token_for, db,
+                                                                 caller, method, path, body, code):
+    """A gateway API body holds only the fields its endpoint documents: one it does not take
+    (a misspelling above all) is the caller's 400, never silently dropped, and nothing changes."""
+    _, _, filed = await call(http, "POST", gateway + "/v1/me/requests", token_for("alice"),
+                             json={"type": "rectification", "data_sets": ["user_mobile"]})
+    request_id = orjson.loads(filed)["id"]
+    grants = await db.fetchval("select count(*) from break_glass")
+    status, headers, answer = await call(http, method, gateway + path.format(id=request_id),
+                                         token_for(caller), json=body)
+    assert status == 400 and orjson.loads(answer)["error"]["code"] == code, answer
+    row = await audit_row(db, headers["X-Request-Id"])
+    assert row["decision"] == "deny" and row["reason"] == code
+    assert await db.fetchval("select count(*) from break_glass") == grants
+    assert await db.fetchval("select count(*) from contracts where euo_id = 'euo-typo'") == 0
+    _, _, now = await call(http, "GET", gateway + f"/v1/me/requests/{request_id}",
+                           token_for("alice"))
+    assert orjson.loads(now)["status"] == "open" and orjson.loads(now)["resolution"] is None
+    await call(http, "PATCH", gateway + f"/v1/me/requests/{request_id}", token_for("alice"),
+               json={"status": "withdrawn"})
