@@ -264,6 +264,8 @@ async def _transition(request: web.Request, principal: Principal, row: AuditRow,
     request.app[WEBHOOKS].wake()
     if updated["type"] == "erasure" and status == "accepted":
         updated = await _erase(request, gw, principal, updated)
+        if isinstance(updated, web.Response):
+            return updated
     return json_response(await request_details(pool, updated))
 
 
@@ -301,7 +303,8 @@ async def _move(call: Call, gw: Gateway, webhooks: Webhooks, principal: Principa
 async def _erase(request: web.Request, gw: Gateway, principal: Principal, req):
     """Run an accepted erasure's backend calls (each audited), then commit its outcome:
     `completed` when every call succeeded, else `failed` (nothing claimed erased that was
-    not); the resolution says what was erased, what failed and what no backend can erase."""
+    not); the resolution says what was erased, what failed and what no backend can erase.
+    Returns the request as updated, or the error answer when the outcome was refused."""
     request_id = request[pipeline.REQUEST_ID]
     pool = request.app[POOL]
 
@@ -316,8 +319,14 @@ async def _erase(request: web.Request, gw: Gateway, principal: Principal, req):
     call.row.service, call.row.route = "gateway", "gateway:/v1/requests/{id}"
     call.about(req["euo_id"], [req["user_sub"]])
     final = "completed" if result.ok else "failed"
-    updated = await _move(call, gw, request.app[WEBHOOKS], principal, req, final,
-                          result.resolution())
+    try:
+        updated = await _move(call, gw, request.app[WEBHOOKS], principal, req, final,
+                              result.resolution())
+    except Denied as e:
+        # the request left `accepted` meanwhile (withdrawn, rejected: 409), or the outcome's
+        # row cannot be committed (503; the scan fails it later): the accept was committed
+        # already, so this is the answer, audited as the outcome's own refusal
+        return await call.refuse(e)
     request.app[WEBHOOKS].wake()
     return updated
 

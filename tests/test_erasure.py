@@ -313,3 +313,38 @@ async def test_an_erasure_under_way_is_not_accepted_again(erasable, http, token_
         (None, "open"), ("open", "accepted"), ("accepted", "completed")]
     assert await db.fetchval("select count(*) from dsr_erasure_calls where request_id = $1::uuid",
                              req) == 1
+
+
+async def test_an_erasure_withdrawn_while_its_calls_run_answers_409_audited(
+        erasable, http, token_for, db):
+    """The user withdraws while the accepted erasure's calls run: the admin's accept then
+    cannot record `completed` (the request left `accepted`) and answers 409
+    invalid_transition — audited under the PATCH's request id — never a 502 internal_error
+    with a traceback; what was called stays in the erasure calls."""
+    gw, data, _, faults = erasable
+    carla = {"role": "user", "sub": "u-carla", "euo": "euo-acme"}
+    acme_admin = {"role": "euo_admin", "sub": "admin@acme", "euo": "euo-acme"}
+    recording = "/euos/euo-acme/users/u-carla/recordings/rec-u-carla-1"
+    status, _, body = await call(http, "POST", gw + "/v1/me/requests", token_for(**carla),
+                                 json={"type": "erasure", "data_sets": ["call_recordings"]})
+    assert status == 201
+    req = orjson.loads(body)["id"]
+    with holding(faults, "DELETE", recording):
+        accept = asyncio.create_task(call(http, "PATCH", f"{gw}/v1/requests/{req}",
+                                          token_for(**acme_admin), json={"status": "accepted"}))
+        await asyncio.wait_for(faults.arrived.wait(), 5)
+        status, _, body = await call(http, "PATCH", f"{gw}/v1/me/requests/{req}",
+                                     token_for(**carla), json={"status": "withdrawn"})
+        assert status == 200, body
+        faults.release.set()
+        status, headers, body = await accept
+    assert status == 409 and orjson.loads(body)["error"]["code"] == "invalid_transition", body
+    rows = await db.fetch("select decision, reason, status from audit_log where request_id = $1"
+                          " and route = 'gateway:/v1/requests/{id}' order by seq",
+                          headers["X-Request-Id"])
+    assert [(r["decision"], r["reason"], r["status"]) for r in rows] == [
+        ("allow", None, 200), ("deny", "invalid_transition", 409)]
+    _, _, body = await call(http, "GET", f"{gw}/v1/me/requests/{req}", token_for(**carla))
+    details = orjson.loads(body)
+    assert details["status"] == "withdrawn"
+    assert [c["outcome"] for c in details["erasure_calls"]] == ["erased"]
