@@ -89,6 +89,18 @@ async def json_object(request: web.Request, fields: tuple[str, ...], code: str) 
     return body
 
 
+def only(params, names: tuple[str, ...], code: str = "bad_filter") -> None:
+    """Query parameters: each one of `names` (what the endpoint takes), each at most once;
+    Denied(400, code) otherwise. A listing then answers only the question its URL asks: a
+    misspelt filter is not ignored, a repeated one is not read as its first."""
+    for name in set(params.keys()):
+        if name not in names:
+            raise Denied(400, code, f"this endpoint takes no parameter {name[:64]!r} "
+                         f"(it takes {', '.join(names) or 'none'})")
+        if len(params.getall(name)) > 1:
+            raise Denied(400, code, f"{name[:64]!r} is given more than once")
+
+
 def identifier(value: object, what: str) -> str:
     """An identifier of the route table's grammar, or Denied(400, bad_identifier)."""
     if not isinstance(value, str) or not IDENTIFIER.fullmatch(value) or value in (".", ".."):

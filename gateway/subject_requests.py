@@ -21,7 +21,7 @@ from .audit.writer import Change
 from .call import Call
 from .catalog import ObjectOf
 from .db import POOL, query
-from .endpoints import CALL, ME, api, json_object, json_response, text
+from .endpoints import CALL, ME, api, json_object, json_response, only, text
 from .erasure import Erasure, Outcome
 from .errors import Denied
 from .pipeline import GATEWAY, Gateway
@@ -219,6 +219,7 @@ async def get_request(request: web.Request, principal: Principal, row: AuditRow)
 @api("/v1/requests", "requests")
 async def list_requests(request: web.Request, principal: Principal, row: AuditRow):
     """The requests of users in the caller's scope, overdue ones first."""
+    only(request.query, ("status",))
     status = request.query.get("status")
     if status is not None and status not in STATUSES:
         raise Denied(400, "bad_filter", f"status must be one of {', '.join(STATUSES)}")

@@ -189,3 +189,34 @@ async def test_a_body_field_an_endpoint_does_not_take_is_refused(gateway, http, 
     assert orjson.loads(now)["status"] == "open" and orjson.loads(now)["resolution"] is None
     await call(http, "PATCH", gateway + f"/v1/me/requests/{request_id}", token_for("alice"),
                json={"status": "withdrawn"})
+
+
+@pytest.mark.parametrize(("caller", "path"), [
+    # an auditor's typo (`user` for `subject_user`) would list every row as if filtered
+    ("staff", "/v1/audit?user=u-alice"),
+    ("staff", "/v1/audit?subject_user=u-alice&subject_user=u-bob"),
+    ("staff", "/v1/audit?decision=deny&decision=allow"),
+    ("staff", "/v1/audit/per-day?dataset=voicemails&dataset=faxes_incoming"),
+    ("staff", "/v1/audit/per-day?datasets=voicemails"),
+    ("admin", "/v1/audit/slice?actor=a&actor=b"),
+    # a user's access log and slice take a window only: another filter would be ignored
+    ("alice", "/v1/me/access-log?dataset=voicemails"),
+    ("alice", "/v1/audit/slice?dataset=voicemails"),
+    ("alice", "/v1/me/access-log?limit=5&limit=500"),
+    ("staff", "/v1/audit/checkpoints?limit=1&limit=1000"),
+    ("staff", "/v1/audit/checkpoints?before=5"),
+    ("staff", "/v1/audit/consistency?first=1&second=2&second=3"),
+    ("staff", "/v1/requests?status=open&status=failed"),
+    ("staff", "/v1/requests?state=open"),
+    ("staff", "/v1/break-glass?euo=euo-acme&euo=euo-globex"),
+    ("staff", "/v1/break-glass?user=u-alice"),
+    ("staff", "/v1/admin/retention?from=2026-01-01T00:00Z&from=2025-01-01T00:00Z"),
+])
+async def test_a_repeated_or_unknown_filter_is_refused(gateway, http, token_for, db, caller, path):
+    """A listing answers only the question its URL asks: a filter given twice (which one is
+    meant cannot be known) or one the endpoint does not take (a misspelling) is 400
+    bad_filter, audited, never silently answered for another filter or none."""
+    status, headers, body = await call(http, "GET", gateway + path, token_for(caller))
+    assert status == 400 and orjson.loads(body)["error"]["code"] == "bad_filter", body
+    row = await audit_row(db, headers["X-Request-Id"])
+    assert row["decision"] == "deny" and row["reason"] == "bad_filter"
