@@ -399,7 +399,7 @@ async def put_contract(request: web.Request, principal: Principal, row: AuditRow
     """Create or change the commercial relationship of an EUO with its partner."""
     euo = identifier(request.match_info["euo"], "the EUO id")
     row.subject_euo = euo
-    body = await json_object(request)
+    body = await json_object(request, ("partner_id", "contract_end"), "invalid_contract")
     partner = body.get("partner_id")
     if not isinstance(partner, str) or not IDENTIFIER.fullmatch(partner):
         raise Denied(400, "invalid_contract",

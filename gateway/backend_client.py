@@ -28,6 +28,9 @@ from multidict import CIMultiDict, CIMultiDictProxy
 
 IDLE_S = 15.0            # an idle connection is not reused after this long (servers drop them)
 HIGH_WATER = 256 * 1024  # bytes buffered before the socket stops being read
+# what an answer may send before its headers end (interim answers included): they are held
+# in memory until then, and llhttp sets no bound of its own
+MAX_HEAD_BYTES = 64 * 1024
 _BAD_VALUE = str.maketrans("", "", "\r\n\0")
 
 
@@ -198,6 +201,11 @@ class _Connection(asyncio.Protocol):
         answer._got_bytes = True
         try:
             self._parser.feed_data(data)
+            if answer._status is None:
+                answer._head_bytes += len(data)
+                if answer._head_bytes > MAX_HEAD_BYTES:
+                    raise httptools.HttpParserError(
+                        f"no end of the headers within {MAX_HEAD_BYTES} bytes")
         except httptools.HttpParserUpgrade:
             answer._fail(aiohttp.ClientConnectionError("the backend switched protocols"))
             self.abort()
@@ -236,7 +244,7 @@ class Answer:
 
     __slots__ = ("_conn", "_client", "_status", "_raw_headers", "headers", "_chunks", "_buffered",
                  "_complete", "_error", "_waiter", "_keep_alive", "_released", "_got_bytes",
-                 "_until_close", "content_length", "content")
+                 "_until_close", "_head_bytes", "content_length", "content")
 
     def __init__(self, conn: _Connection, client: BackendClient):
         self._conn, self._client = conn, client
@@ -252,6 +260,7 @@ class Answer:
         self._released = False
         self._got_bytes = False
         self._until_close = False
+        self._head_bytes = 0         # read before the headers ended
         self.content_length: int | None = None
         self.content = self          # aiohttp's spelling: answer.content.iter_chunked(n)
 

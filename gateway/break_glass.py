@@ -29,7 +29,7 @@ from aiohttp import web
 
 from .audit import AuditRow
 from .db import POOL, query
-from .endpoints import CALL, api, identifier, json_object, json_response, text
+from .endpoints import CALL, api, identifier, json_object, json_response, only, text
 from .errors import Denied
 from .notified import STALENESS_S, NotifiedCache
 from .pipeline import GATEWAY
@@ -172,7 +172,8 @@ async def open_grant(request: web.Request, principal: Principal, row: AuditRow):
     gw = request.app[GATEWAY]
     if not principal.kind.break_glass:
         raise Denied(403, "role_not_permitted", "your role may not use break-glass (roles.yaml)")
-    body = await json_object(request)
+    body = await json_object(request, ("euo", "user", "purpose", "ticket", "minutes"),
+                             "invalid_break_glass")
     euo = identifier(body.get("euo"), "euo")
     user = identifier(body["user"], "user") if body.get("user") is not None else None
     purpose = text(body.get("purpose"), "purpose", required=True).strip()
@@ -256,6 +257,7 @@ def _covers(gw, principal: Principal, euo: str) -> bool:
 async def list_grants(request: web.Request, principal: Principal, row: AuditRow):
     """The grants over EUOs in the caller's audit scope, newest first (a partner: its own,
     and those in force over an EUO while it held it; an EUO admin: its EUO)."""
+    only(request.query, ("euo",))
     euo = request.query.get("euo")
     if euo is not None:
         identifier(euo, "euo")

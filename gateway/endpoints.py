@@ -69,8 +69,11 @@ def json_response(body: object, status: int = 200) -> web.Response:
     return web.Response(body=orjson.dumps(body), status=status, content_type="application/json")
 
 
-async def json_object(request: web.Request) -> dict:
-    """The request's body as a JSON object, or Denied(400, bad_json)."""
+async def json_object(request: web.Request, fields: tuple[str, ...], code: str) -> dict:
+    """The request's body as a JSON object, or Denied(400, bad_json); a field not among
+    `fields` (what the endpoint takes) is Denied(400, code), never silently dropped: a
+    misspelt field would otherwise change what was asked (a grant over the whole EUO, a
+    contract without an end)."""
     try:
         body = orjson.loads(await request.read())
     except web.HTTPRequestEntityTooLarge:
@@ -79,7 +82,23 @@ async def json_object(request: web.Request) -> dict:
         raise Denied(400, "bad_json", "the body is not valid JSON") from None
     if not isinstance(body, dict):
         raise Denied(400, "bad_json", "the body must be a JSON object")
+    unknown = sorted(set(body) - set(fields))
+    if unknown:
+        raise Denied(400, code, f"this endpoint takes no field {unknown[0][:64]!r} "
+                     f"(it takes {', '.join(fields)})")
     return body
+
+
+def only(params, names: tuple[str, ...], code: str = "bad_filter") -> None:
+    """Query parameters: each one of `names` (what the endpoint takes), each at most once;
+    Denied(400, code) otherwise. A listing then answers only the question its URL asks: a
+    misspelt filter is not ignored, a repeated one is not read as its first."""
+    for name in set(params.keys()):
+        if name not in names:
+            raise Denied(400, code, f"this endpoint takes no parameter {name[:64]!r} "
+                         f"(it takes {', '.join(names) or 'none'})")
+        if len(params.getall(name)) > 1:
+            raise Denied(400, code, f"{name[:64]!r} is given more than once")
 
 
 def identifier(value: object, what: str) -> str:

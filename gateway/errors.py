@@ -26,8 +26,9 @@ REASONS: dict[str, tuple[int, str]] = {
     "invalid_text": (400, "free text is too long, not a string or holds control characters"),
     "invalid_contract": (400, "a contract body is malformed"),
     "invalid_request": (400, "a data-subject request body is malformed"),
-    "invalid_break_glass": (400, "a break-glass request lacks a purpose or ticket, or asks too long"),
-    "bad_filter": (400, "an audit or request filter is malformed"),
+    "invalid_break_glass": (400, "a break-glass request lacks a purpose or ticket, asks too "
+                                 "long or holds an unknown field"),
+    "bad_filter": (400, "an audit or request filter is malformed, repeated or unknown"),
     "bad_explain": (400, "explain needs a method and a backend path"),
     "bad_cursor": (400, "the paging cursor is not one the gateway gave out"),
     "bad_format": (400, "the export format is neither zip nor json"),

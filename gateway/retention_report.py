@@ -13,7 +13,7 @@ from aiohttp import web
 
 from .audit import AuditRow
 from .db import POOL, query
-from .endpoints import api, json_response
+from .endpoints import api, json_response, only
 from .errors import Denied
 from .principal import Principal
 from .redact import MASKING, RETENTION
@@ -64,6 +64,7 @@ async def report(conn: asyncpg.Connection | asyncpg.Pool, start: datetime, end: 
 @api("/v1/admin/retention", "retention")
 async def retention_view(request: web.Request, principal: Principal, row: AuditRow) -> web.Response:
     """GET /v1/admin/retention[?from=&to=]: the retention report over a window."""
+    only(request.query, ("from", "to"))
     try:
         start, end = window(request.query.get("from"), request.query.get("to"))
     except ValueError as e:

@@ -21,7 +21,7 @@ from .audit.writer import Change
 from .call import Call
 from .catalog import ObjectOf
 from .db import POOL, query
-from .endpoints import CALL, ME, api, json_object, json_response, text
+from .endpoints import CALL, ME, api, json_object, json_response, only, text
 from .erasure import Erasure, Outcome
 from .errors import Denied
 from .pipeline import GATEWAY, Gateway
@@ -88,8 +88,7 @@ def may_act(gw: Gateway, principal: Principal, req, to: str) -> None:
         # the party a restriction blocks may not lift it: the EUO's admin or staff decide
         raise Denied(403, "role_not_permitted",
                      "a restriction that blocks your role is answered by the EUO's admin")
-    erasure_retry = req["type"] == "erasure" and (req["status"], to) == ("accepted", "accepted")
-    if mover != ADMIN and not erasure_retry:
+    if mover != ADMIN:       # accepted → accepted too: an erasure under way is not run twice
         raise _no_transition(req, to, "")
     if req["type"] == "erasure" and to == "completed":
         raise _no_transition(req, to, "an erasure is completed by the gateway once every "
@@ -119,7 +118,7 @@ def _covers(gw, principal: Principal, req) -> bool:
 @api("/v1/me/requests", ME)
 async def create_request(request: web.Request, principal: Principal, row: AuditRow):
     """File a request about the caller's own data; it is due 30 days from now."""
-    body = await json_object(request)
+    body = await json_object(request, ("type", "data_sets", "detail"), "invalid_request")
     kind = body.get("type")
     if kind not in TYPES:
         raise Denied(400, "invalid_request", f"type must be one of {', '.join(TYPES)}")
@@ -220,6 +219,7 @@ async def get_request(request: web.Request, principal: Principal, row: AuditRow)
 @api("/v1/requests", "requests")
 async def list_requests(request: web.Request, principal: Principal, row: AuditRow):
     """The requests of users in the caller's scope, overdue ones first."""
+    only(request.query, ("status",))
     status = request.query.get("status")
     if status is not None and status not in STATUSES:
         raise Denied(400, "bad_filter", f"status must be one of {', '.join(STATUSES)}")
@@ -235,19 +235,20 @@ async def list_requests(request: web.Request, principal: Principal, row: AuditRo
 async def update_request(request: web.Request, principal: Principal, row: AuditRow):
     """Accept, reject or complete a request in the caller's scope; accepting an erasure
     runs its backend calls."""
-    return await _transition(request, principal, row, ("accepted", "rejected", "completed"))
+    return await _transition(request, principal, row, ("accepted", "rejected", "completed"),
+                             ("status", "resolution"))
 
 
 @api("/v1/me/requests/{id}", ME)
 async def withdraw_request(request: web.Request, principal: Principal, row: AuditRow):
     """The user withdraws their own request (a restriction or objection stops at once)."""
-    return await _transition(request, principal, row, ("withdrawn",))
+    return await _transition(request, principal, row, ("withdrawn",), ("status",))
 
 
 async def _transition(request: web.Request, principal: Principal, row: AuditRow,
-                      offered: tuple[str, ...]) -> web.Response:
+                      offered: tuple[str, ...], fields: tuple[str, ...]) -> web.Response:
     request_id = _request_id(request)
-    body = await json_object(request)
+    body = await json_object(request, fields, "invalid_request")
     status = body.get("status")
     if status not in offered:
         raise Denied(400, "invalid_request", f"status must be one of {', '.join(offered)}")
@@ -264,6 +265,8 @@ async def _transition(request: web.Request, principal: Principal, row: AuditRow,
     request.app[WEBHOOKS].wake()
     if updated["type"] == "erasure" and status == "accepted":
         updated = await _erase(request, gw, principal, updated)
+        if isinstance(updated, web.Response):
+            return updated
     return json_response(await request_details(pool, updated))
 
 
@@ -301,7 +304,8 @@ async def _move(call: Call, gw: Gateway, webhooks: Webhooks, principal: Principa
 async def _erase(request: web.Request, gw: Gateway, principal: Principal, req):
     """Run an accepted erasure's backend calls (each audited), then commit its outcome:
     `completed` when every call succeeded, else `failed` (nothing claimed erased that was
-    not); the resolution says what was erased, what failed and what no backend can erase."""
+    not); the resolution says what was erased, what failed and what no backend can erase.
+    Returns the request as updated, or the error answer when the outcome was refused."""
     request_id = request[pipeline.REQUEST_ID]
     pool = request.app[POOL]
 
@@ -316,8 +320,14 @@ async def _erase(request: web.Request, gw: Gateway, principal: Principal, req):
     call.row.service, call.row.route = "gateway", "gateway:/v1/requests/{id}"
     call.about(req["euo_id"], [req["user_sub"]])
     final = "completed" if result.ok else "failed"
-    updated = await _move(call, gw, request.app[WEBHOOKS], principal, req, final,
-                          result.resolution())
+    try:
+        updated = await _move(call, gw, request.app[WEBHOOKS], principal, req, final,
+                              result.resolution())
+    except Denied as e:
+        # the request left `accepted` meanwhile (withdrawn, rejected: 409), or the outcome's
+        # row cannot be committed (503; the scan fails it later): the accept was committed
+        # already, so this is the answer, audited as the outcome's own refusal
+        return await call.refuse(e)
     request.app[WEBHOOKS].wake()
     return updated
 

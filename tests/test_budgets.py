@@ -104,3 +104,26 @@ async def test_files_copied_at_once_are_capped(backends, database_url, http, tok
             assert await wait_for(served)
     finally:
         await runner.cleanup()
+
+
+async def test_a_backends_headers_are_capped(hostile_gateway, http, token_for, db):
+    """The headers of an answer are held in memory until they end: past 64 KiB (a backend
+    could stream header lines until the deadline, gigabytes of them) the answer is not
+    well-formed HTTP to the gateway, 502 backend_unreachable, audited; an answer with
+    headers of an ordinary size still passes."""
+    gw, backend = hostile_gateway
+    euo = {"id": "euo-acme", "name": "Acme", "postal_address": "x", "partner_id": "p-northwind",
+           "trunks": []}
+    for pad in ({f"X-Pad-{i}": "a" * 1000 for i in range(4000)},     # many lines
+                {"X-Pad": "a" * 4_000_000}):                          # or one
+        backend.answer(lambda request, pad=pad: web.Response(
+            body=orjson.dumps(euo), content_type="application/json", headers=pad))
+        status, headers, body = await call(http, "GET", gw + PATH, token_for("staff"))
+        assert status == 502 and orjson.loads(body)["error"]["code"] == "backend_unreachable"
+        row = await audit_row(db, headers["X-Request-Id"])
+        assert row["decision"] == "error" and row["status"] == 502
+    backend.answer(lambda request: web.Response(
+        body=orjson.dumps(euo), content_type="application/json",
+        headers={f"X-Pad-{i}": "a" * 1000 for i in range(40)}))
+    status, _, body = await call(http, "GET", gw + PATH, token_for("staff"))
+    assert status == 200 and orjson.loads(body)["name"] == "Acme", body

@@ -280,3 +280,71 @@ async def test_an_erasure_past_its_deadline_calls_no_more_and_is_failed(
     assert outcomes == [("DELETE", "erased", None), ("GET", "failed", "erasure_deadline")]
     assert data.voicemails["u-greet"] == [] and data.recordings["u-greet"]   # not called
     assert "call_recordings (erasure_deadline)" in done["resolution"]
+
+
+async def test_an_erasure_under_way_is_not_accepted_again(erasable, http, token_for, db):
+    """While an accepted erasure's calls run, a second admin's accept is 409
+    invalid_transition (accepted → accepted is no move of the state table): it would run the
+    same erasure twice at once. Retrying is accepting a `failed` one."""
+    gw, data, seen, faults = erasable
+    carla = {"role": "user", "sub": "u-carla", "euo": "euo-acme"}
+    acme_admin = {"role": "euo_admin", "sub": "admin@acme", "euo": "euo-acme"}
+    voicemail = "/euos/euo-acme/users/u-carla/voicemails/vm-u-carla-1"
+    status, _, body = await call(http, "POST", gw + "/v1/me/requests", token_for(**carla),
+                                 json={"type": "erasure", "data_sets": ["voicemails"]})
+    assert status == 201
+    req = orjson.loads(body)["id"]
+    with holding(faults, "DELETE", voicemail):
+        first = asyncio.create_task(call(http, "PATCH", f"{gw}/v1/requests/{req}",
+                                         token_for(**acme_admin), json={"status": "accepted"}))
+        await asyncio.wait_for(faults.arrived.wait(), 5)
+        seen.requests.clear()
+        status, _, body = await call(http, "PATCH", f"{gw}/v1/requests/{req}", token_for("staff"),
+                                     json={"status": "accepted"})
+        assert status == 409 and orjson.loads(body)["error"]["code"] == "invalid_transition"
+        assert not seen.requests                     # no second run reached the backends
+        faults.release.set()
+        status, _, body = await first
+    assert status == 200 and orjson.loads(body)["status"] == "completed", body
+    assert data.voicemails["u-carla"] == []
+    transitions = await db.fetch("select from_status, to_status from dsr_transitions"
+                                 " where request_id = $1::uuid order by id", req)
+    assert [(t["from_status"], t["to_status"]) for t in transitions] == [
+        (None, "open"), ("open", "accepted"), ("accepted", "completed")]
+    assert await db.fetchval("select count(*) from dsr_erasure_calls where request_id = $1::uuid",
+                             req) == 1
+
+
+async def test_an_erasure_withdrawn_while_its_calls_run_answers_409_audited(
+        erasable, http, token_for, db):
+    """The user withdraws while the accepted erasure's calls run: the admin's accept then
+    cannot record `completed` (the request left `accepted`) and answers 409
+    invalid_transition — audited under the PATCH's request id — never a 502 internal_error
+    with a traceback; what was called stays in the erasure calls."""
+    gw, data, _, faults = erasable
+    carla = {"role": "user", "sub": "u-carla", "euo": "euo-acme"}
+    acme_admin = {"role": "euo_admin", "sub": "admin@acme", "euo": "euo-acme"}
+    recording = "/euos/euo-acme/users/u-carla/recordings/rec-u-carla-1"
+    status, _, body = await call(http, "POST", gw + "/v1/me/requests", token_for(**carla),
+                                 json={"type": "erasure", "data_sets": ["call_recordings"]})
+    assert status == 201
+    req = orjson.loads(body)["id"]
+    with holding(faults, "DELETE", recording):
+        accept = asyncio.create_task(call(http, "PATCH", f"{gw}/v1/requests/{req}",
+                                          token_for(**acme_admin), json={"status": "accepted"}))
+        await asyncio.wait_for(faults.arrived.wait(), 5)
+        status, _, body = await call(http, "PATCH", f"{gw}/v1/me/requests/{req}",
+                                     token_for(**carla), json={"status": "withdrawn"})
+        assert status == 200, body
+        faults.release.set()
+        status, headers, body = await accept
+    assert status == 409 and orjson.loads(body)["error"]["code"] == "invalid_transition", body
+    rows = await db.fetch("select decision, reason, status from audit_log where request_id = $1"
+                          " and route = 'gateway:/v1/requests/{id}' order by seq",
+                          headers["X-Request-Id"])
+    assert [(r["decision"], r["reason"], r["status"]) for r in rows] == [
+        ("allow", None, 200), ("deny", "invalid_transition", 409)]
+    _, _, body = await call(http, "GET", f"{gw}/v1/me/requests/{req}", token_for(**carla))
+    details = orjson.loads(body)
+    assert details["status"] == "withdrawn"
+    assert [c["outcome"] for c in details["erasure_calls"]] == ["erased"]

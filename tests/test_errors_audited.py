@@ -152,3 +152,71 @@ async def test_written_values_must_be_plain(gateway, http, token_for, backends, 
                                    token_for("partner"), json=body)
     assert status == 400 and orjson.loads(answer)["error"]["code"] == "bad_value"
     assert len(backends["seen"].requests) == before
+
+
+@pytest.mark.parametrize(("caller", "method", "path", "body", "code"), [
+    # a misspelt `user` would open a grant over the whole EUO instead of one user
+    ("staff", "POST", "/v1/break-glass", {"euo": "euo-acme", "usr": "u-alice", "purpose": "p",
+                                          "ticket": "INC-1", "minutes": 5}, "invalid_break_glass"),
+    # a misspelt `contract_end` would make the contract open-ended: the partner keeps access
+    ("staff", "PUT", "/v1/admin/euos/euo-typo", {"partner_id": "p-northwind",
+                                                 "contract_ends": "2020-01-01"}, "invalid_contract"),
+    ("alice", "POST", "/v1/me/requests", {"type": "erasure", "data_sets": ["voicemails"],
+                                          "details": "x"}, "invalid_request"),
+    ("admin", "PATCH", "/v1/requests/{id}", {"status": "rejected", "note": "x"}, "invalid_request"),
+    # the resolution is the admins' (or the gateway's: what an erasure did not erase), never
+    # the user's to rewrite as they withdraw
+    ("alice", "PATCH", "/v1/me/requests/{id}", {"status": "withdrawn", "resolution": "all erased"},
+     "invalid_request"),
+])
+async def test_a_body_field_an_endpoint_does_not_take_is_refused(gateway, http, token_for, db,
+                                                                 caller, method, path, body, code):
+    """A gateway API body holds only the fields its endpoint documents: one it does not take
+    (a misspelling above all) is the caller's 400, never silently dropped, and nothing changes."""
+    _, _, filed = await call(http, "POST", gateway + "/v1/me/requests", token_for("alice"),
+                             json={"type": "rectification", "data_sets": ["user_mobile"]})
+    request_id = orjson.loads(filed)["id"]
+    grants = await db.fetchval("select count(*) from break_glass")
+    status, headers, answer = await call(http, method, gateway + path.format(id=request_id),
+                                         token_for(caller), json=body)
+    assert status == 400 and orjson.loads(answer)["error"]["code"] == code, answer
+    row = await audit_row(db, headers["X-Request-Id"])
+    assert row["decision"] == "deny" and row["reason"] == code
+    assert await db.fetchval("select count(*) from break_glass") == grants
+    assert await db.fetchval("select count(*) from contracts where euo_id = 'euo-typo'") == 0
+    _, _, now = await call(http, "GET", gateway + f"/v1/me/requests/{request_id}",
+                           token_for("alice"))
+    assert orjson.loads(now)["status"] == "open" and orjson.loads(now)["resolution"] is None
+    await call(http, "PATCH", gateway + f"/v1/me/requests/{request_id}", token_for("alice"),
+               json={"status": "withdrawn"})
+
+
+@pytest.mark.parametrize(("caller", "path"), [
+    # an auditor's typo (`user` for `subject_user`) would list every row as if filtered
+    ("staff", "/v1/audit?user=u-alice"),
+    ("staff", "/v1/audit?subject_user=u-alice&subject_user=u-bob"),
+    ("staff", "/v1/audit?decision=deny&decision=allow"),
+    ("staff", "/v1/audit/per-day?dataset=voicemails&dataset=faxes_incoming"),
+    ("staff", "/v1/audit/per-day?datasets=voicemails"),
+    ("admin", "/v1/audit/slice?actor=a&actor=b"),
+    # a user's access log and slice take a window only: another filter would be ignored
+    ("alice", "/v1/me/access-log?dataset=voicemails"),
+    ("alice", "/v1/audit/slice?dataset=voicemails"),
+    ("alice", "/v1/me/access-log?limit=5&limit=500"),
+    ("staff", "/v1/audit/checkpoints?limit=1&limit=1000"),
+    ("staff", "/v1/audit/checkpoints?before=5"),
+    ("staff", "/v1/audit/consistency?first=1&second=2&second=3"),
+    ("staff", "/v1/requests?status=open&status=failed"),
+    ("staff", "/v1/requests?state=open"),
+    ("staff", "/v1/break-glass?euo=euo-acme&euo=euo-globex"),
+    ("staff", "/v1/break-glass?user=u-alice"),
+    ("staff", "/v1/admin/retention?from=2026-01-01T00:00Z&from=2025-01-01T00:00Z"),
+])
+async def test_a_repeated_or_unknown_filter_is_refused(gateway, http, token_for, db, caller, path):
+    """A listing answers only the question its URL asks: a filter given twice (which one is
+    meant cannot be known) or one the endpoint does not take (a misspelling) is 400
+    bad_filter, audited, never silently answered for another filter or none."""
+    status, headers, body = await call(http, "GET", gateway + path, token_for(caller))
+    assert status == 400 and orjson.loads(body)["error"]["code"] == "bad_filter", body
+    row = await audit_row(db, headers["X-Request-Id"])
+    assert row["decision"] == "deny" and row["reason"] == "bad_filter"

@@ -23,7 +23,7 @@ from aiohttp import web
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
 from ..db import POOL, query
-from ..endpoints import CALL, ME, api, json_response
+from ..endpoints import CALL, ME, api, json_response, only
 from ..errors import Denied
 from ..pipeline import GATEWAY
 from ..principal import Principal, scope
@@ -39,6 +39,9 @@ PUBLIC_FIELDS = ("at", "chain_id", "seq", "request_id", "actor_sub", "actor_role
                  "duration_ms", "client_addr", "client_request_id", "requests", "trace_id",
                  "policy_version", "break_glass", "withheld")
 DOWNLOADS = {"text/csv": "csv", "application/x-ndjson": "ndjson"}
+FILTERS = ("actor", "subject_user", "euo", "dataset", "decision", "from", "to")
+PAGING = ("limit", "cursor")
+WINDOW = ("from", "to") + PAGING          # a data subject's own log: a window only
 
 
 @dataclass(frozen=True)
@@ -63,8 +66,10 @@ class Filters:
                 colleagues]
 
 
-def parse_filters(params, download: bool) -> Filters:
-    """Filters from query parameters; Denied(400, bad_filter) for a malformed one."""
+def parse_filters(params, download: bool, takes: tuple[str, ...] = FILTERS + PAGING) -> Filters:
+    """Filters from query parameters; Denied(400, bad_filter) for a malformed one, a
+    repeated one or one not in `takes`."""
+    only(params, takes)
     decision = params.get("decision")
     if decision not in (None, "allow", "deny", "error"):
         raise Denied(400, "bad_filter", "decision must be allow, deny or error")
@@ -252,7 +257,7 @@ async def audit_verify(request: web.Request, principal: Principal, row: AuditRow
 async def access_log(request: web.Request, principal: Principal, row: AuditRow):
     """Who (by role and organisation, never a person) accessed the caller's data."""
     row.subject_euo, row.subject_users = principal.euo, [principal.sub]
-    filters = parse_filters(request.query, download=False)
+    filters = parse_filters(request.query, download=False, takes=WINDOW)
     at, chain, seq = filters.cursor or (None, None, None)
     catalog = request.app[GATEWAY].catalog
     async with request.app[POOL].acquire() as conn, conn.transaction():
@@ -323,6 +328,7 @@ async def audit_keys(request: web.Request) -> web.Response:
 @api("/v1/audit/checkpoints", "audit")
 async def audit_checkpoints(request: web.Request, principal: Principal, row: AuditRow):
     """Signed chain heads, oldest first; `after` (a checkpoint id) and `limit` page them."""
+    only(request.query, ("after", "limit"))
     after = request.query.get("after")
     raw_limit = request.query.get("limit", str(DEFAULT_LIMIT))
     if (after is not None and not (after.isdigit() and int(after) < 2**63)) \

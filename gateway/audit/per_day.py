@@ -14,7 +14,7 @@ from ..db import POOL, query
 from ..endpoints import api, json_response
 from ..errors import Denied
 from ..principal import Principal
-from .api import parse_filters, scoped_args
+from .api import FILTERS, parse_filters, scoped_args
 from .writer import AuditRow
 
 DEFAULT_SPAN = timedelta(days=31)
@@ -33,7 +33,7 @@ async def audit_per_day(request: web.Request, principal: Principal, row: AuditRo
     most 366 days."""
     if "cursor" in request.query or "limit" in request.query:
         raise Denied(400, "bad_filter", "per-day counts take no cursor or limit")
-    filters = parse_filters(request.query, download=True)
+    filters = parse_filters(request.query, download=True, takes=FILTERS)
     until = filters.until or datetime.now(UTC)
     try:
         since = filters.since or until - DEFAULT_SPAN

@@ -26,11 +26,11 @@ from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
 from ..db import POOL, query
-from ..endpoints import api, json_response
+from ..endpoints import api, json_response, only
 from ..errors import Denied
 from ..pipeline import GATEWAY
 from ..principal import Principal
-from .api import encode_cursor, parse_filters, public, scoped_args
+from .api import FILTERS, PAGING, WINDOW, encode_cursor, parse_filters, public, scoped_args
 from .chain import HASHED
 from .checkpoints import checkpoint_json, checkpoint_signed_bytes, fetch_nodes
 from .leaves import WITHHELD, leaf, row_hash_matches
@@ -73,7 +73,7 @@ async def build_slice(conn, principal: Principal, params,
                       data_subject_roles: list[str]) -> dict[str, Any]:
     """One page (at most 1000 rows, newest first) of the caller's own rows with their proofs."""
     subject = as_subject(principal)
-    filters = parse_filters(params, download=False)
+    filters = parse_filters(params, download=False, takes=WINDOW if subject else FILTERS + PAGING)
     async with conn.transaction(isolation="repeatable_read", readonly=True):
         await conn.execute("set local plan_cache_mode = force_custom_plan")
         if subject:
@@ -144,6 +144,7 @@ async def audit_slice(request: web.Request, principal: Principal, row: AuditRow)
 async def audit_consistency(request: web.Request, principal: Principal, row: AuditRow):
     """A consistency proof between two format 2 checkpoints (`first`, `second`: their ids)
     of one chain."""
+    only(request.query, ("first", "second"))
     ids = []
     for name in ("first", "second"):
         raw = request.query.get(name, "")
