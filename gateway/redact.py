@@ -308,10 +308,13 @@ class _Walker:
         if self.blocked is None or not node.subject or not isinstance(value, dict):
             return self._object(value, node, relations, path)
         # an object naming its own subject withholds that subject's restricted data sets
-        saved = self.withheld
-        self.withheld = frozenset().union(*(
-            self.blocked(_subject_of(value, fld, self.catalog.identifier, path))
-            for rel, fld in node.subject if rel in self.subject_relations))
+        saved, withheld = self.withheld, frozenset()
+        for rel, fld in node.subject:
+            if rel in self.subject_relations:
+                theirs = self.blocked(_subject_of(value, fld, self.catalog.identifier, path))
+                if theirs:
+                    withheld = withheld | theirs
+        self.withheld = withheld
         try:
             return self._object(value, node, relations, path)
         finally:
