@@ -31,7 +31,7 @@ REASONS: dict[str, tuple[int, str]] = {
     "bad_filter": (400, "an audit or request filter is malformed, repeated or unknown"),
     "bad_explain": (400, "explain needs a method and a backend path"),
     "bad_cursor": (400, "the paging cursor is not one the gateway gave out"),
-    "bad_format": (400, "the export format is neither zip nor json"),
+    "bad_format": (400, "the export format is not zip or json, or a parameter repeats or is unknown"),
     "bad_purpose": (400, "an assisted export names no purpose, or one export.yaml does not list"),
     "backend_rejected": (400, "the backend refused the request (400, 409, 422)"),
     "body_too_large": (413, "the request body is over GATEWAY_MAX_BODY_BYTES"),

@@ -584,11 +584,18 @@ async def test_the_assisted_zip_streams_the_users_files(gateway, http, token_for
     ("admin", ASSISTED + "&purpose=user_asked_admin", 400, "bad_purpose"),
     ("admin", "/v1/euos/euo-acme/users/u-nobody/export?purpose=user_asked_admin", 404,
      "backend_not_found"),
+    # the parameters an export takes, each once (a repeated format was read as its first)
+    ("admin", ASSISTED + "&format=json&format=zip", 400, "bad_format"),
+    ("admin", ASSISTED + "&subject=u-alice", 400, "bad_format"),
+    ("bob", "/v1/me/export?format=json&format=zip", 400, "bad_format"),
+    ("bob", "/v1/me/export?format=json&user=u-alice", 400, "bad_format"),
+    ("bob", "/v1/me/export?purpose=user_asked_admin", 400, "bad_format"),
 ])
 async def test_assisted_export_refusals(gateway, http, token_for, db, backends, caller, path,
                                         status, code):
-    """Another EUO's user, partners, staff and users: refused with a reason id, audited,
-    and (but for an unknown user, whom only the backend can know) no backend is asked."""
+    """Another EUO's user, partners, staff and users, and parameters an export does not
+    take: refused with a reason id, audited, and (but for an unknown user, whom only the
+    backend can know) no backend is asked."""
     before = len(backends["seen"].requests)
     got, headers, body = await call(http, "GET", gateway + path, token_for(caller))
     assert (got, orjson.loads(body)["error"]["code"]) == (status, code)

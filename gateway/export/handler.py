@@ -23,7 +23,7 @@ from ..audit.api import access_log_pages, newest_accesses
 from ..call import Call
 from ..catalog import Catalog, Leaf, ListOf, Node, ObjectOf, PolicyError
 from ..db import POOL, query
-from ..endpoints import CALL, IDENTIFIER, ME, api, identifier, json_response
+from ..endpoints import CALL, IDENTIFIER, ME, api, identifier, json_response, only
 from ..errors import Denied
 from ..pipeline import GATEWAY, Gateway
 from ..principal import Principal
@@ -600,6 +600,9 @@ async def assisted_export(request: web.Request, principal: Principal, row: Audit
 
 async def _export(request: web.Request, actor: Principal, subject: Principal, row: AuditRow,
                   assisted: dict | None = None) -> web.StreamResponse:
+    # the parameters it takes, each once: a repeated format is not read as its first
+    only(request.query, ("format", "purpose") if assisted is not None else ("format",),
+         code="bad_format")
     fmt = request.query.get("format", "zip")
     if fmt not in ("zip", "json"):
         raise Denied(400, "bad_format", "format must be zip or json")
