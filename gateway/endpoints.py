@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from collections.abc import Awaitable, Callable
 
 import asyncpg
@@ -75,11 +76,18 @@ async def json_object(request: web.Request, fields: tuple[str, ...], code: str) 
     misspelt field would otherwise change what was asked (a grant over the whole EUO, a
     contract without an end)."""
     try:
-        body = orjson.loads(await request.read())
+        raw = await request.read()
+        body = orjson.loads(raw)
+        # a key given twice would be read as its last, whatever the caller meant (or a
+        # proxy in front read): refused like two Authorization headers. orjson keeps the
+        # last silently, so the (bounded, small) body is walked once more to see
+        json.loads(raw, object_pairs_hook=_once_each)
     except web.HTTPRequestEntityTooLarge:
         raise Denied(413, "body_too_large", "the request body is too large") from None
     except orjson.JSONDecodeError:
         raise Denied(400, "bad_json", "the body is not valid JSON") from None
+    except _Repeated as e:
+        raise Denied(400, "bad_json", f"the body gives the field {str(e)[:64]!r} twice") from None
     if not isinstance(body, dict):
         raise Denied(400, "bad_json", "the body must be a JSON object")
     unknown = sorted(set(body) - set(fields))
@@ -87,6 +95,19 @@ async def json_object(request: web.Request, fields: tuple[str, ...], code: str) 
         raise Denied(400, code, f"this endpoint takes no field {unknown[0][:64]!r} "
                      f"(it takes {', '.join(fields)})")
     return body
+
+
+class _Repeated(ValueError):
+    pass
+
+
+def _once_each(pairs: list[tuple[str, object]]) -> dict:
+    seen = set()
+    for key, _ in pairs:
+        if key in seen:
+            raise _Repeated(key)
+        seen.add(key)
+    return dict(pairs)
 
 
 def only(params, names: tuple[str, ...], code: str = "bad_filter") -> None:

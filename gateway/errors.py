@@ -18,7 +18,7 @@ REASONS: dict[str, tuple[int, str]] = {
     "bad_query": (400, "a declared query parameter is repeated, empty or not an identifier"),
     "query_not_allowed": (400, "the route declares no such query parameter"),
     "bad_identifier": (400, "an identifier in a gateway API path or claim is outside the grammar"),
-    "bad_json": (400, "the body is not a JSON object"),
+    "bad_json": (400, "the body is not a JSON object, or gives a field twice"),
     "bad_body": (400, "the body could not be read"),
     "bad_request": (400, "the HTTP request was refused by the server"),
     "bad_value": (400, "a written value is not plain text, a number or a flat list"),

@@ -191,6 +191,30 @@ async def test_a_body_field_an_endpoint_does_not_take_is_refused(gateway, http, 
                json={"status": "withdrawn"})
 
 
+@pytest.mark.parametrize(("caller", "method", "path", "body"), [
+    # which `user` was meant? Read as the last, a grant over another user than one checked
+    ("staff", "POST", "/v1/break-glass", b'{"euo": "euo-acme", "user": "u-alice", "purpose": "p",'
+     b' "ticket": "INC-1", "minutes": 5, "user": "u-bob"}'),
+    ("alice", "POST", "/v1/me/requests", b'{"type": "rectification", "type": "restriction",'
+     b' "data_sets": ["user_mobile"]}'),
+    ("staff", "PUT", "/v1/admin/euos/euo-typo", b'{"partner_id": "p-northwind",'
+     b' "contract_end": "2020-01-01", "contract_end": null}'),
+])
+async def test_a_body_field_given_twice_is_refused(gateway, http, token_for, db, caller, method,
+                                                   path, body):
+    """A gateway API body gives each field once: a repeated one is the caller's 400 bad_json,
+    audited, and nothing changes (it was read as its last, silently)."""
+    grants = await db.fetchval("select count(*) from break_glass")
+    requests = await db.fetchval("select count(*) from dsr_requests")
+    status, headers, answer = await call(http, method, gateway + path, token_for(caller),
+                                         data=body, headers={"Content-Type": "application/json"})
+    assert status == 400 and orjson.loads(answer)["error"]["code"] == "bad_json", answer
+    assert (await audit_row(db, headers["X-Request-Id"]))["reason"] == "bad_json"
+    assert await db.fetchval("select count(*) from break_glass") == grants
+    assert await db.fetchval("select count(*) from dsr_requests") == requests
+    assert await db.fetchval("select count(*) from contracts where euo_id = 'euo-typo'") == 0
+
+
 @pytest.mark.parametrize(("caller", "path"), [
     # an auditor's typo (`user` for `subject_user`) would list every row as if filtered
     ("staff", "/v1/audit?user=u-alice"),
