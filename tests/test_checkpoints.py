@@ -212,12 +212,27 @@ async def test_a_row_altered_before_its_seal_is_found_against_what_was_written(
             await conn.close()
 
 
+async def _seal_elsewhere(pool: asyncpg.Pool, chain: uuid.UUID) -> asyncpg.Record:
+    """Seal a chain's head as another process would (a checkpointer holding none of its
+    leaves: it reads the rows back); (version, tree_size, root) of the checkpoint written."""
+    from gateway.audit.checkpoints import Checkpointer
+
+    head = await pool.fetchrow("select last_seq, last_hash from audit_chain_heads "
+                               "where chain_id = $1", chain)
+    other = Checkpointer(pool, lambda: [(chain, head["last_seq"], head["last_hash"])],
+                         Ed25519PrivateKey.generate(), 3600)
+    await other.start()
+    assert await other.seal() == 1
+    await other.close()
+    return await pool.fetchrow("select version, tree_size, root from audit_checkpoints "
+                               "where chain_id = $1 order by id desc limit 1", chain)
+
+
 async def test_a_chain_the_writer_does_not_hold_is_sealed_from_its_rows_read_back(
         backends, http, token_for, tmp_path, demo):
     """Another process's chain (or one past the writer's bound of unsealed leaves): the
     checkpoint reads its rows back, checks them against their chain and builds the same
     tree the rows give."""
-    from gateway.audit.checkpoints import Checkpointer
     from gateway.audit.leaves import record_leaf
     from gateway.audit.merkle import Frontier
 
@@ -227,16 +242,9 @@ async def test_a_chain_the_writer_does_not_hold_is_sealed_from_its_rows_read_bac
         try:
             async with running_gateway(settings, server.dsn) as gw:
                 chain = await _three_rows(http, gw, token_for, pool)
-                head = await pool.fetchrow("select last_seq, last_hash from audit_chain_heads "
+                head = await pool.fetchrow("select last_seq from audit_chain_heads "
                                            "where chain_id = $1", chain)
-                other = Checkpointer(pool, lambda: [(chain, head["last_seq"], head["last_hash"])],
-                                     Ed25519PrivateKey.generate(), 3600)   # holds no leaves
-                await other.start()
-                assert await other.seal() == 1
-                await other.close()
-                version, size, root = await pool.fetchrow(
-                    "select version, tree_size, root from audit_checkpoints where chain_id = $1 "
-                    "order by id limit 1", chain)
+                version, size, root = await _seal_elsewhere(pool, chain)
                 tree = Frontier()
                 for row in await pool.fetch("select * from audit_log where chain_id = $1 "
                                             "order by seq", chain):
@@ -252,7 +260,7 @@ async def test_a_tree_stored_a_node_a_row_before_goes_on_growing_and_proving(
     after it, its tree grows from them, its new nodes are stored a run of a level a row
     (one row per level), and every row's inclusion proof and the consistency proof between
     the two checkpoints are read from both tables and verify against the signed roots."""
-    from gateway.audit.checkpoints import Checkpointer, fetch_nodes
+    from gateway.audit.checkpoints import fetch_nodes
     from gateway.audit.leaves import record_leaf
     from gateway.audit.merkle import (
         consistency_ranges,
@@ -264,15 +272,7 @@ async def test_a_tree_stored_a_node_a_row_before_goes_on_growing_and_proving(
     )
 
     async def seal(pool, chain) -> tuple[int, bytes]:
-        head = await pool.fetchrow("select last_seq, last_hash from audit_chain_heads "
-                                   "where chain_id = $1", chain)
-        sealer = Checkpointer(pool, lambda: [(chain, head["last_seq"], head["last_hash"])],
-                              Ed25519PrivateKey.generate(), 3600)     # reads the rows back
-        await sealer.start()
-        assert await sealer.seal() == 1
-        await sealer.close()
-        size, root = await pool.fetchrow("select tree_size, root from audit_checkpoints where "
-                                         "chain_id = $1 order by id desc limit 1", chain)
+        _, size, root = await _seal_elsewhere(pool, chain)
         return size, bytes(root)
 
     async with private_database(tmp_path / "db", demo) as server:

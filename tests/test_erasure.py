@@ -25,6 +25,8 @@ from .conftest import Seen, call, gateway_process, gateway_settings, running_gat
 DIRK = {"role": "user", "sub": "u-dirk", "euo": "euo-globex"}
 EVA = {"role": "user", "sub": "u-eva", "euo": "euo-globex"}
 GLOBEX_ADMIN = {"role": "euo_admin", "sub": "admin@globex", "euo": "euo-globex"}
+CARLA = {"role": "user", "sub": "u-carla", "euo": "euo-acme"}
+ACME_ADMIN = {"role": "euo_admin", "sub": "admin@acme", "euo": "euo-acme"}
 
 
 class Faults:
@@ -76,12 +78,17 @@ def holding(faults: Faults, method: str, path: str):
         faults.release.set()
 
 
-async def file_and_accept(http, gw, token_for, who, data_sets, admin=GLOBEX_ADMIN):
+async def file_erasure(http, gw, token_for, who, data_sets) -> str:
+    """The id of an erasure request `who` files for `data_sets`."""
     status, _, body = await call(http, "POST", gw + "/v1/me/requests", token_for(**who),
                                  json={"type": "erasure", "data_sets": data_sets})
-    assert status == 201
-    req = orjson.loads(body)
-    status, headers, body = await call(http, "PATCH", f"{gw}/v1/requests/{req['id']}",
+    assert status == 201, body
+    return orjson.loads(body)["id"]
+
+
+async def file_and_accept(http, gw, token_for, who, data_sets, admin=GLOBEX_ADMIN):
+    req = await file_erasure(http, gw, token_for, who, data_sets)
+    status, headers, body = await call(http, "PATCH", f"{gw}/v1/requests/{req}",
                                        token_for(**admin), json={"status": "accepted"})
     assert status == 200, body
     return orjson.loads(body), headers["X-Request-Id"]
@@ -165,10 +172,8 @@ async def test_a_failing_backend_leaves_the_erasure_failed_and_a_retry_finishes_
 
 async def test_only_the_gateway_completes_an_erasure(erasable, http, token_for):
     gw, *_ = erasable
-    status, _, body = await call(http, "POST", gw + "/v1/me/requests", token_for(**EVA),
-                                 json={"type": "erasure", "data_sets": ["user_name"]})
-    req = orjson.loads(body)
-    status, _, body = await call(http, "PATCH", f"{gw}/v1/requests/{req['id']}",
+    req = await file_erasure(http, gw, token_for, EVA, ["user_name"])
+    status, _, body = await call(http, "PATCH", f"{gw}/v1/requests/{req}",
                                  token_for(**GLOBEX_ADMIN), json={"status": "completed"})
     assert status == 409 and orjson.loads(body)["error"]["code"] == "invalid_transition"
 
@@ -211,12 +216,8 @@ async def test_an_erasure_cut_off_by_a_killed_gateway_is_failed_and_accepting_ag
     with holding(faults, "DELETE", recording):
         async with gateway_process(http, {"urls": faults.urls}, database_url, tmp_path) as (
                 proc, base):
-            status, _, body = await call(http, "POST", base + "/v1/me/requests",
-                                         token_for(**FARID),
-                                         json={"type": "erasure",
-                                               "data_sets": ["voicemails", "call_recordings"]})
-            assert status == 201
-            request_id = orjson.loads(body)["id"]
+            request_id = await file_erasure(http, base, token_for, FARID,
+                                            ["voicemails", "call_recordings"])
             accepting = asyncio.ensure_future(call(
                 http, "PATCH", f"{base}/v1/requests/{request_id}", token_for(**INITECH_ADMIN),
                 json={"status": "accepted"}))
@@ -287,16 +288,11 @@ async def test_an_erasure_under_way_is_not_accepted_again(erasable, http, token_
     invalid_transition (accepted → accepted is no move of the state table): it would run the
     same erasure twice at once. Retrying is accepting a `failed` one."""
     gw, data, seen, faults = erasable
-    carla = {"role": "user", "sub": "u-carla", "euo": "euo-acme"}
-    acme_admin = {"role": "euo_admin", "sub": "admin@acme", "euo": "euo-acme"}
     voicemail = "/euos/euo-acme/users/u-carla/voicemails/vm-u-carla-1"
-    status, _, body = await call(http, "POST", gw + "/v1/me/requests", token_for(**carla),
-                                 json={"type": "erasure", "data_sets": ["voicemails"]})
-    assert status == 201
-    req = orjson.loads(body)["id"]
+    req = await file_erasure(http, gw, token_for, CARLA, ["voicemails"])
     with holding(faults, "DELETE", voicemail):
         first = asyncio.create_task(call(http, "PATCH", f"{gw}/v1/requests/{req}",
-                                         token_for(**acme_admin), json={"status": "accepted"}))
+                                         token_for(**ACME_ADMIN), json={"status": "accepted"}))
         await asyncio.wait_for(faults.arrived.wait(), 5)
         seen.requests.clear()
         status, _, body = await call(http, "PATCH", f"{gw}/v1/requests/{req}", token_for("staff"),
@@ -322,19 +318,14 @@ async def test_an_erasure_withdrawn_while_its_calls_run_answers_409_audited(
     invalid_transition — audited under the PATCH's request id — never a 502 internal_error
     with a traceback; what was called stays in the erasure calls."""
     gw, data, _, faults = erasable
-    carla = {"role": "user", "sub": "u-carla", "euo": "euo-acme"}
-    acme_admin = {"role": "euo_admin", "sub": "admin@acme", "euo": "euo-acme"}
     recording = "/euos/euo-acme/users/u-carla/recordings/rec-u-carla-1"
-    status, _, body = await call(http, "POST", gw + "/v1/me/requests", token_for(**carla),
-                                 json={"type": "erasure", "data_sets": ["call_recordings"]})
-    assert status == 201
-    req = orjson.loads(body)["id"]
+    req = await file_erasure(http, gw, token_for, CARLA, ["call_recordings"])
     with holding(faults, "DELETE", recording):
         accept = asyncio.create_task(call(http, "PATCH", f"{gw}/v1/requests/{req}",
-                                          token_for(**acme_admin), json={"status": "accepted"}))
+                                          token_for(**ACME_ADMIN), json={"status": "accepted"}))
         await asyncio.wait_for(faults.arrived.wait(), 5)
         status, _, body = await call(http, "PATCH", f"{gw}/v1/me/requests/{req}",
-                                     token_for(**carla), json={"status": "withdrawn"})
+                                     token_for(**CARLA), json={"status": "withdrawn"})
         assert status == 200, body
         faults.release.set()
         status, headers, body = await accept
@@ -344,7 +335,7 @@ async def test_an_erasure_withdrawn_while_its_calls_run_answers_409_audited(
                           headers["X-Request-Id"])
     assert [(r["decision"], r["reason"], r["status"]) for r in rows] == [
         ("allow", None, 200), ("deny", "invalid_transition", 409)]
-    _, _, body = await call(http, "GET", f"{gw}/v1/me/requests/{req}", token_for(**carla))
+    _, _, body = await call(http, "GET", f"{gw}/v1/me/requests/{req}", token_for(**CARLA))
     details = orjson.loads(body)
     assert details["status"] == "withdrawn"
     assert [c["outcome"] for c in details["erasure_calls"]] == ["erased"]
