@@ -42,7 +42,7 @@ from .errors import Denied, error_response
 from .metrics import METRICS, Metrics, metrics_view
 from .policyset import PolicySet, load_policy_set
 from .principal import Principal
-from .proxy import PRIVATE, Backends
+from .proxy import Backends, stamp
 from .restrictions import RestrictionCache
 from .retention import OWN_EXPORT_DECISION, OWN_EXPORT_EXEMPT
 from .settings import Settings, export_db_slots, webhook_secret
@@ -303,11 +303,7 @@ async def _request_ids(request: web.Request, handler) -> web.StreamResponse:
 async def _private_answers(request: web.Request, response: web.StreamResponse) -> None:
     """On every response, streamed ones included: our request id, and no shared caching
     (every answer depends on who asks)."""
-    request_id = request.get(REQUEST_ID)
-    if request_id:
-        response.headers["X-Request-Id"] = request_id
-    for name, value in PRIVATE.items():
-        response.headers.setdefault(name, value)
+    stamp(response.headers, request.get(REQUEST_ID))
 
 
 def request_ids() -> Callable[[], str]:

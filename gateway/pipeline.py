@@ -34,7 +34,7 @@ from .contracts import ContractCache
 from .errors import Denied
 from .grammar import CONTROL, MAX_TEXT
 from .principal import Principal
-from .proxy import CHUNK, PRIVATE, Backends, binary_headers, forward_headers, traceparent
+from .proxy import CHUNK, Backends, binary_headers, forward_headers, stamp, traceparent
 from .redact import (
     RETENTION,
     RedactionPlan,
@@ -142,10 +142,7 @@ async def serve(gw: Gateway, request: web.BaseRequest, request_id: str) -> web.S
         return await _serve(request, gw, call)    # its answers carry them from the start
     except Exception as e:
         response = await call.refuse(e if isinstance(e, Denied) else internal(e, request_id))
-    headers = response.headers
-    headers["X-Request-Id"] = request_id
-    for name, value in PRIVATE.items():
-        headers.setdefault(name, value)
+    stamp(response.headers, request_id)
     return response
 
 
@@ -297,8 +294,7 @@ async def read_json(gw: Gateway, target: Target, upstream, call: Call,
     status = upstream.status
     content_type = upstream.content_type.lower()
     raw = await gw.backends.read(upstream, deadline)
-    headers = dict(PRIVATE)
-    headers["X-Request-Id"] = call.row.request_id
+    headers = stamp({}, call.row.request_id)
     if status == 204 or not raw:
         return JsonAnswer(status, headers, None)
     if not (content_type == "application/json" or content_type.endswith("+json")):
@@ -523,8 +519,7 @@ async def _copy(request: web.Request, route: Route, upstream, call: Call,
         upstream.release()
         raise
     response = web.StreamResponse(status=upstream.status, headers=binary_headers(upstream.headers))
-    response.headers.update(PRIVATE)
-    response.headers["X-Request-Id"] = call.row.request_id
+    stamp(response.headers, call.row.request_id)
     if upstream.content_length is not None:
         response.content_length = upstream.content_length
     await response.prepare(request)

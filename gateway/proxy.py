@@ -6,7 +6,7 @@ from __future__ import annotations
 import asyncio
 import random
 import re
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, MutableMapping
 
 import aiohttp
 
@@ -25,6 +25,16 @@ BINARY_RESPONSE_HEADERS = ("Content-Type",)
 PRIVATE = {"Cache-Control": "private, no-store", "Vary": "Authorization",
            "X-Content-Type-Options": "nosniff"}
 CHUNK = 64 * 1024
+
+
+def stamp(headers: MutableMapping[str, str], request_id: str | None) -> MutableMapping[str, str]:
+    """What every answer carries, whichever path made it: our request id, and no shared
+    caching (PRIVATE; a value the answer already set stays)."""
+    if request_id:
+        headers["X-Request-Id"] = request_id
+    for name, value in PRIVATE.items():
+        headers.setdefault(name, value)
+    return headers
 
 
 def traceparent(incoming: Mapping[str, str]) -> str:
