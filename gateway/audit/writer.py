@@ -265,8 +265,7 @@ class AuditWriter:
             if item.fut.cancelled() and (item.deadline is None or item.deadline > now):
                 batch.append(item)       # its caller was cancelled: written, nobody waits
             elif item.fut.done() or (item.deadline is not None and item.deadline <= now):
-                if not item.fut.done():
-                    item.fut.set_exception(unavailable())
+                self._expire(item, now, None)    # refused, if the watchdog has not yet
                 expired += 1
             else:
                 batch.append(item)
