@@ -88,6 +88,8 @@ async def json_object(request: web.Request, fields: tuple[str, ...], code: str) 
         raise Denied(400, "bad_json", "the body is not valid JSON") from None
     except _Repeated as e:
         raise Denied(400, "bad_json", f"the body gives the field {str(e)[:64]!r} twice") from None
+    except RecursionError:     # the stdlib's walk is recursive: deeper than orjson's own bound
+        raise Denied(400, "bad_json", "the body nests too deeply") from None
     if not isinstance(body, dict):
         raise Denied(400, "bad_json", "the body must be a JSON object")
     unknown = sorted(set(body) - set(fields))

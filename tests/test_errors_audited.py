@@ -215,6 +215,18 @@ async def test_a_body_field_given_twice_is_refused(gateway, http, token_for, db,
     assert await db.fetchval("select count(*) from contracts where euo_id = 'euo-typo'") == 0
 
 
+async def test_a_body_nested_as_deep_as_json_parsers_allow_is_a_400(gateway, http, token_for,
+                                                                   db):
+    """The check for repeated fields walks the body again, recursively: a body nested a
+    thousand levels deep (which orjson still takes) is the caller's 400, not a 502."""
+    body = b'{"type": ' + b"[" * 1000 + b"]" * 1000 + b"}"
+    status, headers, answer = await call(http, "POST", gateway + "/v1/me/requests",
+                                         token_for("alice"), data=body,
+                                         headers={"Content-Type": "application/json"})
+    assert status == 400 and orjson.loads(answer)["error"]["code"] == "bad_json", answer
+    assert (await audit_row(db, headers["X-Request-Id"]))["reason"] == "bad_json"
+
+
 @pytest.mark.parametrize(("caller", "path"), [
     # an auditor's typo (`user` for `subject_user`) would list every row as if filtered
     ("staff", "/v1/audit?user=u-alice"),
