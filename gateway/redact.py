@@ -136,7 +136,7 @@ def check_shape(document: Any, node: Node | None, params: Mapping[str, str],
                     or isinstance(node.fields[key], Leaf)):
                 continue         # a scalar where a scalar may be: nothing to check (most)
             spec = node.fields.get(key)
-            sub_path = f"{path}.{key}" if path else key
+            sub_path = join_path(path, key)
             if spec is None:
                 _flat(child, sub_path, UNDECLARED_DEPTH)
             elif node.dataset_by is not None:
@@ -145,7 +145,8 @@ def check_shape(document: Any, node: Node | None, params: Mapping[str, str],
                 check_shape(child, spec, params, identifier, sub_path)
 
 
-def _join(path: str, key: str) -> str:
+def join_path(path: str, key: str) -> str:
+    """The path of a field `key` of the value at `path` ("" is the document)."""
     return f"{path}.{key}" if path else key
 
 
@@ -349,7 +350,7 @@ class _Walker:
         if node.dataset_by is not None:
             fld, values = node.dataset_by
             for key, child in value.items():
-                _flat(child, f"{path}.{key}" if path else key)
+                _flat(child, join_path(path, key))
             chosen = value.get(fld)
             ds = values.get(chosen) if isinstance(chosen, str) else None
             if ds is not None and ds in dead:
@@ -376,17 +377,17 @@ class _Walker:
                 ds = spec.data_set
                 if ds is None:
                     if type(child) not in _SCALARS:
-                        _leaf(child, spec, _join(path, key))
+                        _leaf(child, spec, join_path(path, key))
                     result[key] = child
                 elif ds in readable and ds not in dead:
                     if type(child) not in _SCALARS:      # a scalar is always a good leaf
-                        _leaf(child, spec, _join(path, key))
+                        _leaf(child, spec, join_path(path, key))
                     outcome.served.add(ds)
                     result[key] = child
                     has_data = True
                     own_data = True
                 else:
-                    sub_path = _join(path, key)
+                    sub_path = join_path(path, key)
                     if ds in dead:
                         self.past_retention(child, ds, sub_path)
                     else:
@@ -394,7 +395,7 @@ class _Walker:
                         outcome.count(RESTRICTION if ds in self.withheld else SCOPE, ds)
                     removed_any = True
                 continue
-            sub_path = _join(path, key)
+            sub_path = join_path(path, key)
             if spec is None:
                 if is_subject:
                     _flat(child, sub_path, UNDECLARED_DEPTH)

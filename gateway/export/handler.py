@@ -28,7 +28,7 @@ from ..errors import Denied
 from ..pipeline import GATEWAY, Gateway
 from ..principal import Principal
 from ..proxy import CHUNK
-from ..redact import MASKING, RESTRICTION, RETENTION, SCOPE, now_utc
+from ..redact import MASKING, RESTRICTION, RETENTION, SCOPE, join_path, now_utc
 from ..roles import REACH
 from ..subject_requests import request_details
 from .zipstream import ZipStream
@@ -351,7 +351,7 @@ def _strip(value: Any, node: Node, data_sets: frozenset[str], removed: set[str],
             removed.add(path or "body")
             return _GONE
         for key in value.keys() - node.fields.keys():
-            removed.add(f"{path}.{key}" if path else key)
+            removed.add(join_path(path, key))
         return {k: v for k, v in value.items() if k in node.fields}
     result, has_data, removed_any = {}, False, False
     for key, child in value.items():
@@ -359,10 +359,10 @@ def _strip(value: Any, node: Node, data_sets: frozenset[str], removed: set[str],
         if spec is None:
             # undeclared: the redaction let it through to the data subject only; whoever
             # else receives the export (the assisting admin) is not them
-            removed.add(f"{path}.{key}" if path else key)
+            removed.add(join_path(path, key))
             removed_any = True
             continue
-        r = _strip(child, spec, data_sets, removed, f"{path}.{key}" if path else key)
+        r = _strip(child, spec, data_sets, removed, join_path(path, key))
         if r is _GONE:
             removed_any = True
             continue
@@ -422,7 +422,7 @@ def foreign(value: Any, node: Node | None, sub: str, catalog: Catalog, path: str
                 return path or "body"
     for key, spec in node.fields.items():
         if not isinstance(spec, Leaf) and key in value:
-            where = foreign(value[key], spec, sub, catalog, f"{path}.{key}" if path else key)
+            where = foreign(value[key], spec, sub, catalog, join_path(path, key))
             if where is not None:
                 return where
     return None
