@@ -122,7 +122,13 @@ def create_app(settings: Settings, dsn: str, reload_on_sighup: bool = False,
 def _resources(settings: Settings, dsn: str, catalog, policy: Policy, metrics: Metrics,
                migrating: bool):
     async def ctx(app: web.Application):
-        pool = await create_pool(dsn, settings.db_pool_min, settings.db_pool_max)
+        # the audit lanes' connections are a pool of their own, out of GATEWAY_DB_POOL_MAX:
+        # calls holding every other connection cannot keep a row from being written
+        shared = settings.db_pool_max - settings.audit_lanes
+        pool = await create_pool(dsn, min(settings.db_pool_min, shared), shared,
+                                 settings.db_acquire_timeout_s)
+        lanes_pool = await create_pool(dsn, settings.audit_lanes, settings.audit_lanes,
+                                       settings.audit_commit_timeout_s)
         if migrating:
             async with pool.acquire() as conn:
                 await migrate(conn)
@@ -135,7 +141,7 @@ def _resources(settings: Settings, dsn: str, catalog, policy: Policy, metrics: M
         await restrictions.start()
         break_glass = BreakGlassCache(pool, dsn, settings.mirror_staleness_s)
         await break_glass.start()
-        audit = AuditWriter(pool, settings.audit_queue_max, settings.audit_lanes,
+        audit = AuditWriter(lanes_pool, settings.audit_queue_max, settings.audit_lanes,
                             settings.audit_commit_timeout_s)
         audit.start()
         anonymous = AnonymousRefusals(audit)
@@ -192,6 +198,7 @@ def _resources(settings: Settings, dsn: str, catalog, policy: Policy, metrics: M
             await client.close()
             await session.close()
             await pool.close()
+            await lanes_pool.close()
     return ctx
 
 

@@ -231,11 +231,29 @@ def _import_pgserver():
     return pgserver
 
 
-async def create_pool(dsn: str, min_size: int, max_size: int) -> asyncpg.Pool:
+class Pool(asyncpg.Pool):
+    """asyncpg's pool, with a bound on the wait for a free connection: asyncpg waits for
+    ever by default (`pool.fetch` and `pool.acquire()` alike), so a pool held by slow
+    queries would keep every later caller waiting with it. Past `acquire_timeout_s` the
+    wait raises TimeoutError, which the gateway's endpoints answer with 503
+    database_unavailable."""
+
+    __slots__ = ("_acquire_timeout_s",)
+
+    def acquire(self, *, timeout: float | None = None):
+        return super().acquire(timeout=self._acquire_timeout_s if timeout is None else timeout)
+
+
+async def create_pool(dsn: str, min_size: int, max_size: int,
+                      acquire_timeout_s: float = 5.0) -> Pool:
     """The process's one pool. Small on purpose: the audit writer batches, and requests
     touch the database only for contracts changes and admin calls."""
-    return await asyncpg.create_pool(dsn, min_size=min_size, max_size=max_size,
-                                     command_timeout=10)
+    pool = Pool(dsn, min_size=min_size, max_size=max_size, max_queries=50_000,
+                max_inactive_connection_lifetime=300.0, loop=None,
+                connection_class=asyncpg.Connection, record_class=asyncpg.Record,
+                command_timeout=10)
+    pool._acquire_timeout_s = acquire_timeout_s
+    return await pool
 
 
 def migrations(sql_dir: Path = SQL_DIR) -> list[tuple[int, str, str]]:

@@ -66,6 +66,7 @@ class Settings:
     db_pool_min: int = 5
     db_pool_max: int = 12     # the audit lanes hold one each, the rest serve queries
     db_connect_timeout_s: float = 30.0   # how long start-up waits for the database to answer
+    db_acquire_timeout_s: float = 5.0    # a call waits this long for a pooled connection, then 503
     audit_queue_max: int = 50_000
     audit_retention_days: int = 400
     audit_lanes: int = 1
@@ -127,6 +128,8 @@ class Settings:
             db_pool_max=_int(env, "GATEWAY_DB_POOL_MAX", cls.db_pool_max),
             db_connect_timeout_s=_float(env, "GATEWAY_DB_CONNECT_TIMEOUT_S",
                                         cls.db_connect_timeout_s),
+            db_acquire_timeout_s=_positive(env, "GATEWAY_DB_ACQUIRE_TIMEOUT_S",
+                                           cls.db_acquire_timeout_s),
             audit_retention_days=_int(env, "GATEWAY_AUDIT_RETENTION_DAYS", cls.audit_retention_days),
             audit_lanes=_int(env, "GATEWAY_AUDIT_LANES", cls.audit_lanes),
             audit_commit_timeout_s=_positive(env, "GATEWAY_AUDIT_COMMIT_TIMEOUT_S",

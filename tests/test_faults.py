@@ -398,3 +398,38 @@ async def test_retention_counted_from_a_contract_end_fails_closed_on_a_stale_mir
     finally:
         if frozen:
             signal_all(frozen, signal.SIGCONT)
+
+
+async def test_a_call_waits_for_a_pooled_connection_no_longer_than_its_bound(backends, private_db,
+                                                                            http, token_for):
+    """With every pooled connection held by calls stuck on a lock, one more call gets 503
+    database_unavailable within GATEWAY_DB_ACQUIRE_TIMEOUT_S, audited, instead of
+    waiting with them; once the lock goes, the stuck calls are answered."""
+    settings = gateway_settings(backends["urls"], db_pool_min=2, db_pool_max=4,
+                                db_acquire_timeout_s=0.5, audit_commit_timeout_s=5.0)
+    staff = token_for("staff")
+    async with running_gateway(settings, private_db[1]) as gw, \
+            connected(private_db[1]) as locker:
+        lock = locker.transaction()
+        await lock.start()
+        try:
+            await locker.execute("lock table contracts in access exclusive mode")
+            calls = [asyncio.create_task(call(http, "GET", gw + "/v1/admin/euos", staff))
+                     for _ in range(5)]
+            done, _ = await asyncio.wait(calls, timeout=3, return_when=asyncio.FIRST_COMPLETED)
+            assert done, "every call still waiting after 3 s"
+            refused = [t.result() for t in done]
+            assert all(r[0] == 503 for r in refused)
+            assert {orjson.loads(r[2])["error"]["code"] for r in refused} == {
+                "database_unavailable"}
+        finally:
+            await lock.rollback()
+        answered = await asyncio.gather(*calls)
+    statuses = sorted(r[0] for r in answered)
+    assert statuses[0] == 200 and statuses[-1] == 503      # some waited the lock out, some not
+    async with connected(private_db[1]) as conn:
+        for status, headers, _ in answered:
+            row = await conn.fetchrow("select decision, status, reason from audit_log"
+                                      " where request_id = $1", headers["X-Request-Id"])
+            assert tuple(row) == (("allow", 200, None) if status == 200
+                                  else ("error", 503, "database_unavailable"))
