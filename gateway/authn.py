@@ -37,6 +37,17 @@ _REASONS = [  # most specific first: several are subclasses of others
 ]
 
 
+def _bearer(authorization: str | None) -> str:
+    """The token of an Authorization header's value, or Denied(401)."""
+    if not authorization:
+        raise _unauthorized("missing_token", "send Authorization: Bearer <token>")
+    scheme, _, token = authorization.partition(" ")
+    token = token.strip()
+    if scheme.lower() != "bearer" or not token:
+        raise _unauthorized("malformed_authorization", "expected Authorization: Bearer <token>")
+    return token
+
+
 def _unauthorized(code: str, message: str) -> Denied:
     return Denied(401, code, message)
 
@@ -68,27 +79,38 @@ class Authenticator:
         self._cache = {}
 
     async def authenticate_request(self, headers) -> Principal:
-        """The caller of a request: its one Authorization header (two are refused, as a
-        proxy in front may add its own after the client's: which is meant is unknowable)."""
+        """The caller of a request (see `token_of`)."""
+        token = self.token_of(headers)
+        return self.known(token) or await self.verified(token)
+
+    async def authenticate(self, authorization: str | None) -> Principal:
+        """The caller's principal; raise Denied(401) when the token is absent or bad."""
+        token = _bearer(authorization)
+        return self.known(token) or await self.verified(token)
+
+    @staticmethod
+    def token_of(headers) -> str:
+        """The bearer token of a request's one Authorization header, or Denied(401) (two
+        are refused, as a proxy in front may add its own after the client's: which is
+        meant is unknowable)."""
         given = headers.getall("Authorization", ())
         if len(given) > 1:
             raise _unauthorized("malformed_authorization",
                                 "send one Authorization header, not several")
-        return await self.authenticate(given[0] if given else None)
+        return _bearer(given[0] if given else None)
 
-    async def authenticate(self, authorization: str | None) -> Principal:
-        """The caller's principal; raise Denied(401) when the token is absent or bad."""
-        if not authorization:
-            raise _unauthorized("missing_token", "send Authorization: Bearer <token>")
-        scheme, _, token = authorization.partition(" ")
-        token = token.strip()
-        if scheme.lower() != "bearer" or not token:
-            raise _unauthorized("malformed_authorization", "expected Authorization: Bearer <token>")
+    def known(self, token: str) -> Principal | None:
+        """The principal of a token verified before and not expired since, without a
+        coroutine (the proxy's path calls it directly); None: `verified` must decide."""
         cached = self._cache.get(token)
         if cached is not None:
             if cached.exp > time.time() - LEEWAY_S:
                 return cached
             del self._cache[token]
+        return None
+
+    async def verified(self, token: str) -> Principal:
+        """The principal of a token `known` does not hold: verified, then remembered."""
         principal = await self._verify(token)
         if len(self._cache) >= CACHE_MAX:
             self._cache.clear()

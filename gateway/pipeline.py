@@ -160,9 +160,11 @@ def direct(app: web.Application, app_handler: Callable) -> Callable:
     return dispatch
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class Target:
-    """A backend call the caller may make: the route, and who they are to its resource."""
+    """A backend call the caller may make: the route, and who they are to its resource.
+    Built once per request and never changed (not frozen only because a frozen
+    dataclass's __init__ pays an object.__setattr__ call per field)."""
     route: Route
     upstream: str                           # path and query, rebuilt from the route
     params: Mapping[str, str]               # what the answer is bound to
@@ -233,11 +235,13 @@ def _all_restricted(gw: Gateway, route: Route, principal: Principal, relations: 
 
 
 async def _serve(request: web.Request, gw: Gateway, call: Call) -> web.StreamResponse:
-    principal = await gw.authn.authenticate_request(request.headers)
+    authn = gw.authn
+    token = authn.token_of(request.headers)
+    principal = authn.known(token) or await authn.verified(token)
     call.identify(principal)
     matched = match_route(gw, request.method, request.raw_path, call)
     target = authorize(gw, principal, request.method, matched, call)
-    body = await _request_body(request, gw, target)
+    body = await _request_body(request, gw, target) if target.action == "write" else None
     deadline = gw.backends.deadline()
     if target.route.binary:
         return await _stream(request, gw, target, call, deadline)
@@ -331,11 +335,9 @@ async def read_json(gw: Gateway, target: Target, upstream, call: Call,
     return JsonAnswer(status, headers, redacted, sorted(outcome.served), sorted(outcome.removed))
 
 
-async def _request_body(request: web.Request, gw: Gateway, target: Target) -> bytes | None:
+async def _request_body(request: web.Request, gw: Gateway, target: Target) -> bytes:
     """A write's JSON body (bounded), each field it sets checked as writable, re-encoded:
     the backend receives what was checked, not the client's bytes."""
-    if target.action != "write":
-        return None
     route, principal, relations = target.route, target.principal, target.relations
     limit = gw.max_body_bytes
     if request.content_length and request.content_length > limit:
