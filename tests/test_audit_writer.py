@@ -8,8 +8,12 @@ import asyncio
 import uuid
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from gateway.audit import AuditRow, AuditWriter
+from gateway.audit.chain import verify
+from gateway.audit.writer import array_literal
 from gateway.db import create_pool
 from gateway.errors import Denied
 from gateway.redact import now_utc
@@ -71,3 +75,49 @@ async def test_every_waited_row_is_refused_at_its_own_deadline_whatever_the_lane
         assert loop.time() - started < 0.1
     finally:
         await pool.close()
+
+
+# what a text[] element can hold: anything PostgreSQL's text can (no NUL) and orjson
+# parses (no lone surrogates): a field name from a hostile backend's answer, say
+ELEMENT = st.text(st.characters(blacklist_categories=("Cs",), blacklist_characters="\x00"))
+AWKWARD = [[], [""], ["a,b", 'q"x', "b\\s", "{}", "{", "NULL", "null", " sp ", "\\", '"'],
+           [None], ["x", None, "NULL"], ["é", "😀", "\t\n"]]
+
+
+async def test_array_literals_read_back_as_the_arrays_they_were_built_from(db):
+    """The writer sends text[] columns as literals (sql/026): whatever the elements hold,
+    PostgreSQL reads each literal back as the very array it was built from."""
+    cases = list(AWKWARD)
+
+    @settings(max_examples=600, database=None, deadline=None)
+    @given(st.lists(st.one_of(st.none(), ELEMENT), max_size=8))
+    def collect(items):
+        cases.append(items)
+    collect()
+    got = await db.fetch("select x::text[] as a from unnest($1::text[]) with ordinality"
+                         " as t(x, n) order by n", [array_literal(c) for c in cases])
+    assert [r["a"] for r in got] == cases
+    assert array_literal(None) is None
+
+
+async def test_rows_with_awkward_arrays_are_written_as_they_were_hashed(database_url, db):
+    """Rows whose data sets, removed fields and subjects hold quotes, backslashes, commas,
+    braces and the word NULL are stored as given and their chain verifies."""
+    pool = await create_pool(database_url, 1, 2)
+    writer = AuditWriter(pool, queue_max=100, lanes=1, commit_timeout_s=15)
+    writer.start()
+    ids = [f"awkward-{uuid.uuid4().hex}" for _ in AWKWARD]
+    try:
+        await asyncio.gather(*(writer.commit(AuditRow(
+            at=now_utc(), request_id=rid, decision="allow", status=200, data_sets=items,
+            fields_removed=list(reversed(items)), subject_users=items))
+            for rid, items in zip(ids, AWKWARD, strict=True)))
+    finally:
+        await writer.close()
+        await pool.close()
+    for rid, items in zip(ids, AWKWARD, strict=True):
+        row = await db.fetchrow("select data_sets, fields_removed, subject_users from audit_log"
+                                " where request_id = $1", rid)
+        assert tuple(row) == (items, list(reversed(items)), items)
+    async with db.acquire() as conn:
+        assert (await verify(conn)).ok

@@ -26,7 +26,7 @@ import logging
 import operator
 import uuid
 from collections import deque
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
@@ -292,7 +292,6 @@ class _Lane:
         self.conn: asyncpg.pool.PoolConnectionProxy | None = None
         self.writing_since: float | None = None     # queue time of the oldest row in flight
         self.batch: list[_Pending] = []             # the rows in flight
-        self._order: Callable[[tuple], tuple] = tuple   # COLUMNS order -> audit_log's
         self._new_chain()
 
     def _new_chain(self) -> None:
@@ -336,9 +335,10 @@ class _Lane:
             self.conn = conn
             await conn.execute(query("audit_lane_session"),
                                f"{int(self.writer.commit_timeout_s * 1000)}ms")
-            # audit_log's row type is in the table's column order, which is the order
-            # the migrations added them in: read once per connection
-            self._order = _reorder([r[0] for r in await conn.fetch(query("audit_log_columns"))])
+            fields = [r[0] for r in await conn.fetch(query("audit_row_in_fields"))]
+            if fields != list(COLUMNS):
+                raise RuntimeError("the database's audit_row_in does not have the writer's "
+                                   "columns (migrations not applied?)")
 
     async def _probe(self) -> None:
         """Whether a COPY into audit_log could start now; clears the failing state if so."""
@@ -382,12 +382,12 @@ class _Lane:
         """The batch's rows as audit_log's row type, chained; the last row's hash; and the
         rows' Merkle leaves."""
         records, leaves, prev, seq = [], [], self.prev_hash, self.seq
-        chain_id, order = self._chain_text, self._order
+        chain_id = self._chain_text
         for item in batch:
             seq += 1
             values = (item.row.at, chain_id, seq, *_REST_OF_ROW(item.row))
             row_hash, one = hash_and_leaf(values, prev)
-            records.append(order((*values, prev, row_hash)))
+            records.append(_as_input(values, prev, row_hash))
             leaves.append(one)
             prev = row_hash
         return records, prev, leaves
@@ -475,18 +475,35 @@ class _Lane:
         await savepoint.commit()
 
 
-def _reorder(names: list[str]) -> Callable[[tuple], tuple]:
-    """A function from a COLUMNS-ordered record to audit_log's row type (columns in the
-    table's order; ones this code does not write are null)."""
-    unknown = len(COLUMNS)
-    positions = [COLUMNS.index(n) if n in COLUMNS else unknown for n in names]
-    if sorted(positions) != list(range(len(COLUMNS))):
-        if not set(range(len(COLUMNS))) <= set(positions):
-            missing = [c for c in COLUMNS if c not in names]
-            raise RuntimeError(f"audit_log lacks columns {missing} (migrations not applied?)")
-        pick = operator.itemgetter(*positions)
-        return lambda record: pick((*record, None))
-    return operator.itemgetter(*positions)
+_ARRAYS = tuple(COLUMNS.index(name) for name in ("data_sets", "fields_removed", "subject_users"))
+
+
+def _as_input(values: tuple, prev: bytes, row_hash: bytes) -> tuple:
+    """A chained row as audit_row_in (sql/026): COLUMNS' order, text[] as literals."""
+    record = [*values, prev, row_hash]
+    for i in _ARRAYS:
+        record[i] = array_literal(record[i])
+    return tuple(record)
+
+
+def array_literal(items: Sequence[str | None] | None) -> str | None:
+    """PostgreSQL's text form of a one-dimensional text[] ('{"a","b"}'; null: None).
+    Every element is quoted, so commas, braces, spaces and the word NULL are plain text;
+    a double quote or backslash in one is escaped."""
+    if items is None:
+        return None
+    if not items:
+        return "{}"
+    if None in items:
+        return "{" + ",".join("NULL" if e is None else _quoted(e) for e in items) + "}"
+    body = '","'.join(items)
+    if '"' in body or "\\" in body:
+        return "{" + ",".join(map(_quoted, items)) + "}"
+    return '{"' + body + '"}'
+
+
+def _quoted(element: str) -> str:
+    return '"' + element.replace("\\", "\\\\").replace('"', '\\"') + '"'
 
 
 def _retrieve(fut: asyncio.Future) -> None:
