@@ -177,6 +177,7 @@ def _resources(settings: Settings, dsn: str, catalog, policy: Policy, metrics: M
             erasure_deadline_s=settings.erasure_deadline_s,
             export_slots=asyncio.Semaphore(export_db_slots(settings)),
             export_write_timeout_s=settings.export_write_timeout_s,
+            stream_write_timeout_s=settings.stream_write_timeout_s,
             export_log_deadline_s=settings.export_log_deadline_s,
             new_request_id=app[NEW_REQUEST_ID])
         # an erasure still `accepted` well past its deadline ran in a gateway that stopped

@@ -81,6 +81,7 @@ class Gateway:
     export_slots: asyncio.Semaphore = field(kw_only=True)
     export_write_timeout_s: float = 30.0
     export_log_deadline_s: float = 300.0
+    stream_write_timeout_s: float = 30.0   # a file download's client takes each chunk by then
 
     new_request_id: Callable[[], str] = field(kw_only=True)   # the app's (app.request_ids)
 
@@ -434,7 +435,8 @@ async def _stream(request: web.Request, gw: Gateway, target: Target, call: Call,
             served = await _file_data_sets(gw, target, request, call, deadline)
         upstream = await send(gw, target, request.method, request.headers, call, request.remote,
                               deadline)
-        return await _copy(request, target.route, upstream, call, served)
+        return await _copy(request, target.route, upstream, call, served,
+                           gw.stream_write_timeout_s)
     finally:
         gw.streams -= 1
 
@@ -511,8 +513,10 @@ def _not_encoded(upstream) -> None:
 
 
 async def _copy(request: web.Request, route: Route, upstream, call: Call,
-                served: list[str] | None = None) -> web.StreamResponse:
-    """Commit the audit row, then copy the binary body through in chunks."""
+                served: list[str] | None, write_timeout_s: float) -> web.StreamResponse:
+    """Commit the audit row, then copy the binary body through in chunks. A client that
+    takes no chunk within `write_timeout_s` is cut off: it would hold a stream slot (and
+    a backend connection) for as long as it kept its socket open."""
     try:
         check_file(route, upstream)
         await call.allow(upstream.status, upstream.content_length or 0,
@@ -525,19 +529,27 @@ async def _copy(request: web.Request, route: Route, upstream, call: Call,
     if upstream.content_length is not None:
         response.content_length = upstream.content_length
     await response.prepare(request)
+    writing: asyncio.Timeout | None = None
     try:
         async for chunk in upstream.content.iter_chunked(CHUNK):
-            await response.write(chunk)
+            async with asyncio.timeout(write_timeout_s) as writing:
+                await response.write(chunk)
+        async with asyncio.timeout(write_timeout_s) as writing:
+            await response.write_eof()
     except (TimeoutError, aiohttp.ClientError) as e:
         # too late for an error body: cut the connection so the client sees a short read
-        log.warning("request %s: backend broke off a binary answer: %s", call.row.request_id, e)
+        # (aborted, not closed: a close would wait for a client that reads nothing)
+        if writing is not None and writing.expired():
+            log.warning("request %s: the client took no part of a file within %g s: cut off",
+                        call.row.request_id, write_timeout_s)
+        else:
+            log.warning("request %s: backend broke off a binary answer: %s",
+                        call.row.request_id, e)
         response.force_close()
         if request.transport is not None:
             request.transport.abort()
-        return response
     finally:
         upstream.release()
-    await response.write_eof()
     return response
 
 

@@ -93,6 +93,7 @@ class Settings:
     # one write may wait for a client that reads nothing, and the whole log's deadline
     export_db_slots: int | None = None
     export_write_timeout_s: float = 30.0
+    stream_write_timeout_s: float = 30.0    # a file download is cut if no chunk is taken by then
     export_log_deadline_s: float = 300.0
 
     @classmethod
@@ -154,6 +155,8 @@ class Settings:
             export_db_slots=_int(env, "GATEWAY_EXPORT_DB_SLOTS", None),
             export_write_timeout_s=_positive(env, "GATEWAY_EXPORT_WRITE_TIMEOUT_S",
                                              cls.export_write_timeout_s),
+            stream_write_timeout_s=_positive(env, "GATEWAY_STREAM_WRITE_TIMEOUT_S",
+                                             cls.stream_write_timeout_s),
             export_log_deadline_s=_positive(env, "GATEWAY_EXPORT_LOG_DEADLINE_S",
                                             cls.export_log_deadline_s),
         )

@@ -4,6 +4,8 @@ whose backend breaks off reaches the client as broken, never as complete."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import socket
 
 import aiohttp
 import orjson
@@ -127,3 +129,51 @@ async def test_a_backends_headers_are_capped(hostile_gateway, http, token_for, d
         headers={f"X-Pad-{i}": "a" * 1000 for i in range(40)}))
     status, _, body = await call(http, "GET", gw + PATH, token_for("staff"))
     assert status == 200 and orjson.loads(body)["name"] == "Acme", body
+
+
+async def test_a_download_its_client_stops_reading_is_cut_and_its_slot_freed(database_url, http,
+                                                                             token_for, backends):
+    """A client that asks for a large file and then reads nothing would hold its stream
+    slot for as long as its socket stays open: with GATEWAY_MAX_STREAMS=1 that is every
+    download. Past GATEWAY_STREAM_WRITE_TIMEOUT_S with no chunk taken it is cut off, and
+    the next download is served."""
+    wav = b"RIFF" + b"\0" * (32 << 20)          # more than any socket buffers hold
+
+    async def big(request):
+        return web.Response(body=wav, content_type="audio/wav")
+    app = web.Application()
+    app.router.add_get("/{tail:.*}", big)
+    runner, port = await start_site(app, "127.0.0.1", 0)
+    settings = gateway_settings(dict(backends["urls"], telephony=f"http://127.0.0.1:{port}"),
+                                max_streams=1, stream_write_timeout_s=0.5)
+    path = "/telephony/euos/euo-acme/users/u-alice/voicemails/vm-1"
+    alice = token_for("alice")
+    loop = asyncio.get_running_loop()
+    try:
+        async with running_gateway(settings, database_url) as gw:
+            host, gw_port = gw.removeprefix("http://").split(":")
+            sock = socket.socket()
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+            sock.setblocking(False)
+            try:
+                await loop.sock_connect(sock, (host, int(gw_port)))
+                await loop.sock_sendall(sock, f"GET {path} HTTP/1.1\r\nHost: {host}\r\n"
+                                              f"Authorization: Bearer {alice}\r\n\r\n".encode())
+                head = b""
+                while b"\r\n\r\n" not in head:
+                    head += await loop.sock_recv(sock, 1024)
+                assert head.startswith(b"HTTP/1.1 200 ")     # and then nothing is read
+
+                async def served():
+                    status, _, body = await call(http, "GET", gw + path, alice)
+                    return status == 200 and body == wav
+                assert await wait_for(served, timeout=10)
+                got = len(head)
+                with contextlib.suppress(ConnectionResetError):
+                    while chunk := await loop.sock_recv(sock, 1 << 16):
+                        got += len(chunk)
+                assert got < len(wav)                        # cut, not finished
+            finally:
+                sock.close()
+    finally:
+        await runner.cleanup()
