@@ -68,6 +68,7 @@ REASONS: dict[str, tuple[int, str]] = {
     "no_such_checkpoint": (404, "no audit checkpoint has that id"),
     "invalid_transition": (409, "the request cannot make that move (its state, your role) or has moved"),
     "retention_expired": (410, "the data is past its data set's retention period"),
+    "export_under_way": (429, "a ZIP export of this user's data is under way already"),
     # failures: the backend, the database, the gateway
     "backend_unreachable": (502, "the backend cannot be reached or broke off"),
     "backend_error": (502, "the backend answered with an error status"),

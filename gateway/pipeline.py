@@ -82,6 +82,7 @@ class Gateway:
     export_write_timeout_s: float = 30.0
     export_log_deadline_s: float = 300.0
     stream_write_timeout_s: float = 30.0   # a file download's client takes each chunk by then
+    exporting: set[tuple[str | None, str]] = field(default_factory=set)  # (euo, sub) of ZIPs under way
 
     new_request_id: Callable[[], str] = field(kw_only=True)   # the app's (app.request_ids)
 

@@ -35,7 +35,8 @@ SMALL_POOL = dict(db_pool_min=1, db_pool_max=4)     # one export slot (a quarter
 
 
 def _accesses(n: int) -> list[tuple]:
-    """n accesses by provider staff to u-alice's data, one chain linked as the writer links."""
+    """n accesses by provider staff to u-alice's data (each also naming u-bob, so that two
+    users have a log this long), one chain linked as the writer links."""
     chain, prev, records = uuid.uuid4(), GENESIS, []
     start = datetime(2026, 11, 1, tzinfo=UTC)
     rng = random.Random(7)
@@ -46,7 +47,7 @@ def _accesses(n: int) -> list[tuple]:
                  method="GET", path="/telephony/euos/euo-acme/users/u-alice",
                  service="telephony", route="telephony:/euos/{euo}/users/{user}",
                  data_sets=["user_name"], fields_removed=[], subject_euo="euo-acme",
-                 subject_users=["u-alice"], decision="allow",
+                 subject_users=["u-alice", "u-bob"], decision="allow",
                  reason=base64.b64encode(rng.randbytes(150)).decode(), status=200, bytes=10,
                  duration_ms=1.0)
         values = [v[f] for f in HASHED]
@@ -58,7 +59,8 @@ def _accesses(n: int) -> list[tuple]:
 
 @pytest_asyncio.fixture(scope="module")
 async def big_log(tmp_path_factory, demo):
-    """A private database in which u-alice's access log holds ROWS accesses; its pool."""
+    """A private database in which u-alice's and u-bob's access logs hold ROWS accesses;
+    its pool."""
     async with private_database(tmp_path_factory.mktemp("bounds") / "db", demo) as server:
         pool = await asyncpg.create_pool(server.dsn, min_size=1, max_size=2)
         try:
@@ -144,14 +146,15 @@ async def test_stalled_readers_are_cut_and_their_connections_come_back(
     without finishing its response, and gives its connection back (had the first pair kept
     theirs, the second would find one for two): the pool is as free as before."""
     dsn, _ = big_log
-    alice = token_for("alice")
+    alice, bob = token_for("alice"), token_for("bob")
     settings = gateway_settings(backends["urls"], **SMALL_POOL, export_db_slots=2,
                                 export_write_timeout_s=0.5, export_log_deadline_s=60)
     async with running_gateway(settings, dsn) as gw:
         assert (await call(http, "GET", gw + "/v1/me/access-log?limit=1", alice))[0] == 200
         before = await _in_use(http, gw)
         for n in (2, 4):
-            stalled = await asyncio.gather(_stalled(gw, alice), _stalled(gw, alice))
+            # two users: one user's second export would be 429 export_under_way
+            stalled = await asyncio.gather(_stalled(gw, alice), _stalled(gw, bob))
             assert await wait_for(_cut(caplog, n), timeout=10)
             for cut in _cuts(caplog)[-2:]:
                 assert "the client took no page of it within 0.5 s" in cut.getMessage()
@@ -192,10 +195,11 @@ async def test_a_trickling_reader_is_cut_at_the_logs_deadline(big_log, backends,
 
 async def test_exports_beyond_the_slots_are_refused_and_the_gateway_keeps_serving(
         big_log, backends, http, token_for, caplog, monkeypatch):
-    """While a stalled export holds the one slot, as many more exports as the pool has
-    connections are each refused at once with 503 exports_busy, before a backend is
-    called or a byte sent, audited; every other request is served meanwhile, and once the
-    slot is given back an export gets it."""
+    """While a stalled export holds the one slot, as many more exports (of other users)
+    as the pool has connections are each refused at once with 503 exports_busy, and the
+    stalled user's own next one with 429 export_under_way, before a backend is called or
+    a byte sent, audited; every other request is served meanwhile, and once the slot is
+    given back an export gets it."""
     dsn, db = big_log
     monkeypatch.setattr(export_handler, "EXPORT_SLOT_WAIT_S", 0.2)
     alice = token_for("alice")
@@ -206,12 +210,18 @@ async def test_exports_beyond_the_slots_are_refused_and_the_gateway_keeps_servin
         sock, _ = await _stalled(gw, alice)
         try:
             seen = len(backends["seen"].requests)
-            refused = await asyncio.gather(*[call(http, "GET", gw + "/v1/me/export", alice)
-                                             for _ in range(settings.db_pool_max)])
+            others = [token_for(role="user", sub=f"u-other-{i}", euo="euo-acme")
+                      for i in range(settings.db_pool_max)]
+            refused = await asyncio.gather(*[call(http, "GET", gw + "/v1/me/export", token)
+                                             for token in others])
             for status, headers, body in refused:
                 assert (status, orjson.loads(body)["error"]["code"]) == (503, "exports_busy")
                 row = await audit_row(db, headers["X-Request-Id"])
                 assert (row["decision"], row["reason"]) == ("error", "exports_busy")
+            status, headers, body = await call(http, "GET", gw + "/v1/me/export", alice)
+            assert (status, orjson.loads(body)["error"]["code"]) == (429, "export_under_way")
+            row = await audit_row(db, headers["X-Request-Id"])
+            assert (row["decision"], row["reason"]) == ("deny", "export_under_way")
             assert len(backends["seen"].requests) == seen
             assert (await call(http, "GET", gw + "/v1/me/access-log?limit=5", alice))[0] == 200
             assert (await call(http, "GET", gw + "/v1/me/export?format=json", alice))[0] == 200

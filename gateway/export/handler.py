@@ -635,6 +635,22 @@ MIDWAY = (Denied, aiohttp.ClientError, TimeoutError, OSError, asyncpg.PostgresEr
 
 async def _zip(request: web.Request, exporter: Exporter, subject: Principal, row: AuditRow,
                assisted: dict | None) -> web.StreamResponse:
+    """One ZIP export of a data subject's at a time (429 export_under_way for another
+    while it runs, whoever asks): else one user asking again and again, or stalling each
+    download, could hold every export slot and stream."""
+    under_way, key = exporter.gw.exporting, (subject.euo, subject.sub)
+    if key in under_way:
+        raise Denied(429, "export_under_way",
+                     "an export of this user's data is under way; ask again once it is done")
+    under_way.add(key)
+    try:
+        return await _zip_once(request, exporter, subject, row, assisted)
+    finally:
+        under_way.discard(key)
+
+
+async def _zip_once(request: web.Request, exporter: Exporter, subject: Principal,
+                    row: AuditRow, assisted: dict | None) -> web.StreamResponse:
     """The access log streams first, on a pooled connection: its export slot is taken
     before any backend is called (none free is still an error status) and given back once
     the log is sent, never held while files stream. Then the attachments, in constant
