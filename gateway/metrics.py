@@ -249,7 +249,8 @@ class Metrics:
             return
         audit, pool, mirrors = self._sources
         self.queue.set(audit.queue_depth())
-        self.pool_in_use.set(pool.get_size() - pool.get_idle_size())
+        pools = (pool,) if audit.pool is pool else (pool, audit.pool)   # the lanes' own
+        self.pool_in_use.set(sum(p.get_size() - p.get_idle_size() for p in pools))
         for name, mirror in mirrors.items():
             self.staleness.labels(name).set(mirror.staleness())   # +Inf while lost
 
