@@ -263,7 +263,7 @@ def _observability(settings: Settings, metrics: Metrics):
                                                                        access_log.write)
         gw.backends.observe = metrics.observe_backend
         gw.audit.on_batch = metrics.observe_batch
-        metrics.watch(gw.audit, app[POOL],
+        metrics.watch(gw.audit, (app[POOL], gw.audit.pool),
                       {"contracts": gw.contracts, "restrictions": gw.restrictions,
                        "break_glass": gw.break_glass})
         # under --workers a scrape reads every worker's gauges from their files: keep ours fresh

@@ -240,20 +240,24 @@ class Pool(asyncpg.Pool):
 
     __slots__ = ("_acquire_timeout_s",)
 
+    def __init__(self, *args, acquire_timeout_s: float, **kwargs):
+        super().__init__(*args, **kwargs)
+        self._acquire_timeout_s = acquire_timeout_s
+
     def acquire(self, *, timeout: float | None = None):
         return super().acquire(timeout=self._acquire_timeout_s if timeout is None else timeout)
 
 
 async def create_pool(dsn: str, min_size: int, max_size: int,
                       acquire_timeout_s: float = 5.0) -> Pool:
-    """The process's one pool. Small on purpose: the audit writer batches, and requests
-    touch the database only for contracts changes and admin calls."""
-    pool = Pool(dsn, min_size=min_size, max_size=max_size, max_queries=50_000,
-                max_inactive_connection_lifetime=300.0, loop=None,
-                connection_class=asyncpg.Connection, record_class=asyncpg.Record,
-                command_timeout=10)
-    pool._acquire_timeout_s = acquire_timeout_s
-    return await pool
+    """A pool of the process's (app.py makes two: the audit lanes' connections, set apart,
+    and one for everything else). Small on purpose: the audit writer batches, and requests
+    touch the database only for contracts changes and admin calls. asyncpg.create_pool
+    takes no pool class, so its defaults are restated here."""
+    return await Pool(dsn, min_size=min_size, max_size=max_size, max_queries=50_000,
+                      max_inactive_connection_lifetime=300.0, loop=None,
+                      connection_class=asyncpg.Connection, record_class=asyncpg.Record,
+                      command_timeout=10, acquire_timeout_s=acquire_timeout_s)
 
 
 def migrations(sql_dir: Path = SQL_DIR) -> list[tuple[int, str, str]]:

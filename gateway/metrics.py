@@ -229,9 +229,10 @@ class Metrics:
         self.batch_rows.observe(rows)
         self.batch_seconds.observe(seconds)
 
-    def watch(self, audit, pool, mirrors: Mapping[str, object]) -> None:
-        """Where the gauges are read: the audit writer, the pool, the mirrors by name."""
-        self._sources = (audit, pool, dict(mirrors))
+    def watch(self, audit, pools: tuple, mirrors: Mapping[str, object]) -> None:
+        """Where the gauges are read: the audit writer, the database pools (the shared one
+        and the audit lanes'), the mirrors by name."""
+        self._sources = (audit, pools, dict(mirrors))
 
     def watch_requests(self, webhooks) -> None:
         """Where the due-soon and overdue counts are read (the reminder scan keeps them)."""
@@ -247,9 +248,8 @@ class Metrics:
             self.overdue.set(self._requests.overdue)
         if self._sources is None:
             return
-        audit, pool, mirrors = self._sources
+        audit, pools, mirrors = self._sources
         self.queue.set(audit.queue_depth())
-        pools = (pool,) if audit.pool is pool else (pool, audit.pool)   # the lanes' own
         self.pool_in_use.set(sum(p.get_size() - p.get_idle_size() for p in pools))
         for name, mirror in mirrors.items():
             self.staleness.labels(name).set(mirror.staleness())   # +Inf while lost

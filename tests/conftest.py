@@ -305,6 +305,25 @@ async def gateway_process(http, backends, database_url: str, tmp_path, *args: st
         proc.wait()
 
 
+async def unread_get(base: str, path: str, token: str, rcvbuf: int = 4096,
+                     close: bool = False) -> tuple[socket.socket, bytes]:
+    """A GET sent on a raw socket with a small receive buffer, whose answer's head is read
+    and nothing more (a client that stops reading); the socket and the head."""
+    loop = asyncio.get_running_loop()
+    host, port = base.removeprefix("http://").split(":")
+    sock = socket.socket()
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, rcvbuf)    # before connect: fixed
+    sock.setblocking(False)
+    await loop.sock_connect(sock, (host, int(port)))
+    request = (f"GET {path} HTTP/1.1\r\nHost: {host}\r\nAuthorization: Bearer {token}\r\n"
+               + ("Connection: close\r\n" if close else "") + "\r\n")
+    await loop.sock_sendall(sock, request.encode())
+    head = b""
+    while b"\r\n\r\n" not in head:
+        head += await loop.sock_recv(sock, 1024)
+    return sock, head
+
+
 class Hostile:
     """A backend that answers whatever the test scripts, and records what it received."""
 

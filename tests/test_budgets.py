@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import socket
 
 import aiohttp
 import orjson
@@ -13,7 +12,7 @@ from aiohttp import web
 
 from gateway.demo.run import start_site
 
-from .conftest import audit_row, call, gateway_settings, running_gateway, wait_for
+from .conftest import audit_row, call, gateway_settings, running_gateway, unread_get, wait_for
 
 PATH = "/telephony/euos/euo-acme"
 
@@ -151,17 +150,8 @@ async def test_a_download_its_client_stops_reading_is_cut_and_its_slot_freed(dat
     loop = asyncio.get_running_loop()
     try:
         async with running_gateway(settings, database_url) as gw:
-            host, gw_port = gw.removeprefix("http://").split(":")
-            sock = socket.socket()
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
-            sock.setblocking(False)
+            sock, head = await unread_get(gw, path, alice)
             try:
-                await loop.sock_connect(sock, (host, int(gw_port)))
-                await loop.sock_sendall(sock, f"GET {path} HTTP/1.1\r\nHost: {host}\r\n"
-                                              f"Authorization: Bearer {alice}\r\n\r\n".encode())
-                head = b""
-                while b"\r\n\r\n" not in head:
-                    head += await loop.sock_recv(sock, 1024)
                 assert head.startswith(b"HTTP/1.1 200 ")     # and then nothing is read
 
                 async def served():

@@ -25,7 +25,15 @@ from gateway.audit.writer import COLUMNS
 from gateway.export import handler as export_handler
 from gateway.settings import ConfigError, Settings, export_db_slots
 
-from .conftest import audit_row, call, gateway_settings, private_database, running_gateway, wait_for
+from .conftest import (
+    audit_row,
+    call,
+    gateway_settings,
+    private_database,
+    running_gateway,
+    unread_get,
+    wait_for,
+)
 
 # ~11 MB zipped (each access has a random reason, which does not compress): far more than
 # the socket buffers between the gateway and a client can hold (Linux lets the gateway's
@@ -76,17 +84,7 @@ async def _stalled(base: str, token: str, rcvbuf: int = 4096) -> tuple[socket.so
     """A ZIP export asked for on a raw socket whose headers are read, then nothing more;
     the socket and when the headers came (time.time(), as a log record's; the access log
     streams from then on)."""
-    loop = asyncio.get_running_loop()
-    host, port = base.removeprefix("http://").split(":")
-    sock = socket.socket()
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, rcvbuf)    # before connect: fixed
-    sock.setblocking(False)
-    await loop.sock_connect(sock, (host, int(port)))
-    await loop.sock_sendall(sock, f"GET /v1/me/export HTTP/1.1\r\nHost: {host}\r\n"
-                                  f"Authorization: Bearer {token}\r\nConnection: close\r\n\r\n".encode())
-    head = b""
-    while b"\r\n\r\n" not in head:
-        head += await loop.sock_recv(sock, 1024)
+    sock, head = await unread_get(base, "/v1/me/export", token, rcvbuf, close=True)
     assert head.startswith(b"HTTP/1.1 200 "), head
     return sock, time.time()
 
