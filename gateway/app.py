@@ -126,9 +126,10 @@ def _resources(settings: Settings, dsn: str, catalog, policy: Policy, metrics: M
         # calls holding every other connection cannot keep a row from being written
         shared = settings.db_pool_max - settings.audit_lanes
         pool = await create_pool(dsn, min(settings.db_pool_min, shared), shared,
-                                 settings.db_acquire_timeout_s)
+                                 settings.db_acquire_timeout_s, settings.db_synchronous_commit)
         lanes_pool = await create_pool(dsn, settings.audit_lanes, settings.audit_lanes,
-                                       settings.audit_commit_timeout_s)
+                                       settings.audit_commit_timeout_s,
+                                       settings.db_synchronous_commit)
         if migrating:
             async with pool.acquire() as conn:
                 await migrate(conn)
@@ -178,6 +179,7 @@ def _resources(settings: Settings, dsn: str, catalog, policy: Policy, metrics: M
             export_slots=asyncio.Semaphore(export_db_slots(settings)),
             export_write_timeout_s=settings.export_write_timeout_s,
             stream_write_timeout_s=settings.stream_write_timeout_s,
+            stream_deadline_s=settings.stream_deadline_s,
             export_log_deadline_s=settings.export_log_deadline_s,
             new_request_id=app[NEW_REQUEST_ID])
         # an erasure still `accepted` well past its deadline ran in a gateway that stopped

@@ -82,6 +82,7 @@ class Gateway:
     export_write_timeout_s: float = 30.0
     export_log_deadline_s: float = 300.0
     stream_write_timeout_s: float = 30.0   # a file download's client takes each chunk by then
+    stream_deadline_s: float = 3600.0      # a whole file download is through by then
     exporting: set[tuple[str | None, str]] = field(default_factory=set)  # (euo, sub) of ZIPs under way
 
     new_request_id: Callable[[], str] = field(kw_only=True)   # the app's (app.request_ids)
@@ -143,6 +144,8 @@ async def serve(gw: Gateway, request: web.BaseRequest, request_id: str) -> web.S
     try:
         return await _serve(request, gw, call)    # its answers carry them from the start
     except Exception as e:
+        if call.committed:         # a file under way ended (and was recorded) already
+            raise
         response = await call.refuse(e if isinstance(e, Denied) else internal(e, request_id))
     stamp(response.headers, request_id)
     return response
@@ -247,12 +250,23 @@ async def _serve(request: web.Request, gw: Gateway, call: Call) -> web.StreamRes
     deadline = gw.backends.deadline()
     if target.route.binary:
         return await _stream(request, gw, target, call, deadline)
+    if target.action != "read":      # written ahead: no intent row, nothing sent
+        await call.intend(_changed(target.route, body))
     upstream = await send(gw, target, request.method, request.headers, call, request.remote,
                           deadline, body)
     answer = await read_json(gw, target, upstream, call, deadline)
     response = web.Response(status=answer.status, body=answer.body, headers=answer.headers)
     await call.allow(answer.status, len(answer.body), answer.served, answer.removed)
     return response
+
+
+def _changed(route: Route, body: bytes | None) -> list[str]:
+    """The data sets a write or delete of a JSON resource acts upon: the fields a write
+    sets (checked by _request_body), or everything a delete removes."""
+    if body is None:
+        return sorted(route.data_sets)
+    fields = route.body.fields
+    return sorted({fields[key].data_set for key in orjson.loads(body)})
 
 
 async def send(gw: Gateway, target: Target, method: str, headers: Mapping[str, str], call: Call,
@@ -434,10 +448,12 @@ async def _stream(request: web.Request, gw: Gateway, target: Target, call: Call,
         served = sorted(target.route.binary)
         if target.action == "read":
             served = await _file_data_sets(gw, target, request, call, deadline)
+        else:                        # a delete: written ahead, like any change
+            await call.intend(served)
         upstream = await send(gw, target, request.method, request.headers, call, request.remote,
                               deadline)
         return await _copy(request, target.route, upstream, call, served,
-                           gw.stream_write_timeout_s)
+                           gw.stream_write_timeout_s, gw.stream_deadline_s)
     finally:
         gw.streams -= 1
 
@@ -514,14 +530,20 @@ def _not_encoded(upstream) -> None:
 
 
 async def _copy(request: web.Request, route: Route, upstream, call: Call,
-                served: list[str] | None, write_timeout_s: float) -> web.StreamResponse:
-    """Commit the audit row, then copy the binary body through in chunks. A client that
-    takes no chunk within `write_timeout_s` is cut off: it would hold a stream slot (and
-    a backend connection) for as long as it kept its socket open."""
+                served: list[str] | None, write_timeout_s: float,
+                deadline_s: float) -> web.StreamResponse:
+    """Commit the intent row (the answer of a delete: its outcome), then copy the binary
+    body through in chunks, then queue the outcome row with the bytes delivered (reason
+    `cut` when cut). A client that takes no chunk within `write_timeout_s` is cut off: it
+    would hold a stream slot (and a backend connection) for as long as it kept its socket
+    open; so is a whole copy (a backend trickling a file) past `deadline_s`."""
+    served = served if served is not None else sorted(route.binary)
     try:
         check_file(route, upstream)
-        await call.allow(upstream.status, upstream.content_length or 0,
-                         served if served is not None else sorted(route.binary))
+        if call.intended:            # a delete's outcome: the caller waits for it
+            await call.allow(upstream.status, upstream.content_length or 0, served)
+        else:
+            await call.intend(served, upstream.status, upstream.content_length or 0)
     except Denied:
         upstream.release()
         raise
@@ -529,28 +551,37 @@ async def _copy(request: web.Request, route: Route, upstream, call: Call,
     stamp(response.headers, call.row.request_id)
     if upstream.content_length is not None:
         response.content_length = upstream.content_length
-    await response.prepare(request)
+    delivered, cut = 0, True
     writing: asyncio.Timeout | None = None
     try:
-        async for chunk in upstream.content.iter_chunked(CHUNK):
+        async with asyncio.timeout(deadline_s) as whole:
+            await response.prepare(request)
+            async for chunk in upstream.content.iter_chunked(CHUNK):
+                async with asyncio.timeout(write_timeout_s) as writing:
+                    await response.write(chunk)
+                delivered += len(chunk)
             async with asyncio.timeout(write_timeout_s) as writing:
-                await response.write(chunk)
-        async with asyncio.timeout(write_timeout_s) as writing:
-            await response.write_eof()
-    except (TimeoutError, aiohttp.ClientError) as e:
+                await response.write_eof()
+        cut = False
+    except (TimeoutError, aiohttp.ClientError, ConnectionError) as e:
         # too late for an error body: cut the connection so the client sees a short read
         # (aborted, not closed: a close would wait for a client that reads nothing)
         if writing is not None and writing.expired():
             log.warning("request %s: the client took no part of a file within %g s: cut off",
                         call.row.request_id, write_timeout_s)
+        elif whole.expired():
+            log.warning("request %s: the file was not through within %g s: cut off",
+                        call.row.request_id, deadline_s)
         else:
-            log.warning("request %s: backend broke off a binary answer: %s",
-                        call.row.request_id, e)
+            log.warning("request %s: a binary answer broke off: %s", call.row.request_id,
+                        str(e) or type(e).__name__)
         response.force_close()
         if request.transport is not None:
             request.transport.abort()
     finally:
         upstream.release()
+        if not call.committed:       # a read's outcome: how much of it left
+            call.ended(upstream.status, delivered, cut)
     return response
 
 

@@ -31,8 +31,8 @@ select * from audit_log where chain_id = $1 order by seq;
 -- $14: for callers other than the Provider's, the roles of their own kind of organisation
 -- (roles.yaml, same tenant claim): the actor filter matches only actors of those roles in
 -- their own organisation (the partner $12 or the EUO $11), so it cannot confirm who else
--- (provider staff above all) acted.
-select * from audit_log a
+-- (provider staff above all) acted. `outcome` (outcome_of, below): of an intent row only.
+select a.*, outcome_of(a) as outcome from audit_log a
  where ($1::text is null or (a.actor_sub = $1 and (
         $14::text[] is null
         or (a.actor_role = any($14::text[])
@@ -60,7 +60,7 @@ select * from audit_log a
 -- (EUO, sub) under a data-subject role $9: someone of another organisation with the same
 -- sub is someone else). Every column of the row: /v1/audit/slice proves these rows, the
 -- access log shows a few (and the break-glass grant's purpose and ticket).
-select a.*, g.purpose, g.ticket
+select a.*, outcome_of(a) as outcome, g.purpose, g.ticket
   from audit_log a
   left join break_glass g on g.id = a.break_glass
  where a.subject_users @> array[$1::text]
@@ -222,13 +222,13 @@ with go as materialized (
                            fields_removed, subject_euo, subject_users, decision, reason,
                            status, bytes, duration_ms, client_addr, client_request_id,
                            requests, trace_id, policy_version, break_glass, withheld,
-                           prev_hash, row_hash)
+                           phase, prev_hash, row_hash)
     select r.at, r.chain_id, r.seq, r.request_id, r.actor_sub, r.actor_role,
            r.actor_partner, r.actor_euo, r.method, r.path, r.service, r.route,
            r.data_sets::text[], r.fields_removed::text[], r.subject_euo,
            r.subject_users::text[], r.decision, r.reason, r.status, r.bytes, r.duration_ms,
            r.client_addr, r.client_request_id, r.requests, r.trace_id, r.policy_version,
-           r.break_glass, r.withheld, r.prev_hash, r.row_hash
+           r.break_glass, r.withheld, r.phase, r.prev_hash, r.row_hash
       from unnest($1::audit_row_in[]) as r, go
 )
 insert into audit_chain_heads (chain_id, last_seq, last_hash) select $2, $3, $4 from go
@@ -245,6 +245,12 @@ select a.attname from pg_type t join pg_attribute a on a.attrelid = t.typrelid
 
 -- name: audit_chain_close
 update audit_chain_heads set closed = true, closed_at = now() where chain_id = $1 and not closed;
+
+-- name: audit_outcome_unknown
+-- Intent rows with no outcome row (027), oldest first, at most $1 (verify lists them).
+select at, chain_id, seq, request_id, method, path from audit_log a
+ where phase = 'intent' and outcome_of(a) = 'unknown'
+ order by at, chain_id, seq limit $1;
 
 -- name: audit_chain_heads
 select chain_id, last_seq, last_hash, updated_at, closed from audit_chain_heads order by chain_id;
@@ -414,3 +420,28 @@ select * from dsr_requests
  where type = 'erasure' and status = 'accepted' and updated_at < now() - make_interval(secs => $1)
  order by updated_at
  limit 100;
+
+-- name: idempotency_key_get
+-- A caller's key as recorded by the change it carried (027); older than a day: forgotten.
+select request_id, fingerprint, status, body from idempotency_keys
+ where actor = $1 and key = $2 and created_at > now() - interval '24 hours';
+
+-- name: idempotency_key_add
+-- In the change's transaction: the key and the status it is answered with. A day-old use
+-- of the key is forgotten and replaced; a live one (another request under way with it,
+-- even in the same batch) leaves this one out: no row returned.
+insert into idempotency_keys (actor, key, fingerprint, request_id, status)
+values ($1, $2, $3, $4, $5)
+on conflict (actor, key) do update
+   set fingerprint = excluded.fingerprint, request_id = excluded.request_id,
+       status = excluded.status, body = null, created_at = now()
+ where idempotency_keys.created_at <= now() - interval '24 hours'
+returning 1;
+
+-- name: idempotency_key_answer
+update idempotency_keys set body = $3 where actor = $1 and key = $2;
+
+-- name: database_durability
+-- What decides whether a commit survives a crash (gateway check, the audit writer).
+select current_setting('fsync') as fsync, current_setting('full_page_writes') as full_page_writes,
+       current_setting('synchronous_commit') as synchronous_commit;

@@ -37,7 +37,7 @@ PUBLIC_FIELDS = ("at", "chain_id", "seq", "request_id", "actor_sub", "actor_role
                  "actor_euo", "method", "path", "service", "route", "data_sets", "fields_removed",
                  "subject_euo", "subject_users", "decision", "reason", "status", "bytes",
                  "duration_ms", "client_addr", "client_request_id", "requests", "trace_id",
-                 "policy_version", "break_glass", "withheld")
+                 "policy_version", "break_glass", "withheld", "phase", "outcome")
 DOWNLOADS = {"text/csv": "csv", "application/x-ndjson": "ndjson"}
 FILTERS = ("actor", "subject_user", "euo", "dataset", "decision", "from", "to")
 PAGING = ("limit", "cursor")
@@ -142,7 +142,7 @@ def decode_cursor(token: str) -> tuple[datetime, uuid.UUID, int]:
 def public(row, principal: Principal | None = None) -> dict[str, Any]:
     """A row as the caller may see it (everything for the operator's CLI): other
     organisations' actors by role and organisation only, never by name or address."""
-    out = {name: row[name] for name in PUBLIC_FIELDS}
+    out = {name: row.get(name) for name in PUBLIC_FIELDS}
     out["at"] = row["at"].isoformat()
     out["chain_id"] = str(row["chain_id"])
     out["break_glass"] = str(row["break_glass"]) if row["break_glass"] else None
@@ -277,6 +277,8 @@ def access_entry(roles, r) -> dict[str, Any]:
         "accessor": {"role": r["actor_role"], "organisation": _organisation(roles, r)},
         "action": r["method"], "route": r["route"], "data_sets": r["data_sets"],
         "decision": r["decision"], "reason": r["reason"],
+        # a change or a file is two rows: its intent, then its outcome (README, Guarantees)
+        "phase": r["phase"], "outcome": r["outcome"],
         "break_glass": {"id": str(r["break_glass"]), "purpose": r["purpose"],
                         "ticket": r["ticket"]} if r["break_glass"] else None,
     }

@@ -33,7 +33,7 @@ from typing import Any
 
 import asyncpg
 
-from ..db import query
+from ..db import durability_problems, query
 from ..errors import Denied
 from .chain import GENESIS, HASHED
 from .leaves import hash_and_leaf
@@ -78,6 +78,9 @@ class AuditRow:
     break_glass: str | None = None          # the break-glass grant it was served under
     # what redaction withheld and why: canonical JSON {reason: {data set: count}}
     withheld: str | None = None
+    # a two-row call's row: 'intent' (committed before the backend call or the first byte)
+    # or 'outcome' (how it ended); None: a call of one row
+    phase: str | None = None
 
 
 _REST_OF_ROW = operator.attrgetter(*HASHED[3:])   # the row's fields after at, chain_id, seq
@@ -104,6 +107,16 @@ def unavailable() -> Denied:
                   "the access log cannot be written right now; no data is served until it can")
 
 
+def outcome_unknown(request_id: str) -> Denied:
+    """The answer to a change that may have been made but whose outcome is not recorded:
+    its COMMIT went unanswered, or (a written-ahead call) its outcome row could not be
+    written after the backend was called."""
+    return Denied(503, "outcome_unknown",
+                  f"the change may or may not have been made (request id {request_id}): send "
+                  f"the same request with the same Idempotency-Key to learn what happened, or "
+                  f"read the resource back before trying again")
+
+
 class AuditWriter:
     """Queues rows and commits them through a few lanes, each a chain of its own."""
 
@@ -121,6 +134,7 @@ class AuditWriter:
         self._drained = asyncio.Event()
         self._drained.set()
         self._failing = False           # the last batch (or probe) failed
+        self.not_durable: list[str] = []    # what makes the server's commits less than durable
         # one timer for every waited row's deadline (not one per row): armed for the
         # nearest, it refuses the rows due and re-arms for the next
         self._watch: asyncio.TimerHandle | None = None
@@ -187,7 +201,10 @@ class AuditWriter:
             return nearest
         if item.deadline <= now:
             self._failing = True
-            item.fut.set_exception(unavailable())
+            committing = item.change is not None and any(
+                lane.committing and item in lane.batch for lane in self.lanes)
+            item.fut.set_exception(outcome_unknown(item.row.request_id) if committing
+                                   else unavailable())
             item.fut.add_done_callback(_retrieve)
             return nearest
         return item.deadline if nearest is None else min(nearest, item.deadline)
@@ -231,6 +248,8 @@ class AuditWriter:
             reasons.append("audit_queue_stalled")
         if self._failing:
             reasons.append("audit_write_failed")
+        if self.not_durable:
+            reasons.append("database_not_durable")
         return reasons
 
     def start(self) -> None:
@@ -292,6 +311,7 @@ class _Lane:
         self.conn: asyncpg.pool.PoolConnectionProxy | None = None
         self.writing_since: float | None = None     # queue time of the oldest row in flight
         self.batch: list[_Pending] = []             # the rows in flight
+        self.committing = False     # its COMMIT is sent: a failure now leaves it in doubt
         self._new_chain()
 
     def _new_chain(self) -> None:
@@ -329,6 +349,10 @@ class _Lane:
                         await writer._arrived.wait()
 
     async def _connect(self) -> None:
+        if self.conn is not None and self.conn.is_closed():
+            # the server closed it (a restart, a crash, a terminated backend): a batch on it
+            # would fail, and its callers get 503, for nothing
+            await self.drop_connection()
         if self.conn is None:
             # the lane keeps its connection: no pool round trip (and reset) per batch
             conn = await self.writer.pool.acquire()
@@ -339,6 +363,12 @@ class _Lane:
             if fields != list(COLUMNS):
                 raise RuntimeError("the database's audit_row_in does not have the writer's "
                                    "columns (migrations not applied?)")
+            not_durable = await durability_problems(conn)
+            if not_durable != self.writer.not_durable:
+                if not_durable:
+                    log.error("the database's commits are not durable (%s): not ready",
+                              ", ".join(not_durable))
+                self.writer.not_durable = not_durable
 
     async def _probe(self) -> None:
         """Whether a COPY into audit_log could start now; clears the failing state if so."""
@@ -426,6 +456,7 @@ class _Lane:
                     if head != last_seq:
                         raise TimeoutError("the batch reached the database past its deadline")
                 if batch_tx is not None:
+                    self.committing = True
                     await batch_tx.commit()
         except Exception as e:  # any failure means the rows are not durable: fail closed
             log.error("audit write of %d rows failed: %s", len(batch), str(e) or type(e).__name__)
@@ -434,8 +465,14 @@ class _Lane:
             self._new_chain()
             for item in batch:
                 if not item.fut.done():
-                    item.fut.set_exception(unavailable())
+                    # a change whose COMMIT went unanswered may have landed: say so, never
+                    # "failed" (the caller can retry with its Idempotency-Key)
+                    item.fut.set_exception(
+                        outcome_unknown(item.row.request_id)
+                        if self.committing and item.change is not None else unavailable())
             return
+        finally:
+            self.committing = False
         writer._failing = False
         self.seq, self.prev_hash = last_seq, last_hash
         if records:
