@@ -36,7 +36,7 @@ from .call import AnonymousRefusals
 from .catalog import PolicyError
 from .check import PartitionWatch
 from .contracts import ContractCache
-from .db import POOL, create_pool, ensure_partitions, migrate, query
+from .db import POOL, create_pool, durability_problems, ensure_partitions, migrate, query
 from .endpoints import CALL, IDENTIFIER, api, identifier, json_object, json_response
 from .errors import Denied, error_response
 from .metrics import METRICS, Metrics, metrics_view
@@ -144,6 +144,8 @@ def _resources(settings: Settings, dsn: str, catalog, policy: Policy, metrics: M
         await break_glass.start()
         audit = AuditWriter(lanes_pool, settings.audit_queue_max, settings.audit_lanes,
                             settings.audit_commit_timeout_s)
+        async with pool.acquire() as conn:     # then at each lane's (re)connection
+            audit.not_durable = await durability_problems(conn)
         audit.start()
         anonymous = AnonymousRefusals(audit)
         anonymous.start()

@@ -191,7 +191,8 @@ class Call:
         try:
             await self.record_refusal(denial)
         except Denied as unavailable:
-            denial = unavailable
+            if denial.code != "outcome_unknown":    # that says more than "not logged"
+                denial = unavailable
         return error_response(denial.status, denial.code, denial.message, self.row.request_id)
 
 

@@ -349,7 +349,7 @@ class _Lane:
                         await writer._arrived.wait()
 
     async def _connect(self) -> None:
-        if self.conn is not None and self.conn.is_closed():
+        if self.conn is not None and _closed(self.conn):
             # the server closed it (a restart, a crash, a terminated backend): a batch on it
             # would fail, and its callers get 503, for nothing
             await self.drop_connection()
@@ -541,6 +541,14 @@ def array_literal(items: Sequence[str | None] | None) -> str | None:
 
 def _quoted(element: str) -> str:
     return '"' + element.replace("\\", "\\\\").replace('"', '\\"') + '"'
+
+
+def _closed(conn: asyncpg.pool.PoolConnectionProxy) -> bool:
+    """Whether the server closed the connection (the pool may have taken it back already)."""
+    try:
+        return conn.is_closed()
+    except asyncpg.InterfaceError:
+        return True
 
 
 def _retrieve(fut: asyncio.Future) -> None:
