@@ -37,6 +37,7 @@ from aiohttp import web
 from .audit import AuditRow, AuditWriter
 from .audit.writer import Change, outcome_unknown
 from .errors import Denied, error_response
+from .grammar import audit_text
 from .idempotency import Idempotent
 from .principal import Principal
 from .proxy import trace_id
@@ -71,7 +72,7 @@ class Call:
         self.intended = False             # its intent row is committed: its row is the outcome
         self.idempotent: Idempotent | None = None   # a gateway API write's Idempotency-Key
         self.row = AuditRow(at=now_utc(), request_id=request_id, method=method,
-                            path=path[:2048], client_addr=client,
+                            path=audit_text(path, 2048), client_addr=client,
                             client_request_id=client_request_id,
                             trace_id=trace_id(traceparent) if traceparent else None)
 
@@ -140,8 +141,8 @@ class Call:
             change = self.idempotent.keyed(change, status)
         if served:
             self.row.data_sets = list(served)
-        if removed:
-            self.row.fields_removed = list(removed)
+        if removed:        # names a backend chose: any text, any length
+            self.row.fields_removed = [audit_text(name) for name in removed]
         if self.siblings:
             siblings = [dataclasses.replace(self.row, subject_euo=euo, subject_users=users)
                         for euo, users in self.siblings]

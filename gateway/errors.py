@@ -81,6 +81,8 @@ REASONS: dict[str, tuple[int, str]] = {
     "backend_subject_mismatch": (502, "the backend answered about another EUO, user or meeting"),
     "backend_answer_too_large": (502, "the backend's JSON is over GATEWAY_MAX_JSON_ANSWER_BYTES"),
     "internal_error": (502, "the gateway failed unexpectedly (logged with a traceback)"),
+    "audit_row_refused": (502, "the database refused this request's audit row (other rows "
+                               "are written): nothing is served"),
     "audit_unavailable": (503, "the audit row cannot be committed: nothing is served"),
     "outcome_unknown": (503, "a change may or may not have been made (its commit or outcome "
                              "went unconfirmed); retry with the same Idempotency-Key"),

@@ -101,6 +101,11 @@ class _Pending:
 Change = Callable[[asyncpg.Connection], Awaitable[Any]]
 
 
+# what the database (or the encoding of a value for it) refuses in one row: not a failure
+# of the log, which other rows' callers should pay for
+POISON = (asyncpg.DataError, UnicodeError)
+
+
 def unavailable() -> Denied:
     """The refusal of a request whose audit row cannot be committed in time."""
     return Denied(503, "audit_unavailable",
@@ -431,6 +436,7 @@ class _Lane:
         refused: dict[int, BaseException] = {}
         last_seq, last_hash = self.seq, self.prev_hash
         started = writer._loop.time()
+        batch_tx = None
         try:
             async with asyncio.timeout_at(deadline):
                 await self._connect()
@@ -438,7 +444,6 @@ class _Lane:
                 # without one (see `gateway audit maintain`) goes to audit_log_default
                 # no `async with`: on failure its ROLLBACK would wait on a stuck backend;
                 # dropping the connection rolls the batch back without waiting
-                batch_tx = None
                 if any(item.change is not None for item in batch):
                     # state changes: a transaction around them and the rows
                     batch_tx = self.conn.transaction()
@@ -458,6 +463,12 @@ class _Lane:
                 if batch_tx is not None:
                     self.committing = True
                     await batch_tx.commit()
+        except POISON as e:
+            # a value the database (or its encoding) refuses: one row's, not the batch's.
+            # Nothing of the batch committed and the connection is sound: write each row
+            # alone, so only the row that holds it fails (its caller gets 502)
+            await self._refused(batch, batch_tx, e)
+            return
         except Exception as e:  # any failure means the rows are not durable: fail closed
             log.error("audit write of %d rows failed: %s", len(batch), str(e) or type(e).__name__)
             writer._failing = True
@@ -497,6 +508,27 @@ class _Lane:
             # so the log holds rows for requests that served nothing (it over-reports)
             log.warning("%d audit rows committed just after their callers were refused", late)
 
+
+    async def _refused(self, batch: list[_Pending], batch_tx, error: BaseException) -> None:
+        """The database refused a value of the batch: write its rows one by one."""
+        try:
+            if batch_tx is not None:
+                await batch_tx.rollback()
+        except Exception:          # the connection is not sound after all: a fresh one
+            await self.drop_connection()
+        if len(batch) > 1:
+            log.warning("the database refused a value in a batch of %d rows (%s): writing "
+                        "them one by one", len(batch), type(error).__name__)
+            for item in batch:
+                if not item.fut.done() or item.fut.cancelled():
+                    await self._write([item])
+            return
+        item = batch[0]
+        log.error("the database refused audit row %s: %s", item.row.request_id,
+                  str(error) or type(error).__name__)
+        if not item.fut.done():
+            item.fut.set_exception(Denied(502, "audit_row_refused",
+                                          "the database refused this request's audit row"))
 
     async def _change(self, i: int, item: _Pending, changed: dict, refused: dict) -> None:
         """Run one row's state change in a savepoint of the batch: if it raises (a refusal
