@@ -102,11 +102,14 @@ class Call:
         if self.intended:
             row.at = now_utc()             # when it ended (the intent holds the arrival)
 
-    async def intend(self, data_sets: Iterable[str], status: int = 0, size: int = 0) -> None:
-        """Commit the intent row of a call about to change data or stream a file, before
-        any byte goes out: who, what, about whom, which data sets. Raises Denied(503,
-        audit_unavailable) if it cannot be committed; nothing may be sent then."""
+    async def intend(self, data_sets: Iterable[str], status: int = 0, size: int = 0,
+                     access: str = "acted_upon") -> None:
+        """Commit the intent row of a call about to change data (`acted_upon`) or stream a
+        file (`served`), before any byte goes out: who, what, about whom, which data sets.
+        Raises Denied(503, audit_unavailable) if it cannot be committed; nothing may be
+        sent then."""
         row = self.row
+        row.access = access
         intent = dataclasses.replace(
             row, decision="allow", status=status, bytes=size, data_sets=list(data_sets),
             phase="intent", duration_ms=(time.perf_counter() - self.started) * 1000)
@@ -141,6 +144,8 @@ class Call:
             change = self.idempotent.keyed(change, status)
         if served:
             self.row.data_sets = list(served)
+            if self.row.access is None:
+                self.row.access = "served"
         if removed:        # names a backend chose: any text, any length
             self.row.fields_removed = [audit_text(name) for name in removed]
         if self.siblings:
@@ -161,6 +166,8 @@ class Call:
         row = self.row
         self._finish("deny" if denial.status < 500 else "error", denial.status, 0)
         row.reason = denial.code
+        if not self.intended:       # nothing was touched (after an intent: it was tried)
+            row.access = None
         if self.principal is None:
             self.anonymous.count(row, denial.code)
         else:

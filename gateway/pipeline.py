@@ -543,7 +543,7 @@ async def _copy(request: web.Request, route: Route, upstream, call: Call,
         if call.intended:            # a delete's outcome: the caller waits for it
             await call.allow(upstream.status, upstream.content_length or 0, served)
         else:
-            await call.intend(served, upstream.status, upstream.content_length or 0)
+            await call.intend(served, upstream.status, upstream.content_length or 0, "served")
     except Denied:
         upstream.release()
         raise

@@ -114,6 +114,10 @@ def _covers(gw, principal: Principal, req) -> bool:
         return req["euo_id"] == principal.euo
     return gw.contracts.active_partner(req["euo_id"]) == principal.partner
 
+# a request's rows name its subject and data sets; they serve none (the access log leaves
+# them out: a user never learns there who else filed a request)
+NAMED = "named"
+
 
 @api("/v1/me/requests", ME)
 async def create_request(request: web.Request, principal: Principal, row: AuditRow):
@@ -132,6 +136,7 @@ async def create_request(request: web.Request, principal: Principal, row: AuditR
     if len(set(data_sets)) != len(data_sets):
         raise Denied(400, "invalid_request", "data_sets lists a data set twice")
     row.subject_euo, row.subject_users, row.data_sets = principal.euo, [principal.sub], data_sets
+    row.access = NAMED
 
     async def change(conn):
         created = await conn.fetchrow(query("create_request"), principal.sub, principal.euo,
@@ -176,6 +181,7 @@ def self_service(gw: Gateway, principal: Principal, data_sets: list[str]) -> lis
 @api("/v1/me/requests", ME)
 async def my_requests(request: web.Request, principal: Principal, row: AuditRow):
     row.subject_euo, row.subject_users = principal.euo, [principal.sub]
+    row.access = NAMED
     rows = await request.app[POOL].fetch(query("my_requests"), principal.euo, principal.sub)
     return json_response({"requests": [public(r) for r in rows]})
 
@@ -197,6 +203,7 @@ async def my_request(request: web.Request, principal: Principal, row: AuditRow):
     """One of the caller's requests with its transitions and erasure calls."""
     request_id = _request_id(request)
     row.subject_euo, row.subject_users = principal.euo, [principal.sub]
+    row.access = NAMED
     pool = request.app[POOL]
     req = await pool.fetchrow(query("get_request"), request_id)
     if req is None or req["euo_id"] != principal.euo or req["user_sub"] != principal.sub:
@@ -213,6 +220,7 @@ async def get_request(request: web.Request, principal: Principal, row: AuditRow)
     if req is None or not _covers(request.app[GATEWAY], principal, req):
         raise Denied(404, "no_such_request", "no such request in your scope")
     row.subject_euo, row.subject_users = req["euo_id"], [req["user_sub"]]
+    row.access = NAMED
     return json_response(await request_details(pool, req))
 
 
@@ -228,6 +236,7 @@ async def list_requests(request: web.Request, principal: Principal, row: AuditRo
     for r in rows:
         users_by_euo.setdefault(r["euo_id"], set()).add(r["user_sub"])
     request[CALL].about_each(users_by_euo)
+    request[CALL].row.access = NAMED
     return json_response({"requests": [public(r) for r in rows]})
 
 
@@ -260,6 +269,7 @@ async def _transition(request: web.Request, principal: Principal, row: AuditRow,
         raise Denied(404, "no_such_request", "no such request")
     may_act(gw, principal, current, status)
     row.subject_euo, row.subject_users = current["euo_id"], [current["user_sub"]]
+    row.access = NAMED
     updated = await _move(request[CALL], gw, request.app[WEBHOOKS], principal, current, status,
                           resolution)
     request.app[WEBHOOKS].wake()
@@ -319,6 +329,7 @@ async def _erase(request: web.Request, gw: Gateway, principal: Principal, req):
     call.identify(principal)
     call.row.service, call.row.route = "gateway", "gateway:/v1/requests/{id}"
     call.about(req["euo_id"], [req["user_sub"]])
+    call.row.access = NAMED
     final = "completed" if result.ok else "failed"
     try:
         updated = await _move(call, gw, request.app[WEBHOOKS], principal, req, final,
@@ -347,6 +358,7 @@ async def fail_interrupted_erasures(gw: Gateway, webhooks: Webhooks, pool,
         call.row.service, call.row.route = "gateway", "gateway:/v1/requests/{id}"
         call.row.reason = "erasure_interrupted"
         call.about(req["euo_id"], [req["user_sub"]])
+        call.row.access = NAMED
         try:
             await _move(call, gw, webhooks, None, req, "failed", INTERRUPTED)
             moved += 1

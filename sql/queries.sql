@@ -42,6 +42,7 @@ select a.*, outcome_of(a) as outcome from audit_log a
    and ($3::text is null or a.subject_euo = $3)
    and ($4::text is null or a.data_sets @> array[$4::text])
    and ($5::text is null or a.decision = $5)
+   and ($15::text is null or a.access = $15)
    and ($6::timestamptz is null or a.at >= $6)
    and ($7::timestamptz is null or a.at < $7)
    and ($8::timestamptz is null or (a.at, a.chain_id, a.seq) < ($8, $9::uuid, $10::bigint))
@@ -56,7 +57,9 @@ select a.*, outcome_of(a) as outcome from audit_log a
  limit $13;
 
 -- name: access_log
--- What others did with one user's data: never the user's own requests (a user is
+-- What others did with one user's data (served, acted upon, explained: never rows that
+-- only name her, such as another user's request listed beside hers): never the user's own
+-- requests (a user is
 -- (EUO, sub) under a data-subject role $9: someone of another organisation with the same
 -- sub is someone else). Every column of the row: /v1/audit/slice proves these rows, the
 -- access log shows a few (and the break-glass grant's purpose and ticket).
@@ -66,6 +69,7 @@ select a.*, outcome_of(a) as outcome, g.purpose, g.ticket
  where a.subject_users @> array[$1::text]
    and a.subject_euo = $2
    and not (a.actor_role = any($9::text[]) and a.actor_euo = $2 and a.actor_sub = $1)
+   and a.access is distinct from 'named'
    and ($3::timestamptz is null or a.at >= $3)
    and ($4::timestamptz is null or a.at < $4)
    and ($5::timestamptz is null or (a.at, a.chain_id, a.seq) < ($5, $6::uuid, $7::bigint))
@@ -222,13 +226,13 @@ with go as materialized (
                            fields_removed, subject_euo, subject_users, decision, reason,
                            status, bytes, duration_ms, client_addr, client_request_id,
                            requests, trace_id, policy_version, break_glass, withheld,
-                           phase, prev_hash, row_hash)
+                           phase, access, prev_hash, row_hash)
     select r.at, r.chain_id, r.seq, r.request_id, r.actor_sub, r.actor_role,
            r.actor_partner, r.actor_euo, r.method, r.path, r.service, r.route,
            r.data_sets::text[], r.fields_removed::text[], r.subject_euo,
            r.subject_users::text[], r.decision, r.reason, r.status, r.bytes, r.duration_ms,
            r.client_addr, r.client_request_id, r.requests, r.trace_id, r.policy_version,
-           r.break_glass, r.withheld, r.phase, r.prev_hash, r.row_hash
+           r.break_glass, r.withheld, r.phase, r.access, r.prev_hash, r.row_hash
       from unnest($1::audit_row_in[]) as r, go
 )
 insert into audit_chain_heads (chain_id, last_seq, last_hash) select $2, $3, $4 from go

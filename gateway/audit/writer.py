@@ -81,6 +81,8 @@ class AuditRow:
     # a two-row call's row: 'intent' (committed before the backend call or the first byte)
     # or 'outcome' (how it ended); None: a call of one row
     phase: str | None = None
+    # how the data sets were touched: served, acted_upon, named, explained (None: refused)
+    access: str | None = None
 
 
 _REST_OF_ROW = operator.attrgetter(*HASHED[3:])   # the row's fields after at, chain_id, seq
