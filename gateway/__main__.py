@@ -278,7 +278,9 @@ def _verify_offline(args) -> int:
         else:
             previous = (_json(remote.read(args.previous, args.token), args.previous)
                         if args.previous else None)
-            report = slices.verify_slice(doc, keys, previous)
+            # downloaded, the slice must be of the window its URL asked for
+            report = slices.verify_slice(doc, keys, previous, remote.asked(args.file),
+                                         remote.asked(args.previous) if args.previous else None)
             if isinstance(doc, dict) and doc.get("next_cursor"):
                 report["next_cursor"] = doc["next_cursor"]     # more rows: ask with cursor=
     except ConfigError as e:

@@ -34,12 +34,13 @@ HASHED = ("at", "chain_id", "seq", "request_id", "actor_sub", "actor_role", "act
           "subject_euo", "subject_users", "decision", "reason", "status", "bytes", "duration_ms",
           "client_addr",
           # added later (006_audit_row_v2.sql, 011_audit_trace_id.sql,
-          # 012_audit_policy_version.sql, 018_break_glass.sql, 014_audit_withheld.sql):
+          # 012_audit_policy_version.sql, 018_break_glass.sql, 014_audit_withheld.sql,
+          # 032_audit_salt.sql):
           # trailing fields are hashed only up to the last one set, so rows written before
           # a field existed (null in it) still verify; a new field is only ever appended here
           "client_request_id", "requests", "trace_id", "policy_version", "break_glass",
-          "withheld")
-_OPTIONAL = 6
+          "withheld", "salt")
+_OPTIONAL = 7
 
 
 _DURATION = HASHED.index("duration_ms")

@@ -36,7 +36,7 @@ import asyncpg
 from ..db import query
 from ..errors import Denied
 from .chain import GENESIS, HASHED
-from .leaves import hash_and_leaf
+from .leaves import WRITTEN, hash_and_leaf
 
 log = logging.getLogger("gateway.audit")
 
@@ -80,7 +80,7 @@ class AuditRow:
     withheld: str | None = None
 
 
-_REST_OF_ROW = operator.attrgetter(*HASHED[3:])   # the row's fields after at, chain_id, seq
+_REST_OF_ROW = operator.attrgetter(*WRITTEN[3:])  # the row's fields after at, chain_id, seq
 assert HASHED[:3] == ("at", "chain_id", "seq")
 
 
@@ -386,7 +386,7 @@ class _Lane:
         for item in batch:
             seq += 1
             values = (item.row.at, chain_id, seq, *_REST_OF_ROW(item.row))
-            row_hash, one = hash_and_leaf(values, prev)
+            values, row_hash, one = hash_and_leaf(values, prev)
             records.append(_as_input(values, prev, row_hash))
             leaves.append(one)
             prev = row_hash
