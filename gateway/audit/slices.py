@@ -53,7 +53,7 @@ from .api import (
 )
 from .chain import HASHED
 from .checkpoints import CHECKPOINTER, checkpoint_json, checkpoint_signed_bytes, fetch_nodes, key_id
-from .leaves import SALT, WITHHELD, leaf, row_hash_matches
+from .leaves import SALT, WITHHELD, leaf, record_leaf, row_hash_matches
 from .merkle import (
     consistency_ranges,
     hashes_of,
@@ -124,7 +124,7 @@ async def build_slice(conn, principal: Principal, params, data_subject_roles: li
                 except KeyError:
                     raise Denied(503, "audit_tree_incomplete", "the audit log's Merkle "
                                  "tree lacks nodes a proof needs") from None
-    entries = []
+    entries, leaves = [], []
     for r in rows:
         item = public(r, principal)
         if subject:                         # a data subject sees others by role and organisation only
@@ -139,6 +139,7 @@ async def build_slice(conn, principal: Principal, params, data_subject_roles: li
             "prev_hash": bytes(r["prev_hash"]).hex() if disclosed else None,
             "checkpoint": trees[r["chain_id"]]["id"] if proof is not None else None,
             "inclusion": [h.hex() for h in proof] if proof is not None else None})
+        leaves.append(record_leaf(r))
     truncated = filters.limit is not None and len(rows) == filters.limit
     doc = {
         "format": SLICE_FORMAT, "leaf_format": LEAF_FORMAT, "caller": _caller(principal, subject),
@@ -149,7 +150,7 @@ async def build_slice(conn, principal: Principal, params, data_subject_roles: li
         "next_cursor": encode_cursor(rows[-1]) if truncated else None}
     at = datetime.now(UTC).isoformat()
     doc["signed"] = {"at": at, "key_id": key_id(key.public_key()),
-                     "signature": key.sign(signed_slice_bytes(doc, at)).hex()}
+                     "signature": key.sign(signed_slice_bytes(doc, at, leaves)).hex()}
     return doc
 
 
@@ -165,12 +166,14 @@ def window_of(filters: Filters, params) -> dict[str, Any]:
 SIGNED = b"partner-gateway-slice/2\n"
 
 
-def signed_slice_bytes(doc: dict[str, Any], at: str) -> bytes:
+def signed_slice_bytes(doc: dict[str, Any], at: str, leaves: list[bytes]) -> bytes:
     """What a slice's signature covers (the same bytes when signed and when checked): its
     format, caller, window, next cursor, the time it was signed, and its rows by chain, seq
-    and row hash, in order (ValueError/KeyError/TypeError if malformed)."""
+    and Merkle leaf (every field it shows, and its row hash: a row not yet sealed too), in
+    order (ValueError/KeyError/TypeError if malformed)."""
     rows = hashlib.sha256(orjson.dumps(
-        [[e["row"]["chain_id"], e["row"]["seq"], e["row_hash"]] for e in doc["rows"]])).hexdigest()
+        [[e["row"]["chain_id"], e["row"]["seq"], one.hex()]
+         for e, one in zip(doc["rows"], leaves, strict=True)])).hexdigest()
     return SIGNED + orjson.dumps(
         {"format": doc["format"], "leaf_format": doc["leaf_format"], "caller": doc["caller"],
          "window": doc["window"], "next_cursor": doc["next_cursor"], "at": at, "rows": rows},
@@ -313,6 +316,7 @@ def _verify(doc: Any, keys, report: dict[str, Any],
         report["checkpoints_checked"] += 1
     latest = {cp["chain_id"]: cp for cp in checkpoints.values()}
     proved: dict[tuple[str, int], str] = {}
+    leaves: list[bytes] = []
     last_key = None
     for n, entry in enumerate(doc.get("rows") or []):
         try:
@@ -354,6 +358,11 @@ def _verify(doc: Any, keys, report: dict[str, Any],
             if not ok:
                 raise Broken(f"{where}: its fields do not match its row hash")
             report["rows_fully_disclosed"] += 1
+        try:
+            leaf_hash = leaf(values, row_hash)
+        except (ValueError, TypeError, IndexError, AttributeError):
+            raise Broken(f"{where} is malformed") from None
+        leaves.append(leaf_hash)
         cp = latest.get(item["chain_id"])
         if inclusion is None:
             if cp is not None and item["seq"] <= cp["tree_size"]:
@@ -365,7 +374,6 @@ def _verify(doc: Any, keys, report: dict[str, Any],
             raise Broken(f"{where}: its checkpoint is not in the slice or is not its chain's")
         try:
             path = _hex_list(inclusion)
-            leaf_hash = leaf(values, row_hash)
         except (ValueError, TypeError, IndexError, AttributeError):
             raise Broken(f"{where} is malformed") from None
         if not verify_inclusion(leaf_hash, item["seq"] - 1, cp["tree_size"], path,
@@ -375,7 +383,7 @@ def _verify(doc: Any, keys, report: dict[str, Any],
         proved[(item["chain_id"], item["seq"])] = entry["row_hash"]
         report["rows_proved"] += 1
     if salted:      # what the slice says it is (checked last: a row's own fault is named first)
-        _check_signed(doc, keys)
+        _check_signed(doc, keys, leaves)
         _check_next_cursor(doc)
         report["window"] = doc["window"]
     if asked is not None:
@@ -383,9 +391,10 @@ def _verify(doc: Any, keys, report: dict[str, Any],
     return proved
 
 
-def _check_signed(doc: dict[str, Any], keys: dict[str, Ed25519PublicKey]) -> None:
-    """The slice's own signature (format 2): its caller, window, next cursor and rows are
-    what the gateway answered."""
+def _check_signed(doc: dict[str, Any], keys: dict[str, Ed25519PublicKey],
+                  leaves: list[bytes]) -> None:
+    """The slice's own signature (format 2): its caller, window, next cursor and rows (their
+    leaves) are what the gateway answered."""
     signed = doc.get("signed")
     if not isinstance(signed, dict):
         raise Broken("the slice is not signed")
@@ -394,7 +403,8 @@ def _check_signed(doc: dict[str, Any], keys: dict[str, Ed25519PublicKey]) -> Non
         raise Broken(f"the slice is signed with key {signed.get('key_id')}, which is not among "
                      "the public keys given")
     try:
-        key.verify(bytes.fromhex(signed["signature"]), signed_slice_bytes(doc, signed["at"]))
+        key.verify(bytes.fromhex(signed["signature"]),
+                   signed_slice_bytes(doc, signed["at"], leaves))
     except (InvalidSignature, KeyError, ValueError, TypeError, AttributeError):
         raise Broken("the slice's signature does not verify (its caller, window, next "
                      "cursor or rows are not what the gateway answered)") from None
