@@ -9,12 +9,17 @@ the checkpoints' signatures, every row's fields against its leaf, every proof ag
 signed root; with --previous OLD, that every proved row of an earlier slice of the same
 window is still there, unchanged (a row dropped since is found).
 
+A row the caller may not see whole comes without its withheld fields, its salt and its
+prev_hash: its row hash, a salted commitment to them (gateway/audit/leaves.py), confirms no
+guess of who acted or from where.
+
 What a slice says it is (format 2) is signed with the checkpoints' key: its caller, its
 window (from, to, cursor, limit, filters: the request's own parameters, as parsed), the
-next page's cursor, and which rows it holds (chain, seq, row hash of each, in order). A
-slice that claims another window, or drops a row of its own, no longer verifies; fetched
+next page's cursor, and which rows it holds (chain, seq and Merkle leaf of each, in order).
+A slice that claims another window, or drops a row of its own, no longer verifies; fetched
 by URL, its window must also be the URL's; --previous trusts nothing but the signed window,
 and derives the page's edges from it (the cursor asked, and the last row of a full page).
+Slices of format 1 (unsigned, their rows unsalted) still verify alone.
 
 A consistency proof (RFC 6962 §2.1.2) between two signed roots of one chain shows the
 later tree extends the earlier one: nothing sealed before was changed or taken out.
@@ -22,7 +27,6 @@ later tree extends the earlier one: nothing sealed before was changed or taken o
 
 from __future__ import annotations
 
-import base64
 import hashlib
 import uuid
 from collections import defaultdict
@@ -429,8 +433,7 @@ def _check_next_cursor(doc: dict[str, Any]) -> None:
     expected = None
     if rows and limit is not None and len(rows) == limit:
         last = rows[-1]["row"]
-        expected = base64.urlsafe_b64encode(orjson.dumps(
-            [last["at"], last["chain_id"], last["seq"]])).decode().rstrip("=")
+        expected = encode_cursor({**last, "at": datetime.fromisoformat(last["at"])})
     if doc.get("next_cursor") != expected:
         raise Broken("the slice's next_cursor is not that of its last row on a full page "
                      "(nor none on a page that is not full)")
