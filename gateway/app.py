@@ -27,7 +27,7 @@ from .audit import AuditRow, AuditWriter
 from .audit import api as audit_api
 from .audit import per_day as audit_per_day
 from .audit import slices as audit_slices
-from .audit.checkpoints import Checkpointer, signing_key
+from .audit.checkpoints import CHECKPOINTER, Checkpointer, signing_key
 from .authn import Authenticator
 from .authz import Policy
 from .backend_client import BackendClient
@@ -220,7 +220,6 @@ class GatewayRunner(web.AppRunner):
 
 
 POLICY_SET = web.AppKey("policy_set", PolicySet)
-CHECKPOINTER = web.AppKey("checkpointer", Checkpointer)
 
 
 GC_THRESHOLDS = (GC_GEN0, GC_GEN1, GC_GEN2) = (20_000, 20, 100)

@@ -226,13 +226,13 @@ with go as materialized (
                            fields_removed, subject_euo, subject_users, decision, reason,
                            status, bytes, duration_ms, client_addr, client_request_id,
                            requests, trace_id, policy_version, break_glass, withheld,
-                           phase, access, prev_hash, row_hash)
+                           phase, access, salt, prev_hash, row_hash)
     select r.at, r.chain_id, r.seq, r.request_id, r.actor_sub, r.actor_role,
            r.actor_partner, r.actor_euo, r.method, r.path, r.service, r.route,
            r.data_sets::text[], r.fields_removed::text[], r.subject_euo,
            r.subject_users::text[], r.decision, r.reason, r.status, r.bytes, r.duration_ms,
            r.client_addr, r.client_request_id, r.requests, r.trace_id, r.policy_version,
-           r.break_glass, r.withheld, r.phase, r.access, r.prev_hash, r.row_hash
+           r.break_glass, r.withheld, r.phase, r.access, r.salt, r.prev_hash, r.row_hash
       from unnest($1::audit_row_in[]) as r, go
 )
 insert into audit_chain_heads (chain_id, last_seq, last_hash) select $2, $3, $4 from go

@@ -35,12 +35,12 @@ HASHED = ("at", "chain_id", "seq", "request_id", "actor_sub", "actor_role", "act
           "client_addr",
           # added later (006_audit_row_v2.sql, 011_audit_trace_id.sql,
           # 012_audit_policy_version.sql, 018_break_glass.sql, 014_audit_withheld.sql,
-          # 027_audit_intent_outcome.sql, 028_audit_access.sql):
+          # 027_audit_intent_outcome.sql, 028_audit_access.sql, 032_audit_salt.sql):
           # trailing fields are hashed only up to the last one set, so rows written before
           # a field existed (null in it) still verify; a new field is only ever appended here
           "client_request_id", "requests", "trace_id", "policy_version", "break_glass",
-          "withheld", "phase", "access")
-_OPTIONAL = 8
+          "withheld", "phase", "access", "salt")
+_OPTIONAL = 9
 
 
 _DURATION = HASHED.index("duration_ms")

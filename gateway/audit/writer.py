@@ -36,7 +36,7 @@ import asyncpg
 from ..db import durability_problems, query
 from ..errors import Denied
 from .chain import GENESIS, HASHED
-from .leaves import hash_and_leaf
+from .leaves import WRITTEN, hash_and_leaf
 
 log = logging.getLogger("gateway.audit")
 
@@ -85,7 +85,7 @@ class AuditRow:
     access: str | None = None
 
 
-_REST_OF_ROW = operator.attrgetter(*HASHED[3:])   # the row's fields after at, chain_id, seq
+_REST_OF_ROW = operator.attrgetter(*WRITTEN[3:])  # the row's fields after at, chain_id, seq
 assert HASHED[:3] == ("at", "chain_id", "seq")
 
 
@@ -423,7 +423,7 @@ class _Lane:
         for item in batch:
             seq += 1
             values = (item.row.at, chain_id, seq, *_REST_OF_ROW(item.row))
-            row_hash, one = hash_and_leaf(values, prev)
+            values, row_hash, one = hash_and_leaf(values, prev)
             records.append(_as_input(values, prev, row_hash))
             leaves.append(one)
             prev = row_hash
