@@ -262,8 +262,10 @@ def _check_checkpoint(cp: Any, keys: dict[str, Ed25519PublicKey]) -> None:
 def _values(item: dict[str, Any], salted: bool) -> list[Any]:
     """A row as served, back in the form its hash covers (HASHED order; the time as a
     datetime; the redaction receipt as the canonical JSON text it is stored as). A row of
-    format 1 has no salt (it was written without one)."""
-    values = [item[name] if salted or name != SALT else item.get(name) for name in HASHED]
+    format 1 has no salt (it was written without one), nor the fields added beside it
+    (phase, access: null for every row it could hold)."""
+    values = [item[name] if salted or name not in _SINCE_FORMAT_2 else item.get(name)
+              for name in HASHED]
     values[0] = datetime.fromisoformat(values[0])
     if item.get("withheld") is not None:
         values[_WITHHELD_RECEIPT] = orjson.dumps(item["withheld"],
@@ -272,6 +274,7 @@ def _values(item: dict[str, Any], salted: bool) -> list[Any]:
 
 
 _WITHHELD_RECEIPT = HASHED.index("withheld")
+_SINCE_FORMAT_2 = frozenset(("phase", "access", SALT))
 
 
 def _hex_list(value: Any) -> list[bytes]:
