@@ -182,6 +182,7 @@ def _resources(settings: Settings, dsn: str, catalog, policy: Policy, metrics: M
             export_write_timeout_s=settings.export_write_timeout_s,
             stream_write_timeout_s=settings.stream_write_timeout_s,
             stream_deadline_s=settings.stream_deadline_s,
+            stream_json_above_bytes=settings.stream_json_above_bytes,
             export_log_deadline_s=settings.export_log_deadline_s,
             new_request_id=app[NEW_REQUEST_ID])
         # an erasure still `accepted` well past its deadline ran in a gateway that stopped

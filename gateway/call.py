@@ -119,10 +119,11 @@ class Call:
         row.data_sets, row.phase = intent.data_sets, "outcome"
         self.intended = True
 
-    def ended(self, status: int, size: int, cut: bool) -> None:
+    def ended(self, status: int, size: int, cut: bool, why: str | None = None) -> None:
         """A streamed answer is over: queue its outcome row (the bytes delivered, reason
-        `cut` when the stream broke off). Nobody waits for it: the answer has gone."""
-        self.row.reason = "cut" if cut else None
+        `cut` — or why, `why` — when the stream broke off). Nobody waits for it: the answer
+        has gone."""
+        self.row.reason = (why or "cut") if cut else None
         self._finish("allow", status, size)
         self.committed = True
         self.audit.record_nowait(self.row)

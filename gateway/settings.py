@@ -98,6 +98,7 @@ class Settings:
     export_write_timeout_s: float = 30.0
     stream_write_timeout_s: float = 30.0    # a file download is cut if no chunk is taken by then
     stream_deadline_s: float = 3600.0       # ... and if it is not through by then
+    stream_json_above_bytes: int = 1 << 20  # a list answer larger is streamed, element by element
     export_log_deadline_s: float = 300.0
 
     @classmethod
@@ -164,6 +165,8 @@ class Settings:
             stream_write_timeout_s=_positive(env, "GATEWAY_STREAM_WRITE_TIMEOUT_S",
                                              cls.stream_write_timeout_s),
             stream_deadline_s=_positive(env, "GATEWAY_STREAM_DEADLINE_S", cls.stream_deadline_s),
+            stream_json_above_bytes=_int(env, "GATEWAY_STREAM_JSON_ABOVE_BYTES",
+                                         cls.stream_json_above_bytes),
             export_log_deadline_s=_positive(env, "GATEWAY_EXPORT_LOG_DEADLINE_S",
                                             cls.export_log_deadline_s),
         )
