@@ -241,6 +241,24 @@ async def test_the_organizer_erasing_a_whole_meeting_says_whose_data_went_with_i
     assert "meeting_minutes (1 item)" in done["resolution"]
 
 
+async def test_a_participant_deletes_their_own_chat_and_participation_and_nobody_elses(
+        erasable, fresh, http, token_for):
+    """The field-level delete routes, self-service through the gateway: only the user they
+    name may call them (the organizer cannot take a participant's part away); a second
+    call finds nothing (404)."""
+    gw, data, _, _ = erasable
+    meeting = "/meeting/accounts/euo-acme/meetings/mtg-acme-1"
+    for part in ("chat", "participants"):
+        path = f"{gw}{meeting}/{part}/u-bob"
+        assert (await call(http, "DELETE", path, token_for(**ALICE)))[0] == 403
+        assert (await call(http, "DELETE", path, token_for(**BOB)))[0] == 204
+        assert (await call(http, "DELETE", path, token_for(**BOB)))[0] == 404
+    assert "u-bob" not in {c["author_id"] for c in data.meetings["mtg-acme-1"]["chat"]}
+    assert "Bob Peeters" not in {p["name"] for p in data.meetings["mtg-acme-1"]["participants"]}
+    # his private note is still his there: the participation stays listed, without a name
+    assert data.participations["u-bob"] == [{"id": "mtg-acme-1", "name": None, "email": None}]
+
+
 async def test_a_delete_the_backend_did_not_carry_out_is_counted_and_not_completed(
         erasable, fresh, http, token_for):
     """The backend answers 204 to the DELETE but keeps the voicemail: the count after the
