@@ -17,9 +17,11 @@ import pytest
 import pytest_asyncio
 from aiohttp import web
 
+from gateway.catalog import PolicyError, load_catalog
 from gateway.demo import data as demo_data
 from gateway.demo.backends import meeting_app, telephony_app
 from gateway.demo.run import start_site
+from gateway.erasure import load_erasers
 
 from .conftest import Seen, call, gateway_process, gateway_settings, running_gateway, wait_for
 
@@ -273,6 +275,33 @@ async def test_a_delete_the_backend_did_not_carry_out_is_counted_and_not_complet
     assert data.voicemails["u-carla"]
     assert done["status"] == "failed"
     assert "still held after the erasure (read back): voicemails (1)" in done["resolution"]
+
+
+OTHERS = "      others: [chat_messages, participant_name, participant_email, private_notes]"
+SUBJECT_END = "                participant_email, private_notes]\n"
+
+
+@pytest.mark.parametrize("shipped, changed, refused", [
+    # an entry may not take another person's data the data-set table does not make the
+    # subject's to delete (connection statistics last 180 days, not until the organizer
+    # deletes the meeting)
+    (OTHERS, OTHERS.replace("]", ", connection_statistics]"),
+     "deletes other people's connection_statistics, which the data-set table does not make "
+     "theirs to delete"),
+    # nor leave out what its delete route removes: the call would take more than it says
+    (SUBJECT_END + OTHERS, "                private_notes]\n"
+     + OTHERS.replace(" participant_email,", ""), "deletes: must name them all"),
+])
+def test_what_an_erasure_entry_says_its_delete_removes_is_checked_on_load(
+        policy_dir, shipped, changed, refused):
+    routes = policy_dir / "routes.yaml"
+    text = routes.read_text()
+    assert text.count(shipped) == 1
+    routes.write_text(text.replace(shipped, changed))
+    with pytest.raises(PolicyError, match=refused):
+        load_erasers(policy_dir, load_catalog(policy_dir))
+    routes.write_text(text)
+    assert load_erasers(policy_dir, load_catalog(policy_dir))      # as shipped: loads
 
 
 async def test_a_failing_backend_leaves_the_erasure_failed_and_a_retry_finishes_it(
