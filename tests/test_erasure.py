@@ -12,6 +12,7 @@ import dataclasses
 import time
 
 import aiohttp
+import asyncpg
 import orjson
 import pytest
 import pytest_asyncio
@@ -486,6 +487,28 @@ async def test_no_delete_is_sent_while_its_intent_cannot_be_committed(
                              req) != "completed"
     assert await db.fetchval("select count(*) from dsr_erasure_calls where request_id = $1::uuid",
                              req) == 0
+
+
+async def test_an_erasure_calls_intent_gets_its_outcome_once_and_nothing_else_changes(
+        erasable, http, token_for, db):
+    """The database holds dsr_erasure_calls to write-ahead (sql/031): an `unknown` row (an
+    intent) becomes erased, not_held or failed once; no outcome, path or data set of a row
+    changes after that, whoever updates it."""
+    gw, *_ = erasable
+    req = await file_erasure(http, gw, token_for, EVA, ["voicemails"])
+    row = await db.fetchval(
+        "insert into dsr_erasure_calls (request_id, data_sets, method, path, outcome) "
+        "values ($1::uuid, '{voicemails}', 'DELETE', '/telephony/x', 'unknown') returning id", req)
+    for change in ("outcome = 'needs_wider'", "path = '/telephony/y', outcome = 'erased'"):
+        with pytest.raises(asyncpg.CheckViolationError):
+            await db.execute(f"update dsr_erasure_calls set {change} where id = $1", row)
+    await db.execute("update dsr_erasure_calls set outcome = 'erased', status = 204 "
+                     "where id = $1", row)
+    assert await db.fetchval("select outcome_at is not null from dsr_erasure_calls "
+                             "where id = $1", row)
+    for change in ("outcome = 'failed'", "status = 500", "outcome = 'unknown'"):
+        with pytest.raises(asyncpg.CheckViolationError):
+            await db.execute(f"update dsr_erasure_calls set {change} where id = $1", row)
 
 
 async def test_an_erasure_past_its_deadline_calls_no_more_and_is_failed(
