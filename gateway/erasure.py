@@ -437,6 +437,9 @@ class Erasure:
                 continue
             for item in items:
                 item_id = item.get("id") if isinstance(item, dict) else item
+                if not isinstance(item_id, str):       # cannot be read back: not counted
+                    result.uncounted.update((ds, "backend_unmappable") for ds in names)
+                    continue
                 read_path = eraser.read.format(**self.fill, id=item_id)
                 if read_path not in self._listed:
                     self._listed[read_path] = await self._read(read_path)
