@@ -22,7 +22,7 @@ from .call import Call
 from .catalog import ObjectOf
 from .db import POOL, query
 from .endpoints import CALL, ME, api, json_object, json_response, only, text
-from .erasure import Erasure, Outcome
+from .erasure import Erasure, Ledger
 from .errors import Denied
 from .pipeline import GATEWAY, Gateway
 from .principal import Principal, scope
@@ -312,18 +312,16 @@ async def _move(call: Call, gw: Gateway, webhooks: Webhooks, principal: Principa
 
 
 async def _erase(request: web.Request, gw: Gateway, principal: Principal, req):
-    """Run an accepted erasure's backend calls (each audited), then commit its outcome:
-    `completed` when every call succeeded, else `failed` (nothing claimed erased that was
-    not); the resolution says what was erased, what failed and what no backend can erase.
+    """Run an accepted erasure's backend calls (each audited, each DELETE written ahead),
+    count what remains, then commit its outcome: `completed` when every call succeeded and
+    nothing asked remains, else `failed` (nothing claimed erased that was not); the
+    resolution says what was erased, whose other data went with it, what failed, what needs
+    a wider erasure, what remains and what no backend can erase.
     Returns the request as updated, or the error answer when the outcome was refused."""
     request_id = request[pipeline.REQUEST_ID]
-    pool = request.app[POOL]
-
-    async def record(c: Outcome) -> None:
-        await pool.execute(query("add_erasure_call"), req["id"], c.data_sets, c.method,
-                           c.path, c.status, c.outcome, c.reason)
     erasure = Erasure(gw, list(gw.erasers), principal, req["euo_id"], req["user_sub"],
-                      request_id, request.remote, record, gw.erasure_deadline_s)
+                      request_id, request.remote, Ledger(request.app[POOL], req["id"]),
+                      gw.erasure_deadline_s)
     result = await erasure.run(list(req["data_sets"]))
     call = gw.new_call(request_id, "PATCH", request.raw_path, request.remote)
     call.identify(principal)
@@ -354,13 +352,18 @@ async def fail_interrupted_erasures(gw: Gateway, webhooks: Webhooks, pool,
     nothing claims it done and an admin can accept it again. Returns how many."""
     moved = 0
     for req in await pool.fetch(query("interrupted_erasures"), older_than_s):
+        unknown = await pool.fetch(query("unknown_erasure_calls"), req["id"])
+        resolution = INTERRUPTED + (
+            f"; {len(unknown)} DELETE{'s' if len(unknown) != 1 else ''} sent with no recorded "
+            f"outcome (outcome unknown): {', '.join(r['path'] for r in unknown)}"
+            if unknown else "")
         call = gw.new_call(str(uuid.uuid4()), "PATCH", f"/v1/requests/{req['id']}", None)
         call.row.service, call.row.route = "gateway", "gateway:/v1/requests/{id}"
         call.row.reason = "erasure_interrupted"
         call.about(req["euo_id"], [req["user_sub"]])
         call.row.access = NAMED
         try:
-            await _move(call, gw, webhooks, None, req, "failed", INTERRUPTED)
+            await _move(call, gw, webhooks, None, req, "failed", resolution)
             moved += 1
         except Denied as e:     # moved meanwhile (409), or the audit log is unavailable
             pipeline.log.warning("interrupted erasure %s not failed: %s", req["id"], e.code)

@@ -133,8 +133,19 @@ values ($1, $2, $3, $4, $5);
 select from_status, to_status, at, actor from dsr_transitions where request_id = $1 order by id;
 
 -- name: add_erasure_call
+-- outcome 'unknown': a DELETE's intent, committed with its audit row before it is sent (031)
 insert into dsr_erasure_calls (request_id, data_sets, method, path, status, outcome, reason)
-values ($1, $2, $3, $4, $5, $6, $7);
+values ($1, $2, $3, $4, $5, $6, $7)
+returning id;
+
+-- name: finish_erasure_call
+-- a DELETE's outcome, written into its intent's row (the table's trigger allows only this)
+update dsr_erasure_calls set status = $2, outcome = $3, reason = $4
+ where id = $1 and outcome = 'unknown';
+
+-- name: unknown_erasure_calls
+-- the DELETEs of request $1 whose outcome was never written (the gateway stopped meanwhile)
+select path from dsr_erasure_calls where request_id = $1 and outcome = 'unknown' order by id;
 
 -- name: request_erasure_calls
 select at, data_sets, method, path, status, outcome, reason
