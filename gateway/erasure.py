@@ -276,15 +276,15 @@ class Ledger:
 
 
 async def commit_intent(call: Call, ledger: Ledger, data_sets: list[str], path: str) -> int:
-    """Write-ahead, before an erasure's DELETE is sent: the intent's audit row (who, what,
-    which subject, the request id; status 0, reason `intent`) and the call's
-    `dsr_erasure_calls` row (outcome `unknown`) commit in one transaction, or this raises and
-    nothing may be sent. Returns the row's id. (Call.intend() does the audit half once calls
-    have it: then the row is that intent's change.)"""
+    """Write-ahead, before an erasure's DELETE is sent: the intent's audit row (phase
+    `intent`: who, what, which subject, the request id) and the call's `dsr_erasure_calls`
+    row (outcome `unknown`) commit in one transaction, or this raises and nothing may be
+    sent. The call's own row is then its outcome. Returns the erasure call row's id."""
     intent = dataclasses.replace(call.row, decision="allow", status=0, bytes=0,
-                                 data_sets=list(data_sets), reason="intent")
+                                 data_sets=list(data_sets), phase="intent")
     call_id = await call.audit.commit(intent, ledger.intent(data_sets, path))
-    call.row.at = now_utc()          # the outcome's row: when it ended
+    call.row.at, call.row.phase = now_utc(), "outcome"
+    call.intended = True             # an outcome that cannot be written is unknown
     return call_id
 
 
@@ -466,6 +466,9 @@ class Erasure:
     def _call(self, method: str, path: str) -> Call:
         call = self.gw.new_call(self.request_id, method, path, self.client)
         call.identify(self.actor)          # who caused it; authorized as the data subject
+        # every call of an erasure (its listings and counts too) reads "erased for request
+        # N" in the log and the user's access log, never as data served to the actor
+        call.row.access, call.row.reason = "acted_upon", f"erasure:{self.ledger.request}"
         return call
 
     async def _refused(self, call: Call, error: Exception) -> Denied:

@@ -135,13 +135,16 @@ async def test_accepted_erasure_calls_the_declared_delete_routes(erasable, http,
     assert [(t["from"], t["to"]) for t in done["transitions"]] == [
         (None, "open"), ("open", "accepted"), ("accepted", "completed")]
     rows = await db.fetch("select method, path, route, decision, reason, status, actor_role, "
-                          "subject_users from audit_log where request_id = $1 order by at, seq",
-                          request_id)
+                          "subject_users, phase, access from audit_log where request_id = $1 "
+                          "order by at, seq", request_id)
     deleted = [r for r in rows if r["method"] == "DELETE"]
     # each DELETE written ahead: its intent's row, then its outcome's
-    intents = [r for r in deleted if r["reason"] == "intent"]
+    intents = [r for r in deleted if r["phase"] == "intent"]
     assert len(intents) == 5 and {(r["decision"], r["status"]) for r in intents} == {("allow", 0)}
-    ended = [r for r in deleted if r["reason"] is None]
+    ended = [r for r in deleted if r["phase"] == "outcome"]
+    # every call of the erasure reads "erased for request N", never as data served
+    erasing = [r for r in rows if r["route"] != "gateway:/v1/requests/{id}"]
+    assert {(r["access"], r["reason"]) for r in erasing} == {("acted_upon", f"erasure:{done['id']}")}
     assert len(ended) == 5 and {(r["decision"], r["status"]) for r in ended} == {("allow", 204)}
     assert sorted(r["path"] for r in intents) == sorted(r["path"] for r in ended)
     assert {r["actor_role"] for r in rows} == {"euo_admin"}           # who caused it
@@ -324,11 +327,11 @@ async def test_a_failing_backend_leaves_the_erasure_failed_and_a_retry_finishes_
     assert "NOT erased" in done["resolution"] and "call_recordings (backend_error)" in done["resolution"]
     assert "erased through the backends: voicemails" in done["resolution"]
     assert "call_recordings (1" not in done["resolution"]              # not claimed erased
-    rows = await db.fetch("select decision, reason from audit_log where request_id = $1 and "
-                          "method = 'DELETE' and path like '%recordings%' order by at, seq",
+    rows = await db.fetch("select decision, reason, phase from audit_log where request_id = $1 "
+                          "and method = 'DELETE' and path like '%recordings%' order by at, seq",
                           request_id)
-    assert [(r["decision"], r["reason"]) for r in rows] == [("allow", "intent"),
-                                                           ("error", "backend_error")]
+    assert [(r["decision"], r["phase"], r["reason"]) for r in rows] == [
+        ("allow", "intent", f"erasure:{done['id']}"), ("error", "outcome", "backend_error")]
 
     status, _, body = await call(http, "PATCH", f"{gw}/v1/requests/{done['id']}",
                                  token_for(**GLOBEX_ADMIN), json={"status": "accepted"})
@@ -410,10 +413,10 @@ async def test_an_erasure_cut_off_by_a_killed_gateway_is_failed_and_accepting_ag
         ("DELETE", "/telephony/euos/euo-initech/users/u-farid/voicemails/vm-u-farid-1", "erased"),
         ("DELETE", "/telephony" + recording, "unknown")]          # written ahead, no outcome
     intent = await db.fetchrow(
-        "select request_id, decision, reason, status, actor_role, subject_users, data_sets "
+        "select request_id, decision, phase, status, actor_role, subject_users, data_sets "
         "from audit_log where path = $1 and method = 'DELETE'", "/telephony" + recording)
     assert dict(intent) | {"request_id": None} == {
-        "request_id": None, "decision": "allow", "reason": "intent", "status": 0,
+        "request_id": None, "decision": "allow", "phase": "intent", "status": 0,
         "actor_role": "euo_admin", "subject_users": ["u-farid"], "data_sets": ["call_recordings"]}
     accepted_in = await db.fetchval(
         "select request_id from audit_log where path = $1 and status = 200",
