@@ -190,6 +190,43 @@ def shot(driver, name: str) -> None:
     driver.save_screenshot(str(driver.shots / f"{name}.png"))
 
 
+# What the page holds the moment the next person's views open (the who line shown, their
+# first queries sent but none answered yet): a MutationObserver's callback runs in the same
+# task as the sign-in that showed the who line, before any network answer can be handled.
+SNAPSHOT_AT_SIGN_IN = """
+const who = document.getElementById("who");
+window.__atSignIn = null;
+new MutationObserver((changes, observer) => {
+  if (who.hidden) return;
+  observer.disconnect();
+  const rows = (id) => document.querySelectorAll(`#${id} tbody tr`).length;
+  window.__atSignIn = {
+    text: document.body.textContent,
+    values: [...document.querySelectorAll("input, textarea")].map((e) => e.value).filter(Boolean),
+    rows: {audit: rows("audit-table"), requests: rows("requests-table"),
+           access: rows("access-table"), my_requests: rows("my-requests")},
+    chart: document.getElementById("chart").childElementCount,
+    detail: document.getElementById("detail-fields").childElementCount,
+    verify: document.getElementById("verify-status").textContent,
+  };
+}).observe(who, {attributes: true, attributeFilter: ["hidden"]});
+"""
+
+
+def sign_out_then_in(driver, demo: Demo, role: str) -> dict:
+    """Sign out, then sign `role` in in the same tab, as a person would (the test loads no
+    page itself); returns what the page held when `role`'s views opened (SNAPSHOT_AT_SIGN_IN)."""
+    by_id(driver, "sign-out").click()
+    wait(driver, lambda d: d.execute_script("return document.readyState") == "complete"
+         and by_id(d, "signin").is_displayed() and not by_id(d, "who").is_displayed(),
+         what="signed out")
+    driver.execute_script(SNAPSHOT_AT_SIGN_IN)
+    by_id(driver, "token").send_keys(demo.tokens[role])
+    by_id(driver, "sign-in").click()
+    return wait(driver, lambda d: d.execute_script("return window.__atSignIn"),
+                what=f"{role} signed in")
+
+
 # --- the tests --------------------------------------------------------------------------------
 
 def test_staff_answer_who_saw_alices_voicemails_this_week(browser, demo):
@@ -367,6 +404,91 @@ def test_an_admin_answers_a_request_whose_script_canary_renders_as_text(browser,
     wait(browser, lambda d: any("connect-src 'self'" in m for m in log + problems(d)) or None,
          what="the third-party fetch refused")
 
+
+
+def test_after_staff_sign_out_a_partner_in_the_same_tab_sees_nothing_of_staffs(browser, demo):
+    """Provider staff search the audit explorer (rows with their own id), check the chains and
+    list the requests, then sign out; a partner signing in in the same tab finds none of it,
+    hidden views included, before doing anything: no staff row or id, no chain check, an
+    empty chart, no staff filter, no request row. Then the partner's own views load."""
+    marker = f"staff-only-{time.monotonic_ns()}"
+    assert demo.call("GET", "/telephony/euos/euo-initech", "provider_staff")[0] == 200
+    assert demo.call("POST", "/v1/me/requests", "user", body={
+        "type": "objection", "data_sets": ["user_mobile"], "detail": marker})[0] == 201
+    sign_in(browser, demo, "provider_staff")
+    by_id(browser, "f-actor").send_keys("staff-sam")
+    by_id(browser, "audit-search").click()
+    wait(browser, lambda d: any(r[1] == "provider staff · Provider · staff-sam"
+                                for r in table_rows(d, "audit-table")), what="staff rows")
+    browser.find_element(By.CSS_SELECTOR, "#audit-table tbody tr").click()
+    wait(browser, lambda d: d.find_elements(By.CSS_SELECTOR, "#chart rect"), what="chart bars")
+    by_id(browser, "verify").click()
+    wait(browser, lambda d: "Intact" in by_id(d, "verify-status").text, what="chains verified")
+    by_id(browser, "tab-requests").click()
+    wait(browser, lambda d: any(marker in r[5] for r in table_rows(d, "requests-table")),
+         what="staff's request list")
+
+    left = sign_out_then_in(browser, demo, "partner")
+    assert by_id(browser, "who-text").text.startswith("pat@northwind")
+    assert "staff-sam" not in left["text"] and "staff-sam" not in left["values"], left
+    assert marker not in left["text"] and "Intact" not in left["text"], left
+    assert left["rows"] == {"audit": 0, "requests": 0, "access": 0, "my_requests": 0}, left
+    assert left["chart"] == 0 and left["detail"] == 0, left
+    assert "chain" in left["verify"] and not by_id(browser, "verify").is_displayed(), left
+    assert left["values"] == [], left
+
+    # the partner's own audit explorer then loads, unfiltered and in the partner's scope
+    settled(browser, "audit-status")
+    settled(browser, "chart-status")
+    assert all("staff-sam" not in r[1] for r in table_rows(browser, "audit-table"))
+    assert "staff-sam" not in browser.execute_script("return document.body.textContent")
+    assert not by_id(browser, "audit-detail").is_displayed()
+    shot(browser, "partner-after-staff")
+    assert problems(browser) == []
+
+
+def test_after_a_user_signs_out_the_next_person_sees_nothing_of_her_data(browser, demo):
+    """A user's access log, her requests, what she was told and the draft she had not sent
+    are gone when she signs out: provider staff signing in in the same tab hold none of it."""
+    marker = f"alice-only-{time.monotonic_ns()}"
+    assert demo.call("GET", "/telephony/euos/euo-acme/users/u-alice", "provider_staff")[0] == 200
+    sign_in(browser, demo, "user")
+    wait(browser, lambda d: table_rows(d, "access-table"), what="access log")
+    Select(by_id(browser, "r-datasets")).select_by_value("user_mobile")
+    by_id(browser, "r-detail").send_keys(marker)
+    by_id(browser, "r-file").click()
+    wait(browser, lambda d: "Request filed" in by_id(d, "request-status").text, what="request filed")
+    wait(browser, lambda d: table_rows(d, "my-requests"), what="her requests")
+    by_id(browser, "r-detail").send_keys(f"draft {marker}")
+
+    left = sign_out_then_in(browser, demo, "provider_staff")
+    assert by_id(browser, "who-text").text.startswith("staff-sam")
+    assert marker not in left["text"] and "Request filed" not in left["text"], left
+    assert left["rows"]["access"] == 0 and left["rows"]["my_requests"] == 0, left
+    assert left["values"] == [], left
+    assert not by_id(browser, "mydata").is_displayed()
+    assert problems(browser) == []
+
+
+def test_a_token_refused_mid_session_signs_the_tab_out_and_says_why(browser, demo):
+    """A 401 for any of the console's queries (here the token in the tab no longer verifies)
+    signs out the same way: the page is loaded anew, empty, and the refusal is shown."""
+    sign_in(browser, demo, "provider_staff")
+    wait(browser, lambda d: table_rows(d, "audit-table"), what="staff rows")
+    browser.execute_script("const k = 'gateway-console-token', t = sessionStorage.getItem(k);"
+                           " sessionStorage.setItem(k, t.slice(0, -6) + (t.endsWith('AAAAAA')"
+                           " ? 'BBBBBB' : 'AAAAAA'))")
+    by_id(browser, "audit-search").click()
+    wait(browser, lambda d: d.execute_script("return document.readyState") == "complete"
+         and by_id(d, "signin").is_displayed(), what="signed out")
+    assert by_id(browser, "signin-error").text.startswith("bad_signature: "), \
+        by_id(browser, "signin-error").text
+    assert table_rows(browser, "audit-table") == [] and not by_id(browser, "who").is_displayed()
+    assert browser.execute_script("return sessionStorage.length") == 0
+    browser.refresh()                              # said once, not on every later load
+    wait(browser, lambda d: d.execute_script("return document.readyState") == "complete",
+         what="reloaded")
+    assert by_id(browser, "signin-error").text == ""
 
 
 def test_a_role_added_to_the_policy_signs_in_and_gets_the_views_its_groups_allow(

@@ -4,10 +4,12 @@
 //   Types, so a string assigned to innerHTML would throw;
 // - the token lives in this tab's sessionStorage and goes only to this gateway's own API
 //   (relative URLs; connect-src 'self');
-// - every query is a documented endpoint of the gateway API (GET /v1/openapi.json).
+// - every query is a documented endpoint of the gateway API (GET /v1/openapi.json);
+// - signing out loads the page anew (signOut): nothing one person was shown outlives it.
 "use strict";
 
 const TOKEN_KEY = "gateway-console-token";
+const SIGNED_OUT_KEY = "gateway-console-signed-out";   // why, shown by the page loaded anew
 // The roles are the policy's (GET /v1/catalog `roles`), never a list written here: what a
 // role may open follows from its gateway_api groups and whether it is a data subject.
 let roles = new Map();
@@ -201,14 +203,23 @@ async function signIn(jwt) {
   else say("signin-error", `Signed in, but the role ${mine.label} may use none of the console's views.`, true);
 }
 
+// Signing out forgets everything the console showed by loading the page anew, rather than
+// resetting each view: a new document cannot keep a table, chart, chain check, status line,
+// detail panel, typed filter or draft, nor a late answer to the last person's query (its
+// fetch dies with the old page), including those of a view added later and never taught to
+// reset. Only the token goes first, and the reason to show (no data) is carried over.
 function signOut(why) {
   sessionStorage.removeItem(TOKEN_KEY);
+  if (me === null) {    // a refused sign-in (nothing was shown), or the page is already going
+    say("signin-error", why || "", Boolean(why));
+    return;
+  }
   me = null;
-  for (const id of ["audit", "mydata", "requests"]) $(id).hidden = true;
-  $("tabs").hidden = true;
+  if (why) sessionStorage.setItem(SIGNED_OUT_KEY, why);
+  else sessionStorage.removeItem(SIGNED_OUT_KEY);
   $("who").hidden = true;
-  $("signin").hidden = false;
-  say("signin-error", why || "", Boolean(why));
+  document.querySelector("main").hidden = true;   // until the new page replaces this one
+  location.reload();
 }
 
 function show(tab) {
@@ -599,5 +610,8 @@ document.addEventListener("DOMContentLoaded", () => {
   $("request-form").addEventListener("submit", fileRequest);
   $("q-status").addEventListener("change", loadRequests);
   $("q-refresh").addEventListener("click", loadRequests);
+  const why = sessionStorage.getItem(SIGNED_OUT_KEY);
+  sessionStorage.removeItem(SIGNED_OUT_KEY);
+  if (why) say("signin-error", why, true);
   if (token()) signIn(token());
 });
