@@ -172,6 +172,10 @@ class Exporter:
 
     async def _open(self, path: str, call: Call):
         matched = pipeline.match_route(self.gw, "GET", path, call)
+        if self.viewer.sub not in call.row.subject_users:
+            # an EUO-wide source (the company directory, say) read for this user's export:
+            # the row names whose export it is, so it shows in that user's access log
+            call.row.subject_users = sorted({*call.row.subject_users, self.viewer.sub})
         target = pipeline.authorize(self.gw, self.viewer, "GET", matched)
         deadline = self.gw.backends.deadline()
         upstream = await pipeline.send(self.gw, target, "GET", CIMultiDict(), call, self.client,
