@@ -87,9 +87,20 @@ class Call:
         self.row.subject_euo = euo
         self.row.subject_users = sorted(set(users))
 
-    def about_each(self, users_by_euo: dict[str | None, set[str]]) -> None:
+    def about_each(self, users_by_euo: dict[str | None, set[str]], apart: bool = False) -> None:
         """An answer about users of several EUOs: one row per EUO (the same request id), so
-        each EUO's audit and each user's access log shows it."""
+        each EUO's audit and each user's access log shows it. `apart`: one row per user
+        (a row a user can see whole must not tell her who else it names)."""
+        if apart:
+            users_by_euo = {(euo, user): {user} for euo, users in users_by_euo.items()
+                            for user in users} or users_by_euo
+            groups = sorted(((key[0] if isinstance(key, tuple) else key, users)
+                             for key, users in users_by_euo.items()),
+                            key=lambda g: (g[0] or "", sorted(g[1])))
+            if groups:
+                self.about(*groups[0])
+                self.siblings = [(euo, sorted(users)) for euo, users in groups[1:]]
+            return
         groups = sorted(users_by_euo.items(), key=lambda g: g[0] or "")
         if groups:
             self.about(*groups[0])

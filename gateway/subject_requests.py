@@ -114,8 +114,8 @@ def _covers(gw, principal: Principal, req) -> bool:
         return req["euo_id"] == principal.euo
     return gw.contracts.active_partner(req["euo_id"]) == principal.partner
 
-# a request's rows name its subject and data sets; they serve none (the access log leaves
-# them out: a user never learns there who else filed a request)
+# a request's rows name its subject and data sets; they serve none. A listing leaves one
+# row per user, so that no user's access log (or slice) tells her who else filed one
 NAMED = "named"
 
 
@@ -235,7 +235,7 @@ async def list_requests(request: web.Request, principal: Principal, row: AuditRo
     users_by_euo: dict[str | None, set[str]] = {}
     for r in rows:
         users_by_euo.setdefault(r["euo_id"], set()).add(r["user_sub"])
-    request[CALL].about_each(users_by_euo)
+    request[CALL].about_each(users_by_euo, apart=True)
     request[CALL].row.access = NAMED
     return json_response({"requests": [public(r) for r in rows]})
 

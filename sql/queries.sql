@@ -57,9 +57,8 @@ select a.*, outcome_of(a) as outcome from audit_log a
  limit $13;
 
 -- name: access_log
--- What others did with one user's data (served, acted upon, explained: never rows that
--- only name her, such as another user's request listed beside hers): never the user's own
--- requests (a user is
+-- What others did with one user's data (served, acted upon, named, explained): never the
+-- user's own requests (a user is
 -- (EUO, sub) under a data-subject role $9: someone of another organisation with the same
 -- sub is someone else). Every column of the row: /v1/audit/slice proves these rows, the
 -- access log shows a few (and the break-glass grant's purpose and ticket).
@@ -69,7 +68,6 @@ select a.*, outcome_of(a) as outcome, g.purpose, g.ticket
  where a.subject_users @> array[$1::text]
    and a.subject_euo = $2
    and not (a.actor_role = any($9::text[]) and a.actor_euo = $2 and a.actor_sub = $1)
-   and a.access is distinct from 'named'
    and ($3::timestamptz is null or a.at >= $3)
    and ($4::timestamptz is null or a.at < $4)
    and ($5::timestamptz is null or (a.at, a.chain_id, a.seq) < ($5, $6::uuid, $7::bigint))
