@@ -185,7 +185,7 @@ async def test_a_new_role_needs_only_policy_files(policy_dir, backends, database
         # a reload that removes the role refuses its tokens at once (no cached principal)
         shutil.copy(POLICY_DIR / "roles.yaml", policy_dir / "roles.yaml")
         shutil.copy(POLICY_DIR / "policy.csv", policy_dir / "policy.csv")
-        assert reload_policy(app, policy_dir)
+        assert await reload_policy(app, policy_dir)
         status, _, body = await call(http, "GET", gw + ALICE, auditor)
         assert status == 401 and orjson.loads(body)["error"]["code"] == "unknown_role"
     finally:
