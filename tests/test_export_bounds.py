@@ -29,7 +29,7 @@ from .conftest import (
     audit_row,
     call,
     gateway_settings,
-    private_database,
+    own_database,
     running_gateway,
     unread_get,
     wait_for,
@@ -66,11 +66,11 @@ def _accesses(n: int) -> list[tuple]:
 
 
 @pytest_asyncio.fixture(scope="module")
-async def big_log(tmp_path_factory, demo):
-    """A private database in which u-alice's and u-bob's access logs hold ROWS accesses;
+async def big_log(database_url, template_database):
+    """A database of its own in which u-alice's and u-bob's access logs hold ROWS accesses;
     its pool."""
-    async with private_database(tmp_path_factory.mktemp("bounds") / "db", demo) as server:
-        pool = await asyncpg.create_pool(server.dsn, min_size=1, max_size=2)
+    async with own_database(database_url, template_database) as dsn:
+        pool = await asyncpg.create_pool(dsn, min_size=1, max_size=2)
         try:
             async with pool.acquire() as conn:
                 await conn.copy_records_to_table("audit_log", records=_accesses(ROWS),
@@ -80,7 +80,7 @@ async def big_log(tmp_path_factory, demo):
                 # idle, 60 pages an export), until autovacuum happens to analyze it (up to
                 # a minute later): a reading client's export then ran past its deadline
                 await conn.execute("analyze audit_log")
-            yield server.dsn, pool
+            yield dsn, pool
         finally:
             await pool.close()
 

@@ -32,7 +32,7 @@ from gateway.catalog import load_catalog
 from gateway.db import query
 from gateway.principal import Principal
 
-from .conftest import CALLERS, POLICY_DIR, call, gateway_settings, private_database, running_gateway, wait_for
+from .conftest import CALLERS, POLICY_DIR, call, gateway_settings, own_database, running_gateway, wait_for
 
 pytestmark = pytest.mark.slow
 
@@ -66,16 +66,17 @@ async def _slice(conn, principal):
 
 
 @pytest_asyncio.fixture(scope="module")
-async def sliced(tmp_path_factory, demo, backends, http, token_for):
-    """A private database whose log holds REQUESTS, sealed with trees; the slices and keys."""
+async def sliced(tmp_path_factory, database_url, template_database, backends, http,
+                 token_for):
+    """A database of its own whose log holds REQUESTS, sealed with trees; the slices and keys."""
     where = tmp_path_factory.mktemp("sliced")
-    async with private_database(where / "db", demo) as server:
+    async with own_database(database_url, template_database) as dsn:
         settings = gateway_settings(backends["urls"], audit_checkpoint_s=0.2, data_dir=where)
-        async with running_gateway(settings, server.dsn) as gw:
+        async with running_gateway(settings, dsn) as gw:
             for name, path in REQUESTS:
                 status = (await call(http, "GET", gw + path, token_for(**CALLERS_HERE[name])))[0]
                 assert status in (200, 403), (name, path)   # a refusal is a row too
-            conn = await asyncpg.connect(server.dsn)
+            conn = await asyncpg.connect(dsn)
             try:
                 async def sealed():       # every chain's rows so far under a signed tree
                     return await conn.fetchval(
@@ -110,7 +111,7 @@ async def sliced(tmp_path_factory, demo, backends, http, token_for):
             path = where / f"{key['key_id']}.pub.pem"
             path.write_text(key["public_key_pem"])
             pems.append(path)
-        yield {"dsn": server.dsn, "slices": slices, "pems": pems, "where": where,
+        yield {"dsn": dsn, "slices": slices, "pems": pems, "where": where,
                "private_key": where / "audit-signing-key.pem"}
 
 
