@@ -7,9 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import copy
-import os
 import subprocess
-import sys
 import uuid
 from datetime import UTC, datetime, timedelta
 
@@ -32,7 +30,16 @@ from gateway.catalog import load_catalog
 from gateway.db import query
 from gateway.principal import Principal
 
-from .conftest import CALLERS, POLICY_DIR, call, gateway_settings, own_database, running_gateway, wait_for
+from .conftest import (
+    CALLERS,
+    POLICY_DIR,
+    call,
+    gateway_main,
+    gateway_settings,
+    own_database,
+    running_gateway,
+    wait_for,
+)
 
 pytestmark = pytest.mark.slow
 
@@ -116,10 +123,10 @@ async def sliced(tmp_path_factory, database_url, template_database, backends, ht
 
 
 def _cli(*args: str) -> subprocess.CompletedProcess:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("GATEWAY_")}
-    env["GATEWAY_DATABASE_URL"] = "postgresql://nobody@127.0.0.1:1/none"   # never used
-    return subprocess.run([sys.executable, "-m", "gateway", "audit", *args], env=env,
-                          capture_output=True, text=True, timeout=60)
+    """`gateway audit ARGS` with no database, in this process (test_slice_download runs the
+    command as a process of its own)."""
+    return gateway_main("audit", *args,
+                        env={"GATEWAY_DATABASE_URL": "postgresql://nobody@127.0.0.1:1/none"})
 
 
 def _keyargs(pems) -> list[str]:
