@@ -251,6 +251,24 @@ async def wait_for(predicate, timeout: float = 3.0):
 POLICY_DIR = Path(DEFAULT_POLICY_DIR)
 
 
+def pytest_sessionfinish(session, exitstatus):
+    """PostgreSQL data directories are ~40-160 MB each and pytest keeps its last three
+    runs' temporary directories: remove each one the run left (its servers are stopped by
+    now), all but its log."""
+    factory = getattr(session.config, "_tmp_path_factory", None)
+    basetemp = getattr(factory, "_basetemp", None)
+    if basetemp is None or not basetemp.is_dir():
+        return
+    for pgdata in list(basetemp.rglob("pgdata")):
+        if pgdata.is_dir() and (pgdata / "PG_VERSION").exists():
+            for entry in pgdata.iterdir():
+                if entry.name != "log":
+                    if entry.is_dir() and not entry.is_symlink():
+                        shutil.rmtree(entry, ignore_errors=True)
+                    else:
+                        entry.unlink(missing_ok=True)
+
+
 def pytest_terminal_summary(terminalreporter, exitstatus, config):
     """The test order's seed, even under -q: `pytest --randomly-seed=N` repeats it."""
     seed = getattr(config.option, "randomly_seed", None)
