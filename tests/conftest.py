@@ -31,6 +31,7 @@ from gateway.db import EmbeddedPostgres
 from gateway.demo import data as demo_data
 from gateway.demo.backends import meeting_app, telephony_app
 from gateway.demo.run import seed_contracts, start_site
+from gateway.policyset import PolicySet, load_policy_set, policy_version
 from gateway.settings import DEFAULT_POLICY_DIR, Settings
 
 SECRET = "test-only-secret-" + "x" * 32          # a test key, not a secret
@@ -154,10 +155,27 @@ def gateway_settings(upstreams: dict[str, str], **changes) -> Settings:
     return base.with_(**changes)
 
 
+_SHIPPED: dict[str, PolicySet] = {}
+
+
+def shipped_policy_set(policy_dir) -> PolicySet | None:
+    """The shipped policy directory loaded once per content (its version), for the many
+    gateways the tests start (~0.2 s each, most of it reading YAML); None for any other
+    directory, which create_app loads itself."""
+    if Path(policy_dir).resolve() != Path(DEFAULT_POLICY_DIR).resolve():
+        return None
+    version = policy_version(policy_dir)
+    if version not in _SHIPPED:
+        _SHIPPED.clear()
+        _SHIPPED[version] = load_policy_set(policy_dir)
+    return _SHIPPED[version]
+
+
 @contextlib.asynccontextmanager
 async def running_gateway(settings: Settings, dsn: str) -> AsyncIterator[str]:
     """A gateway on a free loopback port; yields its base URL."""
-    runner, port = await start_site(create_app(settings, dsn), "127.0.0.1", 0)
+    app = create_app(settings, dsn, policy_set=shipped_policy_set(settings.policy_dir))
+    runner, port = await start_site(app, "127.0.0.1", 0)
     try:
         yield f"http://127.0.0.1:{port}"
     finally:
