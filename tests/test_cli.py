@@ -9,7 +9,7 @@ import sys
 
 import orjson
 
-from .conftest import call
+from .conftest import call, gateway_main
 
 
 def run_cli(*args: str, **env: str) -> subprocess.CompletedProcess:
@@ -23,7 +23,7 @@ def test_every_command_and_option_has_help():
                     "token"):
         assert command in top
     for args in (("token",), ("audit", "query"), ("demo",), ("contracts", "list")):
-        text = run_cli(*args, "--help").stdout
+        text = gateway_main(*args, "--help").stdout
         options = [w for w in text.split() if w.startswith("--") and w != "--help"]
         for option in options:
             line = next(li for li in text.splitlines() if option in li)
@@ -53,6 +53,6 @@ def test_a_token_says_which_secret_signed_it(tmp_path):
 
 
 def test_demo_reset_refuses_an_external_database(tmp_path):
-    done = run_cli("demo", "--reset", GATEWAY_DATA_DIR=str(tmp_path),
-                   GATEWAY_DATABASE_URL="postgresql://x@127.0.0.1:9/x")
+    done = gateway_main("demo", "--reset", env={
+        "GATEWAY_DATA_DIR": str(tmp_path), "GATEWAY_DATABASE_URL": "postgresql://x@127.0.0.1:9/x"})
     assert done.returncode == 2 and "deletes only the embedded database" in done.stderr
