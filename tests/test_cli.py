@@ -53,6 +53,6 @@ def test_a_token_says_which_secret_signed_it(tmp_path):
 
 
 def test_demo_reset_refuses_an_external_database(tmp_path):
-    done = gateway_main("demo", "--reset", env={
-        "GATEWAY_DATA_DIR": str(tmp_path), "GATEWAY_DATABASE_URL": "postgresql://x@127.0.0.1:9/x"})
+    done = run_cli("demo", "--reset", GATEWAY_DATA_DIR=str(tmp_path),
+                   GATEWAY_DATABASE_URL="postgresql://x@127.0.0.1:9/x")
     assert done.returncode == 2 and "deletes only the embedded database" in done.stderr
