@@ -5,8 +5,8 @@ The model (model.conf) must be Casbin's four-field equality match with allow-onl
 granted exactly when a line equals it. So the table is built from the lines Casbin parsed
 (a set per role, relation and action: a request costs a few dictionary look-ups however
 long the policy is), and any other model.conf is refused at load, so the table can never
-drift from what Casbin would answer (tests/test_policy.py compares the two). Relations come
-from the principal's claims, the path and the contracts cache.
+drift from what Casbin would answer (tests/test_policy_table.py compares the two). Relations
+come from the principal's claims, the path and the contracts cache.
 """
 
 from __future__ import annotations
