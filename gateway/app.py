@@ -111,6 +111,7 @@ def create_app(settings: Settings, dsn: str, reload_on_sighup: bool = False,
     console.add_routes(app)
     retention_report.add_routes(app)
     app[POLICY_SET] = policy_set
+    app[RELOADING] = asyncio.Lock()
     if reload_on_sighup:
         app.on_startup.append(_reload_on_sighup(settings))
         app.on_startup.append(_settle_gc)         # a serving process, not a test's app
@@ -238,21 +239,34 @@ async def _settle_gc(app: web.Application) -> None:
 
 def _reload_on_sighup(settings: Settings):
     async def install(app: web.Application) -> None:
-        asyncio.get_running_loop().add_signal_handler(
-            signal.SIGHUP, lambda: reload_policy(app, settings.policy_dir))
+        reloads: set[asyncio.Task] = set()      # held until done (the loop keeps weak refs)
+
+        def on_sighup() -> None:
+            task = asyncio.create_task(reload_policy(app, settings.policy_dir))
+            reloads.add(task)
+            task.add_done_callback(reloads.discard)
+        asyncio.get_running_loop().add_signal_handler(signal.SIGHUP, on_sighup)
     return install
 
 
-def reload_policy(app: web.Application, policy_dir) -> bool:
+RELOADING = web.AppKey("reloading", asyncio.Lock)
+
+
+async def reload_policy(app: web.Application, policy_dir) -> bool:
     """Load the policy directory, check its floors and swap it in whole — or keep the
-    policy in force and log why. Returns whether the new policy is in force."""
+    policy in force and log why. Returns whether the new policy is in force.
+
+    The files are read and checked in a thread, so the loop goes on serving (and the
+    mirrors' heartbeats on being heard) meanwhile; only the swap runs on the loop. Reloads
+    run one at a time, so the last one asked for is the one left in force."""
     gw = app[pipeline.GATEWAY]
-    try:
-        new = load_policy_set(policy_dir)
-    except (PolicyError, OSError) as e:
-        log.error("policy reload refused, policy %s stays in force: %s", gw.policy_version, e)
-        return False
-    gw.use(new.catalog, new.policy, new.version, new.export_sources, new.erasers)
+    async with app[RELOADING]:
+        try:
+            new = await asyncio.to_thread(load_policy_set, policy_dir)
+        except (PolicyError, OSError) as e:
+            log.error("policy reload refused, policy %s stays in force: %s", gw.policy_version, e)
+            return False
+        gw.use(new.catalog, new.policy, new.version, new.export_sources, new.erasers)
     log.info("policy %s in force (reloaded from %s)", new.version, policy_dir)
     return True
 

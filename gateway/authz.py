@@ -1,13 +1,17 @@
 """Casbin decisions over (role, relation, data set, action), and the floors check.
 
-Casbin is asked once per (role, relation, action, data set) when the policy loads; the
-answers are kept as sets, so a request costs a few dictionary look-ups however long the
-policy is. Relations come from the principal's claims, the path and the contracts cache.
+The model (model.conf) must be Casbin's four-field equality match with allow-only effect
+(MODEL below), and for that model the allow-lines *are* the decision table: a question is
+granted exactly when a line equals it. So the table is built from the lines Casbin parsed
+(a set per role, relation and action: a request costs a few dictionary look-ups however
+long the policy is), and any other model.conf is refused at load, so the table can never
+drift from what Casbin would answer (tests/test_policy_table.py compares the two). Relations
+come from the principal's claims, the path and the contracts cache.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from functools import lru_cache
 from pathlib import Path
 
@@ -18,19 +22,36 @@ from .errors import Denied
 from .principal import Principal
 from .roles import SUBJECT_RELATIONS
 
+FIELDS = ("role", "rel", "ds", "act")
+MODEL = """[request_definition]
+r = role, rel, ds, act
+
+[policy_definition]
+p = role, rel, ds, act
+
+[policy_effect]
+e = some(where (p.eft == allow))
+
+[matchers]
+m = r.role == p.role && r.rel == p.rel && r.ds == p.ds && r.act == p.act
+"""
+
 
 class Policy:
     """The allow-lines of policy.csv as look-up tables, checked against the floors."""
 
-    def __init__(self, catalog: Catalog, enforcer: casbin.Enforcer):
+    def __init__(self, catalog: Catalog, lines: Sequence[Sequence[str]]):
+        """`lines`: policy.csv's p-lines as Casbin parsed them, under the model MODEL."""
         self.catalog = catalog
-        self._lines: dict[tuple[str, str, str], frozenset[str]] = {}
-        for role in catalog.roles:
-            for rel in RELATIONS:
-                for act in ACTIONS:
-                    self._lines[role, rel, act] = frozenset(
-                        ds for ds in catalog.data_sets if enforcer.enforce(role, rel, ds, act))
-        self._unknown = _unknown_terms(enforcer, catalog)
+        table: dict[tuple[str, str, str], set[str]] = {
+            (role, rel, act): set() for role in catalog.roles for rel in RELATIONS for act in ACTIONS}
+        for line in lines:
+            if len(line) == 4 and line[2] in catalog.data_sets:
+                role, rel, ds, act = line
+                if (role, rel, act) in table:
+                    table[role, rel, act].add(ds)
+        self._lines = {key: frozenset(granted) for key, granted in table.items()}
+        self._unknown = list(_unknown_terms(lines, catalog))
         self.granted = lru_cache(maxsize=4096)(self._granted)
         self.line_numbers: dict[tuple[str, str, str, str], int] = {}   # policy.csv, by line
 
@@ -101,16 +122,9 @@ class Policy:
 
 
 def load_policy(policy_dir: Path, catalog: Catalog) -> Policy:
-    """Load model.conf and policy.csv with Casbin and refuse a policy that breaks a floor."""
-    model, lines = policy_dir / "model.conf", policy_dir / "policy.csv"
-    for path in (model, lines):
-        if not path.is_file():
-            raise PolicyError(f"cannot read {path}")
-    try:
-        enforcer = casbin.Enforcer(str(model), str(lines))
-    except Exception as e:  # casbin raises bare exceptions of many kinds on bad files
-        raise PolicyError(f"Casbin could not load {model} / {lines}: {e}") from None
-    policy = Policy(catalog, enforcer)
+    """Load model.conf and policy.csv and refuse a policy that breaks a floor."""
+    policy = read_policy(policy_dir, catalog)
+    lines = policy_dir / "policy.csv"
     policy.check_floors(lines)
     for number, text in enumerate(lines.read_text(encoding="utf-8").splitlines(), 1):
         fields = [f.strip() for f in text.split(",")]
@@ -119,9 +133,43 @@ def load_policy(policy_dir: Path, catalog: Catalog) -> Policy:
     return policy
 
 
-def _unknown_terms(enforcer: casbin.Enforcer, catalog: Catalog) -> Iterable[str]:
+def read_policy(policy_dir: Path, catalog: Catalog) -> Policy:
+    """policy.csv's lines as parsed by Casbin, as a table (floors not checked); a
+    PolicyError for an unreadable file or a model.conf that is not MODEL."""
+    model, lines = policy_dir / "model.conf", policy_dir / "policy.csv"
+    for path in (model, lines):
+        if not path.is_file():
+            raise PolicyError(f"cannot read {path}")
+    try:
+        enforcer = casbin.Enforcer(str(model), str(lines))
+    except Exception as e:  # casbin raises bare exceptions of many kinds on bad files
+        raise PolicyError(f"Casbin could not load {model} / {lines}: {e}") from None
+    _check_model(enforcer, model)
+    return Policy(catalog, enforcer.get_policy())
+
+
+def _check_model(enforcer: casbin.Enforcer, path: Path) -> None:
+    """Raise PolicyError unless the model is MODEL: the one whose decisions are its lines."""
+    sections = enforcer.get_model().model
+    want = {"r": [f"r_{f}" for f in FIELDS], "p": [f"p_{f}" for f in FIELDS]}
+    shape = {sec: sorted(keys) for sec, keys in sections.items()}
+    matcher = sections.get("m", {}).get("m")
+    terms = sorted(t.replace(" ", "") for t in matcher.value.split("&&")) if matcher else []
+    effect = sections.get("e", {}).get("e")
+    if (shape != {"r": ["r"], "p": ["p"], "e": ["e"], "m": ["m"]}
+            or any(sections[sec][sec].tokens != tokens for sec, tokens in want.items())
+            or effect.value.replace(" ", "") != "some(where(p_eft==allow))"
+            or terms != sorted(f"r_{f}==p_{f}" for f in FIELDS)):
+        raise PolicyError(
+            f"{path} is not the model the gateway decides with. It takes policy.csv's lines as "
+            "its decision table, which is what Casbin answers only for the four-field equality "
+            "match with allow-only effect (no roles, no patterns, no deny); model.conf must "
+            f"say exactly this (comments aside):\n{MODEL}")
+
+
+def _unknown_terms(lines: Sequence[Sequence[str]], catalog: Catalog) -> Iterable[str]:
     """Policy lines naming a role, relation, data set or action nobody knows: typos."""
-    for line in enforcer.get_policy():
+    for line in lines:
         if len(line) != 4:
             yield f"policy line {line} does not have 4 fields"
             continue

@@ -4,15 +4,18 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import io
 import os
 import shutil
 import socket
 import subprocess
 import sys
 import time
+import uuid
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit, urlunsplit
 
 import aiohttp
 import asyncpg
@@ -28,6 +31,7 @@ from gateway.db import EmbeddedPostgres
 from gateway.demo import data as demo_data
 from gateway.demo.backends import meeting_app, telephony_app
 from gateway.demo.run import seed_contracts, start_site
+from gateway.policyset import PolicySet, load_policy_set, policy_version
 from gateway.settings import DEFAULT_POLICY_DIR, Settings
 
 SECRET = "test-only-secret-" + "x" * 32          # a test key, not a secret
@@ -42,15 +46,18 @@ def database_url(tmp_path_factory) -> str:
     if given:
         yield given
         return
-    server = EmbeddedPostgres(tmp_path_factory.mktemp("db"))
+    where = tmp_path_factory.mktemp("db")
+    server = EmbeddedPostgres(where)
     yield server.start()
     server.stop()
+    shutil.rmtree(where, ignore_errors=True)      # ~40 MB a run, kept by pytest otherwise
 
 
 @contextlib.asynccontextmanager
 async def private_database(where: Path, demo: demo_data.DemoData) -> AsyncIterator[EmbeddedPostgres]:
-    """A PostgreSQL of a module's own (for tests that freeze, lock or tamper with it), the
-    demo contracts seeded; yields the server (its DSN as `.dsn`)."""
+    """A PostgreSQL server of a module's own (for tests that freeze, stop or kill it), the
+    demo contracts seeded; yields the server (its DSN as `.dsn`). A test that only needs a
+    database nobody else writes to takes `own_database` (a second, not a fifth)."""
     server = EmbeddedPostgres(where)
     server.dsn = await asyncio.to_thread(server.start)
     await seed_contracts(server.dsn, demo)
@@ -58,6 +65,45 @@ async def private_database(where: Path, demo: demo_data.DemoData) -> AsyncIterat
         yield server
     finally:
         await asyncio.to_thread(server.stop)
+        shutil.rmtree(where, ignore_errors=True)
+
+
+def _on_database(dsn: str, name: str) -> str:
+    """The DSN of another database of the same server."""
+    parts = urlsplit(dsn)
+    return urlunsplit(parts._replace(path="/" + name))
+
+
+@pytest_asyncio.fixture(scope="session")
+async def template_database(database_url, demo) -> AsyncIterator[str]:
+    """A database of the test server, migrated and with the demo contracts, that nobody
+    connects to: `own_database` copies it (CREATE DATABASE … TEMPLATE). Its name."""
+    name = f"gateway_template_{uuid.uuid4().hex[:8]}"
+    admin = await asyncpg.connect(database_url)
+    try:
+        await admin.execute(f'create database "{name}"')
+        await seed_contracts(_on_database(database_url, name), demo)
+        yield name
+        await admin.execute(f'drop database "{name}" with (force)')
+    finally:
+        await admin.close()
+
+
+@contextlib.asynccontextmanager
+async def own_database(database_url: str, template: str) -> AsyncIterator[str]:
+    """A database of the test server for one test or module alone (whose rows it may
+    tamper with, its triggers disable), migrated, the demo contracts seeded; its DSN.
+    A copy of `template_database`: ~0.2 s, where a server of its own takes ~5 s and 64 MB."""
+    name = f"own_{uuid.uuid4().hex[:12]}"
+    admin = await asyncpg.connect(database_url)
+    try:
+        await admin.execute(f'create database "{name}" template "{template}"')
+        try:
+            yield _on_database(database_url, name)
+        finally:
+            await admin.execute(f'drop database "{name}" with (force)')
+    finally:
+        await admin.close()
 
 
 @pytest.fixture(scope="session")
@@ -109,10 +155,27 @@ def gateway_settings(upstreams: dict[str, str], **changes) -> Settings:
     return base.with_(**changes)
 
 
+_SHIPPED: dict[str, PolicySet] = {}
+
+
+def shipped_policy_set(policy_dir) -> PolicySet | None:
+    """The shipped policy directory loaded once per content (its version), for the many
+    gateways the tests start (~0.2 s each, most of it reading YAML); None for any other
+    directory, which create_app loads itself."""
+    if Path(policy_dir).resolve() != Path(DEFAULT_POLICY_DIR).resolve():
+        return None
+    version = policy_version(policy_dir)
+    if version not in _SHIPPED:
+        _SHIPPED.clear()
+        _SHIPPED[version] = load_policy_set(policy_dir)
+    return _SHIPPED[version]
+
+
 @contextlib.asynccontextmanager
 async def running_gateway(settings: Settings, dsn: str) -> AsyncIterator[str]:
     """A gateway on a free loopback port; yields its base URL."""
-    runner, port = await start_site(create_app(settings, dsn), "127.0.0.1", 0)
+    app = create_app(settings, dsn, policy_set=shipped_policy_set(settings.policy_dir))
+    runner, port = await start_site(app, "127.0.0.1", 0)
     try:
         yield f"http://127.0.0.1:{port}"
     finally:
@@ -206,6 +269,24 @@ async def wait_for(predicate, timeout: float = 3.0):
 POLICY_DIR = Path(DEFAULT_POLICY_DIR)
 
 
+def pytest_sessionfinish(session, exitstatus):
+    """PostgreSQL data directories are ~40-160 MB each and pytest keeps its last three
+    runs' temporary directories: remove each one the run left (its servers are stopped by
+    now), all but its log."""
+    factory = getattr(session.config, "_tmp_path_factory", None)
+    basetemp = getattr(factory, "_basetemp", None)
+    if basetemp is None or not basetemp.is_dir():
+        return
+    for pgdata in list(basetemp.rglob("pgdata")):
+        if pgdata.is_dir() and (pgdata / "PG_VERSION").exists():
+            for entry in pgdata.iterdir():
+                if entry.name != "log":
+                    if entry.is_dir() and not entry.is_symlink():
+                        shutil.rmtree(entry, ignore_errors=True)
+                    else:
+                        entry.unlink(missing_ok=True)
+
+
 def pytest_terminal_summary(terminalreporter, exitstatus, config):
     """The test order's seed, even under -q: `pytest --randomly-seed=N` repeats it."""
     seed = getattr(config.option, "randomly_seed", None)
@@ -272,6 +353,35 @@ def serve_env(backends, database_url: str, tmp_path, port: int, **env: str) -> d
             "GATEWAY_DATA_DIR": str(tmp_path),
             "GATEWAY_AUDIT_COMMIT_TIMEOUT_S": str(TEST_COMMIT_TIMEOUT_S), **env}
 
+
+
+def gateway_main(*argv: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
+    """`gateway ARGV` run in this process (gateway.__main__.main) with `env` as its only
+    GATEWAY_* variables: its exit status and what it printed, as a subprocess would give
+    them, without starting Python and importing the gateway again (~1 s a command). Not
+    for `serve` and `demo`, which install uvloop's event loop policy for the whole process
+    (it is put back here, but they serve until a signal); a command that runs an event
+    loop of its own (asyncio.run) is called in a thread from an async test. Each command
+    family keeps one test through a real process (`python -m gateway ...`)."""
+    from gateway.__main__ import main
+    saved = {k: v for k, v in os.environ.items() if k.startswith("GATEWAY_")}
+    policy = asyncio.get_event_loop_policy()
+    out, err = io.StringIO(), io.StringIO()
+    try:
+        for name in saved:
+            del os.environ[name]
+        os.environ.update(env or {})
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+            try:
+                code = main(list(argv))
+            except SystemExit as e:            # argparse's usage errors and --help
+                code = e.code if isinstance(e.code, int) else int(e.code is not None)
+    finally:
+        for name in [k for k in os.environ if k.startswith("GATEWAY_")]:
+            del os.environ[name]
+        os.environ.update(saved)
+        asyncio.set_event_loop_policy(policy)
+    return subprocess.CompletedProcess(["gateway", *argv], code, out.getvalue(), err.getvalue())
 
 SERVE = [sys.executable, "-m", "gateway", "serve"]
 

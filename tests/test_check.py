@@ -3,6 +3,7 @@ exit 0 when nothing stops `serve`, 2 otherwise."""
 
 from __future__ import annotations
 
+import asyncio
 import re
 import shutil
 
@@ -11,8 +12,15 @@ import asyncpg
 from gateway.check import runtime_privileges
 from gateway.db import SQL_DIR
 
-from .conftest import POLICY_DIR, SECRET, free_port, serve_env
+from .conftest import POLICY_DIR, SECRET, free_port, gateway_main, serve_env
 from .roles import drop_last_migration, gateway_cli, migrated_with_grants, two_roles
+
+
+async def check(env: dict[str, str]):
+    """`gateway check` in this process (in a thread: the backends it asks answer on this
+    loop), with env's GATEWAY_* variables; the first test runs it as a process of its own."""
+    return await asyncio.to_thread(gateway_main, "check", env={
+        k: v for k, v in env.items() if k.startswith("GATEWAY_")})
 
 
 async def test_a_good_setup_passes_and_prints_no_secret(database_url, backends, tmp_path):
@@ -35,16 +43,16 @@ async def test_a_policy_that_breaks_a_floor_is_a_problem(database_url, backends,
     shutil.copytree(POLICY_DIR, policy)
     with open(policy / "policy.csv", "a") as f:
         f.write("p, provider_staff, any, voicemails, read\n")
-    done = await gateway_cli("check", env=serve_env(backends, database_url, tmp_path, free_port(),
-                                                    GATEWAY_POLICY_DIR=str(policy)))
+    done = await check(serve_env(backends, database_url, tmp_path, free_port(),
+                                 GATEWAY_POLICY_DIR=str(policy)))
     assert done.returncode == 2
     assert any(line.startswith(f"problem: policy {policy}") and "provider_staff" in line
                for line in done.stdout.splitlines()), done.stdout
 
 
 async def test_an_unreadable_policy_dir_is_a_problem(database_url, backends, tmp_path):
-    done = await gateway_cli("check", env=serve_env(backends, database_url, tmp_path, free_port(),
-                                                    GATEWAY_POLICY_DIR=str(tmp_path / "none")))
+    done = await check(serve_env(backends, database_url, tmp_path, free_port(),
+                                 GATEWAY_POLICY_DIR=str(tmp_path / "none")))
     assert done.returncode == 2
     assert f"problem: policy file {tmp_path / 'none' / 'routes.yaml'} is not readable" \
         in done.stdout.splitlines()
@@ -53,8 +61,8 @@ async def test_an_unreadable_policy_dir_is_a_problem(database_url, backends, tmp
 async def test_an_unreachable_database_is_a_problem_and_its_password_stays_hidden(
         backends, tmp_path):
     dsn = f"postgresql://gw:hunter2-password@127.0.0.1:{free_port()}/gateway"
-    done = await gateway_cli("check", env=serve_env(backends, dsn, tmp_path, free_port(),
-                                                    GATEWAY_DB_CONNECT_TIMEOUT_S="1"))
+    done = await check(serve_env(backends, dsn, tmp_path, free_port(),
+                                 GATEWAY_DB_CONNECT_TIMEOUT_S="1"))
     assert done.returncode == 2
     assert any(line.startswith("problem: the database is not reachable after 1 s")
                for line in done.stdout.splitlines()), done.stdout
@@ -66,8 +74,8 @@ async def test_a_missing_migration_is_a_problem(database_url, backends, tmp_path
     async with two_roles(database_url) as roles:
         await migrated_with_grants(roles)
         last = await drop_last_migration(roles)
-        done = await gateway_cli("check", env=serve_env(backends, roles.owner_dsn, tmp_path,
-                                                        free_port()))
+        done = await check(serve_env(backends, roles.owner_dsn, tmp_path,
+                                     free_port()))
     assert done.returncode == 2
     assert (f"problem: the database schema is not current ({last} not applied): run `gateway "
             "migrate` as the schema's owner") in done.stdout.splitlines()
@@ -81,8 +89,8 @@ async def test_a_runtime_role_without_its_grants_is_a_problem(database_url, back
             await owner.execute(f'revoke delete on contracts from "{roles.runtime}"')
         finally:
             await owner.close()
-        done = await gateway_cli("check", env=serve_env(backends, roles.runtime_dsn, tmp_path,
-                                                        free_port()))
+        done = await check(serve_env(backends, roles.runtime_dsn, tmp_path,
+                                     free_port()))
     assert done.returncode == 2
     assert (f"problem: role {roles.runtime} lacks DELETE on contracts: run `gateway grant "
             f"--role {roles.runtime}` as the schema's owner") in done.stdout.splitlines()

@@ -18,17 +18,17 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from gateway.audit.checkpoints import load_public_keys, verify_checkpoints
 
-from .conftest import call, gateway_settings, private_database, running_gateway, wait_for
+from .conftest import call, gateway_settings, own_database, running_gateway, wait_for
 
 pytestmark = pytest.mark.slow
 ACME = "/telephony/euos/euo-acme"
 
 
 @pytest_asyncio.fixture(scope="module")
-async def sealed_db(tmp_path_factory, demo):
-    """A PostgreSQL of this module's own (its rows get tampered with), with contracts."""
-    async with private_database(tmp_path_factory.mktemp("sealed-db"), demo) as server:
-        yield server.dsn
+async def sealed_db(database_url, template_database):
+    """A database of this module's own (its rows get tampered with), with contracts."""
+    async with own_database(database_url, template_database) as dsn:
+        yield dsn
 
 
 async def _sealed_chain(backends, dsn, http, token_for, tmp_path) -> tuple[uuid.UUID, list[str]]:
@@ -170,7 +170,7 @@ async def _three_rows(http, gw: str, token_for, db) -> uuid.UUID:
 
 
 async def test_a_row_altered_before_its_seal_is_found_against_what_was_written(
-        backends, http, token_for, tmp_path, demo):
+        backends, http, token_for, tmp_path, database_url, template_database):
     """The checkpoint builds its tree from the leaves the writer committed, not from the
     rows read back: a row altered between its commit and the seal does not get itself
     signed. The signed root is that of the rows as written, which the altered rows no
@@ -186,11 +186,11 @@ async def test_a_row_altered_before_its_seal_is_found_against_what_was_written(
             tree.append(record_leaf(row))
         return tree.root()
 
-    async with private_database(tmp_path / "db", demo) as server:
+    async with own_database(database_url, template_database) as dsn:
         settings = gateway_settings(backends["urls"], audit_checkpoint_s=3600, data_dir=tmp_path)
-        conn = await asyncpg.connect(server.dsn)
+        conn = await asyncpg.connect(dsn)
         try:
-            async with running_gateway(settings, server.dsn) as gw:
+            async with running_gateway(settings, dsn) as gw:
                 chain = await _three_rows(http, gw, token_for, conn)
                 written = await conn.fetchval(
                     "select data_sets from audit_log where chain_id = $1 and seq = 2", chain)
@@ -229,18 +229,18 @@ async def _seal_elsewhere(pool: asyncpg.Pool, chain: uuid.UUID) -> asyncpg.Recor
 
 
 async def test_a_chain_the_writer_does_not_hold_is_sealed_from_its_rows_read_back(
-        backends, http, token_for, tmp_path, demo):
+        backends, http, token_for, tmp_path, database_url, template_database):
     """Another process's chain (or one past the writer's bound of unsealed leaves): the
     checkpoint reads its rows back, checks them against their chain and builds the same
     tree the rows give."""
     from gateway.audit.leaves import record_leaf
     from gateway.audit.merkle import Frontier
 
-    async with private_database(tmp_path / "db", demo) as server:
+    async with own_database(database_url, template_database) as dsn:
         settings = gateway_settings(backends["urls"], audit_checkpoint_s=3600, data_dir=tmp_path)
-        pool = await asyncpg.create_pool(server.dsn, min_size=1, max_size=2)
+        pool = await asyncpg.create_pool(dsn, min_size=1, max_size=2)
         try:
-            async with running_gateway(settings, server.dsn) as gw:
+            async with running_gateway(settings, dsn) as gw:
                 chain = await _three_rows(http, gw, token_for, pool)
                 head = await pool.fetchrow("select last_seq from audit_chain_heads "
                                            "where chain_id = $1", chain)
@@ -255,7 +255,7 @@ async def test_a_chain_the_writer_does_not_hold_is_sealed_from_its_rows_read_bac
 
 
 async def test_a_tree_stored_a_node_a_row_before_goes_on_growing_and_proving(
-        backends, http, token_for, tmp_path, demo):
+        backends, http, token_for, tmp_path, database_url, template_database):
     """A chain sealed before 024 has its nodes one a row (audit_merkle_nodes); sealed again
     after it, its tree grows from them, its new nodes are stored a run of a level a row
     (one row per level), and every row's inclusion proof and the consistency proof between
@@ -275,11 +275,11 @@ async def test_a_tree_stored_a_node_a_row_before_goes_on_growing_and_proving(
         _, size, root = await _seal_elsewhere(pool, chain)
         return size, bytes(root)
 
-    async with private_database(tmp_path / "db", demo) as server:
+    async with own_database(database_url, template_database) as dsn:
         settings = gateway_settings(backends["urls"], audit_checkpoint_s=3600, data_dir=tmp_path)
-        pool = await asyncpg.create_pool(server.dsn, min_size=1, max_size=2)
+        pool = await asyncpg.create_pool(dsn, min_size=1, max_size=2)
         try:
-            async with running_gateway(settings, server.dsn) as gw:
+            async with running_gateway(settings, dsn) as gw:
                 chain = await _three_rows(http, gw, token_for, pool)
                 first = await seal(pool, chain)
                 async with pool.acquire() as conn, conn.transaction():   # as 017 stored them

@@ -9,7 +9,7 @@ import sys
 
 import orjson
 
-from .conftest import call
+from .conftest import call, gateway_main
 
 
 def run_cli(*args: str, **env: str) -> subprocess.CompletedProcess:
@@ -23,7 +23,7 @@ def test_every_command_and_option_has_help():
                     "token"):
         assert command in top
     for args in (("token",), ("audit", "query"), ("demo",), ("contracts", "list")):
-        text = run_cli(*args, "--help").stdout
+        text = gateway_main(*args, "--help").stdout
         options = [w for w in text.split() if w.startswith("--") and w != "--help"]
         for option in options:
             line = next(li for li in text.splitlines() if option in li)

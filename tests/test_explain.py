@@ -11,7 +11,7 @@ from urllib.parse import quote
 import orjson
 import pytest
 
-from .conftest import CALLERS, audit_row, call
+from .conftest import CALLERS, audit_row, call, gateway_main
 from .test_visibility import CASES, T
 
 CONTRACTS = ["--contract", "euo-acme=p-northwind", "--contract", "euo-globex=p-northwind"]
@@ -73,6 +73,12 @@ async def test_explain_refusals_and_bad_input(gateway, http, token_for):
 
 
 def _offline(*args: str) -> subprocess.CompletedProcess:
+    """`gateway policy explain ARGS` (the shipped policy), in this process."""
+    return gateway_main("policy", "explain", *args)
+
+
+def _offline_process(*args: str) -> subprocess.CompletedProcess:
+    """`gateway policy explain ARGS` as a process of its own (the command line itself)."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("GATEWAY_")}
     return subprocess.run([sys.executable, "-m", "gateway", "policy", "explain", *args], env=env,
                           capture_output=True, text=True, timeout=60)
@@ -97,8 +103,8 @@ async def test_offline_explain_matches_the_endpoint(gateway, http, token_for):
     path = f"{T}/users/u-alice/recordings"
     online = await _explain(http, gateway, token_for("partner"), path)
     c = CALLERS["partner"]
-    done = _offline("--role", c["role"], "--sub", c["sub"], "--partner", c["partner"],
-                    *CONTRACTS, path)
+    done = _offline_process("--role", c["role"], "--sub", c["sub"], "--partner", c["partner"],
+                            *CONTRACTS, path)
     assert done.returncode == 0, done.stderr
     offline = orjson.loads(done.stdout)
     for key in ("route", "relations", "decision", "reason", "served", "removed", "policy_lines"):

@@ -4,10 +4,7 @@ roles.yaml counterpart of test_policy's new data set and new service."""
 
 from __future__ import annotations
 
-import os
 import shutil
-import subprocess
-import sys
 import uuid
 
 import jwt
@@ -23,7 +20,7 @@ from gateway.catalog import ACTIONS, RELATIONS, PolicyError, load_catalog
 from gateway.demo.run import seed_contracts, start_site
 from gateway.roles import COLUMNS, COLUMNS_OF_CLAIM
 
-from .conftest import POLICY_DIR, call, gateway_settings, wait_for
+from .conftest import POLICY_DIR, call, gateway_main, gateway_settings, wait_for
 
 ALICE = "/telephony/euos/euo-acme/users/u-alice"
 
@@ -185,7 +182,7 @@ async def test_a_new_role_needs_only_policy_files(policy_dir, backends, database
         # a reload that removes the role refuses its tokens at once (no cached principal)
         shutil.copy(POLICY_DIR / "roles.yaml", policy_dir / "roles.yaml")
         shutil.copy(POLICY_DIR / "policy.csv", policy_dir / "policy.csv")
-        assert reload_policy(app, policy_dir)
+        assert await reload_policy(app, policy_dir)
         status, _, body = await call(http, "GET", gw + ALICE, auditor)
         assert status == 401 and orjson.loads(body)["error"]["code"] == "unknown_role"
     finally:
@@ -194,13 +191,11 @@ async def test_a_new_role_needs_only_policy_files(policy_dir, backends, database
 
 def test_gateway_token_mints_any_role_of_the_policy(policy_dir, tmp_path):
     add_roles(policy_dir, PARTNER_SUPPORT)
-    env = dict(os.environ, GATEWAY_POLICY_DIR=str(policy_dir), GATEWAY_DATA_DIR=str(tmp_path),
-               GATEWAY_JWT_SECRET="k" * 40)
-    env.pop("GATEWAY_JWT_ISSUER", None)
+    env = {"GATEWAY_POLICY_DIR": str(policy_dir), "GATEWAY_DATA_DIR": str(tmp_path),
+           "GATEWAY_JWT_SECRET": "k" * 40}
 
-    def token(*args):
-        return subprocess.run([sys.executable, "-m", "gateway", "token", *args], env=env,
-                              capture_output=True, text=True, timeout=60)
+    def token(*args):          # in this process (test_cli runs `gateway token` as one)
+        return gateway_main("token", *args, env=env)
     done = token("--role", "partner_support", "--sub", "sue", "--partner", "p-northwind")
     assert done.returncode == 0, done.stderr
     claims = jwt.decode(done.stdout.strip(), "k" * 40, algorithms=["HS256"],

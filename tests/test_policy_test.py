@@ -14,10 +14,16 @@ import yaml
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from .conftest import POLICY_DIR
+from .conftest import POLICY_DIR, gateway_main
 
 
 def policy_test(policy_dir: Path, *args: str) -> subprocess.CompletedProcess:
+    """`gateway policy test ARGS` on this policy directory, in this process."""
+    return gateway_main("policy", "test", *args, env={"GATEWAY_POLICY_DIR": str(policy_dir)})
+
+
+def policy_test_process(policy_dir: Path, *args: str) -> subprocess.CompletedProcess:
+    """`gateway policy test ARGS` as a process of its own (the command line itself)."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("GATEWAY_")}
     env["GATEWAY_POLICY_DIR"] = str(policy_dir)
     return subprocess.run([sys.executable, "-m", "gateway", "policy", "test", *args], env=env,
@@ -25,7 +31,7 @@ def policy_test(policy_dir: Path, *args: str) -> subprocess.CompletedProcess:
 
 
 def test_the_shipped_cases_pass_on_the_shipped_policy():
-    done = policy_test(POLICY_DIR)
+    done = policy_test_process(POLICY_DIR)
     assert done.returncode == 0, done.stdout + done.stderr
     assert done.stdout.strip().startswith("policy test: 144 cases in 2 files, 0 failed")
 
@@ -180,11 +186,11 @@ def test_a_case_file_that_is_no_regular_file_is_an_error_not_a_hang(tmp_path):
     """A FIFO named *.yaml blocked the run for ever (nobody writes to it); a device never
     ends. Neither is read."""
     os.mkfifo(tmp_path / "fifo.yaml")
-    done = policy_test(POLICY_DIR, str(tmp_path))
+    done = policy_test_process(POLICY_DIR, str(tmp_path))      # a hang ends at its timeout
     assert done.returncode == 2 and "fifo.yaml: cannot be read: not a regular file" in done.stderr
     (tmp_path / "fifo.yaml").unlink()
     (tmp_path / "zero.yaml").symlink_to("/dev/zero")
-    done = policy_test(POLICY_DIR, str(tmp_path))
+    done = policy_test_process(POLICY_DIR, str(tmp_path))
     assert done.returncode == 2 and "zero.yaml: cannot be read: not a regular file" in done.stderr
 
 

@@ -24,6 +24,7 @@ from .conftest import (
     audit_row,
     call,
     free_port,
+    gateway_main,
     gateway_settings,
     running_gateway,
     serve_env,
@@ -438,17 +439,17 @@ def test_a_missing_rule_or_age_field_is_refused(tmp_path):
         load_catalog(policy)
 
 
-async def test_gateway_check_names_a_bad_rule(tmp_path):
-    """(In a thread: the session's gateways keep their mirrors' heartbeats meanwhile.)"""
+async def test_gateway_check_names_a_bad_rule(tmp_path, database_url):
+    """(In a thread: the session's gateways keep their mirrors' heartbeats meanwhile; on the
+    session's database, not an embedded one of its own, which the rule has nothing to do
+    with.)"""
     policy = tmp_path / "policy"
     shutil.copytree(POLICY_DIR, policy)
     doc = (policy / "datasets.yaml").read_text()
     (policy / "datasets.yaml").write_text(doc.replace("{keep: 180 days}", "{keep: 180 weeks}"))
-    done = await asyncio.to_thread(
-        subprocess.run, [sys.executable, "-m", "gateway", "check"],
-        env={"PATH": "/usr/bin:/bin", "GATEWAY_POLICY_DIR": str(policy),
-             "GATEWAY_DATA_DIR": str(tmp_path)},
-        capture_output=True, text=True, timeout=60)
+    done = await asyncio.to_thread(gateway_main, "check", env={
+        "GATEWAY_POLICY_DIR": str(policy), "GATEWAY_DATA_DIR": str(tmp_path),
+        "GATEWAY_DATABASE_URL": database_url})
     assert done.returncode == 2
     assert "datasets.yaml: connection_statistics: retention_rule.keep" in done.stdout + done.stderr
 

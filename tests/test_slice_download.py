@@ -12,15 +12,26 @@ import asyncpg
 import orjson
 import pytest
 
-from .conftest import call, gateway_settings, private_database, running_gateway, wait_for
+from .conftest import call, gateway_main, gateway_settings, own_database, running_gateway, wait_for
 
 pytestmark = pytest.mark.slow
 
 
 async def _cli(*args: str) -> tuple[int, str, str]:
-    """`gateway audit …` as a user runs it: no database, no GATEWAY_ settings."""
+    """`gateway audit …` with no database and no GATEWAY_ settings, in this process (in a
+    thread: a download is served by a gateway on this loop)."""
+    done = await asyncio.to_thread(gateway_main, "audit", *args,
+                                   env={"GATEWAY_DATABASE_URL": NO_DATABASE})
+    return done.returncode, done.stdout, done.stderr
+
+
+NO_DATABASE = "postgresql://nobody@127.0.0.1:1/none"     # never used
+
+
+async def _cli_process(*args: str) -> tuple[int, str, str]:
+    """`gateway audit …` as a user runs it: a process of its own."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("GATEWAY_")}
-    env["GATEWAY_DATABASE_URL"] = "postgresql://nobody@127.0.0.1:1/none"   # never used
+    env["GATEWAY_DATABASE_URL"] = NO_DATABASE
     proc = await asyncio.create_subprocess_exec(
         sys.executable, "-m", "gateway", "audit", *args, env=env,
         stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
@@ -42,24 +53,24 @@ async def _all_sealed(dsn: str) -> bool:
 
 
 async def test_one_command_downloads_and_verifies_a_slice_across_a_key_rotation(
-        tmp_path, demo, backends, http, token_for):
+        tmp_path, database_url, template_database, backends, http, token_for):
     admin = token_for("admin")
-    async with private_database(tmp_path / "db", demo) as server:
+    async with own_database(database_url, template_database) as dsn:
         # the first gateway signs with one key and stops (its chain sealed, closed) ...
         first = gateway_settings(backends["urls"], audit_checkpoint_s=0.2, data_dir=tmp_path / "k1")
-        async with running_gateway(first, server.dsn) as gw:
+        async with running_gateway(first, dsn) as gw:
             assert (await call(http, "GET", gw + "/telephony/euos/euo-acme", admin))[0] == 200
-            assert await _all_sealed(server.dsn)
+            assert await _all_sealed(dsn)
         # ... the next one signs with another (the rotation): the slice spans both
         second = gateway_settings(backends["urls"], audit_checkpoint_s=0.2, data_dir=tmp_path / "k2")
-        async with running_gateway(second, server.dsn) as gw:
+        async with running_gateway(second, dsn) as gw:
             assert (await call(http, "GET", gw + "/telephony/euos/euo-acme/users/u-bob",
                                admin))[0] == 200
-            assert await _all_sealed(server.dsn)
+            assert await _all_sealed(dsn)
             slice_url, keys_url = f"{gw}/v1/audit/slice?limit=1000", f"{gw}/v1/audit/keys"
             saved = tmp_path / "slice.json"
-            code, out, err = await _cli("verify-slice", slice_url, "--token", admin,
-                                        "--public-key", keys_url, "--save", str(saved))
+            code, out, err = await _cli_process("verify-slice", slice_url, "--token", admin,
+                                                "--public-key", keys_url, "--save", str(saved))
             assert code == 0, out + err
             report = orjson.loads(out)
             assert report["ok"] and report["checkpoints_checked"] == 2

@@ -8,9 +8,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import copy
-import os
 import subprocess
-import sys
 import uuid
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -34,7 +32,16 @@ from gateway.catalog import load_catalog
 from gateway.db import query
 from gateway.principal import Principal
 
-from .conftest import CALLERS, POLICY_DIR, call, gateway_settings, private_database, running_gateway, wait_for
+from .conftest import (
+    CALLERS,
+    POLICY_DIR,
+    call,
+    gateway_main,
+    gateway_settings,
+    own_database,
+    running_gateway,
+    wait_for,
+)
 
 pytestmark = pytest.mark.slow
 
@@ -70,16 +77,17 @@ async def _slice(conn, principal, key, params=()):
 
 
 @pytest_asyncio.fixture(scope="module")
-async def sliced(tmp_path_factory, demo, backends, http, token_for):
-    """A private database whose log holds REQUESTS, sealed with trees; the slices and keys."""
+async def sliced(tmp_path_factory, database_url, template_database, backends, http,
+                 token_for):
+    """A database of its own whose log holds REQUESTS, sealed with trees; the slices and keys."""
     where = tmp_path_factory.mktemp("sliced")
-    async with private_database(where / "db", demo) as server:
+    async with own_database(database_url, template_database) as dsn:
         settings = gateway_settings(backends["urls"], audit_checkpoint_s=0.2, data_dir=where)
-        async with running_gateway(settings, server.dsn) as gw:
+        async with running_gateway(settings, dsn) as gw:
             for name, path in REQUESTS:
                 status = (await call(http, "GET", gw + path, token_for(**CALLERS_HERE[name])))[0]
                 assert status in (200, 403), (name, path)   # a refusal is a row too
-            conn = await asyncpg.connect(server.dsn)
+            conn = await asyncpg.connect(dsn)
             try:
                 async def sealed():       # every chain's rows so far under a signed tree
                     return await conn.fetchval(
@@ -114,16 +122,16 @@ async def sliced(tmp_path_factory, demo, backends, http, token_for):
             path = where / f"{key['key_id']}.pub.pem"
             path.write_text(key["public_key_pem"])
             pems.append(path)
-        yield {"dsn": server.dsn, "slices": slices, "pems": pems, "where": where,
+        yield {"dsn": dsn, "slices": slices, "pems": pems, "where": where,
                "private_key": where / "audit-signing-key.pem",
                "key": load_signing_key(where / "audit-signing-key.pem")}
 
 
 def _cli(*args: str) -> subprocess.CompletedProcess:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("GATEWAY_")}
-    env["GATEWAY_DATABASE_URL"] = "postgresql://nobody@127.0.0.1:1/none"   # never used
-    return subprocess.run([sys.executable, "-m", "gateway", "audit", *args], env=env,
-                          capture_output=True, text=True, timeout=60)
+    """`gateway audit ARGS` with no database, in this process (test_slice_download runs the
+    command as a process of its own)."""
+    return gateway_main("audit", *args,
+                        env={"GATEWAY_DATABASE_URL": "postgresql://nobody@127.0.0.1:1/none"})
 
 
 def _keyargs(pems) -> list[str]:

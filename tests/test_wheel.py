@@ -14,6 +14,7 @@ import socket
 import subprocess
 import sys
 import uuid
+from collections.abc import Iterator
 from pathlib import Path
 from urllib.parse import urlsplit
 
@@ -37,7 +38,7 @@ def run(*args, **kwargs) -> subprocess.CompletedProcess:
 
 
 @pytest.fixture(scope="module")
-def venv(tmp_path_factory) -> Path:
+def venv(tmp_path_factory) -> Iterator[Path]:
     """A fresh virtual environment with the wheel built from this checkout installed in it."""
     root = tmp_path_factory.mktemp("wheel")
     # a copy, so the build's build/ and *.egg-info stay out of the checkout and runs in
@@ -55,7 +56,8 @@ def venv(tmp_path_factory) -> Path:
     run(pip, "wheel", "--quiet", "--no-deps", src, "-w", root / "dist", timeout=300)
     (wheel,) = (root / "dist").glob("*.whl")
     run(pip, "install", "--quiet", wheel, timeout=600)
-    return root / "venv"
+    yield root / "venv"
+    shutil.rmtree(root, ignore_errors=True)      # a virtual environment: ~150 MB
 
 
 def clean_env(**settings: str) -> dict[str, str]:
