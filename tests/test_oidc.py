@@ -11,8 +11,18 @@ import pytest_asyncio
 
 from gateway.demo.run import seed_contracts
 
-from .conftest import SECRET, call, gateway_settings, make_token, running_gateway, wait_for
+from .conftest import (
+    SECRET,
+    call,
+    free_port,
+    gateway_settings,
+    make_token,
+    running_gateway,
+    serve_env,
+    wait_for,
+)
 from .oidc_provider import AUDIENCE, new_keys, running_provider
+from .roles import gateway_cli
 
 PATH = "/telephony/euos/euo-acme"
 
@@ -218,3 +228,17 @@ async def test_an_unreachable_issuer_is_trusted_for_the_grace_then_refused(
         assert await wait_for(back, timeout=10)
         status, body = await readyz(http, gw)
         assert "keys_unavailable" not in body.get("reasons", [])
+
+
+async def test_gateway_check_fetches_the_issuers_keys(backends, database_url, tmp_path, provider):
+    """`gateway check` says how many signing keys the issuer publishes, or warns (serve
+    would start, not ready) when they cannot be fetched."""
+    env = serve_env(backends, database_url, tmp_path, free_port(), GATEWAY_JWT_SECRET="",
+                    GATEWAY_JWT_ISSUER=provider.issuer)
+    done = await gateway_cli("check", env=env)
+    assert (f"ok: token issuer's key set: 4 signing keys (discovered from {provider.issuer})"
+            in done.stdout.splitlines()), done.stdout + done.stderr
+    await provider.go_down()
+    done = await gateway_cli("check", env=env)
+    assert any(line.startswith("warning: token issuer's key set cannot be fetched")
+               for line in done.stdout.splitlines()), done.stdout
