@@ -123,8 +123,8 @@ class Authenticator:
         if cached is not None:
             if cached.exp <= time.time() - LEEWAY_S:
                 del self._cache[token]
-            elif self.keys is None or not self.keys.lost():
-                return cached
+            elif self.keys is None or time.monotonic() < self.keys.trusted_until:
+                return cached           # (the key set it was verified with is not lost)
         return None
 
     async def verified(self, token: str) -> Principal:

@@ -127,6 +127,7 @@ class KeySet:
         self.keys: dict[str, Key] = {}
         self.fetched_at = -math.inf       # monotonic; of the set in force
         self.age_limit_s = max_age_s      # this set's maximum age (Cache-Control may shorten it)
+        self.trusted_until = -math.inf    # monotonic: past it the set is lost
         self.last_error: str | None = None
         self.failures = 0                 # fetches failed in a row
         self._tried_at = -math.inf
@@ -162,11 +163,11 @@ class KeySet:
 
     def lost(self) -> bool:
         """Never fetched, or past its maximum age and the grace: no token is checked with it."""
-        return self.age() > self.age_limit_s + self.grace_s
+        return time.monotonic() > self.trusted_until
 
     def trusted_for(self) -> float:
         """Seconds the set in force stays usable from now (negative: lost)."""
-        return self.fetched_at + self.age_limit_s + self.grace_s - time.monotonic()
+        return self.trusted_until - time.monotonic()
 
     def stale_reason(self) -> str | None:
         """/readyz's reason while the set is lost (every token is refused 503)."""
@@ -246,6 +247,7 @@ class KeySet:
                      url, len(keys), ", ".join(sorted(added)) or "none",
                      ", ".join(sorted(withdrawn)) or "none")
         self.keys, self.fetched_at = keys, time.monotonic()
+        self.trusted_until = self.fetched_at + self.age_limit_s + self.grace_s
         self.failures, self.last_error = 0, None
         if changed and self.on_change is not None:
             self.on_change()
