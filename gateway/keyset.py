@@ -222,7 +222,11 @@ class KeySet:
             else:
                 wait = max(self.age_limit_s * REFRESH_AT, self.min_refetch_s) - self.age()
             await asyncio.sleep(max(wait, 0.05))
-            await self.refresh()
+            try:
+                await self.refresh()
+            except Exception:   # never stop refreshing: the set would be lost for good
+                self.failures += 1
+                log.exception("refreshing the token issuer's key set failed unexpectedly")
 
     async def _fetch(self) -> bool:
         self._tried_at = time.monotonic()
