@@ -37,6 +37,8 @@ CLIENTS = {
     "nobody": {"realm_access": {"roles": ["offline_access"]}},
     "pat@northwind": {"realm_access": {"roles": ["partner"]}, "org": {"partner": "p-northwind"}},
     "pat@bluesky": {"realm_access": {"roles": ["partner"]}, "org": {"partner": "p-bluesky"}},
+    "u-alice": {"realm_access": {"roles": ["user"]}, "org": {"euo": "euo-acme"}},
+    "u-bob": {"realm_access": {"roles": ["user"]}, "org": {"euo": "euo-globex"}},
     # Auth0: custom claims under a namespace that is a URL, dots and all
     "auth0-partner": {"https://gateway.example/roles": ["partner"],
                       "https://gateway.example/partner": "p-northwind"},

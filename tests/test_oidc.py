@@ -40,14 +40,15 @@ async def contracts(database_url, demo):
 
 
 def oidc_settings(backends, provider, **changes):
-    """The issuer alone, its roles in realm_access.roles and partners in org.partner (Keycloak)."""
+    """The issuer alone, its roles in realm_access.roles, partners and EUOs in org (Keycloak)."""
     return gateway_settings(backends["urls"], **({
         "jwt_secret": None, "jwt_issuer": provider.issuer, "jwt_audience": AUDIENCE,
-        "jwt_role_claim": "realm_access.roles", "jwt_partner_claim": "org.partner"} | changes))
+        "jwt_role_claim": "realm_access.roles", "jwt_partner_claim": "org.partner",
+        "jwt_euo_claim": "org.euo"} | changes))
 
 
-async def status_of(http, gw, token) -> tuple[int, str | None]:
-    status, _, body = await call(http, "GET", gw + PATH, token)
+async def status_of(http, gw, token, path: str = PATH) -> tuple[int, str | None]:
+    status, _, body = await call(http, "GET", gw + path, token)
     return status, (orjson.loads(body)["error"]["code"] if status >= 400 else None)
 
 
@@ -128,16 +129,21 @@ KEYCLOAK_CLIENTS = [
     ("nobody", (401, "unknown_role")),            # none of roles.yaml
     ("pat@northwind", (200, None)),               # partner: org.partner holds a contract
     ("pat@bluesky", (403, "no_active_contract")),  # partner: org.partner read, and it has none
+    ("u-alice", (200, None)),                     # a user of org.euo euo-acme
+    ("u-bob", (403, "other_euo")),                # org.euo says euo-globex: not one of acme's
 ]
 
 
 async def test_roles_in_a_list_and_tenants_in_a_nested_claim(backends, database_url, http,
                                                               provider, contracts):
     """GATEWAY_JWT_ROLE_CLAIM=realm_access.roles (Keycloak): the list must hold exactly one
-    role of roles.yaml; GATEWAY_JWT_PARTNER_CLAIM=org.partner is a nested claim."""
+    role of roles.yaml; GATEWAY_JWT_PARTNER_CLAIM=org.partner and GATEWAY_JWT_EUO_CLAIM=org.euo
+    are nested claims. The users read their own record, the others the EUO's."""
     async with running_gateway(oidc_settings(backends, provider), database_url) as gw:
-        answers = [(client, await status_of(http, gw, await provider.token(client)))
-                   for client, _ in KEYCLOAK_CLIENTS]
+        answers = [(client, await status_of(
+            http, gw, await provider.token(client),
+            f"{PATH}/users/{client}" if client.startswith("u-") else PATH))
+            for client, _ in KEYCLOAK_CLIENTS]
     assert answers == KEYCLOAK_CLIENTS
 
 
