@@ -248,3 +248,15 @@ async def test_gateway_check_fetches_the_issuers_keys(backends, database_url, tm
     done = await gateway_cli("check", env=env)
     assert any(line.startswith("warning: token issuer's key set cannot be fetched")
                for line in done.stdout.splitlines()), done.stdout
+
+
+async def test_a_discovery_document_of_another_issuer_is_not_trusted(backends, database_url, http,
+                                                                     provider):
+    """Discovery from `issuer/` finds the document of `issuer` (no final slash): its keys
+    are not taken, and /readyz says why the gateway is not ready."""
+    settings = oidc_settings(backends, provider, jwt_issuer=provider.issuer + "/")
+    async with running_gateway(settings, database_url) as gw:
+        status, body = await readyz(http, gw)
+        assert status == 503 and "keys_unavailable" in body["reasons"]
+        token = await provider.token("staff-sam")
+        assert await status_of(http, gw, token) == (503, "keys_unavailable")
