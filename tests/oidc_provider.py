@@ -56,6 +56,7 @@ def new_keys(tag: str = "1") -> list[dict]:
     keys = []
     for (key, algorithm), name in zip(made, ("rsa", "p256", "p384", "ed25519"), strict=True):
         jwk = json.loads(algorithm.to_jwk(key))
+        jwk.pop("key_ops", None)    # node-oidc-provider 8 picks a signing key as if to verify
         jwk["kid"] = f"{name}-{tag}"
         keys.append(jwk)
     return keys
