@@ -273,6 +273,7 @@ def _observability(settings: Settings, metrics: Metrics):
                    "break_glass": gw.break_glass}
         if gw.authn.keys is not None:
             mirrors["jwt_keys"] = gw.authn.keys      # the issuer's key set: its age
+            metrics.watch_keys(gw.authn.keys)
         metrics.watch(gw.audit, (app[POOL], gw.audit.pool), mirrors)
         # under --workers a scrape reads every worker's gauges from their files: keep ours fresh
         sampling = asyncio.create_task(metrics.keep_sampling()) if metrics.multiprocess else None

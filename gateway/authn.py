@@ -1,4 +1,5 @@
-"""Bearer token -> Principal, or Denied(401) with a stable reason id.
+"""Bearer token -> Principal, or Denied(401) with a stable reason id (503 keys_unavailable
+while the issuer's key set is lost: the token may be good, but cannot be checked).
 
 Keys: HS256 with GATEWAY_JWT_SECRET; or public keys, from a PEM file or the issuer's JWKS
 (GATEWAY_JWT_JWKS_URL, or discovered from GATEWAY_JWT_ISSUER: gateway/keyset.py), checking

@@ -76,6 +76,8 @@ async def test_the_issuer_alone_is_enough(backends, database_url, http, provider
         assert await status_of(http, gw, token) == (200, None)
         status, body = await readyz(http, gw)
         assert "keys_unavailable" not in body.get("reasons", [])
+        async with http.get(gw + "/metrics") as r:
+            assert "gateway_jwt_keys_stale 0.0" in (await r.text()).splitlines()
         assert "jwt_keys_stale" not in body.get("warnings", [])
 
 
@@ -220,12 +222,15 @@ async def test_an_unreachable_issuer_is_trusted_for_the_grace_then_refused(
         age = next(line for line in metrics.splitlines()
                    if line.startswith('gateway_mirror_staleness_seconds{mirror="jwt_keys"}'))
         assert float(age.split()[-1]) > 1.0
+        assert "gateway_jwt_keys_stale 1.0" in metrics.splitlines()
 
         async def lost():
             status, body = await readyz(http, gw)
             return status == 503 and "keys_unavailable" in body.get("reasons", [])
         assert await wait_for(lost, timeout=15)
         assert await status_of(http, gw, token) == (503, "keys_unavailable")
+        async with http.get(gw + "/metrics") as r:
+            assert "gateway_jwt_keys_stale 2.0" in (await r.text()).splitlines()
 
         await provider.go_down(False)
 
@@ -234,6 +239,8 @@ async def test_an_unreachable_issuer_is_trusted_for_the_grace_then_refused(
         assert await wait_for(back, timeout=10)
         status, body = await readyz(http, gw)
         assert "keys_unavailable" not in body.get("reasons", [])
+        async with http.get(gw + "/metrics") as r:
+            assert "gateway_jwt_keys_stale 0.0" in (await r.text()).splitlines()
 
 
 async def test_gateway_check_fetches_the_issuers_keys(backends, database_url, tmp_path, provider):
