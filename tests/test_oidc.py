@@ -9,6 +9,7 @@ import jwt
 import orjson
 import pytest_asyncio
 
+from gateway.call import ANONYMOUS_ROUTE
 from gateway.demo.run import seed_contracts
 
 from .conftest import (
@@ -258,12 +259,16 @@ async def test_gateway_check_fetches_the_issuers_keys(backends, database_url, tm
 
 
 async def test_a_discovery_document_of_another_issuer_is_not_trusted(backends, database_url, http,
-                                                                     provider):
+                                                                     db, provider):
     """Discovery from `issuer/` finds the document of `issuer` (no final slash): its keys
-    are not taken, and /readyz says why the gateway is not ready."""
+    are not taken, and /readyz says why the gateway is not ready. The refusals are audited
+    as failures (decision error), not as denials of a bad token."""
     settings = oidc_settings(backends, provider, jwt_issuer=provider.issuer + "/")
     async with running_gateway(settings, database_url) as gw:
         status, body = await readyz(http, gw)
         assert status == 503 and "keys_unavailable" in body["reasons"]
         token = await provider.token("staff-sam")
         assert await status_of(http, gw, token) == (503, "keys_unavailable")
+    rows = await db.fetch("select decision, status from audit_log where route = $1 "
+                          "and reason = 'keys_unavailable'", ANONYMOUS_ROUTE)
+    assert rows and {(r["decision"], r["status"]) for r in rows} == {("error", 503)}
