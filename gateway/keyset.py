@@ -220,7 +220,7 @@ class KeySet:
                 wait = min(RETRY_FIRST_S * 2 ** (self.failures - 1), RETRY_MOST_S,
                            max(self.age_limit_s, RETRY_FIRST_S))
             else:
-                wait = max(self.age_limit_s * REFRESH_AT, self.min_refetch_s) - self.age()
+                wait = self.age_limit_s * REFRESH_AT - self.age()
             await asyncio.sleep(max(wait, 0.05))
             try:
                 await self.refresh()
@@ -242,8 +242,9 @@ class KeySet:
                         self._standing())
             return False
         fresh = cache_max_age(headers)
-        self.age_limit_s = self.max_age_s if fresh is None else max(
-            min(fresh, self.max_age_s), self.min_refetch_s)
+        # never above GATEWAY_JWT_JWKS_MAX_AGE_S; a `max-age=0` is not a refetch without pause
+        floor = min(self.min_refetch_s, self.max_age_s)
+        self.age_limit_s = self.max_age_s if fresh is None else max(min(fresh, self.max_age_s), floor)
         changed = _fingerprint(keys) != _fingerprint(self.keys)
         if changed:
             added, withdrawn = keys.keys() - self.keys.keys(), self.keys.keys() - keys.keys()
