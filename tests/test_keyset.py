@@ -7,10 +7,12 @@ import json
 
 import jwt
 import pytest
+from aiohttp import web
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
 from multidict import CIMultiDict
 
-from gateway.keyset import FetchFailed, cache_max_age, discovery_url, parse_jwks
+from gateway.demo.run import start_site
+from gateway.keyset import FetchFailed, KeySet, cache_max_age, discovery_url, parse_jwks
 
 
 def _public_jwk(private_key, **members) -> dict:
@@ -89,3 +91,29 @@ def test_cache_control_max_age(headers, seconds):
 ])
 def test_the_discovery_document_is_under_the_issuer(issuer, url):
     assert discovery_url(issuer) == url
+
+
+@pytest.mark.parametrize(("cache_control", "max_age_s", "min_refetch_s", "limit"), [
+    (None, 300.0, 5.0, 300.0),                 # GATEWAY_JWT_JWKS_MAX_AGE_S
+    ("max-age=60", 300.0, 5.0, 60.0),          # a shorter max-age is honoured
+    ("max-age=3600", 300.0, 5.0, 300.0),       # a longer one is not
+    ("max-age=0", 300.0, 5.0, 5.0),            # no refetch without pause
+    ("max-age=0", 2.0, 5.0, 2.0),              # never past GATEWAY_JWT_JWKS_MAX_AGE_S
+])
+async def test_the_sets_maximum_age(jwks, cache_control, max_age_s, min_refetch_s, limit):
+    """How long a fetched set is kept, from the settings and the answer's Cache-Control."""
+    async def serve(request):
+        headers = {"Cache-Control": cache_control} if cache_control else {}
+        return web.json_response(jwks, headers=headers)
+    app = web.Application()
+    app.router.add_get("/jwks", serve)
+    runner, port = await start_site(app, "127.0.0.1", 0)
+    keys = KeySet(jwks_url=f"http://127.0.0.1:{port}/jwks", issuer=None, max_age_s=max_age_s,
+                  grace_s=0.0, min_refetch_s=min_refetch_s)
+    try:
+        await keys.start()
+        assert keys.last_error is None and len(keys.keys) == 5
+        assert keys.age_limit_s == limit
+    finally:
+        await keys.close()
+        await runner.cleanup()
