@@ -170,9 +170,11 @@ def _resources(settings: Settings, dsn: str, catalog, policy: Policy, metrics: M
             keep_days=settings.webhook_keep_days)
         webhooks.start()
         metrics.watch_requests(webhooks)
+        authn = Authenticator(settings, catalog.roles)
+        await authn.start()          # the issuer's key set, if any: fetched, then kept fresh
         app[POOL] = pool
         gateway = app[pipeline.GATEWAY] = pipeline.Gateway(
-            catalog=catalog, policy=policy, authn=Authenticator(settings, catalog.roles, session),
+            catalog=catalog, policy=policy, authn=authn,
             contracts=contracts, restrictions=restrictions, break_glass=break_glass,
             backends=backends, audit=audit,
             anonymous=anonymous, max_body_bytes=settings.max_body_bytes,
@@ -195,6 +197,7 @@ def _resources(settings: Settings, dsn: str, catalog, policy: Policy, metrics: M
             yield
         finally:
             await webhooks.close()
+            await authn.close()
             await anonymous.close()
             await audit.close()
             await checkpointer.close()        # seals the closed chains
@@ -281,9 +284,12 @@ def _observability(settings: Settings, metrics: Metrics):
                                                                        access_log.write)
         gw.backends.observe = metrics.observe_backend
         gw.audit.on_batch = metrics.observe_batch
-        metrics.watch(gw.audit, (app[POOL], gw.audit.pool),
-                      {"contracts": gw.contracts, "restrictions": gw.restrictions,
-                       "break_glass": gw.break_glass})
+        mirrors = {"contracts": gw.contracts, "restrictions": gw.restrictions,
+                   "break_glass": gw.break_glass}
+        if gw.authn.keys is not None:
+            mirrors["jwt_keys"] = gw.authn.keys      # the issuer's key set: its age
+            metrics.watch_keys(gw.authn.keys)
+        metrics.watch(gw.audit, (app[POOL], gw.audit.pool), mirrors)
         # under --workers a scrape reads every worker's gauges from their files: keep ours fresh
         sampling = asyncio.create_task(metrics.keep_sampling()) if metrics.multiprocess else None
         try:
@@ -362,7 +368,10 @@ async def readyz(request: web.Request) -> web.Response:
     gw = request.app[pipeline.GATEWAY]
     stale = [r for r in (gw.contracts.stale_reason(), gw.restrictions.stale_reason(),
                          gw.break_glass.stale_reason()) if r]
+    keys = gw.authn.keys
     reasons = gw.audit.health() + stale
+    if keys is not None and keys.stale_reason():
+        reasons.append(keys.stale_reason())       # no token can be verified
     backends = await gw.backends.ready()
     reasons += [f"backend_unreachable:{name}" for name, up in backends.items() if not up]
     body = {"status": "not_ready" if reasons else "ready",
@@ -371,6 +380,8 @@ async def readyz(request: web.Request) -> web.Response:
     if reasons:
         body["reasons"] = reasons
     warnings = request.app[PARTITIONS].warnings()
+    if keys is not None and keys.warning():
+        warnings.append(keys.warning())           # the last good key set, within its grace
     if warnings:     # rows still commit (to audit_log_default): worth a look, not a 503
         body["warnings"] = warnings
     return json_response(body, status=503 if reasons else 200)

@@ -1,26 +1,30 @@
-"""Bearer token -> Principal, or Denied(401) with a stable reason id.
+"""Bearer token -> Principal, or Denied(401) with a stable reason id (503 keys_unavailable
+while the issuer's key set is lost: the token may be good, but cannot be checked).
 
-HS256 with GATEWAY_JWT_SECRET; RS256/ES256 with a PEM public key or a JWKS URL (cached,
-refetched when a token names an unknown `kid`). Each algorithm is checked only against a
-key of its own kind, so a token signed with HS256 over a public key is refused. Verified
-tokens are cached until they expire: a repeat caller costs one dictionary look-up.
+Keys: HS256 with GATEWAY_JWT_SECRET; or public keys, from a PEM file or the issuer's JWKS
+(GATEWAY_JWT_JWKS_URL, or discovered from GATEWAY_JWT_ISSUER: gateway/keyset.py), checking
+RS256/384/512, PS256/384/512, ES256/384/512 and EdDSA. An algorithm is checked only against
+a key of its own kind (and curve), `none` never, and HS256 never where public keys are
+configured (a token signed with HS256 over a public key is refused). Where the role and the
+tenant claims are is configured as dotted claim paths; a role claim that is a list must hold
+exactly one role of roles.yaml. Verified tokens are cached until they expire, while the key
+set they were verified with is in force: a repeat caller costs one dictionary look-up.
 """
 
 from __future__ import annotations
 
-import asyncio
 import time
 
-import aiohttp
 import jwt
-from cryptography.hazmat.primitives.asymmetric import ec, rsa
+from cryptography.hazmat.primitives.asymmetric import ec, ed448, ed25519, rsa
 from cryptography.hazmat.primitives.serialization import load_pem_public_key
 
 from .errors import Denied
 from .grammar import IDENTIFIER
+from .keyset import ALGORITHMS, Key, KeySet
 from .principal import Principal
 from .roles import Role
-from .settings import ConfigError, Settings
+from .settings import ConfigError, Settings, claim_path
 
 LEEWAY_S = 10
 CACHE_MAX = 100_000
@@ -55,23 +59,37 @@ def _unauthorized(code: str, message: str) -> Denied:
 class Authenticator:
     """Verifies bearer tokens against the configured keys."""
 
-    def __init__(self, settings: Settings, roles: dict[str, Role],
-                 session: aiohttp.ClientSession | None = None):
+    def __init__(self, settings: Settings, roles: dict[str, Role]):
         self.roles = roles
         self.secret = settings.jwt_secret
         self.issuer = settings.jwt_issuer
         self.audience = settings.jwt_audience
-        self.jwks_url = settings.jwt_jwks_url
-        self.jwks_min_refetch_s = settings.jwt_jwks_min_refetch_s
-        self.session = session
-        self.public_key = None
-        self.public_alg = None
+        self.paths = ClaimPaths.of(settings)
+        self.public_key: Key | None = None
         if settings.jwt_public_key_file:
-            self.public_key, self.public_alg = _load_public_key(settings.jwt_public_key_file)
-        self._jwks: dict[str, jwt.PyJWK] = {}
-        self._jwks_fetched_at = -float("inf")
-        self._jwks_lock = asyncio.Lock()
+            self.public_key = _load_public_key(settings.jwt_public_key_file)
+        self.keys: KeySet | None = None
+        if settings.jwt_jwks_url or settings.discovers_keys:
+            self.keys = KeySet(jwks_url=settings.jwt_jwks_url, issuer=settings.jwt_issuer,
+                               max_age_s=settings.jwt_jwks_max_age_s,
+                               grace_s=settings.jwt_jwks_grace_s,
+                               min_refetch_s=settings.jwt_jwks_min_refetch_s,
+                               on_change=self._forget)
+        self.asymmetric = settings.asymmetric_keys
         self._cache: dict[str, Principal] = {}
+
+    async def start(self) -> None:
+        """Fetch the issuer's key set, if tokens are checked with one, and keep it fresh."""
+        if self.keys is not None:
+            await self.keys.start()
+
+    async def close(self) -> None:
+        if self.keys is not None:
+            await self.keys.close()
+
+    def _forget(self) -> None:
+        """Keys were added or withdrawn: tokens verified before are verified again."""
+        self._cache = {}
 
     def use(self, roles: dict[str, Role]) -> None:
         """The roles of a new policy: tokens are checked against them from now on."""
@@ -104,9 +122,10 @@ class Authenticator:
         coroutine (the proxy's path calls it directly); None: `verified` must decide."""
         cached = self._cache.get(token)
         if cached is not None:
-            if cached.exp > time.time() - LEEWAY_S:
-                return cached
-            del self._cache[token]
+            if cached.exp <= time.time() - LEEWAY_S:
+                del self._cache[token]
+            elif self.keys is None or time.monotonic() < self.keys.trusted_until:
+                return cached           # (the key set it was verified with is not lost)
         return None
 
     async def verified(self, token: str) -> Principal:
@@ -128,7 +147,7 @@ class Authenticator:
             claims = jwt.decode(
                 token, key, algorithms=[alg], audience=self.audience, issuer=self.issuer,
                 leeway=LEEWAY_S,
-                options={"require": ["exp", "sub", "role"], "verify_aud": bool(self.audience),
+                options={"require": ["exp", "sub"], "verify_aud": bool(self.audience),
                          "verify_iss": bool(self.issuer)},
             )
         except jwt.PyJWTError as e:
@@ -136,58 +155,70 @@ class Authenticator:
                 if isinstance(e, kind):
                     raise _unauthorized(code, message) from None
             raise _unauthorized("invalid_token", "the token is not valid") from None
-        return _principal(claims, self.roles)   # no await from here to the cache: same roles
+        return _principal(claims, self.roles, self.paths)   # no await from here to the cache
 
     async def _key_for(self, alg: object, kid: object):
         if alg == "HS256":
-            if not self.secret:
+            if self.asymmetric or not self.secret:
                 raise _unauthorized("unsupported_algorithm", "HS256 tokens are not accepted here")
             return self.secret
-        if alg in ("RS256", "ES256"):
-            if self.public_key is not None and alg == self.public_alg:
-                return self.public_key
-            if self.jwks_url:
-                return await self._jwks_key(alg, kid)
+        if alg in ALGORITHMS:
+            if self.public_key is not None and self.public_key.fits(alg):
+                return self.public_key.key
+            if self.keys is not None:
+                return await self.keys.key(kid, alg)
             raise _unauthorized("unsupported_algorithm", f"{alg} tokens are not accepted here")
         raise _unauthorized("unsupported_algorithm", f"algorithm {alg!r} is not accepted")
 
-    async def _jwks_key(self, alg: str, kid: object):
-        if not isinstance(kid, str):
-            raise _unauthorized("unknown_key", "the token names no key id (kid)")
-        jwk = self._jwks.get(kid)
-        if jwk is None:
-            async with self._jwks_lock:
-                jwk = self._jwks.get(kid)
-                if jwk is None and time.monotonic() - self._jwks_fetched_at >= self.jwks_min_refetch_s:
-                    await self._fetch_jwks()
-                    jwk = self._jwks.get(kid)
-        if jwk is None:
-            raise _unauthorized("unknown_key", "the token's key id is not in the key set")
-        if jwk.algorithm_name != alg:
-            raise _unauthorized("unsupported_algorithm", "the token's alg does not match its key")
-        return jwk.key
 
-    async def _fetch_jwks(self) -> None:
-        self._jwks_fetched_at = time.monotonic()
-        session = self.session
-        if session is None:
-            raise _unauthorized("unknown_key", "no client to fetch the key set with")
-        try:
-            async with session.get(self.jwks_url, timeout=aiohttp.ClientTimeout(total=5)) as r:
-                r.raise_for_status()
-                data = await r.json(content_type=None)
-            keys = jwt.PyJWKSet.from_dict(data).keys
-        except (TimeoutError, aiohttp.ClientError, ValueError, jwt.PyJWTError):
-            # keep the keys we had; the token is refused as having an unknown key
-            return
-        self._jwks = {k.key_id: k for k in keys if k.key_id}
+class ClaimPaths:
+    """Where a token carries the role and each tenant claim (GATEWAY_JWT_*_CLAIM)."""
+
+    __slots__ = ("role", "tenant")
+
+    def __init__(self, role: str = "role", partner: str = "partner", euo: str = "euo"):
+        self.role = (role, claim_path(role))
+        self.tenant = {"partner": (partner, claim_path(partner)), "euo": (euo, claim_path(euo))}
+
+    @classmethod
+    def of(cls, settings: Settings) -> ClaimPaths:
+        return cls(settings.jwt_role_claim, settings.jwt_partner_claim, settings.jwt_euo_claim)
 
 
-def _principal(claims: dict, roles: dict[str, Role]) -> Principal:
-    name = claims.get("role")
-    role = roles.get(name) if isinstance(name, str) else None
+DEFAULT_PATHS = ClaimPaths()
+
+
+def _at(claims: dict, path: tuple[str, ...]) -> object:
+    """The value at a claim path, or None."""
+    value: object = claims
+    for name in path:
+        if not isinstance(value, dict):
+            return None
+        value = value.get(name)
+    return value
+
+
+def _role(claims: dict, roles: dict[str, Role], paths: ClaimPaths) -> Role:
+    """The one role of roles.yaml the role claim names (a text, or a list holding exactly one)."""
+    where, path = paths.role
+    value = _at(claims, path)
+    if value is None:
+        raise _unauthorized("missing_claim", f"the token has no role claim ({where})")
+    if isinstance(value, list):
+        named = {v for v in value if isinstance(v, str) and v in roles}
+        if len(named) > 1:
+            raise _unauthorized("ambiguous_role", f"the {where} claim names several roles "
+                                f"({', '.join(sorted(named))}): a token must hold one")
+        value = named.pop() if named else None
+    role = roles.get(value) if isinstance(value, str) else None
     if role is None:
         raise _unauthorized("unknown_role", f"role must be one of {', '.join(roles)}")
+    return role
+
+
+def _principal(claims: dict, roles: dict[str, Role], paths: ClaimPaths = DEFAULT_PATHS) -> Principal:
+    role = _role(claims, roles, paths)
+    name = role.name
     sub = claims.get("sub")
     if not isinstance(sub, str) or not sub:
         raise _unauthorized("missing_claim", "the token has no subject (sub)")
@@ -198,24 +229,35 @@ def _principal(claims: dict, roles: dict[str, Role]) -> Principal:
     tenant = role.tenant_claim
     values = {"partner": None, "euo": None}
     if tenant is not None:
-        value = claims.get(tenant)
+        where, path = paths.tenant[tenant]
+        value = _at(claims, path)
         if not isinstance(value, str) or not value:
             raise _unauthorized("missing_tenant_claim",
-                                f"a {name} token must carry the {tenant!r} claim")
+                                f"a {name} token must carry the {where!r} claim")
         if not IDENTIFIER.fullmatch(value) or value in (".", ".."):
-            raise _unauthorized("bad_claim", f"the {tenant!r} claim must be 1-128 characters "
+            raise _unauthorized("bad_claim", f"the {where!r} claim must be 1-128 characters "
                                 "of A-Z a-z 0-9 . _ ~ @ : -")
         values[tenant] = value
     return Principal(sub=sub, role=name, exp=float(claims["exp"]), kind=role, **values)
 
 
-def _load_public_key(path) -> tuple[object, str]:
+def _load_public_key(path) -> Key:
+    """The PEM file's public key: RSA (RS*, PS*), EC P-256/384/521 (ES256/384/512) or
+    Ed25519/Ed448 (EdDSA)."""
     try:
         key = load_pem_public_key(path.read_bytes())
     except (OSError, ValueError) as e:
         raise ConfigError(f"GATEWAY_JWT_PUBLIC_KEY_FILE {path}: not a PEM public key ({e})") from None
     if isinstance(key, rsa.RSAPublicKey):
-        return key, "RS256"
-    if isinstance(key, ec.EllipticCurvePublicKey):
-        return key, "ES256"
-    raise ConfigError(f"GATEWAY_JWT_PUBLIC_KEY_FILE {path}: only RSA and EC keys are supported")
+        return Key("RSA", None, None, key)
+    if isinstance(key, ec.EllipticCurvePublicKey) and key.curve.name in _CURVES:
+        return Key("EC", _CURVES[key.curve.name], None, key)
+    if isinstance(key, ed25519.Ed25519PublicKey):
+        return Key("OKP", "Ed25519", None, key)
+    if isinstance(key, ed448.Ed448PublicKey):
+        return Key("OKP", "Ed448", None, key)
+    raise ConfigError(f"GATEWAY_JWT_PUBLIC_KEY_FILE {path}: only RSA, EC (P-256, P-384, P-521) "
+                      "and Ed25519/Ed448 keys are supported")
+
+
+_CURVES = {"secp256r1": "P-256", "secp384r1": "P-384", "secp521r1": "P-521"}

@@ -250,7 +250,8 @@ class AnonymousRefusals:
         for key in done:
             minute, client, reason, status, version = key
             row = AuditRow(at=minute, request_id=f"unauthenticated:{minute.isoformat()}",
-                           method="*", path="*", route=ANONYMOUS_ROUTE, decision="deny",
+                           method="*", path="*", route=ANONYMOUS_ROUTE,
+                           decision="deny" if status < 500 else "error",   # as record_refusal
                            reason=reason, status=status, client_addr=client,
                            requests=self._counts.pop(key), policy_version=version)
             self.audit.record_nowait(row)

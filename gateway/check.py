@@ -32,6 +32,7 @@ from .db import (
     pending_migrations,
     query,
 )
+from .keyset import KeySet
 from .settings import ConfigError, Settings
 
 log = logging.getLogger("gateway.check")
@@ -160,7 +161,9 @@ async def _check_grants(conn: asyncpg.Connection, role: str, me, found: Findings
 
 
 async def check_backends(settings: Settings, found: Findings) -> None:
-    """Whether each backend answers HTTP at all (any status counts), within 3 s."""
+    """Whether each backend answers HTTP at all (any status counts), within 3 s, and the
+    token issuer's key set can be fetched (an issuer that is down is a warning: `serve`
+    starts, not ready, and fetches it as soon as the issuer answers)."""
     timeout = aiohttp.ClientTimeout(total=3)
     async with aiohttp.ClientSession(timeout=timeout) as session:
         async def probe(service: str, base: str) -> None:
@@ -170,7 +173,28 @@ async def check_backends(settings: Settings, found: Findings) -> None:
             except (TimeoutError, aiohttp.ClientError) as e:
                 found.warnings.append(f"backend {service} ({mask_url(base)}) does not answer: "
                                       f"{type(e).__name__}")
-        await asyncio.gather(*(probe(s, u) for s, u in settings.upstreams.items()))
+        await asyncio.gather(*(probe(s, u) for s, u in settings.upstreams.items()),
+                             check_token_keys(settings, found))
+
+
+async def check_token_keys(settings: Settings, found: Findings) -> None:
+    """The issuer's key set (GATEWAY_JWT_JWKS_URL, or discovered from GATEWAY_JWT_ISSUER)
+    fetched once, as `serve` will."""
+    if not (settings.jwt_jwks_url or settings.discovers_keys):
+        return
+    keys = KeySet(jwks_url=settings.jwt_jwks_url, issuer=settings.jwt_issuer,
+                  max_age_s=settings.jwt_jwks_max_age_s, grace_s=0.0, min_refetch_s=0.0)
+    where = mask_url(settings.jwt_jwks_url) if settings.jwt_jwks_url else \
+        f"discovered from {settings.jwt_issuer}"
+    try:
+        await keys.start()
+        if keys.last_error is None:
+            found.passed.append(f"token issuer's key set: {len(keys.keys)} signing keys ({where})")
+        else:
+            found.warnings.append(f"token issuer's key set cannot be fetched ({keys.last_error}): "
+                                  "every token is refused until it can")
+    finally:
+        await keys.close()
 
 
 def effective_configuration(settings: Settings) -> list[str]:

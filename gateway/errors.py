@@ -57,6 +57,7 @@ REASONS: dict[str, tuple[int, str]] = {
     "missing_tenant_claim": (401, "the token lacks the tenant claim of its role"),
     "bad_claim": (401, "sub or the tenant claim is outside its grammar"),
     "unknown_role": (401, "the token's role is not one the gateway knows"),
+    "ambiguous_role": (401, "the token's role claim is a list naming several roles of roles.yaml"),
     # what they may see
     "role_not_permitted": (403, "this role may not call this endpoint"),
     "no_active_contract": (403, "the partner holds no active contract with the EUO"),
@@ -93,6 +94,8 @@ REASONS: dict[str, tuple[int, str]] = {
     "contracts_unavailable": (503, "the contracts mirror is stale: partners are refused"),
     "restrictions_unavailable": (503, "the restrictions mirror is stale: blocked roles are refused"),
     "break_glass_unavailable": (503, "the break-glass mirror is stale: a caller holding a grant is refused"),
+    "keys_unavailable": (503, "the token issuer's key set cannot be fetched and its grace is over: "
+                              "no token is verified"),
     "backend_timeout": (504, "the backend missed the deadline"),
 }
 

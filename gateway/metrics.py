@@ -185,6 +185,11 @@ class Metrics:
         self.overdue = Gauge("gateway_dsr_requests_overdue",
                              "Unresolved data-subject requests past their due date",
                              registry=r, multiprocess_mode="livemax")
+        self.jwt_keys = Gauge("gateway_jwt_keys_stale",
+                              "The token issuer's key set: 0 fresh, 1 past its maximum age and "
+                              "kept for the grace (the issuer cannot be reached), 2 past the "
+                              "grace too (every token refused)",
+                              registry=r, multiprocess_mode="livemax")
         self.webhooks = Counter("gateway_webhook_deliveries",
                                 "Webhook delivery attempts by outcome (delivered, failed, given_up)",
                                 ("outcome",), registry=r)
@@ -195,6 +200,7 @@ class Metrics:
         self._backends: dict[str, Histogram] = {}
         self._sources: tuple | None = None
         self._requests = None
+        self._keys = None
 
     def observe(self, row: AuditRow) -> None:
         """Count one finished call (Call's observer)."""
@@ -238,6 +244,10 @@ class Metrics:
         """Where the due-soon and overdue counts are read (the reminder scan keeps them)."""
         self._requests = webhooks
 
+    def watch_keys(self, keys) -> None:
+        """Where the key set's state is read (the issuer's keys, when tokens are checked with them)."""
+        self._keys = keys
+
     def observe_webhook(self, outcome: str) -> None:
         self.webhooks.labels(outcome).inc()
 
@@ -246,6 +256,8 @@ class Metrics:
         if self._requests is not None:
             self.due_soon.set(self._requests.due_soon)
             self.overdue.set(self._requests.overdue)
+        if self._keys is not None:
+            self.jwt_keys.set(2 if self._keys.lost() else 1 if self._keys.stale() else 0)
         if self._sources is None:
             return
         audit, pools, mirrors = self._sources

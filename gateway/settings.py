@@ -55,6 +55,12 @@ class Settings:
     jwt_issuer: str | None = None
     jwt_audience: str | None = None
     jwt_jwks_min_refetch_s: float = 5.0     # an unknown kid refetches the key set at most this often
+    jwt_jwks_max_age_s: float = 300.0       # the key set is refetched before it is this old
+    jwt_jwks_grace_s: float = 900.0         # an unreachable issuer's last set, this long past its age
+    # where the role and the tenant claims are in a token: dotted paths (`\.` a literal dot)
+    jwt_role_claim: str = "role"
+    jwt_partner_claim: str = "partner"
+    jwt_euo_claim: str = "euo"
     policy_dir: Path = DEFAULT_POLICY_DIR
     max_body_bytes: int = 1 << 20
     backend_connect_timeout_s: float = 3.0
@@ -124,6 +130,11 @@ class Settings:
             jwt_public_key_file=Path(key_file) if key_file else None,
             jwt_issuer=env.get("GATEWAY_JWT_ISSUER") or None,
             jwt_audience=env.get("GATEWAY_JWT_AUDIENCE") or None,
+            jwt_jwks_max_age_s=_positive(env, "GATEWAY_JWT_JWKS_MAX_AGE_S", cls.jwt_jwks_max_age_s),
+            jwt_jwks_grace_s=_float(env, "GATEWAY_JWT_JWKS_GRACE_S", cls.jwt_jwks_grace_s),
+            jwt_role_claim=env.get("GATEWAY_JWT_ROLE_CLAIM") or cls.jwt_role_claim,
+            jwt_partner_claim=env.get("GATEWAY_JWT_PARTNER_CLAIM") or cls.jwt_partner_claim,
+            jwt_euo_claim=env.get("GATEWAY_JWT_EUO_CLAIM") or cls.jwt_euo_claim,
             policy_dir=Path(policy_dir) if policy_dir else _default_policy_dir(),
             max_body_bytes=_int(env, "GATEWAY_MAX_BODY_BYTES", cls.max_body_bytes),
             backend_read_timeout_s=_float(env, "GATEWAY_BACKEND_TIMEOUT_S", 15.0),
@@ -174,6 +185,18 @@ class Settings:
     def with_(self, **changes) -> Settings:
         return replace(self, **changes)
 
+    @property
+    def discovers_keys(self) -> bool:
+        """Whether the token keys come from the issuer's discovery document: the issuer is
+        set and no key is (no secret, PEM file or JWKS URL)."""
+        return bool(self.jwt_issuer) and not (self.jwt_secret or self.jwt_public_key_file
+                                              or self.jwt_jwks_url)
+
+    @property
+    def asymmetric_keys(self) -> bool:
+        """Whether tokens are checked with public keys (then never with HS256)."""
+        return bool(self.jwt_public_key_file or self.jwt_jwks_url or self.discovers_keys)
+
     def check_for_serving(self, services: Iterable[str] = ()) -> None:
         """Raise ConfigError with every mistake that would stop `gateway serve`; `services`
         are the policy's (routes.yaml), each of which needs its upstream."""
@@ -184,11 +207,7 @@ class Settings:
                     f"{upstream_variable(service)} is not set: the base URL of the "
                     f"{service} backend is required (routes.yaml has {service} routes)"
                 )
-        if not (self.jwt_secret or self.jwt_jwks_url or self.jwt_public_key_file):
-            problems.append(
-                "no JWT key: set GATEWAY_JWT_SECRET (HS256), GATEWAY_JWT_PUBLIC_KEY_FILE "
-                "or GATEWAY_JWT_JWKS_URL (RS256/ES256)"
-            )
+        problems += self._jwt_problems()
         if self.jwt_secret and len(self.jwt_secret) < 32:
             # refusing would lock out issuers that use short keys; say it loudly instead
             log.warning("GATEWAY_JWT_SECRET is shorter than 32 characters: HS256 keys that "
@@ -216,6 +235,56 @@ class Settings:
                 problems.append(f"policy file {self.policy_dir / name} is not readable")
         if problems:
             raise ConfigError("; ".join(problems))
+
+
+    def _jwt_problems(self) -> list[str]:
+        problems = []
+        if not (self.jwt_secret or self.asymmetric_keys):
+            problems.append(
+                "no JWT key: set GATEWAY_JWT_ISSUER (keys discovered from the issuer), "
+                "GATEWAY_JWT_JWKS_URL, GATEWAY_JWT_PUBLIC_KEY_FILE or GATEWAY_JWT_SECRET (HS256)"
+            )
+        if self.jwt_secret and self.asymmetric_keys:
+            # one key of each kind invites algorithm confusion: a token signed with HS256
+            # over a public key (which anyone may read) must never be tried
+            problems.append("GATEWAY_JWT_SECRET (HS256) is set together with "
+                            "GATEWAY_JWT_PUBLIC_KEY_FILE or GATEWAY_JWT_JWKS_URL: choose one")
+        if self.discovers_keys:
+            parts = urlsplit(self.jwt_issuer)
+            if parts.scheme not in ("http", "https") or not parts.netloc:
+                problems.append(f"GATEWAY_JWT_ISSUER={self.jwt_issuer!r} is not an http(s) URL, so "
+                                "its keys cannot be discovered: set GATEWAY_JWT_JWKS_URL")
+            elif parts.scheme == "http" and parts.hostname not in ("127.0.0.1", "::1", "localhost"):
+                log.warning("GATEWAY_JWT_ISSUER %s is plain http: its keys could be swapped "
+                            "on the way", self.jwt_issuer)
+        if self.asymmetric_keys and not self.jwt_audience:
+            log.warning("GATEWAY_JWT_AUDIENCE is not set: any token of the issuer is accepted, "
+                        "one meant for another API or an ID token included")
+        if not self.jwt_jwks_grace_s >= 0:
+            problems.append("GATEWAY_JWT_JWKS_GRACE_S must be a number of seconds, 0 or more")
+        for name, path in (("GATEWAY_JWT_ROLE_CLAIM", self.jwt_role_claim),
+                           ("GATEWAY_JWT_PARTNER_CLAIM", self.jwt_partner_claim),
+                           ("GATEWAY_JWT_EUO_CLAIM", self.jwt_euo_claim)):
+            if not all(claim_path(path)):
+                problems.append(f"{name}={path!r} is not a dotted claim path (a.b.c; \\. "
+                                "for a dot in a name)")
+        return problems
+
+
+def claim_path(text: str) -> tuple[str, ...]:
+    """A dotted claim path as its names: `realm_access.roles` -> (realm_access, roles);
+    `\\.` is a dot within a name (`https://gw\\.example/roles`, one name)."""
+    names, name, chars = [], [], iter(text)
+    for c in chars:
+        if c == "\\":
+            name.append(next(chars, "\\"))
+        elif c == ".":
+            names.append("".join(name))
+            name = []
+        else:
+            name.append(c)
+    names.append("".join(name))
+    return tuple(names)
 
 
 SYNCHRONOUS_COMMIT = ("on", "remote_apply")

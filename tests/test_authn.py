@@ -7,18 +7,20 @@ import base64
 import hashlib
 import hmac
 import json
+import re
 
 import jwt
 import orjson
 import pytest
 from aiohttp import web
 from cryptography.hazmat.primitives import serialization
-from cryptography.hazmat.primitives.asymmetric import ec, rsa
+from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from multidict import CIMultiDict
 
 from gateway.demo.run import start_site
+from gateway.settings import ConfigError, Settings, claim_path
 
 from .conftest import AUDIENCE, ISSUER, SECRET, call, gateway_settings, make_token, running_gateway
 
@@ -215,3 +217,73 @@ async def test_any_claim_values_get_an_answer_never_a_failure(gateway, http, rol
     claims = {"role": role, "sub": sub, "partner": tenant, "euo": tenant}
     status, _, body = await call(http, "GET", gateway + PATH, _token(claims))
     assert status < 500, (claims, body)
+
+
+@pytest.fixture(scope="module")
+def more_keys(tmp_path_factory):
+    """An Ed25519, a P-384 and an RSA key pair, each public key written as PEM."""
+    where = tmp_path_factory.mktemp("more-keys")
+    made = {"ed25519": ed25519.Ed25519PrivateKey.generate(),
+            "p384": ec.generate_private_key(ec.SECP384R1()), "rsa": _rsa_key()}
+    for name, key in made.items():
+        (where / f"{name}.pem").write_bytes(key.public_key().public_bytes(
+            serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo))
+    return made, where
+
+
+@pytest.mark.parametrize(("kind", "alg", "refused"), [
+    ("ed25519", "EdDSA", ()),
+    ("p384", "ES384", ("ES256",)),          # the curve names the one ES algorithm it fits
+    ("rsa", "PS256", ("HS256",)),
+    ("rsa", "RS512", ()),
+])
+async def test_a_public_key_file_of_each_kind(backends, database_url, http, more_keys, kind, alg,
+                                             refused):
+    """GATEWAY_JWT_PUBLIC_KEY_FILE may hold an Ed25519, EC P-256/384/521 or RSA key; tokens
+    of the algorithms that key fits are served, others refused."""
+    made, where = more_keys
+    settings = gateway_settings(backends["urls"], jwt_secret=None,
+                                jwt_public_key_file=where / f"{kind}.pem")
+    async with running_gateway(settings, database_url) as gw:
+        good = make_token("provider_staff", "s", key=made[kind], alg=alg)
+        assert (await call(http, "GET", gw + PATH, good))[0] == 200
+        for other in refused:
+            key = SECRET if other.startswith("HS") else ec.generate_private_key(ec.SECP256R1())
+            status, _, body = await call(http, "GET", gw + PATH,
+                                         make_token("provider_staff", "s", key=key, alg=other))
+            assert (status, orjson.loads(body)["error"]["code"]) == (401, "unsupported_algorithm")
+
+
+def test_the_token_settings_are_read_from_the_environment():
+    env = {"GATEWAY_JWT_ISSUER": "https://login.example/realms/gw",
+           "GATEWAY_JWT_JWKS_MAX_AGE_S": "60", "GATEWAY_JWT_JWKS_GRACE_S": "0",
+           "GATEWAY_JWT_ROLE_CLAIM": "realm_access.roles", "GATEWAY_JWT_PARTNER_CLAIM": "org.partner",
+           "GATEWAY_JWT_EUO_CLAIM": r"https://gw\.example/euo"}
+    s = Settings.from_env(env)
+    assert (s.jwt_jwks_max_age_s, s.jwt_jwks_grace_s) == (60.0, 0.0)
+    assert (s.jwt_role_claim, s.jwt_partner_claim, s.jwt_euo_claim) == (
+        "realm_access.roles", "org.partner", r"https://gw\.example/euo")
+    assert claim_path(s.jwt_euo_claim) == ("https://gw.example/euo",)
+    assert s.discovers_keys and s.asymmetric_keys
+    defaults = Settings.from_env({})
+    assert (defaults.jwt_role_claim, defaults.jwt_partner_claim, defaults.jwt_euo_claim,
+            defaults.jwt_jwks_max_age_s) == ("role", "partner", "euo", 300.0)
+
+
+@pytest.mark.parametrize(("changes", "problem"), [
+    ({"jwt_issuer": "https://login.example/realms/gw"}, None),      # the issuer alone is enough
+    ({}, "no JWT key"),
+    ({"jwt_secret": SECRET, "jwt_jwks_url": "https://login.example/jwks"}, "choose one"),
+    ({"jwt_issuer": "urn:example:issuer"}, "is not an http(s) URL"),
+    ({"jwt_issuer": "https://login.example/", "jwt_role_claim": "realm_access..roles"},
+     "GATEWAY_JWT_ROLE_CLAIM='realm_access..roles' is not a dotted claim path"),
+    ({"jwt_issuer": "https://login.example/", "jwt_jwks_grace_s": -1.0}, "GRACE_S"),
+])
+def test_token_settings_serve_checks(changes, problem):
+    """What `gateway serve` and `gateway check` say about the token settings."""
+    settings = Settings(upstreams={"telephony": "http://t", "meeting": "http://m"}).with_(**changes)
+    if problem is None:
+        settings.check_for_serving()
+        return
+    with pytest.raises(ConfigError, match=re.escape(problem)):
+        settings.check_for_serving()
