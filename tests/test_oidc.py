@@ -173,7 +173,11 @@ async def test_a_withdrawn_key_is_refused_once_the_set_is_refetched(backends, da
         stolen = signed_with(provider, "rsa-1", "RS256")
         assert await status_of(http, gw, stolen) == (200, None)
         await provider.use_keys(new_keys("2"))
-        assert await status_of(http, gw, await provider.token("staff-sam")) == (200, None)
+        fresh = await provider.token("staff-sam")
+
+        async def served():   # an unknown kid is refetched, at most every min_refetch_s
+            return await status_of(http, gw, fresh) == (200, None)
+        assert await wait_for(served, timeout=10)
 
         async def refused():
             return (await status_of(http, gw, old) == (401, "unknown_key")
