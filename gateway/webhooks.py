@@ -148,7 +148,8 @@ class Webhooks:
     async def _delivering(self) -> None:
         while True:
             try:
-                busy = await self.deliver_due() >= BATCH
+                # an event delivered may let the next one about its subject go (030)
+                busy = await self.deliver_due() > 0
             except _DB_ERRORS as e:
                 log.warning("webhook outbox not read: %s", e)
                 busy = False
