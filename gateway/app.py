@@ -12,7 +12,7 @@ import logging
 import secrets
 import signal
 from collections.abc import Callable
-from datetime import UTC, date, datetime
+from datetime import date
 
 import aiohttp
 import orjson
@@ -35,6 +35,7 @@ from .break_glass import BreakGlassCache
 from .call import AnonymousRefusals
 from .catalog import PolicyError
 from .check import PartitionWatch
+from .clock import Clock
 from .contracts import ContractCache
 from .db import POOL, create_pool, ensure_partitions, migrate, query
 from .endpoints import CALL, IDENTIFIER, api, identifier, json_object, json_response
@@ -53,6 +54,7 @@ log = logging.getLogger("gateway")
 REQUEST_ID = pipeline.REQUEST_ID
 NEW_REQUEST_ID = web.AppKey("new_request_id", Callable[[], str])
 PARTITIONS = web.AppKey("partitions", PartitionWatch)
+CLOCK = web.AppKey("clock", Clock)
 
 
 class MalformedRequests(logging.Filter):
@@ -135,11 +137,14 @@ def _resources(settings: Settings, dsn: str, catalog, policy: Policy, metrics: M
                 await ensure_partitions(conn)
         partitions = app[PARTITIONS] = PartitionWatch(pool)
         await partitions.start()
-        contracts = ContractCache(pool, dsn, settings.mirror_staleness_s)
+        # before anything that decides by the time of day: the database's clock, read once
+        clock = app[CLOCK] = Clock(pool, settings.max_clock_skew_s)
+        await clock.start()
+        contracts = ContractCache(pool, dsn, settings.mirror_staleness_s, clock)
         await contracts.start()
         restrictions = RestrictionCache(pool, dsn, settings.mirror_staleness_s)
         await restrictions.start()
-        break_glass = BreakGlassCache(pool, dsn, settings.mirror_staleness_s)
+        break_glass = BreakGlassCache(pool, dsn, settings.mirror_staleness_s, clock)
         await break_glass.start()
         audit = AuditWriter(lanes_pool, settings.audit_queue_max, settings.audit_lanes,
                             settings.audit_commit_timeout_s)
@@ -158,6 +163,7 @@ def _resources(settings: Settings, dsn: str, catalog, policy: Policy, metrics: M
                                settings.backend_connect_timeout_s, settings.backend_read_timeout_s)
         backends = Backends(settings.upstreams, client, settings.backend_deadline_s,
                             settings.max_json_answer_bytes)
+        await backends.start_watching()
         webhooks = app[WEBHOOKS] = Webhooks(
             pool, session, settings.webhook_url,
             webhook_secret(settings) if settings.webhook_url else None,
@@ -168,7 +174,7 @@ def _resources(settings: Settings, dsn: str, catalog, policy: Policy, metrics: M
         metrics.watch_requests(webhooks)
         app[POOL] = pool
         gateway = app[pipeline.GATEWAY] = pipeline.Gateway(
-            catalog=catalog, policy=policy, authn=Authenticator(settings, catalog.roles, session),
+            catalog=catalog, policy=policy, authn=Authenticator(settings, catalog.roles, session, clock),
             contracts=contracts, restrictions=restrictions, break_glass=break_glass,
             backends=backends, audit=audit,
             anonymous=anonymous, max_body_bytes=settings.max_body_bytes,
@@ -196,6 +202,8 @@ def _resources(settings: Settings, dsn: str, catalog, policy: Policy, metrics: M
             await restrictions.close()
             await break_glass.close()
             await partitions.close()
+            await clock.close()
+            await backends.close()
             await client.close()
             await session.close()
             await pool.close()
@@ -338,14 +346,16 @@ async def healthz(request: web.Request) -> web.Response:
 
 
 async def readyz(request: web.Request) -> web.Response:
-    """Ready when audit rows commit within their deadline, both mirrors are proven fresh and
-    the backends answer. The database is judged from what the writer and the mirrors' heartbeats
-    last saw, never queried here, so the answer comes at once whatever PostgreSQL does."""
+    """Ready when audit rows commit within their deadline, the mirrors are proven fresh, the
+    host's clock agrees with the database's and the backends answer. Everything is judged
+    from memory — what the writer, the mirrors' heartbeats, the clock's readings and the last
+    backend calls or probes saw — never asked here, so the answer comes at once whatever
+    PostgreSQL or a backend does."""
     gw = request.app[pipeline.GATEWAY]
     stale = [r for r in (gw.contracts.stale_reason(), gw.restrictions.stale_reason(),
                          gw.break_glass.stale_reason()) if r]
-    reasons = gw.audit.health() + stale
-    backends = await gw.backends.ready()
+    reasons = gw.audit.health() + stale + request.app[CLOCK].health()
+    backends = gw.backends.health()
     reasons += [f"backend_unreachable:{name}" for name, up in backends.items() if not up]
     body = {"status": "not_ready" if reasons else "ready",
             "database": not stale,   # each heartbeat is a round trip within the staleness bound
@@ -390,7 +400,7 @@ async def catalog_view(request: web.Request, principal: Principal, row: AuditRow
 async def list_contracts(request: web.Request, principal: Principal, row: AuditRow) -> web.Response:
     """Every contract, with whether it is active today."""
     rows = await request.app[POOL].fetch(query("all_contracts"))
-    today = datetime.now(UTC).date()
+    today = request.app[CLOCK].today()
     return json_response({"contracts": [
         {"euo_id": r["euo_id"], "partner_id": r["partner_id"],
          "contract_end": r["contract_end"].isoformat() if r["contract_end"] else None,

@@ -16,6 +16,7 @@ import jwt
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from cryptography.hazmat.primitives.serialization import load_pem_public_key
 
+from .clock import HOST_CLOCK, Clock
 from .errors import Denied
 from .grammar import IDENTIFIER
 from .principal import Principal
@@ -56,7 +57,7 @@ class Authenticator:
     """Verifies bearer tokens against the configured keys."""
 
     def __init__(self, settings: Settings, roles: dict[str, Role],
-                 session: aiohttp.ClientSession | None = None):
+                 session: aiohttp.ClientSession | None = None, clock: Clock | None = None):
         self.roles = roles
         self.secret = settings.jwt_secret
         self.issuer = settings.jwt_issuer
@@ -72,6 +73,9 @@ class Authenticator:
         self._jwks_fetched_at = -float("inf")
         self._jwks_lock = asyncio.Lock()
         self._cache: dict[str, Principal] = {}
+        # exp, nbf and iat are checked against the database's clock (gateway/clock.py), never
+        # the host's: a host clock stepped back would accept a token that has expired
+        self.clock = clock or HOST_CLOCK
 
     def use(self, roles: dict[str, Role]) -> None:
         """The roles of a new policy: tokens are checked against them from now on."""
@@ -104,7 +108,7 @@ class Authenticator:
         coroutine (the proxy's path calls it directly); None: `verified` must decide."""
         cached = self._cache.get(token)
         if cached is not None:
-            if cached.exp > time.time() - LEEWAY_S:
+            if cached.exp > self.clock.now() - LEEWAY_S:
                 return cached
             del self._cache[token]
         return None
@@ -127,10 +131,11 @@ class Authenticator:
         try:
             claims = jwt.decode(
                 token, key, algorithms=[alg], audience=self.audience, issuer=self.issuer,
-                leeway=LEEWAY_S,
                 options={"require": ["exp", "sub", "role"], "verify_aud": bool(self.audience),
-                         "verify_iss": bool(self.issuer)},
+                         "verify_iss": bool(self.issuer), "verify_exp": False,
+                         "verify_nbf": False, "verify_iat": False},
             )
+            _check_times(claims, self.clock.now())
         except jwt.PyJWTError as e:
             for kind, code, message in _REASONS:
                 if isinstance(e, kind):
@@ -181,6 +186,23 @@ class Authenticator:
             # keep the keys we had; the token is refused as having an unknown key
             return
         self._jwks = {k.key_id: k for k in keys if k.key_id}
+
+
+def _check_times(claims: dict, now: float) -> None:
+    """PyJWT's checks of exp, nbf and iat (the same errors, LEEWAY_S either way), made
+    against `now`, the database's time, where PyJWT would read the host's clock."""
+    for name, error in (("exp", jwt.DecodeError), ("nbf", jwt.DecodeError),
+                        ("iat", jwt.InvalidIssuedAtError)):
+        if name not in claims:
+            continue
+        try:
+            value = int(claims[name])
+        except (ValueError, TypeError, OverflowError):
+            raise error(f"the {name} claim must be an integer") from None
+        if name == "exp" and value <= now - LEEWAY_S:
+            raise jwt.ExpiredSignatureError("Signature has expired")
+        if name != "exp" and value > now + LEEWAY_S:
+            raise jwt.ImmatureSignatureError(f"The token is not yet valid ({name})")
 
 
 def _principal(claims: dict, roles: dict[str, Role]) -> Principal:

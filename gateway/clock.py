@@ -34,6 +34,7 @@ log = logging.getLogger("gateway.clock")
 
 MAX_ROUND_TRIP_S = 0.5     # a reading less sure than ±0.25 s is not used
 READ_EVERY_S = 2.0
+READ_TIMEOUT_S = 5.0       # a frozen database or a half-open connection: try again later
 MAX_SKEW_S = 5.0
 
 
@@ -87,7 +88,7 @@ class Clock:
 
     async def read(self) -> bool:
         """Take one reading; whether it was used (a slow round trip is not)."""
-        async with self.pool.acquire() as conn:
+        async with asyncio.timeout(READ_TIMEOUT_S), self.pool.acquire() as conn:
             db, mono, _wall, rtt = await read_database_clock(conn)
         if rtt > MAX_ROUND_TRIP_S and self._offset is not None:
             return False
@@ -120,3 +121,17 @@ class Clock:
             except (TimeoutError, OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as e:
                 # the last offset stays good: the monotonic clock carries it
                 log.debug("database clock not read: %s", e)
+
+
+class HostClock:
+    """The host's wall clock, for what runs without a database (offline tools, a part
+    built alone in a test); the serving gateway always wires a `Clock`."""
+
+    def now(self) -> float:
+        return time.time()
+
+    def today(self) -> date:
+        return datetime.now(UTC).date()
+
+
+HOST_CLOCK = HostClock()

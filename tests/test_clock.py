@@ -6,8 +6,12 @@ is off (`/readyz` 503 `clock_skew`) and `gateway audit maintain` drops nothing."
 from __future__ import annotations
 
 import asyncpg
+import orjson
 
-from .clocks import faked_clock_env
+from gateway.demo.run import seed_contracts
+
+from .clocks import faked_clock_env, step
+from .conftest import call, gateway_process, wait_for
 from .roles import as_role, gateway_cli, migrated_with_grants, two_roles
 
 MONTH = "to_char(now() - make_interval(months => $1), '\"audit_log_y\"YYYY\"m\"MM')"
@@ -72,3 +76,55 @@ async def test_maintain_never_drops_this_or_last_month(database_url):
             assert await conn.fetchval(f"select {MONTH}", 0) in left
         finally:
             await conn.close()
+
+
+async def test_a_host_clock_stepped_back_two_days_changes_no_decision(
+        database_url, demo, backends, http, token_for, tmp_path):
+    """With the host's clock stepped back two days under a running gateway, a contract that
+    ended today (by the database's date) still refuses its partner (403), and a token that
+    expired an hour ago is still refused (401 token_expired): both are decided by the
+    database's clock. The gateway says its clock is off: `/readyz` 503 `clock_skew`, and
+    ready again once the clock is set right."""
+    clock = tmp_path / "clock"
+    async with two_roles(database_url) as roles:
+        await migrated_with_grants(roles)
+        await seed_contracts(roles.owner_dsn, demo)
+        async with gateway_process(http, backends, roles.owner_dsn, tmp_path,
+                                   **faked_clock_env(clock, "+0")) as (_, base):
+            today = await database_date(roles.owner_dsn)
+            status, _, _ = await call(http, "PUT", base + "/v1/admin/euos/euo-globex",
+                                      token_for("staff"), json={
+                                          "partner_id": "p-northwind",
+                                          "contract_end": today.isoformat()})
+            assert status == 200
+            partner = token_for("partner", iat=None)
+            expired = token_for("staff", ttl=-3600, iat=None)
+            step(clock, "-2d")
+
+            async def skewed():
+                status, _, body = await call(http, "GET", base + "/readyz")
+                return status == 503 and "clock_skew" in orjson.loads(body)["reasons"]
+            assert await wait_for(skewed, timeout=10)
+
+            status, _, body = await call(http, "GET", base + "/telephony/euos/euo-globex",
+                                         partner)
+            assert (status, orjson.loads(body)["error"]["code"]) == (403, "no_active_contract")
+            status, _, body = await call(http, "GET", base + "/telephony/euos/euo-globex",
+                                         expired)
+            assert (status, orjson.loads(body)["error"]["code"]) == (401, "token_expired")
+            status, _, _ = await call(http, "GET", base + "/telephony/euos/euo-acme", partner)
+            assert status == 200                  # a contract still running still serves
+
+            step(clock, "+0")
+
+            async def ready():
+                return (await call(http, "GET", base + "/readyz"))[0] == 200
+            assert await wait_for(ready, timeout=10)
+
+
+async def database_date(dsn: str):
+    conn = await asyncpg.connect(dsn)
+    try:
+        return await conn.fetchval("select (now() at time zone 'utc')::date")
+    finally:
+        await conn.close()
