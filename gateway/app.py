@@ -36,6 +36,7 @@ from .call import AnonymousRefusals
 from .catalog import PolicyError
 from .check import PartitionWatch
 from .clock import Clock
+from .connections import ConnectionLimits, GuardedServer, connection_limits
 from .contracts import ContractCache
 from .db import POOL, create_pool, ensure_partitions, migrate, query
 from .endpoints import CALL, IDENTIFIER, api, identifier, json_object, json_response
@@ -55,6 +56,7 @@ REQUEST_ID = pipeline.REQUEST_ID
 NEW_REQUEST_ID = web.AppKey("new_request_id", Callable[[], str])
 PARTITIONS = web.AppKey("partitions", PartitionWatch)
 CLOCK = web.AppKey("clock", Clock)
+CONNECTIONS = web.AppKey("connections", ConnectionLimits)
 
 
 class MalformedRequests(logging.Filter):
@@ -91,6 +93,7 @@ def create_app(settings: Settings, dsn: str, reload_on_sighup: bool = False,
         server_log.addFilter(_MALFORMED)
     app = web.Application(middlewares=[_request_ids], client_max_size=settings.max_body_bytes)
     app[NEW_REQUEST_ID] = request_ids()
+    app[CONNECTIONS] = connection_limits(settings)
     app.on_response_prepare.append(_private_answers)
     metrics = app[METRICS] = Metrics()
     app.cleanup_ctx.append(_resources(settings, dsn, catalog, policy, metrics, migrate))
@@ -215,12 +218,22 @@ class GatewayRunner(web.AppRunner):
     """The app's runner, whose server hands the proxy's paths to the pipeline directly
     (pipeline.direct): no route resolution, middleware or prepare signal per proxied
     request. Everything else, and any request if this runner is not used, goes through the
-    app as before, with the same answers."""
+    app as before, with the same answers. Its server bounds the client connections
+    (connections.py: how many, how long idle, how long a request's head may take)."""
 
     async def _make_server(self) -> web.Server:
+        limits = self.app.get(CONNECTIONS)
+        if limits is not None:
+            self._kwargs["keepalive_timeout"] = limits.idle_timeout_s
         server = await super()._make_server()
-        server.request_handler = pipeline.direct(self.app, server.request_handler)
-        return server
+        handler = pipeline.direct(self.app, server.request_handler)
+        if limits is None:
+            server.request_handler = handler
+            return server
+        return GuardedServer(handler, request_factory=server.request_factory,
+                             handler_cancellation=server.handler_cancellation,
+                             loop=asyncio.get_running_loop(), limits=limits,
+                             **server._kwargs)
 
 
 POLICY_SET = web.AppKey("policy_set", PolicySet)

@@ -101,8 +101,8 @@ class Settings:
     # client connections (gateway/connections.py): an idle keep-alive connection is closed
     # after idle_timeout_s, a request head not complete within header_timeout_s is cut, and
     # at most max_client_connections are open per process (None: from RLIMIT_NOFILE)
-    idle_timeout_s: float = 30.0
-    header_timeout_s: float = 10.0
+    idle_timeout_s: float = 75.0      # above the 60 s idle timeout of common load balancers
+    header_timeout_s: float = 15.0
     max_client_connections: int | None = None
 
     @classmethod
