@@ -317,9 +317,10 @@ async def _list_contracts(dsn: str) -> int:
     conn = await asyncpg.connect(dsn)
     try:
         rows = await conn.fetch(query("all_contracts"))
+        # active by the database's date, as the gateway decides it (clock.py)
+        today = datetime.fromtimestamp(await conn.fetchval(query("database_clock")), UTC).date()
     finally:
         await conn.close()
-    today = datetime.now(UTC).date()
     for r in sorted(rows, key=lambda r: r["euo_id"]):
         end = r["contract_end"]
         print(orjson.dumps({"euo_id": r["euo_id"], "partner_id": r["partner_id"],

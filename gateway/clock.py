@@ -97,8 +97,11 @@ class Clock:
 
     async def start(self) -> None:
         """The first reading (raises when the database cannot be read), then one every
-        `read_every_s` in the background."""
+        `read_every_s` in the background; from then on it is the process's clock
+        (`now_utc`)."""
+        global _process_clock
         await self.read()
+        _process_clock = self
         skew = self.skew()
         if abs(skew) > self.max_skew_s:
             log.warning("the host's clock is %.1f s %s the database's: deciding by the "
@@ -135,3 +138,16 @@ class HostClock:
 
 
 HOST_CLOCK = HostClock()
+
+
+# The time of day of this process, for the code that reads it as a plain function (the
+# retention cut-offs of each request, the audit row's time): the clock the serving gateway
+# started, else the host's. Process-wide on purpose: there is one monotonic clock per
+# process and one database clock per deployment, so two apps in one process (tests) share
+# the same time whichever of them started last.
+_process_clock: Clock | HostClock = HOST_CLOCK
+
+
+def now_utc() -> datetime:
+    """The time of day this process decides and records by (see `_process_clock`)."""
+    return datetime.fromtimestamp(_process_clock.now(), UTC)

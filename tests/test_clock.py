@@ -81,10 +81,10 @@ async def test_maintain_never_drops_this_or_last_month(database_url):
 async def test_a_host_clock_stepped_back_two_days_changes_no_decision(
         database_url, demo, backends, http, token_for, tmp_path):
     """With the host's clock stepped back two days under a running gateway, a contract that
-    ended today (by the database's date) still refuses its partner (403), and a token that
-    expired an hour ago is still refused (401 token_expired): both are decided by the
-    database's clock. The gateway says its clock is off: `/readyz` 503 `clock_skew`, and
-    ready again once the clock is set right."""
+    ended today (by the database's date) still refuses its partner (403) and withholds what
+    is kept only until the contract's end, and a token that expired an hour ago is still
+    refused (401 token_expired): all are decided by the database's clock. The gateway says
+    its clock is off: `/readyz` 503 `clock_skew`, and ready again once it is set right."""
     clock = tmp_path / "clock"
     async with two_roles(database_url) as roles:
         await migrated_with_grants(roles)
@@ -114,6 +114,11 @@ async def test_a_host_clock_stepped_back_two_days_changes_no_decision(
             assert (status, orjson.loads(body)["error"]["code"]) == (401, "token_expired")
             status, _, _ = await call(http, "GET", base + "/telephony/euos/euo-acme", partner)
             assert status == 200                  # a contract still running still serves
+            # the company directory is kept until the contract's end (retention): gone today
+            admin = token_for(role="euo_admin", sub="admin@globex", euo="euo-globex", iat=None)
+            status, _, body = await call(http, "GET", base + "/telephony/euos/euo-globex/directory",
+                                         admin)
+            assert status == 200 and not orjson.loads(body).get("entries"), body
 
             step(clock, "+0")
 
