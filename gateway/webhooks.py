@@ -29,6 +29,7 @@ import asyncpg
 import orjson
 from aiohttp import web
 
+from . import clock
 from .db import query
 
 log = logging.getLogger("gateway.webhooks")
@@ -177,7 +178,7 @@ class Webhooks:
         body = orjson.dumps({"id": row["id"], "event": row["event"],
                              "created_at": row["created_at"].isoformat(),
                              about: orjson.loads(row["payload"])})
-        timestamp = str(int(time.time()))
+        timestamp = str(int(clock.now_utc().timestamp()))   # the database's time
         headers = {"Content-Type": "application/json", "User-Agent": "partner-gateway-webhooks",
                    "X-Gateway-Event": row["event"], "X-Gateway-Delivery": str(row["id"]),
                    TIMESTAMP_HEADER: timestamp, SIGNATURE_HEADER: sign(self.secret, timestamp, body)}
