@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import random
 import re
 from collections.abc import Callable, Mapping, MutableMapping
@@ -13,6 +14,8 @@ import aiohttp
 
 from .backend_client import Answer, BackendClient, TooLarge, probe
 from .errors import Denied
+
+log = logging.getLogger("gateway.proxy")
 
 # Allow-lists, both ways: a client header reaches a backend only if named here (identity,
 # method-override, rewrite, range and caching headers never do), and a backend header
@@ -119,7 +122,10 @@ class Backends:
     async def _keep_watching(self) -> None:
         while True:
             await asyncio.sleep(PROBE_EVERY_S / 2)
-            await self._probe_quiet(self._time() - PROBE_EVERY_S)
+            try:
+                await self._probe_quiet(self._time() - PROBE_EVERY_S)
+            except Exception:      # readiness must keep being learnt, whatever one probe did
+                log.exception("backend probe failed; probing goes on")
 
     async def _probe_quiet(self, learnt_before: float) -> None:
         async def one(name: str) -> None:
