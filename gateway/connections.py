@@ -120,8 +120,11 @@ class GuardedHandler(RequestHandler):
         self._head_timer: asyncio.TimerHandle | None = None
 
     def idle(self) -> bool:
-        """No request under way (waiting for one, or for the rest of its head)."""
-        return self._current_request is None and not self._messages
+        """No request under way: waiting for one, or for the rest of its head (aiohttp's
+        own test before it closes a connection idle past its keep-alive timeout; a request
+        parsed but not yet handled, or being answered, is not idle)."""
+        waiter = self._waiter
+        return waiter is not None and not waiter.done()
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         super().connection_made(transport)
