@@ -30,6 +30,7 @@ from aiohttp import web
 
 from .catalog import PolicyError
 from .check import Findings, check_backends, check_database, check_settings, effective_configuration
+from .connections import connection_limits, raise_file_limit
 from .db import (
     DatabaseUnavailable,
     EmbeddedPostgres,
@@ -318,9 +319,10 @@ async def _list_contracts(dsn: str) -> int:
     conn = await asyncpg.connect(dsn)
     try:
         rows = await conn.fetch(query("all_contracts"))
+        # active by the database's date, as the gateway decides it (clock.py)
+        today = datetime.fromtimestamp(await conn.fetchval(query("database_clock")), UTC).date()
     finally:
         await conn.close()
-    today = datetime.now(UTC).date()
     for r in sorted(rows, key=lambda r: r["euo_id"]):
         end = r["contract_end"]
         print(orjson.dumps({"euo_id": r["euo_id"], "partner_id": r["partner_id"],
@@ -460,6 +462,11 @@ def _serve(settings: Settings, workers: int = 1, migrating: bool = True) -> int:
     if refused is not None:
         raise refused
     policy = PolicyInForce(settings, policy_set)
+    descriptors = raise_file_limit()        # the workers inherit it
+    log.info("descriptor limit %d: at most %d client connections per process, idle ones "
+             "closed after %g s, request heads due within %g s", descriptors,
+             connection_limits(settings).max_connections, settings.idle_timeout_s,
+             settings.header_timeout_s)
     with contextlib.ExitStack() as stack:
         sock = stack.enter_context(listen(settings.listen_host, settings.listen_port))
         stack.enter_context(pid_file(settings))

@@ -12,7 +12,7 @@ import logging
 import secrets
 import signal
 from collections.abc import Callable
-from datetime import UTC, date, datetime
+from datetime import date
 
 import aiohttp
 import orjson
@@ -35,6 +35,8 @@ from .break_glass import BreakGlassCache
 from .call import AnonymousRefusals
 from .catalog import PolicyError
 from .check import PartitionWatch
+from .clock import Clock
+from .connections import ConnectionLimits, GuardedServer, connection_limits
 from .contracts import ContractCache
 from .db import POOL, create_pool, durability_problems, ensure_partitions, migrate, query
 from .endpoints import CALL, IDENTIFIER, api, identifier, json_object, json_response
@@ -53,6 +55,8 @@ log = logging.getLogger("gateway")
 REQUEST_ID = pipeline.REQUEST_ID
 NEW_REQUEST_ID = web.AppKey("new_request_id", Callable[[], str])
 PARTITIONS = web.AppKey("partitions", PartitionWatch)
+CLOCK = web.AppKey("clock", Clock)
+CONNECTIONS = web.AppKey("connections", ConnectionLimits)
 
 
 class MalformedRequests(logging.Filter):
@@ -89,6 +93,7 @@ def create_app(settings: Settings, dsn: str, reload_on_sighup: bool = False,
         server_log.addFilter(_MALFORMED)
     app = web.Application(middlewares=[_request_ids], client_max_size=settings.max_body_bytes)
     app[NEW_REQUEST_ID] = request_ids()
+    app[CONNECTIONS] = connection_limits(settings)
     app.on_response_prepare.append(_private_answers)
     metrics = app[METRICS] = Metrics()
     app.cleanup_ctx.append(_resources(settings, dsn, catalog, policy, metrics, migrate))
@@ -137,11 +142,14 @@ def _resources(settings: Settings, dsn: str, catalog, policy: Policy, metrics: M
                 await ensure_partitions(conn)
         partitions = app[PARTITIONS] = PartitionWatch(pool)
         await partitions.start()
-        contracts = ContractCache(pool, dsn, settings.mirror_staleness_s)
+        # before anything that decides by the time of day: the database's clock, read once
+        clock = app[CLOCK] = Clock(pool, settings.max_clock_skew_s)
+        await clock.start()
+        contracts = ContractCache(pool, dsn, settings.mirror_staleness_s, clock)
         await contracts.start()
         restrictions = RestrictionCache(pool, dsn, settings.mirror_staleness_s)
         await restrictions.start()
-        break_glass = BreakGlassCache(pool, dsn, settings.mirror_staleness_s)
+        break_glass = BreakGlassCache(pool, dsn, settings.mirror_staleness_s, clock)
         await break_glass.start()
         audit = AuditWriter(lanes_pool, settings.audit_queue_max, settings.audit_lanes,
                             settings.audit_commit_timeout_s)
@@ -162,6 +170,7 @@ def _resources(settings: Settings, dsn: str, catalog, policy: Policy, metrics: M
                                settings.backend_connect_timeout_s, settings.backend_read_timeout_s)
         backends = Backends(settings.upstreams, client, settings.backend_deadline_s,
                             settings.max_json_answer_bytes)
+        await backends.start_watching()
         webhooks = app[WEBHOOKS] = Webhooks(
             pool, session, settings.webhook_url,
             webhook_secret(settings) if settings.webhook_url else None,
@@ -170,7 +179,7 @@ def _resources(settings: Settings, dsn: str, catalog, policy: Policy, metrics: M
             keep_days=settings.webhook_keep_days)
         webhooks.start()
         metrics.watch_requests(webhooks)
-        authn = Authenticator(settings, catalog.roles)
+        authn = Authenticator(settings, catalog.roles, clock)
         await authn.start()          # the issuer's key set, if any: fetched, then kept fresh
         app[POOL] = pool
         gateway = app[pipeline.GATEWAY] = pipeline.Gateway(
@@ -205,6 +214,8 @@ def _resources(settings: Settings, dsn: str, catalog, policy: Policy, metrics: M
             await restrictions.close()
             await break_glass.close()
             await partitions.close()
+            await clock.close()
+            await backends.close()
             await client.close()
             await session.close()
             await pool.close()
@@ -216,12 +227,22 @@ class GatewayRunner(web.AppRunner):
     """The app's runner, whose server hands the proxy's paths to the pipeline directly
     (pipeline.direct): no route resolution, middleware or prepare signal per proxied
     request. Everything else, and any request if this runner is not used, goes through the
-    app as before, with the same answers."""
+    app as before, with the same answers. Its server bounds the client connections
+    (connections.py: how many, how long idle, how long a request's head may take)."""
 
     async def _make_server(self) -> web.Server:
+        limits = self.app.get(CONNECTIONS)
+        if limits is not None:
+            self._kwargs["keepalive_timeout"] = limits.idle_timeout_s
         server = await super()._make_server()
-        server.request_handler = pipeline.direct(self.app, server.request_handler)
-        return server
+        handler = pipeline.direct(self.app, server.request_handler)
+        if limits is None:
+            server.request_handler = handler
+            return server
+        return GuardedServer(handler, request_factory=server.request_factory,
+                             handler_cancellation=server.handler_cancellation,
+                             loop=asyncio.get_running_loop(), limits=limits,
+                             **server._kwargs)
 
 
 POLICY_SET = web.AppKey("policy_set", PolicySet)
@@ -362,17 +383,19 @@ async def healthz(request: web.Request) -> web.Response:
 
 
 async def readyz(request: web.Request) -> web.Response:
-    """Ready when audit rows commit within their deadline, both mirrors are proven fresh and
-    the backends answer. The database is judged from what the writer and the mirrors' heartbeats
-    last saw, never queried here, so the answer comes at once whatever PostgreSQL does."""
+    """Ready when audit rows commit within their deadline, the mirrors are proven fresh, the
+    host's clock agrees with the database's and the backends answer. Everything is judged
+    from memory — what the writer, the mirrors' heartbeats, the clock's readings and the last
+    backend calls or probes saw — never asked here, so the answer comes at once whatever
+    PostgreSQL or a backend does."""
     gw = request.app[pipeline.GATEWAY]
     stale = [r for r in (gw.contracts.stale_reason(), gw.restrictions.stale_reason(),
                          gw.break_glass.stale_reason()) if r]
     keys = gw.authn.keys
-    reasons = gw.audit.health() + stale
+    reasons = gw.audit.health() + stale + request.app[CLOCK].health()
     if keys is not None and keys.stale_reason():
         reasons.append(keys.stale_reason())       # no token can be verified
-    backends = await gw.backends.ready()
+    backends = gw.backends.health()
     reasons += [f"backend_unreachable:{name}" for name, up in backends.items() if not up]
     body = {"status": "not_ready" if reasons else "ready",
             "database": not stale,   # each heartbeat is a round trip within the staleness bound
@@ -419,7 +442,7 @@ async def catalog_view(request: web.Request, principal: Principal, row: AuditRow
 async def list_contracts(request: web.Request, principal: Principal, row: AuditRow) -> web.Response:
     """Every contract, with whether it is active today."""
     rows = await request.app[POOL].fetch(query("all_contracts"))
-    today = datetime.now(UTC).date()
+    today = request.app[CLOCK].today()
     return json_response({"contracts": [
         {"euo_id": r["euo_id"], "partner_id": r["partner_id"],
          "contract_end": r["contract_end"].isoformat() if r["contract_end"] else None,

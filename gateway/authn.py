@@ -19,6 +19,7 @@ import jwt
 from cryptography.hazmat.primitives.asymmetric import ec, ed448, ed25519, rsa
 from cryptography.hazmat.primitives.serialization import load_pem_public_key
 
+from .clock import HOST_CLOCK, Clock
 from .errors import Denied
 from .grammar import IDENTIFIER
 from .keyset import ALGORITHMS, Key, KeySet
@@ -59,7 +60,7 @@ def _unauthorized(code: str, message: str) -> Denied:
 class Authenticator:
     """Verifies bearer tokens against the configured keys."""
 
-    def __init__(self, settings: Settings, roles: dict[str, Role]):
+    def __init__(self, settings: Settings, roles: dict[str, Role], clock: Clock | None = None):
         self.roles = roles
         self.secret = settings.jwt_secret
         self.issuer = settings.jwt_issuer
@@ -77,6 +78,9 @@ class Authenticator:
                                on_change=self._forget)
         self.asymmetric = settings.asymmetric_keys
         self._cache: dict[str, Principal] = {}
+        # exp, nbf and iat are checked against the database's clock (gateway/clock.py), never
+        # the host's: a host clock stepped back would accept a token that has expired
+        self.clock = clock or HOST_CLOCK
 
     async def start(self) -> None:
         """Fetch the issuer's key set, if tokens are checked with one, and keep it fresh."""
@@ -122,7 +126,7 @@ class Authenticator:
         coroutine (the proxy's path calls it directly); None: `verified` must decide."""
         cached = self._cache.get(token)
         if cached is not None:
-            if cached.exp <= time.time() - LEEWAY_S:
+            if cached.exp <= self.clock.now() - LEEWAY_S:
                 del self._cache[token]
             elif self.keys is None or time.monotonic() < self.keys.trusted_until:
                 return cached           # (the key set it was verified with is not lost)
@@ -146,10 +150,11 @@ class Authenticator:
         try:
             claims = jwt.decode(
                 token, key, algorithms=[alg], audience=self.audience, issuer=self.issuer,
-                leeway=LEEWAY_S,
                 options={"require": ["exp", "sub"], "verify_aud": bool(self.audience),
-                         "verify_iss": bool(self.issuer)},
+                         "verify_iss": bool(self.issuer), "verify_exp": False,
+                         "verify_nbf": False, "verify_iat": False},
             )
+            _check_times(claims, self.clock.now())
         except jwt.PyJWTError as e:
             for kind, code, message in _REASONS:
                 if isinstance(e, kind):
@@ -183,6 +188,23 @@ class ClaimPaths:
     @classmethod
     def of(cls, settings: Settings) -> ClaimPaths:
         return cls(settings.jwt_role_claim, settings.jwt_partner_claim, settings.jwt_euo_claim)
+
+
+def _check_times(claims: dict, now: float) -> None:
+    """PyJWT's checks of exp, nbf and iat (the same errors, LEEWAY_S either way), made
+    against `now`, the database's time, where PyJWT would read the host's clock."""
+    for name, error in (("exp", jwt.DecodeError), ("nbf", jwt.DecodeError),
+                        ("iat", jwt.InvalidIssuedAtError)):
+        if name not in claims:
+            continue
+        try:
+            value = int(claims[name])
+        except (ValueError, TypeError, OverflowError):
+            raise error(f"the {name} claim must be an integer") from None
+        if name == "exp" and value <= now - LEEWAY_S:
+            raise jwt.ExpiredSignatureError("Signature has expired")
+        if name != "exp" and value > now + LEEWAY_S:
+            raise jwt.ImmatureSignatureError(f"The token is not yet valid ({name})")
 
 
 DEFAULT_PATHS = ClaimPaths()

@@ -18,7 +18,6 @@ may have been ended.
 
 from __future__ import annotations
 
-import time
 import uuid
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
@@ -28,6 +27,7 @@ import asyncpg
 from aiohttp import web
 
 from .audit import AuditRow
+from .clock import HOST_CLOCK, Clock, HostClock
 from .db import POOL, query
 from .endpoints import CALL, api, identifier, json_object, json_response, only, text
 from .errors import Denied
@@ -56,8 +56,10 @@ class BreakGlassCache(NotifiedCache):
     unavailable_code = "break_glass_unavailable"
     what = "break-glass grants"
 
-    def __init__(self, pool: asyncpg.Pool, dsn: str, staleness_s: float = STALENESS_S):
+    def __init__(self, pool: asyncpg.Pool, dsn: str, staleness_s: float = STALENESS_S,
+                 clock: Clock | HostClock = HOST_CLOCK):
         super().__init__(pool, dsn, staleness_s)
+        self.clock = clock        # a grant ends by the database's time, not the host's
         self._by_caller: dict[tuple[str, str, str | None], dict[str, Grant]] = {}
         # grants ended early, until their planned end: a record read before the end and
         # remembered after it (a notification's reload overtaken, an answer under way)
@@ -70,7 +72,7 @@ class BreakGlassCache(NotifiedCache):
         if not grants:
             return None
         self.check_fresh()       # it may have been ended: do not serve under it blind
-        now = time.time()
+        now = self.clock.now()
         for grant in grants.values():
             if grant.euo == euo and grant.ends_at > now and (grant.user is None
                                                              or grant.user == user):
@@ -82,7 +84,7 @@ class BreakGlassCache(NotifiedCache):
         others hear of it by NOTIFY."""
         key = _caller(record["actor_role"], record["actor_sub"], record["actor_partner"])
         gid = str(record["id"])
-        now = time.time()
+        now = self.clock.now()
         if record["ended_at"] is not None:
             self._ended = {g: t for g, t in self._ended.items() if t > now}
             self._ended[gid] = record["ends_at"].timestamp()
@@ -117,7 +119,7 @@ class BreakGlassCache(NotifiedCache):
             self.remember(record)
 
 
-def public(r: Any, viewer: Principal) -> dict[str, Any]:
+def public(r: Any, viewer: Principal, now: float) -> dict[str, Any]:
     """A grant as this viewer may see it: as in the audit log, the people of another
     organisation (provider staff above all) by role only, never by name."""
     return {"id": str(r["id"]), "role": r["actor_role"],
@@ -128,7 +130,7 @@ def public(r: Any, viewer: Principal) -> dict[str, Any]:
             "created_at": r["created_at"].isoformat(), "ends_at": r["ends_at"].isoformat(),
             "ended_at": r["ended_at"].isoformat() if r["ended_at"] else None,
             "ended_by": _ended_by(viewer, r),
-            "in_force": r["ended_at"] is None and r["ends_at"] > datetime.now(UTC)}
+            "in_force": r["ended_at"] is None and r["ends_at"].timestamp() > now}
 
 
 def event_payload(r: Any) -> dict[str, Any]:
@@ -189,7 +191,7 @@ async def open_grant(request: web.Request, principal: Principal, row: AuditRow):
             gw.contracts.active_partner(euo) != principal.partner:
         raise Denied(403, "no_active_contract",
                      "your partner holds no active contract with this EUO")
-    ends_at = datetime.now(UTC) + timedelta(minutes=minutes)
+    ends_at = datetime.fromtimestamp(gw.break_glass.clock.now(), UTC) + timedelta(minutes=minutes)
     gid = uuid.uuid4()
     row.break_glass = str(gid)            # the row that opens it names it
 
@@ -204,7 +206,7 @@ async def open_grant(request: web.Request, principal: Principal, row: AuditRow):
     record = await request[CALL].allow(201, 0, change=change)
     gw.break_glass.remember(record)
     webhooks.wake()
-    return json_response(public(record, principal), status=201)
+    return json_response(public(record, principal, gw.break_glass.clock.now()), status=201)
 
 
 @api("/v1/break-glass/{id}")
@@ -236,7 +238,7 @@ async def end_grant(request: web.Request, principal: Principal, row: AuditRow):
     record = await request[CALL].allow(200, 0, change=change)
     gw.break_glass.remember(record)
     webhooks.wake()
-    return json_response(public(record, principal))
+    return json_response(public(record, principal, gw.break_glass.clock.now()))
 
 
 def _may_end(gw, principal: Principal, grant: Any) -> bool:
@@ -271,7 +273,8 @@ async def list_grants(request: web.Request, principal: Principal, row: AuditRow)
     for r in rows:
         users_by_euo.setdefault(r["euo_id"], set()).update([r["user_sub"]] if r["user_sub"] else [])
     request[CALL].about_each(users_by_euo)
-    return json_response({"grants": [public(r, principal) for r in rows]})
+    now = request.app[GATEWAY].break_glass.clock.now()
+    return json_response({"grants": [public(r, principal, now) for r in rows]})
 
 
 def add_routes(app: web.Application) -> None:

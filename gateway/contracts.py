@@ -5,10 +5,11 @@ While the mirror cannot be trusted, partners are refused (503 `contracts_unavail
 
 from __future__ import annotations
 
-from datetime import UTC, date, datetime
+from datetime import date
 
 import asyncpg
 
+from .clock import HOST_CLOCK, Clock, HostClock
 from .db import query
 from .notified import STALENESS_S, NotifiedCache
 
@@ -18,9 +19,11 @@ class ContractCache(NotifiedCache):
     unavailable_code = "contracts_unavailable"
     what = "contracts table"
 
-    def __init__(self, pool: asyncpg.Pool, dsn: str, staleness_s: float = STALENESS_S):
+    def __init__(self, pool: asyncpg.Pool, dsn: str, staleness_s: float = STALENESS_S,
+                 clock: Clock | HostClock = HOST_CLOCK):
         super().__init__(pool, dsn, staleness_s)
         self._by_euo: dict[str, tuple[str, date | None]] = {}
+        self.clock = clock      # a contract ends by the database's date, not the host's
 
     def active_partner(self, euo: str) -> str | None:
         """The partner holding an active contract with this EUO, if any."""
@@ -29,7 +32,7 @@ class ContractCache(NotifiedCache):
         if entry is None:
             return None
         partner, end = entry
-        if end is not None and end <= datetime.now(UTC).date():
+        if end is not None and end <= self.clock.today():
             return None
         return partner
 

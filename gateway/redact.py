@@ -20,6 +20,7 @@ from typing import Any
 
 import orjson
 
+from . import clock
 from .catalog import Catalog, Leaf, ListOf, Node, ObjectOf, Route
 from .retention import Cutoffs, cutoffs
 
@@ -507,7 +508,8 @@ def mask_number(number: str) -> str:
 
 
 def now_utc() -> datetime:
-    return datetime.now(UTC)
+    """The time retention is counted from: the database's (gateway/clock.py)."""
+    return clock.now_utc()
 
 
 def _item_of(node: Node) -> Node:

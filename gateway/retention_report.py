@@ -11,6 +11,7 @@ from typing import Any
 import asyncpg
 from aiohttp import web
 
+from . import clock
 from .audit import AuditRow
 from .db import POOL, query
 from .endpoints import api, json_response, only
@@ -26,7 +27,7 @@ def window(since: str | None, until: str | None, now: datetime | None = None
            ) -> tuple[datetime, datetime]:
     """[from, to) from ISO 8601 times with a zone; default the last 30 days. ValueError
     names what is wrong."""
-    now = now or datetime.now(UTC)
+    now = now or clock.now_utc()
     end = _time(until, "to") or now + timedelta(seconds=1)
     start = _time(since, "from") or end - timedelta(days=DEFAULT_DAYS)
     if start >= end:

@@ -106,6 +106,15 @@ class Settings:
     stream_deadline_s: float = 3600.0       # ... and if it is not through by then
     stream_json_above_bytes: int = 1 << 20  # a list answer larger is streamed, element by element
     export_log_deadline_s: float = 300.0
+    # the gateway decides by the database's clock (gateway/clock.py); past this much
+    # disagreement with the host's, it is not ready and `audit maintain` drops nothing
+    max_clock_skew_s: float = 5.0
+    # client connections (gateway/connections.py): an idle keep-alive connection is closed
+    # after idle_timeout_s, a request head not complete within header_timeout_s is cut, and
+    # at most max_client_connections are open per process (None: from RLIMIT_NOFILE)
+    idle_timeout_s: float = 75.0      # above the 60 s idle timeout of common load balancers
+    header_timeout_s: float = 15.0
+    max_client_connections: int | None = None
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> Settings:
@@ -180,6 +189,10 @@ class Settings:
                                          cls.stream_json_above_bytes),
             export_log_deadline_s=_positive(env, "GATEWAY_EXPORT_LOG_DEADLINE_S",
                                             cls.export_log_deadline_s),
+            max_clock_skew_s=_positive(env, "GATEWAY_MAX_CLOCK_SKEW_S", cls.max_clock_skew_s),
+            idle_timeout_s=_positive(env, "GATEWAY_IDLE_TIMEOUT_S", cls.idle_timeout_s),
+            header_timeout_s=_positive(env, "GATEWAY_HEADER_TIMEOUT_S", cls.header_timeout_s),
+            max_client_connections=_int(env, "GATEWAY_MAX_CLIENT_CONNECTIONS", None),
         )
 
     def with_(self, **changes) -> Settings:

@@ -29,6 +29,7 @@ import asyncpg
 import orjson
 from aiohttp import web
 
+from . import clock
 from .db import query
 
 log = logging.getLogger("gateway.webhooks")
@@ -148,7 +149,8 @@ class Webhooks:
     async def _delivering(self) -> None:
         while True:
             try:
-                busy = await self.deliver_due() >= BATCH
+                # an event delivered may let the next one about its subject go (030)
+                busy = await self.deliver_due() > 0
             except _DB_ERRORS as e:
                 log.warning("webhook outbox not read: %s", e)
                 busy = False
@@ -176,7 +178,7 @@ class Webhooks:
         body = orjson.dumps({"id": row["id"], "event": row["event"],
                              "created_at": row["created_at"].isoformat(),
                              about: orjson.loads(row["payload"])})
-        timestamp = str(int(time.time()))
+        timestamp = str(int(clock.now_utc().timestamp()))   # the database's time
         headers = {"Content-Type": "application/json", "User-Agent": "partner-gateway-webhooks",
                    "X-Gateway-Event": row["event"], "X-Gateway-Delivery": str(row["id"]),
                    TIMESTAMP_HEADER: timestamp, SIGNATURE_HEADER: sign(self.secret, timestamp, body)}

@@ -75,7 +75,12 @@ select a.*, outcome_of(a) as outcome, g.purpose, g.ticket
  limit $8;
 
 -- name: audit_prune
-select partition, ends from audit_prune($1, $2);
+-- $1: days to keep, counted back from the database's time (never the host's), $2: dry run.
+select partition, ends from audit_prune(now() - make_interval(days => $1), $2);
+
+-- name: audit_prune_cutoff
+-- What `audit_prune` would count $1 days back from (to say so when nothing is dropped).
+select now() - make_interval(days => $1);
 
 -- name: restricted_users
 -- Each restricted user with the data sets restricted (restrictions and objections, open or
@@ -187,12 +192,21 @@ select count(*) filter (where due_at > now() and due_at <= now() + interval '7 d
 
 -- name: outbox_claim
 -- $1: how many, $2: the lease in seconds. Claimed rows move ahead by the lease, so another
--- process takes them only if this one dies before recording the outcome.
+-- process takes them only if this one dies before recording the outcome. An event is
+-- claimed only when no earlier event about the same request or grant (the payload's id)
+-- is still to be delivered (030): a subject's events reach the receiver in order.
 update webhook_outbox o
    set next_attempt_at = now() + make_interval(secs => $2), attempts = o.attempts + 1
- where o.id in (select id from webhook_outbox
-                 where delivered_at is null and given_up_at is null and next_attempt_at <= now()
-                 order by next_attempt_at, id
+ where o.id in (select w.id from webhook_outbox w
+                 where w.delivered_at is null and w.given_up_at is null
+                   and w.next_attempt_at <= now()
+                   and not exists (
+                       select 1 from webhook_outbox e
+                        where coalesce(e.request_id::text, e.payload ->> 'id')
+                              = coalesce(w.request_id::text, w.payload ->> 'id')
+                          and e.id < w.id
+                          and e.delivered_at is null and e.given_up_at is null)
+                 order by w.next_attempt_at, w.id
                  limit $1
                    for update skip locked)
 returning o.id, o.event, o.payload, o.created_at, o.attempts;
@@ -458,3 +472,8 @@ update idempotency_keys set body = $3 where actor = $1 and key = $2;
 -- What decides whether a commit survives a crash (gateway check, the audit writer).
 select current_setting('fsync') as fsync, current_setting('full_page_writes') as full_page_writes,
        current_setting('synchronous_commit') as synchronous_commit;
+
+-- name: database_clock
+-- The database's time now (unix seconds): the one clock the gateway decides with
+-- (gateway/clock.py), and what `gateway audit maintain` compares the host's clock with.
+select extract(epoch from clock_timestamp())::float8;

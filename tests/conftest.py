@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import io
 import os
+import resource
 import shutil
 import socket
 import subprocess
@@ -389,16 +391,18 @@ SERVE = [sys.executable, "-m", "gateway", "serve"]
 @contextlib.asynccontextmanager
 async def gateway_process(http, backends, database_url: str, tmp_path, *args: str,
                           log: Path | None = None, stdout: Path | None = None,
-                          up_within_s: float = 30,
+                          up_within_s: float = 30, max_files: int | None = None,
                           **env: str) -> AsyncIterator[tuple[subprocess.Popen, str]]:
     """`gateway serve` as a process of its own (killed at the end); yields it and its URL.
     With log, its stderr (where it logs) goes to that file; with stdout (the access log),
-    its stdout."""
+    its stdout; with max_files, its descriptor limit (soft and hard: it cannot raise it)."""
     port = free_port()
     with contextlib.ExitStack() as files:
         err = files.enter_context(open(log, "ab")) if log else subprocess.DEVNULL
         out = files.enter_context(open(stdout, "wb")) if stdout else subprocess.DEVNULL
-        proc = subprocess.Popen([*SERVE, *args], stdout=out, stderr=err,
+        limit = None if max_files is None else functools.partial(
+            resource.setrlimit, resource.RLIMIT_NOFILE, (max_files, max_files))
+        proc = subprocess.Popen([*SERVE, *args], stdout=out, stderr=err, preexec_fn=limit,
                                 env=serve_env(backends, database_url, tmp_path, port, **env))
     base = f"http://127.0.0.1:{port}"
     try:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import time
 from urllib.parse import urlsplit
 
 import orjson
@@ -165,6 +166,33 @@ async def test_unreachable_backend_is_502(backends, database_url, http, token_fo
         assert status == 502 and orjson.loads(body)["error"]["code"] == "backend_unreachable"
         status, _, body = await call(http, "GET", gw + "/readyz")
         assert status == 503 and orjson.loads(body)["backends"]["telephony"] is False
+
+
+async def test_readiness_answers_at_once_while_a_backend_hangs(backends, database_url, http,
+                                                               token_for):
+    """A backend that takes connections and never answers: `/readyz` says so from what the
+    last probe saw, at once (it waited for a live probe of 2 s before)."""
+    held: list[asyncio.StreamWriter] = []
+
+    async def hold(reader, writer):
+        held.append(writer)                  # read nothing, answer nothing
+
+    silent = await asyncio.start_server(hold, "127.0.0.1", 0)
+    port = silent.sockets[0].getsockname()[1]
+    urls = dict(backends["urls"], telephony=f"http://127.0.0.1:{port}")
+    try:
+        async with running_gateway(gateway_settings(urls), database_url) as gw:
+            for _ in range(3):
+                started = time.monotonic()
+                status, _, body = await call(http, "GET", gw + "/readyz")
+                assert time.monotonic() - started < 0.5
+                assert status == 503
+                assert orjson.loads(body)["reasons"] == ["backend_unreachable:telephony"]
+                assert orjson.loads(body)["backends"] == {"telephony": False, "meeting": True}
+    finally:
+        silent.close()
+        for writer in held:
+            writer.close()
 
 
 async def test_health_and_readiness(gateway, http):

@@ -167,6 +167,30 @@ async def test_a_failing_receiver_gets_the_event_again_with_backoff(hooked, http
                json={"status": "withdrawn"})
 
 
+async def test_the_events_of_one_request_arrive_in_the_order_they_happened(
+        backends, database_url, tmp_path, http, token_for):
+    """`request.filed` failed once and waits its backoff; the request is withdrawn meanwhile.
+    `request.resolved` (and `restriction.lifted`) wait for `request.filed`: the receiver
+    never hears that a request was resolved before hearing that it was filed."""
+    async with receiving() as (receiver, url):
+        settings = hook_settings(backends, url, tmp_path).with_(webhook_backoff_s=1.0)
+        async with running_gateway(settings, database_url) as gw:
+            who = somebody()
+            receiver.fail[who["sub"]] = 1                    # the first delivery fails
+            req = await file(http, gw, token_for(**who), type="restriction",
+                             data_sets=["user_mobile"])
+            assert await wait_for(lambda: _true(receiver.attempts), timeout=10)
+            status, _, _ = await call(http, "PATCH", f"{gw}/v1/me/requests/{req['id']}",
+                                      token_for(**who), json={"status": "withdrawn"})
+            assert status == 200
+            assert await wait_for(lambda: _true(len(receiver.about(req["id"])) == 3), timeout=10)
+            order = [e["event"] for e in receiver.about(req["id"])]
+            assert order[0] == "request.filed", order
+            assert set(order[1:]) == {"request.resolved", "restriction.lifted"}
+            ids = [e["id"] for e in receiver.about(req["id"])]
+            assert ids == sorted(ids)            # in the order they were queued
+
+
 async def test_a_receiver_answering_2xx_with_an_endless_body_is_delivered_not_read(
         backends, database_url, tmp_path, http, token_for, db):
     """The status is the answer: the gateway does not read the receiver's body (a receiver

@@ -39,6 +39,7 @@ from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
+from .. import clock
 from ..db import query
 from ..settings import ConfigError
 from .chain import HASHED, canonical, link
@@ -232,7 +233,7 @@ class Checkpointer:
                     # the head is still sealed (format 1); the tree tries again next time
                     log.warning("audit chain %s: no Merkle tree at seq %s: %s", chain_id, seq, e)
                     tree = None
-                at = datetime.now(UTC)
+                at = clock.now_utc()            # the database's time (clock.py)
                 root = tree.root() if tree else None
                 signature = self.key.sign(signed_bytes(chain_id, seq, last_hash, at, closed,
                                                        root))

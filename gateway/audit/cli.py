@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import csv
 import sys
-from datetime import UTC, datetime, timedelta
 
 import asyncpg
 import orjson
 from multidict import MultiDict
 
+from ..clock import MAX_SKEW_S, measure_skew
 from ..db import ensure_partitions, pending_migrations, query, with_lock_retries
 from ..errors import Denied
 from ..settings import Settings
@@ -41,8 +41,7 @@ async def run(dsn: str, settings: Settings, args) -> int:
             return await _maintain(conn, settings)
         if args.audit_command == "prune":
             days = args.older_than if args.older_than is not None else settings.audit_retention_days
-            await _prune(conn, days, args.dry_run)
-            return 0
+            return 0 if await _prune(conn, days, args.dry_run, settings.max_clock_skew_s) else 2
         return await _query(conn, args)
     except asyncpg.InsufficientPrivilegeError as e:
         print(f"gateway audit {args.audit_command}: {e} (run it as the schema's owner)",
@@ -54,7 +53,8 @@ async def run(dsn: str, settings: Settings, args) -> int:
 
 async def _maintain(conn: asyncpg.Connection, settings: Settings) -> int:
     """Create the partitions ahead, then prune past retention; 1 if a month could not get
-    its partition (its rows sit in audit_log_default: they stay there, and are kept)."""
+    its partition (its rows sit in audit_log_default: they stay there, and are kept), 2 if
+    the host's clock and the database's disagree (nothing is pruned then)."""
     report = await ensure_partitions(conn)
     for name in report.created:
         print(f"created {name}")
@@ -63,24 +63,40 @@ async def _maintain(conn: asyncpg.Connection, settings: Settings) -> int:
               "(they stay there, chained and verified, and are never pruned)")
     if report.present:
         print(f"present {', '.join(report.present)}")
-    await _prune(conn, settings.audit_retention_days, dry_run=False)
+    if not await _prune(conn, settings.audit_retention_days, dry_run=False,
+                        max_skew_s=settings.max_clock_skew_s):
+        return 2
     return 1 if report.blocked else 0
 
 
-async def _prune(conn: asyncpg.Connection, days: int, dry_run: bool) -> None:
-    """Drop (or with dry_run, list) the month partitions that ended `days` ago or earlier."""
-    cutoff = datetime.now(UTC) - timedelta(days=days)
+async def _prune(conn: asyncpg.Connection, days: int, dry_run: bool,
+                 max_skew_s: float = MAX_SKEW_S) -> bool:
+    """Drop (or with dry_run, list) the month partitions that ended `days` ago or earlier,
+    by the database's clock; never this month's or last month's (sql/030). False, with
+    nothing dropped, when the host's clock and the database's disagree by more than
+    `max_skew_s`: one of them is wrong, and retention is not decided on a wrong clock."""
+    skew, uncertainty = await measure_skew(conn)
+    if abs(skew) > max_skew_s + uncertainty:
+        print(f"gateway audit: refusing to drop any partition: this host's clock is "
+              f"{abs(skew):.1f} s {'behind' if skew > 0 else 'ahead of'} the database's "
+              f"(more than GATEWAY_MAX_CLOCK_SKEW_S, {max_skew_s:g} s). Retention is counted "
+              "by the database's clock; set the clocks right (NTP) and run it again",
+              file=sys.stderr)
+        return False
 
     async def prune():
         async with conn.transaction():
             await conn.execute(query("partition_lock_timeout"))
-            return await conn.fetch(query("audit_prune"), cutoff, dry_run)
+            return await conn.fetch(query("audit_prune"), days, dry_run)
     dropped = await with_lock_retries(conn, prune)
     verb = "would drop" if dry_run else "dropped"
     for r in dropped:
         print(f"{verb} {r['partition']} (rows before {r['ends'].date()})")
     if not dropped:
-        print(f"no partition ends before {cutoff.date()} ({days} days ago)")
+        cutoff = await conn.fetchval(query("audit_prune_cutoff"), days)
+        print(f"no partition ends before {cutoff.date()} ({days} days ago) and before last "
+              "month (by the database's clock)")
+    return True
 
 
 async def _query(conn: asyncpg.Connection, args) -> int:

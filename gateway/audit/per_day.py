@@ -7,10 +7,11 @@ written as two rows (an intent and its outcome) counts once."""
 from __future__ import annotations
 
 import dataclasses
-from datetime import UTC, datetime, timedelta
+from datetime import timedelta
 
 from aiohttp import web
 
+from .. import clock
 from ..db import POOL, query
 from ..endpoints import api, json_response
 from ..errors import Denied
@@ -36,7 +37,7 @@ async def audit_per_day(request: web.Request, principal: Principal, row: AuditRo
     if "cursor" in request.query or "limit" in request.query:
         raise Denied(400, "bad_filter", "per-day counts take no cursor or limit")
     filters = parse_filters(request.query, download=True, takes=FILTERS)
-    until = filters.until or datetime.now(UTC)
+    until = filters.until or clock.now_utc()
     try:
         since = filters.since or until - DEFAULT_SPAN
     except OverflowError:        # `to` in the calendar's first month: no 31 days before it
