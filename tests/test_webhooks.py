@@ -156,6 +156,12 @@ async def test_a_failing_receiver_gets_the_event_again_with_backoff(hooked, http
     req = await file(http, gw, token_for(**who), type="restriction", data_sets=["user_mobile"])
     assert time.monotonic() - started < 5           # the request never waited for delivery
     assert await wait_for(lambda: _true(receiver.about(req["id"], "request.filed")), timeout=10)
+
+    async def delivered():   # the delivery is logged just after the receiver has it
+        return len(await db.fetch(
+            "select 1 from webhook_deliveries d join webhook_outbox o on o.id = d.outbox_id "
+            "where o.request_id = $1::uuid and d.status = 204", req["id"])) == 1
+    assert await wait_for(delivered, timeout=10)
     log = await db.fetch("select d.attempt, d.status, d.error, d.at from webhook_deliveries d "
                          "join webhook_outbox o on o.id = d.outbox_id "
                          "where o.request_id = $1::uuid order by d.id", req["id"])
