@@ -28,42 +28,7 @@ create function outcome_of(r audit_log) returns text language sql stable as $$
     end
 $$;
 
--- the writer's batch row type (026) gains the column before the two hashes: recreated,
--- as ALTER TYPE ... ADD ATTRIBUTE can only append
-drop type audit_row_in;
-create type audit_row_in as (
-    at                timestamptz,
-    chain_id          uuid,
-    seq               bigint,
-    request_id        text,
-    actor_sub         text,
-    actor_role        text,
-    actor_partner     text,
-    actor_euo         text,
-    method            text,
-    path              text,
-    service           text,
-    route             text,
-    data_sets         text,     -- text[] literal
-    fields_removed    text,     -- text[] literal
-    subject_euo       text,
-    subject_users     text,     -- text[] literal
-    decision          text,
-    reason            text,
-    status            integer,
-    bytes             bigint,
-    duration_ms       double precision,
-    client_addr       text,
-    client_request_id text,
-    requests          integer,
-    trace_id          text,
-    policy_version    text,
-    break_glass       uuid,
-    withheld          text,
-    phase             text,
-    prev_hash         bytea,
-    row_hash          bytea
-);
+-- (the writer's batch row type, audit_row_in, gains this column in 032)
 
 -- Idempotency keys of the gateway API's writes: a key is recorded in the same transaction
 -- as the change it carried, so a client whose answer was lost (503 outcome_unknown) can

@@ -10,39 +10,4 @@
 alter table audit_log add column access text
     check (access is null or access in ('served', 'acted_upon', 'named', 'explained'));
 
--- the writer's batch row type gains it after `phase`, before the two hashes
-drop type audit_row_in;
-create type audit_row_in as (
-    at                timestamptz,
-    chain_id          uuid,
-    seq               bigint,
-    request_id        text,
-    actor_sub         text,
-    actor_role        text,
-    actor_partner     text,
-    actor_euo         text,
-    method            text,
-    path              text,
-    service           text,
-    route             text,
-    data_sets         text,     -- text[] literal
-    fields_removed    text,     -- text[] literal
-    subject_euo       text,
-    subject_users     text,     -- text[] literal
-    decision          text,
-    reason            text,
-    status            integer,
-    bytes             bigint,
-    duration_ms       double precision,
-    client_addr       text,
-    client_request_id text,
-    requests          integer,
-    trace_id          text,
-    policy_version    text,
-    break_glass       uuid,
-    withheld          text,
-    phase             text,
-    access            text,
-    prev_hash         bytea,
-    row_hash          bytea
-);
+-- (the writer's batch row type, audit_row_in, gains this column in 032)

@@ -8,8 +8,8 @@
 -- bytes read back. Hashed only when set: rows written before (null) still verify.
 alter table audit_log add column salt text;
 
--- the writer's batch row type (026) gains the column before the two hashes: recreated,
--- as ALTER TYPE ... ADD ATTRIBUTE can only append
+-- the writer's batch row type (026) gains it, and 027's phase and 028's access, before the
+-- two hashes: recreated once for the three, as ALTER TYPE ... ADD ATTRIBUTE can only append
 drop type audit_row_in;
 create type audit_row_in as (
     at                timestamptz,
