@@ -39,6 +39,7 @@ from .db import (
     query,
     wait_for_database,
 )
+from .floors import LOWERED_FILE
 from .settings import ConfigError, Settings
 
 log = logging.getLogger("gateway")
@@ -457,6 +458,9 @@ def _serve(settings: Settings, workers: int = 1, migrating: bool = True) -> int:
     settings.check_for_serving(services or ())   # every mistake at once, an upstream per service
     if refused is not None:
         raise refused
+    for floor, reason in policy_set.catalog.lowered_floors.items():
+        log.warning("policy %s lowers floor %s (%s): %s", policy_set.version, floor,
+                    LOWERED_FILE, reason)
     policy = PolicyInForce(settings, policy_set)
     with contextlib.ExitStack() as stack:
         sock = stack.enter_context(listen(settings.listen_host, settings.listen_port))

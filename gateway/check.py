@@ -31,6 +31,7 @@ from .db import (
     pending_migrations,
     query,
 )
+from .floors import LOWERED_FILE
 from .settings import ConfigError, Settings
 
 log = logging.getLogger("gateway.check")
@@ -83,8 +84,12 @@ def check_settings(settings: Settings, found: Findings) -> None:
         found.problems += [f"policy {settings.policy_dir}: {line.strip()}"
                            for line in str(e).splitlines() if line.strip()]
     else:
+        lowered = policy_set.catalog.lowered_floors
         found.passed.append(f"policy {settings.policy_dir} version {policy_set.version} "
-                            f"({len(policy_set.catalog.data_sets)} data sets, floors kept)")
+                            f"({len(policy_set.catalog.data_sets)} data sets, "
+                            f"{f'{len(lowered)} floors lowered' if lowered else 'floors kept'})")
+        found.warnings += [f"policy {settings.policy_dir}: floor {floor} lowered "
+                           f"({LOWERED_FILE}): {reason}" for floor, reason in lowered.items()]
         try:
             settings.check_for_serving(policy_set.catalog.services)
         except ConfigError as e:
