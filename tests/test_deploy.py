@@ -144,8 +144,38 @@ async def test_the_healthcheck_command_passes_on_a_live_gateway_and_fails_on_a_d
 
 # --- compose.yaml ----------------------------------------------------------------------------
 
+class StrictLoader(yaml.SafeLoader):
+    """PyYAML's safe loader, refusing a mapping that repeats a key (the last one silently
+    wins in PyYAML; Docker Compose and kubectl refuse the file). Merge keys (`<<`) are not
+    repeats."""
+
+    def construct_mapping(self, node, deep=False):
+        seen = set()
+        for key_node, _ in node.value:
+            if key_node.tag == "tag:yaml.org,2002:merge":
+                continue
+            key = self.construct_object(key_node, deep=True)
+            if key in seen:
+                raise yaml.constructor.ConstructorError(
+                    "while constructing a mapping", node.start_mark,
+                    f"found duplicate key {key!r}", key_node.start_mark)
+            seen.add(key)
+        return super().construct_mapping(node, deep)
+
+
+def strict_yaml(text: str) -> dict:
+    return yaml.load(text, Loader=StrictLoader)
+
+
 def compose() -> dict:
-    return yaml.safe_load((DEPLOY / "compose.yaml").read_text())
+    return strict_yaml((DEPLOY / "compose.yaml").read_text())
+
+
+def test_the_strict_loader_refuses_a_repeated_key():
+    """As Docker Compose does: a service with `restart` twice is not a valid file."""
+    with pytest.raises(yaml.constructor.ConstructorError, match="duplicate key 'restart'"):
+        strict_yaml("services:\n  grants:\n    restart: 'no'\n    image: x\n    restart: 'no'\n")
+    assert strict_yaml("x: &a {k: 1}\ny:\n  <<: *a\n  j: 2\n")["y"] == {"k": 1, "j": 2}
 
 
 def check_compose_schema(path: Path) -> subprocess.CompletedProcess:
@@ -266,7 +296,8 @@ async def test_the_init_sql_makes_roles_with_which_the_owner_migrates_and_the_ru
 def manifests() -> list[tuple[str, dict]]:
     docs = []
     for path in sorted(K8S.glob("*.yaml")):
-        docs += [(path.name, d) for d in yaml.safe_load_all(path.read_text()) if d]
+        docs += [(path.name, d) for d in yaml.load_all(path.read_text(), Loader=StrictLoader)
+                 if d]
     return docs
 
 
