@@ -34,12 +34,16 @@ def policy_version(policy_dir: Path) -> str:
     """sha256 over the policy files (name and bytes, in a fixed order; lowered_floors.yaml
     when there is one), first 16 hex digits."""
     digest = hashlib.sha256()
-    lowered = Path(policy_dir) / LOWERED_FILE
-    for name in POLICY_FILES + ((LOWERED_FILE,) if lowered.exists() else ()):
-        path = Path(policy_dir) / name
-        digest.update(name.encode() + b"\0")
-        digest.update(path.read_bytes() if path.is_file() else b"")
-        digest.update(b"\0")
+    path = Path(policy_dir)
+    try:      # a file or directory this process may not read is a PolicyError, not a traceback
+        names = POLICY_FILES + ((LOWERED_FILE,) if (path / LOWERED_FILE).exists() else ())
+        for name in names:
+            path = Path(policy_dir) / name
+            digest.update(name.encode() + b"\0")
+            digest.update(path.read_bytes() if path.is_file() else b"")
+            digest.update(b"\0")
+    except OSError as e:
+        raise PolicyError(f"cannot read {path}: {e.strerror or e}") from None
     return digest.hexdigest()[:16]
 
 
