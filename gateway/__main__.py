@@ -29,7 +29,14 @@ import orjson
 from aiohttp import web
 
 from .catalog import PolicyError
-from .check import Findings, check_backends, check_database, check_settings, effective_configuration
+from .check import (
+    Findings,
+    check_backends,
+    check_database,
+    check_settings,
+    effective_configuration,
+    key_problems,
+)
 from .db import (
     DatabaseUnavailable,
     EmbeddedPostgres,
@@ -455,7 +462,13 @@ def _serve(settings: Settings, workers: int = 1, migrating: bool = True) -> int:
         services = policy_set.catalog.services
     except PolicyError as e:
         refused = e
-    settings.check_for_serving(services or ())   # every mistake at once, an upstream per service
+    problems = key_problems(settings)
+    try:
+        settings.check_for_serving(services or ())   # every mistake at once, an upstream per service
+    except ConfigError as e:
+        problems.insert(0, str(e))
+    if problems:
+        raise ConfigError("; ".join(problems))
     if refused is not None:
         raise refused
     for floor, reason in policy_set.catalog.lowered_floors.items():

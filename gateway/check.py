@@ -67,14 +67,31 @@ class Findings:
                 + [f"problem: {x}" for x in self.problems])
 
 
+JWT_SECRET_MIN_BYTES = 32
+
+
+def key_problems(settings: Settings) -> list[str]:
+    """Keys too weak to serve with (the demo mints its own and never asks): an HS256
+    secret under 32 bytes can be guessed offline from any one token it signed."""
+    secret = settings.jwt_secret
+    if secret and len(secret.encode()) < JWT_SECRET_MIN_BYTES:
+        return [f"GATEWAY_JWT_SECRET is {len(secret.encode())} bytes: an HS256 key needs at "
+                f"least {JWT_SECRET_MIN_BYTES} random bytes (a shorter one can be guessed "
+                "offline from any token it signed)"]
+    return []
+
+
 def check_settings(settings: Settings, found: Findings) -> None:
     """What `serve` needs from the environment, and the policy against its floors."""
+    weak = key_problems(settings)
     try:
         settings.check_for_serving()
     except ConfigError as e:
         found.problems += str(e).split("; ")     # check_for_serving joins its problems so
     else:
-        found.passed.append("settings")
+        if not weak:
+            found.passed.append("settings")
+    found.problems += weak
     if any("policy file" in p for p in found.problems):
         return                                   # unreadable files: said once already
     from .policyset import load_policy_set

@@ -72,3 +72,22 @@ def test_an_unreadable_policy_is_one_line_and_exit_2(world_dir, unreadable, comm
     named = str(policy / ("model.conf" if unreadable == "the directory" else unreadable))
     assert (f"policy file {named} is not readable" in out
             or f"cannot read {target}: Permission denied" in out), out
+
+
+@pytest.mark.parametrize("command", ["serve", "check"])
+def test_a_short_hs256_secret_is_refused(tmp_path, command):
+    """Five characters were a warning: any token the gateway accepted gave the key away to
+    an offline guess. Now a problem, like a missing key."""
+    env = {**os.environ, "GATEWAY_DATA_DIR": str(tmp_path), "GATEWAY_JWT_SECRET": "short",
+           "GATEWAY_UPSTREAM_TELEPHONY": "http://127.0.0.1:9",
+           "GATEWAY_UPSTREAM_MEETING": "http://127.0.0.1:9",
+           "GATEWAY_LISTEN": f"127.0.0.1:{free_port()}",
+           "GATEWAY_DATABASE_URL": "postgresql://127.0.0.1:9/none",
+           "GATEWAY_DB_CONNECT_TIMEOUT_S": "1"}
+    done = subprocess.run([sys.executable, "-m", "gateway", command], env=env,
+                          capture_output=True, text=True, timeout=120)
+    out = done.stdout + done.stderr
+    assert done.returncode == 2 and "Traceback" not in out, out
+    assert "GATEWAY_JWT_SECRET is 5 bytes: an HS256 key needs at least 32" in out, out
+    if command == "serve":       # refused before it waits for the database
+        assert "database" not in done.stderr, out
