@@ -70,6 +70,10 @@ def main(argv: list[str] | None = None) -> int:
                       "GATEWAY_LISTEN, 8080)")
     demo.add_argument("--reset", action="store_true", help="start from a clean state: delete "
                       "the embedded database under GATEWAY_DATA_DIR first")
+    demo.add_argument("--backends-only", action="store_true", help="only the demo telephony "
+                      "and meeting backends (--port: telephony's, meeting on the next; default "
+                      "8081; 0: any free ports), and the lines that run `gateway serve` "
+                      "against them")
     sub.add_parser("migrate", help="apply the SQL migrations, create the audit partitions "
                    "ahead, and exit (as the schema's owner)")
     grant = sub.add_parser("grant", help="grant a runtime role what `serve --no-migrate` needs "
@@ -175,7 +179,11 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "check":
             return _check(settings)
         if args.command == "demo":
-            from .demo.run import run_demo
+            from .demo.run import run_backends, run_demo
+            if args.backends_only:
+                if args.reset:
+                    raise ConfigError("--backends-only starts no database: --reset does not apply")
+                return run_backends(settings, args.port)
             return run_demo(settings, args.port, reset=args.reset)
         if args.command == "migrate":
             return _with_database(settings, _migrate)
