@@ -390,7 +390,12 @@ def database_url(settings: Settings, stack: contextlib.ExitStack) -> str:
     else:
         embedded = EmbeddedPostgres(settings.data_dir)
         stack.callback(embedded.stop)
-        dsn = embedded.start()
+        try:
+            dsn = embedded.start()
+        except ImportError as e:     # an installation without pgserver (the container image)
+            raise DatabaseUnavailable(f"GATEWAY_DATABASE_URL is not set and this installation "
+                                      f"has no embedded PostgreSQL ({e}): set "
+                                      "GATEWAY_DATABASE_URL") from None
         log.info("embedded PostgreSQL under %s", embedded.pgdata)
     asyncio.run(wait_for_database(dsn, settings.db_connect_timeout_s))
     return dsn

@@ -119,6 +119,91 @@ def test_the_image_is_built_from_the_wheel_and_runs_as_a_numeric_non_root_user()
     assert cmd == ["gateway", "serve", "--no-migrate", "--workers", "2"]
 
 
+def stage_runs(dockerfile: Path) -> tuple[list[str], list[str]]:
+    """The RUN arguments of stage 1 and of stage 2."""
+    steps = instructions(dockerfile)
+    last_from = max(i for i, (word, _) in enumerate(steps) if word == "FROM")
+    return ([rest for word, rest in steps[:last_from] if word == "RUN"],
+            [rest for word, rest in steps[last_from:] if word == "RUN"])
+
+
+def test_the_image_installs_every_dependency_but_the_embedded_postgresql(tmp_path):
+    """Stage 1 writes requirements.txt from pyproject.toml without pgserver (run here as
+    written, on a copy of pyproject.toml) and builds the gateway's wheel without its
+    dependencies; stage 2 installs that wheel with --no-deps and the rest from the list."""
+    (build,), (install,) = stage_runs(DEPLOY / "Dockerfile")
+    write_list = build.split(" && ")[0].strip()
+    assert write_list.startswith("python -c ") and write_list.endswith("> /src/requirements.txt")
+    shutil.copy(REPO / "pyproject.toml", tmp_path)
+    done = run("sh", "-c", write_list.replace("/src/", f"{tmp_path}/"), cwd=tmp_path)
+    assert done.returncode == 0, done.stderr
+    written = (tmp_path / "requirements.txt").read_text().split("\n")
+    import tomllib
+    declared = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["dependencies"]
+    assert [d for d in written if d] == [d for d in declared if not d.startswith("pgserver")]
+    assert any(d.startswith("pgserver") for d in declared)
+    assert "pip wheel --no-cache-dir --no-deps --wheel-dir /wheels ." in build
+    assert "-r /src/requirements.txt" in build
+    assert re.search(r"pip install [^&]*--no-deps /wheels/partner_data_gateway-\*\.whl", install)
+    assert re.search(r"pip install [^&]*--no-index --find-links /wheels -r /wheels/requirements.txt",
+                     install)
+
+
+# `python -c NO_PGSERVER ARGS` is `gateway ARGS` in an installation without pgserver
+NO_PGSERVER = ("import sys; sys.modules['pgserver'] = None; "
+               "from gateway.__main__ import main; sys.exit(main(sys.argv[1:]))")
+
+
+async def test_the_gateway_serves_without_pgserver_given_a_database_url(backends, database_url,
+                                                                        tmp_path):
+    """What the image runs (migrate, serve with workers) never imports pgserver; without
+    GATEWAY_DATABASE_URL it says to set it (exit 2), never a traceback."""
+    from .conftest import serve_env
+    port = free_port()
+    env = serve_env(backends, database_url, tmp_path, port)
+
+    async def gateway(*args: str, env=env, timeout=120):
+        proc = await asyncio.create_subprocess_exec(
+            sys.executable, "-c", NO_PGSERVER, *args, env=env,
+            stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
+        out, err = await asyncio.wait_for(proc.communicate(), timeout)
+        return proc.returncode, out.decode() + err.decode()
+
+    code, out = await gateway("migrate")
+    assert code == 0, out
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-c", NO_PGSERVER, "serve", "--workers", "2", env=env,
+        stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.PIPE)
+    try:
+        async with asyncio.timeout(60):
+            while True:
+                line = (await proc.stderr.readline()).decode()
+                assert line, "gateway serve exited"
+                if "2 workers on" in line:
+                    break
+        import aiohttp
+        async with aiohttp.ClientSession() as http:
+            for _ in range(100):
+                try:
+                    async with http.get(f"http://127.0.0.1:{port}/readyz") as r:
+                        if r.status == 200:
+                            break
+                except aiohttp.ClientError:
+                    pass
+                await asyncio.sleep(0.1)
+            else:
+                pytest.fail("gateway serve without pgserver never became ready")
+    finally:
+        proc.terminate()
+        await proc.wait()
+    assert proc.returncode == 0
+
+    no_url = {k: v for k, v in env.items() if k != "GATEWAY_DATABASE_URL"}
+    code, out = await gateway("migrate", env=no_url)
+    assert code == 2 and "Traceback" not in out, out
+    assert "set GATEWAY_DATABASE_URL" in out
+
+
 def healthcheck_command() -> list[str]:
     (check,) = [rest for word, rest in instructions(DEPLOY / "Dockerfile") if word == "HEALTHCHECK"]
     exec_form = check[check.index("CMD ") + 4:]
