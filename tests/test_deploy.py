@@ -401,7 +401,7 @@ def test_every_manifest_validates_against_the_kubernetes_schemas(version):
     found = manifests()
     assert {d["kind"] for _, d in found} >= {
         "Deployment", "Job", "CronJob", "Service", "PodDisruptionBudget",
-        "HorizontalPodAutoscaler", "Secret", "ConfigMap"}
+        "HorizontalPodAutoscaler", "Secret", "ConfigMap", "NetworkPolicy"}
     for name, doc in found:
         try:
             validate(doc, version)
@@ -518,6 +518,54 @@ def test_selectors_and_targets_name_the_gateway_pods():
     assert hpa["spec"]["scaleTargetRef"] == {"apiVersion": "apps/v1", "kind": "Deployment",
                                              "name": deployment["metadata"]["name"]}
     assert hpa["spec"]["minReplicas"] > pdb["spec"]["minAvailable"]
+
+
+def test_only_the_ingress_controller_and_prometheus_reach_the_gateway_pods():
+    """/metrics shares the API's port: a NetworkPolicy admits the gateway's port from the
+    ingress controller's and Prometheus's namespaces only, nothing cluster-wide."""
+    (deployment,) = by_kind("Deployment")
+    labels = deployment["spec"]["template"]["metadata"]["labels"]
+    (policy,) = by_kind("NetworkPolicy")
+    spec = policy["spec"]
+    assert spec["podSelector"]["matchLabels"].items() <= labels.items()
+    assert "Ingress" in spec["policyTypes"]
+    (container,) = deployment["spec"]["template"]["spec"]["containers"]
+    ports = {p["name"]: p["containerPort"] for p in container["ports"]}
+    for rule in spec["ingress"]:
+        assert [ports.get(p["port"], p["port"]) for p in rule["ports"]] == [8080]
+        assert rule["from"], "a rule without `from` admits every pod of the cluster"
+        for peer in rule["from"]:
+            assert "ipBlock" not in peer
+            assert peer.get("namespaceSelector", {}).get("matchLabels"), peer
+
+
+def test_the_gateway_pods_prefer_different_nodes():
+    (deployment,) = by_kind("Deployment")
+    pod = deployment["spec"]["template"]
+    (term,) = pod["spec"]["affinity"]["podAntiAffinity"][
+        "preferredDuringSchedulingIgnoredDuringExecution"]
+    assert term["podAffinityTerm"]["topologyKey"] == "kubernetes.io/hostname"
+    assert term["podAffinityTerm"]["labelSelector"]["matchLabels"].items() <= \
+        pod["metadata"]["labels"].items()
+
+
+def test_every_gateway_pod_signs_with_the_key_of_a_mounted_secret():
+    """GATEWAY_AUDIT_SIGNING_KEY_FILE names a file of a Secret mounted read-only, so all
+    pods sign with one key that survives a restart (unset, each would make its own)."""
+    pods = pod_specs()
+    (gateway,) = pods["Deployment"]["containers"]
+    env = {e["name"]: e.get("value") for e in gateway["env"]}
+    key_file = Path(env["GATEWAY_AUDIT_SIGNING_KEY_FILE"])
+    (mount,) = [m for m in gateway["volumeMounts"] if Path(m["mountPath"]) == key_file.parent]
+    assert mount["readOnly"] is True
+    (volume,) = [v for v in pods["Deployment"]["volumes"] if v["name"] == mount["name"]]
+    (secret,) = [s for s in by_kind("Secret")
+                 if s["metadata"]["name"] == volume["secret"]["secretName"]]
+    assert key_file.name in secret["stringData"]
+    assert volume["secret"]["defaultMode"] & 0o007 == 0, "not readable by every user"
+    for kind in ("Job", "CronJob"):        # the owner's jobs sign nothing
+        assert not any("secret" in v and v["secret"]["secretName"] == secret["metadata"]["name"]
+                       for v in pods[kind].get("volumes", [])), kind
 
 
 def test_secrets_hold_placeholders_only():
