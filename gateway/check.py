@@ -71,14 +71,23 @@ JWT_SECRET_MIN_BYTES = 32
 
 
 def key_problems(settings: Settings) -> list[str]:
-    """Keys too weak to serve with (the demo mints its own and never asks): an HS256
-    secret under 32 bytes can be guessed offline from any one token it signed."""
+    """Keys the gateway cannot serve with (the demo mints its own and never asks): an HS256
+    secret under 32 bytes, which can be guessed offline from any one token it signed, and
+    a GATEWAY_AUDIT_SIGNING_KEY_FILE that is no Ed25519 key (each worker would die at
+    start, over and over, rather than the gateway refusing once)."""
+    from .audit.checkpoints import load_signing_key
+    problems = []
     secret = settings.jwt_secret
     if secret and len(secret.encode()) < JWT_SECRET_MIN_BYTES:
-        return [f"GATEWAY_JWT_SECRET is {len(secret.encode())} bytes: an HS256 key needs at "
-                f"least {JWT_SECRET_MIN_BYTES} random bytes (a shorter one can be guessed "
-                "offline from any token it signed)"]
-    return []
+        problems.append(f"GATEWAY_JWT_SECRET is {len(secret.encode())} bytes: an HS256 key "
+                        f"needs at least {JWT_SECRET_MIN_BYTES} random bytes (a shorter one "
+                        "can be guessed offline from any token it signed)")
+    if settings.audit_signing_key_file is not None:
+        try:
+            load_signing_key(settings.audit_signing_key_file)
+        except ConfigError as e:
+            problems.append(str(e))
+    return problems
 
 
 def check_settings(settings: Settings, found: Findings) -> None:

@@ -91,3 +91,25 @@ def test_a_short_hs256_secret_is_refused(tmp_path, command):
     assert "GATEWAY_JWT_SECRET is 5 bytes: an HS256 key needs at least 32" in out, out
     if command == "serve":       # refused before it waits for the database
         assert "database" not in done.stderr, out
+
+
+@pytest.mark.parametrize("command", ["serve", "check"])
+def test_a_signing_key_file_that_is_no_key_is_refused_at_start(tmp_path, command):
+    """A placeholder left in the mounted Secret once let `serve` start and each worker die
+    at start, over and over, until the restart budget gave up (exit 1)."""
+    key = tmp_path / "audit-signing-key.pem"
+    key.write_text("REPLACE_ME: -----BEGIN PRIVATE KEY----- ... -----END PRIVATE KEY-----\n")
+    env = {**os.environ, "GATEWAY_DATA_DIR": str(tmp_path), "GATEWAY_JWT_SECRET": "k" * 40,
+           "GATEWAY_AUDIT_SIGNING_KEY_FILE": str(key),
+           "GATEWAY_UPSTREAM_TELEPHONY": "http://127.0.0.1:9",
+           "GATEWAY_UPSTREAM_MEETING": "http://127.0.0.1:9",
+           "GATEWAY_LISTEN": f"127.0.0.1:{free_port()}",
+           "GATEWAY_DATABASE_URL": "postgresql://127.0.0.1:9/none",
+           "GATEWAY_DB_CONNECT_TIMEOUT_S": "1"}
+    done = subprocess.run([sys.executable, "-m", "gateway", command], env=env,
+                          capture_output=True, text=True, timeout=120)
+    out = done.stdout + done.stderr
+    assert done.returncode == 2 and "Traceback" not in out, out
+    assert f"GATEWAY_AUDIT_SIGNING_KEY_FILE {key}" in out, out
+    if command == "serve":
+        assert "database" not in done.stderr, out
