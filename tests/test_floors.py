@@ -197,7 +197,7 @@ async def test_a_reload_refuses_a_lowered_floor_until_it_is_declared(backends, d
         async def said(text: str, times: int = 1):
             return log.read_text().count(text) >= times
         proc.send_signal(signal.SIGHUP)
-        assert await wait_for(lambda: said("policy reload refused"), timeout=10)
+        assert await wait_for(lambda: said("policy reload refused"), timeout=30)
         for floor in declared:
             assert floor in log.read_text()
         status, _, _ = await call(http, "GET", base + VOICEMAILS, staff)
@@ -208,7 +208,7 @@ async def test_a_reload_refuses_a_lowered_floor_until_it_is_declared(backends, d
 
         _declare(policy_dir, *declared)
         proc.send_signal(signal.SIGHUP)
-        assert await wait_for(lambda: said("+floors-lowered-2 in force"), timeout=10)
+        assert await wait_for(lambda: said("+floors-lowered-2 in force"), timeout=30)
         _, _, body = await call(http, "GET", base + "/v1/catalog", staff)
         catalog = orjson.loads(body)
         version = catalog["policy_version"]
