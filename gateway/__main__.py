@@ -99,7 +99,7 @@ def main(argv: list[str] | None = None) -> int:
         offline = audit_sub.add_parser(name, help=what + "; exit 1 if anything fails")
         offline.add_argument("file", metavar="FILE_OR_URL", help="the saved JSON answer, or "
                              "the endpoint's http(s) URL (query included) to download it from "
-                             "with --token")
+                             "with --token (a slice must then be of the window its URL asks)")
         offline.add_argument("--public-key", action="append", required=True, metavar="KEYS",
                              help=keys_help)
         offline.add_argument("--token", help="the bearer token to download FILE_OR_URL with")
@@ -294,7 +294,9 @@ def _verify_offline(args) -> int:
         else:
             previous = (_json(remote.read(args.previous, args.token), args.previous)
                         if args.previous else None)
-            report = slices.verify_slice(doc, keys, previous)
+            # downloaded, the slice must be of the window its URL asked for
+            report = slices.verify_slice(doc, keys, previous, remote.asked(args.file),
+                                         remote.asked(args.previous) if args.previous else None)
             if isinstance(doc, dict) and doc.get("next_cursor"):
                 report["next_cursor"] = doc["next_cursor"]     # more rows: ask with cursor=
     except ConfigError as e:

@@ -27,7 +27,7 @@ from .audit import AuditRow, AuditWriter
 from .audit import api as audit_api
 from .audit import per_day as audit_per_day
 from .audit import slices as audit_slices
-from .audit.checkpoints import Checkpointer, signing_key
+from .audit.checkpoints import CHECKPOINTER, Checkpointer, signing_key
 from .authn import Authenticator
 from .authz import Policy
 from .backend_client import BackendClient
@@ -36,7 +36,7 @@ from .call import AnonymousRefusals
 from .catalog import PolicyError
 from .check import PartitionWatch
 from .contracts import ContractCache
-from .db import POOL, create_pool, ensure_partitions, migrate, query
+from .db import POOL, create_pool, durability_problems, ensure_partitions, migrate, query
 from .endpoints import CALL, IDENTIFIER, api, identifier, json_object, json_response
 from .errors import Denied, error_response
 from .metrics import METRICS, Metrics, metrics_view
@@ -126,9 +126,10 @@ def _resources(settings: Settings, dsn: str, catalog, policy: Policy, metrics: M
         # calls holding every other connection cannot keep a row from being written
         shared = settings.db_pool_max - settings.audit_lanes
         pool = await create_pool(dsn, min(settings.db_pool_min, shared), shared,
-                                 settings.db_acquire_timeout_s)
+                                 settings.db_acquire_timeout_s, settings.db_synchronous_commit)
         lanes_pool = await create_pool(dsn, settings.audit_lanes, settings.audit_lanes,
-                                       settings.audit_commit_timeout_s)
+                                       settings.audit_commit_timeout_s,
+                                       settings.db_synchronous_commit)
         if migrating:
             async with pool.acquire() as conn:
                 await migrate(conn)
@@ -143,6 +144,8 @@ def _resources(settings: Settings, dsn: str, catalog, policy: Policy, metrics: M
         await break_glass.start()
         audit = AuditWriter(lanes_pool, settings.audit_queue_max, settings.audit_lanes,
                             settings.audit_commit_timeout_s)
+        async with pool.acquire() as conn:     # then at each lane's (re)connection
+            audit.not_durable = await durability_problems(conn)
         audit.start()
         anonymous = AnonymousRefusals(audit)
         anonymous.start()
@@ -178,6 +181,8 @@ def _resources(settings: Settings, dsn: str, catalog, policy: Policy, metrics: M
             export_slots=asyncio.Semaphore(export_db_slots(settings)),
             export_write_timeout_s=settings.export_write_timeout_s,
             stream_write_timeout_s=settings.stream_write_timeout_s,
+            stream_deadline_s=settings.stream_deadline_s,
+            stream_json_above_bytes=settings.stream_json_above_bytes,
             export_log_deadline_s=settings.export_log_deadline_s,
             new_request_id=app[NEW_REQUEST_ID])
         # an erasure still `accepted` well past its deadline ran in a gateway that stopped
@@ -216,7 +221,6 @@ class GatewayRunner(web.AppRunner):
 
 
 POLICY_SET = web.AppKey("policy_set", PolicySet)
-CHECKPOINTER = web.AppKey("checkpointer", Checkpointer)
 
 
 GC_THRESHOLDS = (GC_GEN0, GC_GEN1, GC_GEN2) = (20_000, 20, 100)

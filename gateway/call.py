@@ -11,6 +11,13 @@ the downloads all keep their books here. A call ends exactly once, in one of thr
   A caller with no valid token is not written row by row: such refusals are counted per
   source address and minute (`AnonymousRefusals`), so a flood cannot fill the log, and
   they name no data subject, so they never appear in anyone's access log.
+
+A call that can change data (a proxied write) or streams a file is written ahead: `intend()`
+commits an *intent* row (phase `intent`) before a single byte goes to the backend or the
+client, and the call's row becomes its *outcome* (phase `outcome`, same request id). When
+the intent cannot be committed the caller gets 503 `audit_unavailable` and nothing is
+sent; when the outcome of a write cannot be, 503 `outcome_unknown` (the backend may have
+applied it: the intent stays, marked "outcome unknown" wherever rows are read).
 """
 
 from __future__ import annotations
@@ -28,8 +35,10 @@ from typing import Any
 from aiohttp import web
 
 from .audit import AuditRow, AuditWriter
-from .audit.writer import Change
+from .audit.writer import Change, outcome_unknown
 from .errors import Denied, error_response
+from .grammar import audit_text
+from .idempotency import Idempotent
 from .principal import Principal
 from .proxy import trace_id
 from .redact import now_utc
@@ -46,7 +55,7 @@ class Call:
     """The audit life of one request (or of one backend call of an export)."""
 
     __slots__ = ("audit", "anonymous", "row", "started", "principal", "committed", "siblings",
-                 "traceparent", "observe")
+                 "traceparent", "observe", "intended", "idempotent")
 
     def __init__(self, audit: AuditWriter, anonymous: AnonymousRefusals, request_id: str,
                  method: str, path: str, client: str | None,
@@ -60,8 +69,10 @@ class Call:
         self.siblings: list[tuple[str | None, list[str]]] = []   # more EUOs in one answer
         self.traceparent = traceparent    # forwarded to the backends
         self.observe = observe            # told each finished call's row, once
+        self.intended = False             # its intent row is committed: its row is the outcome
+        self.idempotent: Idempotent | None = None   # a gateway API write's Idempotency-Key
         self.row = AuditRow(at=now_utc(), request_id=request_id, method=method,
-                            path=path[:2048], client_addr=client,
+                            path=audit_text(path, 2048), client_addr=client,
                             client_request_id=client_request_id,
                             trace_id=trace_id(traceparent) if traceparent else None)
 
@@ -88,6 +99,39 @@ class Call:
         row = self.row
         row.decision, row.status, row.bytes = decision, status, size
         row.duration_ms = (time.perf_counter() - self.started) * 1000
+        if self.intended:
+            row.at = now_utc()             # when it ended (the intent holds the arrival)
+
+    async def intend(self, data_sets: Iterable[str], status: int = 0, size: int = 0,
+                     access: str = "acted_upon") -> None:
+        """Commit the intent row of a call about to change data (`acted_upon`) or stream a
+        file (`served`), before any byte goes out: who, what, about whom, which data sets.
+        Raises Denied(503, audit_unavailable) if it cannot be committed; nothing may be
+        sent then."""
+        row = self.row
+        row.access = access
+        intent = dataclasses.replace(
+            row, decision="allow", status=status, bytes=size, data_sets=list(data_sets),
+            phase="intent", duration_ms=(time.perf_counter() - self.started) * 1000)
+        siblings = [dataclasses.replace(intent, subject_euo=euo, subject_users=users)
+                    for euo, users in self.siblings]
+        await asyncio.gather(self.audit.commit(intent), *map(self.audit.commit, siblings))
+        row.data_sets, row.phase = intent.data_sets, "outcome"
+        self.intended = True
+
+    def ended(self, status: int, size: int, cut: bool, why: str | None = None) -> None:
+        """A streamed answer is over: queue its outcome row (the bytes delivered, reason
+        `cut` — or why, `why` — when the stream broke off). Nobody waits for it: the answer
+        has gone."""
+        self.row.reason = (why or "cut") if cut else None
+        self._finish("allow", status, size)
+        self.committed = True
+        self.audit.record_nowait(self.row)
+        for euo, users in self.siblings:
+            self.audit.record_nowait(dataclasses.replace(self.row, subject_euo=euo,
+                                                         subject_users=users))
+        if self.observe is not None:
+            self.observe(self.row)
 
     async def allow(self, status: int, size: int, served: Iterable[str] = (),
                     removed: Iterable[str] = (), change: Change | None = None) -> Any:
@@ -97,17 +141,21 @@ class Call:
         all: a caller told "failed" has changed nothing, and every change has its row.
         Returns what the change returned; what it raised (a refusal) is raised here."""
         self._finish("allow", status, size)
+        if change is not None and self.idempotent is not None:
+            change = self.idempotent.keyed(change, status)
         if served:
             self.row.data_sets = list(served)
-        if removed:
-            self.row.fields_removed = list(removed)
+            if self.row.access is None:
+                self.row.access = "served"
+        if removed:        # names a backend chose: any text, any length
+            self.row.fields_removed = [audit_text(name) for name in removed]
         if self.siblings:
             siblings = [dataclasses.replace(self.row, subject_euo=euo, subject_users=users)
                         for euo, users in self.siblings]
-            result, *_ = await asyncio.gather(self.audit.commit(self.row, change),
-                                              *(self.audit.commit(row) for row in siblings))
+            result, *_ = await asyncio.gather(self._commit(self.row, change),
+                                              *(self._commit(row) for row in siblings))
         else:                   # the common case: one row, no task for it
-            result = await self.audit.commit(self.row, change)
+            result = await self._commit(self.row, change)
         self.committed = True
         if self.observe is not None:
             self.observe(self.row)
@@ -119,11 +167,13 @@ class Call:
         row = self.row
         self._finish("deny" if denial.status < 500 else "error", denial.status, 0)
         row.reason = denial.code
+        if not self.intended:       # nothing was touched (after an intent: it was tried)
+            row.access = None
         if self.principal is None:
             self.anonymous.count(row, denial.code)
         else:
             try:
-                await self.audit.commit(row)
+                await self._commit(row)
             except Denied as unavailable:
                 if self.observe is not None:
                     # what the caller gets instead; a copy, as the writer may still hold the row
@@ -133,12 +183,25 @@ class Call:
         if self.observe is not None:
             self.observe(row)
 
+    async def _commit(self, row: AuditRow, change: Change | None = None) -> Any:
+        """Commit a row of this call; once its intent is committed, a row that cannot be
+        leaves the outcome unknown (503 outcome_unknown, not "failed")."""
+        if not self.intended:
+            return await self.audit.commit(row, change)
+        try:
+            return await self.audit.commit(row, change)
+        except Denied as e:
+            if e.code != "audit_unavailable":
+                raise
+            raise outcome_unknown(self.row.request_id) from None
+
     async def refuse(self, denial: Denied) -> web.Response:
         """Audit the refusal, then the error answer (README.md, Errors)."""
         try:
             await self.record_refusal(denial)
         except Denied as unavailable:
-            denial = unavailable
+            if denial.code != "outcome_unknown":    # that says more than "not logged"
+                denial = unavailable
         return error_response(denial.status, denial.code, denial.message, self.row.request_id)
 
 

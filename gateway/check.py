@@ -25,6 +25,7 @@ from .db import (
     PARTITION_MONTHS_REQUIRED,
     RUNTIME_GRANTS,
     SQL_DIR,
+    durability_problems,
     ensure_partitions,
     migrate,
     missing_partitions,
@@ -149,6 +150,13 @@ async def check_database(dsn: str, found: Findings, migrating: bool = False) -> 
                                   f"not applied): {MIGRATE_HINT}")
             return
         found.passed.append(f"database reachable as {role}, schema current")
+        not_durable = await durability_problems(conn, session=False)
+        if not_durable:
+            found.problems.append(f"the database's commits are not durable ({', '.join(not_durable)}):"
+                                  " a crash would lose audit rows of answered requests")
+        else:
+            found.passed.append("database commits are durable (fsync and full_page_writes on; "
+                                "the gateway's connections set synchronous_commit)")
         missing = await missing_partitions(conn, PARTITION_MONTHS_REQUIRED)
         if missing:
             found.warnings.append(

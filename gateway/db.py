@@ -249,15 +249,29 @@ class Pool(asyncpg.Pool):
 
 
 async def create_pool(dsn: str, min_size: int, max_size: int,
-                      acquire_timeout_s: float = 5.0) -> Pool:
+                      acquire_timeout_s: float = 5.0, synchronous_commit: str = "on") -> Pool:
     """A pool of the process's (app.py makes two: the audit lanes' connections, set apart,
     and one for everything else). Small on purpose: the audit writer batches, and requests
     touch the database only for contracts changes and admin calls. asyncpg.create_pool
-    takes no pool class, so its defaults are restated here."""
+    takes no pool class, so its defaults are restated here. Every connection commits at
+    `synchronous_commit` whatever the server's default (a server set to `off` would lose
+    the rows of answered requests in a crash)."""
     return await Pool(dsn, min_size=min_size, max_size=max_size, max_queries=50_000,
                       max_inactive_connection_lifetime=300.0, loop=None,
                       connection_class=asyncpg.Connection, record_class=asyncpg.Record,
-                      command_timeout=10, acquire_timeout_s=acquire_timeout_s)
+                      command_timeout=10, acquire_timeout_s=acquire_timeout_s,
+                      server_settings={"synchronous_commit": synchronous_commit})
+
+
+async def durability_problems(conn: asyncpg.Connection, session: bool = True) -> list[str]:
+    """What makes the server's commits less than durable (fsync or full_page_writes off;
+    with `session`, this connection's synchronous_commit below on, which the gateway's own
+    connections never are); empty when nothing does."""
+    found = await conn.fetchrow(query("database_durability"))
+    problems = [f"{name}=off" for name in ("fsync", "full_page_writes") if found[name] == "off"]
+    if session and found["synchronous_commit"] not in ("on", "remote_apply"):
+        problems.append(f"synchronous_commit={found['synchronous_commit']}")
+    return problems
 
 
 def migrations(sql_dir: Path = SQL_DIR) -> list[tuple[int, str, str]]:

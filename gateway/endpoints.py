@@ -9,9 +9,10 @@ import asyncpg
 import orjson
 from aiohttp import web
 
-from . import pipeline
+from . import idempotency, pipeline
 from .audit import AuditRow
 from .call import Call
+from .db import POOL
 from .errors import Denied
 from .grammar import CONTROL, IDENTIFIER, MAX_TEXT
 from .principal import Principal
@@ -40,12 +41,20 @@ def api(route: str, group: str | None = None) -> Callable[[Handler], Callable]:
                 if group is not None and not _may(call.principal, group):
                     raise Denied(403, "role_not_permitted", _NOT_PERMITTED[group is ME])
                 try:
-                    response = await handler(request, call.principal, row)
+                    keyed = await idempotency.begin(request, call.principal, row.request_id)
+                    if isinstance(keyed, web.Response):    # a repeat: the first answer again
+                        row.reason = "idempotent_replay"
+                        response = keyed
+                    else:
+                        call.idempotent = keyed
+                        response = await handler(request, call.principal, row)
                 except (TimeoutError, asyncpg.PostgresError, asyncpg.InterfaceError, OSError):
                     raise Denied(503, "database_unavailable",
                                  "the gateway's database cannot be reached") from None
                 if not call.committed:    # a download commits before its first byte
                     await call.allow(response.status, response.content_length or 0)
+                elif call.idempotent is not None:
+                    await call.idempotent.answered(request.app[POOL], response)
                 return response
             except Exception as e:
                 if call.committed:

@@ -34,6 +34,11 @@ REASONS: dict[str, tuple[int, str]] = {
     "bad_format": (400, "the export format is not zip or json, or a parameter repeats or is unknown"),
     "bad_purpose": (400, "an assisted export names no purpose, or one export.yaml does not list"),
     "backend_rejected": (400, "the backend refused the request (400, 409, 422)"),
+    "bad_idempotency_key": (400, "Idempotency-Key is repeated or outside 1-128 of A-Z a-z 0-9 . _ : -"),
+    "idempotency_key_reused": (422, "the Idempotency-Key was used for another request"),
+    "idempotency_key_in_use": (409, "a request with this Idempotency-Key is under way"),
+    "idempotency_answer_lost": (409, "the request with this Idempotency-Key was carried out; "
+                                     "its answer was not kept"),
     "body_too_large": (413, "the request body is over GATEWAY_MAX_BODY_BYTES"),
     # who is asking
     "missing_token": (401, "no Authorization header"),
@@ -76,7 +81,11 @@ REASONS: dict[str, tuple[int, str]] = {
     "backend_subject_mismatch": (502, "the backend answered about another EUO, user or meeting"),
     "backend_answer_too_large": (502, "the backend's JSON is over GATEWAY_MAX_JSON_ANSWER_BYTES"),
     "internal_error": (502, "the gateway failed unexpectedly (logged with a traceback)"),
+    "audit_row_refused": (502, "the database refused this request's audit row (other rows "
+                               "are written): nothing is served"),
     "audit_unavailable": (503, "the audit row cannot be committed: nothing is served"),
+    "outcome_unknown": (503, "a change may or may not have been made (its commit or outcome "
+                             "went unconfirmed); retry with the same Idempotency-Key"),
     "streams_busy": (503, "GATEWAY_MAX_STREAMS files are being copied through already"),
     "exports_busy": (503, "GATEWAY_EXPORT_DB_SLOTS ZIP exports are being prepared already"),
     "database_unavailable": (503, "the gateway's database cannot be reached"),

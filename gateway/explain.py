@@ -46,15 +46,17 @@ class _Scratch:
         self.row.subject_euo, self.row.subject_users = euo, sorted(set(users))
 
 
-def explain(gw: Any, principal: Principal, method: str, path: str) -> dict[str, Any]:
+def explain(gw: Any, principal: Principal, method: str, path: str,
+            scratch: _Scratch | None = None) -> dict[str, Any]:
     """The decision for `principal` making `method path`. `gw` is the running Gateway or an
-    Offline one (its catalog, policy, targets, plan, contracts and restrictions)."""
+    Offline one (its catalog, policy, targets, plan, contracts and restrictions); the
+    subject the path names is noted in `scratch`'s row."""
     out: dict[str, Any] = {
         "caller": {"role": principal.role, "sub": principal.sub, "partner": principal.partner,
                    "euo": principal.euo},
         "method": method, "path": path, "policy_version": gw.policy_version,
         "route": None, "relations": None}
-    scratch = _Scratch()
+    scratch = scratch or _Scratch()
     try:
         matched = match_route(gw, method, path, scratch)
     except Denied as e:
@@ -167,13 +169,19 @@ async def explain_endpoint(request: web.Request, principal: Principal, row) -> w
     caller (role, sub and its tenant claim given) for a role with the explain_any group."""
     method, path = _request(request.query)
     gw = request.app[GATEWAY]
+    # the row names whom the path is about: an explain of a user (her restrictions, what
+    # the caller may see of her) shows in her access log as `explained`
+    scratch = _Scratch()
     if not any(name in request.query for name in AS_PARAMETERS):
-        return json_response(explain(gw, principal, method, path))
-    if not principal.kind.may("explain_any"):
+        said = explain(gw, principal, method, path, scratch)
+    elif not principal.kind.may("explain_any"):
         raise Denied(403, "role_not_permitted", "only a role with the explain_any group "
                      "(roles.yaml) may explain for another caller")
-    said = explain(gw, _as(gw.catalog, request.query), method, path)
-    said["explained_by"] = {"role": principal.role, "sub": principal.sub}
+    else:
+        said = explain(gw, _as(gw.catalog, request.query), method, path, scratch)
+        said["explained_by"] = {"role": principal.role, "sub": principal.sub}
+    row.subject_euo, row.subject_users = scratch.row.subject_euo, scratch.row.subject_users
+    row.access = "explained" if scratch.row.subject_euo else None
     return json_response(said)
 
 

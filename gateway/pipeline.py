@@ -32,7 +32,7 @@ from .call import AnonymousRefusals, Call, Observer, client_request_id
 from .catalog import ACTION_OF_METHOD, Catalog, ObjectOf, Route
 from .contracts import ContractCache
 from .errors import Denied
-from .grammar import CONTROL, MAX_TEXT
+from .grammar import CONTROL, MAX_TEXT, audit_text
 from .principal import Principal
 from .proxy import CHUNK, Backends, binary_headers, forward_headers, stamp, traceparent
 from .redact import (
@@ -48,6 +48,7 @@ from .redact import (
 )
 from .restrictions import RestrictionCache
 from .retention import Cutoffs, cutoffs
+from .stream import Elements, list_field
 from .target import Matched, Targets
 
 if TYPE_CHECKING:
@@ -82,6 +83,8 @@ class Gateway:
     export_write_timeout_s: float = 30.0
     export_log_deadline_s: float = 300.0
     stream_write_timeout_s: float = 30.0   # a file download's client takes each chunk by then
+    stream_deadline_s: float = 3600.0      # a whole file download is through by then
+    stream_json_above_bytes: int = 1 << 20  # a list answer larger than this is streamed
     exporting: set[tuple[str | None, str]] = field(default_factory=set)  # (euo, sub) of ZIPs under way
 
     new_request_id: Callable[[], str] = field(kw_only=True)   # the app's (app.request_ids)
@@ -102,6 +105,7 @@ class Gateway:
         """What follows from the catalog and policy in force: the route memo, the plan
         cache and the path prefixes the server hands straight to the pipeline."""
         self.targets = Targets(self.catalog)
+        self.list_field = lru_cache(maxsize=None)(list_field)
         self.plan = lru_cache(maxsize=4096)(self._plan)
         self.prefixes = tuple(f"/{service}/" for service in self.catalog.services)
 
@@ -143,6 +147,8 @@ async def serve(gw: Gateway, request: web.BaseRequest, request_id: str) -> web.S
     try:
         return await _serve(request, gw, call)    # its answers carry them from the start
     except Exception as e:
+        if call.committed:         # a file under way ended (and was recorded) already
+            raise
         response = await call.refuse(e if isinstance(e, Denied) else internal(e, request_id))
     stamp(response.headers, request_id)
     return response
@@ -247,12 +253,25 @@ async def _serve(request: web.Request, gw: Gateway, call: Call) -> web.StreamRes
     deadline = gw.backends.deadline()
     if target.route.binary:
         return await _stream(request, gw, target, call, deadline)
+    if target.action != "read":      # written ahead: no intent row, nothing sent
+        await call.intend(_changed(target.route, body))
     upstream = await send(gw, target, request.method, request.headers, call, request.remote,
                           deadline, body)
+    if target.action == "read" and _streamed(gw, target.route, upstream):
+        return await _stream_list(request, gw, target, call, upstream)
     answer = await read_json(gw, target, upstream, call, deadline)
     response = web.Response(status=answer.status, body=answer.body, headers=answer.headers)
     await call.allow(answer.status, len(answer.body), answer.served, answer.removed)
     return response
+
+
+def _changed(route: Route, body: bytes | None) -> list[str]:
+    """The data sets a write or delete of a JSON resource acts upon: the fields a write
+    sets (checked by _request_body), or everything a delete removes."""
+    if body is None:
+        return sorted(route.data_sets)
+    fields = route.body.fields
+    return sorted({fields[key].data_set for key in orjson.loads(body)})
 
 
 async def send(gw: Gateway, target: Target, method: str, headers: Mapping[str, str], call: Call,
@@ -335,6 +354,108 @@ async def read_json(gw: Gateway, target: Target, upstream, call: Call,
         call.row.subject_users = sorted(outcome.subjects | set(call.row.subject_users))
     call.row.withheld = receipt(outcome.withheld)
     return JsonAnswer(status, headers, redacted, sorted(outcome.served), sorted(outcome.removed))
+
+
+def _streamed(gw: Gateway, route: Route, upstream) -> bool:
+    """Whether this answer is taken apart as it arrives instead of read whole: a route of
+    one list (stream.list_field) whose answer is larger than GATEWAY_STREAM_JSON_ABOVE_BYTES
+    or of unknown length."""
+    length = upstream.content_length
+    return (upstream.status == 200 and gw.list_field(route) is not None
+            and (length is None or length > gw.stream_json_above_bytes))
+
+
+async def _stream_list(request: web.Request, gw: Gateway, target: Target, call: Call,
+                       upstream) -> web.StreamResponse:
+    """A large list answer, redacted element by element as it arrives and sent on as it is
+    redacted, in bounded memory. Written ahead: the intent row (the data sets the plan
+    allows) commits before the first byte; the outcome row (the data sets, fields and
+    subjects actually served, the bytes sent, reason `cut` when it broke off) at the end.
+    Anything wrong past the first byte — a bad element, an element about someone else, a
+    stall — cuts the answer short, so the client can never take it for a whole one."""
+    route, principal = target.route, target.principal
+    field_name = gw.list_field(route)
+    try:
+        if not upstream.content_type.lower().endswith("json"):
+            raise Denied(502, "backend_unmappable", "the backend's answer is not JSON")
+        _not_encoded(upstream)
+        plan = gw.plan(route, principal.role, target.relations)
+        now = call.row.at
+        cut = gw.cutoffs(route, target.params, now)
+        await call.intend(sorted(route.data_sets.intersection(plan.visible)), 200, 0, "served")
+    except Denied:
+        upstream.release()
+        raise
+    response = web.StreamResponse(status=200, headers=stamp(
+        {"Content-Type": "application/json"}, call.row.request_id))
+    served: set[str] = set()
+    removed: set[str] = set()
+    subjects: set[str] = set()
+    withheld: dict[str, dict[str, int]] = {}
+    sent, first, failure = 0, True, None
+    elements = Elements(field_name)
+    catalog, granted = gw.catalog, gw.policy.granted
+
+    def redacted(items) -> bytes:
+        nonlocal first
+        out = []
+        for element in items:
+            doc, outcome = redact({field_name: [element]}, plan, principal.sub, catalog, granted,
+                                  now, target.blocked, target.params, cut, target.withheld)
+            served.update(outcome.served)
+            removed.update(outcome.removed)
+            subjects.update(outcome.subjects)
+            for reason, counts in outcome.withheld.items():
+                mine = withheld.setdefault(reason, {})
+                for ds, n in counts.items():
+                    mine[ds] = mine.get(ds, 0) + n
+            for kept in doc.get(field_name) or ():
+                out.append(orjson.dumps(kept) if first else b"," + orjson.dumps(kept))
+                first = False
+        return b"".join(out)
+
+    try:
+        async with asyncio.timeout(gw.stream_deadline_s):
+            await response.prepare(request)
+            head = orjson.dumps(field_name)
+            await response.write(b"{" + head + b":[")
+            sent += len(head) + 3
+            async for chunk in upstream.content.iter_chunked(CHUNK):
+                out = redacted(elements.feed(chunk))
+                if out:
+                    async with asyncio.timeout(gw.stream_write_timeout_s):
+                        await response.write(out)
+                    sent += len(out)
+            out = redacted(elements.close())
+            tail, _ = redact({**elements.scalars, field_name: []}, plan, principal.sub, catalog,
+                             granted, now, target.blocked, target.params, cut, target.withheld)
+            tail.pop(field_name, None)
+            out += b"]" + (b"," + orjson.dumps(tail)[1:] if tail else b"}")
+            await response.write(out)
+            await response.write_eof()
+            sent += len(out)
+    except SubjectMismatch:
+        failure = "backend_subject_mismatch"
+    except Unmappable:
+        failure = "backend_unmappable"
+    except (TimeoutError, aiohttp.ClientError, ConnectionError, OSError) as e:
+        failure = "cut"
+        log.warning("request %s: a streamed list broke off: %s", call.row.request_id,
+                    str(e) or type(e).__name__)
+    finally:
+        upstream.release()
+        row = call.row
+        row.data_sets, row.fields_removed = sorted(served), [audit_text(n) for n in sorted(removed)]
+        if subjects:
+            row.subject_users = sorted(subjects | set(row.subject_users))
+        row.withheld = receipt(withheld)
+        if failure is not None:
+            log.warning("request %s: a streamed list was cut (%s)", row.request_id, failure)
+            response.force_close()
+            if request.transport is not None:
+                request.transport.abort()
+        call.ended(200, sent, failure is not None, failure)
+    return response
 
 
 async def _request_body(request: web.Request, gw: Gateway, target: Target) -> bytes:
@@ -434,10 +555,12 @@ async def _stream(request: web.Request, gw: Gateway, target: Target, call: Call,
         served = sorted(target.route.binary)
         if target.action == "read":
             served = await _file_data_sets(gw, target, request, call, deadline)
+        else:                        # a delete: written ahead, like any change
+            await call.intend(served)
         upstream = await send(gw, target, request.method, request.headers, call, request.remote,
                               deadline)
         return await _copy(request, target.route, upstream, call, served,
-                           gw.stream_write_timeout_s)
+                           gw.stream_write_timeout_s, gw.stream_deadline_s)
     finally:
         gw.streams -= 1
 
@@ -514,14 +637,20 @@ def _not_encoded(upstream) -> None:
 
 
 async def _copy(request: web.Request, route: Route, upstream, call: Call,
-                served: list[str] | None, write_timeout_s: float) -> web.StreamResponse:
-    """Commit the audit row, then copy the binary body through in chunks. A client that
-    takes no chunk within `write_timeout_s` is cut off: it would hold a stream slot (and
-    a backend connection) for as long as it kept its socket open."""
+                served: list[str] | None, write_timeout_s: float,
+                deadline_s: float) -> web.StreamResponse:
+    """Commit the intent row (the answer of a delete: its outcome), then copy the binary
+    body through in chunks, then queue the outcome row with the bytes delivered (reason
+    `cut` when cut). A client that takes no chunk within `write_timeout_s` is cut off: it
+    would hold a stream slot (and a backend connection) for as long as it kept its socket
+    open; so is a whole copy (a backend trickling a file) past `deadline_s`."""
+    served = served if served is not None else sorted(route.binary)
     try:
         check_file(route, upstream)
-        await call.allow(upstream.status, upstream.content_length or 0,
-                         served if served is not None else sorted(route.binary))
+        if call.intended:            # a delete's outcome: the caller waits for it
+            await call.allow(upstream.status, upstream.content_length or 0, served)
+        else:
+            await call.intend(served, upstream.status, upstream.content_length or 0, "served")
     except Denied:
         upstream.release()
         raise
@@ -529,28 +658,37 @@ async def _copy(request: web.Request, route: Route, upstream, call: Call,
     stamp(response.headers, call.row.request_id)
     if upstream.content_length is not None:
         response.content_length = upstream.content_length
-    await response.prepare(request)
+    delivered, cut = 0, True
     writing: asyncio.Timeout | None = None
     try:
-        async for chunk in upstream.content.iter_chunked(CHUNK):
+        async with asyncio.timeout(deadline_s) as whole:
+            await response.prepare(request)
+            async for chunk in upstream.content.iter_chunked(CHUNK):
+                async with asyncio.timeout(write_timeout_s) as writing:
+                    await response.write(chunk)
+                delivered += len(chunk)
             async with asyncio.timeout(write_timeout_s) as writing:
-                await response.write(chunk)
-        async with asyncio.timeout(write_timeout_s) as writing:
-            await response.write_eof()
-    except (TimeoutError, aiohttp.ClientError) as e:
+                await response.write_eof()
+        cut = False
+    except (TimeoutError, aiohttp.ClientError, ConnectionError) as e:
         # too late for an error body: cut the connection so the client sees a short read
         # (aborted, not closed: a close would wait for a client that reads nothing)
         if writing is not None and writing.expired():
             log.warning("request %s: the client took no part of a file within %g s: cut off",
                         call.row.request_id, write_timeout_s)
+        elif whole.expired():
+            log.warning("request %s: the file was not through within %g s: cut off",
+                        call.row.request_id, deadline_s)
         else:
-            log.warning("request %s: backend broke off a binary answer: %s",
-                        call.row.request_id, e)
+            log.warning("request %s: a binary answer broke off: %s", call.row.request_id,
+                        str(e) or type(e).__name__)
         response.force_close()
         if request.transport is not None:
             request.transport.abort()
     finally:
         upstream.release()
+        if not call.committed:       # a read's outcome: how much of it left
+            call.ended(upstream.status, delivered, cut)
     return response
 
 

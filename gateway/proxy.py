@@ -58,7 +58,10 @@ def forward_headers(incoming: Mapping[str, str], request_id: str, client: str | 
                     json_body: bool = False, trace: str | None = None) -> dict[str, str]:
     """The headers a backend receives: a few harmless client headers, and our own (the
     request's traceparent, `trace`, when it has one)."""
-    out = {name: incoming[name] for name in FORWARDED_REQUEST_HEADERS if name in incoming}
+    # only visible ASCII (and spaces) is sent on: anything else cannot be encoded as an
+    # HTTP/1.1 header value, or means something other than it shows
+    out = {name: value for name in FORWARDED_REQUEST_HEADERS
+           if (value := incoming.get(name)) is not None and value.isascii() and value.isprintable()}
     if trace is not None:
         out["traceparent"] = trace
     out["X-Request-Id"] = request_id

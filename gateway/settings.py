@@ -67,6 +67,9 @@ class Settings:
     db_pool_max: int = 12     # the audit lanes hold one each, the rest serve queries
     db_connect_timeout_s: float = 30.0   # how long start-up waits for the database to answer
     db_acquire_timeout_s: float = 5.0    # a call waits this long for a pooled connection, then 503
+    # set on every connection of the gateway, whatever the server's default: a commit the
+    # gateway answers for is durable (on) or applied on the synchronous standby (remote_apply)
+    db_synchronous_commit: str = "on"
     audit_queue_max: int = 50_000
     audit_retention_days: int = 400
     audit_lanes: int = 1
@@ -94,6 +97,8 @@ class Settings:
     export_db_slots: int | None = None
     export_write_timeout_s: float = 30.0
     stream_write_timeout_s: float = 30.0    # a file download is cut if no chunk is taken by then
+    stream_deadline_s: float = 3600.0       # ... and if it is not through by then
+    stream_json_above_bytes: int = 1 << 20  # a list answer larger is streamed, element by element
     export_log_deadline_s: float = 300.0
 
     @classmethod
@@ -131,6 +136,8 @@ class Settings:
                                         cls.db_connect_timeout_s),
             db_acquire_timeout_s=_positive(env, "GATEWAY_DB_ACQUIRE_TIMEOUT_S",
                                            cls.db_acquire_timeout_s),
+            db_synchronous_commit=env.get("GATEWAY_DB_SYNCHRONOUS_COMMIT",
+                                          cls.db_synchronous_commit),
             audit_retention_days=_int(env, "GATEWAY_AUDIT_RETENTION_DAYS", cls.audit_retention_days),
             audit_lanes=_int(env, "GATEWAY_AUDIT_LANES", cls.audit_lanes),
             audit_commit_timeout_s=_positive(env, "GATEWAY_AUDIT_COMMIT_TIMEOUT_S",
@@ -157,6 +164,9 @@ class Settings:
                                              cls.export_write_timeout_s),
             stream_write_timeout_s=_positive(env, "GATEWAY_STREAM_WRITE_TIMEOUT_S",
                                              cls.stream_write_timeout_s),
+            stream_deadline_s=_positive(env, "GATEWAY_STREAM_DEADLINE_S", cls.stream_deadline_s),
+            stream_json_above_bytes=_int(env, "GATEWAY_STREAM_JSON_ABOVE_BYTES",
+                                         cls.stream_json_above_bytes),
             export_log_deadline_s=_positive(env, "GATEWAY_EXPORT_LOG_DEADLINE_S",
                                             cls.export_log_deadline_s),
         )
@@ -190,6 +200,9 @@ class Settings:
                 webhook_secret(self)
             except ConfigError as e:
                 problems.append(str(e))
+        if self.db_synchronous_commit not in SYNCHRONOUS_COMMIT:
+            problems.append("GATEWAY_DB_SYNCHRONOUS_COMMIT must be on or remote_apply (a "
+                            "weaker level could lose rows of answered requests in a crash)")
         if self.webhook_keep_days < 1:
             problems.append("GATEWAY_WEBHOOK_KEEP_DAYS must be at least 1")
         if self.webhook_max_attempts < 1:
@@ -203,6 +216,9 @@ class Settings:
                 problems.append(f"policy file {self.policy_dir / name} is not readable")
         if problems:
             raise ConfigError("; ".join(problems))
+
+
+SYNCHRONOUS_COMMIT = ("on", "remote_apply")
 
 
 def export_db_slots(settings: Settings) -> int:

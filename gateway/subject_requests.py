@@ -22,7 +22,7 @@ from .call import Call
 from .catalog import ObjectOf
 from .db import POOL, query
 from .endpoints import CALL, ME, api, json_object, json_response, only, text
-from .erasure import Erasure, Outcome
+from .erasure import Erasure, Ledger
 from .errors import Denied
 from .pipeline import GATEWAY, Gateway
 from .principal import Principal, scope
@@ -114,6 +114,10 @@ def _covers(gw, principal: Principal, req) -> bool:
         return req["euo_id"] == principal.euo
     return gw.contracts.active_partner(req["euo_id"]) == principal.partner
 
+# a request's rows name its subject and data sets; they serve none (the access log leaves
+# them out: a user never learns there who else filed a request)
+NAMED = "named"
+
 
 @api("/v1/me/requests", ME)
 async def create_request(request: web.Request, principal: Principal, row: AuditRow):
@@ -132,6 +136,7 @@ async def create_request(request: web.Request, principal: Principal, row: AuditR
     if len(set(data_sets)) != len(data_sets):
         raise Denied(400, "invalid_request", "data_sets lists a data set twice")
     row.subject_euo, row.subject_users, row.data_sets = principal.euo, [principal.sub], data_sets
+    row.access = NAMED
 
     async def change(conn):
         created = await conn.fetchrow(query("create_request"), principal.sub, principal.euo,
@@ -176,6 +181,7 @@ def self_service(gw: Gateway, principal: Principal, data_sets: list[str]) -> lis
 @api("/v1/me/requests", ME)
 async def my_requests(request: web.Request, principal: Principal, row: AuditRow):
     row.subject_euo, row.subject_users = principal.euo, [principal.sub]
+    row.access = NAMED
     rows = await request.app[POOL].fetch(query("my_requests"), principal.euo, principal.sub)
     return json_response({"requests": [public(r) for r in rows]})
 
@@ -197,6 +203,7 @@ async def my_request(request: web.Request, principal: Principal, row: AuditRow):
     """One of the caller's requests with its transitions and erasure calls."""
     request_id = _request_id(request)
     row.subject_euo, row.subject_users = principal.euo, [principal.sub]
+    row.access = NAMED
     pool = request.app[POOL]
     req = await pool.fetchrow(query("get_request"), request_id)
     if req is None or req["euo_id"] != principal.euo or req["user_sub"] != principal.sub:
@@ -213,6 +220,7 @@ async def get_request(request: web.Request, principal: Principal, row: AuditRow)
     if req is None or not _covers(request.app[GATEWAY], principal, req):
         raise Denied(404, "no_such_request", "no such request in your scope")
     row.subject_euo, row.subject_users = req["euo_id"], [req["user_sub"]]
+    row.access = NAMED
     return json_response(await request_details(pool, req))
 
 
@@ -228,6 +236,7 @@ async def list_requests(request: web.Request, principal: Principal, row: AuditRo
     for r in rows:
         users_by_euo.setdefault(r["euo_id"], set()).add(r["user_sub"])
     request[CALL].about_each(users_by_euo)
+    request[CALL].row.access = NAMED
     return json_response({"requests": [public(r) for r in rows]})
 
 
@@ -260,6 +269,7 @@ async def _transition(request: web.Request, principal: Principal, row: AuditRow,
         raise Denied(404, "no_such_request", "no such request")
     may_act(gw, principal, current, status)
     row.subject_euo, row.subject_users = current["euo_id"], [current["user_sub"]]
+    row.access = NAMED
     updated = await _move(request[CALL], gw, request.app[WEBHOOKS], principal, current, status,
                           resolution)
     request.app[WEBHOOKS].wake()
@@ -302,23 +312,22 @@ async def _move(call: Call, gw: Gateway, webhooks: Webhooks, principal: Principa
 
 
 async def _erase(request: web.Request, gw: Gateway, principal: Principal, req):
-    """Run an accepted erasure's backend calls (each audited), then commit its outcome:
-    `completed` when every call succeeded, else `failed` (nothing claimed erased that was
-    not); the resolution says what was erased, what failed and what no backend can erase.
+    """Run an accepted erasure's backend calls (each audited, each DELETE written ahead),
+    count what remains, then commit its outcome: `completed` when every call succeeded and
+    nothing asked remains, else `failed` (nothing claimed erased that was not); the
+    resolution says what was erased, whose other data went with it, what failed, what needs
+    a wider erasure, what remains and what no backend can erase.
     Returns the request as updated, or the error answer when the outcome was refused."""
     request_id = request[pipeline.REQUEST_ID]
-    pool = request.app[POOL]
-
-    async def record(c: Outcome) -> None:
-        await pool.execute(query("add_erasure_call"), req["id"], c.data_sets, c.method,
-                           c.path, c.status, c.outcome, c.reason)
     erasure = Erasure(gw, list(gw.erasers), principal, req["euo_id"], req["user_sub"],
-                      request_id, request.remote, record, gw.erasure_deadline_s)
+                      request_id, request.remote, Ledger(request.app[POOL], req["id"]),
+                      gw.erasure_deadline_s)
     result = await erasure.run(list(req["data_sets"]))
     call = gw.new_call(request_id, "PATCH", request.raw_path, request.remote)
     call.identify(principal)
     call.row.service, call.row.route = "gateway", "gateway:/v1/requests/{id}"
     call.about(req["euo_id"], [req["user_sub"]])
+    call.row.access = NAMED
     final = "completed" if result.ok else "failed"
     try:
         updated = await _move(call, gw, request.app[WEBHOOKS], principal, req, final,
@@ -343,12 +352,18 @@ async def fail_interrupted_erasures(gw: Gateway, webhooks: Webhooks, pool,
     nothing claims it done and an admin can accept it again. Returns how many."""
     moved = 0
     for req in await pool.fetch(query("interrupted_erasures"), older_than_s):
+        unknown = await pool.fetch(query("unknown_erasure_calls"), req["id"])
+        resolution = INTERRUPTED + (
+            f"; {len(unknown)} DELETE{'s' if len(unknown) != 1 else ''} sent with no recorded "
+            f"outcome (outcome unknown): {', '.join(r['path'] for r in unknown)}"
+            if unknown else "")
         call = gw.new_call(str(uuid.uuid4()), "PATCH", f"/v1/requests/{req['id']}", None)
         call.row.service, call.row.route = "gateway", "gateway:/v1/requests/{id}"
         call.row.reason = "erasure_interrupted"
         call.about(req["euo_id"], [req["user_sub"]])
+        call.row.access = NAMED
         try:
-            await _move(call, gw, webhooks, None, req, "failed", INTERRUPTED)
+            await _move(call, gw, webhooks, None, req, "failed", resolution)
             moved += 1
         except Denied as e:     # moved meanwhile (409), or the audit log is unavailable
             pipeline.log.warning("interrupted erasure %s not failed: %s", req["id"], e.code)

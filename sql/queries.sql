@@ -31,8 +31,8 @@ select * from audit_log where chain_id = $1 order by seq;
 -- $14: for callers other than the Provider's, the roles of their own kind of organisation
 -- (roles.yaml, same tenant claim): the actor filter matches only actors of those roles in
 -- their own organisation (the partner $12 or the EUO $11), so it cannot confirm who else
--- (provider staff above all) acted.
-select * from audit_log a
+-- (provider staff above all) acted. `outcome` (outcome_of, below): of an intent row only.
+select a.*, outcome_of(a) as outcome from audit_log a
  where ($1::text is null or (a.actor_sub = $1 and (
         $14::text[] is null
         or (a.actor_role = any($14::text[])
@@ -42,6 +42,7 @@ select * from audit_log a
    and ($3::text is null or a.subject_euo = $3)
    and ($4::text is null or a.data_sets @> array[$4::text])
    and ($5::text is null or a.decision = $5)
+   and ($15::text is null or a.access = $15)
    and ($6::timestamptz is null or a.at >= $6)
    and ($7::timestamptz is null or a.at < $7)
    and ($8::timestamptz is null or (a.at, a.chain_id, a.seq) < ($8, $9::uuid, $10::bigint))
@@ -56,16 +57,19 @@ select * from audit_log a
  limit $13;
 
 -- name: access_log
--- What others did with one user's data: never the user's own requests (a user is
+-- What others did with one user's data (served, acted upon, explained: never rows that
+-- only name her, such as another user's request listed beside hers): never the user's own
+-- requests (a user is
 -- (EUO, sub) under a data-subject role $9: someone of another organisation with the same
 -- sub is someone else). Every column of the row: /v1/audit/slice proves these rows, the
 -- access log shows a few (and the break-glass grant's purpose and ticket).
-select a.*, g.purpose, g.ticket
+select a.*, outcome_of(a) as outcome, g.purpose, g.ticket
   from audit_log a
   left join break_glass g on g.id = a.break_glass
  where a.subject_users @> array[$1::text]
    and a.subject_euo = $2
    and not (a.actor_role = any($9::text[]) and a.actor_euo = $2 and a.actor_sub = $1)
+   and a.access is distinct from 'named'
    and ($3::timestamptz is null or a.at >= $3)
    and ($4::timestamptz is null or a.at < $4)
    and ($5::timestamptz is null or (a.at, a.chain_id, a.seq) < ($5, $6::uuid, $7::bigint))
@@ -129,8 +133,19 @@ values ($1, $2, $3, $4, $5);
 select from_status, to_status, at, actor from dsr_transitions where request_id = $1 order by id;
 
 -- name: add_erasure_call
+-- outcome 'unknown': a DELETE's intent, committed with its audit row before it is sent (031)
 insert into dsr_erasure_calls (request_id, data_sets, method, path, status, outcome, reason)
-values ($1, $2, $3, $4, $5, $6, $7);
+values ($1, $2, $3, $4, $5, $6, $7)
+returning id;
+
+-- name: finish_erasure_call
+-- a DELETE's outcome, written into its intent's row (the table's trigger allows only this)
+update dsr_erasure_calls set status = $2, outcome = $3, reason = $4
+ where id = $1 and outcome = 'unknown';
+
+-- name: unknown_erasure_calls
+-- the DELETEs of request $1 whose outcome was never written (the gateway stopped meanwhile)
+select path from dsr_erasure_calls where request_id = $1 and outcome = 'unknown' order by id;
 
 -- name: request_erasure_calls
 select at, data_sets, method, path, status, outcome, reason
@@ -222,13 +237,13 @@ with go as materialized (
                            fields_removed, subject_euo, subject_users, decision, reason,
                            status, bytes, duration_ms, client_addr, client_request_id,
                            requests, trace_id, policy_version, break_glass, withheld,
-                           prev_hash, row_hash)
+                           phase, access, salt, prev_hash, row_hash)
     select r.at, r.chain_id, r.seq, r.request_id, r.actor_sub, r.actor_role,
            r.actor_partner, r.actor_euo, r.method, r.path, r.service, r.route,
            r.data_sets::text[], r.fields_removed::text[], r.subject_euo,
            r.subject_users::text[], r.decision, r.reason, r.status, r.bytes, r.duration_ms,
            r.client_addr, r.client_request_id, r.requests, r.trace_id, r.policy_version,
-           r.break_glass, r.withheld, r.prev_hash, r.row_hash
+           r.break_glass, r.withheld, r.phase, r.access, r.salt, r.prev_hash, r.row_hash
       from unnest($1::audit_row_in[]) as r, go
 )
 insert into audit_chain_heads (chain_id, last_seq, last_hash) select $2, $3, $4 from go
@@ -245,6 +260,12 @@ select a.attname from pg_type t join pg_attribute a on a.attrelid = t.typrelid
 
 -- name: audit_chain_close
 update audit_chain_heads set closed = true, closed_at = now() where chain_id = $1 and not closed;
+
+-- name: audit_outcome_unknown
+-- Intent rows with no outcome row (027), oldest first, at most $1 (verify lists them).
+select at, chain_id, seq, request_id, method, path from audit_log a
+ where phase = 'intent' and outcome_of(a) = 'unknown'
+ order by at, chain_id, seq limit $1;
 
 -- name: audit_chain_heads
 select chain_id, last_seq, last_hash, updated_at, closed from audit_chain_heads order by chain_id;
@@ -414,3 +435,28 @@ select * from dsr_requests
  where type = 'erasure' and status = 'accepted' and updated_at < now() - make_interval(secs => $1)
  order by updated_at
  limit 100;
+
+-- name: idempotency_key_get
+-- A caller's key as recorded by the change it carried (027); older than a day: forgotten.
+select request_id, fingerprint, status, body from idempotency_keys
+ where actor = $1 and key = $2 and created_at > now() - interval '24 hours';
+
+-- name: idempotency_key_add
+-- In the change's transaction: the key and the status it is answered with. A day-old use
+-- of the key is forgotten and replaced; a live one (another request under way with it,
+-- even in the same batch) leaves this one out: no row returned.
+insert into idempotency_keys (actor, key, fingerprint, request_id, status)
+values ($1, $2, $3, $4, $5)
+on conflict (actor, key) do update
+   set fingerprint = excluded.fingerprint, request_id = excluded.request_id,
+       status = excluded.status, body = null, created_at = now()
+ where idempotency_keys.created_at <= now() - interval '24 hours'
+returning 1;
+
+-- name: idempotency_key_answer
+update idempotency_keys set body = $3 where actor = $1 and key = $2;
+
+-- name: database_durability
+-- What decides whether a commit survives a crash (gateway check, the audit writer).
+select current_setting('fsync') as fsync, current_setting('full_page_writes') as full_page_writes,
+       current_setting('synchronous_commit') as synchronous_commit;

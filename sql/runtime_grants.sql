@@ -28,7 +28,8 @@ begin
     -- data-subject request states, erasure outcomes, webhooks (015, 016)
     execute format('grant select, insert on dsr_transitions to %I', runtime);
     execute format('grant usage on sequence dsr_transitions_id_seq to %I', runtime);
-    execute format('grant select, insert on dsr_erasure_calls to %I', runtime);
+    -- … an erasure call's intent gets its outcome, once (031's trigger allows nothing else)
+    execute format('grant select, insert, update on dsr_erasure_calls to %I', runtime);
     execute format('grant usage on sequence dsr_erasure_calls_id_seq to %I', runtime);
     execute format('grant select, insert, update on webhook_outbox to %I', runtime);
     execute format('grant usage on sequence webhook_outbox_id_seq to %I', runtime);
@@ -47,4 +48,6 @@ begin
     execute format('grant select, insert on audit_merkle_nodes to %I', runtime);
     -- … stored a run of a level at a time since 024
     execute format('grant select, insert on audit_merkle_runs to %I', runtime);
+    -- idempotency keys of the gateway API's writes (027): recorded, answered, pruned
+    execute format('grant select, insert, update, delete on idempotency_keys to %I', runtime);
 end $$;

@@ -53,14 +53,16 @@ async def test_a_grant_unlocks_its_lines_is_flagged_and_ends_on_delete(gateway, 
     status, _, _ = await call(http, "GET", gateway + ORGANIZER.replace("u-alice", "u-bob"), staff)
     assert status == 200
     flagged = await db.fetch(
-        "select method, route, subject_users from audit_log where break_glass = $1 order by at",
-        uuid.UUID(grant["id"]))
-    assert [r["method"] for r in flagged] == ["POST", "GET", "PATCH"]
+        "select method, route, subject_users, phase from audit_log where break_glass = $1 "
+        "order by at, seq", uuid.UUID(grant["id"]))
+    # the write is two rows: its intent before the backend call, its outcome after
+    assert [(r["method"], r["phase"]) for r in flagged] == [
+        ("POST", None), ("GET", None), ("PATCH", "intent"), ("PATCH", "outcome")]
     assert all(r["subject_users"] == ["u-alice"] for r in flagged)
     for accept in ("application/json", "text/csv"):    # the audit API shows it too
         status, _, body = await call(http, "GET", f"{gateway}/v1/audit?actor={sub}", staff,
                                      headers={"Accept": accept})
-        assert status == 200 and body.count(grant["id"].encode()) == 3, body
+        assert status == 200 and body.count(grant["id"].encode()) == 4, body
 
     # Alice sees it with purpose and ticket; the EUO's admin lists it, another EUO's does not
     async def alice_sees():

@@ -158,12 +158,21 @@ _FIELD = {"data_sets": st.lists(st.text(max_size=3), max_size=2),
 @given(st.datetimes(timezones=st.just(UTC)) | st.datetimes(
            timezones=st.just(timezone(timedelta(hours=2)))),
        st.uuids(), st.integers(1, 10**9),
-       st.fixed_dictionaries({name: _FIELD.get(name, _TEXT) for name in HASHED[3:]}),
+       st.fixed_dictionaries({name: _FIELD.get(name, _TEXT) for name in row_leaves.WRITTEN[3:]}),
        st.binary(min_size=32, max_size=32))
 def test_the_writers_row_hash_and_leaf_are_those_of_the_definitions(at, chain, seq, rest, prev):
-    """hash_and_leaf encodes a row once for its chain hash and its Merkle leaf; both must be
-    exactly what chain.canonical and leaves.leaf define (which verifiers recompute)."""
-    values = (at, chain, seq, *(rest[name] for name in HASHED[3:]))
-    row_hash, one = row_leaves.hash_and_leaf(values, prev)
+    """hash_and_leaf salts a row and encodes it once for its chain hash and its Merkle leaf;
+    both must be exactly what chain.canonical and leaves.leaf define (which verifiers
+    recompute), the salt fresh for each row and in the row's hash, never in its leaf's
+    public digest."""
+    written = (at, chain, seq, *(rest[name] for name in row_leaves.WRITTEN[3:]))
+    values, row_hash, one = row_leaves.hash_and_leaf(written, prev)
+    salt = values[HASHED.index("salt")]
+    assert [v for name, v in zip(HASHED, values, strict=True) if name != "salt"] == list(written)
+    assert len(bytes.fromhex(salt)) == 16
     assert row_hash == link(prev, canonical(values))
     assert one == row_leaves.leaf(values, row_hash)
+    unsalted = [None if name == "salt" else v for name, v in zip(HASHED, values, strict=True)]
+    assert row_leaves.public_digest(values) == row_leaves.public_digest(unsalted)
+    again, other_hash, _ = row_leaves.hash_and_leaf(written, prev)
+    assert again[HASHED.index("salt")] != salt and other_hash != row_hash

@@ -6,12 +6,14 @@ consistency proof shows a signed tree only grew, and fails once a past row is re
 from __future__ import annotations
 
 import asyncio
+import base64
 import copy
 import os
 import subprocess
 import sys
 import uuid
 from datetime import UTC, datetime, timedelta
+from pathlib import Path
 
 import asyncpg
 import orjson
@@ -24,7 +26,7 @@ from hypothesis import strategies as st
 from multidict import MultiDict
 
 from gateway.audit.chain import GENESIS, HASHED, canonical, link
-from gateway.audit.checkpoints import Runs, load_public_keys, signed_bytes
+from gateway.audit.checkpoints import Runs, key_id, load_public_keys, load_signing_key, signed_bytes
 from gateway.audit.leaves import WITHHELD, record_leaf
 from gateway.audit.merkle import Frontier
 from gateway.audit.slices import build_slice, consistency_doc, verify_consistency_doc, verify_slice
@@ -37,6 +39,8 @@ from .conftest import CALLERS, POLICY_DIR, call, gateway_settings, private_datab
 pytestmark = pytest.mark.slow
 
 REQUESTS = [  # (caller, path): rows about several tenants, by several roles
+    # one row per backend call, all by the admin about Alice, none with a trace or request id
+    ("admin", "/v1/euos/euo-acme/users/u-alice/export?purpose=user_cannot_sign_in&format=json"),
     ("staff", "/telephony/euos/euo-acme/users/u-alice"),
     ("staff", "/telephony/euos/euo-initech/users/u-farid"),
     ("partner", "/telephony/euos/euo-globex/users/u-dirk"),
@@ -61,8 +65,8 @@ def _principal(name: str = None, **spec) -> Principal:
     return Principal(**spec, kind=CATALOG.roles[spec["role"]])
 
 
-async def _slice(conn, principal):
-    return await build_slice(conn, principal, MultiDict(), CATALOG.data_subject_roles)
+async def _slice(conn, principal, key, params=()):
+    return await build_slice(conn, principal, MultiDict(params), CATALOG.data_subject_roles, key)
 
 
 @pytest_asyncio.fixture(scope="module")
@@ -111,7 +115,8 @@ async def sliced(tmp_path_factory, demo, backends, http, token_for):
             path.write_text(key["public_key_pem"])
             pems.append(path)
         yield {"dsn": server.dsn, "slices": slices, "pems": pems, "where": where,
-               "private_key": where / "audit-signing-key.pem"}
+               "private_key": where / "audit-signing-key.pem",
+               "key": load_signing_key(where / "audit-signing-key.pem")}
 
 
 def _cli(*args: str) -> subprocess.CompletedProcess:
@@ -161,6 +166,57 @@ async def test_each_callers_slice_verifies_offline_and_holds_only_its_rows(slice
     done = _cli("verify-slice", str(path), *_keyargs(sliced["pems"]))
     assert done.returncode == 0, done.stdout + done.stderr
     assert orjson.loads(done.stdout)["ok"] is True
+
+
+# --- nothing a caller may not see can be guessed from a slice --------------------------------
+
+def _as_hashed(item: dict) -> list:
+    """A served row's fields as its row hash covers them (independently of the gateway's
+    verifier): HASHED order, the time as a datetime, the receipt as canonical JSON text;
+    a field the slice does not show (a salt it keeps back) as null."""
+    values = [item.get(name) for name in HASHED]
+    values[0] = datetime.fromisoformat(values[0])
+    if item.get("withheld") is not None:
+        values[HASHED.index("withheld")] = orjson.dumps(item["withheld"],
+                                                        option=orjson.OPT_SORT_KEYS).decode()
+    return values
+
+
+async def test_a_withheld_actor_cannot_be_guessed_from_a_slice(sliced):
+    """Finding 4. A row the caller sees without its actor (another organisation's) whose
+    chain predecessor is in the same slice: that predecessor's row_hash is the row's
+    prev_hash, so with a handful of likely actors and addresses the row hash once confirmed
+    the right guess where nothing else was hidden (an export's backend calls: no trace or
+    request id). The row's hash now covers a random salt the caller never sees."""
+    subs = [None, *{c["sub"] for c in CALLERS_HERE.values()}]
+    addresses = [None, "127.0.0.1", "::1"]
+    tried = recovered = 0
+    for name, doc in sliced["slices"].items():
+        by_place = {(e["row"]["chain_id"], e["row"]["seq"]): e for e in doc["rows"]}
+        for e in doc["rows"]:
+            before = by_place.get((e["row"]["chain_id"], e["row"]["seq"] - 1))
+            if e["disclosed"] or before is None:
+                continue
+            tried += 1
+            assert e["row"].get("salt") is None, name      # never shown to this caller
+            prev = bytes.fromhex(before["row_hash"])
+            for sub in subs:
+                for address in addresses:
+                    guess = _as_hashed({**e["row"], "actor_sub": sub, "client_addr": address})
+                    if link(prev, canonical(guess)).hex() == e["row_hash"]:
+                        recovered += 1
+                        print(f"{name} recovered {sub} from {address} on seq {e['row']['seq']}")
+    assert tried >= 8          # the export's rows, to the user and to the partner
+    assert recovered == 0
+
+
+async def test_a_row_seen_whole_shows_its_salt_and_verifies(sliced):
+    """The caller who sees a row whole gets its salt, and recomputes its row hash."""
+    own = [e for e in sliced["slices"]["admin"]["rows"] if e["disclosed"]]
+    assert own and all(len(bytes.fromhex(e["row"]["salt"])) == 16 for e in own)
+    for e in own:
+        assert link(bytes.fromhex(e["prev_hash"]),
+                    canonical(_as_hashed(e["row"]))).hex() == e["row_hash"]
 
 
 def _first_sealed(doc) -> int:
@@ -329,7 +385,7 @@ async def test_a_row_altered_in_the_database_fails_and_a_dropped_one_is_missed(s
         conn, tx = await _tampered(sliced["dsn"], statement, uuid.UUID(target["chain_id"]),
                                    target["seq"])
         try:
-            after = await _slice(conn, principal)
+            after = await _slice(conn, principal, sliced["key"])
         finally:
             await tx.rollback()
             await conn.close()
@@ -338,10 +394,137 @@ async def test_a_row_altered_in_the_database_fails_and_a_dropped_one_is_missed(s
     # untouched, the later slice agrees with the earlier one
     conn = await asyncpg.connect(sliced["dsn"])
     try:
-        again = await _slice(conn, principal)
+        again = await _slice(conn, principal, sliced["key"])
     finally:
         await conn.close()
     assert verify_slice(again, keys, previous=before)["ok"]
+
+
+# --- what a slice says it is cannot be forged ------------------------------------------------
+
+def _cursor_of(item: dict) -> str:
+    """The cursor naming a row, as the API encodes one."""
+    raw = orjson.dumps([item["at"], item["chain_id"], item["seq"]])
+    return base64.urlsafe_b64encode(raw).decode().rstrip("=")
+
+
+async def _dropped(sliced, target: dict, params=()) -> dict:
+    """The admin's slice as the gateway would answer it with `target` deleted from the
+    database (by a superuser, rolled back afterwards)."""
+    conn, tx = await _tampered(sliced["dsn"], "delete from audit_log where chain_id = $1 and "
+                               "seq = $2", uuid.UUID(target["chain_id"]), target["seq"])
+    try:
+        return await _slice(conn, _principal("admin"), sliced["key"], params)
+    finally:
+        await tx.rollback()
+        await conn.close()
+
+
+FORGED = {  # (the slice with a row dropped, the row): the slice claims a window without it
+    "a later start": lambda doc, row: doc["window"].update(
+        {"from": (datetime.fromisoformat(row["at"]) + timedelta(microseconds=1)).isoformat()}),
+    "an earlier end": lambda doc, row: doc["window"].update({"to": row["at"]}),
+    "a later page": lambda doc, row: doc["window"].update({"cursor": _cursor_of(row)}),
+    "another caller": lambda doc, row: doc["caller"].update({"euo": "euo-globex"}),
+    "a full page": lambda doc, row: doc.update(next_cursor=_cursor_of(doc["rows"][-1]["row"])),
+    "a row of its own left out": lambda doc, row: doc["rows"].pop(),
+}
+
+
+@pytest.mark.parametrize("forgery", FORGED)
+async def test_a_slice_claiming_another_window_fails(sliced, forgery):
+    """Finding 5. --previous compared only the rows inside the new slice's window, and took
+    the window (from, cursor, next_cursor) from the slice unsigned: a slice with a row
+    dropped, rewritten to claim a window without that row, passed. The window, caller,
+    next cursor and rows are now signed with the checkpoints' key."""
+    keys = load_public_keys(sliced["pems"])
+    before = sliced["slices"]["admin"]
+    target = before["rows"][_first_sealed(before)]["row"]
+    after = await _dropped(sliced, target)
+    assert verify_slice(after, keys)["ok"]           # alone, a slice cannot know what is missing
+    assert "is gone" in verify_slice(after, keys, previous=before)["problem"]
+    forged = copy.deepcopy(after)
+    FORGED[forgery](forged, target)
+    for previous in (before, None):
+        report = verify_slice(forged, keys, previous=previous)
+        assert not report["ok"] and "signature does not verify" in report["problem"], report
+
+
+async def test_a_row_dropped_just_below_the_cursor_is_found(sliced):
+    """A later page's upper edge is the cursor it was asked with, not its first row: a row
+    dropped right below the cursor was once taken for one of the page before."""
+    keys = load_public_keys(sliced["pems"])
+    conn = await asyncpg.connect(sliced["dsn"])
+    try:
+        first = await _slice(conn, _principal("admin"), sliced["key"], {"limit": "2"})
+        page = {"limit": "2", "cursor": first["next_cursor"]}
+        before = await _slice(conn, _principal("admin"), sliced["key"], page)
+    finally:
+        await conn.close()
+    assert before["rows"][0]["inclusion"] is not None and before["next_cursor"]
+    after = await _dropped(sliced, before["rows"][0]["row"], page)
+    assert verify_slice(after, keys)["ok"]
+    report = verify_slice(after, keys, previous=before)
+    assert not report["ok"] and "is gone" in report["problem"], report
+
+
+async def _serving(body: bytes):
+    """A loopback server answering `body` to any GET /v1/audit/slice (a replay)."""
+    from aiohttp import web
+
+    async def answer(request: web.Request) -> web.Response:
+        return web.Response(body=body, content_type="application/json")
+    app = web.Application()
+    app.router.add_get("/v1/audit/slice", answer)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    port = site._server.sockets[0].getsockname()[1]
+    return runner, f"http://127.0.0.1:{port}/v1/audit/slice"
+
+
+async def test_a_downloaded_slice_must_be_of_the_window_its_url_asked_for(sliced):
+    """verify-slice URL: a genuine, signed slice answered for another URL than its own
+    (a replayed page, an older window) fails; the slice of the URL asked passes."""
+    doc = sliced["slices"]["admin"]                  # asked with no parameters: 100 rows
+    runner, url = await _serving(orjson.dumps(doc))
+    try:
+        for asked, code in (("", 0), ("?limit=100", 0), ("?limit=1000", 1),
+                            ("?from=2020-01-01T00:00:00Z", 1), ("?euo=euo-acme", 1),
+                            (f"?cursor={_cursor_of(doc['rows'][0]['row'])}", 1)):
+            done = await asyncio.to_thread(_cli, "verify-slice", url + asked,
+                                           *_keyargs(sliced["pems"]))
+            assert done.returncode == code, (asked, done.stdout + done.stderr)
+            if code:
+                assert "is not the one asked for" in orjson.loads(done.stdout)["problem"]
+        # the previous slice too, when downloaded
+        saved = sliced["where"] / "asked.json"
+        saved.write_bytes(orjson.dumps(doc))
+        done = await asyncio.to_thread(_cli, "verify-slice", str(saved), "--previous",
+                                       url + "?limit=7", *_keyargs(sliced["pems"]))
+        assert done.returncode == 1 and "not the one asked for" in done.stdout, done.stdout
+    finally:
+        await runner.cleanup()
+
+
+FORMAT_1 = Path(__file__).parent / "data" / "slice-format-1.json"   # saved from that version
+
+
+def test_a_slice_of_format_1_still_verifies():
+    """A slice answered before rows had salts and slices a signature verifies as it did,
+    and fails as it did when tampered with; it cannot be the newer side of --previous (its
+    window is not signed, so a row missing from it could be one outside it)."""
+    keys = load_public_keys([FORMAT_1.with_suffix(".pub.pem")])
+    doc = orjson.loads(FORMAT_1.read_bytes())
+    assert doc["format"] == "partner-gateway-slice/1"
+    report = verify_slice(doc, keys)
+    assert report["ok"] and report["rows_proved"] == 2 and report["rows_fully_disclosed"] == 1
+    bad = copy.deepcopy(doc)
+    bad["rows"][0]["row"]["status"] += 1
+    assert not verify_slice(bad, keys)["ok"]
+    report = verify_slice(doc, keys, previous=doc)
+    assert not report["ok"] and "needs a slice of format" in report["problem"]
 
 
 async def test_consistency_proofs_show_the_log_only_grew(sliced):
@@ -466,12 +649,15 @@ async def _scoped(dsn, rows, viewer):
             prev = h
         await conn.copy_records_to_table("audit_log", records=records,
                                          columns=(*HASHED, "prev_hash", "row_hash"))
+        key = Ed25519PrivateKey.generate()
         doc = await build_slice(conn, principal, MultiDict({"from": start.isoformat(),
                                                             "limit": "1000"}),
-                                CATALOG.data_subject_roles)
+                                CATALOG.data_subject_roles, key)
     finally:
         await tx.rollback()
         await conn.close()
+    # rows written without a salt (as before 032) verify in a slice of format 2
+    assert verify_slice(doc, {key_id(key.public_key()): key.public_key()})["ok"]
     expected = 0
     for (a_role, a_sub, a_partner, a_euo), s_euo, s_users in rows:
         if role == "partner":

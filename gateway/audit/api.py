@@ -37,9 +37,10 @@ PUBLIC_FIELDS = ("at", "chain_id", "seq", "request_id", "actor_sub", "actor_role
                  "actor_euo", "method", "path", "service", "route", "data_sets", "fields_removed",
                  "subject_euo", "subject_users", "decision", "reason", "status", "bytes",
                  "duration_ms", "client_addr", "client_request_id", "requests", "trace_id",
-                 "policy_version", "break_glass", "withheld")
+                 "policy_version", "break_glass", "withheld", "phase", "access", "outcome")
 DOWNLOADS = {"text/csv": "csv", "application/x-ndjson": "ndjson"}
-FILTERS = ("actor", "subject_user", "euo", "dataset", "decision", "from", "to")
+FILTERS = ("actor", "subject_user", "euo", "dataset", "decision", "access", "from", "to")
+ACCESS = ("served", "acted_upon", "named", "explained")   # sql/028
 PAGING = ("limit", "cursor")
 WINDOW = ("from", "to") + PAGING          # a data subject's own log: a window only
 
@@ -51,6 +52,7 @@ class Filters:
     euo: str | None = None
     dataset: str | None = None
     decision: str | None = None
+    access: str | None = None
     since: datetime | None = None
     until: datetime | None = None
     cursor: tuple[datetime, uuid.UUID, int] | None = None
@@ -63,7 +65,7 @@ class Filters:
         at, chain, seq = self.cursor or (None, None, None)
         return [self.actor, self.subject_user, self.euo, self.dataset, self.decision,
                 self.since, self.until, at, chain, seq, scope_euo, scope_partner, self.limit,
-                colleagues]
+                colleagues, self.access]
 
 
 def parse_filters(params, download: bool, takes: tuple[str, ...] = FILTERS + PAGING) -> Filters:
@@ -73,6 +75,9 @@ def parse_filters(params, download: bool, takes: tuple[str, ...] = FILTERS + PAG
     decision = params.get("decision")
     if decision not in (None, "allow", "deny", "error"):
         raise Denied(400, "bad_filter", "decision must be allow, deny or error")
+    access = params.get("access")
+    if access not in (None, *ACCESS):
+        raise Denied(400, "bad_filter", f"access must be one of {', '.join(ACCESS)}")
     raw_limit = params.get("limit")
     if raw_limit is None:
         limit = None if download else DEFAULT_LIMIT
@@ -86,7 +91,7 @@ def parse_filters(params, download: bool, takes: tuple[str, ...] = FILTERS + PAG
     return Filters(
         actor=_word(params, "actor"), subject_user=_word(params, "subject_user"),
         euo=_word(params, "euo"), dataset=_word(params, "dataset"), decision=decision,
-        since=_time(params, "from"), until=_time(params, "to"),
+        access=access, since=_time(params, "from"), until=_time(params, "to"),
         cursor=decode_cursor(params["cursor"]) if "cursor" in params else None, limit=limit)
 
 
@@ -142,7 +147,7 @@ def decode_cursor(token: str) -> tuple[datetime, uuid.UUID, int]:
 def public(row, principal: Principal | None = None) -> dict[str, Any]:
     """A row as the caller may see it (everything for the operator's CLI): other
     organisations' actors by role and organisation only, never by name or address."""
-    out = {name: row[name] for name in PUBLIC_FIELDS}
+    out = {name: row.get(name) for name in PUBLIC_FIELDS}
     out["at"] = row["at"].isoformat()
     out["chain_id"] = str(row["chain_id"])
     out["break_glass"] = str(row["break_glass"]) if row["break_glass"] else None
@@ -276,7 +281,9 @@ def access_entry(roles, r) -> dict[str, Any]:
         "at": r["at"].isoformat(),
         "accessor": {"role": r["actor_role"], "organisation": _organisation(roles, r)},
         "action": r["method"], "route": r["route"], "data_sets": r["data_sets"],
-        "decision": r["decision"], "reason": r["reason"],
+        "decision": r["decision"], "reason": r["reason"], "access": r["access"],
+        # a change or a file is two rows: its intent, then its outcome (README, Guarantees)
+        "phase": r["phase"], "outcome": r["outcome"],
         "break_glass": {"id": str(r["break_glass"]), "purpose": r["purpose"],
                         "ticket": r["ticket"]} if r["break_glass"] else None,
     }

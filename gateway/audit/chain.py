@@ -34,12 +34,13 @@ HASHED = ("at", "chain_id", "seq", "request_id", "actor_sub", "actor_role", "act
           "subject_euo", "subject_users", "decision", "reason", "status", "bytes", "duration_ms",
           "client_addr",
           # added later (006_audit_row_v2.sql, 011_audit_trace_id.sql,
-          # 012_audit_policy_version.sql, 018_break_glass.sql, 014_audit_withheld.sql):
+          # 012_audit_policy_version.sql, 018_break_glass.sql, 014_audit_withheld.sql,
+          # 027_audit_intent_outcome.sql, 028_audit_access.sql, 032_audit_salt.sql):
           # trailing fields are hashed only up to the last one set, so rows written before
           # a field existed (null in it) still verify; a new field is only ever appended here
           "client_request_id", "requests", "trace_id", "policy_version", "break_glass",
-          "withheld")
-_OPTIONAL = 6
+          "withheld", "phase", "access", "salt")
+_OPTIONAL = 9
 
 
 _DURATION = HASHED.index("duration_ms")
@@ -106,6 +107,9 @@ class ChainReport:
     rows: int = 0
     breaks: list[dict[str, Any]] = field(default_factory=list)
     pruned_chains: list[str] = field(default_factory=list)
+    # intents with no outcome row (a change or a file whose end is not recorded): not a
+    # break of the chain, but never reported as complete either
+    outcome_unknown: list[dict[str, Any]] = field(default_factory=list)
 
     @property
     def ok(self) -> bool:
@@ -123,7 +127,8 @@ class ChainReport:
     def public(self) -> dict[str, Any]:
         return {"ok": self.ok, "chains_checked": self.chains, "rows_checked": self.rows,
                 "first_break": self.first_break, "breaks": self.breaks,
-                "chains_starting_after_pruned_rows": self.pruned_chains}
+                "chains_starting_after_pruned_rows": self.pruned_chains,
+                "outcome_unknown": self.outcome_unknown}
 
 
 async def verify(conn: asyncpg.Connection) -> ChainReport:
@@ -164,6 +169,10 @@ async def _verify(conn: asyncpg.Connection) -> ChainReport:
                 continue
             report.chains += 1
             report.broken(chain_id, 1, f"all {head['last_seq']} rows of the chain are missing")
+    report.outcome_unknown = [
+        {"request_id": r["request_id"], "at": r["at"].isoformat(), "chain_id": str(r["chain_id"]),
+         "seq": r["seq"], "method": r["method"], "path": r["path"]}
+        for r in await conn.fetch(query("audit_outcome_unknown"), BREAKS_LISTED)]
     return report
 
 

@@ -34,6 +34,7 @@ from typing import Any
 
 import asyncpg
 import orjson
+from aiohttp import web
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
@@ -276,6 +277,10 @@ class Checkpointer:
             await self.seal(closed=True)
         except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError, TimeoutError) as e:
             log.warning("could not seal the audit chains at shutdown: %s", e)
+
+
+# the process's checkpointer; its key also signs what a slice says it is (slices.py)
+CHECKPOINTER = web.AppKey("checkpointer", Checkpointer)
 
 
 class Runs:

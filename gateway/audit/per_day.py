@@ -1,7 +1,8 @@
 """GET /v1/audit/per-day: how many accesses each role made per day (UTC), within the caller's
 scope and the same filters as GET /v1/audit. The counts are taken over exactly the rows
 GET /v1/audit would list (the same named query, wrapped), so the scope is defined once.
-A row of callers without a valid token counts as many as it stands for (`requests`)."""
+A row of callers without a valid token counts as many as it stands for (`requests`); a call
+written as two rows (an intent and its outcome) counts once."""
 
 from __future__ import annotations
 
@@ -21,7 +22,8 @@ DEFAULT_SPAN = timedelta(days=31)
 MAX_SPAN = timedelta(days=366)
 
 PER_DAY = """select (a.at at time zone 'UTC')::date as day, a.actor_role as role,
-       sum(coalesce(a.requests, 1))::bigint as accesses
+       sum(case when a.phase = 'outcome' then 0 else coalesce(a.requests, 1) end)::bigint
+           as accesses
   from ({rows}) a
  group by 1, 2
  order by 1, 2"""

@@ -6,10 +6,12 @@ and checks in one command. The check itself never needs more than the bytes read
 from __future__ import annotations
 
 import urllib.error
+import urllib.parse
 import urllib.request
 from pathlib import Path
 
 import orjson
+from multidict import MultiDict
 
 from ..settings import ConfigError
 
@@ -19,6 +21,15 @@ MAX_BYTES = 256 * 1024 * 1024     # a slice of 1000 rows is ~2 MB; anything near
 
 def is_url(source: str | Path) -> bool:
     return str(source).startswith(("http://", "https://"))
+
+
+def asked(source: str | Path) -> MultiDict | None:
+    """The query parameters of a URL (what a slice fetched from it was asked for); None
+    for a file."""
+    if not is_url(source):
+        return None
+    return MultiDict(urllib.parse.parse_qsl(urllib.parse.urlsplit(str(source)).query,
+                                            keep_blank_values=True))
 
 
 def read(source: str | Path, token: str | None = None, what: str = "") -> bytes:

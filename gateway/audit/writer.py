@@ -33,10 +33,10 @@ from typing import Any
 
 import asyncpg
 
-from ..db import query
+from ..db import durability_problems, query
 from ..errors import Denied
 from .chain import GENESIS, HASHED
-from .leaves import hash_and_leaf
+from .leaves import WRITTEN, hash_and_leaf
 
 log = logging.getLogger("gateway.audit")
 
@@ -78,9 +78,14 @@ class AuditRow:
     break_glass: str | None = None          # the break-glass grant it was served under
     # what redaction withheld and why: canonical JSON {reason: {data set: count}}
     withheld: str | None = None
+    # a two-row call's row: 'intent' (committed before the backend call or the first byte)
+    # or 'outcome' (how it ended); None: a call of one row
+    phase: str | None = None
+    # how the data sets were touched: served, acted_upon, named, explained (None: refused)
+    access: str | None = None
 
 
-_REST_OF_ROW = operator.attrgetter(*HASHED[3:])   # the row's fields after at, chain_id, seq
+_REST_OF_ROW = operator.attrgetter(*WRITTEN[3:])  # the row's fields after at, chain_id, seq
 assert HASHED[:3] == ("at", "chain_id", "seq")
 
 
@@ -98,10 +103,25 @@ class _Pending:
 Change = Callable[[asyncpg.Connection], Awaitable[Any]]
 
 
+# what the database (or the encoding of a value for it) refuses in one row: not a failure
+# of the log, which other rows' callers should pay for
+POISON = (asyncpg.DataError, UnicodeError)
+
+
 def unavailable() -> Denied:
     """The refusal of a request whose audit row cannot be committed in time."""
     return Denied(503, "audit_unavailable",
                   "the access log cannot be written right now; no data is served until it can")
+
+
+def outcome_unknown(request_id: str) -> Denied:
+    """The answer to a change that may have been made but whose outcome is not recorded:
+    its COMMIT went unanswered, or (a written-ahead call) its outcome row could not be
+    written after the backend was called."""
+    return Denied(503, "outcome_unknown",
+                  f"the change may or may not have been made (request id {request_id}): send "
+                  f"the same request with the same Idempotency-Key to learn what happened, or "
+                  f"read the resource back before trying again")
 
 
 class AuditWriter:
@@ -121,6 +141,7 @@ class AuditWriter:
         self._drained = asyncio.Event()
         self._drained.set()
         self._failing = False           # the last batch (or probe) failed
+        self.not_durable: list[str] = []    # what makes the server's commits less than durable
         # one timer for every waited row's deadline (not one per row): armed for the
         # nearest, it refuses the rows due and re-arms for the next
         self._watch: asyncio.TimerHandle | None = None
@@ -187,7 +208,10 @@ class AuditWriter:
             return nearest
         if item.deadline <= now:
             self._failing = True
-            item.fut.set_exception(unavailable())
+            committing = item.change is not None and any(
+                lane.committing and item in lane.batch for lane in self.lanes)
+            item.fut.set_exception(outcome_unknown(item.row.request_id) if committing
+                                   else unavailable())
             item.fut.add_done_callback(_retrieve)
             return nearest
         return item.deadline if nearest is None else min(nearest, item.deadline)
@@ -231,6 +255,8 @@ class AuditWriter:
             reasons.append("audit_queue_stalled")
         if self._failing:
             reasons.append("audit_write_failed")
+        if self.not_durable:
+            reasons.append("database_not_durable")
         return reasons
 
     def start(self) -> None:
@@ -292,6 +318,7 @@ class _Lane:
         self.conn: asyncpg.pool.PoolConnectionProxy | None = None
         self.writing_since: float | None = None     # queue time of the oldest row in flight
         self.batch: list[_Pending] = []             # the rows in flight
+        self.committing = False     # its COMMIT is sent: a failure now leaves it in doubt
         self._new_chain()
 
     def _new_chain(self) -> None:
@@ -329,6 +356,10 @@ class _Lane:
                         await writer._arrived.wait()
 
     async def _connect(self) -> None:
+        if self.conn is not None and _closed(self.conn):
+            # the server closed it (a restart, a crash, a terminated backend): a batch on it
+            # would fail, and its callers get 503, for nothing
+            await self.drop_connection()
         if self.conn is None:
             # the lane keeps its connection: no pool round trip (and reset) per batch
             conn = await self.writer.pool.acquire()
@@ -339,6 +370,12 @@ class _Lane:
             if fields != list(COLUMNS):
                 raise RuntimeError("the database's audit_row_in does not have the writer's "
                                    "columns (migrations not applied?)")
+            not_durable = await durability_problems(conn)
+            if not_durable != self.writer.not_durable:
+                if not_durable:
+                    log.error("the database's commits are not durable (%s): not ready",
+                              ", ".join(not_durable))
+                self.writer.not_durable = not_durable
 
     async def _probe(self) -> None:
         """Whether a COPY into audit_log could start now; clears the failing state if so."""
@@ -386,7 +423,7 @@ class _Lane:
         for item in batch:
             seq += 1
             values = (item.row.at, chain_id, seq, *_REST_OF_ROW(item.row))
-            row_hash, one = hash_and_leaf(values, prev)
+            values, row_hash, one = hash_and_leaf(values, prev)
             records.append(_as_input(values, prev, row_hash))
             leaves.append(one)
             prev = row_hash
@@ -401,6 +438,7 @@ class _Lane:
         refused: dict[int, BaseException] = {}
         last_seq, last_hash = self.seq, self.prev_hash
         started = writer._loop.time()
+        batch_tx = None
         try:
             async with asyncio.timeout_at(deadline):
                 await self._connect()
@@ -408,7 +446,6 @@ class _Lane:
                 # without one (see `gateway audit maintain`) goes to audit_log_default
                 # no `async with`: on failure its ROLLBACK would wait on a stuck backend;
                 # dropping the connection rolls the batch back without waiting
-                batch_tx = None
                 if any(item.change is not None for item in batch):
                     # state changes: a transaction around them and the rows
                     batch_tx = self.conn.transaction()
@@ -426,7 +463,14 @@ class _Lane:
                     if head != last_seq:
                         raise TimeoutError("the batch reached the database past its deadline")
                 if batch_tx is not None:
+                    self.committing = True
                     await batch_tx.commit()
+        except POISON as e:
+            # a value the database (or its encoding) refuses: one row's, not the batch's.
+            # Nothing of the batch committed and the connection is sound: write each row
+            # alone, so only the row that holds it fails (its caller gets 502)
+            await self._refused(batch, batch_tx, e)
+            return
         except Exception as e:  # any failure means the rows are not durable: fail closed
             log.error("audit write of %d rows failed: %s", len(batch), str(e) or type(e).__name__)
             writer._failing = True
@@ -434,8 +478,14 @@ class _Lane:
             self._new_chain()
             for item in batch:
                 if not item.fut.done():
-                    item.fut.set_exception(unavailable())
+                    # a change whose COMMIT went unanswered may have landed: say so, never
+                    # "failed" (the caller can retry with its Idempotency-Key)
+                    item.fut.set_exception(
+                        outcome_unknown(item.row.request_id)
+                        if self.committing and item.change is not None else unavailable())
             return
+        finally:
+            self.committing = False
         writer._failing = False
         self.seq, self.prev_hash = last_seq, last_hash
         if records:
@@ -460,6 +510,27 @@ class _Lane:
             # so the log holds rows for requests that served nothing (it over-reports)
             log.warning("%d audit rows committed just after their callers were refused", late)
 
+
+    async def _refused(self, batch: list[_Pending], batch_tx, error: BaseException) -> None:
+        """The database refused a value of the batch: write its rows one by one."""
+        try:
+            if batch_tx is not None:
+                await batch_tx.rollback()
+        except Exception:          # the connection is not sound after all: a fresh one
+            await self.drop_connection()
+        if len(batch) > 1:
+            log.warning("the database refused a value in a batch of %d rows (%s): writing "
+                        "them one by one", len(batch), type(error).__name__)
+            for item in batch:
+                if not item.fut.done() or item.fut.cancelled():
+                    await self._write([item])
+            return
+        item = batch[0]
+        log.error("the database refused audit row %s: %s", item.row.request_id,
+                  str(error) or type(error).__name__)
+        if not item.fut.done():
+            item.fut.set_exception(Denied(502, "audit_row_refused",
+                                          "the database refused this request's audit row"))
 
     async def _change(self, i: int, item: _Pending, changed: dict, refused: dict) -> None:
         """Run one row's state change in a savepoint of the batch: if it raises (a refusal
@@ -504,6 +575,14 @@ def array_literal(items: Sequence[str | None] | None) -> str | None:
 
 def _quoted(element: str) -> str:
     return '"' + element.replace("\\", "\\\\").replace('"', '\\"') + '"'
+
+
+def _closed(conn: asyncpg.pool.PoolConnectionProxy) -> bool:
+    """Whether the server closed the connection (the pool may have taken it back already)."""
+    try:
+        return conn.is_closed()
+    except asyncpg.InterfaceError:
+        return True
 
 
 def _retrieve(fut: asyncio.Future) -> None:

@@ -203,6 +203,48 @@ def meeting_app(data: DemoData, middlewares=()) -> web.Application:
             raise _missing()          # only a meeting this organizer organises
         del data.meetings[mid]
         org["meetings"] = [m for m in org["meetings"] if m["id"] != mid]
+        for uid, taken in data.participations.items():     # everyone's part went with it
+            data.participations[uid] = [p for p in taken if p["id"] != mid]
+        return web.Response(status=204)
+
+    def in_meeting(request: web.Request) -> tuple[dict, str]:
+        found = data.meetings.get(request.match_info["meeting"])
+        uid = request.match_info["user"]
+        if found is None or found["euo"] != request.match_info["euo"] or uid not in data.users:
+            raise _missing()
+        return found, uid
+
+    def tidy(found: dict, uid: str) -> None:
+        """A participation the user holds nothing of any more (name, email, chat, note) is
+        no longer listed; while they hold some, it is, with what is left."""
+        def holds(p: dict) -> bool:
+            return (p["id"] != found["id"] or p.get("name") is not None
+                    or any(c["author_id"] == uid for c in found["chat"])
+                    or any(n["author_id"] == uid for n in found["private_notes"]))
+        data.participations[uid] = [p for p in data.participations.get(uid, []) if holds(p)]
+
+    @r.delete("/accounts/{euo}/meetings/{meeting}/chat/{user}")
+    async def delete_chat(request):
+        found, uid = in_meeting(request)
+        if not any(c["author_id"] == uid for c in found["chat"]):
+            raise _missing()
+        found["chat"] = [c for c in found["chat"] if c["author_id"] != uid]
+        tidy(found, uid)
+        return web.Response(status=204)
+
+    @r.delete("/accounts/{euo}/meetings/{meeting}/participants/{user}")
+    async def delete_participation(request):
+        found, uid = in_meeting(request)
+        mine = [p for p in data.participations.get(uid, [])
+                if p["id"] == found["id"] and p.get("name") is not None]
+        if not mine:
+            raise _missing()
+        taken = {(p["name"], p["email"]) for p in mine}
+        found["participants"] = [p for p in found["participants"]
+                                 if (p["name"], p["email"]) not in taken]
+        for p in mine:
+            p["name"] = p["email"] = None
+        tidy(found, uid)
         return web.Response(status=204)
 
     @r.delete("/accounts/{euo}/meetings/{meeting}/notes/{user}")
@@ -213,6 +255,8 @@ def meeting_app(data: DemoData, middlewares=()) -> web.Application:
                 n["author_id"] == author for n in found["private_notes"]):
             raise _missing()
         found["private_notes"] = [n for n in found["private_notes"] if n["author_id"] != author]
+        if author in data.users:
+            tidy(found, author)
         return web.Response(status=204)
 
     @r.get("/accounts/{euo}/meetings/{meeting}")
