@@ -29,7 +29,14 @@ import orjson
 from aiohttp import web
 
 from .catalog import PolicyError
-from .check import Findings, check_backends, check_database, check_settings, effective_configuration
+from .check import (
+    Findings,
+    check_backends,
+    check_database,
+    check_settings,
+    effective_configuration,
+    key_problems,
+)
 from .connections import connection_limits, raise_file_limit
 from .db import (
     DatabaseUnavailable,
@@ -40,6 +47,7 @@ from .db import (
     query,
     wait_for_database,
 )
+from .floors import LOWERED_FILE
 from .settings import ConfigError, Settings
 
 log = logging.getLogger("gateway")
@@ -63,6 +71,10 @@ def main(argv: list[str] | None = None) -> int:
                       "GATEWAY_LISTEN, 8080)")
     demo.add_argument("--reset", action="store_true", help="start from a clean state: delete "
                       "the embedded database under GATEWAY_DATA_DIR first")
+    demo.add_argument("--backends-only", action="store_true", help="only the demo telephony "
+                      "and meeting backends (--port: telephony's, meeting on the next; default "
+                      "8081; 0: any free ports), and the lines that run `gateway serve` "
+                      "against them")
     sub.add_parser("migrate", help="apply the SQL migrations, create the audit partitions "
                    "ahead, and exit (as the schema's owner)")
     grant = sub.add_parser("grant", help="grant a runtime role what `serve --no-migrate` needs "
@@ -168,7 +180,11 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "check":
             return _check(settings)
         if args.command == "demo":
-            from .demo.run import run_demo
+            from .demo.run import run_backends, run_demo
+            if args.backends_only:
+                if args.reset:
+                    raise ConfigError("--backends-only starts no database: --reset does not apply")
+                return run_backends(settings, args.port)
             return run_demo(settings, args.port, reset=args.reset)
         if args.command == "migrate":
             return _with_database(settings, _migrate)
@@ -378,7 +394,12 @@ def database_url(settings: Settings, stack: contextlib.ExitStack) -> str:
     else:
         embedded = EmbeddedPostgres(settings.data_dir)
         stack.callback(embedded.stop)
-        dsn = embedded.start()
+        try:
+            dsn = embedded.start()
+        except ImportError as e:     # an installation without pgserver (the container image)
+            raise DatabaseUnavailable(f"GATEWAY_DATABASE_URL is not set and this installation "
+                                      f"has no embedded PostgreSQL ({e}): set "
+                                      "GATEWAY_DATABASE_URL") from None
         log.info("embedded PostgreSQL under %s", embedded.pgdata)
     asyncio.run(wait_for_database(dsn, settings.db_connect_timeout_s))
     return dsn
@@ -458,9 +479,18 @@ def _serve(settings: Settings, workers: int = 1, migrating: bool = True) -> int:
         services = policy_set.catalog.services
     except PolicyError as e:
         refused = e
-    settings.check_for_serving(services or ())   # every mistake at once, an upstream per service
+    problems = key_problems(settings)
+    try:
+        settings.check_for_serving(services or ())   # every mistake at once, an upstream per service
+    except ConfigError as e:
+        problems.insert(0, str(e))
+    if problems:
+        raise ConfigError("; ".join(problems))
     if refused is not None:
         raise refused
+    for floor, reason in policy_set.catalog.lowered_floors.items():
+        log.warning("policy %s lowers floor %s (%s): %s", policy_set.version, floor,
+                    LOWERED_FILE, reason)
     policy = PolicyInForce(settings, policy_set)
     descriptors = raise_file_limit()        # the workers inherit it
     log.info("descriptor limit %d: at most %d client connections per process, idle ones "

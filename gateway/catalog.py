@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
 import yaml
 
+from . import floors
 from .retention import Rule, RuleError, parse_rule
 from .roles import COLUMNS, Role, RoleError, load_break_glass, load_roles
 
@@ -41,6 +42,8 @@ class DataSet:
     hidden_from: frozenset[str]
     subject: str
     rule: Rule | None = None           # the retention as data (retention.py)
+    # floors of the data-set table this policy lowers (floors.py, lowered_floors.yaml)
+    floors_lowered: tuple[str, ...] = ()
 
     def public(self) -> dict[str, Any]:
         return {
@@ -49,6 +52,7 @@ class DataSet:
             "retention_rule": self.rule.public() if self.rule else None,
             "collected_by": self.collected_by, "mandatory": self.mandatory,
             "hidden_from": sorted(self.hidden_from), "subject": self.subject,
+            "floors_lowered": list(self.floors_lowered),
         }
 
 
@@ -135,6 +139,7 @@ class Catalog:
     identifier: re.Pattern = re.compile(r"[A-Za-z0-9._~@:-]{1,128}")   # grammars.identifier
     roles: dict[str, Role] = field(default_factory=dict)
     break_glass_max_minutes: int = 0
+    lowered_floors: dict[str, str] = field(default_factory=dict)   # floor id -> reason
     _trie: dict[str, dict] = field(default_factory=dict, repr=False)
 
     def __post_init__(self):
@@ -178,6 +183,11 @@ def load_catalog(policy_dir: Path) -> Catalog:
     if not isinstance(raw_ds, dict) or not raw_ds:
         raise PolicyError("datasets.yaml: no `datasets:` mapping")
     data_sets = {name: _data_set(name, spec) for name, spec in raw_ds.items()}
+    lowered = _lowered_floors(policy_dir, data_sets)
+    for name, ds in data_sets.items():
+        mine = tuple(f for f in lowered if f.rsplit(".", 2)[0] == name)
+        if mine:
+            data_sets[name] = replace(ds, floors_lowered=mine)
 
     raw_routes = _yaml(policy_dir / "routes.yaml")
     shapes_raw = raw_routes.get("shapes") or {}
@@ -195,13 +205,30 @@ def load_catalog(policy_dir: Path) -> Catalog:
     if not routes:
         raise PolicyError("routes.yaml: no routes")
     catalog = Catalog(data_sets, routes, subject_rels, blocks, grammars[IDENTIFIER], roles,
-                      break_glass_max)
+                      break_glass_max, lowered)
     for route in routes:
         _insert(catalog._trie, route)
     for i, spec in enumerate(raw_routes.get("routes") or []):
         if "listed_in" in spec:
             _listed_in(catalog, routes[i], spec["listed_in"], f"routes[{i}]")
     return catalog
+
+
+def _lowered_floors(policy_dir: Path, data_sets: dict[str, DataSet]) -> dict[str, str]:
+    """The floors of the data-set table (floors.py) that datasets.yaml lowers, each declared
+    with its reason in lowered_floors.yaml; PolicyError naming every undeclared one."""
+    path = policy_dir / floors.LOWERED_FILE
+    declared: dict[str, str] = {}
+    if path.exists():
+        try:
+            declared = floors.parse_declared(_yaml(path))
+        except ValueError as e:
+            raise PolicyError(f"{floors.LOWERED_FILE}: {e}") from None
+    problems = floors.check(data_sets, declared)
+    if problems:
+        raise PolicyError(f"{policy_dir / 'datasets.yaml'} lowers floors that no policy may "
+                          "lower (README.md, Contract, Floors):\n  - " + "\n  - ".join(problems))
+    return declared
 
 
 def _listed_in(catalog: Catalog, route: Route, raw: Any, where: str) -> None:

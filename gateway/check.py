@@ -32,6 +32,7 @@ from .db import (
     pending_migrations,
     query,
 )
+from .floors import LOWERED_FILE
 from .keyset import KeySet
 from .settings import ConfigError, Settings
 
@@ -68,14 +69,40 @@ class Findings:
                 + [f"problem: {x}" for x in self.problems])
 
 
+JWT_SECRET_MIN_BYTES = 32
+
+
+def key_problems(settings: Settings) -> list[str]:
+    """Keys the gateway cannot serve with (the demo mints its own and never asks): an HS256
+    secret under 32 bytes, which can be guessed offline from any one token it signed, and
+    a GATEWAY_AUDIT_SIGNING_KEY_FILE that is no Ed25519 key (each worker would die at
+    start, over and over, rather than the gateway refusing once)."""
+    from .audit.checkpoints import load_signing_key
+    problems = []
+    secret = settings.jwt_secret
+    if secret and len(secret.encode()) < JWT_SECRET_MIN_BYTES:
+        problems.append(f"GATEWAY_JWT_SECRET is {len(secret.encode())} bytes: an HS256 key "
+                        f"needs at least {JWT_SECRET_MIN_BYTES} random bytes (a shorter one "
+                        "can be guessed offline from any token it signed)")
+    if settings.audit_signing_key_file is not None:
+        try:
+            load_signing_key(settings.audit_signing_key_file)
+        except ConfigError as e:
+            problems.append(str(e))
+    return problems
+
+
 def check_settings(settings: Settings, found: Findings) -> None:
     """What `serve` needs from the environment, and the policy against its floors."""
+    weak = key_problems(settings)
     try:
         settings.check_for_serving()
     except ConfigError as e:
         found.problems += str(e).split("; ")     # check_for_serving joins its problems so
     else:
-        found.passed.append("settings")
+        if not weak:
+            found.passed.append("settings")
+    found.problems += weak
     if any("policy file" in p for p in found.problems):
         return                                   # unreadable files: said once already
     from .policyset import load_policy_set
@@ -85,8 +112,12 @@ def check_settings(settings: Settings, found: Findings) -> None:
         found.problems += [f"policy {settings.policy_dir}: {line.strip()}"
                            for line in str(e).splitlines() if line.strip()]
     else:
+        lowered = policy_set.catalog.lowered_floors
         found.passed.append(f"policy {settings.policy_dir} version {policy_set.version} "
-                            f"({len(policy_set.catalog.data_sets)} data sets, floors kept)")
+                            f"({len(policy_set.catalog.data_sets)} data sets, "
+                            f"{f'{len(lowered)} floors lowered' if lowered else 'floors kept'})")
+        found.warnings += [f"policy {settings.policy_dir}: floor {floor} lowered "
+                           f"({LOWERED_FILE}): {reason}" for floor, reason in lowered.items()]
         try:
             settings.check_for_serving(policy_set.catalog.services)
         except ConfigError as e:

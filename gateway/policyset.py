@@ -2,7 +2,9 @@
 swapped whole (at start, and on SIGHUP without a restart).
 
 The version is a hash of the policy files' bytes, so an auditor can tell which policy
-decided a request and two processes can tell whether they agree.
+decided a request and two processes can tell whether they agree. A policy that lowers floors
+of the data-set table (lowered_floors.yaml, floors.py) has `+floors-lowered-N` appended, so
+every audit row it decides says so.
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ from .authz import Policy, load_policy
 from .catalog import Catalog, PolicyError, load_catalog
 from .erasure import Eraser, load_erasers
 from .export.handler import ExportSpec, load_sources
+from .floors import LOWERED_FILE
 from .settings import POLICY_FILES
 
 
@@ -28,13 +31,19 @@ class PolicySet:
 
 
 def policy_version(policy_dir: Path) -> str:
-    """sha256 over the policy files (name and bytes, in a fixed order), first 16 hex digits."""
+    """sha256 over the policy files (name and bytes, in a fixed order; lowered_floors.yaml
+    when there is one), first 16 hex digits."""
     digest = hashlib.sha256()
-    for name in POLICY_FILES:
-        path = Path(policy_dir) / name
-        digest.update(name.encode() + b"\0")
-        digest.update(path.read_bytes() if path.is_file() else b"")
-        digest.update(b"\0")
+    path = Path(policy_dir)
+    try:      # a file or directory this process may not read is a PolicyError, not a traceback
+        names = POLICY_FILES + ((LOWERED_FILE,) if (path / LOWERED_FILE).exists() else ())
+        for name in names:
+            path = Path(policy_dir) / name
+            digest.update(name.encode() + b"\0")
+            digest.update(path.read_bytes() if path.is_file() else b"")
+            digest.update(b"\0")
+    except OSError as e:
+        raise PolicyError(f"cannot read {path}: {e.strerror or e}") from None
     return digest.hexdigest()[:16]
 
 
@@ -52,6 +61,8 @@ def load_policy_set(policy_dir: Path) -> PolicySet:
     if policy_version(policy_dir) != version:
         # a file changed while being read: refuse rather than record a version that lies
         raise PolicyError(f"{policy_dir} changed while it was being loaded; try again")
+    if catalog.lowered_floors:
+        version += f"+floors-lowered-{len(catalog.lowered_floors)}"
     return PolicySet(catalog, policy, sources, version, erasers)
 
 

@@ -221,10 +221,6 @@ class Settings:
                     f"{service} backend is required (routes.yaml has {service} routes)"
                 )
         problems += self._jwt_problems()
-        if self.jwt_secret and len(self.jwt_secret) < 32:
-            # refusing would lock out issuers that use short keys; say it loudly instead
-            log.warning("GATEWAY_JWT_SECRET is shorter than 32 characters: HS256 keys that "
-                        "short can be guessed offline")
         if self.jwt_public_key_file and not _readable(self.jwt_public_key_file):
             problems.append(f"GATEWAY_JWT_PUBLIC_KEY_FILE {self.jwt_public_key_file} is not readable")
         if self.webhook_url:

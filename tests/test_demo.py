@@ -9,6 +9,7 @@ import shlex
 import signal
 import socket
 import sys
+from pathlib import Path
 
 import orjson
 
@@ -169,3 +170,58 @@ SHELL_EXPECT = {
     "the policy's own tests pass": (
         _has(" policy test"), lambda o: " 0 failed" in o),
 }
+
+
+async def test_the_backends_run_alone_and_the_printed_lines_serve_a_gateway_in_front(
+        http, tmp_path, database_url):
+    """`gateway demo --backends-only` starts only the demo backends and prints the `export`
+    lines for `gateway serve`: a gateway started with them serves the demo's data."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("GATEWAY_")}
+    env["GATEWAY_DATA_DIR"] = str(tmp_path / "state")
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "gateway", "demo", "--backends-only", "--port", "0", env=env,
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.DEVNULL)
+    serve = None
+    try:
+        printed = []
+        async with asyncio.timeout(60):
+            while not printed or "Ctrl-C" not in printed[-1]:
+                printed.append((await proc.stdout.readline()).decode())
+        exports = dict(re.findall(r"^export (GATEWAY_\w+)=(.*)$", "".join(printed), re.M))
+        assert {"GATEWAY_UPSTREAM_TELEPHONY", "GATEWAY_UPSTREAM_MEETING", "GATEWAY_JWT_SECRET",
+                "GATEWAY_DATA_DIR"} <= exports.keys(), printed
+        (secret_file,) = re.fullmatch(r'"\$\(cat (.+)\)"', exports["GATEWAY_JWT_SECRET"]).groups()
+        exports["GATEWAY_JWT_SECRET"] = Path(shlex.split(secret_file)[0]).read_text().strip()
+        assert any(line.rstrip().endswith("gateway serve") for line in printed)
+
+        with socket.socket() as probe:
+            probe.bind(("127.0.0.1", 0))
+            port = probe.getsockname()[1]
+        serve = await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "gateway", "serve", env={
+                **env, **exports, "GATEWAY_DATABASE_URL": database_url,
+                "GATEWAY_LISTEN": f"127.0.0.1:{port}"},
+            stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.DEVNULL)
+        base = f"http://127.0.0.1:{port}"
+
+        async def up():
+            try:
+                return (await call(http, "GET", base + "/healthz"))[0] == 200
+            except OSError:
+                return False
+        assert await wait_for(up, timeout=60)
+        alice = await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "gateway", "token", "--role", "user", "--euo", "euo-acme",
+            "--sub", "u-alice", env={**env, **exports}, stdout=asyncio.subprocess.PIPE,
+            stderr=asyncio.subprocess.DEVNULL)
+        token = (await alice.communicate())[0].decode().strip()
+        status, _, body = await call(http, "GET", base + "/telephony/euos/euo-acme/users/u-alice",
+                                     token)
+        assert status == 200 and orjson.loads(body)["id"] == "u-alice", body
+    finally:
+        for p in (serve, proc):
+            if p is not None and p.returncode is None:
+                p.send_signal(signal.SIGINT)
+        assert await asyncio.wait_for(proc.wait(), 30) == 0
+        if serve is not None:
+            await asyncio.wait_for(serve.wait(), 60)

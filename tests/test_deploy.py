@@ -119,6 +119,91 @@ def test_the_image_is_built_from_the_wheel_and_runs_as_a_numeric_non_root_user()
     assert cmd == ["gateway", "serve", "--no-migrate", "--workers", "2"]
 
 
+def stage_runs(dockerfile: Path) -> tuple[list[str], list[str]]:
+    """The RUN arguments of stage 1 and of stage 2."""
+    steps = instructions(dockerfile)
+    last_from = max(i for i, (word, _) in enumerate(steps) if word == "FROM")
+    return ([rest for word, rest in steps[:last_from] if word == "RUN"],
+            [rest for word, rest in steps[last_from:] if word == "RUN"])
+
+
+def test_the_image_installs_every_dependency_but_the_embedded_postgresql(tmp_path):
+    """Stage 1 writes requirements.txt from pyproject.toml without pgserver (run here as
+    written, on a copy of pyproject.toml) and builds the gateway's wheel without its
+    dependencies; stage 2 installs that wheel with --no-deps and the rest from the list."""
+    (build,), (install,) = stage_runs(DEPLOY / "Dockerfile")
+    write_list = build.split(" && ")[0].strip()
+    assert write_list.startswith("python -c ") and write_list.endswith("> /src/requirements.txt")
+    shutil.copy(REPO / "pyproject.toml", tmp_path)
+    done = run("sh", "-c", write_list.replace("/src/", f"{tmp_path}/"), cwd=tmp_path)
+    assert done.returncode == 0, done.stderr
+    written = (tmp_path / "requirements.txt").read_text().split("\n")
+    import tomllib
+    declared = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["dependencies"]
+    assert [d for d in written if d] == [d for d in declared if not d.startswith("pgserver")]
+    assert any(d.startswith("pgserver") for d in declared)
+    assert "pip wheel --no-cache-dir --no-deps --wheel-dir /wheels ." in build
+    assert "-r /src/requirements.txt" in build
+    assert re.search(r"pip install [^&]*--no-deps /wheels/partner_data_gateway-\*\.whl", install)
+    assert re.search(r"pip install [^&]*--no-index --find-links /wheels -r /wheels/requirements.txt",
+                     install)
+
+
+# `python -c NO_PGSERVER ARGS` is `gateway ARGS` in an installation without pgserver
+NO_PGSERVER = ("import sys; sys.modules['pgserver'] = None; "
+               "from gateway.__main__ import main; sys.exit(main(sys.argv[1:]))")
+
+
+async def test_the_gateway_serves_without_pgserver_given_a_database_url(backends, database_url,
+                                                                        tmp_path):
+    """What the image runs (migrate, serve with workers) never imports pgserver; without
+    GATEWAY_DATABASE_URL it says to set it (exit 2), never a traceback."""
+    from .conftest import serve_env
+    port = free_port()
+    env = serve_env(backends, database_url, tmp_path, port)
+
+    async def gateway(*args: str, env=env, timeout=120):
+        proc = await asyncio.create_subprocess_exec(
+            sys.executable, "-c", NO_PGSERVER, *args, env=env,
+            stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
+        out, err = await asyncio.wait_for(proc.communicate(), timeout)
+        return proc.returncode, out.decode() + err.decode()
+
+    code, out = await gateway("migrate")
+    assert code == 0, out
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-c", NO_PGSERVER, "serve", "--workers", "2", env=env,
+        stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.PIPE)
+    try:
+        async with asyncio.timeout(60):
+            while True:
+                line = (await proc.stderr.readline()).decode()
+                assert line, "gateway serve exited"
+                if "2 workers on" in line:
+                    break
+        import aiohttp
+        async with aiohttp.ClientSession() as http:
+            for _ in range(100):
+                try:
+                    async with http.get(f"http://127.0.0.1:{port}/readyz") as r:
+                        if r.status == 200:
+                            break
+                except aiohttp.ClientError:
+                    pass
+                await asyncio.sleep(0.1)
+            else:
+                pytest.fail("gateway serve without pgserver never became ready")
+    finally:
+        proc.terminate()
+        await proc.wait()
+    assert proc.returncode == 0
+
+    no_url = {k: v for k, v in env.items() if k != "GATEWAY_DATABASE_URL"}
+    code, out = await gateway("migrate", env=no_url)
+    assert code == 2 and "Traceback" not in out, out
+    assert "set GATEWAY_DATABASE_URL" in out
+
+
 def healthcheck_command() -> list[str]:
     (check,) = [rest for word, rest in instructions(DEPLOY / "Dockerfile") if word == "HEALTHCHECK"]
     exec_form = check[check.index("CMD ") + 4:]
@@ -144,8 +229,38 @@ async def test_the_healthcheck_command_passes_on_a_live_gateway_and_fails_on_a_d
 
 # --- compose.yaml ----------------------------------------------------------------------------
 
+class StrictLoader(yaml.SafeLoader):
+    """PyYAML's safe loader, refusing a mapping that repeats a key (the last one silently
+    wins in PyYAML; Docker Compose and kubectl refuse the file). Merge keys (`<<`) are not
+    repeats."""
+
+    def construct_mapping(self, node, deep=False):
+        seen = set()
+        for key_node, _ in node.value:
+            if key_node.tag == "tag:yaml.org,2002:merge":
+                continue
+            key = self.construct_object(key_node, deep=True)
+            if key in seen:
+                raise yaml.constructor.ConstructorError(
+                    "while constructing a mapping", node.start_mark,
+                    f"found duplicate key {key!r}", key_node.start_mark)
+            seen.add(key)
+        return super().construct_mapping(node, deep)
+
+
+def strict_yaml(text: str) -> dict:
+    return yaml.load(text, Loader=StrictLoader)
+
+
 def compose() -> dict:
-    return yaml.safe_load((DEPLOY / "compose.yaml").read_text())
+    return strict_yaml((DEPLOY / "compose.yaml").read_text())
+
+
+def test_the_strict_loader_refuses_a_repeated_key():
+    """As Docker Compose does: a service with `restart` twice is not a valid file."""
+    with pytest.raises(yaml.constructor.ConstructorError, match="duplicate key 'restart'"):
+        strict_yaml("services:\n  grants:\n    restart: 'no'\n    image: x\n    restart: 'no'\n")
+    assert strict_yaml("x: &a {k: 1}\ny:\n  <<: *a\n  j: 2\n")["y"] == {"k": 1, "j": 2}
 
 
 def check_compose_schema(path: Path) -> subprocess.CompletedProcess:
@@ -266,7 +381,8 @@ async def test_the_init_sql_makes_roles_with_which_the_owner_migrates_and_the_ru
 def manifests() -> list[tuple[str, dict]]:
     docs = []
     for path in sorted(K8S.glob("*.yaml")):
-        docs += [(path.name, d) for d in yaml.safe_load_all(path.read_text()) if d]
+        docs += [(path.name, d) for d in yaml.load_all(path.read_text(), Loader=StrictLoader)
+                 if d]
     return docs
 
 
@@ -285,7 +401,7 @@ def test_every_manifest_validates_against_the_kubernetes_schemas(version):
     found = manifests()
     assert {d["kind"] for _, d in found} >= {
         "Deployment", "Job", "CronJob", "Service", "PodDisruptionBudget",
-        "HorizontalPodAutoscaler", "Secret", "ConfigMap"}
+        "HorizontalPodAutoscaler", "Secret", "ConfigMap", "NetworkPolicy"}
     for name, doc in found:
         try:
             validate(doc, version)
@@ -402,6 +518,54 @@ def test_selectors_and_targets_name_the_gateway_pods():
     assert hpa["spec"]["scaleTargetRef"] == {"apiVersion": "apps/v1", "kind": "Deployment",
                                              "name": deployment["metadata"]["name"]}
     assert hpa["spec"]["minReplicas"] > pdb["spec"]["minAvailable"]
+
+
+def test_only_the_ingress_controller_and_prometheus_reach_the_gateway_pods():
+    """/metrics shares the API's port: a NetworkPolicy admits the gateway's port from the
+    ingress controller's and Prometheus's namespaces only, nothing cluster-wide."""
+    (deployment,) = by_kind("Deployment")
+    labels = deployment["spec"]["template"]["metadata"]["labels"]
+    (policy,) = by_kind("NetworkPolicy")
+    spec = policy["spec"]
+    assert spec["podSelector"]["matchLabels"].items() <= labels.items()
+    assert "Ingress" in spec["policyTypes"]
+    (container,) = deployment["spec"]["template"]["spec"]["containers"]
+    ports = {p["name"]: p["containerPort"] for p in container["ports"]}
+    for rule in spec["ingress"]:
+        assert [ports.get(p["port"], p["port"]) for p in rule["ports"]] == [8080]
+        assert rule["from"], "a rule without `from` admits every pod of the cluster"
+        for peer in rule["from"]:
+            assert "ipBlock" not in peer
+            assert peer.get("namespaceSelector", {}).get("matchLabels"), peer
+
+
+def test_the_gateway_pods_prefer_different_nodes():
+    (deployment,) = by_kind("Deployment")
+    pod = deployment["spec"]["template"]
+    (term,) = pod["spec"]["affinity"]["podAntiAffinity"][
+        "preferredDuringSchedulingIgnoredDuringExecution"]
+    assert term["podAffinityTerm"]["topologyKey"] == "kubernetes.io/hostname"
+    assert term["podAffinityTerm"]["labelSelector"]["matchLabels"].items() <= \
+        pod["metadata"]["labels"].items()
+
+
+def test_every_gateway_pod_signs_with_the_key_of_a_mounted_secret():
+    """GATEWAY_AUDIT_SIGNING_KEY_FILE names a file of a Secret mounted read-only, so all
+    pods sign with one key that survives a restart (unset, each would make its own)."""
+    pods = pod_specs()
+    (gateway,) = pods["Deployment"]["containers"]
+    env = {e["name"]: e.get("value") for e in gateway["env"]}
+    key_file = Path(env["GATEWAY_AUDIT_SIGNING_KEY_FILE"])
+    (mount,) = [m for m in gateway["volumeMounts"] if Path(m["mountPath"]) == key_file.parent]
+    assert mount["readOnly"] is True
+    (volume,) = [v for v in pods["Deployment"]["volumes"] if v["name"] == mount["name"]]
+    (secret,) = [s for s in by_kind("Secret")
+                 if s["metadata"]["name"] == volume["secret"]["secretName"]]
+    assert key_file.name in secret["stringData"]
+    assert volume["secret"]["defaultMode"] & 0o007 == 0, "not readable by every user"
+    for kind in ("Job", "CronJob"):        # the owner's jobs sign nothing
+        assert not any("secret" in v and v["secret"]["secretName"] == secret["metadata"]["name"]
+                       for v in pods[kind].get("volumes", [])), kind
 
 
 def test_secrets_hold_placeholders_only():

@@ -4,8 +4,13 @@
 from __future__ import annotations
 
 import signal
+from pathlib import Path
+from urllib.parse import urlsplit
+
+import asyncpg
 
 from .conftest import call, gateway_process, wait_for
+from .roles import two_roles
 
 
 async def test_workers_share_the_port_and_keep_separate_chains(backends, database_url, http,
@@ -30,3 +35,41 @@ async def test_workers_share_the_port_and_keep_separate_chains(backends, databas
         assert chains == 2
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(timeout=30) == 0
+
+
+async def test_each_worker_holds_its_pool_max_and_one_listener_per_mirror(backends, database_url,
+                                                                          http, tmp_path):
+    """What to size PostgreSQL's max_connections by (README.md, Configuration): each worker
+    holds GATEWAY_DB_POOL_MAX (its audit lanes' and its pool's) plus a LISTEN connection for
+    each mirror (contracts, restrictions, break-glass grants). A database of its own, so
+    that nothing else is counted; GATEWAY_DB_POOL_MAX=6 leaves the pool 5, all opened at
+    start."""
+    async with two_roles(database_url) as roles, gateway_process(
+            http, backends, roles.owner_dsn, tmp_path, "--workers", "2", GATEWAY_DB_POOL_MAX="6",
+            GATEWAY_AUDIT_LANES="1", GATEWAY_EXPORT_DB_SLOTS="1") as (proc, _):
+        admin = await asyncpg.connect(database_url)
+        try:
+            database = urlsplit(roles.owner_dsn).path.lstrip("/")
+
+            async def held():
+                return await admin.fetchval(
+                    "select count(*) from pg_stat_activity where datname = $1", database)
+            expected = 2 * (6 + MIRRORS)
+            assert await wait_for(lambda: _equals(held, expected), timeout=20), await held()
+            listeners = await admin.fetchval(
+                "select count(*) from pg_stat_activity where datname = $1 "
+                "and application_name like 'gateway listener %'", database)
+            assert listeners == 2 * MIRRORS
+            readme = (Path(__file__).parent.parent / "README.md").read_text()
+            assert f"holds up to `GATEWAY_DB_POOL_MAX` + {MIRRORS} connections" in readme
+        finally:
+            await admin.close()
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(30)
+
+
+MIRRORS = 3      # contracts, restrictions, break-glass grants: each LISTENs on its own
+
+
+async def _equals(read, expected) -> bool:
+    return await read() == expected

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import os
 import shlex
 import shutil
@@ -15,9 +16,16 @@ from pathlib import Path
 import asyncpg
 from aiohttp import web
 
-from ..__main__ import _use_uvloop, database_url, dev_secret, mint_token, wait_for_signal
+from ..__main__ import (
+    DEV_SECRET_FILE,
+    _use_uvloop,
+    database_url,
+    dev_secret,
+    mint_token,
+    wait_for_signal,
+)
 from ..db import EmbeddedPostgres, migrate, query
-from ..settings import ConfigError, Settings
+from ..settings import ConfigError, Settings, upstream_variable
 from . import data as demo_data
 from .backends import meeting_app, telephony_app
 from .receiver import demo_secret_file, receiver_app
@@ -90,6 +98,64 @@ def run_demo(settings: Settings, port: int | None, reset: bool = False) -> int:
         dsn = database_url(settings, stack)
         asyncio.run(_run(settings, dsn))
     return 0
+
+
+BACKEND_PORT = 8081        # telephony; meeting on the next port
+
+
+def run_backends(settings: Settings, port: int | None) -> int:
+    """`gateway demo --backends-only`: the demo backends alone (no database, no gateway),
+    with the environment lines that point `gateway serve` at them, until Ctrl-C."""
+    _use_uvloop()
+    asyncio.run(_run_backends(settings, BACKEND_PORT if port is None else port))
+    return 0
+
+
+async def _run_backends(settings: Settings, port: int) -> None:
+    data = demo_data.build()
+    runners, upstreams = [], {}
+    try:
+        for i, (service, make) in enumerate((("telephony", telephony_app),
+                                             ("meeting", meeting_app))):
+            want = port + i if port else 0
+            try:
+                runner, bound = await start_site(make(data), "127.0.0.1", want)
+            except OSError as e:
+                raise ConfigError(f"cannot listen on 127.0.0.1:{want} for the demo {service} "
+                                  f"backend ({e.strerror or e}): give another --port") from None
+            runners.append(runner)
+            upstreams[service] = f"http://127.0.0.1:{bound}"
+        _print_backends(settings, upstreams, data)
+        await wait_for_signal()
+    finally:
+        for r in reversed(runners):
+            await r.cleanup()
+
+
+def _print_backends(settings: Settings, upstreams: dict[str, str], data) -> None:
+    cli = gateway_command()
+    print("Demo backends (no database, no gateway):")
+    for service, url in upstreams.items():
+        print(f"  {service:<10} {url}")
+    print("\n# Run `gateway serve` against them, in another shell (a database: "
+          "GATEWAY_DATABASE_URL, or the embedded one under GATEWAY_DATA_DIR):")
+    for service, url in upstreams.items():
+        print(f"export {upstream_variable(service)}={url}")
+    if not settings.jwt_secret:        # the demo's development secret, as `gateway token` signs
+        secret_file = (settings.data_dir / DEV_SECRET_FILE).resolve()
+        dev_secret(settings)
+        print(f'export GATEWAY_JWT_SECRET="$(cat {shlex.quote(str(secret_file))})"')
+    print(f"export GATEWAY_DATA_DIR={shlex.quote(str(settings.data_dir.resolve()))}")
+    print(f"{cli} serve")
+    base = f"http://{settings.listen_host}:{settings.listen_port}"
+    print("\n# Partners see an EUO only under a contract: the demo's, added by provider staff")
+    print(f"STAFF=$({cli} token --role provider_staff --sub staff-sam)")
+    for euo, (partner, end) in sorted(data.contracts().items()):
+        body = json.dumps({"partner_id": partner,
+                           "contract_end": end.isoformat() if end else None})
+        print(f"curl -s -X PUT -H \"Authorization: Bearer $STAFF\" -H 'Content-Type: "
+              f"application/json' -d '{body}' {base}/v1/admin/euos/{euo}")
+    print("\nCtrl-C stops the backends.", flush=True)
 
 
 def reset_embedded_database(settings: Settings) -> None:
