@@ -82,6 +82,9 @@ class ObjectOf:
     age: str | None = None             # the field holding the element's own time
     # the data sets of this object's own fields whose retention counts from that time
     aged: tuple[str, ...] = ()
+    # subject fields whose null declares "no account here" (a guest, a dial-in caller):
+    # the element is then the enclosing object's subject's data
+    no_account: frozenset[str] = frozenset()
 
 
 Node = Leaf | ListOf | ObjectOf
@@ -331,6 +334,11 @@ class _ShapeBuilder:
                 if age is None:
                     raise PolicyError(f"routes.yaml: {where}: a mask needs the object's age field")
                 mask = Mask(m["data_set"], tuple(m["fields"]))
+            no_account = frozenset(spec.get("no_account") or ())
+            if not no_account <= {fld for _, fld in subject}:
+                raise PolicyError(f"routes.yaml: {where}: no_account names "
+                                  f"{sorted(no_account - {fld for _, fld in subject})}, "
+                                  "which are not subject fields of this object")
             binds = tuple((spec.get("binds") or {}).items())
             for fld, _param in binds:
                 if fields.get(fld) != Leaf(None):
@@ -349,7 +357,7 @@ class _ShapeBuilder:
                     raise PolicyError(f"routes.yaml: {where}.{fld}: the retention of "
                                       f"{child.item.data_set} counts from each element's time, "
                                       "which a list of plain values cannot give")
-            return ObjectOf(fields, tuple(subject), dataset_by, mask, binds, age, aged)
+            return ObjectOf(fields, tuple(subject), dataset_by, mask, binds, age, aged, no_account)
         raise PolicyError(f"routes.yaml: {where}: unknown shape {spec!r}")
 
     def _aged(self, ds: str) -> bool:

@@ -67,10 +67,15 @@ def binary(kind: str):
 
 def meeting_view(organizer: bool):
     def check(doc, sub):
-        assert set(doc) == (MEETING_ALL if organizer else MEETING_IDS | {"private_notes", "chat"})
+        assert set(doc) == (MEETING_ALL if organizer
+                            else MEETING_IDS | {"private_notes", "chat", "participants"})
         assert {n["author_id"] for n in doc["private_notes"]} == {sub}
         authors = {c["author_id"] for c in doc["chat"]}
         assert authors > {sub} if organizer else authors == {sub}   # a participant: their own
+        # the organizer also sees what guests without an account wrote and who dialled in
+        assert (None in authors) == organizer
+        people = [p["user_id"] for p in doc["participants"]]
+        assert (people.count(None) == 2 and sub in people) if organizer else people == [sub]
     return check
 
 
