@@ -130,6 +130,8 @@ def check_shape(document: Any, node: Node | None, params: Mapping[str, str],
         _check_binds(document, node, params, path)
         for _rel, fld in node.subject:
             _subject_of(document, fld, identifier, path, node.no_account)
+        if node.checked:
+            _check_grammars(document, node, path)
         for key, child in document.items():
             if not isinstance(child, (dict, list)) and (
                     key not in node.fields or node.dataset_by is not None
@@ -229,6 +231,20 @@ def _subject_of(value: dict, fld: str, identifier: re.Pattern, path: str,
     if named is None or not identifier.fullmatch(named):
         raise Unmappable(f"{path or 'body'}.{fld} does not name a subject")
     return named
+
+
+def _check_grammars(value: dict, node: ObjectOf, path: str) -> None:
+    """The fields declared as a grammar's value (a page's `next_cursor`) hold null or a valid
+    value, which is replaced by its normal form; Unmappable otherwise."""
+    for fld, grammar in node.checked:
+        raw = value.get(fld)
+        if raw is None:
+            continue
+        text = _identifier(raw)
+        normal = grammar.normal(text) if text is not None else None
+        if normal is None:
+            raise Unmappable(f"{join_path(path, fld)} is not a valid value of its grammar")
+        value[fld] = normal
 
 
 def _check_binds(value: dict, node: ObjectOf, params: Mapping[str, str], path: str) -> None:
@@ -340,6 +356,8 @@ class _Walker:
             raise Unmappable(f"{path or 'body'} is not an object")
         if node.binds:
             _check_binds(value, node, self.params, path)
+        if node.checked:
+            _check_grammars(value, node, path)
         subjects = []
         own: set[str] = set()          # the relations this object's own subject fields grant
         # every subject field declared null (`no_account:`): a guest's element, which is the

@@ -171,3 +171,19 @@ def test_a_guests_message_is_held_to_the_meetings_restrictions(policy):
     assert out["chat"] == [{"author_id": "u2", "author": "Bob", "text": "bob"}]
     assert outcome.withheld["restriction"] == {"chat_messages": 3}
     assert outcome.subjects == {"u2"}
+
+
+@pytest.mark.parametrize(("next_cursor", "fits"), [
+    (None, True), ("eyJrIjoxfQ", True), (12, True), ("a/b", False), ({"k": 1}, False),
+    (False, False), ("", False)])
+def test_the_shape_check_holds_a_next_cursor_to_its_grammar(policy, next_cursor, fits):
+    """Also when nothing is removed: the cursor is checked, not merely passed."""
+    from gateway.redact import Unmappable, check_shape
+    route, _ = policy.catalog.match("telephony", ["euos", "e", "cdrs"])
+    doc = {"cdrs": [], "next_cursor": next_cursor}
+    if fits:
+        check_shape(doc, route.body, {}, policy.catalog.identifier)
+        assert doc["next_cursor"] == (None if next_cursor is None else str(next_cursor))
+    else:
+        with pytest.raises(Unmappable):
+            check_shape(doc, route.body, {}, policy.catalog.identifier)
