@@ -1,5 +1,6 @@
 """Demo telephony and meeting backends: exactly the backend API of README.md, Contract
-(the CDR and connection-statistics lists paged by from, to, limit and cursor)."""
+(the lists of CDRs, connection statistics, voicemails, faxes and recordings paged by
+from, to, limit and cursor)."""
 
 from __future__ import annotations
 
@@ -137,7 +138,8 @@ def telephony_app(data: DemoData, middlewares=()) -> web.Application:
 
     @r.get("/euos/{euo}/users/{user}/voicemails")
     async def voicemails(request):
-        return _json({"voicemails": data.voicemails.get(_user(request)["id"], [])})
+        page = _page(request, data.voicemails.get(_user(request)["id"], []), "received_at")
+        return _json({"voicemails": page["rows"], "next_cursor": page["next_cursor"]})
 
     @r.route("*", "/euos/{euo}/users/{user}/voicemails/{id}")
     async def voicemail(request):
@@ -145,7 +147,8 @@ def telephony_app(data: DemoData, middlewares=()) -> web.Application:
 
     @r.get("/euos/{euo}/users/{user}/faxes")
     async def faxes(request):
-        return _json({"faxes": data.faxes.get(_user(request)["id"], [])})
+        page = _page(request, data.faxes.get(_user(request)["id"], []), "at")
+        return _json({"faxes": page["rows"], "next_cursor": page["next_cursor"]})
 
     @r.get("/euos/{euo}/users/{user}/faxes/{id}")
     async def fax(request):
@@ -153,7 +156,8 @@ def telephony_app(data: DemoData, middlewares=()) -> web.Application:
 
     @r.get("/euos/{euo}/users/{user}/recordings")
     async def recordings(request):
-        return _json({"recordings": data.recordings.get(_user(request)["id"], [])})
+        page = _page(request, data.recordings.get(_user(request)["id"], []), "at")
+        return _json({"recordings": page["rows"], "next_cursor": page["next_cursor"]})
 
     @r.route("*", "/euos/{euo}/users/{user}/recordings/{id}")
     async def recording(request):
