@@ -387,9 +387,10 @@ class _Walker:
             readable = readable - self.withheld
         # an object with a subject of its own (a note's author, a CDR's owner) goes to
         # that subject, not to whoever is the subject of the enclosing document; a guest's
-        # element is the enclosing object's subject's data, decided like its other fields
-        is_subject = bool((own if node.subject and not guest else relations)
-                          & self.subject_relations)
+        # element is the enclosing object's subject's data as far as the route table
+        # declares it, and what it does not declare reaches no one (no subject of ours)
+        is_subject = not guest and bool((own if node.subject else relations)
+                                        & self.subject_relations)
         if guest:
             subjects = self.enclosing
 

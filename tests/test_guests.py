@@ -99,3 +99,18 @@ async def test_the_demo_meeting_has_guests_its_organizer_reads(gateway, http, to
     doc = orjson.loads(body)
     assert any(c["author_id"] is None for c in doc["chat"])
     assert sum(p["user_id"] is None for p in doc["participants"]) == 2
+
+
+async def test_an_undeclared_field_of_a_guests_element_reaches_no_one(hostile_gateway, http,
+                                                                      token_for):
+    """A guest is no data subject of ours: what the route table does not declare in their
+    element (a colleague's secret, say, that a backend put there) is removed, for the
+    organizer too; the message itself still reaches the organizer."""
+    gw, backend = hostile_gateway
+    backend.answer(lambda request: meeting(
+        [dict(GUEST_CHAT, thread="GUEST-EXTRA")],
+        [dict(DIAL_IN, notes="DIAL-IN-EXTRA")]))
+    status, _, body = await call(http, "GET", gw + MEETING_PATH, token_for("alice"))
+    assert status == 200, body
+    assert b"GUEST-EXTRA" not in body and b"DIAL-IN-EXTRA" not in body
+    assert GUEST_CHAT in orjson.loads(body)["chat"]
