@@ -10,6 +10,7 @@ from typing import Any
 import yaml
 
 from . import floors
+from .grammar import SAFE_WORD, Cursor, DateTime, Enum, Grammar, Integer, Pattern
 from .retention import Rule, RuleError, parse_rule
 from .roles import COLUMNS, Role, RoleError, load_break_glass, load_roles
 
@@ -60,8 +61,10 @@ class DataSet:
 
 @dataclass(frozen=True)
 class Leaf:
-    """A value that belongs wholly to one data set (None: an identifier)."""
+    """A value that belongs wholly to one data set (None: an identifier, or with a grammar a
+    value of that grammar or null: a page's next cursor, no one's personal data)."""
     data_set: str | None
+    grammar: Grammar | None = None
 
 
 @dataclass(frozen=True)
@@ -86,6 +89,11 @@ class ObjectOf:
     age: str | None = None             # the field holding the element's own time
     # the data sets of this object's own fields whose retention counts from that time
     aged: tuple[str, ...] = ()
+    # subject fields whose null declares "no account here" (a guest, a dial-in caller):
+    # the element is then the enclosing object's subject's data
+    no_account: frozenset[str] = frozenset()
+    # (field, grammar) of the fields declared as a grammar's value (`next_cursor: cursor`)
+    checked: tuple[tuple[str, Grammar], ...] = ()
 
 
 Node = Leaf | ListOf | ObjectOf
@@ -94,14 +102,22 @@ Node = Leaf | ListOf | ObjectOf
 SUBJECT_RELATION = {"user": "self", "organizer": "organizer", "author": "author"}
 
 
+@dataclass(frozen=True)
+class Page:
+    """A route that pages: `limit` above `max` is forwarded as `max`; without one, `default`
+    (when declared) is forwarded."""
+    max: int
+    default: int | None = None
+
+
 @dataclass(frozen=True, eq=False)
 class Route:
     service: str
     path: str
     methods: frozenset[str]
     param_names: tuple[str, ...]
-    param_grammars: tuple[re.Pattern, ...]      # one per path parameter, full match
-    query: dict[str, re.Pattern]                # the query parameters it forwards
+    param_grammars: tuple[Grammar, ...]         # one per path parameter
+    query: dict[str, Grammar]                   # the query parameters it forwards, in order
     subject_euo: str | None
     subject_user: str | None
     body: Node | None
@@ -119,6 +135,7 @@ class Route:
     rules: tuple[tuple[str, Rule], ...] = ()
     # a file served only while its list's element is served to the caller: (route, list field)
     listed_in: tuple[Route, str] | None = None
+    page: Page | None = None                    # its page size bounds (`limit`)
 
     def allows_media_type(self, media_type: str) -> bool:
         """Whether a binary answer of this (lower-case) type may pass."""
@@ -199,12 +216,15 @@ def load_catalog(policy_dir: Path) -> Catalog:
         raise PolicyError("routes.yaml: processing_restriction_blocks names columns of the "
                           f"data-set table ({', '.join(COLUMNS)}), not {sorted(blocks - set(COLUMNS))}")
     grammars = _grammars(raw_routes.get("grammars"))
-    builder = _ShapeBuilder(shapes_raw, data_sets)
+    if set(grammars) & set(data_sets):
+        raise PolicyError("routes.yaml: a grammar and a data set share the name "
+                          f"{sorted(set(grammars) & set(data_sets))[0]!r}")
+    builder = _ShapeBuilder(shapes_raw, data_sets, grammars)
     routes = [_route(i, spec, builder, grammars) for i, spec in
               enumerate(raw_routes.get("routes") or [])]
     if not routes:
         raise PolicyError("routes.yaml: no routes")
-    catalog = Catalog(data_sets, routes, subject_rels, blocks, grammars[IDENTIFIER], roles,
+    catalog = Catalog(data_sets, routes, subject_rels, blocks, grammars[IDENTIFIER].regex, roles,
                       break_glass_max, lowered)
     for route in routes:
         _insert(catalog._trie, route)
@@ -254,20 +274,54 @@ def _listed_in(catalog: Catalog, route: Route, raw: Any, where: str) -> None:
     object.__setattr__(route, "listed_in", (found, str(raw["list"])))
 
 
-def _grammars(raw: Any) -> dict[str, re.Pattern]:
-    """The named value grammars of routes.yaml (`identifier` is required)."""
+def _grammars(raw: Any) -> dict[str, Grammar]:
+    """The named value grammars of routes.yaml (`identifier`, a pattern, is required)."""
     if not isinstance(raw, dict) or IDENTIFIER not in raw:
         raise PolicyError("routes.yaml: `grammars:` must define at least `identifier`")
     out = {}
-    for name, pattern in raw.items():
-        try:
-            out[name] = re.compile(str(pattern))
-        except re.error as e:
-            raise PolicyError(f"routes.yaml: grammars.{name}: {e}") from None
+    for name, spec in raw.items():
+        out[name] = _grammar(name, spec)
         for probe in ("", "/", "#", "?", "%", "&", "=", ";", " ", "\x00"):
-            if out[name].fullmatch(probe):
+            if out[name].normal(probe) is not None:
                 raise PolicyError(f"routes.yaml: grammars.{name} admits {probe!r}")
+    if not isinstance(out[IDENTIFIER], Pattern):
+        raise PolicyError("routes.yaml: grammars.identifier is a regular expression")
     return out
+
+
+def _grammar(name: str, spec: Any) -> Grammar:
+    """One grammar: a regular expression (text), or {type: datetime | integer (min, max) |
+    enum (values) | cursor (max_length)}."""
+    where = f"routes.yaml: grammars.{name}"
+    if isinstance(spec, str):
+        try:
+            return Pattern(re.compile(spec))
+        except re.error as e:
+            raise PolicyError(f"{where}: {e}") from None
+    kind = spec.get("type") if isinstance(spec, dict) else None
+    keys = {"datetime": set(), "integer": {"min", "max"}, "enum": {"values"},
+            "cursor": {"max_length"}}
+    if kind not in keys or set(spec) - {"type"} != keys[kind]:
+        raise PolicyError(f"{where}: a regular expression, or {{type: datetime}}, {{type: "
+                          "integer, min, max}, {type: enum, values}, {type: cursor, max_length}")
+    if kind == "datetime":
+        return DateTime()
+    if kind == "integer":
+        low, high = spec["min"], spec["max"]
+        if not (isinstance(low, int) and isinstance(high, int) and 0 <= low <= high < 10**18):
+            raise PolicyError(f"{where}: 0 <= min <= max < 10^18")
+        return Integer(low, high)
+    if kind == "enum":
+        values = spec["values"]
+        if not isinstance(values, list) or not values or not all(
+                isinstance(v, str) and len(v) <= 128 and SAFE_WORD.fullmatch(v)
+                and v not in (".", "..") for v in values):
+            raise PolicyError(f"{where}: values are words of A-Z a-z 0-9 . _ ~ -")
+        return Enum(frozenset(values))
+    length = spec["max_length"]
+    if not isinstance(length, int) or not 1 <= length <= 2048:
+        raise PolicyError(f"{where}: max_length is 1 to 2048")
+    return Cursor(length)
 
 
 def _yaml(path: Path) -> dict:
@@ -308,15 +362,26 @@ def _data_set(name: str, spec: Any) -> DataSet:
 
 
 class _ShapeBuilder:
-    def __init__(self, shapes: dict, data_sets: dict[str, DataSet]):
+    def __init__(self, shapes: dict, data_sets: dict[str, DataSet],
+                 grammars: dict[str, Grammar] | None = None):
         self.raw = shapes
         self.data_sets = data_sets
+        self.grammars = grammars or {}
         self.built: dict[str, Node] = {}
+
+    def field(self, spec: Any, where: str) -> Node:
+        """An object's field: a shape, or the name of a grammar (not personal data)."""
+        if isinstance(spec, str) and spec != IDENTIFIER and spec in self.grammars:
+            return Leaf(None, self.grammars[spec])
+        return self.build(spec, where)
 
     def build(self, spec: Any, where: str) -> Node:
         if isinstance(spec, str):
             if spec == IDENTIFIER:
                 return Leaf(None)
+            if spec in self.grammars:
+                raise PolicyError(f"routes.yaml: {where}: a value of grammar {spec!r} is a "
+                                  "field of an object")
             self._known(spec, where)
             return Leaf(spec)
         if not isinstance(spec, dict):
@@ -331,7 +396,7 @@ class _ShapeBuilder:
         if "list" in spec:
             return ListOf(self.build(spec["list"], f"{where}[]"))
         if "object" in spec:
-            fields = {k: self.build(v, f"{where}.{k}") for k, v in spec["object"].items()}
+            fields = {k: self.field(v, f"{where}.{k}") for k, v in spec["object"].items()}
             subject = []
             for kind, fld in (spec.get("subject") or {}).items():
                 if kind not in SUBJECT_RELATION:
@@ -358,6 +423,11 @@ class _ShapeBuilder:
                 if age is None:
                     raise PolicyError(f"routes.yaml: {where}: a mask needs the object's age field")
                 mask = Mask(m["data_set"], tuple(m["fields"]))
+            no_account = frozenset(spec.get("no_account") or ())
+            if not no_account <= {fld for _, fld in subject}:
+                raise PolicyError(f"routes.yaml: {where}: no_account names "
+                                  f"{sorted(no_account - {fld for _, fld in subject})}, "
+                                  "which are not subject fields of this object")
             binds = tuple((spec.get("binds") or {}).items())
             for fld, _param in binds:
                 if fields.get(fld) != Leaf(None):
@@ -376,7 +446,10 @@ class _ShapeBuilder:
                     raise PolicyError(f"routes.yaml: {where}.{fld}: the retention of "
                                       f"{child.item.data_set} counts from each element's time, "
                                       "which a list of plain values cannot give")
-            return ObjectOf(fields, tuple(subject), dataset_by, mask, binds, age, aged)
+            checked = tuple((k, c.grammar) for k, c in fields.items()
+                            if isinstance(c, Leaf) and c.grammar is not None)
+            return ObjectOf(fields, tuple(subject), dataset_by, mask, binds, age, aged, no_account,
+                            checked)
         raise PolicyError(f"routes.yaml: {where}: unknown shape {spec!r}")
 
     def _aged(self, ds: str) -> bool:
@@ -388,7 +461,7 @@ class _ShapeBuilder:
             raise PolicyError(f"routes.yaml: {where}: unknown data set {ds!r}")
 
 
-def _route(i: int, spec: dict, builder: _ShapeBuilder, grammars: dict[str, re.Pattern]) -> Route:
+def _route(i: int, spec: dict, builder: _ShapeBuilder, grammars: dict[str, Grammar]) -> Route:
     where = f"routes[{i}]"
     try:
         service, path = spec["service"], spec["path"]
@@ -403,10 +476,10 @@ def _route(i: int, spec: dict, builder: _ShapeBuilder, grammars: dict[str, re.Pa
     segments = [s for s in path.split("/") if s]
     params = tuple(s[1:-1] for s in segments if s.startswith("{"))
     for s in segments:
-        if not s.startswith("{") and not grammars[IDENTIFIER].fullmatch(s):
+        if not s.startswith("{") and grammars[IDENTIFIER].normal(s) is None:
             raise PolicyError(f"routes.yaml: {where}: segment {s!r} is not an identifier")
 
-    def grammar(kind: Any, what: str) -> re.Pattern:
+    def grammar(kind: Any, what: str) -> Grammar:
         if kind not in grammars:
             raise PolicyError(f"routes.yaml: {where}: {what}: unknown grammar {kind!r}")
         return grammars[kind]
@@ -418,6 +491,7 @@ def _route(i: int, spec: dict, builder: _ShapeBuilder, grammars: dict[str, re.Pa
     query = {k: grammar(v, f"query.{k}") for k, v in (spec.get("query") or {}).items()}
     if set(query) & set(params):
         raise PolicyError(f"routes.yaml: {where}: a query parameter shadows a path parameter")
+    page = _page(spec.get("page"), query, where)
     subject = spec.get("subject") or {}
     for p in subject.values():
         if p not in params:
@@ -460,7 +534,30 @@ def _route(i: int, spec: dict, builder: _ShapeBuilder, grammars: dict[str, re.Pa
                           "that lists it (listed_in:)")
     return Route(service, "/" + "/".join(segments), methods, params, param_grammars, query,
                  subject.get("euo"), subject.get("user"), body, binary, frozenset(found),
-                 frozenset(top | nested), bool(top), _binds(body), media_types, rules)
+                 frozenset(top | nested), bool(top), _binds(body), media_types, rules,
+                 page=page)
+
+
+def _page(raw: Any, query: dict[str, Grammar], where: str) -> Page | None:
+    """`page: {max, default}`: the page size bounds of a route that takes `limit`."""
+    limit = query.get("limit")
+    if raw is None:
+        if limit is not None:
+            raise PolicyError(f"routes.yaml: {where}: a route taking `limit` declares its "
+                              "page size bounds (page: {max, default})")
+        return None
+    if not isinstance(limit, Integer):
+        raise PolicyError(f"routes.yaml: {where}: a route with page: takes `limit`, of an "
+                          "integer grammar")
+    if not isinstance(raw, dict) or not {"max"} <= set(raw) <= {"max", "default"}:
+        raise PolicyError(f"routes.yaml: {where}: page is {{max, default}} (default optional)")
+    top, default = raw["max"], raw.get("default")
+    if not isinstance(top, int) or not limit.low <= top <= limit.high or (
+            default is not None and (not isinstance(default, int)
+                                     or not limit.low <= default <= top)):
+        raise PolicyError(f"routes.yaml: {where}: page.max within the limit's grammar, "
+                          "page.default within 1 and page.max")
+    return Page(top, default)
 
 
 def _binds(node: Node | None) -> bool:

@@ -130,7 +130,9 @@ def check_shape(document: Any, node: Node | None, params: Mapping[str, str],
             raise Unmappable(f"{path or 'body'} is not an object")
         _check_binds(document, node, params, path)
         for _rel, fld in node.subject:
-            _subject_of(document, fld, identifier, path)
+            _subject_of(document, fld, identifier, path, node.no_account)
+        if node.checked:
+            _check_grammars(document, node, path)
         for key, child in document.items():
             if not isinstance(child, (dict, list)) and (
                     key not in node.fields or node.dataset_by is not None
@@ -217,13 +219,33 @@ def _children(value: Any, path: str):
     raise Unmappable(f"{path} holds a value JSON does not have")
 
 
-def _subject_of(value: dict, fld: str, identifier: re.Pattern, path: str) -> str:
-    """The identifier an object names as its subject; Unmappable when it is missing or is
-    not an identifier (a subject that cannot be read must not be taken as nobody's)."""
-    named = _identifier(value.get(fld))
+def _subject_of(value: dict, fld: str, identifier: re.Pattern, path: str,
+                no_account: frozenset[str] = frozenset()) -> str | None:
+    """The identifier an object names as its subject, or None where the route table declares
+    that the field's null means "no account here" (a guest) and it is null; Unmappable when
+    it is missing or is not an identifier (a subject that cannot be read must not be taken
+    as nobody's)."""
+    raw = value.get(fld)
+    if raw is None and fld in no_account and fld in value:
+        return None
+    named = _identifier(raw)
     if named is None or not identifier.fullmatch(named):
         raise Unmappable(f"{path or 'body'}.{fld} does not name a subject")
     return named
+
+
+def _check_grammars(value: dict, node: ObjectOf, path: str) -> None:
+    """The fields declared as a grammar's value (a page's `next_cursor`) hold null or a valid
+    value, which is replaced by its normal form; Unmappable otherwise."""
+    for fld, grammar in node.checked:
+        raw = value.get(fld)
+        if raw is None:
+            continue
+        text = _identifier(raw)
+        normal = grammar.normal(text) if text is not None else None
+        if normal is None:
+            raise Unmappable(f"{join_path(path, fld)} is not a valid value of its grammar")
+        value[fld] = normal
 
 
 def _check_binds(value: dict, node: ObjectOf, params: Mapping[str, str], path: str) -> None:
@@ -262,6 +284,9 @@ class _Walker:
         self.params = params
         self.outcome = Outcome()
         self.subject_relations = catalog.data_subject_relations
+        # the subjects of the nearest enclosing object that names one: whose data a guest's
+        # element (a subject field declared null, `no_account:`) is
+        self.enclosing: list[str] = []
 
     def value(self, value: Any, node: Node, relations: frozenset[str], path: str) -> Any:
         """The redacted value, or _DROP when none of it may be seen."""
@@ -309,14 +334,19 @@ class _Walker:
     def object(self, value: Any, node: ObjectOf, relations: frozenset[str], path: str) -> Any:
         if self.blocked is None or not node.subject or not isinstance(value, dict):
             return self._object(value, node, relations, path)
-        # an object naming its own subject withholds that subject's restricted data sets
-        saved, withheld = self.withheld, frozenset()
+        # an object naming its own subject withholds that subject's restricted data sets; a
+        # guest's element (no subject named) keeps those of the enclosing object's subject
+        saved, withheld, named_any = self.withheld, frozenset(), False
         for rel, fld in node.subject:
             if rel in self.subject_relations:
-                theirs = self.blocked(_subject_of(value, fld, self.catalog.identifier, path))
+                named = _subject_of(value, fld, self.catalog.identifier, path, node.no_account)
+                if named is None:
+                    continue
+                named_any = True
+                theirs = self.blocked(named)
                 if theirs:
                     withheld = withheld | theirs
-        self.withheld = withheld
+        self.withheld = withheld if named_any else saved
         try:
             return self._object(value, node, relations, path)
         finally:
@@ -327,10 +357,20 @@ class _Walker:
             raise Unmappable(f"{path or 'body'} is not an object")
         if node.binds:
             _check_binds(value, node, self.params, path)
+        if node.checked:
+            _check_grammars(value, node, path)
         subjects = []
         own: set[str] = set()          # the relations this object's own subject fields grant
+        # every subject field declared null (`no_account:`): a guest's element, which is the
+        # enclosing object's subject's data and keeps that object's relations
+        guest = bool(node.subject)
+        unnamed: list[str] = []
         for rel, fld in node.subject:
-            named = _subject_of(value, fld, self.catalog.identifier, path)
+            named = _subject_of(value, fld, self.catalog.identifier, path, node.no_account)
+            if named is None:
+                unnamed.append(rel)
+                continue
+            guest = False
             if rel in self.subject_relations:
                 subjects.append(named)
             if named == self.me:
@@ -338,6 +378,8 @@ class _Walker:
                 own.add(rel)
             else:
                 relations = relations - {rel}
+        if unnamed and not guest:      # beside a subject named: nobody is the caller's
+            relations = relations.difference(unnamed)
         dead = self.cut.expired
         if node.aged and self.cut.oldest:
             dead = self.past(value, node, dead)
@@ -345,8 +387,13 @@ class _Walker:
         if self.withheld:
             readable = readable - self.withheld
         # an object with a subject of its own (a note's author, a CDR's owner) goes to
-        # that subject, not to whoever is the subject of the enclosing document
-        is_subject = bool((own if node.subject else relations) & self.subject_relations)
+        # that subject, not to whoever is the subject of the enclosing document; a guest's
+        # element is the enclosing object's subject's data as far as the route table
+        # declares it, and what it does not declare reaches no one (no subject of ours)
+        is_subject = not guest and bool((own if node.subject else relations)
+                                        & self.subject_relations)
+        if guest:
+            subjects = self.enclosing
 
         if node.dataset_by is not None:
             fld, values = node.dataset_by
@@ -370,6 +417,9 @@ class _Walker:
         result: dict[str, Any] = {}
         has_data = own_data = removed_any = False
         fields, outcome = node.fields, self.outcome
+        enclosing = self.enclosing
+        if subjects:
+            self.enclosing = subjects
         for key, child in value.items():
             spec = fields.get(key)
             if type(spec) is Leaf:
@@ -417,6 +467,7 @@ class _Walker:
                 # a child that names its own subject (a note, a CDR) says whose it is itself;
                 # it does not make this object's subject (the organizer) a subject of the row
                 own_data = own_data or not _decides_relations(_item_of(spec))
+        self.enclosing = enclosing     # (an Unmappable above ends the whole walk)
         if removed_any and not has_data:
             return _DROP
         if own_data:

@@ -1,11 +1,12 @@
 """The request target, parsed once at the edge into a declared shape.
 
 A client's path and query are hostile: the only thing the gateway forwards is what this
-module rebuilds from the matched route — its static segments, and parameter values that
-fully match the grammar the route table declares for them (identifiers by default). So
-there is nothing to decode and nothing to normalise: a `%`, `#`, `;`, `\\`, an empty,
-`.` or `..` segment, a value too long or an undeclared, repeated or malformed query
-parameter is refused with 400 before any route is chosen or any backend is called.
+module rebuilds from the matched route — its static segments, and parameter values as
+the grammar the route table declares for them parses them (identifiers by default,
+forwarded as they are; an RFC 3339 time forwarded in UTC; a page size capped at the
+route's maximum). Nothing else is decoded: a `%`, `#`, `;`, `\\`, an empty, `.` or `..`
+segment, a value too long or an undeclared, repeated or malformed query parameter is
+refused with 400 before any route is chosen or any backend is called.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from types import MappingProxyType
 
 from .catalog import Catalog, Route
 from .errors import Denied
+from .grammar import Cursor, DateTime, Enum, Grammar, Integer
 
 # the characters any static segment or identifier is made of (routes.yaml's grammars are
 # checked to admit no other kind of separator)
@@ -72,17 +74,23 @@ def parse(catalog: Catalog, raw_target: str) -> Matched:
         raise Denied(404, "unknown_route", "no such route in the gateway's route table")
     route, params = matched
     for name, grammar in zip(route.param_names, route.param_grammars, strict=True):
-        if not grammar.fullmatch(params[name]):
-            raise bad_path(f"the {name} in the path is not a valid identifier")
+        value = grammar.normal(params[name])
+        if value is None:
+            raise bad_path(f"the {name} in the path is not a valid {_kind(grammar)}")
+        params[name] = value
     query = _query(route, raw_query) if has_query else {}
+    if route.page is not None:
+        query = _paged(route, query)
     upstream = route.path.format_map(params)
     if query:
-        upstream += "?" + "&".join(f"{k}={v}" for k, v in query.items())
+        # rebuilt in the route's declared order from the values as parsed
+        upstream += "?" + "&".join(f"{k}={query[k]}" for k in route.query if k in query)
     return Matched(route, MappingProxyType({**params, **query}), upstream)
 
 
 def _query(route: Route, raw_query: str) -> dict[str, str]:
-    """The declared query parameters, each once and matching its grammar; Denied otherwise."""
+    """The declared query parameters, each once and valid in its grammar, in their forwarded
+    (normal) form; Denied otherwise."""
     out: dict[str, str] = {}
     if not raw_query:
         return out
@@ -93,8 +101,35 @@ def _query(route: Route, raw_query: str) -> dict[str, str]:
             raise Denied(400, "query_not_allowed",
                          f"this route takes no query parameter {key[:64]!r}"
                          + (f" (allowed: {', '.join(route.query)})" if route.query else ""))
-        if not eq or key in out or not grammar.fullmatch(value) or value in (".", ".."):
+        normal = grammar.normal(value) if eq and key not in out else None
+        if normal is None:
             raise Denied(400, "bad_query",
-                         f"the query parameter {key!r} must be given once, as a valid identifier")
-        out[key] = value
+                         f"the query parameter {key!r} must be given once, as a valid "
+                         f"{_kind(grammar)}")
+        out[key] = normal
     return out
+
+
+def _paged(route: Route, query: dict[str, str]) -> dict[str, str]:
+    """The page size forwarded: the caller's `limit` capped at the route's maximum, or the
+    route's default page size when it declares one."""
+    page = route.page
+    limit = query.get("limit")
+    if limit is not None and int(limit) > page.max:
+        return {**query, "limit": str(page.max)}
+    if limit is None and page.default is not None:
+        return {**query, "limit": str(page.default)}
+    return query
+
+
+def _kind(grammar: Grammar) -> str:
+    """How a refusal names what was expected."""
+    if isinstance(grammar, Integer):
+        return f"integer from {grammar.low} to {grammar.high}"
+    if isinstance(grammar, Enum):
+        return "one of " + ", ".join(sorted(grammar.values))
+    if isinstance(grammar, Cursor):
+        return f"cursor (1-{grammar.max_length} of A-Z a-z 0-9 - _ . ~)"
+    if isinstance(grammar, DateTime):
+        return "RFC 3339 time with an offset (2026-11-01T00:00:00Z)"
+    return "identifier"

@@ -104,8 +104,10 @@ async def test_participant_side_meeting_data_is_in_the_export(gateway, http, tok
     chat = meeting["chat_messages"]["records"]
     assert [r["data"]["text"] for r in chat] == ["Hello all, Bob here"]
     assert {r["source"] for r in chat} == {source}
-    joined = meeting["participant_name"]["records"]
-    assert [r["data"]["name"] for r in joined] == ["Bob Peeters"]
+    joined = meeting["participant_name"]["records"]        # his participations, and his
+    assert {(r["source"], r["data"]["name"]) for r in joined} == {   # entry in the meeting
+        ("GET /meeting/accounts/euo-acme/participants/u-bob", "Bob Peeters"),
+        (source, "Bob Peeters")}
     for other in (b"Remember to send the budget", b"Alice here", b"Carla here", b"Weekly planning",
                   b"Budget approved", b"Private thought of u-carla"):
         assert other not in body
@@ -115,7 +117,8 @@ async def test_participant_side_meeting_data_is_in_the_export(gateway, http, tok
     assert {u for r in rows for u in r["subject_users"]} == {"u-bob"}
     (meeting_row,) = [r for r in rows if r["route"] == "meeting:/accounts/{euo}/meetings/{meeting}"]
     assert meeting_row["subject_users"] == ["u-bob"]
-    assert set(meeting_row["data_sets"]) == {"private_notes", "chat_messages"}
+    assert set(meeting_row["data_sets"]) == {"private_notes", "chat_messages",
+                                             "participant_name", "participant_email"}
 
 
 async def test_each_data_set_says_purpose_retention_and_recipients_from_the_policy(

@@ -54,7 +54,8 @@ def meetings(draw) -> dict:
     meeting = {"id": "m-1", "organizer_id": draw(st.sampled_from(["u-alice", "u-alice", {"x": SECRET}])),
                "topic": "Budget", "private_notes": [bob_note],
                "participants": draw(st.lists(st.fixed_dictionaries(
-                   {"name": st.just("Bob"), "email": st.just("bob@acme.test")},
+                   {"user_id": st.sampled_from(["u-bob", None]), "name": st.just("Bob"),
+                    "email": st.just("bob@acme.test")},
                    optional={"notes": HOSTILE}), max_size=2))}
     for _ in range(draw(st.integers(0, 2))):
         meeting[draw(st.sampled_from(["start", "end"]))] = draw(STRUCTURES)

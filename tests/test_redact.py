@@ -57,11 +57,12 @@ def test_faxes_of_an_unknown_direction_are_dropped_for_non_subjects(policy):
 
 
 def test_a_non_organizer_sees_only_their_own_note(policy):
-    doc = {"id": "m", "organizer_id": "u1", "topic": "T", "participants": [{"name": "X"}],
+    doc = {"id": "m", "organizer_id": "u1", "topic": "T", "participants": [{"user_id": "u3", "name": "X"}],
            "private_notes": [{"author_id": "u1", "text": "a"}, {"author_id": "u2", "text": "b"}]}
     _, out, outcome = run(policy, "meeting", "accounts/e/meetings/m", "user", {"same_euo"}, doc,
                           sub="u2")
-    assert out == {"id": "m", "organizer_id": "u1", "private_notes": [{"author_id": "u2", "text": "b"}]}
+    assert out == {"id": "m", "organizer_id": "u1", "participants": [],
+                   "private_notes": [{"author_id": "u2", "text": "b"}]}
     assert outcome.served == {"private_notes"}
 
 
@@ -154,3 +155,35 @@ def test_the_walk_checks_what_it_serves_and_serves_nothing_it_withholds(policy, 
     _, out, outcome = run(policy, "telephony", "euos/e/users/u1", "provider_staff", {"any"}, doc)
     assert "personal_directory" not in out and "shoe_size" not in out
     assert {"personal_directory", "shoe_size"} <= outcome.removed
+
+
+def test_a_guests_message_is_held_to_the_meetings_restrictions(policy):
+    """A guest's element is the organizer's meeting data: what the organizer restricted is
+    withheld from it, while a colleague's own message is decided by that colleague's."""
+    route, _ = policy.catalog.match("meeting", ["accounts", "e", "meetings", "m"])
+    plan = make_plan(route, "user", frozenset({"same_euo"}), policy.catalog, policy.granted)
+    doc = {"id": "m", "organizer_id": "u1", "chat": [
+        {"author_id": None, "author": "Guest 1", "text": "guest"},
+        {"author_id": "u2", "author": "Bob", "text": "bob"}]}
+    restricted = {"u1": frozenset({"chat_messages"})}
+    out, outcome = redact(doc, plan, "u1", policy.catalog, policy.granted, NOW,
+                          blocked=lambda user: restricted.get(user, frozenset()))
+    assert out["chat"] == [{"author_id": "u2", "author": "Bob", "text": "bob"}]
+    assert outcome.withheld["restriction"] == {"chat_messages": 3}
+    assert outcome.subjects == {"u2"}
+
+
+@pytest.mark.parametrize(("next_cursor", "fits"), [
+    (None, True), ("eyJrIjoxfQ", True), (12, True), ("a/b", False), ({"k": 1}, False),
+    (False, False), ("", False)])
+def test_the_shape_check_holds_a_next_cursor_to_its_grammar(policy, next_cursor, fits):
+    """Also when nothing is removed: the cursor is checked, not merely passed."""
+    from gateway.redact import Unmappable, check_shape
+    route, _ = policy.catalog.match("telephony", ["euos", "e", "cdrs"])
+    doc = {"cdrs": [], "next_cursor": next_cursor}
+    if fits:
+        check_shape(doc, route.body, {}, policy.catalog.identifier)
+        assert doc["next_cursor"] == (None if next_cursor is None else str(next_cursor))
+    else:
+        with pytest.raises(Unmappable):
+            check_shape(doc, route.body, {}, policy.catalog.identifier)

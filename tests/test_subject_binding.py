@@ -68,7 +68,7 @@ async def test_undeclared_fields_go_only_to_the_subject_of_their_own_object(
         "id": "m-1", "organizer_id": "u-alice", "topic": "Budget", "room": "4.12",
         "private_notes": [{"author_id": "u-bob", "text": "bob's", "title": "BOB-SECRET"},
                           {"author_id": "u-alice", "text": "mine", "title": "own"}],
-        "participants": [{"name": "Bob", "email": "bob@acme.test"}]})
+        "participants": [{"user_id": "u-bob", "name": "Bob", "email": "bob@acme.test"}]})
     status, _, body = await call(http, "GET", gw + "/meeting/accounts/euo-acme/meetings/m-1",
                                  token_for("alice"))
     assert status == 200

@@ -1,8 +1,13 @@
-"""Demo telephony and meeting backends: exactly the backend API of README.md, Contract."""
+"""Demo telephony and meeting backends: exactly the backend API of README.md, Contract
+(the lists of CDRs, connection statistics, voicemails, faxes and recordings paged by
+from, to, limit and cursor)."""
 
 from __future__ import annotations
 
+import base64
+import binascii
 import copy
+from datetime import UTC, datetime
 
 import orjson
 from aiohttp import web
@@ -53,6 +58,41 @@ async def _patch(request: web.Request, record: dict) -> web.Response:
     return _json(record)
 
 
+def _page(request: web.Request, rows: list[dict], at: str) -> dict:
+    """One page of a list ordered by (`at`, id): `from` (inclusive) and `to` (exclusive)
+    RFC 3339 times, `limit` rows after `cursor`; `next_cursor` (null on the last page) is
+    the opaque key of the page's last row."""
+    q = request.query
+    try:
+        start = datetime.fromisoformat(q["from"]) if "from" in q else None
+        end = datetime.fromisoformat(q["to"]) if "to" in q else None
+        limit = int(q["limit"]) if "limit" in q else None
+        after = tuple(orjson.loads(base64.urlsafe_b64decode(q["cursor"] + "==="))) \
+            if "cursor" in q else None
+    except (ValueError, TypeError, binascii.Error, orjson.JSONDecodeError):
+        raise web.HTTPBadRequest(body=orjson.dumps({"error": "bad query"}),
+                                 content_type="application/json") from None
+    if (limit is not None and limit < 1) or (after is not None and (
+            len(after) != 2 or not all(isinstance(k, str) for k in after))):
+        raise web.HTTPBadRequest(body=orjson.dumps({"error": "bad limit or cursor"}),
+                                 content_type="application/json")
+
+    def key(row: dict) -> tuple[str, str]:
+        when = datetime.fromisoformat(row[at]).astimezone(UTC)
+        return (when.isoformat(), str(row.get("id") or orjson.dumps(row, option=orjson.OPT_SORT_KEYS)))
+    keyed = sorted(((key(r), r) for r in rows
+                    if (start is None or datetime.fromisoformat(r[at]) >= start)
+                    and (end is None or datetime.fromisoformat(r[at]) < end)),
+                   key=lambda kr: kr[0])
+    if after is not None:
+        keyed = [(k, r) for k, r in keyed if k > after]
+    page = keyed if limit is None else keyed[:limit]
+    more = len(page) < len(keyed)
+    cursor = base64.urlsafe_b64encode(orjson.dumps(page[-1][0])).rstrip(b"=").decode() \
+        if more else None
+    return {"rows": [r for _, r in page], "next_cursor": cursor}
+
+
 def telephony_app(data: DemoData, middlewares=()) -> web.Application:
     app = web.Application(middlewares=list(middlewares))
     app[DATA] = data
@@ -98,7 +138,8 @@ def telephony_app(data: DemoData, middlewares=()) -> web.Application:
 
     @r.get("/euos/{euo}/users/{user}/voicemails")
     async def voicemails(request):
-        return _json({"voicemails": data.voicemails.get(_user(request)["id"], [])})
+        page = _page(request, data.voicemails.get(_user(request)["id"], []), "received_at")
+        return _json({"voicemails": page["rows"], "next_cursor": page["next_cursor"]})
 
     @r.route("*", "/euos/{euo}/users/{user}/voicemails/{id}")
     async def voicemail(request):
@@ -106,7 +147,8 @@ def telephony_app(data: DemoData, middlewares=()) -> web.Application:
 
     @r.get("/euos/{euo}/users/{user}/faxes")
     async def faxes(request):
-        return _json({"faxes": data.faxes.get(_user(request)["id"], [])})
+        page = _page(request, data.faxes.get(_user(request)["id"], []), "at")
+        return _json({"faxes": page["rows"], "next_cursor": page["next_cursor"]})
 
     @r.get("/euos/{euo}/users/{user}/faxes/{id}")
     async def fax(request):
@@ -114,7 +156,8 @@ def telephony_app(data: DemoData, middlewares=()) -> web.Application:
 
     @r.get("/euos/{euo}/users/{user}/recordings")
     async def recordings(request):
-        return _json({"recordings": data.recordings.get(_user(request)["id"], [])})
+        page = _page(request, data.recordings.get(_user(request)["id"], []), "at")
+        return _json({"recordings": page["rows"], "next_cursor": page["next_cursor"]})
 
     @r.route("*", "/euos/{euo}/users/{user}/recordings/{id}")
     async def recording(request):
@@ -125,7 +168,8 @@ def telephony_app(data: DemoData, middlewares=()) -> web.Application:
         rows = data.cdrs[euo_of(request)]
         if "user" in request.query:
             rows = [c for c in rows if c["user_id"] == request.query["user"]]
-        return _json({"cdrs": rows})
+        page = _page(request, rows, "start")
+        return _json({"cdrs": page["rows"], "next_cursor": page["next_cursor"]})
 
     @r.get("/euos/{euo}/trunks/{trunk}/cdrs")
     async def trunk_cdrs(request):
@@ -135,7 +179,8 @@ def telephony_app(data: DemoData, middlewares=()) -> web.Application:
         rows = data.trunk_cdrs[key]
         if "user" in request.query:
             rows = [c for c in rows if c["user_id"] == request.query["user"]]
-        return _json({"cdrs": rows})
+        page = _page(request, rows, "start")
+        return _json({"cdrs": page["rows"], "next_cursor": page["next_cursor"]})
 
     app.add_routes(r)
     return app
@@ -282,7 +327,8 @@ def meeting_app(data: DemoData, middlewares=()) -> web.Application:
             raise _missing()
         if "user" in request.query:
             rows = [s for s in rows if s["user_id"] == request.query["user"]]
-        return _json({"stats": rows})
+        page = _page(request, rows, "at")
+        return _json({"stats": page["rows"], "next_cursor": page["next_cursor"]})
 
     app.add_routes(r)
     return app

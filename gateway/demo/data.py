@@ -1,5 +1,6 @@
 """Demo data: two partners, four EUOs (one whose contract ended), their users, and the
-voicemails (real WAV), faxes (real PDF), recordings, CDRs and meetings the backends serve.
+voicemails (real WAV), faxes (real PDF), recordings, CDRs and meetings (guests and a
+dial-in caller without an account among their participants) the backends serve.
 Some of it is past its retention on purpose (old CDRs, a 400-day-old connection statistic,
 sent faxes, everything of the EUO whose contract ended more than 6 months ago), as real
 backends hold it: the gateway withholds it and reports it."""
@@ -175,11 +176,16 @@ def build(now: datetime | None = None) -> DemoData:
             "documents": [{"id": f"mdoc-{mid}", "name": "slides.pdf", "size": 2048}],
             "whiteboards": [{"id": "wb-1", "svg": "<svg><line x1='0' y1='0' x2='9' y2='9'/></svg>"}],
             "chat": [{"author_id": m, "author": USERS[m][1], "text": f"Hello all, {USERS[m][1]} here",
-                      "at": iso(now - timedelta(days=2))} for m in members],
+                      "at": iso(now - timedelta(days=2))} for m in members]
+            # a guest without an account and a dial-in caller: no user of ours
+            + [{"author_id": None, "author": "Guest 1", "text": "Hi, Jan from the auditors here",
+                "at": iso(now - timedelta(days=2))}],
             "minutes": "Budget approved.",
             "private_notes": notes,
-            "participants": [{"name": f"{USERS[m][1]} {USERS[m][2]}", "email": d.users[m]["email"]}
-                             for m in members],
+            "participants": [{"user_id": m, "name": f"{USERS[m][1]} {USERS[m][2]}",
+                              "email": d.users[m]["email"]} for m in members]
+            + [{"user_id": None, "name": "Guest 1", "email": "jan@auditors.example"},
+               {"user_id": None, "name": "+32 2 555 01 99", "email": None}],
         }
         d.organizers[organizer]["meetings"].append(
             {"id": mid, "topic": "Weekly planning", "start": d.meetings[mid]["start"]})
