@@ -236,32 +236,9 @@ lock table only audit_log in row exclusive mode;
 
 -- name: audit_write_batch
 -- A batch in one statement (one round trip, its own transaction unless one is open): its
--- rows ($1, as audit_row_in: sql/026) and its chain's new head ($2..$4) land together or
--- not at all. `go` is evaluated once, after any lock wait: past the batch's deadline ($5
--- seconds after the statement arrived) nothing is written, so a batch its callers gave up
--- on (and were answered 503 for) does not commit afterwards. Returns the head's seq, or
--- no row when nothing was written.
-with go as materialized (
-    select 1 where clock_timestamp() < statement_timestamp() + make_interval(secs => $5)
-), written as (
-    insert into audit_log (at, chain_id, seq, request_id, actor_sub, actor_role,
-                           actor_partner, actor_euo, method, path, service, route, data_sets,
-                           fields_removed, subject_euo, subject_users, decision, reason,
-                           status, bytes, duration_ms, client_addr, client_request_id,
-                           requests, trace_id, policy_version, break_glass, withheld,
-                           phase, access, salt, prev_hash, row_hash)
-    select r.at, r.chain_id, r.seq, r.request_id, r.actor_sub, r.actor_role,
-           r.actor_partner, r.actor_euo, r.method, r.path, r.service, r.route,
-           r.data_sets::text[], r.fields_removed::text[], r.subject_euo,
-           r.subject_users::text[], r.decision, r.reason, r.status, r.bytes, r.duration_ms,
-           r.client_addr, r.client_request_id, r.requests, r.trace_id, r.policy_version,
-           r.break_glass, r.withheld, r.phase, r.access, r.salt, r.prev_hash, r.row_hash
-      from unnest($1::audit_row_in[]) as r, go
-)
-insert into audit_chain_heads (chain_id, last_seq, last_hash) select $2, $3, $4 from go
-on conflict (chain_id) do update
-    set last_seq = excluded.last_seq, last_hash = excluded.last_hash, updated_at = now()
-returning last_seq;
+-- rows and its chain's new head together, nothing past its deadline (sql/034,
+-- audit_append). The head's seq, or null when nothing was written.
+select audit_append($1::audit_row_in[], $2, $3, $4, $5);
 
 -- name: audit_row_in_fields
 -- The fields of audit_row_in (the writer's batch row type), in order.

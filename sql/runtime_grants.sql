@@ -48,6 +48,8 @@ begin
     execute format('grant select, insert on audit_merkle_nodes to %I', runtime);
     -- … stored a run of a level at a time since 024
     execute format('grant select, insert on audit_merkle_runs to %I', runtime);
+    -- the audit writer's batch append (034)
+    execute format('grant execute on function audit_append(audit_row_in[], uuid, bigint, bytea, double precision) to %I', runtime);
     -- idempotency keys of the gateway API's writes (027): recorded, answered, pruned
     execute format('grant select, insert, update, delete on idempotency_keys to %I', runtime);
 end $$;

@@ -362,7 +362,7 @@ async def test_the_audit_writer_does_not_use_a_connection_the_server_closed(
     async with running_gateway(settings, private_db) as gw, connected(private_db) as admin:
         assert (await call(http, "GET", gw + alice, token_for("alice")))[0] == 200
         pids = [r[0] for r in await admin.fetch(
-            "select pid from pg_stat_activity where query like '%with go as materialized%'"
+            "select pid from pg_stat_activity where query like '%audit_append%'"
             " and pid <> pg_backend_pid()")]
         assert pids
         await admin.execute("select pg_terminate_backend(p) from unnest($1::int[]) p", pids)

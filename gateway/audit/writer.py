@@ -429,7 +429,7 @@ class _Lane:
             prev = row_hash
         return records, prev, leaves
 
-    async def _write(self, batch: list[_Pending]) -> None:
+    async def _write(self, batch: list[_Pending], retry: bool = True) -> None:
         writer = self.writer
         # the batch must commit before its earliest waiting caller gives up
         deadline = min((i.deadline for i in batch if i.deadline is not None),
@@ -472,6 +472,14 @@ class _Lane:
             await self._refused(batch, batch_tx, e)
             return
         except Exception as e:  # any failure means the rows are not durable: fail closed
+            if retry and _unsent(e):
+                # the server had closed the connection before this batch could be sent (the
+                # client library refused to send it): nothing of it reached the database,
+                # so it goes again, once, on a new connection
+                await self.drop_connection()
+                self._new_chain()
+                await self._write(batch, retry=False)
+                return
             log.error("audit write of %d rows failed: %s", len(batch), str(e) or type(e).__name__)
             writer._failing = True
             await self.drop_connection()
@@ -575,6 +583,18 @@ def array_literal(items: Sequence[str | None] | None) -> str | None:
 
 def _quoted(element: str) -> str:
     return '"' + element.replace("\\", "\\\\").replace('"', '\\"') + '"'
+
+
+def _unsent(error: BaseException) -> bool:
+    """Whether asyncpg refused to send a statement on a connection it already knew to be
+    broken (closed, or left mid-protocol by the server's goodbye): nothing was sent. A
+    connection lost while a statement was under way (ConnectionDoesNotExistError) is not
+    that: the statement may have run."""
+    if isinstance(error, asyncpg.InternalClientError):    # raised as the state is set,
+        return "cannot switch to state" in str(error)       # before anything is written
+    return (isinstance(error, asyncpg.InterfaceError)
+            and not isinstance(error, asyncpg.ConnectionDoesNotExistError)
+            and "connection is closed" in str(error))
 
 
 def _closed(conn: asyncpg.pool.PoolConnectionProxy) -> bool:
