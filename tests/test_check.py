@@ -34,8 +34,10 @@ async def test_a_good_setup_passes_and_prints_no_secret(database_url, backends, 
     assert "jwt_secret = (set, hidden)" in out and f"{roles.runtime}:***@" in out
     for line in ("ok: settings", f"role {roles.runtime} holds the runtime grants",
                  "ok: backend telephony answers", "ok: backend meeting answers",
-                 "0 problems, 0 warnings"):
+                 "database commits are durable", "each gateway worker process holds "
+                 "GATEWAY_DB_POOL_MAX + 3", "0 problems, 0 warnings"):
         assert line in out
+    assert re.search(r"database max_connections is \d+", out)
 
 
 async def test_a_policy_that_breaks_a_floor_is_a_problem(database_url, backends, tmp_path):
