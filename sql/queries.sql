@@ -256,6 +256,19 @@ select at, chain_id, seq, request_id, method, path from audit_log a
  where phase = 'intent' and outcome_of(a) = 'unknown'
  order by at, chain_id, seq limit $1;
 
+-- name: audit_abandoned_heads
+-- Chains whose writer is gone: not closed, rows past their last checkpoint, no write for
+-- $1 seconds (gateway audit maintain seals them).
+select h.chain_id, h.last_seq, h.last_hash from audit_chain_heads h
+ where not h.closed and h.last_seq > 0 and h.updated_at < now() - make_interval(secs => $1)
+   and h.last_seq > coalesce((select max(c.seq) from audit_checkpoints c
+                               where c.chain_id = h.chain_id), 0)
+ order by h.chain_id;
+
+-- name: audit_chains_close
+update audit_chain_heads set closed = true, closed_at = now()
+ where chain_id = any($1::uuid[]) and not closed;
+
 -- name: audit_chain_heads
 select chain_id, last_seq, last_hash, updated_at, closed from audit_chain_heads order by chain_id;
 

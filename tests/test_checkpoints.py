@@ -4,10 +4,12 @@ is found; rows after the last checkpoint are reported as not yet sealed."""
 
 from __future__ import annotations
 
+import asyncio
 import os
 import subprocess
 import sys
 import uuid
+from datetime import UTC, datetime
 
 import asyncpg
 import orjson
@@ -18,7 +20,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from gateway.audit.checkpoints import load_public_keys, verify_checkpoints
 
-from .conftest import call, gateway_settings, own_database, running_gateway, wait_for
+from .conftest import call, gateway_main, gateway_settings, own_database, running_gateway, wait_for
 
 pytestmark = pytest.mark.slow
 ACME = "/telephony/euos/euo-acme"
@@ -322,3 +324,58 @@ async def test_a_tree_stored_a_node_a_row_before_goes_on_growing_and_proving(
     assert all(verify_inclusion(record_leaf(row), row["seq"] - 1, second[0], proof, second[1])
                for row, proof in zip(rows, proofs, strict=True))
     assert verify_consistency(first[0], second[0], first[1], second[1], consistency)
+
+
+async def test_maintain_seals_the_chain_of_a_writer_that_is_gone(database_url, template_database,
+                                                                 tmp_path):
+    """A process killed between two checkpoints left rows no checkpoint signs, for ever:
+    `gateway audit maintain` signs (as closed) the head of a chain with rows past its last
+    checkpoint and no write for three checkpoint intervals, with the deployment's key, and
+    the signed tree holds every row; a live chain is left alone."""
+    from gateway.audit import AuditRow, AuditWriter
+    from gateway.db import create_pool
+
+    key = tmp_path / "audit-signing-key.pem"
+    key.write_bytes(Ed25519PrivateKey.generate().private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+        serialization.NoEncryption()))
+    async with own_database(database_url, template_database) as dsn:
+        pool = await create_pool(dsn, 1, 2)
+        try:
+            writer = AuditWriter(pool, queue_max=100)
+            writer.start()
+            for i in range(5):       # then the process "dies": nothing closed, nothing sealed
+                await writer.commit(AuditRow(at=datetime.now(UTC), request_id=f"gone-{i}",
+                                             method="GET", path="/x", decision="allow", status=200))
+            (chain, seq, _), = writer.heads()
+            for task in writer._tasks:
+                task.cancel()
+            env = {"GATEWAY_DATABASE_URL": dsn, "GATEWAY_AUDIT_CHECKPOINT_S": "0.1",
+                   "GATEWAY_AUDIT_SIGNING_KEY_FILE": str(key), "GATEWAY_DATA_DIR": str(tmp_path)}
+
+            async def sealed():
+                done = await asyncio.to_thread(gateway_main, "audit", "maintain", env=env)
+                return f"sealed chain {chain}" in done.stdout and done
+            done = await wait_for(sealed, timeout=10)
+            assert done and done.returncode == 0, done
+            checkpoint = await pool.fetchrow(
+                "select closed, seq, tree_size, version from audit_checkpoints where chain_id = $1",
+                chain)
+            assert tuple(checkpoint) == (True, seq, seq, 2)
+            assert await pool.fetchval("select closed from audit_chain_heads where chain_id = $1",
+                                       chain)
+            again = await asyncio.to_thread(gateway_main, "audit", "maintain", env=env)
+            assert "sealed chain" not in again.stdout          # once
+            public = tmp_path / "audit-signing-key.pub.pem"
+            public.write_bytes(_public_pem(key))
+            async with pool.acquire() as conn:
+                checked = await verify_checkpoints(conn, load_public_keys([public]))
+            assert checked.ok, checked.public()
+        finally:
+            pool.terminate()          # the dead writer's lane still holds its connection
+
+
+def _public_pem(private_key_file) -> bytes:
+    key = serialization.load_pem_private_key(private_key_file.read_bytes(), password=None)
+    return key.public_key().public_bytes(serialization.Encoding.PEM,
+                                         serialization.PublicFormat.SubjectPublicKeyInfo)

@@ -280,6 +280,23 @@ class Checkpointer:
             log.warning("could not seal the audit chains at shutdown: %s", e)
 
 
+async def seal_abandoned(pool: asyncpg.Pool, key: Ed25519PrivateKey, idle_s: float) -> list[str]:
+    """Sign, as closed, the head of every chain whose writer is gone: rows past its last
+    checkpoint and no write for `idle_s` (a live writer signs its own heads every
+    GATEWAY_AUDIT_CHECKPOINT_S). A process killed between two checkpoints left such rows
+    unsealed for ever. The rows are read back (and checked against their hashes) to grow
+    the chain's tree; the chain's ids, sealed."""
+    heads = [(h["chain_id"], h["last_seq"], bytes(h["last_hash"]))
+             for h in await pool.fetch(query("audit_abandoned_heads"), idle_s)]
+    if not heads:
+        return []
+    sealer = Checkpointer(pool, lambda: heads, key, interval_s=0)
+    await pool.execute(query("audit_key_add"), sealer.key_id, raw_public(key.public_key()))
+    await sealer.seal(closed=True)           # nothing more will follow: its writer is gone
+    await pool.execute(query("audit_chains_close"), [chain for chain, _, _ in heads])
+    return [str(chain) for chain, _, _ in heads]
+
+
 # the process's checkpointer; its key also signs what a slice says it is (slices.py)
 CHECKPOINTER = web.AppKey("checkpointer", Checkpointer)
 

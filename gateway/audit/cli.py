@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import sys
+from pathlib import Path
 
 import asyncpg
 import orjson
@@ -15,7 +16,7 @@ from ..errors import Denied
 from ..settings import Settings
 from .api import PUBLIC_FIELDS, _cell, parse_filters, public
 from .chain import verify
-from .checkpoints import load_public_keys, verify_checkpoints
+from .checkpoints import load_public_keys, load_signing_key, seal_abandoned, verify_checkpoints
 
 
 async def run(dsn: str, settings: Settings, args) -> int:
@@ -63,10 +64,56 @@ async def _maintain(conn: asyncpg.Connection, settings: Settings) -> int:
               "(they stay there, chained and verified, and are never pruned)")
     if report.present:
         print(f"present {', '.join(report.present)}")
+    await _seal_abandoned(conn, settings)
     if not await _prune(conn, settings.audit_retention_days, dry_run=False,
                         max_skew_s=settings.max_clock_skew_s):
         return 2
     return 1 if report.blocked else 0
+
+
+async def _seal_abandoned(conn: asyncpg.Connection, settings: Settings) -> None:
+    """Seal the chains of writers that are gone, with the deployment's signing key (the
+    one GATEWAY_AUDIT_SIGNING_KEY_FILE names, or the one the gateway generated under
+    GATEWAY_DATA_DIR); said and skipped when there is none (a new key is never made here:
+    auditors would not know it)."""
+    path = settings.audit_signing_key_file or Path(settings.data_dir) / "audit-signing-key.pem"
+    if not Path(path).exists():
+        print("no audit signing key (GATEWAY_AUDIT_SIGNING_KEY_FILE): chains whose writer is "
+              "gone are not sealed", file=sys.stderr)
+        return
+    pool = _OneConnection(conn)
+    # a live writer signs its heads every GATEWAY_AUDIT_CHECKPOINT_S (which maintain must
+    # share with the gateways): three intervals without a write and unsealed rows, it is gone
+    idle_s = 3 * settings.audit_checkpoint_s
+    for chain in await seal_abandoned(pool, load_signing_key(Path(path)), idle_s):
+        print(f"sealed chain {chain} (its writer is gone)")
+
+
+class _OneConnection:
+    """The Pool methods seal_abandoned uses, on the command's one connection."""
+
+    def __init__(self, conn: asyncpg.Connection):
+        self.conn = conn
+
+    def acquire(self):
+        return _Held(self.conn)
+
+    async def fetch(self, *args):
+        return await self.conn.fetch(*args)
+
+    async def execute(self, *args):
+        return await self.conn.execute(*args)
+
+
+class _Held:
+    def __init__(self, conn):
+        self.conn = conn
+
+    async def __aenter__(self):
+        return self.conn
+
+    async def __aexit__(self, *exc):
+        return False
 
 
 async def _prune(conn: asyncpg.Connection, days: int, dry_run: bool,
