@@ -258,6 +258,17 @@ async def call(http: aiohttp.ClientSession, method: str, url: str, token: str | 
         return r.status, CIMultiDict(r.headers), await r.read()
 
 
+@contextlib.asynccontextmanager
+async def connected(dsn: str) -> AsyncIterator[asyncpg.Connection]:
+    """A connection of the test's own to `dsn` (for locking, tampering, inspecting), cut
+    without waiting when done (a locked or frozen server may not answer a goodbye)."""
+    conn = await asyncpg.connect(dsn)
+    try:
+        yield conn
+    finally:
+        conn.terminate()
+
+
 async def wait_for(predicate, timeout: float = 3.0):
     """Poll an async predicate until it is truthy; return its last value."""
     deadline = time.monotonic() + timeout

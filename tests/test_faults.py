@@ -24,7 +24,7 @@ from gateway.audit.chain import verify
 from gateway.db import EmbeddedPostgres
 from gateway.demo.run import seed_contracts
 
-from .conftest import call, gateway_settings, private_database, running_gateway, wait_for
+from .conftest import call, connected, gateway_settings, private_database, running_gateway, wait_for
 
 pytestmark = pytest.mark.slow
 
@@ -48,15 +48,6 @@ async def faulty_gateway(backends, private_db):
                                 mirror_staleness_s=STALENESS_S)
     async with running_gateway(settings, private_db[1]) as url:
         yield url
-
-
-@contextlib.asynccontextmanager
-async def connected(dsn: str):
-    conn = await asyncpg.connect(dsn)
-    try:
-        yield conn
-    finally:
-        conn.terminate()
 
 
 def postgres_processes(server: EmbeddedPostgres) -> set[int]:

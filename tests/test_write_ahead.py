@@ -12,7 +12,6 @@ import asyncio
 import contextlib
 import uuid
 
-import asyncpg
 import orjson
 import pytest
 import pytest_asyncio
@@ -23,7 +22,15 @@ from gateway.audit.chain import verify
 from gateway.db import POOL
 from gateway.demo.backends import meeting_app, telephony_app
 
-from .conftest import call, gateway_settings, private_database, running_gateway, start_site, wait_for
+from .conftest import (
+    call,
+    connected,
+    gateway_settings,
+    private_database,
+    running_gateway,
+    start_site,
+    wait_for,
+)
 
 pytestmark = pytest.mark.slow
 
@@ -75,15 +82,6 @@ async def recording(demo):
     yield backend
     for runner in runners:
         await runner.cleanup()
-
-
-@contextlib.asynccontextmanager
-async def connected(dsn: str):
-    conn = await asyncpg.connect(dsn)
-    try:
-        yield conn
-    finally:
-        conn.terminate()
 
 
 @contextlib.asynccontextmanager
