@@ -422,16 +422,8 @@ class Erasure:
             if time.monotonic() > self.deadline:
                 result.uncounted.update((ds, "erasure_deadline") for ds in names)
                 continue
-            path = eraser.list.format(**self.fill)
-            if path not in self._listed:
-                self._listed[path] = await self._read(path)
-            document = self._listed[path]
-            if isinstance(document, Failed):
-                result.uncounted.update((ds, document.code) for ds in names)
-                continue
-            listing = _route(self.gw.catalog, path, "GET")
-            counted = held(listing.body, document, self.sub, listing.subject_user is not None)
-            found.update(((path, ds), counted[ds]) for ds in names)
+            document = await self._count_at(eraser.list.format(**self.fill), names, result,
+                                            found)
             items = document.get(eraser.items) if isinstance(document, dict) else None
             if eraser.read is None or not isinstance(items, list):
                 continue
@@ -440,16 +432,8 @@ class Erasure:
                 if not isinstance(item_id, str):       # cannot be read back: not counted
                     result.uncounted.update((ds, "backend_unmappable") for ds in names)
                     continue
-                read_path = eraser.read.format(**self.fill, id=item_id)
-                if read_path not in self._listed:
-                    self._listed[read_path] = await self._read(read_path)
-                read = self._listed[read_path]
-                if isinstance(read, Failed):
-                    result.uncounted.update((ds, read.code) for ds in names)
-                    continue
-                route = _route(self.gw.catalog, read_path, "GET")
-                counted = held(route.body, read, self.sub, route.subject_user is not None)
-                found.update(((read_path, ds), counted[ds]) for ds in names)
+                await self._count_at(eraser.read.format(**self.fill, id=item_id), names, result,
+                                     found)
         result.counted = {ds for _, ds in found} - set(result.uncounted)
         for (_, ds), n in found.items():
             if n and ds not in result.uncounted:
@@ -462,6 +446,21 @@ class Erasure:
     async def _add(self, result: ErasureResult, outcome: Outcome) -> None:
         result.calls.append(outcome)
         await self.ledger.add(outcome)
+
+    async def _count_at(self, path: str, names: list[str], result: ErasureResult,
+                        found: dict) -> Any:
+        """Read `path` (once per erasure) and count what it still holds of `names` into
+        `found`; its document, or None when it could not be read (those not counted)."""
+        if path not in self._listed:
+            self._listed[path] = await self._read(path)
+        document = self._listed[path]
+        if isinstance(document, Failed):
+            result.uncounted.update((ds, document.code) for ds in names)
+            return None
+        route = _route(self.gw.catalog, path, "GET")
+        counted = held(route.body, document, self.sub, route.subject_user is not None)
+        found.update(((path, ds), counted[ds]) for ds in names)
+        return document
 
     def _call(self, method: str, path: str) -> Call:
         call = self.gw.new_call(self.request_id, method, path, self.client)
