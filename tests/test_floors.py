@@ -21,7 +21,7 @@ from gateway.policyset import load_policy_set
 from .conftest import POLICY_DIR, audit_row, call, free_port, gateway_process, serve_env, wait_for
 from .roles import gateway_cli
 
-README = POLICY_DIR.parent / "README.md"
+README = POLICY_DIR.parent / "docs" / "contract.md"      # the data-set table
 VOICEMAILS = "/telephony/euos/euo-acme/users/u-alice/voicemails"
 MEETING = "/meeting/accounts/euo-acme/meetings/mtg-acme-1"
 

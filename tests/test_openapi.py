@@ -22,8 +22,8 @@ METHODS = {"GET", "PUT", "POST", "PATCH", "DELETE"}
 
 
 def _readme_operations() -> set[tuple[str, str]]:
-    text = (ROOT / "README.md").read_text()
-    table = text.split("## Gateway API", 1)[1].split("\n## ", 1)[0]
+    text = (ROOT / "docs" / "gateway-api.md").read_text()
+    table = text.split("# Gateway API", 1)[1].split("\n## ", 1)[0]
     found = set()
     for line in table.splitlines():
         if not line.startswith("| `"):

@@ -60,7 +60,7 @@ async def test_each_worker_holds_its_pool_max_and_one_listener_per_mirror(backen
                 "select count(*) from pg_stat_activity where datname = $1 "
                 "and application_name like 'gateway listener %'", database)
             assert listeners == 2 * MIRRORS
-            readme = (Path(__file__).parent.parent / "README.md").read_text()
+            readme = (Path(__file__).parent.parent / "docs" / "configuration.md").read_text()
             assert f"holds up to `GATEWAY_DB_POOL_MAX` + {MIRRORS} connections" in readme
         finally:
             await admin.close()
