@@ -64,3 +64,23 @@ begin
         raise exception 'alert_rows: per must be actor, partner or euo, not %', per;
     end if;
 end $$;
+
+-- Whether an audit row counts for a measure (the other filters, data set and roles, are
+-- the rule's): the working hours are UTC, `wh_days` ISO weekdays. Off hours count calls
+-- that served or acted upon data, not a look at the gateway's own API (an alert list).
+create function alert_counts(a audit_log, measure text, wh_start time, wh_end time,
+                             wh_days integer[]) returns boolean language sql immutable as $$
+    select case measure
+        when 'distinct_subjects' then a.decision = 'allow'
+                                      and a.access in ('served', 'acted_upon')
+        when 'rows' then a.decision = 'allow'
+        when 'refusals' then a.decision = 'deny'
+        when 'break_glass' then a.decision = 'allow' and a.method = 'POST'
+                                and a.path = '/v1/break-glass' and a.status < 300
+        when 'off_hours' then a.decision = 'allow' and a.access in ('served', 'acted_upon') and (
+            extract(isodow from a.at at time zone 'UTC')::integer <> all(wh_days)
+            or (a.at at time zone 'UTC')::time < wh_start
+            or (a.at at time zone 'UTC')::time >= wh_end)
+        else false
+    end
+$$;

@@ -79,6 +79,24 @@ CREATE TABLE public.audit_log (
 )
 PARTITION BY RANGE (at);
 
+CREATE FUNCTION public.alert_counts(a public.audit_log, measure text, wh_start time without time zone, wh_end time without time zone, wh_days integer[]) RETURNS boolean
+    LANGUAGE sql IMMUTABLE
+    AS $$
+    select case measure
+        when 'distinct_subjects' then a.decision = 'allow'
+                                      and a.access in ('served', 'acted_upon')
+        when 'rows' then a.decision = 'allow'
+        when 'refusals' then a.decision = 'deny'
+        when 'break_glass' then a.decision = 'allow' and a.method = 'POST'
+                                and a.path = '/v1/break-glass' and a.status < 300
+        when 'off_hours' then a.decision = 'allow' and a.access in ('served', 'acted_upon') and (
+            extract(isodow from a.at at time zone 'UTC')::integer <> all(wh_days)
+            or (a.at at time zone 'UTC')::time < wh_start
+            or (a.at at time zone 'UTC')::time >= wh_end)
+        else false
+    end
+$$;
+
 CREATE FUNCTION public.alert_rows(per text, key text, t0 timestamp with time zone, t1 timestamp with time zone) RETURNS SETOF public.audit_log
     LANGUAGE plpgsql STABLE
     AS $$
