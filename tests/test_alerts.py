@@ -127,8 +127,9 @@ ADMIN = dict(role="euo_admin", sub="admin@acme", euo="euo-acme")
 
 @contextlib.asynccontextmanager
 async def alerting_gateway(backends, database_url, template_database, tmp_path):
-    """A gateway of its own database, posting webhooks to a receiver of the test; yields
-    (base URL, the app, the receiver's bodies, the database pool)."""
+    """Two gateways (two instances, each with its evaluator) of one database of their own,
+    posting webhooks to a receiver of the test; yields (the first's base URL, its app, the
+    receiver's bodies, the database pool, both base URLs)."""
     received: list[tuple[dict, bytes]] = []
 
     async def receive(request: web.Request) -> web.Response:
@@ -146,14 +147,20 @@ async def alerting_gateway(backends, database_url, template_database, tmp_path):
     settings = gateway_settings(backends["urls"], webhook_url=f"http://127.0.0.1:{port}/in",
                                 webhook_secret_file=key, webhook_poll_s=0.05)
     async with own_database(database_url, template_database) as dsn:
-        app = create_app(settings, dsn, policy_set=shipped_policy_set(settings.policy_dir))
-        runner, gw_port = await start_site(app, "127.0.0.1", 0)
+        apps, runners, bases = [], [], []
         pool = await asyncpg.create_pool(dsn, min_size=1, max_size=2)
         try:
-            yield f"http://127.0.0.1:{gw_port}", app, received, pool
+            for _ in range(2):
+                apps.append(create_app(settings, dsn,
+                                       policy_set=shipped_policy_set(settings.policy_dir)))
+                runner, gw_port = await start_site(apps[-1], "127.0.0.1", 0)
+                runners.append(runner)
+                bases.append(f"http://127.0.0.1:{gw_port}")
+            yield bases[0], apps[0], received, pool, bases
         finally:
             await pool.close()
-            await runner.cleanup()
+            for runner in runners:
+                await runner.cleanup()
             await hook_runner.cleanup()
 
 
@@ -175,7 +182,7 @@ async def _alerts(http, base, token) -> list[dict]:
 async def test_a_trawl_a_probe_and_repeated_break_glass_raise_one_alert_each(
         backends, database_url, template_database, http, token_for, tmp_path):
     async with alerting_gateway(backends, database_url, template_database, tmp_path) as (
-            base, app, received, pool):
+            base, app, received, pool, bases):
         writer = app[GATEWAY].audit
         staff = token_for(**SAM)
         # the evaluator has started: its watermark is set before anything below is written
@@ -266,9 +273,12 @@ async def test_a_trawl_a_probe_and_repeated_break_glass_raise_one_alert_each(
         headers, body = next((h, b) for h, b in received if b"alert.raised" in b)
         assert verify(b"k" * 32, headers[TIMESTAMP_HEADER], body, headers[SIGNATURE_HEADER])
 
-        # the metric
-        status, _, body = await call(http, "GET", base + "/metrics")
-        assert 'gateway_alerts_raised_total{rule="many_subjects"} 1.0' in body.decode()
+        # the metric: counted by whichever instance's evaluator raised it, once in all
+        counted = 0
+        for one in bases:
+            status, _, body = await call(http, "GET", one + "/metrics")
+            counted += body.decode().count('gateway_alerts_raised_total{rule="many_subjects"} 1.0')
+        assert counted == 1
 
         # acknowledged with a note, audited in the same transaction
         status, _, body = await call(http, "POST", base + f"/v1/alerts/{probe['id']}/ack",
@@ -291,3 +301,33 @@ async def test_a_trawl_a_probe_and_repeated_break_glass_raise_one_alert_each(
             ("deny", 404), ("deny", 400), ("allow", 200)], rows
         status, _, body = await call(http, "GET", base + "/v1/alerts?acked=false", staff)
         assert probe["id"] not in {a["id"] for a in orjson.loads(body)["alerts"]}
+
+
+async def test_normal_demo_traffic_raises_no_alert(backends, database_url, template_database,
+                                                   http, token_for, tmp_path):
+    """Each demo caller at work through the proxy, a few refusals among it (a stale link, a
+    user of another EUO): every row evaluated, no alert."""
+    async with alerting_gateway(backends, database_url, template_database, tmp_path) as (
+            base, _, received, pool, bases):
+        assert await wait_for(lambda: pool.fetchval("select count(*) from alert_watermark"),
+                              timeout=10)
+        acme = "/telephony/euos/euo-acme/users"
+        work = [("staff", acme), ("staff", acme + "/u-alice"), ("staff", acme + "/u-bob"),
+                ("partner", acme), ("partner", acme + "/u-bob"),
+                ("partner", "/telephony/euos/euo-initech/users"),            # refused
+                ("admin", acme), ("admin", acme + "/u-alice/voicemails"),
+                ("admin", "/telephony/euos/euo-globex/users"),               # refused
+                ("alice", acme + "/u-alice"), ("alice", acme + "/u-alice/voicemails"),
+                ("bob", acme + "/u-bob"), ("bob", acme + "/u-alice/voicemails")]   # refused
+        statuses = set()
+        for n in range(3):
+            for who, path in work:
+                status, _, _ = await call(http, "GET", bases[n % 2] + path, token_for(who))
+                statuses.add(status)
+        assert 200 in statuses and 403 in statuses
+        last = await pool.fetchval("select max(at) from audit_log")
+        assert await wait_for(lambda: pool.fetchval(
+            "select at >= $1 from alert_watermark", last), timeout=30)
+        assert await pool.fetchval("select count(*) from alerts") == 0
+        assert await _alerts(http, base, token_for("staff")) == []
+        assert not [b for _, b in received if b"alert.raised" in b]
