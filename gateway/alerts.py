@@ -141,6 +141,9 @@ def _rule(n: int, raw: Any, catalog: Catalog) -> AlertRule:
     unknown = sorted(set(roles) - set(catalog.roles))
     if unknown:
         raise PolicyError(f"{where}: roles {unknown} are not in roles.yaml")
+    if raw.get("baseline") is not None and per != "actor":
+        raise PolicyError(f"{where}: a baseline compares an actor with its role peers: "
+                          "only with per: actor")
     hours = raw.get("working_hours")
     if (measure == "off_hours") != (hours is not None):
         raise PolicyError(f"{where}: working_hours is required by measure off_hours "
@@ -334,8 +337,8 @@ class AlertEvaluator:
             return None
         baseline = None
         if rule.baseline is not None:
-            if rule.per != "actor" or m["actor_role"] is None:
-                return None                  # no peers to compare with: the fixed limit alone
+            if m["actor_role"] is None:
+                return None                  # an anonymous caller has no role peers
             baseline = await self._baseline(conn, rule, m["actor_role"], key, start, wh)
             if baseline is not None and m["observed"] <= rule.baseline.factor * baseline:
                 return None

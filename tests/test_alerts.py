@@ -67,6 +67,8 @@ BAD = [
     ('start: "07:00"', 'start: "21:00"', "working_hours.start must be before end"),
     ("name: refusal_burst", "name: many_subjects", "rule many_subjects is defined twice"),
     ("per: partner", "per: team", "per must be one of"),
+    ("per: actor\n    window: 1h\n    limit: 100", "per: euo\n    window: 1h\n    limit: 100",
+     "rule many_subjects: a baseline compares an actor with its role peers"),
     ("rules:", "rule:", "expected a mapping with a `rules:` list"),
 ]
 
@@ -126,8 +128,9 @@ ADMIN = dict(role="euo_admin", sub="admin@acme", euo="euo-acme")
 
 
 @contextlib.asynccontextmanager
-async def alerting_gateway(backends, database_url, template_database, tmp_path):
-    """Two gateways (two instances, each with its evaluator) of one database of their own,
+async def alerting_gateway(backends, database_url, template_database, tmp_path,
+                           instances: int = 2):
+    """Gateways (two instances, each with its evaluator) of one database of their own,
     posting webhooks to a receiver of the test; yields (the first's base URL, its app, the
     receiver's bodies, the database pool, both base URLs)."""
     received: list[tuple[dict, bytes]] = []
@@ -150,7 +153,7 @@ async def alerting_gateway(backends, database_url, template_database, tmp_path):
         apps, runners, bases = [], [], []
         pool = await asyncpg.create_pool(dsn, min_size=1, max_size=2)
         try:
-            for _ in range(2):
+            for _ in range(instances):
                 apps.append(create_app(settings, dsn,
                                        policy_set=shipped_policy_set(settings.policy_dir)))
                 runner, gw_port = await start_site(apps[-1], "127.0.0.1", 0)
