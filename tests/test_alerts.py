@@ -334,3 +334,27 @@ async def test_normal_demo_traffic_raises_no_alert(backends, database_url, templ
         assert await pool.fetchval("select count(*) from alerts") == 0
         assert await _alerts(http, base, token_for("staff")) == []
         assert not [b for _, b in received if b"alert.raised" in b]
+
+
+async def test_a_reload_gives_the_evaluator_the_new_rules(backends, database_url,
+                                                          template_database, tmp_path):
+    """SIGHUP's reload swaps alerts.yaml's rules into the running evaluator, or keeps the
+    rules in force when the new file is refused."""
+    from gateway.app import ALERTS, reload_policy
+    policy = _own_policy(tmp_path)
+    settings = gateway_settings(backends["urls"], policy_dir=policy)
+    async with own_database(database_url, template_database) as dsn:
+        app = create_app(settings, dsn)
+        runner, _ = await start_site(app, "127.0.0.1", 0)
+        try:
+            assert len(app[ALERTS].rules) == 6
+            path = policy / "alerts.yaml"
+            good = path.read_text()
+            path.write_text(good.replace("window: 5m", "window: later"))
+            assert not await reload_policy(app, policy)
+            assert len(app[ALERTS].rules) == 6
+            path.write_text("rules: []\n")
+            assert await reload_policy(app, policy)
+            assert app[ALERTS].rules == () and app[ALERTS].version == policy_version(policy)
+        finally:
+            await runner.cleanup()
