@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import shutil
 import uuid
 from datetime import UTC, datetime, timedelta
@@ -211,6 +212,13 @@ async def test_a_trawl_a_probe_and_repeated_break_glass_raise_one_alert_each(
         for n in range(400):
             await writer.commit(_read(EVE, now + timedelta(milliseconds=10 * n),
                                       [f"u-{n}"], ("euo-acme", "euo-initech")[n % 2]))
+        # a partner's portal reads connection statistics 501 times (of one user: a partner
+        # reading them in bulk is the rule, however many users)
+        bulk = _read(BLUE, now, ["u-farid"], "euo-initech")
+        for n in range(501):
+            await writer.commit(dataclasses.replace(
+                bulk, request_id=uuid.uuid4().hex, at=now + timedelta(milliseconds=n),
+                data_sets=["connection_statistics"]))
         # the probe: a partner's token refused 25 times (another partner's customer)
         for n in range(25):
             status, _, _ = await call(http, "GET", base + f"/telephony/euos/euo-initech/"
@@ -226,8 +234,9 @@ async def test_a_trawl_a_probe_and_repeated_break_glass_raise_one_alert_each(
         off_hours = not (7 <= now.hour < 20 and now.isoweekday() <= 5)
         expected = {("many_subjects", "staff-eve"), ("refusal_burst", "pat@northwind"),
                     ("repeated_break_glass", "staff-sam")}
-        if off_hours:           # the trawl's 400 calls are outside working hours too
-            expected.add(("off_hours_access", "staff-eve"))
+        expected.add(("bulk_connection_statistics", "p-bluesky"))
+        if off_hours:           # the trawl's and the bulk read's calls are outside them too
+            expected |= {("off_hours_access", "staff-eve"), ("off_hours_access", "bo@bluesky")}
 
         async def raised():
             got = await _alerts(http, base, staff)
@@ -263,7 +272,9 @@ async def test_a_trawl_a_probe_and_repeated_break_glass_raise_one_alert_each(
         assert pat_trawl["subject_euos"] == ["euo-acme"] and pat_trawl["actor"]["sub"] is None
         assert "actor=" not in pat_trawl["audit"]
         blue = {a["rule"] for a in await _alerts(http, base, token_for(**BLUE))}
-        assert "refusal_burst" not in blue and {"many_subjects", "repeated_break_glass"} <= blue
+        assert "refusal_burst" not in blue and {"many_subjects", "repeated_break_glass",
+                                                "bulk_connection_statistics"} <= blue
+        assert "bulk_connection_statistics" not in {r for r, _ in pat}
         admin = {a["rule"] for a in await _alerts(http, base, token_for(**ADMIN))}
         assert admin == {"many_subjects"} | ({"off_hours_access"} if off_hours else set())
         status, _, _ = await call(http, "GET", base + "/v1/alerts", token_for("alice"))
