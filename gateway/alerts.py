@@ -199,7 +199,9 @@ def _working_hours(where: str, raw: Any) -> WorkingHours:
 # --- the evaluator ---------------------------------------------------------------------
 
 ALERT_LOCK = 0x616C_6572     # an advisory lock id ("aler"): one evaluator at a time
-SETTLE_S = 5.0               # a row is evaluated once this old: an older batch may still commit
+# a row is evaluated once this much older than the backend deadline and the audit commit
+# timeout (app.py): a row's `at` is its request's start, committed after the backend answered
+SETTLE_S = 5.0
 BATCH_ROWS = 5000            # the most new audit rows one pass reads
 _DB_ERRORS = (asyncpg.PostgresError, asyncpg.InterfaceError, OSError, TimeoutError)
 

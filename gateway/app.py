@@ -23,7 +23,7 @@ from aiohttp.http_exceptions import HttpProcessingError
 from . import alerts_api, console, explain, export, pipeline, retention_report, subject_requests
 from . import break_glass as break_glass_api
 from .access_log import AccessLog
-from .alerts import AlertEvaluator
+from .alerts import SETTLE_S, AlertEvaluator
 from .audit import AuditRow, AuditWriter
 from .audit import api as audit_api
 from .audit import per_day as audit_per_day
@@ -186,7 +186,9 @@ def _resources(settings: Settings, dsn: str, catalog, policy: Policy, metrics: M
             pool, policy_set.alert_rules, policy_set.version,
             queue_event=lambda conn, payload: webhooks.queue_payload(conn, "alert.raised",
                                                                      payload),
-            observe=metrics.observe_alert)
+            observe=metrics.observe_alert,
+            # a row's `at` is its request's start; it commits once the backend answered
+            settle_s=settings.backend_deadline_s + settings.audit_commit_timeout_s + SETTLE_S)
         alerts.start()
         authn = Authenticator(settings, catalog.roles, clock)
         await authn.start()          # the issuer's key set, if any: fetched, then kept fresh

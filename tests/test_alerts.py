@@ -148,8 +148,10 @@ async def alerting_gateway(backends, database_url, template_database, tmp_path,
     port = site._server.sockets[0].getsockname()[1]
     key = tmp_path / "webhook.key"
     key.write_bytes(b"k" * 32 + b"\n")
+    # short deadlines: a row is evaluated once older than both and 5 s (the settling lag)
     settings = gateway_settings(backends["urls"], webhook_url=f"http://127.0.0.1:{port}/in",
-                                webhook_secret_file=key, webhook_poll_s=0.05)
+                                webhook_secret_file=key, webhook_poll_s=0.05,
+                                backend_deadline_s=2.0, audit_commit_timeout_s=2.0)
     async with own_database(database_url, template_database) as dsn:
         apps, runners, bases = [], [], []
         pool = await asyncpg.create_pool(dsn, min_size=1, max_size=2)
