@@ -20,9 +20,10 @@ import yaml
 from aiohttp import web
 from aiohttp.http_exceptions import HttpProcessingError
 
+from . import alerts_api, console, explain, export, pipeline, retention_report, subject_requests
 from . import break_glass as break_glass_api
-from . import console, explain, export, pipeline, retention_report, subject_requests
 from .access_log import AccessLog
+from .alerts import SETTLE_S, AlertEvaluator
 from .audit import AuditRow, AuditWriter
 from .audit import api as audit_api
 from .audit import per_day as audit_per_day
@@ -112,6 +113,7 @@ def create_app(settings: Settings, dsn: str, reload_on_sighup: bool = False,
     explain.add_routes(app)
     subject_requests.add_routes(app)
     break_glass_api.add_routes(app)
+    alerts_api.add_routes(app)
     export.add_routes(app)
     console.add_routes(app)
     retention_report.add_routes(app)
@@ -179,6 +181,15 @@ def _resources(settings: Settings, dsn: str, catalog, policy: Policy, metrics: M
             keep_days=settings.webhook_keep_days)
         webhooks.start()
         metrics.watch_requests(webhooks)
+        policy_set = app[POLICY_SET]
+        alerts = app[ALERTS] = AlertEvaluator(
+            pool, policy_set.alert_rules, policy_set.version,
+            queue_event=lambda conn, payload: webhooks.queue_payload(conn, "alert.raised",
+                                                                     payload),
+            observe=metrics.observe_alert,
+            # a row's `at` is its request's start; it commits once the backend answered
+            settle_s=settings.backend_deadline_s + settings.audit_commit_timeout_s + SETTLE_S)
+        alerts.start()
         authn = Authenticator(settings, catalog.roles, clock)
         await authn.start()          # the issuer's key set, if any: fetched, then kept fresh
         app[POOL] = pool
@@ -205,6 +216,7 @@ def _resources(settings: Settings, dsn: str, catalog, policy: Policy, metrics: M
         try:
             yield
         finally:
+            await alerts.close()
             await webhooks.close()
             await authn.close()
             await anonymous.close()
@@ -246,6 +258,7 @@ class GatewayRunner(web.AppRunner):
 
 
 POLICY_SET = web.AppKey("policy_set", PolicySet)
+ALERTS = web.AppKey("alerts", AlertEvaluator)
 
 
 GC_THRESHOLDS = (GC_GEN0, GC_GEN1, GC_GEN2) = (20_000, 20, 100)
@@ -291,6 +304,8 @@ async def reload_policy(app: web.Application, policy_dir) -> bool:
             log.error("policy reload refused, policy %s stays in force: %s", gw.policy_version, e)
             return False
         gw.use(new.catalog, new.policy, new.version, new.export_sources, new.erasers)
+        if ALERTS in app:
+            app[ALERTS].use(new.alert_rules, new.version)
     log.info("policy %s in force (reloaded from %s)", new.version, policy_dir)
     return True
 

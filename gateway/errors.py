@@ -28,6 +28,8 @@ REASONS: dict[str, tuple[int, str]] = {
     "invalid_request": (400, "a data-subject request body is malformed"),
     "invalid_break_glass": (400, "a break-glass request lacks a purpose or ticket, asks too "
                                  "long or holds an unknown field"),
+    "invalid_ack": (400, "an alert's acknowledgement lacks a note (1-1000 characters) or holds "
+                         "an unknown field"),
     "bad_filter": (400, "an audit or request filter is malformed, repeated or unknown"),
     "bad_explain": (400, "explain needs a method and a backend path"),
     "bad_cursor": (400, "the paging cursor is not one the gateway gave out"),
@@ -70,6 +72,7 @@ REASONS: dict[str, tuple[int, str]] = {
     "no_contract": (404, "the EUO has no contract"),
     "no_such_request": (404, "no such data-subject request in the caller's scope"),
     "no_such_grant": (404, "no such break-glass grant in the caller's scope"),
+    "no_such_alert": (404, "no such alert in the caller's scope"),
     "backend_not_found": (404, "the backend has no such resource"),
     "no_such_checkpoint": (404, "no audit checkpoint has that id"),
     "invalid_transition": (409, "the request cannot make that move (its state, your role) or has moved"),

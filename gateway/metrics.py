@@ -193,6 +193,9 @@ class Metrics:
         self.webhooks = Counter("gateway_webhook_deliveries",
                                 "Webhook delivery attempts by outcome (delivered, failed, given_up)",
                                 ("outcome",), registry=r)
+        self.alerts = Counter("gateway_alerts_raised",
+                              "Alerts raised by rule (alerts.yaml), by this process's evaluator",
+                              ("rule",), registry=r)
         # the labelled children per (route, decision, status, reason): a dict hit per request
         # instead of labels()' validation and locking; bounded, as routes are the route
         # table's templates and reasons the error catalogue's ids
@@ -222,6 +225,9 @@ class Metrics:
         route = route or "unmatched"
         return (self.requests.labels(route, decision, str(status)), self.duration.labels(route),
                 self.refusals.labels(reason) if decision != "allow" and reason else None)
+
+    def observe_alert(self, rule: str) -> None:
+        self.alerts.labels(rule).inc()
 
     def observe_backend(self, service: str, seconds: float) -> None:
         """One backend call answered after `seconds`."""

@@ -13,6 +13,7 @@ import hashlib
 from dataclasses import dataclass
 from pathlib import Path
 
+from .alerts import AlertRule, load_alert_rules
 from .authz import Policy, load_policy
 from .catalog import Catalog, PolicyError, load_catalog
 from .erasure import Eraser, load_erasers
@@ -28,6 +29,7 @@ class PolicySet:
     export_sources: ExportSpec       # export.yaml: its sources and assisted purposes
     version: str
     erasers: tuple[Eraser, ...] = ()     # routes.yaml's erasure: entries
+    alert_rules: tuple[AlertRule, ...] = ()   # alerts.yaml's rules (alerts.py)
 
 
 def policy_version(policy_dir: Path) -> str:
@@ -58,12 +60,13 @@ def load_policy_set(policy_dir: Path) -> PolicySet:
         for name, role in catalog.roles.items() if role.data_subject))
     sources = _loading("export.yaml", load_sources, policy_dir, catalog, readable)
     erasers = tuple(_loading("routes.yaml (erasure:)", load_erasers, policy_dir, catalog))
+    alert_rules = _loading("alerts.yaml", load_alert_rules, policy_dir, catalog)
     if policy_version(policy_dir) != version:
         # a file changed while being read: refuse rather than record a version that lies
         raise PolicyError(f"{policy_dir} changed while it was being loaded; try again")
     if catalog.lowered_floors:
         version += f"+floors-lowered-{len(catalog.lowered_floors)}"
-    return PolicySet(catalog, policy, sources, version, erasers)
+    return PolicySet(catalog, policy, sources, version, erasers, alert_rules)
 
 
 def _loading(files: str, load, *args):

@@ -27,7 +27,7 @@ SQL_DIR = _package_data("sql")
 UPSTREAM_PREFIX = "GATEWAY_UPSTREAM_"
 # the files of a policy directory (their bytes make the policy version)
 POLICY_FILES = ("model.conf", "policy.csv", "roles.yaml", "datasets.yaml", "routes.yaml",
-                "export.yaml")
+                "export.yaml", "alerts.yaml")
 
 
 def upstream_variable(service: str) -> str:

@@ -36,7 +36,7 @@ log = logging.getLogger("gateway.webhooks")
 
 EVENTS = ("request.filed", "request.due_soon", "request.overdue", "request.resolved",
           "request.erasure_failed", "restriction.lifted", "break_glass.opened",
-          "break_glass.ended")
+          "break_glass.ended", "alert.raised")
 SIGNATURE_HEADER = "X-Gateway-Signature"
 TIMESTAMP_HEADER = "X-Gateway-Timestamp"
 BATCH = 20

@@ -467,3 +467,113 @@ select current_setting('fsync') as fsync, current_setting('full_page_writes') as
 -- The database's time now (unix seconds): the one clock the gateway decides with
 -- (gateway/clock.py), and what `gateway audit maintain` compares the host's clock with.
 select extract(epoch from clock_timestamp())::float8;
+
+-- name: alert_watermark_init
+-- A new evaluator starts from now less the settling lag: no alert about the past
+insert into alert_watermark (at, chain_id, seq)
+values (now() - make_interval(secs => $1), '00000000-0000-0000-0000-000000000000', -1)
+on conflict (id) do nothing;
+
+-- name: alert_watermark
+select at, chain_id, seq from alert_watermark for update;
+
+-- name: alert_watermark_move
+update alert_watermark set at = $1, chain_id = $2, seq = $3, moved_at = now();
+
+-- name: alert_new_rows
+-- The audit rows after the watermark, settled ($4 seconds old: a batch of an older time
+-- commits within the audit writer's deadline), in (at, chain_id, seq) order, at most $5
+select at, chain_id, seq, actor_sub, actor_role, actor_partner, actor_euo, data_sets,
+       decision, phase
+  from audit_log
+ where (at, chain_id, seq) > ($1, $2, $3) and at <= now() - make_interval(secs => $4)
+ order by at, chain_id, seq
+ limit $5;
+
+-- name: alert_measure
+-- One rule's value for one key over ($3, $4]: $1 per, $2 key, $5 measure, $6 data set
+-- (null: any), $7 roles (null: any), $8/$9/$10 working hours (off_hours); with the EUOs
+-- whose data the counted rows served or acted upon (a refusal touched none) and the last
+-- counted row's actor.
+with counted as (
+    select a.* from alert_rows($1, $2, $3, $4) a
+     where ($6::text is null or $6::text = any(a.data_sets))
+       and ($7::text[] is null or a.actor_role = any($7::text[]))
+       and alert_counts(a, $5, $8, $9, $10)
+), last as (
+    select actor_sub, actor_role, actor_partner, actor_euo from counted
+     order by at desc, chain_id desc, seq desc limit 1
+)
+select case when $5 = 'distinct_subjects'
+            then (select count(distinct u) from counted, unnest(counted.subject_users) u)
+            else (select count(*) from counted) end as observed,
+       (select coalesce(array_agg(distinct subject_euo), '{}') from counted
+         where subject_euo is not null and decision = 'allow') as subject_euos,
+       last.actor_sub, last.actor_role, last.actor_partner, last.actor_euo
+  from (select 1) one left join last on true;
+
+-- name: alert_baseline
+-- The median of a measure among an actor's role peers ($1 role, $2 the actor left out),
+-- per peer and window-long bucket ($7 seconds) in [$3, $4), over the buckets in which the
+-- peer was counted at all; $5 measure, $6 data set, $8/$9/$10 working hours. Null: no peer.
+with counted as (
+    select a.* from audit_log a
+     where a.at >= $3 and a.at < $4 and a.actor_role = $1 and a.actor_sub <> $2
+       and a.phase is distinct from 'outcome'
+       and ($6::text is null or $6::text = any(a.data_sets))
+       and alert_counts(a, $5, $8, $9, $10)
+), per_bucket as (
+    select c.actor_sub, floor(extract(epoch from c.at) / $7::double precision) as bucket,
+           count(distinct u) as subjects, count(distinct (c.chain_id, c.seq)) as calls
+      from counted c left join lateral unnest(c.subject_users) u on true
+     group by 1, 2
+)
+select percentile_cont(0.5) within group (
+           order by case when $5 = 'distinct_subjects' then subjects else calls end)
+  from per_bucket;
+
+-- name: alert_recent
+-- Whether this rule already alerted about this key for a window overlapping ($3, ...]
+select 1 from alerts where rule = $1 and key = $2 and observed_to > $3 limit 1;
+
+-- name: alert_raise
+insert into alerts (rule, per, key, window_start, observed_from, observed_to, observed,
+                    limit_value, baseline, factor, actor_sub, actor_role, actor_partner,
+                    actor_euo, subject_euos, audit_query, policy_version)
+values ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16, $17)
+on conflict (rule, key, window_start) do nothing
+returning *;
+
+-- name: alert_list
+-- The alerts in a caller's scope, newest first: $1 an EUO admin's EUO (alerts about its
+-- people or its data), $2 a partner (about its people, or its customers' data while it
+-- held them); $3 acknowledged or not (null: both), $4 rule (null: any), $5 limit, $6 one
+-- alert's id (null: any). With the
+-- EUOs named that are in the caller's scope (never another partner's customers).
+select al.*, array(
+           select e from unnest(al.subject_euos) e
+            where ($1::text is null or e = $1)
+              and ($2::text is null or exists (
+                   select 1 from contract_history h
+                    where h.partner_id = $2 and h.euo_id = e
+                      and al.observed_to >= h.started_at
+                      and (h.ended_at is null or al.observed_from < h.ended_at)))
+       ) as euos_in_scope
+  from alerts al
+ where ($1::text is null or al.actor_euo = $1 or $1 = any(al.subject_euos))
+   and ($2::text is null or al.actor_partner = $2 or exists (
+        select 1 from contract_history h
+         where h.partner_id = $2 and h.euo_id = any(al.subject_euos)
+           and al.observed_to >= h.started_at
+           and (h.ended_at is null or al.observed_from < h.ended_at)))
+   and ($3::boolean is null or (al.acked_at is not null) = $3)
+   and ($4::text is null or al.rule = $4)
+   and ($6::uuid is null or al.id = $6)
+ order by al.raised_at desc, al.id desc
+ limit $5;
+
+-- name: alert_ack
+-- Acknowledged once: a second acknowledgement changes nothing (null)
+update alerts set acked_at = now(), acked_by = $2, ack_note = $3
+ where id = $1 and acked_at is null
+returning *;

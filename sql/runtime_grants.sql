@@ -52,4 +52,9 @@ begin
     execute format('grant execute on function audit_append(audit_row_in[], uuid, bigint, bytea, double precision) to %I', runtime);
     -- idempotency keys of the gateway API's writes (027): recorded, answered, pruned
     execute format('grant select, insert, update, delete on idempotency_keys to %I', runtime);
+    -- alerts (033): raised by the elected evaluator, acknowledged through the API
+    execute format('grant select, insert, update on alerts to %I', runtime);
+    execute format('grant select, insert, update on alert_watermark to %I', runtime);
+    execute format('grant execute on function alert_rows(text, text, timestamptz, timestamptz) to %I', runtime);
+    execute format('grant execute on function alert_counts(audit_log, text, time, time, integer[]) to %I', runtime);
 end $$;

@@ -40,6 +40,81 @@ CREATE TYPE public.audit_row_in AS (
 	row_hash bytea
 );
 
+CREATE TABLE public.audit_log (
+    at timestamp with time zone NOT NULL,
+    chain_id uuid NOT NULL,
+    seq bigint NOT NULL,
+    request_id text NOT NULL,
+    actor_sub text,
+    actor_role text,
+    actor_partner text,
+    actor_euo text,
+    method text NOT NULL,
+    path text NOT NULL,
+    service text,
+    route text,
+    data_sets text[] NOT NULL,
+    fields_removed text[] NOT NULL,
+    subject_euo text,
+    subject_users text[] NOT NULL,
+    decision text NOT NULL,
+    reason text,
+    status integer NOT NULL,
+    bytes bigint NOT NULL,
+    duration_ms double precision NOT NULL,
+    client_addr text,
+    prev_hash bytea NOT NULL,
+    row_hash bytea NOT NULL,
+    client_request_id text,
+    requests integer,
+    trace_id text,
+    policy_version text,
+    withheld text,
+    break_glass uuid,
+    phase text,
+    access text,
+    salt text,
+    CONSTRAINT audit_log_access_check CHECK (((access IS NULL) OR (access = ANY (ARRAY['served'::text, 'acted_upon'::text, 'named'::text, 'explained'::text])))),
+    CONSTRAINT audit_log_phase_check CHECK (((phase IS NULL) OR (phase = ANY (ARRAY['intent'::text, 'outcome'::text]))))
+)
+PARTITION BY RANGE (at);
+
+CREATE FUNCTION public.alert_counts(a public.audit_log, measure text, wh_start time without time zone, wh_end time without time zone, wh_days integer[]) RETURNS boolean
+    LANGUAGE sql IMMUTABLE
+    AS $$
+    select case measure
+        when 'distinct_subjects' then a.decision = 'allow'
+                                      and a.access in ('served', 'acted_upon')
+        when 'rows' then a.decision = 'allow'
+        when 'refusals' then a.decision = 'deny'
+        when 'break_glass' then a.decision = 'allow' and a.method = 'POST'
+                                and a.path = '/v1/break-glass' and a.status < 300
+        when 'off_hours' then a.decision = 'allow' and a.access in ('served', 'acted_upon') and (
+            extract(isodow from a.at at time zone 'UTC')::integer <> all(wh_days)
+            or (a.at at time zone 'UTC')::time < wh_start
+            or (a.at at time zone 'UTC')::time >= wh_end)
+        else false
+    end
+$$;
+
+CREATE FUNCTION public.alert_rows(per text, key text, t0 timestamp with time zone, t1 timestamp with time zone) RETURNS SETOF public.audit_log
+    LANGUAGE plpgsql STABLE
+    AS $$
+begin
+    if per = 'actor' then
+        return query select * from audit_log a where a.actor_sub = key and a.at > t0
+            and a.at <= t1 and a.phase is distinct from 'outcome';
+    elsif per = 'partner' then
+        return query select * from audit_log a where a.actor_partner = key and a.at > t0
+            and a.at <= t1 and a.phase is distinct from 'outcome';
+    elsif per = 'euo' then
+        return query select * from audit_log a where a.actor_euo = key and a.at > t0
+            and a.at <= t1 and a.phase is distinct from 'outcome';
+    else
+        raise exception 'alert_rows: per must be actor, partner or euo, not %', per;
+    end if;
+end $$;
+
 CREATE FUNCTION public.audit_append(batch public.audit_row_in[], chain uuid, last_seq bigint, last_hash bytea, left_s double precision) RETURNS bigint
     LANGUAGE plpgsql
     AS $$
@@ -292,45 +367,6 @@ begin
     return null;
 end $$;
 
-CREATE TABLE public.audit_log (
-    at timestamp with time zone NOT NULL,
-    chain_id uuid NOT NULL,
-    seq bigint NOT NULL,
-    request_id text NOT NULL,
-    actor_sub text,
-    actor_role text,
-    actor_partner text,
-    actor_euo text,
-    method text NOT NULL,
-    path text NOT NULL,
-    service text,
-    route text,
-    data_sets text[] NOT NULL,
-    fields_removed text[] NOT NULL,
-    subject_euo text,
-    subject_users text[] NOT NULL,
-    decision text NOT NULL,
-    reason text,
-    status integer NOT NULL,
-    bytes bigint NOT NULL,
-    duration_ms double precision NOT NULL,
-    client_addr text,
-    prev_hash bytea NOT NULL,
-    row_hash bytea NOT NULL,
-    client_request_id text,
-    requests integer,
-    trace_id text,
-    policy_version text,
-    withheld text,
-    break_glass uuid,
-    phase text,
-    access text,
-    salt text,
-    CONSTRAINT audit_log_access_check CHECK (((access IS NULL) OR (access = ANY (ARRAY['served'::text, 'acted_upon'::text, 'named'::text, 'explained'::text])))),
-    CONSTRAINT audit_log_phase_check CHECK (((phase IS NULL) OR (phase = ANY (ARRAY['intent'::text, 'outcome'::text]))))
-)
-PARTITION BY RANGE (at);
-
 CREATE FUNCTION public.outcome_of(r public.audit_log) RETURNS text
     LANGUAGE sql STABLE
     AS $$
@@ -376,6 +412,41 @@ begin
     get diagnostics n = row_count;
     return n;
 end $$;
+
+CREATE TABLE public.alert_watermark (
+    id boolean DEFAULT true NOT NULL,
+    at timestamp with time zone NOT NULL,
+    chain_id uuid NOT NULL,
+    seq bigint NOT NULL,
+    moved_at timestamp with time zone DEFAULT now() NOT NULL,
+    CONSTRAINT alert_watermark_id_check CHECK (id)
+);
+
+CREATE TABLE public.alerts (
+    id uuid DEFAULT gen_random_uuid() NOT NULL,
+    rule text NOT NULL,
+    per text NOT NULL,
+    key text NOT NULL,
+    window_start timestamp with time zone NOT NULL,
+    observed_from timestamp with time zone NOT NULL,
+    observed_to timestamp with time zone NOT NULL,
+    observed bigint NOT NULL,
+    limit_value bigint NOT NULL,
+    baseline double precision,
+    factor double precision,
+    actor_sub text,
+    actor_role text,
+    actor_partner text,
+    actor_euo text,
+    subject_euos text[] DEFAULT '{}'::text[] NOT NULL,
+    audit_query text NOT NULL,
+    policy_version text,
+    raised_at timestamp with time zone DEFAULT now() NOT NULL,
+    acked_at timestamp with time zone,
+    acked_by text,
+    ack_note text,
+    CONSTRAINT alerts_per_check CHECK ((per = ANY (ARRAY['actor'::text, 'partner'::text, 'euo'::text])))
+);
 
 CREATE TABLE public.audit_chain_heads (
     chain_id uuid NOT NULL,
@@ -620,6 +691,15 @@ ALTER TABLE ONLY public.webhook_deliveries ALTER COLUMN id SET DEFAULT nextval('
 
 ALTER TABLE ONLY public.webhook_outbox ALTER COLUMN id SET DEFAULT nextval('public.webhook_outbox_id_seq'::regclass);
 
+ALTER TABLE ONLY public.alert_watermark
+    ADD CONSTRAINT alert_watermark_pkey PRIMARY KEY (id);
+
+ALTER TABLE ONLY public.alerts
+    ADD CONSTRAINT alerts_pkey PRIMARY KEY (id);
+
+ALTER TABLE ONLY public.alerts
+    ADD CONSTRAINT alerts_rule_key_window_start_key UNIQUE (rule, key, window_start);
+
 ALTER TABLE ONLY public.audit_chain_heads
     ADD CONSTRAINT audit_chain_heads_pkey PRIMARY KEY (chain_id);
 
@@ -662,6 +742,10 @@ ALTER TABLE ONLY public.webhook_deliveries
 ALTER TABLE ONLY public.webhook_outbox
     ADD CONSTRAINT webhook_outbox_pkey PRIMARY KEY (id);
 
+CREATE INDEX alerts_raised ON public.alerts USING btree (raised_at DESC, id DESC);
+
+CREATE INDEX alerts_subject_euos ON public.alerts USING gin (subject_euos);
+
 CREATE INDEX audit_checkpoints_chain ON public.audit_checkpoints USING btree (chain_id, seq);
 
 CREATE INDEX audit_checkpoints_id ON public.audit_checkpoints USING btree (id);
@@ -670,9 +754,17 @@ CREATE INDEX audit_checkpoints_tree ON public.audit_checkpoints USING btree (cha
 
 CREATE INDEX audit_log_actor ON ONLY public.audit_log USING btree (actor_sub, at DESC);
 
+CREATE INDEX audit_log_actor_euo_at ON ONLY public.audit_log USING btree (actor_euo, at) WHERE (actor_euo IS NOT NULL);
+
 CREATE INDEX audit_log_at ON ONLY public.audit_log USING btree (at DESC, chain_id DESC, seq DESC);
 
 CREATE INDEX audit_log_chain ON ONLY public.audit_log USING btree (chain_id, seq);
+
+CREATE INDEX audit_log_default_actor_euo_at_idx ON public.audit_log_default USING btree (actor_euo, at) WHERE (actor_euo IS NOT NULL);
+
+CREATE INDEX audit_log_partner_at ON ONLY public.audit_log USING btree (actor_partner, at) WHERE (actor_partner IS NOT NULL);
+
+CREATE INDEX audit_log_default_actor_partner_at_idx ON public.audit_log_default USING btree (actor_partner, at) WHERE (actor_partner IS NOT NULL);
 
 CREATE INDEX audit_log_default_actor_sub_at_idx ON public.audit_log_default USING btree (actor_sub, at DESC);
 
@@ -717,6 +809,10 @@ CREATE INDEX webhook_deliveries_outbox ON public.webhook_deliveries USING btree 
 CREATE INDEX webhook_outbox_pending ON public.webhook_outbox USING btree (next_attempt_at) WHERE ((delivered_at IS NULL) AND (given_up_at IS NULL));
 
 CREATE INDEX webhook_outbox_pending_by_subject ON public.webhook_outbox USING btree (COALESCE((request_id)::text, (payload ->> 'id'::text)), id) WHERE ((delivered_at IS NULL) AND (given_up_at IS NULL));
+
+ALTER INDEX public.audit_log_actor_euo_at ATTACH PARTITION public.audit_log_default_actor_euo_at_idx;
+
+ALTER INDEX public.audit_log_partner_at ATTACH PARTITION public.audit_log_default_actor_partner_at_idx;
 
 ALTER INDEX public.audit_log_actor ATTACH PARTITION public.audit_log_default_actor_sub_at_idx;
 

@@ -215,7 +215,8 @@ _SHAPES = st.sampled_from([None, True, 0, -1, 1.5, "", "x", [], {}, [[1]], [{}],
 @pytest.mark.slow
 @settings(max_examples=60, deadline=None,
           suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
-@given(name=st.sampled_from(["roles.yaml", "datasets.yaml", "routes.yaml", "export.yaml"]),
+@given(name=st.sampled_from(["roles.yaml", "datasets.yaml", "routes.yaml", "export.yaml",
+                             "alerts.yaml"]),
        data=st.data())
 def test_a_policy_file_of_any_shape_is_loaded_or_a_policy_error(tmp_path_factory, name, data):
     from gateway.policyset import load_policy_set

@@ -79,6 +79,7 @@ MALFORMED = [
     # (file, text, replaced by): typos of the shape, not of the floors
     ("routes.yaml", "subject: {euo: euo, user: user}", "subject: [euo, user]"),
     ("roles.yaml", "gateway_api: [", "gateway_api: [{audit: 1}, "),
+    ("alerts.yaml", "window: 5m", "window: [5m]"),
 ]
 
 

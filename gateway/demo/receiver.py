@@ -39,6 +39,12 @@ def receiver_app(secret: bytes) -> web.Application:
                   f"{g.get('ends_at')}, ticket {g.get('ticket')}"
                   + (f", ended by {g.get('ended_by')}" if g.get("ended_at") else ""), flush=True)
             return web.Response(status=204)
+        if "alert" in event:                 # alert.raised: a rule of alerts.yaml
+            a = event["alert"] or {}
+            print(f"webhook {event.get('event')} (signature ok): alert {a.get('rule')} about "
+                  f"{a.get('key')}: {a.get('observed')} (limit {a.get('limit')}), "
+                  f"see {a.get('audit')}", flush=True)
+            return web.Response(status=204)
         req = event.get("request") or {}
         print(f"webhook {event.get('event')} (signature ok): request {req.get('id')} "
               f"{req.get('type')} {req.get('status')} of {req.get('euo_id')}/{req.get('user_sub')}"
