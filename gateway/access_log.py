@@ -1,4 +1,4 @@
-"""The access log: one JSON line per request on stdout, for operators (README.md, Observability).
+"""The access log: one JSON line per request on stdout, for operators (docs/operate.md, Observability).
 
 A line says what an operator needs to follow traffic — the gateway's request id and the
 client's, the method, the route's template (`telephony:/euos/{euo}/users/{user}`, never the

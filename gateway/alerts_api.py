@@ -1,4 +1,4 @@
-"""GET /v1/alerts and POST /v1/alerts/{id}/ack (README.md, Alerts): the alerts the
+"""GET /v1/alerts and POST /v1/alerts/{id}/ack (docs/audit.md, Alerts): the alerts the
 evaluator raised (alerts.py), scoped like /v1/audit, acknowledged with a note."""
 
 from __future__ import annotations

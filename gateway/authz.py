@@ -81,7 +81,7 @@ class Policy:
         return out
 
     def check_floors(self, policy_file: Path | str = "policy.csv") -> None:
-        """Raise PolicyError listing every floor (README.md, Contract, Floors) this policy breaks."""
+        """Raise PolicyError listing every floor (docs/contract.md, Floors) this policy breaks."""
         problems = list(self._unknown)
         data_sets, roles = self.catalog.data_sets, self.catalog.roles
         for (name, rel, act), granted in self._lines.items():
@@ -118,7 +118,7 @@ class Policy:
                     problems.append(f"the author ({name}) of {ds_name} may not read them")
         if problems:
             raise PolicyError(f"{policy_file} breaks floors that no policy may lower "
-                              "(README.md, Contract, Floors):\n  - " + "\n  - ".join(problems))
+                              "(docs/contract.md, Floors):\n  - " + "\n  - ".join(problems))
 
 
 def load_policy(policy_dir: Path, catalog: Catalog) -> Policy:

@@ -3,7 +3,7 @@ pre-built request head per call, answers parsed by llhttp (httptools, the parser
 aiohttp's own client uses), bodies with a length, chunked or up to the close.
 
 Why not aiohttp's client: on the proxy's path it cost ~150-190 µs of CPU per call
-against ~40-60 µs for bare keep-alive streams on the same machine (README, Benchmarks):
+against ~40-60 µs for bare keep-alive streams on the same machine (docs/benchmarks.md):
 URL objects, cookie handling, header multidicts, tracing hooks and timers the gateway
 never uses. This client does only what the backend hop needs, and raises aiohttp's own
 exception types so the callers' error mapping (502/504) is the same.

@@ -207,7 +207,7 @@ class Call:
             raise outcome_unknown(self.row.request_id) from None
 
     async def refuse(self, denial: Denied) -> web.Response:
-        """Audit the refusal, then the error answer (README.md, Errors)."""
+        """Audit the refusal, then the error answer (docs/gateway-api.md, Errors)."""
         try:
             await self.record_refusal(denial)
         except Denied as unavailable:

@@ -28,7 +28,7 @@ ACTION_OF_METHOD = {"GET": "read", "HEAD": "read", "PATCH": "write", "PUT": "wri
 
 
 class PolicyError(Exception):
-    """The policy files are missing, malformed, or break a floor (README.md, Contract, Floors)."""
+    """The policy files are missing, malformed, or break a floor (docs/contract.md, Floors)."""
 
 
 @dataclass(frozen=True)
@@ -247,7 +247,7 @@ def _lowered_floors(policy_dir: Path, data_sets: dict[str, DataSet]) -> dict[str
     problems = floors.check(data_sets, declared)
     if problems:
         raise PolicyError(f"{policy_dir / 'datasets.yaml'} lowers floors that no policy may "
-                          "lower (README.md, Contract, Floors):\n  - " + "\n  - ".join(problems))
+                          "lower (docs/contract.md, Floors):\n  - " + "\n  - ".join(problems))
     return declared
 
 

@@ -104,7 +104,7 @@ REASONS: dict[str, tuple[int, str]] = {
 
 
 class Denied(Exception):
-    """Stop the request with this status and stable reason id (README.md, Errors)."""
+    """Stop the request with this status and stable reason id (docs/gateway-api.md, Errors)."""
 
     def __init__(self, status: int, code: str, message: str):
         super().__init__(message)
@@ -115,7 +115,7 @@ class Denied(Exception):
 
 def error_response(status: int, code: str, message: str, request_id: str,
                    headers: dict[str, str] | None = None) -> web.Response:
-    """The error body (README.md, Errors): {"error": {"code", "message", "request_id"}}."""
+    """The error body (docs/gateway-api.md, Errors): {"error": {"code", "message", "request_id"}}."""
     body = orjson.dumps({"error": {"code": code, "message": message, "request_id": request_id}})
     return web.Response(status=status, body=body, content_type="application/json",
                         headers=headers)

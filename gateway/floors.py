@@ -1,4 +1,4 @@
-"""The floors of the Provider's data-set table, shipped with the code (README.md, Contract,
+"""The floors of the Provider's data-set table, shipped with the code (docs/contract.md,
 Data sets and Floors): which data sets are `(**)`, hidden from which column, and whose data
 each is. Written by hand from the published table, not from any policy file.
 

@@ -1,4 +1,4 @@
-"""Prometheus metrics (README.md, Observability).
+"""Prometheus metrics (docs/operate.md, Observability).
 
 Per request: requests by route, decision and status, their latency, and refusals by reason,
 observed once per finished call (`Call`'s observer); per backend call, the time to its

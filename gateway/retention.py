@@ -39,7 +39,7 @@ ELEMENT_ANCHORS = (None, "sent")            # counted from the element's own tim
 UNBOUNDED = ("user_exists", "organizer_deletes")
 _DURATION = re.compile(r"\s*(\d{1,5})\s*(day|days|month|months|year|years)\s*")
 
-# whether the data subject's own export is exempt: no (README.md, Retention)
+# whether the data subject's own export is exempt: no (docs/policy.md, Retention)
 OWN_EXPORT_EXEMPT = False
 OWN_EXPORT_DECISION = (
     "Retention applies to every role, the data subject's own reads and export included. "

@@ -1,4 +1,4 @@
-"""Frozen settings, read once from the environment (README.md, Configuration) and checked at start-up."""
+"""Frozen settings, read once from the environment (docs/configuration.md) and checked at start-up."""
 
 from __future__ import annotations
 
@@ -86,7 +86,7 @@ class Settings:
     # one JSON line per request on stdout; off unless asked for in code (tests, embedding),
     # on by default when read from the environment (`gateway serve`)
     access_log: str = "off"
-    # webhooks (README.md, Notifications): where events are posted, the file holding the
+    # webhooks (docs/operate.md, Notifications): where events are posted, the file holding the
     # HMAC-SHA256 key that signs them, how often and how long a delivery is retried
     webhook_url: str | None = None
     webhook_secret_file: Path | None = None

@@ -1,4 +1,4 @@
-"""Webhooks (README.md, Notifications): events about data-subject requests, posted signed.
+"""Webhooks (docs/operate.md, Notifications): events about data-subject requests, posted signed.
 
 An event is a row of `webhook_outbox`, inserted in the same transaction as the change it
 reports (`Webhooks.queue`), or by the reminder scan (due in 7 days, overdue). A task

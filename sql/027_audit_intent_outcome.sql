@@ -1,4 +1,4 @@
--- Write-ahead audit (README.md, Guarantees an auditor can quote). A call that can change
+-- Write-ahead audit (docs/audit.md, Guarantees an auditor can quote). A call that can change
 -- data — a proxied write — commits an *intent* row (phase 'intent': who, what, which
 -- subject, the request id) before a single byte goes to the backend, and an *outcome* row
 -- (phase 'outcome': the status and what was applied) after, with the same request id. A

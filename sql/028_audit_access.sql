@@ -1,4 +1,4 @@
--- What an audit row means for the data sets it names (README.md, The audit log): how they
+-- What an audit row means for the data sets it names (docs/audit.md): how they
 -- were touched. `served` (data left to the caller: a read, a download, an export), `acted_upon`
 -- (changed or deleted: a proxied write, an erasure's calls), `named` (a data-subject request
 -- filed, answered or listed about them: nothing served), `explained` (an explain about a

@@ -1,4 +1,4 @@
--- An erasure's backend DELETE is written ahead (README.md, Data-subject rights): before it
+-- An erasure's backend DELETE is written ahead (docs/data-subject-rights.md): before it
 -- is sent, its dsr_erasure_calls row is committed with outcome 'unknown' (in the same
 -- transaction as its intent's audit row), and once the backend has answered the row gets
 -- its outcome. A row still 'unknown' is a DELETE whose outcome nobody recorded (the gateway

@@ -1,4 +1,4 @@
--- Alerts (README.md, Alerts): the auditor's early warning. One elected evaluator per
+-- Alerts (docs/audit.md, Alerts): the auditor's early warning. One elected evaluator per
 -- database (an advisory lock, gateway/alerts.py) reads the audit rows written since its
 -- watermark, measures alerts.yaml's rules over their sliding windows, and raises an alert
 -- at most once per rule, actor (or organisation) and window: the unique key below.

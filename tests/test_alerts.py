@@ -1,4 +1,4 @@
-"""Alerts (README.md, Alerts): alerts.yaml's rules are policy, loaded and checked with the
+"""Alerts (docs/audit.md, Alerts): alerts.yaml's rules are policy, loaded and checked with the
 other policy files; a malformed file is refused by `gateway check`, serve and reload."""
 
 from __future__ import annotations

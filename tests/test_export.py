@@ -25,7 +25,7 @@ from .conftest import POLICY_DIR, call, gateway_settings, running_gateway
 
 SESSION = web.AppKey("session", aiohttp.ClientSession)
 
-# every data set (README.md, Contract) u-alice may read and is within its retention: her
+# every data set (docs/contract.md) u-alice may read and is within its retention: her
 # EUO's identity and her entry of its directory, her own data, and the content of mtg-acme-1
 # (she organises it and took part); her outgoing fax was sent, so it is past (README.md,
 # Retention: the data subject's export is not exempt)

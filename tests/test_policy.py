@@ -1,4 +1,4 @@
-"""The floors check refuses a policy that would lower a floor (README.md, Contract), and the route
+"""The floors check refuses a policy that would lower a floor (docs/contract.md), and the route
 table and catalog are data: a new data set, route or service needs no Python change."""
 
 from __future__ import annotations

@@ -225,7 +225,7 @@ REACH_OF = {None: {"any"}, "partner": {"contracted_partner"}, "euo": {"same_euo"
 
 
 def _held(spec) -> set[str]:
-    """The relations a role of this spec can hold (README, Roles and tokens), on their own."""
+    """The relations a role of this spec can hold (docs/contract.md, Roles and tokens), on their own."""
     return REACH_OF[spec["tenant_claim"]] | (
         {"break_glass"} if spec["break_glass"] else set()) | (
         {"self", "organizer", "author"} if spec["data_subject"] else set())

@@ -1,4 +1,4 @@
-"""Retention as data (README.md, Retention): elements just inside and just outside each
+"""Retention as data (docs/policy.md, Retention): elements just inside and just outside each
 data set's retention, per anchor and per role; the CDR anonymisation; the outgoing fax's
 PDF; the receipt in the audit row; the counter; the report; rules checked at load."""
 

@@ -39,7 +39,7 @@ async def test_workers_share_the_port_and_keep_separate_chains(backends, databas
 
 async def test_each_worker_holds_its_pool_max_and_one_listener_per_mirror(backends, database_url,
                                                                           http, tmp_path):
-    """What to size PostgreSQL's max_connections by (README.md, Configuration): each worker
+    """What to size PostgreSQL's max_connections by (docs/configuration.md): each worker
     holds GATEWAY_DB_POOL_MAX (its audit lanes' and its pool's) plus a LISTEN connection for
     each mirror (contracts, restrictions, break-glass grants). A database of its own, so
     that nothing else is counted; GATEWAY_DB_POOL_MAX=6 leaves the pool 5, all opened at

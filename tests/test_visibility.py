@@ -1,6 +1,6 @@
-"""The visibility matrix: every role against every backend route (README.md, Contract).
+"""The visibility matrix: every role against every backend route (docs/contract.md).
 
-The expectations are written by hand from the floors (README.md, Contract) and the default
+The expectations are written by hand from the floors (docs/contract.md) and the default
 policy's stated choices, not derived from the policy files under test.
 """
 

@@ -282,7 +282,7 @@ def access_entry(roles, r) -> dict[str, Any]:
         "accessor": {"role": r["actor_role"], "organisation": _organisation(roles, r)},
         "action": r["method"], "route": r["route"], "data_sets": r["data_sets"],
         "decision": r["decision"], "reason": r["reason"], "access": r["access"],
-        # a change or a file is two rows: its intent, then its outcome (README, Guarantees)
+        # a change or a file is two rows: its intent, then its outcome (docs/audit.md, Guarantees)
         "phase": r["phase"], "outcome": r["outcome"],
         "break_glass": {"id": str(r["break_glass"]), "purpose": r["purpose"],
                         "ticket": r["ticket"]} if r["break_glass"] else None,

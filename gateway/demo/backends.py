@@ -1,4 +1,4 @@
-"""Demo telephony and meeting backends: exactly the backend API of README.md, Contract
+"""Demo telephony and meeting backends: exactly the backend API of docs/contract.md
 (the lists of CDRs, connection statistics, voicemails, faxes and recordings paged by
 from, to, limit and cursor)."""
 

@@ -81,7 +81,7 @@ def pdf_bytes(text: str) -> bytes:
 
 @dataclass
 class DemoData:
-    """Everything the demo backends serve, keyed as the backend API (README.md, Contract) addresses it."""
+    """Everything the demo backends serve, keyed as the backend API (docs/contract.md) addresses it."""
     euos: dict[str, dict] = field(default_factory=dict)
     directories: dict[str, list[dict]] = field(default_factory=dict)
     users: dict[str, dict] = field(default_factory=dict)
