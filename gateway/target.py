@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
+from datetime import datetime
 from functools import lru_cache
 from types import MappingProxyType
 
@@ -107,6 +108,11 @@ def _query(route: Route, raw_query: str) -> dict[str, str]:
                          f"the query parameter {key!r} must be given once, as a valid "
                          f"{_kind(grammar)}")
         out[key] = normal
+    since, until = out.get("from"), out.get("to")
+    if since is not None and until is not None and isinstance(route.query["from"], DateTime) \
+            and isinstance(route.query["to"], DateTime) \
+            and datetime.fromisoformat(since) > datetime.fromisoformat(until):
+        raise Denied(400, "bad_query", "from is later than to: the window holds nothing")
     return out
 
 

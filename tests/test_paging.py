@@ -104,6 +104,9 @@ async def test_a_limit_above_the_routes_page_size_is_capped(billing, http, token
     "from=2026-11-01T00:00:00Z&from=2026-11-02T00:00:00Z", "to=",
     "limit=0", "limit=-1", "limit=1e3", "limit=010", "limit=99999999999999999999", "limit=",
     "cursor=", "cursor=a%2Fb", "cursor=a/b", "cursor=" + "a" * 513, "cursor=..", "cursor=a+b",
+    # a window that ends before it starts (in another offset, and a fraction of a second)
+    "from=2026-11-02T00:00:00Z&to=2026-11-01T00:00:00Z",
+    "from=2026-11-01T01:00:00.5%2B01:00&to=2026-11-01T00:00:00Z",
 ])
 async def test_bad_values_are_400_and_reach_no_backend(billing, http, token_for, db, query):
     gw, seen, _ = billing
