@@ -11,7 +11,7 @@ import signal
 import subprocess
 import sys
 import uuid
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 
 import aiohttp
 import asyncpg
@@ -143,7 +143,9 @@ async def test_each_caller_reads_only_their_scope(gateway, http, token_for, db):
 async def test_a_partner_sees_an_euo_only_for_the_time_it_held_the_contract(gateway, http,
                                                                            token_for):
     staff, bluesky = token_for("staff"), token_for(role="partner", sub="bea", partner="p-bluesky")
-    since = datetime.now(UTC).isoformat()
+    # rows are timed by the database's clock as the gateway measures it (gateway/clock.py):
+    # a few milliseconds either side of the host's
+    since = (datetime.now(UTC) - timedelta(seconds=0.2)).isoformat()
     probe = token_for(role="provider_staff", sub=f"probe-{uuid.uuid4().hex[:8]}")
     await call(http, "GET", gateway + "/telephony/euos/euo-globex", probe)       # before
     await call(http, "PUT", gateway + "/v1/admin/euos/euo-globex", staff,
@@ -221,7 +223,7 @@ async def test_a_user_sees_who_accessed_their_data_by_organisation(gateway, http
     carla = token_for(role="user", sub="u-carla", euo="euo-acme")
     # only this test's window: in others a colleague may rightly reach her data (her chat
     # in a meeting Alice organised reaches Alice, and Carla's log says so)
-    since = {"from": datetime.now(UTC).isoformat()}
+    since = {"from": (datetime.now(UTC) - timedelta(seconds=0.2)).isoformat()}  # (clock.py)
     for who in ("staff", "partner", "admin"):
         await call(http, "GET", gateway + carla_record, token_for(who))
     await call(http, "GET", gateway + carla_record, carla)
