@@ -91,20 +91,17 @@ class Call:
         """An answer about users of several EUOs: one row per EUO (the same request id), so
         each EUO's audit and each user's access log shows it. `apart`: one row per user
         (a row a user can see whole must not tell her who else it names)."""
-        if apart:
-            users_by_euo = {(euo, user): {user} for euo, users in users_by_euo.items()
-                            for user in users} or users_by_euo
-            groups = sorted(((key[0] if isinstance(key, tuple) else key, users)
-                             for key, users in users_by_euo.items()),
-                            key=lambda g: (g[0] or "", sorted(g[1])))
-            if groups:
-                self.about(*groups[0])
-                self.siblings = [(euo, sorted(users)) for euo, users in groups[1:]]
-            return
         groups = sorted(users_by_euo.items(), key=lambda g: g[0] or "")
+        if apart:
+            groups = [(euo, {user}) for euo, users in groups for user in sorted(users)] or groups
         if groups:
             self.about(*groups[0])
             self.siblings = [(euo, sorted(users)) for euo, users in groups[1:]]
+
+    def _rows(self, row: AuditRow) -> list[AuditRow]:
+        """`row`, and a copy of it for each further EUO the answer was about (siblings)."""
+        return [row, *(dataclasses.replace(row, subject_euo=euo, subject_users=users)
+                       for euo, users in self.siblings)]
 
     def _finish(self, decision: str, status: int, size: int) -> None:
         row = self.row
@@ -124,9 +121,7 @@ class Call:
         intent = dataclasses.replace(
             row, decision="allow", status=status, bytes=size, data_sets=list(data_sets),
             phase="intent", duration_ms=(time.perf_counter() - self.started) * 1000)
-        siblings = [dataclasses.replace(intent, subject_euo=euo, subject_users=users)
-                    for euo, users in self.siblings]
-        await asyncio.gather(self.audit.commit(intent), *map(self.audit.commit, siblings))
+        await asyncio.gather(*map(self.audit.commit, self._rows(intent)))
         row.data_sets, row.phase = intent.data_sets, "outcome"
         self.intended = True
 
@@ -137,10 +132,8 @@ class Call:
         self.row.reason = (why or "cut") if cut else None
         self._finish("allow", status, size)
         self.committed = True
-        self.audit.record_nowait(self.row)
-        for euo, users in self.siblings:
-            self.audit.record_nowait(dataclasses.replace(self.row, subject_euo=euo,
-                                                         subject_users=users))
+        for row in self._rows(self.row):
+            self.audit.record_nowait(row)
         if self.observe is not None:
             self.observe(self.row)
 
@@ -161,10 +154,9 @@ class Call:
         if removed:        # names a backend chose: any text, any length
             self.row.fields_removed = [audit_text(name) for name in removed]
         if self.siblings:
-            siblings = [dataclasses.replace(self.row, subject_euo=euo, subject_users=users)
-                        for euo, users in self.siblings]
-            result, *_ = await asyncio.gather(self._commit(self.row, change),
-                                              *(self._commit(row) for row in siblings))
+            first, *siblings = self._rows(self.row)
+            result, *_ = await asyncio.gather(self._commit(first, change),
+                                              *map(self._commit, siblings))
         else:                   # the common case: one row, no task for it
             result = await self._commit(self.row, change)
         self.committed = True

@@ -11,7 +11,7 @@ A repeat of a key whose answer is stored gets that answer again (`Idempotency-Re
 true`); one whose answer was lost with the confirmation gets 409 `idempotency_answer_lost`
 naming the first request (the change was made); a key reused for another request (method,
 path or body) gets 422 `idempotency_key_reused`; a key whose first request is still under
-way gets 409 `idempotency_key_in_use`. A key is remembered for KEEP (24 h).
+way gets 409 `idempotency_key_in_use`. A key is remembered for 24 hours (sql/queries.sql).
 """
 
 from __future__ import annotations

@@ -37,6 +37,7 @@ from .principal import Principal
 from .proxy import CHUNK, Backends, binary_headers, forward_headers, stamp, traceparent
 from .redact import (
     RETENTION,
+    Outcome,
     RedactionPlan,
     SubjectMismatch,
     Unmappable,
@@ -249,12 +250,13 @@ async def _serve(request: web.Request, gw: Gateway, call: Call) -> web.StreamRes
     call.identify(principal)
     matched = match_route(gw, request.method, request.raw_path, call)
     target = authorize(gw, principal, request.method, matched, call)
-    body = await _request_body(request, gw, target) if target.action == "write" else None
+    body, changed = (await _request_body(request, gw, target) if target.action == "write"
+                     else (None, sorted(target.route.data_sets)))
     deadline = gw.backends.deadline()
     if target.route.binary:
         return await _stream(request, gw, target, call, deadline)
     if target.action != "read":      # written ahead: no intent row, nothing sent
-        await call.intend(_changed(target.route, body))
+        await call.intend(changed)
     upstream = await send(gw, target, request.method, request.headers, call, request.remote,
                           deadline, body)
     if target.action == "read" and _streamed(gw, target.route, upstream):
@@ -263,15 +265,6 @@ async def _serve(request: web.Request, gw: Gateway, call: Call) -> web.StreamRes
     response = web.Response(status=answer.status, body=answer.body, headers=answer.headers)
     await call.allow(answer.status, len(answer.body), answer.served, answer.removed)
     return response
-
-
-def _changed(route: Route, body: bytes | None) -> list[str]:
-    """The data sets a write or delete of a JSON resource acts upon: the fields a write
-    sets (checked by _request_body), or everything a delete removes."""
-    if body is None:
-        return sorted(route.data_sets)
-    fields = route.body.fields
-    return sorted({fields[key].data_set for key in orjson.loads(body)})
 
 
 async def send(gw: Gateway, target: Target, method: str, headers: Mapping[str, str], call: Call,
@@ -388,10 +381,7 @@ async def _stream_list(request: web.Request, gw: Gateway, target: Target, call: 
         raise
     response = web.StreamResponse(status=200, headers=stamp(
         {"Content-Type": "application/json"}, call.row.request_id))
-    served: set[str] = set()
-    removed: set[str] = set()
-    subjects: set[str] = set()
-    withheld: dict[str, dict[str, int]] = {}
+    total = Outcome()                  # what every element's redaction served and removed
     sent, first, failure = 0, True, None
     elements = Elements(field_name)
     catalog, granted = gw.catalog, gw.policy.granted
@@ -402,13 +392,12 @@ async def _stream_list(request: web.Request, gw: Gateway, target: Target, call: 
         for element in items:
             doc, outcome = redact({field_name: [element]}, plan, principal.sub, catalog, granted,
                                   now, target.blocked, target.params, cut, target.withheld)
-            served.update(outcome.served)
-            removed.update(outcome.removed)
-            subjects.update(outcome.subjects)
+            total.served |= outcome.served
+            total.removed |= outcome.removed
+            total.subjects |= outcome.subjects
             for reason, counts in outcome.withheld.items():
-                mine = withheld.setdefault(reason, {})
                 for ds, n in counts.items():
-                    mine[ds] = mine.get(ds, 0) + n
+                    total.count(reason, ds, n)
             for kept in doc.get(field_name) or ():
                 out.append(orjson.dumps(kept) if first else b"," + orjson.dumps(kept))
                 first = False
@@ -445,10 +434,11 @@ async def _stream_list(request: web.Request, gw: Gateway, target: Target, call: 
     finally:
         upstream.release()
         row = call.row
-        row.data_sets, row.fields_removed = sorted(served), [audit_text(n) for n in sorted(removed)]
-        if subjects:
-            row.subject_users = sorted(subjects | set(row.subject_users))
-        row.withheld = receipt(withheld)
+        row.data_sets = sorted(total.served)
+        row.fields_removed = [audit_text(n) for n in sorted(total.removed)]
+        if total.subjects:
+            row.subject_users = sorted(total.subjects | set(row.subject_users))
+        row.withheld = receipt(total.withheld)
         if failure is not None:
             log.warning("request %s: a streamed list was cut (%s)", row.request_id, failure)
             response.force_close()
@@ -458,9 +448,11 @@ async def _stream_list(request: web.Request, gw: Gateway, target: Target, call: 
     return response
 
 
-async def _request_body(request: web.Request, gw: Gateway, target: Target) -> bytes:
+async def _request_body(request: web.Request, gw: Gateway,
+                        target: Target) -> tuple[bytes, list[str]]:
     """A write's JSON body (bounded), each field it sets checked as writable, re-encoded:
-    the backend receives what was checked, not the client's bytes."""
+    the backend receives what was checked, not the client's bytes; and the data sets it
+    changes (its intent row's)."""
     route, principal, relations = target.route, target.principal, target.relations
     limit = gw.max_body_bytes
     if request.content_length and request.content_length > limit:
@@ -481,6 +473,7 @@ async def _request_body(request: web.Request, gw: Gateway, target: Target) -> by
     if not isinstance(doc, dict) or not isinstance(route.body, ObjectOf):
         raise Denied(400, "bad_json", "the request body must be a JSON object")
     writable = gw.policy.granted(principal.role, relations, "write")
+    changed: set[str] = set()
     for key in doc:
         spec = route.body.fields.get(key)
         data_set = getattr(spec, "data_set", None)
@@ -488,6 +481,7 @@ async def _request_body(request: web.Request, gw: Gateway, target: Target) -> by
             raise Denied(400, "field_not_writable", f"{key[:64]!r} cannot be changed through the gateway")
         if data_set not in writable:
             raise Denied(403, "write_not_permitted", f"you may not change {data_set}")
+        changed.add(data_set)
         if data_set in target.withheld:
             raise Denied(403, "processing_restricted",
                          f"this user has restricted the processing of {data_set}")
@@ -495,7 +489,7 @@ async def _request_body(request: web.Request, gw: Gateway, target: Target) -> by
             raise Denied(400, "bad_value",
                          f"{key!r} must be text, a number, true/false, null, or a list of "
                          "those or of flat objects (no control characters)")
-    return orjson.dumps(doc)
+    return orjson.dumps(doc), sorted(changed)
 
 
 def _plain(value: Any, top: bool = False, depth: int = 2) -> bool:

@@ -59,8 +59,8 @@ async def test_a_restriction_blocks_only_its_own_euos_user(gateway, http, token_
 
 async def test_the_role_a_restriction_blocks_cannot_lift_it(gateway, http, token_for, db):
     """The partner that a restriction blocks may not reject it; the EUO's admin may."""
-    status, _, body = await call(http, "POST", gateway + "/v1/me/requests", token_for("carla"
-                                 ) if False else token_for(role="user", sub="u-carla", euo="euo-acme"),
+    status, _, body = await call(http, "POST", gateway + "/v1/me/requests",
+                                 token_for(role="user", sub="u-carla", euo="euo-acme"),
                                  json={"type": "restriction", "data_sets": ["user_mobile"]})
     assert status == 201
     request_id = orjson.loads(body)["id"]

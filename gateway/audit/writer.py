@@ -209,7 +209,7 @@ class AuditWriter:
         if item.deadline <= now:
             self._failing = True
             committing = item.change is not None and any(
-                lane.committing and item in lane.batch for lane in self.lanes)
+                lane.committing and any(x is item for x in lane.batch) for lane in self.lanes)
             item.fut.set_exception(outcome_unknown(item.row.request_id) if committing
                                    else unavailable())
             item.fut.add_done_callback(_retrieve)
