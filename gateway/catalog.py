@@ -187,9 +187,10 @@ class Catalog:
         return route, dict(zip(route.param_names, values, strict=True))
 
 
-def load_catalog(policy_dir: Path) -> Catalog:
+def load_catalog(policy_dir: Path, pinned: bool = True) -> Catalog:
     """Load roles.yaml, datasets.yaml and routes.yaml; raise PolicyError on anything
-    malformed."""
+    malformed or lowering a floor. `pinned=False` leaves out the floors of the shipped route
+    table: only to write them anew (floors_routes.py)."""
     try:
         raw_roles = _yaml(policy_dir / "roles.yaml")
         roles = load_roles(raw_roles)
@@ -200,9 +201,10 @@ def load_catalog(policy_dir: Path) -> Catalog:
     if not isinstance(raw_ds, dict) or not raw_ds:
         raise PolicyError("datasets.yaml: no `datasets:` mapping")
     data_sets = {name: _data_set(name, spec) for name, spec in raw_ds.items()}
-    lowered = _lowered_floors(policy_dir, data_sets)
+    declared = _declared_lowerings(policy_dir)
+    _refuse_lowered(policy_dir, floors.check(data_sets, declared))
     for name, ds in data_sets.items():
-        mine = tuple(f for f in lowered if f.rsplit(".", 2)[0] == name)
+        mine = tuple(f for f in declared if f.rsplit(".", 2)[0] == name)
         if mine:
             data_sets[name] = replace(ds, floors_lowered=mine)
 
@@ -224,8 +226,11 @@ def load_catalog(policy_dir: Path) -> Catalog:
               enumerate(raw_routes.get("routes") or [])]
     if not routes:
         raise PolicyError("routes.yaml: no routes")
+    _refuse_lowered(policy_dir, floors.check(data_sets, declared, floors.routes_lowered(
+        {route_key(r): route_fields(r) for r in routes}, subject_rels, data_sets)
+        if pinned else {}))
     catalog = Catalog(data_sets, routes, subject_rels, blocks, grammars[IDENTIFIER].regex, roles,
-                      break_glass_max, lowered)
+                      break_glass_max, declared)
     for route in routes:
         _insert(catalog._trie, route)
     for i, spec in enumerate(raw_routes.get("routes") or []):
@@ -234,21 +239,21 @@ def load_catalog(policy_dir: Path) -> Catalog:
     return catalog
 
 
-def _lowered_floors(policy_dir: Path, data_sets: dict[str, DataSet]) -> dict[str, str]:
-    """The floors of the data-set table (floors.py) that datasets.yaml lowers, each declared
-    with its reason in lowered_floors.yaml; PolicyError naming every undeclared one."""
-    path = policy_dir / floors.LOWERED_FILE
-    declared: dict[str, str] = {}
-    if path.exists():
-        try:
-            declared = floors.parse_declared(_yaml(path))
-        except ValueError as e:
-            raise PolicyError(f"{floors.LOWERED_FILE}: {e}") from None
-    problems = floors.check(data_sets, declared)
+def _refuse_lowered(policy_dir: Path, problems: list[str]) -> None:
     if problems:
-        raise PolicyError(f"{policy_dir / 'datasets.yaml'} lowers floors that no policy may "
-                          "lower (docs/contract.md, Floors):\n  - " + "\n  - ".join(problems))
-    return declared
+        raise PolicyError(f"{policy_dir}: the policy lowers floors that no policy may lower "
+                          "(docs/contract.md, Floors):\n  - " + "\n  - ".join(problems))
+
+
+def _declared_lowerings(policy_dir: Path) -> dict[str, str]:
+    """lowered_floors.yaml: each floor the policy lowers anyway, with its reason."""
+    path = policy_dir / floors.LOWERED_FILE
+    if not path.exists():
+        return {}
+    try:
+        return floors.parse_declared(_yaml(path))
+    except ValueError as e:
+        raise PolicyError(f"{floors.LOWERED_FILE}: {e}") from None
 
 
 def _listed_in(catalog: Catalog, route: Route, raw: Any, where: str) -> None:
@@ -558,6 +563,42 @@ def _page(raw: Any, query: dict[str, Grammar], where: str) -> Page | None:
         raise PolicyError(f"routes.yaml: {where}: page.max within the limit's grammar, "
                           "page.default within 1 and page.max")
     return Page(top, default)
+
+
+def route_fields(route: Route) -> dict[str, str]:
+    """What a route shows to whom, flat, for floors.routes_lowered: each declared field of its
+    answer by where it is (`.voicemails[].caller`) with its data set (or `identifier`), and
+    with an `@` what decides whose data it is (`[]@self`: the element's subject field,
+    `@path.user`: the path parameter naming the user, `@binds.F`, `@no_account`) or what a
+    file or a delete needs (`@needs.D`)."""
+    out = {f"@path.{kind}": str(route.param_names.index(param))
+           for kind, param in (("euo", route.subject_euo), ("user", route.subject_user)) if param}
+    out.update({f"@needs.{ds}": ds for ds in route.binary})
+    if route.body is not None:
+        _fields(route.body, "", out)
+    return out
+
+
+def _fields(node: Node, at: str, out: dict[str, str]) -> None:
+    if isinstance(node, Leaf):
+        out[at or "."] = node.data_set or IDENTIFIER
+    elif isinstance(node, ListOf):
+        _fields(node.item, at + "[]", out)
+    else:
+        out.update({f"{at}@{rel}": fld for rel, fld in node.subject})
+        out.update({f"{at}@binds.{fld}": param for fld, param in node.binds})
+        if node.no_account:
+            out[f"{at}@no_account"] = ",".join(sorted(node.no_account))
+        if node.dataset_by:
+            by, values = node.dataset_by
+            out.update({f"{at}.{by}={value}": ds for value, ds in values.items()})
+        for name, child in node.fields.items():
+            _fields(child, f"{at}.{name}", out)
+
+
+def route_key(route: Route) -> str:
+    """`service:/path/{}/...`: a route whatever its parameters are called."""
+    return route.service + ":" + re.sub(r"\{[^}]*\}", "{}", route.path)
 
 
 def _binds(node: Node | None) -> bool:

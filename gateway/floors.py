@@ -8,12 +8,17 @@ from fewer columns, or gives another subject, lowers a floor, and the policy is 
 A floor is lowered only by naming it, with a reason, in the policy directory's
 `lowered_floors.yaml`; `gateway check` warns of each, `GET /v1/catalog` lists them per data
 set, and the policy version (in every audit row) ends in `+floors-lowered-N`.
+
+The route table's floors (floors_routes.py, routes_lowered) are kept the same way: which
+field of which shipped route is which data set, and what decides whose data it is.
 """
 
 from __future__ import annotations
 
 from collections.abc import Mapping
 from typing import Any
+
+from .floors_routes import RELATIONS, ROUTES
 
 LOWERED_FILE = "lowered_floors.yaml"
 
@@ -90,20 +95,61 @@ def lowered_by(data_sets: Mapping[str, Any]) -> dict[str, str]:
     return out
 
 
-def check(data_sets: Mapping[str, Any], declared: Mapping[str, str]) -> list[str]:
-    """Problems: each floor lowered without being declared in lowered_floors.yaml, and each
-    declaration that names no floor or one datasets.yaml keeps (a stale override would
-    claim a lowering that is not there)."""
-    lowered = lowered_by(data_sets)
+def routes_lowered(loaded: Mapping[str, Mapping[str, str]], relations: frozenset[str],
+                   data_sets: Mapping[str, Any]) -> dict[str, str]:
+    """The floors the route table lowers (`route:<route key><field key>`), each with how:
+    a route of the shipped table (ROUTES, by catalog.route_key) whose answer shows a field to
+    more callers than the shipped one does. A field may be left undeclared (then only its
+    data subject receives it) or moved to a data set hidden from at least the same columns,
+    of the same subject; it may not be declared where the shipped route leaves it to the
+    subject alone, nor made an identifier. What decides whose data it is (`@` keys) stays as
+    shipped, and a file or delete still needs every data set it needed. Routes the shipped
+    table does not have are the policy's own."""
+    out = {f"route:data_subject_relations.{rel}": f"routes.yaml counts {rel} as the data "
+           "subject, who receives every undeclared field" for rel in sorted(relations - RELATIONS)}
+    for key, fields in loaded.items():
+        shipped = ROUTES.get(key)
+        if shipped is None:
+            continue
+        for at, was in shipped.items():
+            if at not in fields and at.startswith(("@needs.", "@binds.", "@path.")):
+                out[f"route:{key}{at}"] = f"routes.yaml drops {at} ({was}) from {key}"
+        for at, now in fields.items():
+            was = shipped.get(at)
+            if now == was or was == "identifier" or at.startswith("@needs."):
+                continue
+            if "@" in at or was is None or now == "identifier" \
+                    or not _as_strict(data_sets.get(now), data_sets.get(was)):
+                out[f"route:{key}{at}"] = (f"routes.yaml makes {at} of {key} {now}; the shipped "
+                                           f"route table has {was or 'it undeclared'}")
+    return out
+
+
+def _as_strict(now: Any, was: Any) -> bool:
+    """Data set `now` is hidden from every column `was` is, and is the same kind's data."""
+    return now is not None and was is not None and now.subject == was.subject and \
+        set(was.hidden_from) <= set(now.hidden_from)
+
+
+def check(data_sets: Mapping[str, Any], declared: Mapping[str, str],
+          routes: Mapping[str, str] | None = None) -> list[str]:
+    """Problems: each floor lowered (by datasets.yaml, or by routes.yaml: `routes`, from
+    routes_lowered) without being declared in lowered_floors.yaml, and each declaration that
+    names no floor or one the policy keeps (a stale override would claim a lowering that is
+    not there). Without `routes` (the route table not read yet), only the data-set table's."""
+    lowered = lowered_by(data_sets) | dict(routes or {})
     problems = [f"{how} ({floor}: a floor of the data-set table; to lower it anyway, name it "
                 f"with a reason in {LOWERED_FILE})"
                 for floor, how in lowered.items() if floor not in declared]
     for floor in declared:
-        if floor not in ALL_FLOORS:
+        if routes is None and floor.startswith("route:"):
+            continue
+        if floor not in ALL_FLOORS and not floor.startswith("route:"):
             problems.append(f"{LOWERED_FILE}: {floor!r} is no floor of the data-set table "
-                            "(<data set>.hidden_from.<column> or <data set>.subject.<kind>)")
+                            "(<data set>.hidden_from.<column>, <data set>.subject.<kind> or "
+                            "route:<route><field>)")
         elif floor not in lowered:
-            problems.append(f"{LOWERED_FILE}: {floor} is not lowered by datasets.yaml: "
+            problems.append(f"{LOWERED_FILE}: {floor} is not lowered by the policy: "
                             "remove it")
     return problems
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import re
 import signal
+from pathlib import Path
 
 import orjson
 import pytest
@@ -139,7 +140,7 @@ def test_a_declared_floor_is_lowered_and_the_version_says_so(policy_dir):
      "'voicemail.hidden_from.x' is no floor"),
     ({"lowered": {"voicemails.hidden_from.provider_staff": "why",
                   "faxes_incoming.hidden_from.provider_staff": "stale"}},
-     "faxes_incoming.hidden_from.provider_staff is not lowered by datasets.yaml"),
+     "faxes_incoming.hidden_from.provider_staff is not lowered by the policy"),
     ({"lowered": {"voicemails.hidden_from.provider_staff": ""}}, "give the reason"),
     ({"lowered": ["voicemails.hidden_from.provider_staff"]}, "expected `lowered:` mapping"),
 ])
@@ -222,3 +223,96 @@ async def test_a_reload_refuses_a_lowered_floor_until_it_is_declared(backends, d
         assert row["policy_version"] == version
         _, _, body = await call(http, "GET", base + MEETING, organizer)
         assert {n["author_id"] for n in orjson.loads(body)["private_notes"]} > {"u-alice"}
+
+
+# --- the route table's floors (gateway/floors_routes.py) ----------------------------------
+
+VOICEMAIL_LIST = "route:telephony:/euos/{}/users/{}/voicemails"
+FAX_FILE = "route:telephony:/euos/{}/users/{}/faxes/{}"
+MEETING_ROUTE = "route:meeting:/accounts/{}/meetings/{}"
+
+
+def _route(doc: dict, service: str, path: str) -> dict:
+    return next(r for r in doc["routes"] if r["service"] == service and r["path"] == path)
+
+
+def _voicemails(doc):
+    return _route(doc, "telephony", "/euos/{euo}/users/{user}/voicemails")["body"]["object"]
+
+
+def _chat(doc):
+    return _route(doc, "meeting", "/accounts/{euo}/meetings/{meeting}")["body"]["object"][
+        "chat"]["list"]
+
+
+def _fax_file(doc):
+    return _route(doc, "telephony", "/euos/{euo}/users/{user}/faxes/{id}")
+
+
+# each edit shows a field to more callers than the shipped table does; the floor it lowers
+ROUTE_LOWERINGS = {
+    "voicemails mapped to call history (staff may read it)":
+        (lambda d: _voicemails(d).update(voicemails="call_history"),
+         VOICEMAIL_LIST + ".voicemails"),
+    "a fax file that needs only the incoming faxes":
+        (lambda d: _fax_file(d).update(binary=["faxes_incoming"]),
+         FAX_FILE + "@needs.faxes_outgoing"),
+    "a chat message's author made an identifier (anyone who sees the meeting)":
+        (lambda d: _chat(d)["object"].update(author_id="identifier"),
+         MEETING_ROUTE + ".chat[].author_id"),
+    "a chat message made its author's own record (self, not author)":
+        (lambda d: _chat(d).update(subject={"user": "author_id"}),
+         MEETING_ROUTE + ".chat[]@self"),
+    "a field the shipped table leaves to the data subject, declared":
+        (lambda d: _voicemails(d).update(transcript="call_history"),
+         VOICEMAIL_LIST + ".transcript"),
+}
+
+
+def _edit_routes(policy, edit) -> None:
+    path = policy / "routes.yaml"
+    doc = yaml.safe_load(path.read_text())
+    edit(doc)
+    path.write_text(yaml.safe_dump(doc, sort_keys=False))
+
+
+def test_the_shipped_route_floors_are_the_shipped_route_table():
+    """floors_routes.py is written from policies/routes.yaml; a change to either shows in
+    the other (`python -m gateway.floors_routes > gateway/floors_routes.py`)."""
+    from gateway import floors_routes
+    assert floors_routes.render(POLICY_DIR) == Path(floors_routes.__file__).read_text()
+
+
+@pytest.mark.parametrize("which", ROUTE_LOWERINGS)
+def test_a_route_table_that_shows_a_field_to_more_callers_is_refused(policy_dir, which):
+    edit, floor = ROUTE_LOWERINGS[which]
+    _edit_routes(policy_dir, edit)
+    with pytest.raises(PolicyError, match=re.escape(floor)):
+        load_policy_set(policy_dir)
+    _declare(policy_dir, floor)
+    policy_set = load_policy_set(policy_dir)
+    assert floor in policy_set.catalog.lowered_floors
+    assert policy_set.version.endswith("+floors-lowered-1")
+
+
+STRICTER = {
+    "a field left to the data subject alone": lambda d: _voicemails(d).pop("voicemails"),
+    "a field moved to a data set hidden from more columns":
+        lambda d: _voicemails(d).update(voicemails="call_recordings"),
+    "a file that needs one data set more":
+        lambda d: _fax_file(d).update(binary=["faxes_incoming", "faxes_outgoing",
+                                              "call_recordings"]),
+    "an identifier made a data set": lambda d: _chat(d)["object"].update(at="chat_messages"),
+}
+
+
+@pytest.mark.parametrize("which", STRICTER)
+def test_a_route_table_as_strict_or_stricter_loads(policy_dir, which):
+    _edit_routes(policy_dir, STRICTER[which])
+    assert load_policy_set(policy_dir).catalog.lowered_floors == {}
+
+
+def test_a_declared_route_floor_the_table_keeps_is_stale(policy_dir):
+    _declare(policy_dir, VOICEMAIL_LIST + ".voicemails")
+    with pytest.raises(PolicyError, match=re.escape("voicemails is not lowered by the policy")):
+        load_policy_set(policy_dir)
