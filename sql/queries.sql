@@ -458,6 +458,13 @@ returning 1;
 -- name: idempotency_key_answer
 update idempotency_keys set body = $3 where actor = $1 and key = $2;
 
+-- name: idempotency_keys_forget
+-- gateway audit maintain: keys past their day (idempotency_key_get no longer reads them),
+-- with the answers they kept; how many.
+with gone as (delete from idempotency_keys where created_at <= now() - interval '24 hours'
+              returning 1)
+select count(*) from gone;
+
 -- name: database_durability
 -- What decides whether a commit survives a crash (gateway check, the audit writer).
 select current_setting('fsync') as fsync, current_setting('full_page_writes') as full_page_writes,

@@ -53,7 +53,8 @@ async def run(dsn: str, settings: Settings, args) -> int:
 
 
 async def _maintain(conn: asyncpg.Connection, settings: Settings) -> int:
-    """Create the partitions ahead, then prune past retention; 1 if a month could not get
+    """Create the partitions ahead, seal the chains of writers that are gone, forget the
+    idempotency keys past their day, then prune past retention; 1 if a month could not get
     its partition (its rows sit in audit_log_default: they stay there, and are kept), 2 if
     the host's clock and the database's disagree (nothing is pruned then)."""
     report = await ensure_partitions(conn)
@@ -65,6 +66,9 @@ async def _maintain(conn: asyncpg.Connection, settings: Settings) -> int:
     if report.present:
         print(f"present {', '.join(report.present)}")
     await _seal_abandoned(conn, settings)
+    forgotten = await conn.fetchval(query("idempotency_keys_forget"))
+    if forgotten:
+        print(f"forgot {forgotten} idempotency keys older than a day")
     if not await _prune(conn, settings.audit_retention_days, dry_run=False,
                         max_skew_s=settings.max_clock_skew_s):
         return 2
