@@ -38,9 +38,9 @@ from multidict import CIMultiDict
 from . import pipeline
 from .call import Call
 from .catalog import Catalog, Leaf, ListOf, Node, ObjectOf, PolicyError, Route
+from .context import Gateway
 from .db import query
 from .errors import Denied
-from .pipeline import Gateway
 from .principal import Principal
 from .redact import now_utc
 

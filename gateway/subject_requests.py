@@ -20,11 +20,11 @@ from .audit import AuditRow
 from .audit.writer import Change
 from .call import Call
 from .catalog import ObjectOf
+from .context import GATEWAY, REQUEST_ID, Gateway
 from .db import POOL, query
 from .endpoints import CALL, ME, api, json_object, json_response, only, text
 from .erasure import Erasure, Ledger
 from .errors import Denied
-from .pipeline import GATEWAY, Gateway
 from .principal import Principal, scope
 from .webhooks import WEBHOOKS, Webhooks
 
@@ -318,7 +318,7 @@ async def _erase(request: web.Request, gw: Gateway, principal: Principal, req):
     resolution says what was erased, whose other data went with it, what failed, what needs
     a wider erasure, what remains and what no backend can erase.
     Returns the request as updated, or the error answer when the outcome was refused."""
-    request_id = request[pipeline.REQUEST_ID]
+    request_id = request[REQUEST_ID]
     erasure = Erasure(gw, list(gw.erasers), principal, req["euo_id"], req["user_sub"],
                       request_id, request.remote, Ledger(request.app[POOL], req["id"]),
                       gw.erasure_deadline_s)
