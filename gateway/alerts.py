@@ -23,8 +23,8 @@ from urllib.parse import urlencode
 import asyncpg
 import yaml
 
-from .catalog import Catalog, PolicyError
 from .db import query
+from .policy.catalog import Catalog, PolicyError
 
 log = logging.getLogger("gateway.alerts")
 

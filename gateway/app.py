@@ -30,11 +30,9 @@ from .audit import per_day as audit_per_day
 from .audit import slices as audit_slices
 from .audit.checkpoints import CHECKPOINTER, Checkpointer, signing_key
 from .authn import Authenticator
-from .authz import Policy
 from .backend_client import BackendClient
 from .backends import Backends
 from .call import AnonymousRefusals
-from .catalog import PolicyError
 from .check import PartitionWatch
 from .clock import Clock
 from .connections import ConnectionLimits, GuardedServer, connection_limits
@@ -45,11 +43,13 @@ from .endpoints import CALL, IDENTIFIER, api, identifier, json_object, json_resp
 from .errors import Denied, error_response
 from .grants import BreakGlassCache
 from .metrics import METRICS, Metrics, metrics_view
-from .policyset import PolicySet, load_policy_set
+from .policy.authz import Policy
+from .policy.catalog import PolicyError
+from .policy.policyset import PolicySet, load_policy_set
+from .policy.retention import OWN_EXPORT_DECISION, OWN_EXPORT_EXEMPT
 from .principal import Principal
 from .proxy import stamp
 from .restrictions import RestrictionCache
-from .retention import OWN_EXPORT_DECISION, OWN_EXPORT_EXEMPT
 from .settings import Settings, export_db_slots, webhook_secret
 from .webhooks import WEBHOOKS, Webhooks
 

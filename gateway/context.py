@@ -27,15 +27,15 @@ from aiohttp import web
 
 from .audit import AuditWriter
 from .authn import Authenticator
-from .authz import Policy
 from .backends import Backends
 from .call import AnonymousRefusals, Call, Observer, client_request_id, traceparent
-from .catalog import Catalog, Route
 from .contracts import ContractCache
 from .grants import BreakGlassCache
+from .policy.authz import Policy
+from .policy.catalog import Catalog, Route
+from .policy.retention import Cutoffs, cutoffs
 from .redact import RedactionPlan, make_plan
 from .restrictions import RestrictionCache
-from .retention import Cutoffs, cutoffs
 from .stream import list_field
 from .target import Targets
 

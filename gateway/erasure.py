@@ -37,10 +37,10 @@ from multidict import CIMultiDict
 
 from . import pipeline
 from .call import Call
-from .catalog import Catalog, Leaf, ListOf, Node, ObjectOf, PolicyError, Route
 from .context import Gateway
 from .db import query
 from .errors import Denied
+from .policy.catalog import Catalog, Leaf, ListOf, Node, ObjectOf, PolicyError, Route
 from .principal import Principal
 from .redact import now_utc
 

@@ -2,7 +2,7 @@
 request, and why, without calling the backend.
 
 It runs the proxy's own stages — match_route (target.py's grammar and the route table),
-authorize (authz.py's relations, the restriction check, the data-set check) and the
+authorize (policy/authz.py's relations, the restriction check, the data-set check) and the
 redaction plan (redact.py's make_plan, through the same cache) — so it cannot disagree
 with them about the route, the refusal and its reason, or the data sets served at the
 document level. What only the answer can decide is named as such: data sets a data
@@ -17,12 +17,12 @@ from typing import Any
 
 from aiohttp import web
 
-from .authz import Policy, path_relations
-from .catalog import ACTION_OF_METHOD, Catalog
 from .context import GATEWAY, Decider
 from .endpoints import api, identifier, json_response
 from .errors import Denied
 from .pipeline import authorize, match_route
+from .policy.authz import Policy, path_relations
+from .policy.catalog import ACTION_OF_METHOD, Catalog
 from .principal import Principal
 
 

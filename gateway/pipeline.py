@@ -22,13 +22,13 @@ import aiohttp
 import orjson
 from aiohttp import web
 
-from .authz import BREAK_GLASS, path_relations
 from .backend_client import Answer
 from .call import Call
-from .catalog import ACTION_OF_METHOD, ObjectOf, Route
 from .context import GATEWAY, REQUEST_ID, Gateway
 from .errors import Denied
 from .grammar import CONTROL, MAX_TEXT, audit_text
+from .policy.authz import BREAK_GLASS, path_relations
+from .policy.catalog import ACTION_OF_METHOD, ObjectOf, Route
 from .principal import Principal
 from .proxy import CHUNK, binary_headers, forward_headers, stamp
 from .redact import (

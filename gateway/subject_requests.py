@@ -19,12 +19,12 @@ from . import pipeline
 from .audit import AuditRow
 from .audit.writer import Change
 from .call import Call
-from .catalog import ObjectOf
 from .context import GATEWAY, REQUEST_ID, Gateway
 from .db import POOL, query
 from .endpoints import CALL, ME, api, json_object, json_response, only, text
 from .erasure import Erasure, Ledger
 from .errors import Denied
+from .policy.catalog import ObjectOf
 from .principal import Principal, scope
 from .webhooks import WEBHOOKS, Webhooks
 

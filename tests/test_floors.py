@@ -1,4 +1,4 @@
-"""The floors of the data-set table ship with the code (gateway/floors.py): datasets.yaml may
+"""The floors of the data-set table ship with the code (gateway/policy/floors.py): datasets.yaml may
 add restrictions, never remove one. Hiding a data set from fewer columns, giving it another
 subject or leaving it out is refused by the loader, `gateway check`, `gateway serve` and a
 reload, unless lowered_floors.yaml names the floor with a reason; then check warns of it,
@@ -13,10 +13,10 @@ import orjson
 import pytest
 import yaml
 
-from gateway import floors
-from gateway.catalog import PolicyError
 from gateway.demo.run import seed_contracts
-from gateway.policyset import load_policy_set
+from gateway.policy import floors
+from gateway.policy.catalog import PolicyError
+from gateway.policy.policyset import load_policy_set
 
 from .conftest import POLICY_DIR, audit_row, call, free_port, gateway_process, serve_env, wait_for
 from .roles import gateway_cli

@@ -21,15 +21,15 @@ from .. import pipeline
 from ..audit import AuditRow
 from ..audit.api import access_log_pages, newest_accesses
 from ..call import Call
-from ..catalog import Catalog, Leaf, ListOf, Node, ObjectOf, PolicyError
 from ..context import GATEWAY, Gateway
 from ..db import POOL, query
 from ..endpoints import CALL, IDENTIFIER, ME, api, identifier, json_response, only
 from ..errors import Denied
+from ..policy.catalog import Catalog, Leaf, ListOf, Node, ObjectOf, PolicyError
+from ..policy.roles import REACH
 from ..principal import Principal
 from ..proxy import CHUNK
 from ..redact import MASKING, RESTRICTION, RETENTION, SCOPE, join_path, now_utc
-from ..roles import REACH
 from ..subject_requests import request_details
 from .zipstream import ZipStream
 

@@ -431,7 +431,7 @@ SLICES = [
     ("redaction walk + shape check", ("gateway/redact.py",)),
     ("JSON parse + encode (orjson)", ("orjson",)),
     ("route match (target.py)", ("gateway/target.py",)),
-    ("authz (path relations, policy)", ("gateway/authz.py", "casbin/", "gateway/contracts.py",
+    ("authz (path relations, policy)", ("gateway/policy/authz.py", "casbin/", "gateway/contracts.py",
                                         "gateway/restrictions.py")),
     ("JWT (cache hit)", ("gateway/authn.py", "jwt/")),
     ("backend client (backend call)", ("gateway/backend_client.py", "httptools",

@@ -9,8 +9,8 @@ from typing import Any
 
 import yaml
 
+from ..grammar import SAFE_WORD, Cursor, DateTime, Enum, Grammar, Integer, Pattern
 from . import floors
-from .grammar import SAFE_WORD, Cursor, DateTime, Enum, Grammar, Integer, Pattern
 from .retention import Rule, RuleError, parse_rule
 from .roles import COLUMNS, Role, RoleError, load_break_glass, load_roles
 
