@@ -367,7 +367,7 @@ def dev_secret(settings: Settings, say_where: bool = False) -> str:
 def mint_token(settings: Settings, role: str, sub: str, partner: str | None, euo: str | None,
                ttl: int) -> str:
     """A signed development token for this role (of the policy's roles.yaml) and tenant."""
-    from .policy.catalog import load_catalog
+    from .policy.catalog_files import load_catalog
     roles = load_catalog(settings.policy_dir).roles
     if role not in roles:
         raise ConfigError(f"unknown role {role!r}: the policy's roles are {', '.join(roles)}")

@@ -17,7 +17,8 @@ from hypothesis import strategies as st
 
 from gateway.demo.run import seed_contracts, start_site
 from gateway.policy.authz import load_policy
-from gateway.policy.catalog import PolicyError, load_catalog
+from gateway.policy.catalog import PolicyError
+from gateway.policy.catalog_files import load_catalog
 from gateway.settings import ConfigError, Settings
 
 from .conftest import POLICY_DIR, call, gateway_settings, running_gateway

@@ -8,7 +8,7 @@ from datetime import UTC, datetime
 import pytest
 
 from gateway.policy.authz import load_policy
-from gateway.policy.catalog import load_catalog
+from gateway.policy.catalog_files import load_catalog
 from gateway.redact import make_plan, mask_number, redact
 
 from .conftest import POLICY_DIR
