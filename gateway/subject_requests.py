@@ -10,12 +10,12 @@ names, enforced in the request path at once (see restrictions.py).
 
 from __future__ import annotations
 
+import logging
 import uuid
 from typing import Any
 
 from aiohttp import web
 
-from . import pipeline
 from .audit import AuditRow
 from .audit.writer import Change
 from .call import Call
@@ -27,6 +27,8 @@ from .errors import Denied
 from .policy.catalog import ObjectOf
 from .principal import Principal, scope
 from .webhooks import WEBHOOKS, Webhooks
+
+log = logging.getLogger("gateway.subject_requests")
 
 TYPES = ("rectification", "erasure", "restriction", "objection")
 STATUSES = ("open", "accepted", "rejected", "completed", "withdrawn", "failed")
@@ -366,7 +368,7 @@ async def fail_interrupted_erasures(gw: Gateway, webhooks: Webhooks, pool,
             await _move(call, gw, webhooks, None, req, "failed", resolution)
             moved += 1
         except Denied as e:     # moved meanwhile (409), or the audit log is unavailable
-            pipeline.log.warning("interrupted erasure %s not failed: %s", req["id"], e.code)
+            log.warning("interrupted erasure %s not failed: %s", req["id"], e.code)
     if moved:
         webhooks.wake()
     return moved
