@@ -28,7 +28,6 @@ import jwt
 import orjson
 from aiohttp import web
 
-from .catalog import PolicyError
 from .check import (
     Findings,
     check_backends,
@@ -47,7 +46,8 @@ from .db import (
     query,
     wait_for_database,
 )
-from .floors import LOWERED_FILE
+from .policy.catalog import PolicyError
+from .policy.floors import LOWERED_FILE
 from .settings import ConfigError, Settings
 
 log = logging.getLogger("gateway")
@@ -218,7 +218,7 @@ def main(argv: list[str] | None = None) -> int:
 def _explain_offline(settings: Settings, args) -> int:
     """gateway policy explain: the policy files alone (contracts and restrictions as given)."""
     from .explain import Offline, explain
-    from .policyset import load_policy_set
+    from .policy.policyset import load_policy_set
     from .principal import Principal
     policy_set = load_policy_set(settings.policy_dir)
     kind = policy_set.catalog.roles.get(args.role)
@@ -261,7 +261,7 @@ def _explain_offline(settings: Settings, args) -> int:
 
 def _policy_test(settings: Settings, args) -> int:
     """gateway policy test: every case of DIR against the policy directory."""
-    from .policyset import load_policy_set
+    from .policy.policyset import load_policy_set
     from .policytest import CaseError, run
     policy_set = load_policy_set(settings.policy_dir)
     directory = Path(args.dir) if args.dir else settings.policy_dir / "tests"
@@ -367,7 +367,7 @@ def dev_secret(settings: Settings, say_where: bool = False) -> str:
 def mint_token(settings: Settings, role: str, sub: str, partner: str | None, euo: str | None,
                ttl: int) -> str:
     """A signed development token for this role (of the policy's roles.yaml) and tenant."""
-    from .catalog import load_catalog
+    from .policy.catalog_files import load_catalog
     roles = load_catalog(settings.policy_dir).roles
     if role not in roles:
         raise ConfigError(f"unknown role {role!r}: the policy's roles are {', '.join(roles)}")
@@ -471,7 +471,7 @@ def _serve(settings: Settings, workers: int = 1, migrating: bool = True) -> int:
     if workers > 1:
         _share_metrics()      # before prometheus_client is imported: it picks its mode then
     from .app import create_app
-    from .policyset import load_policy_set
+    from .policy.policyset import load_policy_set
 
     services, refused = None, None
     try:                                   # fail before forking
@@ -736,7 +736,7 @@ class PolicyInForce:
         self.current = policy_set
 
     def reload(self) -> None:
-        from .policyset import load_policy_set
+        from .policy.policyset import load_policy_set
         try:
             self.current = load_policy_set(self.settings.policy_dir)
         except (PolicyError, OSError) as e:

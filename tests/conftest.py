@@ -33,7 +33,7 @@ from gateway.db import EmbeddedPostgres
 from gateway.demo import data as demo_data
 from gateway.demo.backends import meeting_app, telephony_app
 from gateway.demo.run import seed_contracts, start_site
-from gateway.policyset import PolicySet, load_policy_set, policy_version
+from gateway.policy.policyset import PolicySet, load_policy_set, policy_version
 from gateway.settings import DEFAULT_POLICY_DIR, Settings
 
 SECRET = "test-only-secret-" + "x" * 32          # a test key, not a secret
