@@ -63,7 +63,22 @@ def register(sub) -> None:
         q.add_argument(f"--{name}", help=what)
     q.add_argument("--format", choices=("ndjson", "csv"), default="ndjson",
                    help="NDJSON (default) or CSV (formula cells neutralised)")
+    audit_sub.add_parser("public-key", help="print the deployment's audit public key (PEM), "
+                         "from its signing key file, never from the database: the key to "
+                         "publish for auditors to pin (--public-key FILE)"
+                         ).set_defaults(run=_public_key)
     audit.set_defaults(run=_run)
+
+
+def _public_key(settings, args) -> int:
+    """The public half of GATEWAY_AUDIT_SIGNING_KEY_FILE (or of the key generated under
+    GATEWAY_DATA_DIR); 2 when there is none (a key is never made here)."""
+    from ..audit.checkpoints import load_signing_key, public_pem, signing_key_path
+    path = signing_key_path(settings.audit_signing_key_file, settings.data_dir)
+    if not path.exists():
+        raise ConfigError(f"no audit signing key at {path}: set GATEWAY_AUDIT_SIGNING_KEY_FILE")
+    sys.stdout.write(public_pem(load_signing_key(path).public_key()))
+    return 0
 
 
 def _run(settings, args) -> int:
