@@ -60,6 +60,10 @@ class BreakGlassCache(NotifiedCache):
     def remember(self, record: Any) -> None:
         """Record a grant (as read from the table) this process opened or ended itself;
         others hear of it by NOTIFY."""
+        self.wrote(str(record["id"]))
+        self._set(record)
+
+    def _set(self, record: Any) -> None:
         key = _caller(record["actor_role"], record["actor_sub"], record["actor_partner"])
         gid = str(record["id"])
         now = self.clock.now()
@@ -85,13 +89,15 @@ class BreakGlassCache(NotifiedCache):
         rows = await conn.fetch(query("break_glass_in_force"))
         self._by_caller = {}
         for r in rows:
-            self.remember(r)
+            self._set(r)
         return len(rows)
 
-    async def reload(self, conn: asyncpg.Pool, key: str) -> None:
-        """Re-read one grant; `key` is the NOTIFY payload (its id)."""
-        record = await conn.fetchrow(query("break_glass_get"), uuid.UUID(key))
+    async def read(self, conn: asyncpg.Pool, key: str):
+        """One grant; `key` is the NOTIFY payload (its id)."""
+        return await conn.fetchrow(query("break_glass_get"), uuid.UUID(key))
+
+    def apply(self, key: str, record) -> None:
         if record is None:
             self.forget(key)
         else:
-            self.remember(record)
+            self._set(record)
