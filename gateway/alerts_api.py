@@ -45,13 +45,13 @@ async def list_alerts(request: web.Request, principal: Principal, row: AuditRow)
     only(request.query, ("acked", "rule", "limit"))
     acked = {"true": True, "false": False, None: None}.get(request.query.get("acked"), ...)
     if acked is ...:
-        raise Denied(400, "bad_filter", "acked must be true or false")
+        raise Denied("bad_filter", "acked must be true or false")
     rule = request.query.get("rule")
     if rule is not None and not (rule.isascii() and 0 < len(rule) <= 48):
-        raise Denied(400, "bad_filter", "rule must be a rule's name")
+        raise Denied("bad_filter", "rule must be a rule's name")
     limit = request.query.get("limit", "100")
     if not limit.isdigit() or not 1 <= int(limit) <= MAX_LIMIT:
-        raise Denied(400, "bad_filter", f"limit must be from 1 to {MAX_LIMIT}")
+        raise Denied("bad_filter", f"limit must be from 1 to {MAX_LIMIT}")
     rows = await request.app[POOL].fetch(query("alert_list"), *scope(principal), acked, rule,
                                          int(limit), None)
     return json_response({"alerts": [_shown(r, principal) for r in rows]})
@@ -64,17 +64,17 @@ async def ack_alert(request: web.Request, principal: Principal, row: AuditRow):
     try:
         aid = uuid.UUID(request.match_info["id"])
     except ValueError:
-        raise Denied(404, "no_such_alert", "no such alert") from None
+        raise Denied("no_such_alert", "no such alert") from None
     body = await json_object(request, ("note",), "invalid_ack")
     if not isinstance(body.get("note"), str):
-        raise Denied(400, "invalid_ack", "note is required (text, at most 1000 characters)")
+        raise Denied("invalid_ack", "note is required (text, at most 1000 characters)")
     note = text(body["note"], "note", required=True).strip()
     if not note or len(note) > 1000:
-        raise Denied(400, "invalid_ack", "note is required (at most 1000 characters)")
+        raise Denied("invalid_ack", "note is required (at most 1000 characters)")
     pool = request.app[POOL]
     found = await pool.fetchrow(query("alert_list"), *scope(principal), None, None, 1, aid)
     if found is None:
-        raise Denied(404, "no_such_alert", "no such alert in your scope")
+        raise Denied("no_such_alert", "no such alert in your scope")
     euos = list(found["euos_in_scope"])
     row.subject_euo = euos[0] if len(euos) == 1 else None
     by = f"{principal.role}:{principal.sub}"

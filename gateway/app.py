@@ -386,10 +386,10 @@ def request_ids() -> Callable[[], str]:
 def _http_denial(e: web.HTTPException) -> Denied:
     """aiohttp's own refusals (no route, wrong method, body too large) as error bodies."""
     if e.status == 413:
-        return Denied(413, "body_too_large", "the request body is too large")
+        return Denied("body_too_large", "the request body is too large")
     if e.status in (404, 405):
-        return Denied(404, "not_found", "no such endpoint")
-    return Denied(400, "bad_request", e.reason or "request refused")
+        return Denied("not_found", "no such endpoint")
+    return Denied("bad_request", e.reason or "request refused")
 
 
 # --- the gateway's own API -------------------------------------------------------------
@@ -474,7 +474,7 @@ async def put_contract(request: web.Request, principal: Principal, row: AuditRow
     body = await json_object(request, ("partner_id", "contract_end"), "invalid_contract")
     partner = body.get("partner_id")
     if not isinstance(partner, str) or not IDENTIFIER.fullmatch(partner):
-        raise Denied(400, "invalid_contract",
+        raise Denied("invalid_contract",
                      "partner_id must be an identifier (1-128 of A-Z a-z 0-9 . _ ~ @ : -)")
     end = body.get("contract_end")
     if end is not None:
@@ -483,7 +483,7 @@ async def put_contract(request: web.Request, principal: Principal, row: AuditRow
         except ValueError:
             end = None
         if end is None:
-            raise Denied(400, "invalid_contract", "contract_end must be YYYY-MM-DD or null")
+            raise Denied("invalid_contract", "contract_end must be YYYY-MM-DD or null")
     async def change(conn):
         return await conn.fetchrow(query("put_contract"), euo, partner, end)
     record = await request[CALL].allow(200, 0, change=change)
@@ -500,7 +500,7 @@ async def delete_contract(request: web.Request, principal: Principal,
     row.subject_euo = euo
     async def change(conn):
         if await conn.fetchval(query("delete_contract"), euo) is None:
-            raise Denied(404, "no_contract", "this EUO has no contract")
+            raise Denied("no_contract", "this EUO has no contract")
     await request[CALL].allow(204, 0, change=change)
     request.app[GATEWAY].contracts.remember(euo, None, None)
     return web.Response(status=204)

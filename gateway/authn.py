@@ -45,16 +45,12 @@ _REASONS = [  # most specific first: several are subclasses of others
 def _bearer(authorization: str | None) -> str:
     """The token of an Authorization header's value, or Denied(401)."""
     if not authorization:
-        raise _unauthorized("missing_token", "send Authorization: Bearer <token>")
+        raise Denied("missing_token", "send Authorization: Bearer <token>")
     scheme, _, token = authorization.partition(" ")
     token = token.strip()
     if scheme.lower() != "bearer" or not token:
-        raise _unauthorized("malformed_authorization", "expected Authorization: Bearer <token>")
+        raise Denied("malformed_authorization", "expected Authorization: Bearer <token>")
     return token
-
-
-def _unauthorized(code: str, message: str) -> Denied:
-    return Denied(401, code, message)
 
 
 class Authenticator:
@@ -117,7 +113,7 @@ class Authenticator:
         meant is unknowable)."""
         given = headers.getall("Authorization", ())
         if len(given) > 1:
-            raise _unauthorized("malformed_authorization",
+            raise Denied("malformed_authorization",
                                 "send one Authorization header, not several")
         return _bearer(given[0] if given else None)
 
@@ -144,7 +140,7 @@ class Authenticator:
         try:
             header = jwt.get_unverified_header(token)
         except jwt.PyJWTError:
-            raise _unauthorized("malformed_token", "the token cannot be decoded") from None
+            raise Denied("malformed_token", "the token cannot be decoded") from None
         alg = header.get("alg")
         key = await self._key_for(alg, header.get("kid"))
         try:
@@ -158,22 +154,22 @@ class Authenticator:
         except jwt.PyJWTError as e:
             for kind, code, message in _REASONS:
                 if isinstance(e, kind):
-                    raise _unauthorized(code, message) from None
-            raise _unauthorized("invalid_token", "the token is not valid") from None
+                    raise Denied(code, message) from None
+            raise Denied("invalid_token", "the token is not valid") from None
         return _principal(claims, self.roles, self.paths)   # no await from here to the cache
 
     async def _key_for(self, alg: object, kid: object):
         if alg == "HS256":
             if self.asymmetric or not self.secret:
-                raise _unauthorized("unsupported_algorithm", "HS256 tokens are not accepted here")
+                raise Denied("unsupported_algorithm", "HS256 tokens are not accepted here")
             return self.secret
         if alg in ALGORITHMS:
             if self.public_key is not None and self.public_key.fits(alg):
                 return self.public_key.key
             if self.keys is not None:
                 return await self.keys.key(kid, alg)
-            raise _unauthorized("unsupported_algorithm", f"{alg} tokens are not accepted here")
-        raise _unauthorized("unsupported_algorithm", f"algorithm {alg!r} is not accepted")
+            raise Denied("unsupported_algorithm", f"{alg} tokens are not accepted here")
+        raise Denied("unsupported_algorithm", f"algorithm {alg!r} is not accepted")
 
 
 class ClaimPaths:
@@ -225,16 +221,16 @@ def _role(claims: dict, roles: dict[str, Role], paths: ClaimPaths) -> Role:
     where, path = paths.role
     value = _at(claims, path)
     if value is None:
-        raise _unauthorized("missing_claim", f"the token has no role claim ({where})")
+        raise Denied("missing_claim", f"the token has no role claim ({where})")
     if isinstance(value, list):
         named = {v for v in value if isinstance(v, str) and v in roles}
         if len(named) > 1:
-            raise _unauthorized("ambiguous_role", f"the {where} claim names several roles "
+            raise Denied("ambiguous_role", f"the {where} claim names several roles "
                                 f"({', '.join(sorted(named))}): a token must hold one")
         value = named.pop() if named else None
     role = roles.get(value) if isinstance(value, str) else None
     if role is None:
-        raise _unauthorized("unknown_role", f"role must be one of {', '.join(roles)}")
+        raise Denied("unknown_role", f"role must be one of {', '.join(roles)}")
     return role
 
 
@@ -243,21 +239,21 @@ def _principal(claims: dict, roles: dict[str, Role], paths: ClaimPaths = DEFAULT
     name = role.name
     sub = claims.get("sub")
     if not isinstance(sub, str) or not sub:
-        raise _unauthorized("missing_claim", "the token has no subject (sub)")
+        raise Denied("missing_claim", "the token has no subject (sub)")
     # the claims go into the audit row: a value it cannot store (a NUL, a lone surrogate)
     # would fail the batch of every caller it shares, so each is checked against a grammar
     if len(sub) > MAX_SUB or not sub.isprintable():
-        raise _unauthorized("bad_claim", f"sub must be at most {MAX_SUB} printable characters")
+        raise Denied("bad_claim", f"sub must be at most {MAX_SUB} printable characters")
     tenant = role.tenant_claim
     values = {"partner": None, "euo": None}
     if tenant is not None:
         where, path = paths.tenant[tenant]
         value = _at(claims, path)
         if not isinstance(value, str) or not value:
-            raise _unauthorized("missing_tenant_claim",
+            raise Denied("missing_tenant_claim",
                                 f"a {name} token must carry the {where!r} claim")
         if not IDENTIFIER.fullmatch(value) or value in (".", ".."):
-            raise _unauthorized("bad_claim", f"the {where!r} claim must be 1-128 characters "
+            raise Denied("bad_claim", f"the {where!r} claim must be 1-128 characters "
                                 "of A-Z a-z 0-9 . _ ~ @ : -")
         values[tenant] = value
     return Principal(sub=sub, role=name, exp=float(claims["exp"]), kind=role, **values)

@@ -87,10 +87,10 @@ class Backends:
                 self.observe(service, self._time() - started)
             return answer
         except TimeoutError:
-            raise Denied(504, "backend_timeout", f"the {service} backend did not answer in time") from None
+            raise Denied("backend_timeout", f"the {service} backend did not answer in time") from None
         except aiohttp.ClientError as e:
             self._state[service] = (False, started)
-            raise Denied(502, "backend_unreachable",
+            raise Denied("backend_unreachable",
                          f"the {service} backend cannot be reached ({type(e).__name__})") from None
 
     async def read(self, response: Answer, deadline: float) -> bytes:
@@ -100,13 +100,13 @@ class Backends:
         except TooLarge:
             raise _too_large() from None
         except TimeoutError:
-            raise Denied(504, "backend_timeout", "the backend did not finish its answer in time") from None
+            raise Denied("backend_timeout", "the backend did not finish its answer in time") from None
         except aiohttp.ClientError:
-            raise Denied(502, "backend_unreachable", "the backend broke off its answer") from None
+            raise Denied("backend_unreachable", "the backend broke off its answer") from None
         finally:
             response.release()
 
 
 def _too_large() -> Denied:
-    return Denied(502, "backend_answer_too_large",
+    return Denied("backend_answer_too_large",
                   "the backend's answer is larger than the gateway accepts")

@@ -87,7 +87,7 @@ async def open_grant(request: web.Request, principal: Principal, row: AuditRow):
     """Open a grant: {euo, user?, purpose, ticket, minutes}."""
     gw = request.app[GATEWAY]
     if not principal.kind.break_glass:
-        raise Denied(403, "role_not_permitted", "your role may not use break-glass (roles.yaml)")
+        raise Denied("role_not_permitted", "your role may not use break-glass (roles.yaml)")
     body = await json_object(request, ("euo", "user", "purpose", "ticket", "minutes"),
                              "invalid_break_glass")
     euo = identifier(body.get("euo"), "euo")
@@ -95,15 +95,15 @@ async def open_grant(request: web.Request, principal: Principal, row: AuditRow):
     purpose = text(body.get("purpose"), "purpose", required=True).strip()
     ticket = text(body.get("ticket"), "ticket", required=True).strip()
     if not purpose or not ticket or len(ticket) > 128:
-        raise Denied(400, "invalid_break_glass",
+        raise Denied("invalid_break_glass",
                      "purpose and ticket are required (a ticket of at most 128 characters)")
     minutes, most = body.get("minutes"), gw.catalog.break_glass_max_minutes
     if type(minutes) is not int or not 1 <= minutes <= most:
-        raise Denied(400, "invalid_break_glass", f"minutes must be an integer from 1 to {most}")
+        raise Denied("invalid_break_glass", f"minutes must be an integer from 1 to {most}")
     row.subject_euo, row.subject_users = euo, [user] if user else []
     if principal.kind.tenant_claim == "partner" and \
             gw.contracts.active_partner(euo) != principal.partner:
-        raise Denied(403, "no_active_contract",
+        raise Denied("no_active_contract",
                      "your partner holds no active contract with this EUO")
     ends_at = datetime.fromtimestamp(gw.break_glass.clock.now(), UTC) + timedelta(minutes=minutes)
     gid = uuid.uuid4()
@@ -130,11 +130,11 @@ async def end_grant(request: web.Request, principal: Principal, row: AuditRow):
     try:
         gid = uuid.UUID(request.match_info["id"])
     except ValueError:
-        raise Denied(404, "no_such_grant", "no such break-glass grant") from None
+        raise Denied("no_such_grant", "no such break-glass grant") from None
     pool = request.app[POOL]
     current = await pool.fetchrow(query("break_glass_get"), gid)
     if current is None or not _may_end(gw, principal, current):
-        raise Denied(404, "no_such_grant", "no such break-glass grant in your scope")
+        raise Denied("no_such_grant", "no such break-glass grant in your scope")
     row.subject_euo = current["euo_id"]
     row.subject_users = [current["user_sub"]] if current["user_sub"] else []
     row.break_glass = str(gid)

@@ -40,7 +40,7 @@ def api(route: str, group: str | None = None) -> Callable[[Handler], Callable]:
             try:
                 call.identify(await gw.authn.authenticate_request(request.headers))
                 if group is not None and not _may(call.principal, group):
-                    raise Denied(403, "role_not_permitted", _NOT_PERMITTED[group is ME])
+                    raise Denied("role_not_permitted", _NOT_PERMITTED[group is ME])
                 try:
                     keyed = await idempotency.begin(request, call.principal, row.request_id)
                     if isinstance(keyed, web.Response):    # a repeat: the first answer again
@@ -50,7 +50,7 @@ def api(route: str, group: str | None = None) -> Callable[[Handler], Callable]:
                         call.idempotent = keyed
                         response = await handler(request, call.principal, row)
                 except (TimeoutError, asyncpg.PostgresError, asyncpg.InterfaceError, OSError):
-                    raise Denied(503, "database_unavailable",
+                    raise Denied("database_unavailable",
                                  "the gateway's database cannot be reached") from None
                 if not call.committed:    # a download commits before its first byte
                     await call.allow(response.status, response.content_length or 0)
@@ -93,18 +93,18 @@ async def json_object(request: web.Request, fields: tuple[str, ...], code: str) 
         # last silently, so the (bounded, small) body is walked once more to see
         json.loads(raw, object_pairs_hook=_once_each)
     except web.HTTPRequestEntityTooLarge:
-        raise Denied(413, "body_too_large", "the request body is too large") from None
+        raise Denied("body_too_large", "the request body is too large") from None
     except orjson.JSONDecodeError:
-        raise Denied(400, "bad_json", "the body is not valid JSON") from None
+        raise Denied("bad_json", "the body is not valid JSON") from None
     except _Repeated as e:
-        raise Denied(400, "bad_json", f"the body gives the field {str(e)[:64]!r} twice") from None
+        raise Denied("bad_json", f"the body gives the field {str(e)[:64]!r} twice") from None
     except RecursionError:     # the stdlib's walk is recursive: deeper than orjson's own bound
-        raise Denied(400, "bad_json", "the body nests too deeply") from None
+        raise Denied("bad_json", "the body nests too deeply") from None
     if not isinstance(body, dict):
-        raise Denied(400, "bad_json", "the body must be a JSON object")
+        raise Denied("bad_json", "the body must be a JSON object")
     unknown = sorted(set(body) - set(fields))
     if unknown:
-        raise Denied(400, code, f"this endpoint takes no field {unknown[0][:64]!r} "
+        raise Denied(code, f"this endpoint takes no field {unknown[0][:64]!r} "
                      f"(it takes {', '.join(fields)})")
     return body
 
@@ -128,16 +128,16 @@ def only(params, names: tuple[str, ...], code: str = "bad_filter") -> None:
     misspelt filter is not ignored, a repeated one is not read as its first."""
     for name in set(params.keys()):
         if name not in names:
-            raise Denied(400, code, f"this endpoint takes no parameter {name[:64]!r} "
+            raise Denied(code, f"this endpoint takes no parameter {name[:64]!r} "
                          f"(it takes {', '.join(names) or 'none'})")
         if len(params.getall(name)) > 1:
-            raise Denied(400, code, f"{name[:64]!r} is given more than once")
+            raise Denied(code, f"{name[:64]!r} is given more than once")
 
 
 def identifier(value: object, what: str) -> str:
     """An identifier of the route table's grammar, or Denied(400, bad_identifier)."""
     if not isinstance(value, str) or not IDENTIFIER.fullmatch(value) or value in (".", ".."):
-        raise Denied(400, "bad_identifier",
+        raise Denied("bad_identifier",
                      f"{what} must be 1-128 characters of A-Z a-z 0-9 . _ ~ @ : -")
     return value
 
@@ -148,7 +148,7 @@ def text(value: object, what: str, required: bool = False) -> str | None:
     if value is None and not required:
         return None
     if not isinstance(value, str) or len(value) > MAX_TEXT or CONTROL.search(value):
-        raise Denied(400, "invalid_text",
+        raise Denied("invalid_text",
                      f"{what} must be text of at most {MAX_TEXT} characters, without control "
                      "characters")
     return value

@@ -104,11 +104,14 @@ REASONS: dict[str, tuple[int, str]] = {
 
 
 class Denied(Exception):
-    """Stop the request with this status and stable reason id (docs/gateway-api.md, Errors)."""
+    """Stop the request with a stable reason id of the catalogue (docs/gateway-api.md,
+    Errors), answered with the status the catalogue gives it."""
 
-    def __init__(self, status: int, code: str, message: str):
+    def __init__(self, code: str, message: str):
+        if code not in REASONS:
+            raise ValueError(f"{code!r} is not a reason id of the catalogue (errors.REASONS)")
         super().__init__(message)
-        self.status = status
+        self.status = REASONS[code][0]
         self.code = code
         self.message = message
 

@@ -132,7 +132,7 @@ def _request(params) -> tuple[str, str]:
     method, path = params.get("method", "GET"), params.get("path")
     repeated = any(len(params.getall(name, ())) > 1 for name in ("method", "path"))
     if repeated or method not in ACTION_OF_METHOD or not isinstance(path, str) or not path:
-        raise Denied(400, "bad_explain", "explain needs method (one the route table knows: "
+        raise Denied("bad_explain", "explain needs method (one the route table knows: "
                      f"{', '.join(sorted(ACTION_OF_METHOD))}) and path (a backend path, e.g. "
                      "/telephony/euos/euo-acme), each once")
     return method, path
@@ -145,10 +145,10 @@ def _as(catalog: Catalog, params) -> Principal:
     """The caller to explain for, from role, sub and the tenant claim its role needs."""
     for name in AS_PARAMETERS:
         if len(params.getall(name, ())) > 1:
-            raise Denied(400, "bad_explain", f"{name} is given once")
+            raise Denied("bad_explain", f"{name} is given once")
     kind = catalog.roles.get(params.get("role"))
     if kind is None:
-        raise Denied(400, "bad_explain", "role must be one of roles.yaml: "
+        raise Denied("bad_explain", "role must be one of roles.yaml: "
                      + ", ".join(sorted(catalog.roles)))
     sub = identifier(params.get("sub"), "sub")
     claims = {}
@@ -157,7 +157,7 @@ def _as(catalog: Catalog, params) -> Principal:
         if claim == kind.tenant_claim:
             claims[claim] = identifier(value, claim)
         elif value is not None:
-            raise Denied(400, "bad_explain", f"role {kind.name} carries no {claim} claim")
+            raise Denied("bad_explain", f"role {kind.name} carries no {claim} claim")
     return Principal(sub=sub, role=kind.name, kind=kind, **claims)
 
 
@@ -173,7 +173,7 @@ async def explain_endpoint(request: web.Request, principal: Principal, row) -> w
     if not any(name in request.query for name in AS_PARAMETERS):
         said = explain(gw, principal, method, path, scratch)
     elif not principal.kind.may("explain_any"):
-        raise Denied(403, "role_not_permitted", "only a role with the explain_any group "
+        raise Denied("role_not_permitted", "only a role with the explain_any group "
                      "(roles.yaml) may explain for another caller")
     else:
         said = explain(gw, _as(gw.catalog, request.query), method, path, scratch)

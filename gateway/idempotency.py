@@ -68,12 +68,12 @@ async def begin(request: web.Request, principal: Principal,
         return None
     given = request.headers.getall(HEADER)
     if len(given) != 1 or not KEY.fullmatch(given[0]):
-        raise Denied(400, "bad_idempotency_key",
+        raise Denied("bad_idempotency_key",
                      "Idempotency-Key must be given once, 1-128 of A-Z a-z 0-9 . _ : -")
     try:
         body = await request.read()
     except web.HTTPRequestEntityTooLarge:
-        raise Denied(413, "body_too_large", "the request body is too large") from None
+        raise Denied("body_too_large", "the request body is too large") from None
     actor = f"{principal.role}/{_organisation(principal)}/{principal.sub}"
     fingerprint = hashlib.sha256(b"\0".join(
         (request.method.encode(), request.raw_path.encode(), body))).digest()
@@ -81,10 +81,10 @@ async def begin(request: web.Request, principal: Principal,
     if known is None:
         return Idempotent(actor, given[0], fingerprint, request_id)
     if bytes(known["fingerprint"]) != fingerprint:
-        raise Denied(422, "idempotency_key_reused",
+        raise Denied("idempotency_key_reused",
                      "this Idempotency-Key was used for another request (method, path or body)")
     if known["body"] is None:
-        raise Denied(409, "idempotency_answer_lost",
+        raise Denied("idempotency_answer_lost",
                      f"the request with this Idempotency-Key was carried out (request id "
                      f"{known['request_id']}, status {known['status']}); its answer was not "
                      f"kept: read the resource back")
@@ -96,7 +96,7 @@ async def begin(request: web.Request, principal: Principal,
 
 
 def _in_use() -> Denied:
-    return Denied(409, "idempotency_key_in_use",
+    return Denied("idempotency_key_in_use",
                   "a request with this Idempotency-Key is under way; try again shortly")
 
 

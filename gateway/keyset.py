@@ -186,18 +186,18 @@ class KeySet:
         """The key a token of this `kid` and `alg` is checked with, or Denied: 401 for a key
         the set lacks or one of another type, 503 keys_unavailable while the set is lost."""
         if not isinstance(kid, str):
-            raise Denied(401, "unknown_key", "the token names no key id (kid)")
+            raise Denied("unknown_key", "the token names no key id (kid)")
         key = self.keys.get(kid)
         if key is None or self.lost():
             await self._refetch_soon()
             key = self.keys.get(kid)
         if self.lost():
-            raise Denied(503, "keys_unavailable",
+            raise Denied("keys_unavailable",
                          "the token issuer's keys cannot be fetched right now; try again shortly")
         if key is None:
-            raise Denied(401, "unknown_key", "the token's key id is not in the issuer's key set")
+            raise Denied("unknown_key", "the token's key id is not in the issuer's key set")
         if not key.fits(alg):
-            raise Denied(401, "unsupported_algorithm", f"the token's alg {alg} does not fit its key")
+            raise Denied("unsupported_algorithm", f"the token's alg {alg} does not fit its key")
         return key.key
 
     async def _refetch_soon(self) -> None:

@@ -96,7 +96,7 @@ class NotifiedCache:
     def check_fresh(self) -> None:
         """Refuse (503) unless the mirror was proven fresh within the staleness bound."""
         if time.monotonic() - self._proven_at > self.staleness_s:
-            raise Denied(503, self.unavailable_code,
+            raise Denied(self.unavailable_code,
                          f"the {self.what} cannot be read right now; try again shortly")
 
     def stale_reason(self) -> str | None:

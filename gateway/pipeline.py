@@ -103,7 +103,7 @@ def match_route(gw: Gateway, method: str, raw_target: str, call: Call) -> Matche
     route = matched.route
     call.row.service = route.service
     if method not in route.methods:
-        raise Denied(404, "unknown_route", "no such route in the gateway's route table")
+        raise Denied("unknown_route", "no such route in the gateway's route table")
     call.row.route = route.name
     user = matched.params.get(route.subject_user) if route.subject_user else None
     call.about(matched.params[route.subject_euo], [user] if user else ())
@@ -134,7 +134,7 @@ def authorize(gw: Gateway, principal: Principal, method: str, matched: Matched,
         if user is not None:
             withheld = blocked(user)
             if withheld and _all_restricted(gw, route, principal, relations, action, withheld):
-                raise Denied(403, "processing_restricted",
+                raise Denied("processing_restricted",
                              "this user has restricted the processing of this data: "
                              + ", ".join(sorted(withheld)))
     _check_route(gw, route, principal, relations, action)
@@ -196,7 +196,7 @@ async def send(gw: Gateway, target: Target, method: str, headers: Mapping[str, s
         # an allow-list: 206 to a Range never sent, 205, 207 and the like mean something the
         # gateway did not ask for and cannot check
         upstream.release()
-        raise Denied(502, "backend_unmappable",
+        raise Denied("backend_unmappable",
                      f"the backend answered {upstream.status}, which the gateway does not pass on")
     return upstream
 
@@ -228,7 +228,7 @@ async def read_json(gw: Gateway, target: Target, upstream, call: Call,
     if status == 204 or not raw:
         return JsonAnswer(status, headers, None)
     if not (content_type == "application/json" or content_type.endswith("+json")):
-        raise Denied(502, "backend_unmappable", "the backend's answer is not JSON")
+        raise Denied("backend_unmappable", "the backend's answer is not JSON")
     _not_encoded(upstream)
     headers["Content-Type"] = "application/json"
     route, principal = target.route, target.principal
@@ -248,13 +248,13 @@ async def read_json(gw: Gateway, target: Target, upstream, call: Call,
     except SubjectMismatch as e:
         log.warning("request %s: the backend answered about someone else (%s)",
                     call.row.request_id, e)
-        raise Denied(502, "backend_subject_mismatch",
+        raise Denied("backend_subject_mismatch",
                      "the backend answered about another subject than the one asked for") from None
     except (orjson.JSONDecodeError, Unmappable):
-        raise Denied(502, "backend_unmappable",
+        raise Denied("backend_unmappable",
                      "the backend's answer does not match the route table") from None
     if route.top_decided and not outcome.served:
-        raise Denied(403, "dataset_not_permitted", "you may not see any data of this resource")
+        raise Denied("dataset_not_permitted", "you may not see any data of this resource")
     if outcome.subjects:
         call.row.subject_users = sorted(outcome.subjects | set(call.row.subject_users))
     call.row.withheld = receipt(outcome.withheld)
@@ -282,7 +282,7 @@ async def _stream_list(request: web.Request, gw: Gateway, target: Target, call: 
     field_name = gw.list_field(route)
     try:
         if not upstream.content_type.lower().endswith("json"):
-            raise Denied(502, "backend_unmappable", "the backend's answer is not JSON")
+            raise Denied("backend_unmappable", "the backend's answer is not JSON")
         _not_encoded(upstream)
         plan = gw.plan(route, principal.role, target.relations)
         now = call.row.at
@@ -368,37 +368,37 @@ async def _request_body(request: web.Request, gw: Gateway,
     route, principal, relations = target.route, target.principal, target.relations
     limit = gw.max_body_bytes
     if request.content_length and request.content_length > limit:
-        raise Denied(413, "body_too_large", f"request bodies are limited to {limit} bytes")
+        raise Denied("body_too_large", f"request bodies are limited to {limit} bytes")
     chunks, size = [], 0
     try:
         while chunk := await request.content.read(CHUNK):
             size += len(chunk)
             if size > limit:
-                raise Denied(413, "body_too_large", f"request bodies are limited to {limit} bytes")
+                raise Denied("body_too_large", f"request bodies are limited to {limit} bytes")
             chunks.append(chunk)
     except (aiohttp.ClientError, OSError, ValueError):
-        raise Denied(400, "bad_body", "the request body could not be read") from None
+        raise Denied("bad_body", "the request body could not be read") from None
     try:
         doc = orjson.loads(b"".join(chunks))
     except orjson.JSONDecodeError:
-        raise Denied(400, "bad_json", "the request body is not valid JSON") from None
+        raise Denied("bad_json", "the request body is not valid JSON") from None
     if not isinstance(doc, dict) or not isinstance(route.body, ObjectOf):
-        raise Denied(400, "bad_json", "the request body must be a JSON object")
+        raise Denied("bad_json", "the request body must be a JSON object")
     writable = gw.policy.granted(principal.role, relations, "write")
     changed: set[str] = set()
     for key in doc:
         spec = route.body.fields.get(key)
         data_set = getattr(spec, "data_set", None)
         if data_set is None:
-            raise Denied(400, "field_not_writable", f"{key[:64]!r} cannot be changed through the gateway")
+            raise Denied("field_not_writable", f"{key[:64]!r} cannot be changed through the gateway")
         if data_set not in writable:
-            raise Denied(403, "write_not_permitted", f"you may not change {data_set}")
+            raise Denied("write_not_permitted", f"you may not change {data_set}")
         changed.add(data_set)
         if data_set in target.withheld:
-            raise Denied(403, "processing_restricted",
+            raise Denied("processing_restricted",
                          f"this user has restricted the processing of {data_set}")
         if not _plain(doc[key], top=True):
-            raise Denied(400, "bad_value",
+            raise Denied("bad_value",
                          f"{key!r} must be text, a number, true/false, null, or a list of "
                          "those or of flat objects (no control characters)")
     return orjson.dumps(doc), sorted(changed)
@@ -424,30 +424,30 @@ def _check_route(gw: Gateway, route: Route, principal: Principal,
     if route.binary:
         allowed = gw.policy.granted(principal.role, relations, action)
         if not set(route.binary) <= allowed:
-            raise Denied(403, "dataset_not_permitted",
+            raise Denied("dataset_not_permitted",
                          f"you may not {action} {' / '.join(route.binary)} here")
         return
     if action == "write":
         if not route.data_sets & gw.policy.granted(principal.role, relations, "write"):
-            raise Denied(403, "write_not_permitted", "you may not change any data of this resource")
+            raise Denied("write_not_permitted", "you may not change any data of this resource")
         return
     possible = relations | route.body_relations if principal.kind.data_subject else relations
     if not route.data_sets & gw.policy.granted(principal.role, possible, "read"):
-        raise Denied(403, "dataset_not_permitted", "you may not see any data of this resource")
+        raise Denied("dataset_not_permitted", "you may not see any data of this resource")
 
 
 def internal(error: Exception, request_id: str) -> Denied:
     """An unexpected failure: logged with its traceback, answered and audited as an error."""
     log.error("request %s failed", request_id, exc_info=error)
-    return Denied(502, "internal_error", "the gateway could not complete the request")
+    return Denied("internal_error", "the gateway could not complete the request")
 
 
 def _upstream_error(status: int) -> Denied:
     if status == 404:
-        return Denied(404, "backend_not_found", "the backend has no such resource")
+        return Denied("backend_not_found", "the backend has no such resource")
     if status in (400, 409, 422):
-        return Denied(400, "backend_rejected", "the backend refused the request")
-    return Denied(502, "backend_error", f"the backend answered {status}")
+        return Denied("backend_rejected", "the backend refused the request")
+    return Denied("backend_error", f"the backend answered {status}")
 
 
 async def _stream(request: web.Request, gw: Gateway, target: Target, call: Call,
@@ -455,7 +455,7 @@ async def _stream(request: web.Request, gw: Gateway, target: Target, call: Call,
     """Forward, commit the audit row, then copy the binary body through in chunks. At most
     `max_streams` at once: each stalled reader holds buffers, so memory stays bounded."""
     if gw.streams >= gw.max_streams:
-        raise Denied(503, "streams_busy", "too many files are being downloaded; try again shortly")
+        raise Denied("streams_busy", "too many files are being downloaded; try again shortly")
     gw.streams += 1
     try:
         served = sorted(target.route.binary)
@@ -480,7 +480,7 @@ async def _file_data_sets(gw: Gateway, target: Target, request: web.Request, cal
     route = target.route
     cut = gw.cutoffs(route, target.params, now_utc())
     if cut.expired & set(route.binary):
-        raise Denied(410, "retention_expired", "this file is past its data set's retention period")
+        raise Denied("retention_expired", "this file is past its data set's retention period")
     if route.listed_in is None:
         return sorted(route.binary)
     list_route, fld = route.listed_in
@@ -501,19 +501,19 @@ async def _file_data_sets(gw: Gateway, target: Target, request: web.Request, cal
         wanted = target.params["id"]
         entry = next((i for i in items if isinstance(i, dict) and _listed_id(i) == wanted), None)
         if entry is None:
-            raise Denied(404, "backend_not_found", "the backend does not list this file")
+            raise Denied("backend_not_found", "the backend does not list this file")
         principal = target.principal
         plan = gw.plan(list_route, principal.role, target.relations)
         _, outcome = redact({fld: [entry]}, plan, principal.sub, gw.catalog, gw.policy.granted,
                             now_utc(), target.blocked, params,
                             gw.cutoffs(list_route, params, now_utc()))
     except (orjson.JSONDecodeError, Unmappable):
-        raise Denied(502, "backend_unmappable",
+        raise Denied("backend_unmappable",
                      "the backend's list of this file does not match the route table") from None
     if outcome.withheld.get(RETENTION):
-        raise Denied(410, "retention_expired", "this file is past its data set's retention period")
+        raise Denied("retention_expired", "this file is past its data set's retention period")
     if not outcome.served:
-        raise Denied(403, "dataset_not_permitted", "you may not see this file")
+        raise Denied("dataset_not_permitted", "you may not see this file")
     return sorted(outcome.served)
 
 
@@ -532,14 +532,14 @@ def check_file(route: Route, upstream) -> None:
     if upstream.status == 204:
         return
     if not route.allows_media_type(upstream.content_type.lower()):
-        raise Denied(502, "backend_unmappable",
+        raise Denied("backend_unmappable",
                      f"the backend answered {upstream.content_type[:64]} where a file was due")
 
 
 def _not_encoded(upstream) -> None:
     """The gateway asks for identity: an answer encoded anyway cannot be checked, so 502."""
     if upstream.headers.get("Content-Encoding", "identity").strip().lower() not in ("", "identity"):
-        raise Denied(502, "backend_unmappable", "the backend encoded an answer it was asked for as is")
+        raise Denied("backend_unmappable", "the backend encoded an answer it was asked for as is")
 
 
 async def _copy(request: web.Request, route: Route, upstream, call: Call,

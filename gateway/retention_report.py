@@ -69,7 +69,7 @@ async def retention_view(request: web.Request, principal: Principal, row: AuditR
     try:
         start, end = window(request.query.get("from"), request.query.get("to"))
     except ValueError as e:
-        raise Denied(400, "bad_filter", str(e)) from None
+        raise Denied("bad_filter", str(e)) from None
     lines = await report(request.app[POOL], start, end)
     return json_response({"from": start.isoformat(), "to": end.isoformat(), "backends": lines})
 

@@ -60,7 +60,7 @@ def _request_id(request: web.Request) -> uuid.UUID:
     try:
         return uuid.UUID(request.match_info["id"])
     except ValueError:
-        raise Denied(404, "no_such_request", "no such request") from None
+        raise Denied("no_such_request", "no such request") from None
 
 
 def _actor(principal: Principal | None) -> str:
@@ -80,15 +80,15 @@ def may_act(gw: Gateway, principal: Principal, req, to: str) -> None:
     mover = TRANSITIONS.get((req["status"], to))
     if principal.kind.data_subject:
         if req["euo_id"] != principal.euo or req["user_sub"] != principal.sub:
-            raise Denied(404, "no_such_request", "no such request of yours")
+            raise Denied("no_such_request", "no such request of yours")
         if mover != SUBJECT:
             raise _no_transition(req, to, "you may withdraw your own request, nothing else")
         return
     if not _covers(gw, principal, req):
-        raise Denied(404, "no_such_request", "no such request in your scope")
+        raise Denied("no_such_request", "no such request in your scope")
     if req["type"] in RESTRICTING_TYPES and principal.role in gw.catalog.restricted_roles:
         # the party a restriction blocks may not lift it: the EUO's admin or staff decide
-        raise Denied(403, "role_not_permitted",
+        raise Denied("role_not_permitted",
                      "a restriction that blocks your role is answered by the EUO's admin")
     if mover != ADMIN:       # accepted → accepted too: an erasure under way is not run twice
         raise _no_transition(req, to, "")
@@ -100,7 +100,7 @@ def may_act(gw: Gateway, principal: Principal, req, to: str) -> None:
 def _no_transition(req, to: str, why: str) -> Denied:
     allowed = sorted(t for (f, t), who in TRANSITIONS.items()
                      if f == req["status"] and who != GATEWAY_ITSELF)
-    return Denied(409, "invalid_transition",
+    return Denied("invalid_transition",
                   f"a {req['status']} request cannot become {to} "
                   f"(from {req['status']}: {', '.join(allowed) or 'none, it is final'})"
                   + (f"; {why}" if why else ""))
@@ -127,16 +127,16 @@ async def create_request(request: web.Request, principal: Principal, row: AuditR
     body = await json_object(request, ("type", "data_sets", "detail"), "invalid_request")
     kind = body.get("type")
     if kind not in TYPES:
-        raise Denied(400, "invalid_request", f"type must be one of {', '.join(TYPES)}")
+        raise Denied("invalid_request", f"type must be one of {', '.join(TYPES)}")
     data_sets = body.get("data_sets")
     gw = request.app[GATEWAY]
     catalog = gw.catalog
     if (not isinstance(data_sets, list) or not data_sets
             or not all(isinstance(d, str) and d in catalog.data_sets for d in data_sets)):
-        raise Denied(400, "invalid_request", "data_sets must list data sets of GET /v1/catalog")
+        raise Denied("invalid_request", "data_sets must list data sets of GET /v1/catalog")
     detail = text(body.get("detail", ""), "detail", required=True)
     if len(set(data_sets)) != len(data_sets):
-        raise Denied(400, "invalid_request", "data_sets lists a data set twice")
+        raise Denied("invalid_request", "data_sets lists a data set twice")
     row.subject_euo, row.subject_users, row.data_sets = principal.euo, [principal.sub], data_sets
     row.access = NAMED
 
@@ -209,7 +209,7 @@ async def my_request(request: web.Request, principal: Principal, row: AuditRow):
     pool = request.app[POOL]
     req = await pool.fetchrow(query("get_request"), request_id)
     if req is None or req["euo_id"] != principal.euo or req["user_sub"] != principal.sub:
-        raise Denied(404, "no_such_request", "no such request of yours")
+        raise Denied("no_such_request", "no such request of yours")
     return json_response(await request_details(pool, req))
 
 
@@ -220,7 +220,7 @@ async def get_request(request: web.Request, principal: Principal, row: AuditRow)
     pool = request.app[POOL]
     req = await pool.fetchrow(query("get_request"), request_id)
     if req is None or not _covers(request.app[GATEWAY], principal, req):
-        raise Denied(404, "no_such_request", "no such request in your scope")
+        raise Denied("no_such_request", "no such request in your scope")
     row.subject_euo, row.subject_users = req["euo_id"], [req["user_sub"]]
     row.access = NAMED
     return json_response(await request_details(pool, req))
@@ -232,7 +232,7 @@ async def list_requests(request: web.Request, principal: Principal, row: AuditRo
     only(request.query, ("status",))
     status = request.query.get("status")
     if status is not None and status not in STATUSES:
-        raise Denied(400, "bad_filter", f"status must be one of {', '.join(STATUSES)}")
+        raise Denied("bad_filter", f"status must be one of {', '.join(STATUSES)}")
     rows = await request.app[POOL].fetch(query("requests_in_scope"), *scope(principal), status)
     users_by_euo: dict[str | None, set[str]] = {}
     for r in rows:
@@ -262,13 +262,13 @@ async def _transition(request: web.Request, principal: Principal, row: AuditRow,
     body = await json_object(request, fields, "invalid_request")
     status = body.get("status")
     if status not in offered:
-        raise Denied(400, "invalid_request", f"status must be one of {', '.join(offered)}")
+        raise Denied("invalid_request", f"status must be one of {', '.join(offered)}")
     resolution = text(body.get("resolution"), "resolution")
     pool = request.app[POOL]
     gw = request.app[GATEWAY]
     current = await pool.fetchrow(query("get_request"), request_id)
     if current is None:
-        raise Denied(404, "no_such_request", "no such request")
+        raise Denied("no_such_request", "no such request")
     may_act(gw, principal, current, status)
     row.subject_euo, row.subject_users = current["euo_id"], [current["user_sub"]]
     row.access = NAMED
@@ -296,7 +296,7 @@ async def _move(call: Call, gw: Gateway, webhooks: Webhooks, principal: Principa
         updated = await conn.fetchrow(query("update_request"), current["id"], to, resolution,
                                       _actor(principal), current["status"])
         if updated is None:
-            raise Denied(409, "invalid_transition",
+            raise Denied("invalid_transition",
                          "the request changed meanwhile; read it again")
         await conn.execute(query("add_transition"), current["id"], current["status"], to,
                            _actor(principal), resolution)

@@ -40,7 +40,7 @@ class Matched:
 
 
 def bad_path(message: str) -> Denied:
-    return Denied(400, "bad_path", message)
+    return Denied("bad_path", message)
 
 
 class Targets:
@@ -72,7 +72,7 @@ def parse(catalog: Catalog, raw_target: str) -> Matched:
             raise bad_path("the path has '.' or '..' segments")
     matched = catalog.match(segments[0], segments[1:])
     if matched is None:
-        raise Denied(404, "unknown_route", "no such route in the gateway's route table")
+        raise Denied("unknown_route", "no such route in the gateway's route table")
     route, params = matched
     for name, grammar in zip(route.param_names, route.param_grammars, strict=True):
         value = grammar.normal(params[name])
@@ -99,12 +99,12 @@ def _query(route: Route, raw_query: str) -> dict[str, str]:
         key, eq, value = part.partition("=")
         grammar = route.query.get(key)
         if grammar is None:
-            raise Denied(400, "query_not_allowed",
+            raise Denied("query_not_allowed",
                          f"this route takes no query parameter {key[:64]!r}"
                          + (f" (allowed: {', '.join(route.query)})" if route.query else ""))
         normal = grammar.normal(value) if eq and key not in out else None
         if normal is None:
-            raise Denied(400, "bad_query",
+            raise Denied("bad_query",
                          f"the query parameter {key!r} must be given once, as a valid "
                          f"{_kind(grammar)}")
         out[key] = normal
@@ -112,7 +112,7 @@ def _query(route: Route, raw_query: str) -> dict[str, str]:
     if since is not None and until is not None and isinstance(route.query["from"], DateTime) \
             and isinstance(route.query["to"], DateTime) \
             and datetime.fromisoformat(since) > datetime.fromisoformat(until):
-        raise Denied(400, "bad_query", "from is later than to: the window holds nothing")
+        raise Denied("bad_query", "from is later than to: the window holds nothing")
     return out
 
 

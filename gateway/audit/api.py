@@ -74,10 +74,10 @@ def parse_filters(params, download: bool, takes: tuple[str, ...] = FILTERS + PAG
     only(params, takes)
     decision = params.get("decision")
     if decision not in (None, "allow", "deny", "error"):
-        raise Denied(400, "bad_filter", "decision must be allow, deny or error")
+        raise Denied("bad_filter", "decision must be allow, deny or error")
     access = params.get("access")
     if access not in (None, *ACCESS):
-        raise Denied(400, "bad_filter", f"access must be one of {', '.join(ACCESS)}")
+        raise Denied("bad_filter", f"access must be one of {', '.join(ACCESS)}")
     raw_limit = params.get("limit")
     if raw_limit is None:
         limit = None if download else DEFAULT_LIMIT
@@ -85,9 +85,9 @@ def parse_filters(params, download: bool, takes: tuple[str, ...] = FILTERS + PAG
         try:
             limit = int(raw_limit)
         except ValueError:
-            raise Denied(400, "bad_filter", "limit must be an integer") from None
+            raise Denied("bad_filter", "limit must be an integer") from None
         if not 1 <= limit <= (10**9 if download else MAX_LIMIT):
-            raise Denied(400, "bad_filter", f"limit must be between 1 and {MAX_LIMIT}")
+            raise Denied("bad_filter", f"limit must be between 1 and {MAX_LIMIT}")
     return Filters(
         actor=_word(params, "actor"), subject_user=_word(params, "subject_user"),
         euo=_word(params, "euo"), dataset=_word(params, "dataset"), decision=decision,
@@ -99,7 +99,7 @@ def _word(params, name: str) -> str | None:
     """A text filter: at most 256 printable characters (a NUL is the caller's mistake)."""
     raw = params.get(name)
     if raw is not None and (len(raw) > 256 or not raw.isprintable()):
-        raise Denied(400, "bad_filter", f"{name} must be at most 256 printable characters")
+        raise Denied("bad_filter", f"{name} must be at most 256 printable characters")
     return raw
 
 
@@ -110,9 +110,9 @@ def _time(params, name: str) -> datetime | None:
     try:
         value = datetime.fromisoformat(raw)
     except ValueError:
-        raise Denied(400, "bad_filter", f"{name} must be an ISO 8601 time") from None
+        raise Denied("bad_filter", f"{name} must be an ISO 8601 time") from None
     if value.tzinfo is None:
-        raise Denied(400, "bad_filter", f"{name} must carry a time zone (e.g. Z)")
+        raise Denied("bad_filter", f"{name} must carry a time zone (e.g. Z)")
     return in_range(value, "bad_filter", name)
 
 
@@ -121,7 +121,7 @@ def in_range(value: datetime, code: str, name: str) -> datetime:
     try:
         return value.astimezone(UTC)
     except (OverflowError, ValueError):
-        raise Denied(400, code, f"{name} is outside the years 1-9999 (UTC)") from None
+        raise Denied(code, f"{name} is outside the years 1-9999 (UTC)") from None
 
 
 def encode_cursor(row) -> str:
@@ -141,7 +141,7 @@ def decode_cursor(token: str) -> tuple[datetime, uuid.UUID, int]:
             raise ValueError("no time zone")
         return in_range(when, "bad_cursor", "the cursor"), uuid.UUID(chain), seq
     except (ValueError, TypeError, orjson.JSONDecodeError):
-        raise Denied(400, "bad_cursor", "the cursor is not one this API gave out") from None
+        raise Denied("bad_cursor", "the cursor is not one this API gave out") from None
 
 
 def public(row, principal: Principal | None = None) -> dict[str, Any]:
@@ -340,7 +340,7 @@ async def audit_checkpoints(request: web.Request, principal: Principal, row: Aud
     raw_limit = request.query.get("limit", str(DEFAULT_LIMIT))
     if (after is not None and not (after.isdigit() and int(after) < 2**63)) \
             or not raw_limit.isdigit() or not 1 <= int(raw_limit) <= MAX_LIMIT:
-        raise Denied(400, "bad_filter", f"after must be a checkpoint id, limit 1-{MAX_LIMIT}")
+        raise Denied("bad_filter", f"after must be a checkpoint id, limit 1-{MAX_LIMIT}")
     rows = await request.app[POOL].fetch(query("audit_checkpoints"),
                                          int(after) if after else None, int(raw_limit))
     return json_response({"format": FORMAT.decode().strip(),

@@ -35,16 +35,16 @@ async def audit_per_day(request: web.Request, principal: Principal, row: AuditRo
     """Accesses per day and role: `from` defaults to 31 days before `to` (default now); at
     most 366 days."""
     if "cursor" in request.query or "limit" in request.query:
-        raise Denied(400, "bad_filter", "per-day counts take no cursor or limit")
+        raise Denied("bad_filter", "per-day counts take no cursor or limit")
     filters = parse_filters(request.query, download=True, takes=FILTERS)
     until = filters.until or clock.now_utc()
     try:
         since = filters.since or until - DEFAULT_SPAN
     except OverflowError:        # `to` in the calendar's first month: no 31 days before it
-        raise Denied(400, "bad_filter", "to leaves no 31 days before it for from; "
+        raise Denied("bad_filter", "to leaves no 31 days before it for from; "
                      "give from") from None
     if not timedelta(0) < until - since <= MAX_SPAN:
-        raise Denied(400, "bad_filter", "from must be before to, at most 366 days apart")
+        raise Denied("bad_filter", "from must be before to, at most 366 days apart")
     filters = dataclasses.replace(filters, since=since, until=until, cursor=None, limit=None)
     async with request.app[POOL].acquire() as conn, conn.transaction():
         await conn.execute("set local plan_cache_mode = force_custom_plan")

@@ -84,7 +84,7 @@ def as_subject(principal: Principal) -> bool:
         return False
     if kind.data_subject:
         return True
-    raise Denied(403, "role_not_permitted", "only a role with a tenant's audit scope or a "
+    raise Denied("role_not_permitted", "only a role with a tenant's audit scope or a "
                  "data subject may ask for a slice (roles.yaml)")
 
 
@@ -126,7 +126,7 @@ async def build_slice(conn, principal: Principal, params, data_subject_roles: li
                 try:
                     proofs[(chain_id, s)] = hashes_of(ranges, nodes.__getitem__)
                 except KeyError:
-                    raise Denied(503, "audit_tree_incomplete", "the audit log's Merkle "
+                    raise Denied("audit_tree_incomplete", "the audit log's Merkle "
                                  "tree lacks nodes a proof needs") from None
     entries, leaves = [], []
     for r in rows:
@@ -207,7 +207,7 @@ async def audit_consistency(request: web.Request, principal: Principal, row: Aud
     for name in ("first", "second"):
         raw = request.query.get(name, "")
         if not (raw.isdigit() and int(raw) < 2**63):
-            raise Denied(400, "bad_filter", "first and second must be checkpoint ids")
+            raise Denied("bad_filter", "first and second must be checkpoint ids")
         ids.append(int(raw))
     async with request.app[POOL].acquire() as conn:
         return json_response(await consistency_doc(conn, *ids))
@@ -219,17 +219,17 @@ async def consistency_doc(conn, first_id: int, second_id: int) -> dict[str, Any]
         first, second = [await conn.fetchrow(query("audit_checkpoint"), i)
                          for i in (first_id, second_id)]
         if first is None or second is None:
-            raise Denied(404, "no_such_checkpoint", "no checkpoint has that id")
+            raise Denied("no_such_checkpoint", "no checkpoint has that id")
         if (first["chain_id"] != second["chain_id"] or first["version"] != 2
                 or second["version"] != 2 or first["tree_size"] > second["tree_size"]):
-            raise Denied(400, "bad_filter", "first and second must be checkpoints with a "
+            raise Denied("bad_filter", "first and second must be checkpoints with a "
                          "tree (format 2) of one chain, first the smaller")
         ranges = consistency_ranges(first["tree_size"], second["tree_size"])
         nodes = await fetch_nodes(conn, first["chain_id"], nodes_for(ranges))
     try:
         proof = hashes_of(ranges, nodes.__getitem__)
     except KeyError:
-        raise Denied(503, "audit_tree_incomplete", "the audit log's Merkle tree lacks "
+        raise Denied("audit_tree_incomplete", "the audit log's Merkle tree lacks "
                      "nodes a proof needs") from None
     return {"format": CONSISTENCY_FORMAT, "first": checkpoint_json(first),
             "second": checkpoint_json(second), "proof": [h.hex() for h in proof]}

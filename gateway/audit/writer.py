@@ -110,7 +110,7 @@ POISON = (asyncpg.DataError, UnicodeError)
 
 def unavailable() -> Denied:
     """The refusal of a request whose audit row cannot be committed in time."""
-    return Denied(503, "audit_unavailable",
+    return Denied("audit_unavailable",
                   "the access log cannot be written right now; no data is served until it can")
 
 
@@ -118,7 +118,7 @@ def outcome_unknown(request_id: str) -> Denied:
     """The answer to a change that may have been made but whose outcome is not recorded:
     its COMMIT went unanswered, or (a written-ahead call) its outcome row could not be
     written after the backend was called."""
-    return Denied(503, "outcome_unknown",
+    return Denied("outcome_unknown",
                   f"the change may or may not have been made (request id {request_id}): send "
                   f"the same request with the same Idempotency-Key to learn what happened, or "
                   f"read the resource back before trying again")
@@ -537,7 +537,7 @@ class _Lane:
         log.error("the database refused audit row %s: %s", item.row.request_id,
                   str(error) or type(error).__name__)
         if not item.fut.done():
-            item.fut.set_exception(Denied(502, "audit_row_refused",
+            item.fut.set_exception(Denied("audit_row_refused",
                                           "the database refused this request's audit row"))
 
     async def _change(self, i: int, item: _Pending, changed: dict, refused: dict) -> None:

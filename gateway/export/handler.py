@@ -141,7 +141,7 @@ class Exporter:
             if (where := foreign(document, shape, self.viewer.sub, self.gw.catalog)) is not None:
                 pipeline.log.warning("export %s: %s names another person at %s",
                                      self.request_id, path, where)
-                raise Denied(502, "backend_subject_mismatch",
+                raise Denied("backend_subject_mismatch",
                              "the backend answered with another person's data")
             await call.allow(answer.status, size, served, removed)
             if out is not None:
@@ -370,14 +370,14 @@ def _items(document: dict, list_field: str) -> list[dict]:
     """The elements of a listing, each with an identifier id; Denied(502) otherwise."""
     items = document.get(list_field) or []
     if not isinstance(items, list):
-        raise Denied(502, "backend_unmappable", f"the backend's {list_field} is not a list")
+        raise Denied("backend_unmappable", f"the backend's {list_field} is not a list")
     out = []
     for item in items:
         item_id = item.get("id") if isinstance(item, dict) else None
         if isinstance(item_id, int) and not isinstance(item_id, bool):
             item_id = str(item_id)
         if not isinstance(item_id, str) or not IDENTIFIER.fullmatch(item_id) or item_id in (".", ".."):
-            raise Denied(502, "backend_unmappable",
+            raise Denied("backend_unmappable",
                          f"an item of the backend's {list_field} has no valid id")
         out.append({**item, "id": item_id})
     return out
@@ -520,12 +520,12 @@ async def assisted_export(request: web.Request, principal: Principal, row: Audit
     euo = identifier(request.match_info["euo"], "the EUO")
     user = identifier(request.match_info["user"], "the user")
     if euo != principal.euo:
-        raise Denied(403, "other_euo", "this user belongs to another EUO")
+        raise Denied("other_euo", "this user belongs to another EUO")
     gw = request.app[GATEWAY]
     purposes = gw.export_sources.purposes
     purpose = request.query.get("purpose")
     if purpose not in purposes or len(request.query.getall("purpose")) != 1:
-        raise Denied(400, "bad_purpose",
+        raise Denied("bad_purpose",
                      f"purpose must be one of {', '.join(sorted(purposes))}")
     # the user as viewer: the data-subject role of roles.yaml (the first, if several)
     role = gw.catalog.data_subject_roles[0]
@@ -543,7 +543,7 @@ async def _export(request: web.Request, actor: Principal, subject: Principal, ro
          code="bad_format")
     fmt = request.query.get("format", "zip")
     if fmt not in ("zip", "json"):
-        raise Denied(400, "bad_format", "format must be zip or json")
+        raise Denied("bad_format", "format must be zip or json")
     row.subject_euo, row.subject_users = subject.euo, [subject.sub]
     exporter = Exporter(request, actor, subject, row.reason, assisted=assisted is not None)
     gw = exporter.gw
@@ -553,7 +553,7 @@ async def _export(request: web.Request, actor: Principal, subject: Principal, ro
         return json_response(export_document(gw, subject, gathered, request, assisted,
                                                       exporter.withhold))
     if gw.streams >= gw.max_streams:        # the ZIP copies files: it takes a stream slot
-        raise Denied(503, "streams_busy", "too many files are being downloaded; try again shortly")
+        raise Denied("streams_busy", "too many files are being downloaded; try again shortly")
     gw.streams += 1
     try:
         return await _zip(request, exporter, subject, row, assisted)
@@ -578,7 +578,7 @@ async def _zip(request: web.Request, exporter: Exporter, subject: Principal, row
     download, could hold every export slot and stream."""
     under_way, key = exporter.gw.exporting, (subject.euo, subject.sub)
     if key in under_way:
-        raise Denied(429, "export_under_way",
+        raise Denied("export_under_way",
                      "an export of this user's data is under way; ask again once it is done")
     under_way.add(key)
     try:
@@ -640,7 +640,7 @@ async def _export_slot(gw: Gateway):
         async with asyncio.timeout(EXPORT_SLOT_WAIT_S):
             await gw.export_slots.acquire()
     except TimeoutError:
-        raise Denied(503, "exports_busy", "too many exports are under way; try again shortly") \
+        raise Denied("exports_busy", "too many exports are under way; try again shortly") \
             from None
     try:
         yield

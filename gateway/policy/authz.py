@@ -196,11 +196,11 @@ def path_relations(principal: Principal, euo: str, user: str | None,
     if role.tenant_claim == "partner":
         # no partner claim is no contract (never "equal" to an EUO without one)
         if principal.partner is None or active_partner(euo) != principal.partner:
-            raise Denied(403, "no_active_contract",
+            raise Denied("no_active_contract",
                          "your partner holds no active contract with this EUO")
         return CONTRACTED
     if principal.euo is None or principal.euo != euo:
-        raise Denied(403, "other_euo", "this resource belongs to another EUO")
+        raise Denied("other_euo", "this resource belongs to another EUO")
     if role.data_subject and user is not None and user == principal.sub:
         return SAME_EUO_SELF
     return SAME_EUO
