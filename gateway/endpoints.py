@@ -5,14 +5,13 @@ from __future__ import annotations
 import json
 from collections.abc import Awaitable, Callable
 
-import asyncpg
 import orjson
 from aiohttp import web
 
 from . import idempotency, pipeline
 from .audit import AuditRow
 from .call import Call
-from .db import POOL
+from .db import DATABASE_ERRORS, POOL
 from .errors import Denied
 from .grammar import CONTROL, IDENTIFIER, MAX_TEXT
 from .principal import Principal
@@ -48,7 +47,7 @@ def api(route: str, group: str | None = None) -> Callable[[Handler], Callable]:
                     else:
                         call.idempotent = keyed
                         response = await handler(request, call.principal, row)
-                except (TimeoutError, asyncpg.PostgresError, asyncpg.InterfaceError, OSError):
+                except DATABASE_ERRORS:
                     raise Denied(503, "database_unavailable",
                                  "the gateway's database cannot be reached") from None
                 if not call.committed:    # a download commits before its first byte

@@ -11,7 +11,6 @@ from pathlib import Path
 from typing import Any
 
 import aiohttp
-import asyncpg
 import orjson
 import yaml
 from aiohttp import web
@@ -22,7 +21,7 @@ from ..audit import AuditRow
 from ..audit.api import access_log_pages, newest_accesses
 from ..call import Call
 from ..catalog import Catalog, Leaf, ListOf, Node, ObjectOf, PolicyError
-from ..db import POOL, query
+from ..db import DATABASE_ERRORS, POOL, query
 from ..endpoints import CALL, IDENTIFIER, ME, api, identifier, json_response, only
 from ..errors import Denied
 from ..pipeline import GATEWAY, Gateway
@@ -633,8 +632,7 @@ def _served(gathered: Gathered) -> list[str]:
 
 
 EXPORT_SLOT_WAIT_S = 1.0     # how long a ZIP export waits for an export slot, then 503
-MIDWAY = (Denied, aiohttp.ClientError, TimeoutError, OSError, asyncpg.PostgresError,
-          asyncpg.InterfaceError)
+MIDWAY = (Denied, aiohttp.ClientError, *DATABASE_ERRORS)
 
 
 async def _zip(request: web.Request, exporter: Exporter, subject: Principal, row: AuditRow,
