@@ -233,6 +233,8 @@ def start_gateway(dsn: str, port: int, upstreams: dict[str, str], data_dir: str,
 async def run(args) -> dict:
     """The whole exercise; the report as a dict (report["ok"] says whether it passed)."""
     root = Path(args.dir or tempfile.mkdtemp(prefix="gateway-failover-"))
+    root.mkdir(parents=True, exist_ok=True)
+    root.chmod(0o755)        # PostgreSQL runs as another user when this runs as root
     stack = HaStack(root / "ha", base=args.base_port, members=args.members)
     report: dict = {"members": args.members, "events": {}}
     started = time.monotonic()
