@@ -140,9 +140,10 @@ def _resources(settings: Settings, dsn: str, catalog, policy: Policy, metrics: M
         lanes_pool = await create_pool(dsn, settings.audit_lanes, settings.audit_lanes,
                                        settings.audit_commit_timeout_s,
                                        settings.db_synchronous_commit)
-        # the audit queries' standby, if any: a small pool of its own (gateway/reads.py)
+        # the audit queries' standby, if any: a small pool of its own (gateway/reads.py),
+        # empty at first: a standby down must not keep the gateway from starting
         standby = None if settings.database_read_url is None else await create_pool(
-            settings.database_read_url, 1, READ_POOL_MAX, settings.db_acquire_timeout_s)
+            settings.database_read_url, 0, READ_POOL_MAX, settings.db_acquire_timeout_s)
         app[READS] = Reads(pool, standby, settings.database_read_max_wait_s)
         if migrating:
             async with pool.acquire() as conn:

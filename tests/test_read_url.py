@@ -170,12 +170,17 @@ async def test_a_standby_behind_by_more_than_the_wait_is_not_read(
         await server.close()
 
 
-async def test_a_read_url_that_names_a_primary_is_not_read(backends, database_url,
-                                                         template_database, http, token_for):
+@pytest.mark.parametrize("read_url", ["primary", "nothing listens"])
+async def test_a_read_url_that_names_no_standby_is_not_read(backends, database_url,
+                                                            template_database, http, token_for,
+                                                            read_url):
     """GATEWAY_DATABASE_READ_URL naming a server not in recovery (a promoted standby, cut off
-    from the cluster perhaps): the audit queries read from the primary."""
+    from the cluster perhaps) or one that is down: the gateway starts all the same and the
+    audit queries read from the primary."""
     async with own_database(database_url, template_database) as dsn:
-        settings = gateway_settings(backends["urls"], database_read_url=dsn)
+        settings = gateway_settings(
+            backends["urls"], database_read_max_wait_s=0.5,
+            database_read_url=dsn if read_url == "primary" else "postgresql://x@127.0.0.1:1/x")
         async with running_gateway(settings, dsn) as gw:
             status, headers, _ = await _audit_of(http, gw, token_for, "nobody")
             assert status == 200 and headers["X-Gateway-Read-From"] == "primary"
