@@ -84,8 +84,11 @@ class Reads:
                 while True:
                     replayed = await conn.fetchval(query("standby_replayed"), position)
                     if replayed is None:       # not in recovery: no standby of this cluster
-                        log.warning("GATEWAY_DATABASE_READ_URL names a server that is not "
-                                    "a standby; reading from the primary")
+                        # let it go: a multi-host URL finds a standby again next time
+                        # (`prefer-standby` takes a primary while no standby is up)
+                        log.info("GATEWAY_DATABASE_READ_URL reached a server that is not a "
+                                 "standby; reading from the primary")
+                        conn.terminate()
                         break
                     if replayed:
                         return conn, round((time.monotonic() - started) * 1000)

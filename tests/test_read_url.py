@@ -176,14 +176,26 @@ async def test_a_read_url_that_names_no_standby_is_not_read(backends, database_u
                                                             read_url):
     """GATEWAY_DATABASE_READ_URL naming a server not in recovery (a promoted standby, cut off
     from the cluster perhaps) or one that is down: the gateway starts all the same and the
-    audit queries read from the primary."""
+    audit queries read from the primary. A connection of the read pool that reached a
+    primary is let go (a multi-host URL finds the standby again once it is back)."""
     async with own_database(database_url, template_database) as dsn:
+        reads = dsn + "&application_name=gateway-reads"
         settings = gateway_settings(
             backends["urls"], database_read_max_wait_s=0.5,
-            database_read_url=dsn if read_url == "primary" else "postgresql://x@127.0.0.1:1/x")
+            database_read_url=reads if read_url == "primary" else "postgresql://x@127.0.0.1:1/x")
         async with running_gateway(settings, dsn) as gw:
-            status, headers, _ = await _audit_of(http, gw, token_for, "nobody")
-            assert status == 200 and headers["X-Gateway-Read-From"] == "primary"
+            for _ in range(2):
+                status, headers, _ = await _audit_of(http, gw, token_for, "nobody")
+                assert status == 200 and headers["X-Gateway-Read-From"] == "primary"
+            conn = await asyncpg.connect(dsn)
+            try:
+                async def let_go():
+                    return not await conn.fetchval(
+                        "select count(*) from pg_stat_activity "
+                        "where application_name = 'gateway-reads'")
+                assert await wait_for(let_go, timeout=3)
+            finally:
+                await conn.close()
 
 
 def test_the_read_settings_are_read_and_documented():

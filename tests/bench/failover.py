@@ -62,6 +62,7 @@ class Answer:
     status: int         # 0: no answer (the connection failed)
     code: str
     request_id: str
+    read_from: str = ""     # an audit query's X-Gateway-Read-From
 
 
 class Load:
@@ -103,6 +104,7 @@ class Load:
                 async with request as r:
                     body = await r.read()
                     status, rid = r.status, r.headers.get("X-Request-Id", "")
+                    read_from = r.headers.get("X-Gateway-Read-From", "")
             except (aiohttp.ClientError, TimeoutError) as e:
                 self.answers.append(Answer(kind, started, time.monotonic(), 0,
                                            type(e).__name__, ""))
@@ -114,7 +116,8 @@ class Load:
                     code = orjson.loads(body)["error"]["code"]
                 except (orjson.JSONDecodeError, KeyError, TypeError):
                     code = body[:60].decode(errors="replace")
-            self.answers.append(Answer(kind, started, time.monotonic(), status, code, rid))
+            self.answers.append(Answer(kind, started, time.monotonic(), status, code, rid,
+                                       read_from))
             if status >= 300:
                 await asyncio.sleep(0.02)      # refusals come at once: no busy loop
 
@@ -144,6 +147,8 @@ def window(answers: list[Answer]) -> dict:
         if refused else 0.0,
         "slowest_2xx_s": round(max((a.ended - a.started for a in ok), default=0.0), 2),
         "server_errors": sum(1 for a in answers if a.status >= 500 and a.status != 503),
+        "audit_queries_read_from": dict(collections.Counter(
+            a.read_from or "?" for a in ok if a.kind == "audit")),
     }
 
 
@@ -248,8 +253,11 @@ async def run(args) -> dict:
         runners, upstreams = await serve_backends(demo)
         port = args.base_port + 40
         base = f"http://127.0.0.1:{port}"
+        # the audit queries on a standby when there is one (gateway/reads.py)
+        read_url = {"GATEWAY_DATABASE_READ_URL": stack.dsn("gateway", attrs="prefer-standby")
+                    } if args.read_standby else {}
         gateway = start_gateway(dsn, port, upstreams, str(root / "gateway"),
-                                root / "gateway.log", GATEWAY_AUDIT_CHECKPOINT_S="2")
+                                root / "gateway.log", GATEWAY_AUDIT_CHECKPOINT_S="2", **read_url)
         if not await wait_ready(base, 60):
             raise RuntimeError(f"the gateway never became ready (see {root / 'gateway.log'})")
         load = Load(base, args.clients)
@@ -333,6 +341,9 @@ def main() -> None:
     parser.add_argument("--clients", type=int, default=8)
     parser.add_argument("--settle-s", type=float, default=2.0)
     parser.add_argument("--dir", help="where the stack lives (a new temporary directory)")
+    parser.add_argument("--no-read-standby", dest="read_standby", action="store_false",
+                        help="no GATEWAY_DATABASE_READ_URL (by default the audit queries "
+                             "read from a standby)")
     args = parser.parse_args()
     args.events = [e for e in args.events.split(",") if e]
     if unknown := set(args.events) - set(EVENTS):
