@@ -267,9 +267,14 @@ async def run(args) -> dict:
                 raise RuntimeError("the load never ran clean before the first event")
             for event in args.events:
                 report["events"][event] = await one_event(stack, load, event, args.settle_s)
+                if not report["events"][event]["recovered"]:
+                    break       # the checks below say what was lost; the logs say why
         finally:
             load.stop()
             await driving
+        if stack.leader() is None:
+            report.update(ok=False, error=f"no primary after the events (logs under {root})")
+            return report
         sealing = await still_sealing(dsn)
         missing_rows, chains = await unaudited(dsn, load.answers)
         ok_answers = sum(1 for a in load.answers if 200 <= a.status < 300)
@@ -326,7 +331,10 @@ def _healthy_within(stack: HaStack, gone: str | None, timeout_s: float) -> bool:
             return leader is not None and leader != gone
         return leader is not None and stack.sync_standby() is not None
     try:
-        stack.wait(whole, timeout_s, "healthy cluster")
+        # held for a few of Patroni's loops: after a restart the replication can show the
+        # standby as sync (the old synchronous_standby_names) before Patroni's /sync key
+        # names it again, and a failover in that gap is refused
+        stack.wait(whole, timeout_s, "healthy cluster", stable_s=3.0)
     except TimeoutError:
         return False
     return True

@@ -223,10 +223,16 @@ class HaStack:
             return None
         return pid
 
-    def wait(self, condition, timeout_s: float, what: str) -> None:
+    def wait(self, condition, timeout_s: float, what: str, stable_s: float = 0.0) -> None:
+        """Return once `condition()` has held for `stable_s` on end."""
         deadline = time.monotonic() + timeout_s
+        since = None
         while time.monotonic() < deadline:
-            if condition():
+            if not condition():
+                since = None
+            elif since is None:
+                since = time.monotonic()
+            if since is not None and time.monotonic() - since >= stable_s:
                 return
             time.sleep(0.2)
         raise TimeoutError(f"no {what} after {timeout_s:g} s (logs under {self.root})")
