@@ -2,7 +2,7 @@
 primary.
 
 Only the read-only queries of the audit log run here: /v1/audit (pages and downloads),
-/v1/audit/verify, /v1/audit/checkpoints, /v1/audit/keys, /v1/audit/slice,
+/v1/audit/per-day, /v1/audit/verify, /v1/audit/checkpoints, /v1/audit/keys, /v1/audit/slice,
 /v1/audit/consistency, /v1/me/access-log and /v1/admin/retention. Nothing that writes or
 decides ever does: audit rows and intents (the audit lanes), the mirrors, the checks, the
 idempotency keys, the exports all use the primary.
