@@ -80,6 +80,9 @@ async def test_a_patroni_switchover_leaves_no_answer_unaudited_and_needs_no_rest
     root = Path(tempfile.mkdtemp(prefix="gateway-ha-test-"))
     root.chmod(0o755)          # PostgreSQL runs as the postgres user when tests run as root
     stack = ha_stack.HaStack(root / "ha", base=HA_PORTS)
+    if taken := stack.ports_taken():
+        shutil.rmtree(root)
+        pytest.skip(f"loopback ports {taken} are in use (another run of this test?)")
     try:
         await asyncio.to_thread(stack.start)
         dsn = await failover.create_database(stack)

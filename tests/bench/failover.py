@@ -241,6 +241,8 @@ async def run(args) -> dict:
     root.mkdir(parents=True, exist_ok=True)
     root.chmod(0o755)        # PostgreSQL runs as another user when this runs as root
     stack = HaStack(root / "ha", base=args.base_port, members=args.members)
+    if taken := stack.ports_taken():
+        sys.exit(f"loopback ports {taken} are in use: pick another --base-port")
     report: dict = {"members": args.members, "events": {}}
     started = time.monotonic()
     await asyncio.to_thread(stack.start)

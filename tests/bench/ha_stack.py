@@ -15,6 +15,7 @@ import os
 import pwd
 import shutil
 import signal
+import socket
 import subprocess
 import time
 import urllib.request
@@ -58,6 +59,24 @@ class HaStack:
 
     def name(self, i: int) -> str:
         return f"pg{i}"
+
+    def ports(self) -> list[int]:
+        return ([self.base + i for i in range(3)] + [self.base + 10 + i for i in range(3)]
+                + [self.api_port(i) for i in range(self.members)]
+                + [self.pg_port(i) for i in range(self.members)])
+
+    def ports_taken(self) -> list[int]:
+        """The stack's ports something else listens on (another run of it, say)."""
+        taken = []
+        for port in self.ports():
+            with socket.socket() as s:
+                # as the servers bind: a port a closed connection left in TIME_WAIT is free
+                s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+                try:
+                    s.bind(("127.0.0.1", port))
+                except OSError:
+                    taken.append(port)
+        return taken
 
     def dsn(self, database: str = "postgres", user: str = SUPERUSER,
             password: str = PASSWORD, attrs: str = "read-write") -> str:
