@@ -19,9 +19,10 @@ the other, the events:
 
 and it reports, per event: the answers by status and reason, the fail-closed window (from
 the first non-2xx answer to the last), the new primary; at the end: every 2xx answer's
-audit rows looked up on the primary (a read's row; a write's intent and outcome: zero
-unaudited 2xx is the pass), the chains verified, and the gateway's pid unchanged and
-ready (it reconnected on its own). It exits 1 if any check fails.
+audit rows looked up on the primary (a read's or an audit query's row; a write's intent
+and outcome: zero unaudited 2xx is the pass), every 503 outcome_unknown's intent row, the
+chains verified, a checkpoint signed after the events, and the gateway's pid unchanged
+and ready (it reconnected on its own). It exits 1 if any check fails.
 """
 
 from __future__ import annotations
@@ -152,26 +153,31 @@ def window(answers: list[Answer]) -> dict:
     }
 
 
-async def unaudited(dsn: str, answers: list[Answer]) -> tuple[list[str], object]:
-    """The request ids of 2xx answers without their rows on the primary; the chain report."""
-    ok = [a for a in answers if 200 <= a.status < 300 and a.kind != "audit"]
+async def unaudited(dsn: str, answers: list[Answer],
+                    unknown: list[str] | None = None) -> tuple[list[str], object]:
+    """The request ids of 2xx answers without their rows on the primary (a read's or an
+    audit query's row, a write's intent and outcome); the chain report. With `unknown`,
+    it is filled with the 503 outcome_unknown answers whose intent row is missing."""
+    ok = [a for a in answers if 200 <= a.status < 300]
+    in_doubt = [a for a in answers if a.code == "outcome_unknown"]
     conn = await asyncpg.connect(dsn)
     try:
         rows = await conn.fetch(
-            "select request_id, phase, status from audit_log where request_id = any($1)",
-            [a.request_id for a in ok])
+            "select request_id, phase from audit_log where request_id = any($1)",
+            [a.request_id for a in ok + in_doubt])
         report = await verify(conn)
     finally:
         await conn.close()
     have: dict[str, set] = collections.defaultdict(set)
     for r in rows:
-        have[r["request_id"]].add((r["phase"], r["status"]))
+        have[r["request_id"]].add(r["phase"])
     missing_rows = []
     for a in ok:
-        phases = {p for p, _ in have[a.request_id]}
         needed = {"intent", "outcome"} if a.kind == "write" else {None}
-        if not needed <= phases:
+        if not needed <= have[a.request_id]:
             missing_rows.append(a.request_id)
+    if unknown is not None:
+        unknown.extend(a.request_id for a in in_doubt if "intent" not in have[a.request_id])
     return missing_rows, report
 
 
@@ -278,17 +284,20 @@ async def run(args) -> dict:
             report.update(ok=False, error=f"no primary after the events (logs under {root})")
             return report
         sealing = await still_sealing(dsn)
-        missing_rows, chains = await unaudited(dsn, load.answers)
+        no_intent: list[str] = []
+        missing_rows, chains = await unaudited(dsn, load.answers, no_intent)
         ok_answers = sum(1 for a in load.answers if 200 <= a.status < 300)
         report.update({
             "answers": len(load.answers), "answers_2xx": ok_answers,
             "unaudited_2xx": len(missing_rows), "unaudited_examples": missing_rows[:5],
+            "outcome_unknown": sum(1 for a in load.answers if a.code == "outcome_unknown"),
+            "outcome_unknown_without_intent": len(no_intent),
             "chains_ok": chains.ok, "checkpoints_after_events": sealing,
             "gateway_restarted": gateway.poll() is not None,
             "gateway_ready_after": await wait_ready(base, 10),
             "server_errors": sum(e["server_errors"] for e in report["events"].values()),
         })
-        report["ok"] = (not missing_rows and chains.ok and sealing
+        report["ok"] = (not missing_rows and not no_intent and chains.ok and sealing
                         and not report["gateway_restarted"]
                         and report["gateway_ready_after"] and not report["server_errors"]
                         and all(e["recovered"] for e in report["events"].values()))
