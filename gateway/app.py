@@ -30,31 +30,32 @@ from .audit import per_day as audit_per_day
 from .audit import slices as audit_slices
 from .audit.checkpoints import CHECKPOINTER, Checkpointer, signing_key
 from .authn import Authenticator
-from .authz import Policy
 from .backend_client import BackendClient
-from .break_glass import BreakGlassCache
+from .backends import Backends
 from .call import AnonymousRefusals
-from .catalog import PolicyError
 from .check import PartitionWatch
 from .clock import Clock
 from .connections import ConnectionLimits, GuardedServer, connection_limits
+from .context import GATEWAY, REQUEST_ID, Gateway
 from .contracts import ContractCache
 from .db import POOL, create_pool, durability_problems, ensure_partitions, migrate, query
 from .endpoints import CALL, IDENTIFIER, api, identifier, json_object, json_response
 from .errors import Denied, error_response
+from .grants import BreakGlassCache
 from .metrics import METRICS, Metrics, metrics_view
-from .policyset import PolicySet, load_policy_set
+from .policy.authz import Policy
+from .policy.catalog import PolicyError
+from .policy.policyset import PolicySet, load_policy_set
+from .policy.retention import OWN_EXPORT_DECISION, OWN_EXPORT_EXEMPT
 from .principal import Principal
-from .proxy import Backends, stamp
+from .proxy import stamp
 from .reads import READ_POOL_MAX, READS, Reads
 from .restrictions import RestrictionCache
-from .retention import OWN_EXPORT_DECISION, OWN_EXPORT_EXEMPT
 from .settings import Settings, export_db_slots, webhook_secret
 from .webhooks import WEBHOOKS, Webhooks
 
 log = logging.getLogger("gateway")
 
-REQUEST_ID = pipeline.REQUEST_ID
 NEW_REQUEST_ID = web.AppKey("new_request_id", Callable[[], str])
 PARTITIONS = web.AppKey("partitions", PartitionWatch)
 CLOCK = web.AppKey("clock", Clock)
@@ -200,7 +201,7 @@ def _resources(settings: Settings, dsn: str, catalog, policy: Policy, metrics: M
         authn = Authenticator(settings, catalog.roles, clock)
         await authn.start()          # the issuer's key set, if any: fetched, then kept fresh
         app[POOL] = pool
-        gateway = app[pipeline.GATEWAY] = pipeline.Gateway(
+        gateway = app[GATEWAY] = Gateway(
             catalog=catalog, policy=policy, authn=authn,
             contracts=contracts, restrictions=restrictions, break_glass=break_glass,
             backends=backends, audit=audit,
@@ -304,7 +305,7 @@ async def reload_policy(app: web.Application, policy_dir) -> bool:
     The files are read and checked in a thread, so the loop goes on serving (and the
     mirrors' heartbeats on being heard) meanwhile; only the swap runs on the loop. Reloads
     run one at a time, so the last one asked for is the one left in force."""
-    gw = app[pipeline.GATEWAY]
+    gw = app[GATEWAY]
     async with app[RELOADING]:
         try:
             new = await asyncio.to_thread(load_policy_set, policy_dir)
@@ -322,7 +323,7 @@ def _observability(settings: Settings, metrics: Metrics):
     """Metrics and the access log, hooked onto the resources opened before: every finished
     call, backend call and audit batch is observed; the gauges read what they watch."""
     async def ctx(app: web.Application):
-        gw = app[pipeline.GATEWAY]
+        gw = app[GATEWAY]
         access_log = AccessLog() if settings.access_log == "json" else None
         gw.observe = metrics.observe if access_log is None else _both(metrics.observe,
                                                                        access_log.write)
@@ -363,7 +364,7 @@ async def _request_ids(request: web.Request, handler) -> web.StreamResponse:
         return await handler(request)
     except web.HTTPException as e:
         # aiohttp's own refusals (no such endpoint, body too large): audited like any other
-        gw = request.app[pipeline.GATEWAY]
+        gw = request.app[GATEWAY]
         call = gw.call(request)
         with contextlib.suppress(Denied):
             call.identify(await gw.authn.authenticate_request(request.headers))
@@ -411,7 +412,7 @@ async def readyz(request: web.Request) -> web.Response:
     from memory — what the writer, the mirrors' heartbeats, the clock's readings and the last
     backend calls or probes saw — never asked here, so the answer comes at once whatever
     PostgreSQL or a backend does."""
-    gw = request.app[pipeline.GATEWAY]
+    gw = request.app[GATEWAY]
     stale = [r for r in (gw.contracts.stale_reason(), gw.restrictions.stale_reason(),
                          gw.break_glass.stale_reason()) if r]
     keys = gw.authn.keys
@@ -448,7 +449,7 @@ async def openapi_view(request: web.Request) -> web.Response:
 @api("/v1/catalog")
 async def catalog_view(request: web.Request, principal: Principal, row: AuditRow) -> web.Response:
     """The data sets with their purpose, retention and who may see them under the policy."""
-    gw = request.app[pipeline.GATEWAY]
+    gw = request.app[GATEWAY]
     policy = gw.policy
     out = []
     for ds in gw.catalog.data_sets.values():
@@ -494,7 +495,7 @@ async def put_contract(request: web.Request, principal: Principal, row: AuditRow
     async def change(conn):
         return await conn.fetchrow(query("put_contract"), euo, partner, end)
     record = await request[CALL].allow(200, 0, change=change)
-    request.app[pipeline.GATEWAY].contracts.remember(euo, partner, end)
+    request.app[GATEWAY].contracts.remember(euo, partner, end)
     return json_response({"euo_id": record["euo_id"], "partner_id": record["partner_id"],
                           "contract_end": end.isoformat() if end else None})
 
@@ -509,5 +510,5 @@ async def delete_contract(request: web.Request, principal: Principal,
         if await conn.fetchval(query("delete_contract"), euo) is None:
             raise Denied(404, "no_contract", "this EUO has no contract")
     await request[CALL].allow(204, 0, change=change)
-    request.app[pipeline.GATEWAY].contracts.remember(euo, None, None)
+    request.app[GATEWAY].contracts.remember(euo, None, None)
     return web.Response(status=204)

@@ -23,8 +23,8 @@ from .clock import HOST_CLOCK, Clock
 from .errors import Denied
 from .grammar import IDENTIFIER
 from .keyset import ALGORITHMS, Key, KeySet
+from .policy.roles import Role
 from .principal import Principal
-from .roles import Role
 from .settings import ConfigError, Settings, claim_path
 
 LEEWAY_S = 10

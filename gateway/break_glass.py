@@ -10,113 +10,27 @@ admins list grants in `GET /v1/break-glass`, and each user touched sees purpose 
 in `GET /v1/me/access-log`. `DELETE /v1/break-glass/{id}` ends it early (the grantee, or
 anyone whose audit scope covers the EUO).
 
-Grants are mirrored in memory in every process (see notified.py): a request costs one
-dictionary look-up. When the mirror is stale and the caller holds a grant in it, the
-request is refused (503 `break_glass_unavailable`) rather than served under a grant that
-may have been ended.
+Grants in force are mirrored in memory in every process (grants.py): a request costs one
+dictionary look-up.
 """
 
 from __future__ import annotations
 
 import uuid
-from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
-import asyncpg
 from aiohttp import web
 
 from .audit import AuditRow
-from .clock import HOST_CLOCK, Clock, HostClock
+from .context import GATEWAY
 from .db import POOL, query
 from .endpoints import CALL, api, identifier, json_object, json_response, only, text
 from .errors import Denied
-from .notified import STALENESS_S, NotifiedCache
-from .pipeline import GATEWAY
 from .principal import Principal, scope
 from .webhooks import WEBHOOKS
 
 RELATION = "break_glass"
-
-
-@dataclass(frozen=True, slots=True)
-class Grant:
-    id: str
-    euo: str
-    user: str | None
-    ends_at: float            # epoch seconds
-
-
-def _caller(role: str, sub: str, partner: str | None) -> tuple[str, str, str | None]:
-    return role, sub, partner
-
-
-class BreakGlassCache(NotifiedCache):
-    channel = "gateway_break_glass"
-    unavailable_code = "break_glass_unavailable"
-    what = "break-glass grants"
-
-    def __init__(self, pool: asyncpg.Pool, dsn: str, staleness_s: float = STALENESS_S,
-                 clock: Clock | HostClock = HOST_CLOCK):
-        super().__init__(pool, dsn, staleness_s)
-        self.clock = clock        # a grant ends by the database's time, not the host's
-        self._by_caller: dict[tuple[str, str, str | None], dict[str, Grant]] = {}
-        # grants ended early, until their planned end: a record read before the end and
-        # remembered after it (a notification's reload overtaken, an answer under way)
-        # must not put one back in force; an end is final
-        self._ended: dict[str, float] = {}
-
-    def grant_for(self, principal: Principal, euo: str, user: str | None) -> Grant | None:
-        """The grant in force that covers this caller's request to this EUO (and user)."""
-        grants = self._by_caller.get(_caller(principal.role, principal.sub, principal.partner))
-        if not grants:
-            return None
-        self.check_fresh()       # it may have been ended: do not serve under it blind
-        now = self.clock.now()
-        for grant in grants.values():
-            if grant.euo == euo and grant.ends_at > now and (grant.user is None
-                                                             or grant.user == user):
-                return grant
-        return None
-
-    def remember(self, record: Any) -> None:
-        """Record a grant (as read from the table) this process opened or ended itself;
-        others hear of it by NOTIFY."""
-        key = _caller(record["actor_role"], record["actor_sub"], record["actor_partner"])
-        gid = str(record["id"])
-        now = self.clock.now()
-        if record["ended_at"] is not None:
-            self._ended = {g: t for g, t in self._ended.items() if t > now}
-            self._ended[gid] = record["ends_at"].timestamp()
-        in_force = (record["ended_at"] is None and record["ends_at"].timestamp() > now
-                    and gid not in self._ended)
-        grants = self._by_caller.get(key, {})
-        if in_force:
-            grants[gid] = Grant(gid, record["euo_id"], record["user_sub"],
-                                record["ends_at"].timestamp())
-            self._by_caller[key] = grants
-        elif grants.pop(gid, None) is not None and not grants:
-            del self._by_caller[key]
-
-    def forget(self, gid: str) -> None:
-        for key, grants in list(self._by_caller.items()):
-            if grants.pop(gid, None) is not None and not grants:
-                del self._by_caller[key]
-
-    async def load_all(self, conn: asyncpg.Connection) -> int:
-        rows = await conn.fetch(query("break_glass_in_force"))
-        self._by_caller = {}
-        for r in rows:
-            self.remember(r)
-        return len(rows)
-
-    async def reload(self, conn: asyncpg.Pool, key: str) -> None:
-        """Re-read one grant; `key` is the NOTIFY payload (its id)."""
-        record = await conn.fetchrow(query("break_glass_get"), uuid.UUID(key))
-        if record is None:
-            self.forget(key)
-        else:
-            self.remember(record)
 
 
 def public(r: Any, viewer: Principal, now: float) -> dict[str, Any]:

@@ -26,9 +26,10 @@ import asyncio
 import contextlib
 import dataclasses
 import logging
+import random
 import re
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from datetime import datetime
 from typing import Any
 
@@ -40,11 +41,13 @@ from .errors import Denied, error_response
 from .grammar import audit_text
 from .idempotency import Idempotent
 from .principal import Principal
-from .proxy import trace_id
 from .redact import now_utc
 
 log = logging.getLogger("gateway.call")
 CLIENT_REQUEST_ID = re.compile(r"[A-Za-z0-9._:-]{1,128}")
+# W3C Trace Context: version 00's shape (a later version may only add fields after these);
+# version ff and all-zero ids are invalid
+_TRACEPARENT = re.compile(r"(?!ff)[0-9a-f]{2}-(?!0{32})[0-9a-f]{32}-(?!0{16})[0-9a-f]{16}-[0-9a-f]{2}")
 ANONYMOUS_ROUTE = "gateway:unauthenticated"
 # told the row of every finished call, once, with the outcome its caller got (the metrics
 # and the access log, wired in app.py)
@@ -212,6 +215,23 @@ def client_request_id(request: web.Request) -> str | None:
     """The client's own X-Request-Id, kept beside ours when it is a sane token."""
     given = request.headers.get("X-Request-Id")
     return given if given and CLIENT_REQUEST_ID.fullmatch(given) else None
+
+
+def traceparent(incoming: Mapping[str, str]) -> str:
+    """The caller's W3C traceparent when well-formed; otherwise a new trace the gateway
+    starts (not sampled: the gateway records no spans, it only lets the trace be followed)."""
+    given = incoming.get("traceparent")
+    if given is not None and _TRACEPARENT.fullmatch(given):
+        return given
+    # ids for following a trace, not secrets: the process's PRNG (reseeded in each forked
+    # worker by the random module itself) instead of a getrandom() system call per request;
+    # never all zeros, which the format reserves as invalid
+    return f"00-{random.getrandbits(128) or 1:032x}-{random.getrandbits(64) or 1:016x}-00"
+
+
+def trace_id(traceparent: str) -> str:
+    """The trace-id field of a well-formed traceparent."""
+    return traceparent[3:35]
 
 
 class AnonymousRefusals:

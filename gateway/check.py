@@ -20,7 +20,6 @@ from urllib.parse import parse_qsl, urlencode, urlsplit
 import aiohttp
 import asyncpg
 
-from .catalog import PolicyError
 from .db import (
     PARTITION_MONTHS_REQUIRED,
     RUNTIME_GRANTS,
@@ -32,8 +31,9 @@ from .db import (
     pending_migrations,
     query,
 )
-from .floors import LOWERED_FILE
 from .keyset import KeySet
+from .policy.catalog import PolicyError
+from .policy.floors import LOWERED_FILE
 from .settings import ConfigError, Settings
 
 log = logging.getLogger("gateway.check")
@@ -105,7 +105,7 @@ def check_settings(settings: Settings, found: Findings) -> None:
     found.problems += weak
     if any("policy file" in p for p in found.problems):
         return                                   # unreadable files: said once already
-    from .policyset import load_policy_set
+    from .policy.policyset import load_policy_set
     try:
         policy_set = load_policy_set(settings.policy_dir)
     except PolicyError as e:

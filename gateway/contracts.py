@@ -45,6 +45,10 @@ class ContractCache(NotifiedCache):
 
     def remember(self, euo: str, partner: str | None, end: date | None) -> None:
         """Record a change this process made itself (others hear of it by NOTIFY)."""
+        self.wrote(euo)
+        self._set(euo, partner, end)
+
+    def _set(self, euo: str, partner: str | None, end: date | None) -> None:
         if partner is None:
             self._by_euo.pop(euo, None)
         else:
@@ -55,6 +59,8 @@ class ContractCache(NotifiedCache):
         self._by_euo = {r["euo_id"]: (r["partner_id"], r["contract_end"]) for r in rows}
         return len(rows)
 
-    async def reload(self, conn: asyncpg.Pool, euo: str) -> None:
-        row = await conn.fetchrow(query("one_contract"), euo)
-        self.remember(euo, row["partner_id"] if row else None, row["contract_end"] if row else None)
+    async def read(self, conn: asyncpg.Pool, euo: str):
+        return await conn.fetchrow(query("one_contract"), euo)
+
+    def apply(self, euo: str, row) -> None:
+        self._set(euo, row["partner_id"] if row else None, row["contract_end"] if row else None)

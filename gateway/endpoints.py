@@ -11,6 +11,7 @@ from aiohttp import web
 from . import idempotency, pipeline
 from .audit import AuditRow
 from .call import Call
+from .context import GATEWAY
 from .db import DATABASE_ERRORS, POOL
 from .errors import Denied
 from .grammar import CONTROL, IDENTIFIER, MAX_TEXT
@@ -31,7 +32,7 @@ def api(route: str, group: str | None = None) -> Callable[[Handler], Callable]:
     gateway_api (roles.yaml) lists it may make it; ME: only data subjects."""
     def wrap(handler: Handler):
         async def endpoint(request: web.Request) -> web.StreamResponse:
-            gw = request.app[pipeline.GATEWAY]
+            gw = request.app[GATEWAY]
             call = request[CALL] = gw.call(request)
             row = call.row
             row.service, row.route = "gateway", f"gateway:{route}"

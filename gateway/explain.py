@@ -2,7 +2,7 @@
 request, and why, without calling the backend.
 
 It runs the proxy's own stages — match_route (target.py's grammar and the route table),
-authorize (authz.py's relations, the restriction check, the data-set check) and the
+authorize (policy/authz.py's relations, the restriction check, the data-set check) and the
 redaction plan (redact.py's make_plan, through the same cache) — so it cannot disagree
 with them about the route, the refusal and its reason, or the data sets served at the
 document level. What only the answer can decide is named as such: data sets a data
@@ -17,14 +17,13 @@ from typing import Any
 
 from aiohttp import web
 
-from .authz import Policy, path_relations
-from .catalog import ACTION_OF_METHOD, Catalog
+from .context import GATEWAY, Decider
 from .endpoints import api, identifier, json_response
 from .errors import Denied
-from .pipeline import GATEWAY, authorize, match_route
+from .pipeline import authorize, match_route
+from .policy.authz import Policy, path_relations
+from .policy.catalog import ACTION_OF_METHOD, Catalog
 from .principal import Principal
-from .redact import make_plan
-from .target import Targets
 
 
 @dataclass
@@ -46,11 +45,10 @@ class _Scratch:
         self.row.subject_euo, self.row.subject_users = euo, sorted(set(users))
 
 
-def explain(gw: Any, principal: Principal, method: str, path: str,
+def explain(gw: Decider, principal: Principal, method: str, path: str,
             scratch: _Scratch | None = None) -> dict[str, Any]:
-    """The decision for `principal` making `method path`. `gw` is the running Gateway or an
-    Offline one (its catalog, policy, targets, plan, contracts and restrictions); the
-    subject the path names is noted in `scratch`'s row."""
+    """The decision for `principal` making `method path`. `gw` is a Decider: the running
+    Gateway, or an Offline one; the subject the path names is noted in `scratch`'s row."""
     out: dict[str, Any] = {
         "caller": {"role": principal.role, "sub": principal.sub, "partner": principal.partner,
                    "euo": principal.euo},
@@ -213,18 +211,15 @@ class _NoGrants:
         return None
 
 
-class Offline:
-    """What explain needs of a Gateway, from the policy files alone: contracts and
-    restrictions as given on the command line (none by default)."""
+class Offline(Decider):
+    """The gateway's own Decider, from the policy files alone: contracts and restrictions
+    as given on the command line (none by default), no break-glass grant."""
 
     def __init__(self, catalog: Catalog, policy: Policy, version: str,
                  contracts: dict[str, str] | None = None,
                  restricted: set[tuple[str, str]] | None = None):
-        self.catalog, self.policy, self.policy_version = catalog, policy, version
-        self.targets = Targets(catalog)
-        self.contracts = _Contracts(contracts or {})
-        self.restrictions = _Restrictions(restricted or set(), frozenset(catalog.data_sets))
-        self.break_glass = _NoGrants()         # no break-glass grant is assumed offline
-
-    def plan(self, route, role, relations):
-        return make_plan(route, role, relations, self.catalog, self.policy.granted)
+        super().__init__(catalog=catalog, policy=policy, policy_version=version,
+                         contracts=_Contracts(contracts or {}),
+                         restrictions=_Restrictions(restricted or set(),
+                                                    frozenset(catalog.data_sets)),
+                         break_glass=_NoGrants())

@@ -56,6 +56,9 @@ class NotifiedCache:
         # keys being re-read: the freshness mark when their change was heard, their task
         self._reloading: dict[str, tuple[float, asyncio.Task]] = {}
         self._again: set[str] = set()   # keys changed again while being re-read
+        # how many changes this process made to each key (by `key()`): a read begun before
+        # one may have seen the row before it, and is not applied
+        self._written: dict[Any, int] = {}
         # while the whole table loads on a new listener: the keys it hears changed (read
         # again once the load has landed, which may not have seen them)
         self._loading: tuple[asyncpg.Connection, set[str]] | None = None
@@ -68,9 +71,26 @@ class NotifiedCache:
         """Replace the mirror with the table's rows; return how many."""
         raise NotImplementedError
 
-    async def reload(self, conn: asyncpg.Pool, key: str) -> None:
-        """Re-read the rows of one key."""
+    async def read(self, conn: asyncpg.Pool, key: str) -> Any:
+        """The rows of one key (a NOTIFY payload), as `apply` takes them."""
         raise NotImplementedError
+
+    def apply(self, key: str, value: Any) -> None:
+        """Put what `read` gave for this key into the mirror."""
+        raise NotImplementedError
+
+    def key(self, payload: str) -> Any:
+        """What a NOTIFY payload names (the same key however it is spelt)."""
+        return payload
+
+    def wrote(self, payload: str) -> None:
+        """This process committed a change to the rows of `payload` (and put it in the
+        mirror itself): a read of them begun before is read again rather than applied, so
+        the mirror never goes back to what was there before the change."""
+        key = self.key(payload)
+        self._written[key] = self._written.get(key, 0) + 1
+        if self._loading is not None:
+            self._loading[1].add(payload)     # the load under way may have read it before
 
     # --- the machinery ---
     def check_fresh(self) -> None:
@@ -222,7 +242,11 @@ class NotifiedCache:
         try:
             while True:
                 self._again.discard(key)
-                await self.reload(self.pool, key)
+                mark = self._written.get(self.key(key), 0)
+                value = await self.read(self.pool, key)
+                if self._written.get(self.key(key), 0) != mark:
+                    continue      # changed here meanwhile: what was read may be older
+                self.apply(key, value)
                 if key not in self._again:
                     break
         except DATABASE_ERRORS:

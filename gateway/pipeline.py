@@ -16,123 +16,35 @@ import dataclasses
 import logging
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from datetime import datetime
-from functools import lru_cache
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import aiohttp
 import orjson
 from aiohttp import web
 
-from .audit import AuditWriter
-from .authn import Authenticator
-from .authz import BREAK_GLASS, Policy, path_relations
 from .backend_client import Answer
-from .call import AnonymousRefusals, Call, Observer, client_request_id
-from .catalog import ACTION_OF_METHOD, Catalog, ObjectOf, Route
-from .contracts import ContractCache
+from .call import Call
+from .context import GATEWAY, REQUEST_ID, Gateway
 from .errors import Denied
 from .grammar import CONTROL, MAX_TEXT, audit_text
+from .policy.authz import BREAK_GLASS, path_relations
+from .policy.catalog import ACTION_OF_METHOD, ObjectOf, Route
 from .principal import Principal
-from .proxy import CHUNK, Backends, binary_headers, forward_headers, stamp, traceparent
+from .proxy import CHUNK, binary_headers, forward_headers, stamp
 from .redact import (
     RETENTION,
     Outcome,
-    RedactionPlan,
     SubjectMismatch,
     Unmappable,
     check_shape,
-    make_plan,
     now_utc,
     receipt,
     redact,
 )
-from .restrictions import RestrictionCache
-from .retention import Cutoffs, cutoffs
-from .stream import Elements, list_field
-from .target import Matched, Targets
-
-if TYPE_CHECKING:
-    from .break_glass import BreakGlassCache
+from .stream import Elements
+from .target import Matched
 
 log = logging.getLogger("gateway.pipeline")
-
-
-@dataclass
-class Gateway:
-    """Everything the request path needs, built once by create_app."""
-    catalog: Catalog
-    policy: Policy
-    authn: Authenticator
-    contracts: ContractCache
-    restrictions: RestrictionCache
-    break_glass: BreakGlassCache
-    backends: Backends
-    audit: AuditWriter
-    anonymous: AnonymousRefusals
-    max_body_bytes: int
-    max_streams: int = 200             # files being copied through at once, per process
-    streams: int = 0
-    observe: Observer | None = None    # metrics and access log (wired in app.py)
-
-    policy_version: str = ""
-    export_sources: Any = None         # export.yaml as loaded (ExportSpec: sources, purposes)
-    erasers: tuple = ()                # routes.yaml's erasure: entries, as loaded
-    erasure_deadline_s: float = 300.0  # an accepted erasure's backend calls, all told
-    # ZIP exports streaming the access log, each on a pooled connection (settings.py)
-    export_slots: asyncio.Semaphore = field(kw_only=True)
-    export_write_timeout_s: float = 30.0
-    export_log_deadline_s: float = 300.0
-    stream_write_timeout_s: float = 30.0   # a file download's client takes each chunk by then
-    stream_deadline_s: float = 3600.0      # a whole file download is through by then
-    stream_json_above_bytes: int = 1 << 20  # a list answer larger than this is streamed
-    exporting: set[tuple[str | None, str]] = field(default_factory=set)  # (euo, sub) of ZIPs under way
-
-    new_request_id: Callable[[], str] = field(kw_only=True)   # the app's (app.request_ids)
-
-    def __post_init__(self):
-        self._derive()
-
-    def use(self, catalog: Catalog, policy: Policy, version: str, export_sources: Any,
-            erasers: tuple = ()) -> None:
-        """Swap the policy whole (no await in between: no request sees half of each).
-        Requests under way finish with the routes and plans they started with."""
-        self.catalog, self.policy, self.policy_version = catalog, policy, version
-        self.export_sources, self.erasers = export_sources, erasers
-        self.authn.use(catalog.roles)
-        self._derive()
-
-    def _derive(self) -> None:
-        """What follows from the catalog and policy in force: the route memo, the plan
-        cache and the path prefixes the server hands straight to the pipeline."""
-        self.targets = Targets(self.catalog)
-        self.list_field = lru_cache(maxsize=None)(list_field)
-        self.plan = lru_cache(maxsize=4096)(self._plan)
-        self.prefixes = tuple(f"/{service}/" for service in self.catalog.services)
-
-    def _plan(self, route: Route, role: str, relations: frozenset[str]) -> RedactionPlan:
-        return make_plan(route, role, relations, self.catalog, self.policy.granted)
-
-    def cutoffs(self, route: Route, params: Mapping[str, str], now: datetime) -> Cutoffs:
-        """The retention cut-offs of one request (the contract end looked up at most once;
-        a stale contracts mirror refuses with 503)."""
-        return cutoffs(route.rules, params[route.subject_euo], now, self.contracts.contract_end)
-
-    def call(self, request: web.BaseRequest, request_id: str | None = None) -> Call:
-        """A new audited call for this HTTP request (its id given by the app's middleware,
-        or `request_id` on the direct path)."""
-        return self.new_call(request_id or request[REQUEST_ID], request.method, request.raw_path,
-                             request.remote, client_request_id(request),
-                             traceparent(request.headers))
-
-    def new_call(self, request_id: str, method: str, path: str, client: str | None,
-                 client_request_id: str | None = None, trace: str | None = None) -> Call:
-        """A new audited call (an HTTP request, or one backend call of an export), its row
-        naming the policy in force."""
-        call = Call(self.audit, self.anonymous, request_id, method, path, client,
-                    client_request_id, trace, self.observe)
-        call.row.policy_version = self.policy_version
-        return call
 
 
 async def handle(request: web.Request) -> web.StreamResponse:
@@ -686,5 +598,3 @@ async def _copy(request: web.Request, route: Route, upstream, call: Call,
     return response
 
 
-GATEWAY = web.AppKey("gateway", Gateway)
-REQUEST_ID = web.RequestKey("request_id", str)

@@ -41,10 +41,10 @@ from typing import Any
 import yaml
 
 from .authn import _principal
-from .catalog import ACTION_OF_METHOD
 from .errors import Denied
 from .explain import Offline, explain
-from .policyset import PolicySet
+from .policy.catalog import ACTION_OF_METHOD
+from .policy.policyset import PolicySet
 from .principal import Principal
 
 FILE_KEYS = {"callers", "contracts", "restricted", "cases"}

@@ -6,7 +6,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
-    from .roles import Role
+    from .policy.roles import Role
 
 
 @dataclass(frozen=True, slots=True)

@@ -1,36 +1,19 @@
-"""Forwarding to the backends: header allow-lists, one lean pooled client, a total deadline
-and a size cap per answer mapped to 504/502, and binary bodies streamed through in chunks."""
+"""Forwarding to the backends: the header allow-lists both ways and what every answer
+carries. The backends themselves (the pooled client, deadlines, size caps) are backends.py."""
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
-import logging
-import random
-import re
-from collections.abc import Callable, Mapping, MutableMapping
-
-import aiohttp
-
-from .backend_client import Answer, BackendClient, TooLarge, probe
-from .errors import Denied
-
-log = logging.getLogger("gateway.proxy")
+from collections.abc import Mapping, MutableMapping
 
 # Allow-lists, both ways: a client header reaches a backend only if named here (identity,
 # method-override, rewrite, range and caching headers never do), and a backend header
 # reaches the client only if named here.
 FORWARDED_REQUEST_HEADERS = ("Accept", "Accept-Language", "User-Agent")
-# W3C Trace Context: version 00's shape (a later version may only add fields after these);
-# version ff and all-zero ids are invalid
-_TRACEPARENT = re.compile(r"(?!ff)[0-9a-f]{2}-(?!0{32})[0-9a-f]{32}-(?!0{16})[0-9a-f]{16}-[0-9a-f]{2}")
 BINARY_RESPONSE_HEADERS = ("Content-Type",)
 # every answer depends on who asks: no shared cache may keep it
 PRIVATE = {"Cache-Control": "private, no-store", "Vary": "Authorization",
            "X-Content-Type-Options": "nosniff"}
 CHUNK = 64 * 1024
-PROBE_EVERY_S = 5.0       # a backend no call has reached for this long is probed
-PROBE_TIMEOUT_S = 2.0     # a probe not answered by then counts the backend as down
 
 
 def stamp(headers: MutableMapping[str, str], request_id: str | None) -> MutableMapping[str, str]:
@@ -41,23 +24,6 @@ def stamp(headers: MutableMapping[str, str], request_id: str | None) -> MutableM
     for name, value in PRIVATE.items():
         headers.setdefault(name, value)
     return headers
-
-
-def traceparent(incoming: Mapping[str, str]) -> str:
-    """The caller's W3C traceparent when well-formed; otherwise a new trace the gateway
-    starts (not sampled: the gateway records no spans, it only lets the trace be followed)."""
-    given = incoming.get("traceparent")
-    if given is not None and _TRACEPARENT.fullmatch(given):
-        return given
-    # ids for following a trace, not secrets: the process's PRNG (reseeded in each forked
-    # worker by the random module itself) instead of a getrandom() system call per request;
-    # never all zeros, which the format reserves as invalid
-    return f"00-{random.getrandbits(128) or 1:032x}-{random.getrandbits(64) or 1:016x}-00"
-
-
-def trace_id(traceparent: str) -> str:
-    """The trace-id field of a well-formed traceparent."""
-    return traceparent[3:35]
 
 
 def forward_headers(incoming: Mapping[str, str], request_id: str, client: str | None,
@@ -85,95 +51,3 @@ def binary_headers(upstream: Mapping[str, str]) -> dict[str, str]:
     out.setdefault("Content-Type", "application/octet-stream")
     out["Content-Disposition"] = "attachment"
     return out
-
-
-class Backends:
-    """Every backend, through one lean pooled client (backend_client.py)."""
-
-    def __init__(self, upstreams: Mapping[str, str], client: BackendClient, deadline_s: float,
-                 max_json_bytes: int):
-        self.upstreams = dict(upstreams)
-        self.client = client
-        self.deadline_s = deadline_s
-        self.max_json_bytes = max_json_bytes
-        self._time = asyncio.get_running_loop().time
-        # (service, seconds to the answer's headers) of every answered call, for the metrics
-        self.observe: Callable[[str, float], None] | None = None
-        # readiness from memory: each backend's last known state (answered or not) and
-        # when it was learnt, from the calls themselves or, when none was made for
-        # PROBE_EVERY_S, from a probe of the background task
-        self._state: dict[str, tuple[bool, float]] = {}
-        self._watching: asyncio.Task | None = None
-
-    def health(self) -> dict[str, bool]:
-        """Whether each backend answered the last call or probe (no I/O: `/readyz` answers
-        at once whatever the backends do)."""
-        return {name: self._state.get(name, (False, 0.0))[0] for name in self.upstreams}
-
-    async def start_watching(self) -> None:
-        """Probe every backend once (at most PROBE_TIMEOUT_S), then keep probing in the
-        background those no call has been answered by for PROBE_EVERY_S."""
-        await self._probe_quiet(-1.0)
-        self._watching = asyncio.create_task(self._keep_watching())
-
-    async def close(self) -> None:
-        if self._watching is not None:
-            self._watching.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._watching
-
-    async def _keep_watching(self) -> None:
-        while True:
-            await asyncio.sleep(PROBE_EVERY_S / 2)
-            try:
-                await self._probe_quiet(self._time() - PROBE_EVERY_S)
-            except Exception:      # readiness must keep being learnt, whatever one probe did
-                log.exception("backend probe failed; probing goes on")
-
-    async def _probe_quiet(self, learnt_before: float) -> None:
-        async def one(name: str) -> None:
-            started = self._time()
-            up = await probe(self.client, name, PROBE_TIMEOUT_S)
-            if self._state.get(name, (False, -1.0))[1] < started:   # no call told us since
-                self._state[name] = (up, started)
-        await asyncio.gather(*(one(name) for name in self.upstreams
-                               if self._state.get(name, (False, -1.0))[1] <= learnt_before))
-
-    def deadline(self) -> float:
-        """The loop time by which a backend call must have answered (headers and JSON body)."""
-        return self._time() + self.deadline_s
-
-    async def send(self, service: str, path_qs: str, method: str, headers: Mapping[str, str],
-                   body: bytes | None, deadline: float) -> Answer:
-        """Send the request upstream and return the response with its body still unread."""
-        started = self._time()
-        try:
-            answer = await self.client.request(service, method, path_qs, headers, body, deadline)
-            self._state[service] = (True, started)
-            if self.observe is not None:
-                self.observe(service, self._time() - started)
-            return answer
-        except TimeoutError:
-            raise Denied(504, "backend_timeout", f"the {service} backend did not answer in time") from None
-        except aiohttp.ClientError as e:
-            self._state[service] = (False, started)
-            raise Denied(502, "backend_unreachable",
-                         f"the {service} backend cannot be reached ({type(e).__name__})") from None
-
-    async def read(self, response: Answer, deadline: float) -> bytes:
-        """The whole body of a JSON answer, by the deadline and within the size cap."""
-        try:
-            return await response.read(self.max_json_bytes, deadline)
-        except TooLarge:
-            raise _too_large() from None
-        except TimeoutError:
-            raise Denied(504, "backend_timeout", "the backend did not finish its answer in time") from None
-        except aiohttp.ClientError:
-            raise Denied(502, "backend_unreachable", "the backend broke off its answer") from None
-        finally:
-            response.release()
-
-
-def _too_large() -> Denied:
-    return Denied(502, "backend_answer_too_large",
-                  "the backend's answer is larger than the gateway accepts")

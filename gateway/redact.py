@@ -21,8 +21,8 @@ from typing import Any
 import orjson
 
 from . import clock
-from .catalog import Catalog, Leaf, ListOf, Node, ObjectOf, Route
-from .retention import Cutoffs, cutoffs
+from .policy.catalog import Catalog, Leaf, ListOf, Node, ObjectOf, Route
+from .policy.retention import Cutoffs, cutoffs
 
 _DROP = object()
 

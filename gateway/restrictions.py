@@ -33,6 +33,10 @@ class RestrictionCache(NotifiedCache):
 
     def remember(self, euo: str, user: str, data_sets: Iterable[str]) -> None:
         """Record a change this process made itself (others hear of it by NOTIFY)."""
+        self.wrote(orjson.dumps([euo, user]).decode())
+        self._set(euo, user, data_sets)
+
+    def _set(self, euo: str, user: str, data_sets: Iterable[str]) -> None:
         data_sets = frozenset(data_sets)
         if data_sets:
             self._users[(euo, user)] = data_sets
@@ -44,7 +48,13 @@ class RestrictionCache(NotifiedCache):
                        for r in await conn.fetch(query("restricted_users"))}
         return len(self._users)
 
-    async def reload(self, conn: asyncpg.Pool, key: str) -> None:
-        """Re-read one user's restriction; `key` is the NOTIFY payload [euo, user]."""
-        euo, user = orjson.loads(key)
-        self.remember(euo, user, await conn.fetchval(query("restricted_data_sets"), euo, user))
+    def key(self, payload: str) -> tuple[str, str]:
+        """The NOTIFY payload [euo, user]."""
+        euo, user = orjson.loads(payload)
+        return euo, user
+
+    async def read(self, conn: asyncpg.Pool, key: str):
+        return await conn.fetchval(query("restricted_data_sets"), *self.key(key))
+
+    def apply(self, key: str, data_sets) -> None:
+        self._set(*self.key(key), data_sets or ())

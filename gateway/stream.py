@@ -15,7 +15,7 @@ from typing import Any
 import ijson
 from ijson.common import ObjectBuilder
 
-from .catalog import Leaf, ListOf, ObjectOf, Route
+from .policy.catalog import Leaf, ListOf, ObjectOf, Route
 from .redact import Unmappable
 
 MAX_ELEMENT_EVENTS = 100_000     # an element this large is no list element: refused

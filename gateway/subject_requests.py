@@ -10,23 +10,25 @@ names, enforced in the request path at once (see restrictions.py).
 
 from __future__ import annotations
 
+import logging
 import uuid
 from typing import Any
 
 from aiohttp import web
 
-from . import pipeline
 from .audit import AuditRow
 from .audit.writer import Change
 from .call import Call
-from .catalog import ObjectOf
+from .context import GATEWAY, REQUEST_ID, Gateway
 from .db import POOL, query
 from .endpoints import CALL, ME, api, json_object, json_response, only, text
 from .erasure import Erasure, Ledger
 from .errors import Denied
-from .pipeline import GATEWAY, Gateway
+from .policy.catalog import ObjectOf
 from .principal import Principal, scope
 from .webhooks import WEBHOOKS, Webhooks
+
+log = logging.getLogger("gateway.subject_requests")
 
 TYPES = ("rectification", "erasure", "restriction", "objection")
 STATUSES = ("open", "accepted", "rejected", "completed", "withdrawn", "failed")
@@ -318,7 +320,7 @@ async def _erase(request: web.Request, gw: Gateway, principal: Principal, req):
     resolution says what was erased, whose other data went with it, what failed, what needs
     a wider erasure, what remains and what no backend can erase.
     Returns the request as updated, or the error answer when the outcome was refused."""
-    request_id = request[pipeline.REQUEST_ID]
+    request_id = request[REQUEST_ID]
     erasure = Erasure(gw, list(gw.erasers), principal, req["euo_id"], req["user_sub"],
                       request_id, request.remote, Ledger(request.app[POOL], req["id"]),
                       gw.erasure_deadline_s)
@@ -366,7 +368,7 @@ async def fail_interrupted_erasures(gw: Gateway, webhooks: Webhooks, pool,
             await _move(call, gw, webhooks, None, req, "failed", resolution)
             moved += 1
         except Denied as e:     # moved meanwhile (409), or the audit log is unavailable
-            pipeline.log.warning("interrupted erasure %s not failed: %s", req["id"], e.code)
+            log.warning("interrupted erasure %s not failed: %s", req["id"], e.code)
     if moved:
         webhooks.wake()
     return moved

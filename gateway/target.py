@@ -17,9 +17,9 @@ from datetime import datetime
 from functools import lru_cache
 from types import MappingProxyType
 
-from .catalog import Catalog, Route
 from .errors import Denied
 from .grammar import Cursor, DateTime, Enum, Grammar, Integer
+from .policy.catalog import Catalog, Route
 
 # the characters any static segment or identifier is made of (routes.yaml's grammars are
 # checked to admit no other kind of separator)

@@ -33,7 +33,7 @@ from gateway.db import EmbeddedPostgres
 from gateway.demo import data as demo_data
 from gateway.demo.backends import meeting_app, telephony_app
 from gateway.demo.run import seed_contracts, start_site
-from gateway.policyset import PolicySet, load_policy_set, policy_version
+from gateway.policy.policyset import PolicySet, load_policy_set, policy_version
 from gateway.settings import DEFAULT_POLICY_DIR, Settings
 
 SECRET = "test-only-secret-" + "x" * 32          # a test key, not a secret
@@ -369,14 +369,14 @@ def serve_env(backends, database_url: str, tmp_path, port: int, **env: str) -> d
 
 
 def gateway_main(*argv: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
-    """`gateway ARGV` run in this process (gateway.__main__.main) with `env` as its only
+    """`gateway ARGV` run in this process (gateway.cli.main) with `env` as its only
     GATEWAY_* variables: its exit status and what it printed, as a subprocess would give
     them, without starting Python and importing the gateway again (~1 s a command). Not
     for `serve` and `demo`, which install uvloop's event loop policy for the whole process
     (it is put back here, but they serve until a signal); a command that runs an event
     loop of its own (asyncio.run) is called in a thread from an async test. Each command
     family keeps one test through a real process (`python -m gateway ...`)."""
-    from gateway.__main__ import main
+    from gateway.cli import main
     saved = {k: v for k, v in os.environ.items() if k.startswith("GATEWAY_")}
     policy = asyncio.get_event_loop_policy()
     out, err = io.StringIO(), io.StringIO()

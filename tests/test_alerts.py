@@ -18,10 +18,10 @@ from aiohttp import web
 
 from gateway.app import create_app
 from gateway.audit import AuditRow
-from gateway.catalog import PolicyError
+from gateway.context import GATEWAY
 from gateway.demo.run import start_site
-from gateway.pipeline import GATEWAY
-from gateway.policyset import load_policy_set, policy_version
+from gateway.policy.catalog import PolicyError
+from gateway.policy.policyset import load_policy_set, policy_version
 from gateway.webhooks import SIGNATURE_HEADER, TIMESTAMP_HEADER, verify
 
 from .conftest import (

@@ -12,8 +12,8 @@ import aiohttp
 import pytest
 
 from gateway.backend_client import BackendClient
+from gateway.backends import Backends
 from gateway.errors import Denied
-from gateway.proxy import Backends
 
 
 class RawBackend:

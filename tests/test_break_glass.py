@@ -11,8 +11,9 @@ import asyncpg
 import orjson
 import pytest
 
-from gateway.authz import load_policy
-from gateway.catalog import PolicyError, load_catalog
+from gateway.policy.authz import load_policy
+from gateway.policy.catalog import PolicyError
+from gateway.policy.catalog_files import load_catalog
 
 from .conftest import call, gateway_settings, running_gateway, wait_for
 

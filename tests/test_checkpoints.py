@@ -20,7 +20,15 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from gateway.audit.checkpoints import load_public_keys, verify_checkpoints
 
-from .conftest import call, gateway_main, gateway_settings, own_database, running_gateway, wait_for
+from .conftest import (
+    call,
+    connected,
+    gateway_main,
+    gateway_settings,
+    own_database,
+    running_gateway,
+    wait_for,
+)
 
 pytestmark = pytest.mark.slow
 ACME = "/telephony/euos/euo-acme"
@@ -379,3 +387,40 @@ def _public_pem(private_key_file) -> bytes:
     key = serialization.load_pem_private_key(private_key_file.read_bytes(), password=None)
     return key.public_key().public_bytes(serialization.Encoding.PEM,
                                          serialization.PublicFormat.SubjectPublicKeyInfo)
+
+
+async def test_the_published_public_key_comes_from_the_key_file_and_pins_the_checkpoints(
+        backends, database_url, template_database, http, token_for, tmp_path):
+    """`gateway audit public-key` prints the public half of the deployment's key file (not
+    what the database says the keys are): verified against it, the checkpoints of a gateway
+    using that key pass, and those of a gateway that signed with another key do not. With
+    no key it says so (exit 2) and makes none."""
+    key = tmp_path / "deployment-key.pem"
+    key.write_bytes(Ed25519PrivateKey.generate().private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+        serialization.NoEncryption()))
+    done = await asyncio.to_thread(gateway_main, "audit", "public-key", env={
+        "GATEWAY_AUDIT_SIGNING_KEY_FILE": str(key), "GATEWAY_DATA_DIR": str(tmp_path)})
+    assert done.returncode == 0 and done.stdout.encode() == _public_pem(key), done
+    pinned = tmp_path / "pinned.pub.pem"
+    pinned.write_text(done.stdout)
+    async with own_database(database_url, template_database) as dsn:
+        settings = gateway_settings(backends["urls"], audit_checkpoint_s=0.2, data_dir=tmp_path,
+                                    audit_signing_key_file=key)
+        async with running_gateway(settings, dsn) as gw:
+            assert (await call(http, "GET", gw + ACME, token_for("staff")))[0] == 200
+        async with connected(dsn) as conn:
+            checked = await verify_checkpoints(conn, load_public_keys([str(pinned)]))
+            assert checked.ok and checked.checkpoints > 0, checked.public()
+            other = tmp_path / "elsewhere"          # a gateway with a key of its own
+            async with running_gateway(gateway_settings(
+                    backends["urls"], audit_checkpoint_s=0.2, data_dir=other), dsn) as gw:
+                assert (await call(http, "GET", gw + ACME, token_for("staff")))[0] == 200
+            checked = await verify_checkpoints(conn, load_public_keys([str(pinned)]))
+            assert not checked.ok
+            assert "not among the public keys given" in checked.first_break["problem"]
+    empty = tmp_path / "no-key"
+    done = await asyncio.to_thread(gateway_main, "audit", "public-key",
+                                   env={"GATEWAY_DATA_DIR": str(empty)})
+    assert done.returncode == 2 and "no audit signing key" in done.stderr
+    assert not (empty / "audit-signing-key.pem").exists()

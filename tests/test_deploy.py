@@ -151,7 +151,7 @@ def test_the_image_installs_every_dependency_but_the_embedded_postgresql(tmp_pat
 
 # `python -c NO_PGSERVER ARGS` is `gateway ARGS` in an installation without pgserver
 NO_PGSERVER = ("import sys; sys.modules['pgserver'] = None; "
-               "from gateway.__main__ import main; sys.exit(main(sys.argv[1:]))")
+               "from gateway.cli import main; sys.exit(main(sys.argv[1:]))")
 
 
 async def test_the_gateway_serves_without_pgserver_given_a_database_url(backends, database_url,

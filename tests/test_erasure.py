@@ -18,11 +18,12 @@ import pytest
 import pytest_asyncio
 from aiohttp import web
 
-from gateway.catalog import PolicyError, load_catalog
 from gateway.demo import data as demo_data
 from gateway.demo.backends import meeting_app, telephony_app
 from gateway.demo.run import start_site
-from gateway.erasure import load_erasers
+from gateway.policy.catalog import PolicyError
+from gateway.policy.catalog_files import load_catalog
+from gateway.policy.erasers import load_erasers
 
 from .conftest import Seen, call, gateway_process, gateway_settings, running_gateway, wait_for
 

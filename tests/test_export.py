@@ -14,12 +14,13 @@ import pytest
 import yaml
 from aiohttp import web
 
-from gateway.catalog import PolicyError, load_catalog
 from gateway.demo.run import start_site
 from gateway.export import handler as export_handler
 from gateway.export.handler import foreign, strip
-from gateway.policyset import load_policy_set
-from gateway.roles import RoleError, load_roles
+from gateway.policy.catalog import PolicyError
+from gateway.policy.catalog_files import load_catalog
+from gateway.policy.policyset import load_policy_set
+from gateway.policy.roles import RoleError, load_roles
 
 from .conftest import POLICY_DIR, call, gateway_settings, running_gateway
 

@@ -1,4 +1,4 @@
-"""The floors of the data-set table ship with the code (gateway/floors.py): datasets.yaml may
+"""The floors of the data-set table ship with the code (gateway/policy/floors.py): datasets.yaml may
 add restrictions, never remove one. Hiding a data set from fewer columns, giving it another
 subject or leaving it out is refused by the loader, `gateway check`, `gateway serve` and a
 reload, unless lowered_floors.yaml names the floor with a reason; then check warns of it,
@@ -14,10 +14,10 @@ import orjson
 import pytest
 import yaml
 
-from gateway import floors
-from gateway.catalog import PolicyError
 from gateway.demo.run import seed_contracts
-from gateway.policyset import load_policy_set
+from gateway.policy import floors
+from gateway.policy.catalog import PolicyError
+from gateway.policy.policyset import load_policy_set
 
 from .conftest import POLICY_DIR, audit_row, call, free_port, gateway_process, serve_env, wait_for
 from .roles import gateway_cli
@@ -225,7 +225,7 @@ async def test_a_reload_refuses_a_lowered_floor_until_it_is_declared(backends, d
         assert {n["author_id"] for n in orjson.loads(body)["private_notes"]} > {"u-alice"}
 
 
-# --- the route table's floors (gateway/floors_routes.py) ----------------------------------
+# --- the route table's floors (gateway/policy/floors_routes.py) ----------------------------------
 
 VOICEMAIL_LIST = "route:telephony:/euos/{}/users/{}/voicemails"
 FAX_FILE = "route:telephony:/euos/{}/users/{}/faxes/{}"
@@ -278,9 +278,9 @@ def _edit_routes(policy, edit) -> None:
 
 def test_the_shipped_route_floors_are_the_shipped_route_table():
     """floors_routes.py is written from policies/routes.yaml; a change to either shows in
-    the other (`python -m gateway.floors_routes > gateway/floors_routes.py`)."""
-    from gateway import floors_routes
-    assert floors_routes.render(POLICY_DIR) == Path(floors_routes.__file__).read_text()
+    the other (`python -m gateway.policy.pin_routes > gateway/policy/floors_routes.py`)."""
+    from gateway.policy import floors_routes, pin_routes
+    assert pin_routes.render(POLICY_DIR) == Path(floors_routes.__file__).read_text()
 
 
 @pytest.mark.parametrize("which", ROUTE_LOWERINGS)

@@ -12,7 +12,7 @@ import pytest
 from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 
-from gateway.catalog import load_catalog
+from gateway.policy.catalog_files import load_catalog
 from gateway.target import Targets
 
 from .conftest import POLICY_DIR, audit_row, call

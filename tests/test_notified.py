@@ -47,7 +47,7 @@ class GatedMirror(NotifiedCache):
         self.heard.append(key)
         super()._on_notify(conn, pid, channel, key)
 
-    async def reload(self, conn, key: str) -> None:
+    async def read(self, conn, key: str) -> int | None:
         value = self.table.get(key)          # the read: what was committed when it ran
         gate = asyncio.Event()
         self.reads.append((key, gate))
@@ -55,6 +55,9 @@ class GatedMirror(NotifiedCache):
             await gate.wait()                # the answer takes as long as the test says
         finally:
             self.reads.remove((key, gate))
+        return value
+
+    def apply(self, key: str, value: int | None) -> None:
         if value is None:
             self.mirror.pop(key, None)
         else:
@@ -122,6 +125,28 @@ async def test_a_change_heard_while_its_key_is_reread_is_read_again_once_that_re
         await until(lambda: not cache.reads and cache.mirror.get("euo-1") == 3)
         await heard(cache, notifier, "marker-2")
         assert cache.mirror["euo-1"] == 3 and cache.stale_reason() is None
+
+
+async def test_a_read_begun_before_this_process_changed_the_key_never_undoes_the_change(
+        database_url):
+    """A process that changes a row puts the change in its own mirror at once (as
+    ContractCache.remember does after a PUT). A re-read of that row begun before, on a change
+    made elsewhere, may have read the row before this change: it is read again, never
+    applied, so nobody meets the old value after the change was answered (seen: a contract
+    ended by PUT still in force for the next request)."""
+    async with mirror(database_url) as (cache, notifier):
+        await change(cache, notifier, "euo-1", 1)             # elsewhere: re-read (value 1)
+        await until(lambda: len(cache.reads) == 1)
+        first = cache.reads[0]
+        cache.table["euo-1"] = 2                              # this process commits 2
+        cache.wrote("euo-1")
+        cache.mirror["euo-1"] = 2                             # and puts it in its mirror
+        first[1].set()                                        # the older read ends
+        await until(lambda: cache.reads and cache.reads[0] is not first)   # read again
+        assert cache.mirror["euo-1"] == 2
+        cache.reads[0][1].set()
+        await until(lambda: not cache.reads)
+        assert cache.mirror["euo-1"] == 2 and cache.stale_reason() is None
 
 
 async def test_a_change_heard_while_the_whole_table_loads_is_read_again_once_it_has(

@@ -16,7 +16,7 @@ import orjson
 import pytest
 
 from gateway.audit.chain import HASHED, canonical
-from gateway.proxy import traceparent
+from gateway.call import traceparent
 
 from .conftest import audit_row, call, gateway_process, wait_for
 

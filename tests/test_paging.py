@@ -13,11 +13,12 @@ import orjson
 import pytest
 import pytest_asyncio
 
-from gateway.catalog import PolicyError, load_catalog
 from gateway.demo import data as demo_data
 from gateway.demo.backends import telephony_app
 from gateway.demo.run import seed_contracts, start_site
 from gateway.grammar import Cursor, DateTime, Enum, Integer
+from gateway.policy.catalog import PolicyError
+from gateway.policy.catalog_files import load_catalog
 
 from .conftest import POLICY_DIR, Seen, audit_row, call, gateway_settings, running_gateway
 

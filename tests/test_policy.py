@@ -15,9 +15,10 @@ from aiohttp import web
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from gateway.authz import load_policy
-from gateway.catalog import PolicyError, load_catalog
 from gateway.demo.run import seed_contracts, start_site
+from gateway.policy.authz import load_policy
+from gateway.policy.catalog import PolicyError
+from gateway.policy.catalog_files import load_catalog
 from gateway.settings import ConfigError, Settings
 
 from .conftest import POLICY_DIR, call, gateway_settings, running_gateway
@@ -219,7 +220,7 @@ _SHAPES = st.sampled_from([None, True, 0, -1, 1.5, "", "x", [], {}, [[1]], [{}],
                              "alerts.yaml"]),
        data=st.data())
 def test_a_policy_file_of_any_shape_is_loaded_or_a_policy_error(tmp_path_factory, name, data):
-    from gateway.policyset import load_policy_set
+    from gateway.policy.policyset import load_policy_set
     where = tmp_path_factory.mktemp("policy") / "p"
     shutil.copytree(POLICY_DIR, where)
     doc = _yaml.safe_load((where / name).read_text())

@@ -15,10 +15,11 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from gateway.app import create_app, reload_policy
-from gateway.authz import load_policy
-from gateway.catalog import ACTIONS, RELATIONS, PolicyError, load_catalog
 from gateway.demo.run import seed_contracts, start_site
-from gateway.roles import COLUMNS, COLUMNS_OF_CLAIM
+from gateway.policy.authz import load_policy
+from gateway.policy.catalog import ACTIONS, RELATIONS, PolicyError
+from gateway.policy.catalog_files import load_catalog
+from gateway.policy.roles import COLUMNS, COLUMNS_OF_CLAIM
 
 from .conftest import POLICY_DIR, call, gateway_main, gateway_settings, wait_for
 

@@ -10,8 +10,9 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from gateway.authz import MODEL, load_policy, read_policy
-from gateway.catalog import ACTIONS, RELATIONS, PolicyError, load_catalog
+from gateway.policy.authz import MODEL, load_policy, read_policy
+from gateway.policy.catalog import ACTIONS, RELATIONS, PolicyError
+from gateway.policy.catalog_files import load_catalog
 
 from .conftest import POLICY_DIR
 

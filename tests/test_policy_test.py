@@ -260,7 +260,7 @@ def case_files(draw) -> str:
           suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
 @given(text=case_files())
 def test_any_case_file_gives_cases_or_a_case_error(tmp_path, text):
-    from gateway.policyset import load_policy_set
+    from gateway.policy.policyset import load_policy_set
     from gateway.policytest import CaseError, check, load_cases
     global _POLICY_SET
     if _POLICY_SET is None:

@@ -7,8 +7,8 @@ from datetime import UTC, datetime
 
 import pytest
 
-from gateway.authz import load_policy
-from gateway.catalog import load_catalog
+from gateway.policy.authz import load_policy
+from gateway.policy.catalog_files import load_catalog
 from gateway.redact import make_plan, mask_number, redact
 
 from .conftest import POLICY_DIR
@@ -97,7 +97,7 @@ def test_numeric_user_ids_still_name_the_caller(policy):
 from hypothesis import given, settings  # noqa: E402
 from hypothesis import strategies as st  # noqa: E402
 
-from gateway.catalog import Leaf, ObjectOf  # noqa: E402
+from gateway.policy.catalog import Leaf, ObjectOf  # noqa: E402
 from gateway.redact import Unmappable, check_shape  # noqa: E402
 
 JSON = st.recursive(st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False)

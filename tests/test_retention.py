@@ -16,8 +16,9 @@ import yaml
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from gateway.catalog import PolicyError, load_catalog
-from gateway.retention import Duration, RuleError, cutoffs, parse_rule
+from gateway.policy.catalog import PolicyError
+from gateway.policy.catalog_files import load_catalog
+from gateway.policy.retention import Duration, RuleError, cutoffs, parse_rule
 
 from .conftest import (
     POLICY_DIR,

@@ -28,8 +28,8 @@ from gateway.audit.checkpoints import Runs, key_id, load_public_keys, load_signi
 from gateway.audit.leaves import WITHHELD, record_leaf
 from gateway.audit.merkle import Frontier
 from gateway.audit.slices import build_slice, consistency_doc, verify_consistency_doc, verify_slice
-from gateway.catalog import load_catalog
 from gateway.db import query
+from gateway.policy.catalog_files import load_catalog
 from gateway.principal import Principal
 
 from .conftest import (

@@ -14,9 +14,9 @@ from pathlib import Path
 import psutil
 import pytest
 
-from gateway.__main__ import RestartBudget
 from gateway.db import EmbeddedPostgres
 from gateway.db_watchdog import is_postmaster, postmaster_pid
+from gateway.supervisor import RestartBudget
 
 from .conftest import SERVE, call, free_port, gateway_process, serve_env, wait_for
 

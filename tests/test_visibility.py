@@ -128,7 +128,7 @@ CASES = [
 
 def test_matrix_covers_every_get_route():
     """The matrix names a path for every GET route of the route table."""
-    from gateway.catalog import load_catalog
+    from gateway.policy.catalog_files import load_catalog
     from gateway.settings import DEFAULT_POLICY_DIR
 
     catalog = load_catalog(DEFAULT_POLICY_DIR)

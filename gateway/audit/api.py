@@ -22,10 +22,10 @@ import orjson
 from aiohttp import web
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
+from ..context import GATEWAY
 from ..db import query
 from ..endpoints import CALL, ME, api, json_response, only
 from ..errors import Denied
-from ..pipeline import GATEWAY
 from ..principal import Principal, scope
 from ..reads import READS
 from .chain import verify

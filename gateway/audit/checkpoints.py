@@ -114,12 +114,18 @@ def load_signing_key(path: Path) -> Ed25519PrivateKey:
     return key
 
 
+def signing_key_path(configured: Path | None, data_dir: Path) -> Path:
+    """Where the deployment's signing key is: GATEWAY_AUDIT_SIGNING_KEY_FILE, or the one
+    generated under GATEWAY_DATA_DIR."""
+    return Path(configured) if configured is not None else Path(data_dir) / "audit-signing-key.pem"
+
+
 def signing_key(configured: Path | None, data_dir: Path) -> Ed25519PrivateKey:
     """The configured key, or one generated once under the data dir (logged: production
     should provision its own and keep its public half where auditors can find it)."""
     if configured is not None:
         return load_signing_key(configured)
-    path = Path(data_dir) / "audit-signing-key.pem"
+    path = signing_key_path(None, data_dir)
     if not path.exists():
         path.parent.mkdir(parents=True, exist_ok=True)
         pem = Ed25519PrivateKey.generate().private_bytes(

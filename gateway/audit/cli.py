@@ -16,7 +16,13 @@ from ..errors import Denied
 from ..settings import Settings
 from .api import PUBLIC_FIELDS, _cell, parse_filters, public
 from .chain import verify
-from .checkpoints import load_public_keys, load_signing_key, seal_abandoned, verify_checkpoints
+from .checkpoints import (
+    load_public_keys,
+    load_signing_key,
+    seal_abandoned,
+    signing_key_path,
+    verify_checkpoints,
+)
 
 
 async def run(dsn: str, settings: Settings, args) -> int:
@@ -80,7 +86,7 @@ async def _seal_abandoned(conn: asyncpg.Connection, settings: Settings) -> None:
     one GATEWAY_AUDIT_SIGNING_KEY_FILE names, or the one the gateway generated under
     GATEWAY_DATA_DIR); said and skipped when there is none (a new key is never made here:
     auditors would not know it)."""
-    path = settings.audit_signing_key_file or Path(settings.data_dir) / "audit-signing-key.pem"
+    path = signing_key_path(settings.audit_signing_key_file, settings.data_dir)
     if not Path(path).exists():
         print("no audit signing key (GATEWAY_AUDIT_SIGNING_KEY_FILE): chains whose writer is "
               "gone are not sealed", file=sys.stderr)

@@ -39,10 +39,10 @@ from aiohttp import web
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
+from ..context import GATEWAY
 from ..db import query
 from ..endpoints import api, json_response, only
 from ..errors import Denied
-from ..pipeline import GATEWAY
 from ..principal import Principal
 from ..reads import READS
 from .api import (

@@ -16,16 +16,11 @@ from pathlib import Path
 import asyncpg
 from aiohttp import web
 
-from ..__main__ import (
-    DEV_SECRET_FILE,
-    _use_uvloop,
-    database_url,
-    dev_secret,
-    mint_token,
-    wait_for_signal,
-)
+from ..database import database_url
 from ..db import EmbeddedPostgres, migrate, query
 from ..settings import ConfigError, Settings, upstream_variable
+from ..supervisor import use_uvloop, wait_for_signal
+from ..tokens import DEV_SECRET_FILE, dev_secret, mint_token
 from . import data as demo_data
 from .backends import meeting_app, telephony_app
 from .receiver import demo_secret_file, receiver_app
@@ -87,7 +82,7 @@ CONSOLE = [("provider_staff", "staff-sam", None, None),
 
 def run_demo(settings: Settings, port: int | None, reset: bool = False) -> int:
     """The demo: embedded database (deleted first with reset), backends, gateway, tokens."""
-    _use_uvloop()
+    use_uvloop()
     if port is not None:
         settings = settings.with_(listen_port=port)
     if reset:
@@ -106,7 +101,7 @@ BACKEND_PORT = 8081        # telephony; meeting on the next port
 def run_backends(settings: Settings, port: int | None) -> int:
     """`gateway demo --backends-only`: the demo backends alone (no database, no gateway),
     with the environment lines that point `gateway serve` at them, until Ctrl-C."""
-    _use_uvloop()
+    use_uvloop()
     asyncio.run(_run_backends(settings, BACKEND_PORT if port is None else port))
     return 0
 

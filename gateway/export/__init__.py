@@ -12,6 +12,6 @@ last; if one breaks off midway the connection is cut before the ZIP's directory 
 written, so the client gets a broken download, never a silently partial archive.
 """
 
-from .handler import ExportSpec, add_routes
+from .handler import add_routes
 
-__all__ = ["ExportSpec", "add_routes"]
+__all__ = ["add_routes"]

@@ -7,12 +7,10 @@ import contextlib
 import re
 from collections import defaultdict
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import aiohttp
 import orjson
-import yaml
 from aiohttp import web
 from multidict import CIMultiDict
 
@@ -20,86 +18,22 @@ from .. import pipeline
 from ..audit import AuditRow
 from ..audit.api import access_log_pages, newest_accesses
 from ..call import Call
-from ..catalog import Catalog, Leaf, ListOf, Node, ObjectOf, PolicyError
+from ..context import GATEWAY, Gateway
 from ..db import DATABASE_ERRORS, POOL, query
 from ..endpoints import CALL, IDENTIFIER, ME, api, identifier, json_response, only
 from ..errors import Denied
-from ..pipeline import GATEWAY, Gateway
+from ..policy.catalog import Catalog, Leaf, ListOf, Node, ObjectOf
+from ..policy.export_spec import Attachments, Source
+from ..policy.export_spec import route_of as _route_of
+from ..policy.roles import REACH
 from ..principal import Principal
 from ..proxy import CHUNK
 from ..redact import MASKING, RESTRICTION, RETENTION, SCOPE, join_path, now_utc
-from ..roles import REACH
 from ..subject_requests import request_details
 from .zipstream import ZipStream
 
 FORMAT = "partner-gateway-export/1"
 ASSISTED_EXPORT = "assisted_export"      # the API group of roles.yaml that may make one
-
-
-@dataclass(frozen=True)
-class Attachments:
-    list_field: str
-    get: str
-    name: tuple[str, ...]
-    ext: str | None
-
-
-@dataclass(frozen=True)
-class Source:
-    get: str
-    optional: bool = False
-    attachments: Attachments | None = None
-    follow: tuple[str, str] | None = None      # (list field, path with {id})
-
-
-@dataclass(frozen=True)
-class ExportSpec:
-    """export.yaml: the sources, and the purposes an admin-assisted export may give."""
-    sources: list[Source]
-    purposes: dict[str, str]
-
-
-def load_sources(policy_dir: Path, catalog: Catalog,
-                 readable: frozenset[str] | None = None) -> ExportSpec:
-    """export.yaml, each path checked against the route table; with `readable` (the data
-    sets a user may read under the policy), a list that leaves one out is refused."""
-    try:
-        doc = yaml.safe_load((policy_dir / "export.yaml").read_text(encoding="utf-8"))
-        purposes = {str(k): str(v) for k, v in
-                    ((doc.get("assisted") or {}).get("purposes") or {}).items()}
-        sources = []
-        for spec in doc["sources"]:
-            att = spec.get("attachments")
-            follow = spec.get("follow")
-            sources.append(Source(
-                get=spec["get"], optional=bool(spec.get("optional")),
-                attachments=Attachments(att["list"], att["get"], tuple(att["name"]), att.get("ext"))
-                if att else None,
-                follow=(follow["list"], follow["get"]) if follow else None))
-    except (OSError, yaml.YAMLError, KeyError, TypeError, AttributeError) as e:
-        raise PolicyError(f"export.yaml: {e}") from None
-    covered: set[str] = set()
-    for s in sources:
-        for path in (s.get, s.attachments and s.attachments.get, s.follow and s.follow[1]):
-            if not path:
-                continue
-            found = _route_of(catalog, path.format(euo="e", user="u", id="i"))
-            if found is None:
-                raise PolicyError(f"export.yaml: {path} is not in the route table")
-            covered |= found[0].data_sets
-    for purpose in purposes:
-        if not IDENTIFIER.fullmatch(purpose):
-            raise PolicyError(f"export.yaml: assisted purpose {purpose!r} is not an identifier")
-    if readable is not None and (missing := readable - covered):
-        raise PolicyError("export.yaml leaves out data sets a user may read (the export must "
-                          f"hold every one): {', '.join(sorted(missing))}")
-    return ExportSpec(sources, purposes)
-
-
-
-def _route_of(catalog: Catalog, path: str):
-    service, *segments = path.split("?")[0].strip("/").split("/")
-    return catalog.match(service, segments)
 
 
 @dataclass

@@ -13,13 +13,14 @@ import hashlib
 from dataclasses import dataclass
 from pathlib import Path
 
-from .alerts import AlertRule, load_alert_rules
+from ..settings import POLICY_FILES
+from .alert_rules import AlertRule, load_alert_rules
 from .authz import Policy, load_policy
-from .catalog import Catalog, PolicyError, load_catalog
-from .erasure import Eraser, load_erasers
-from .export.handler import ExportSpec, load_sources
+from .catalog import Catalog, PolicyError
+from .catalog_files import load_catalog
+from .erasers import Eraser, load_erasers
+from .export_spec import ExportSpec, load_sources
 from .floors import LOWERED_FILE
-from .settings import POLICY_FILES
 
 
 @dataclass(frozen=True)

@@ -17,9 +17,9 @@ from pathlib import Path
 
 import casbin
 
+from ..errors import Denied
+from ..principal import Principal
 from .catalog import ACTIONS, RELATIONS, Catalog, PolicyError
-from .errors import Denied
-from .principal import Principal
 from .roles import SUBJECT_RELATIONS
 
 FIELDS = ("role", "rel", "ds", "act")

@@ -7,7 +7,7 @@ voicemails, so the shipped mapping ships with the code too, and a policy directo
 routes.yaml may only be as strict or stricter (floors.routes_lowered), or name what it
 lowers in lowered_floors.yaml.
 
-Generated from the shipped policy: `python -m gateway.floors_routes > gateway/floors_routes.py`
+Generated from the shipped policy: `python -m gateway.policy.pin_routes > gateway/policy/floors_routes.py`
 (tests/test_floors.py fails when this file and policies/routes.yaml differ: a change of the
 shipped table shows here, in review, field by field).
 """
@@ -249,30 +249,3 @@ ROUTES: dict[str, dict[str, str]] = {
         "@path.user": "1",
     },
 }
-
-def render(policy_dir) -> str:
-    """This module's text for the route table of `policy_dir`."""
-    import json
-    from pathlib import Path
-
-    from .catalog import load_catalog, route_fields, route_key
-    catalog = load_catalog(Path(policy_dir), pinned=False)
-    routes = {route_key(r): dict(sorted(route_fields(r).items())) for r in catalog.routes}
-    text = Path(__file__).read_text()
-    head = text[:text.index("# fmt: off\n") + len("# fmt: off\n")]
-    tail = text[text.index("\n\ndef render("):]
-    relations = ", ".join(map(json.dumps, sorted(catalog.data_subject_relations)))
-    lines = [f"RELATIONS = frozenset({{{relations}}})", "",
-             "ROUTES: dict[str, dict[str, str]] = {"]
-    for key, fields in sorted(routes.items()):
-        lines.append(f"    {json.dumps(key)}: {{")
-        lines += [f"        {json.dumps(at)}: {json.dumps(what)}," for at, what in fields.items()]
-        lines.append("    },")
-    return head + "\n".join(lines) + "\n}" + tail
-
-
-if __name__ == "__main__":
-    import sys
-    from pathlib import Path
-    sys.stdout.write(render(sys.argv[1] if len(sys.argv) > 1
-                            else Path(__file__).parent / "_data" / "policies"))
