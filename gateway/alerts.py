@@ -18,7 +18,7 @@ from urllib.parse import urlencode
 
 import asyncpg
 
-from .db import query
+from .db import DATABASE_ERRORS, query
 from .policy.alert_rules import AlertRule
 
 log = logging.getLogger("gateway.alerts")
@@ -28,7 +28,7 @@ ALERT_LOCK = 0x616C_6572     # an advisory lock id ("aler"): one evaluator at a 
 # timeout (app.py): a row's `at` is its request's start, committed after the backend answered
 SETTLE_S = 5.0
 BATCH_ROWS = 5000            # the most new audit rows one pass reads
-_DB_ERRORS = (asyncpg.PostgresError, asyncpg.InterfaceError, OSError, TimeoutError)
+_DB_ERRORS = DATABASE_ERRORS
 
 
 def _wanted(rule: AlertRule, row: Any) -> str | None:

@@ -20,7 +20,7 @@ import yaml
 from aiohttp import web
 from aiohttp.http_exceptions import HttpProcessingError
 
-from . import alerts_api, console, explain, export, pipeline, retention_report, subject_requests
+from . import alerts_api, console, explain, export, pipeline, reads, retention_report, subject_requests
 from . import break_glass as break_glass_api
 from .access_log import AccessLog
 from .alerts import SETTLE_S, AlertEvaluator
@@ -49,6 +49,7 @@ from .policy.policyset import PolicySet, load_policy_set
 from .policy.retention import OWN_EXPORT_DECISION, OWN_EXPORT_EXEMPT
 from .principal import Principal
 from .proxy import stamp
+from .reads import READ_POOL_MAX, READS, Reads
 from .restrictions import RestrictionCache
 from .settings import Settings, export_db_slots, webhook_secret
 from .webhooks import WEBHOOKS, Webhooks
@@ -97,6 +98,7 @@ def create_app(settings: Settings, dsn: str, reload_on_sighup: bool = False,
     app[NEW_REQUEST_ID] = request_ids()
     app[CONNECTIONS] = connection_limits(settings)
     app.on_response_prepare.append(_private_answers)
+    app.on_response_prepare.append(reads.stamp)
     metrics = app[METRICS] = Metrics()
     app.cleanup_ctx.append(_resources(settings, dsn, catalog, policy, metrics, migrate))
     app.cleanup_ctx.append(_observability(settings, metrics))
@@ -139,6 +141,11 @@ def _resources(settings: Settings, dsn: str, catalog, policy: Policy, metrics: M
         lanes_pool = await create_pool(dsn, settings.audit_lanes, settings.audit_lanes,
                                        settings.audit_commit_timeout_s,
                                        settings.db_synchronous_commit)
+        # the audit queries' standby, if any: a small pool of its own (gateway/reads.py),
+        # empty at first: a standby down must not keep the gateway from starting
+        standby = None if settings.database_read_url is None else await create_pool(
+            settings.database_read_url, 0, READ_POOL_MAX, settings.db_acquire_timeout_s)
+        app[READS] = Reads(pool, standby, settings.database_read_max_wait_s)
         if migrating:
             async with pool.acquire() as conn:
                 await migrate(conn)
@@ -233,6 +240,7 @@ def _resources(settings: Settings, dsn: str, catalog, policy: Policy, metrics: M
             await session.close()
             await pool.close()
             await lanes_pool.close()
+            await app[READS].close()
     return ctx
 
 

@@ -28,7 +28,7 @@ from datetime import UTC, date, datetime
 
 import asyncpg
 
-from .db import query
+from .db import DATABASE_ERRORS, query
 
 log = logging.getLogger("gateway.clock")
 
@@ -121,7 +121,7 @@ class Clock:
             await asyncio.sleep(self.read_every_s)
             try:
                 await self.read()
-            except (TimeoutError, OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as e:
+            except DATABASE_ERRORS as e:
                 # the last offset stays good: the monotonic clock carries it
                 log.debug("database clock not read: %s", e)
 

@@ -185,6 +185,31 @@ class EmbeddedPostgres:
                                   f"but no PostgreSQL became ready under {self.pgdata}")
 
 
+# What a statement raises when the database is out of reach, restarting, failing over or
+# refusing it: the caller fails closed (503) or tries again later, never 500. asyncpg's
+# InternalClientError is one: a connection the server has just closed (a switchover, a
+# terminated backend) refuses the next statement with it ("cannot switch to state"), and
+# "none of the hosts is read-write" (TargetServerAttributeNotMatched) is one too.
+DATABASE_ERRORS = (OSError, TimeoutError, asyncpg.PostgresError, asyncpg.InterfaceError,
+                   asyncpg.InternalClientError)
+
+
+class NoPrimary(ConnectionError):
+    """No host of a multi-host DSN (`target_session_attrs=read-write`) is writable now: a
+    failover under way. An OSError, so every path that waits out an unreachable database
+    (503 database_unavailable, a mirror's or a lane's retry) waits this out too; asyncpg's
+    own TargetServerAttributeNotMatched is none of the errors those paths expect."""
+
+
+async def connect(dsn: str, **kwargs) -> asyncpg.Connection:
+    """asyncpg.connect, with NoPrimary for "none of the hosts is read-write" (the pools'
+    connection factory too)."""
+    try:
+        return await asyncpg.connect(dsn, **kwargs)
+    except asyncpg.TargetServerAttributeNotMatched as e:
+        raise NoPrimary(str(e)) from None
+
+
 # Worth waiting for: nothing listens yet, the server is starting or full. Anything else
 # (wrong password, no such database, a malformed DSN) is an operator's mistake: fail at once.
 _TRANSIENT = (OSError, asyncpg.CannotConnectNowError, asyncpg.TooManyConnectionsError)
@@ -200,7 +225,7 @@ async def wait_for_database(dsn: str, timeout_s: float) -> None:
     while True:
         remaining = deadline - loop.time()
         try:
-            conn = await asyncpg.connect(dsn, timeout=min(max(remaining, 1.0), 10.0))
+            conn = await connect(dsn, timeout=min(max(remaining, 1.0), 10.0))
         except _TRANSIENT as e:
             remaining = deadline - loop.time()
             if remaining <= 0:
@@ -257,7 +282,7 @@ async def create_pool(dsn: str, min_size: int, max_size: int,
     `synchronous_commit` whatever the server's default (a server set to `off` would lose
     the rows of answered requests in a crash)."""
     return await Pool(dsn, min_size=min_size, max_size=max_size, max_queries=50_000,
-                      max_inactive_connection_lifetime=300.0, loop=None,
+                      max_inactive_connection_lifetime=300.0, loop=None, connect=connect,
                       connection_class=asyncpg.Connection, record_class=asyncpg.Record,
                       command_timeout=10, acquire_timeout_s=acquire_timeout_s,
                       server_settings={"synchronous_commit": synchronous_commit})

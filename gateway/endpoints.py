@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 from collections.abc import Awaitable, Callable
 
-import asyncpg
 import orjson
 from aiohttp import web
 
@@ -13,7 +12,7 @@ from . import idempotency, pipeline
 from .audit import AuditRow
 from .call import Call
 from .context import GATEWAY
-from .db import POOL
+from .db import DATABASE_ERRORS, POOL
 from .errors import Denied
 from .grammar import CONTROL, IDENTIFIER, MAX_TEXT
 from .principal import Principal
@@ -49,7 +48,7 @@ def api(route: str, group: str | None = None) -> Callable[[Handler], Callable]:
                     else:
                         call.idempotent = keyed
                         response = await handler(request, call.principal, row)
-                except (TimeoutError, asyncpg.PostgresError, asyncpg.InterfaceError, OSError):
+                except DATABASE_ERRORS:
                     raise Denied("database_unavailable",
                                  "the gateway's database cannot be reached") from None
                 if not call.committed:    # a download commits before its first byte

@@ -25,7 +25,7 @@ import asyncpg
 from aiohttp import web
 
 from .audit.writer import Change
-from .db import POOL, query
+from .db import DATABASE_ERRORS, POOL, query
 from .errors import Denied
 from .principal import Principal
 
@@ -56,8 +56,7 @@ class Idempotent:
         """Keep the answer for a repeat (best effort: without it a repeat gets 409
         idempotency_answer_lost, which still says the change was made)."""
         body = response.body if isinstance(response.body, bytes) else b""
-        with contextlib.suppress(OSError, TimeoutError, asyncpg.PostgresError,
-                                 asyncpg.InterfaceError):
+        with contextlib.suppress(*DATABASE_ERRORS):
             await pool.execute(query("idempotency_key_answer"), self.actor, self.key, body)
 
 

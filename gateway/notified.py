@@ -30,7 +30,7 @@ from typing import Any
 
 import asyncpg
 
-from .db import query
+from .db import DATABASE_ERRORS, query
 from .errors import Denied
 
 log = logging.getLogger("gateway.notified")
@@ -249,7 +249,7 @@ class NotifiedCache:
                 self.apply(key, value)
                 if key not in self._again:
                     break
-        except (TimeoutError, OSError, asyncpg.PostgresError, asyncpg.InterfaceError):
+        except DATABASE_ERRORS:
             self._on_lost()   # a change we could not read: distrust the mirror until reload
         finally:
             entry = self._reloading.get(key)

@@ -13,10 +13,11 @@ from aiohttp import web
 
 from . import clock
 from .audit import AuditRow
-from .db import POOL, query
+from .db import query
 from .endpoints import api, json_response, only
 from .errors import Denied
 from .principal import Principal
+from .reads import READS
 from .redact import MASKING, RETENTION
 
 DEFAULT_DAYS = 30
@@ -70,7 +71,8 @@ async def retention_view(request: web.Request, principal: Principal, row: AuditR
         start, end = window(request.query.get("from"), request.query.get("to"))
     except ValueError as e:
         raise Denied("bad_filter", str(e)) from None
-    lines = await report(request.app[POOL], start, end)
+    async with request.app[READS].acquire(request) as conn:
+        lines = await report(conn, start, end)
     return json_response({"from": start.isoformat(), "to": end.isoformat(), "backends": lines})
 
 

@@ -47,6 +47,8 @@ class Settings:
     listen_host: str = "127.0.0.1"
     listen_port: int = 8080
     database_url: str | None = None
+    database_read_url: str | None = None    # a standby for the audit queries (gateway/reads.py)
+    database_read_max_wait_s: float = 1.0   # for its replay to reach the primary's, then the primary
     data_dir: Path = Path(".gateway")
     upstreams: Mapping[str, str] = field(default_factory=dict)
     jwt_secret: str | None = None
@@ -132,6 +134,9 @@ class Settings:
             listen_host=host,
             listen_port=port,
             database_url=env.get("GATEWAY_DATABASE_URL") or None,
+            database_read_url=env.get("GATEWAY_DATABASE_READ_URL") or None,
+            database_read_max_wait_s=_positive(env, "GATEWAY_DATABASE_READ_MAX_WAIT_S",
+                                               cls.database_read_max_wait_s),
             data_dir=Path(env.get("GATEWAY_DATA_DIR", ".gateway")),
             upstreams=upstreams,
             jwt_secret=env.get("GATEWAY_JWT_SECRET") or None,

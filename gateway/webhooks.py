@@ -30,7 +30,7 @@ import orjson
 from aiohttp import web
 
 from . import clock
-from .db import query
+from .db import DATABASE_ERRORS, query
 
 log = logging.getLogger("gateway.webhooks")
 
@@ -41,7 +41,7 @@ SIGNATURE_HEADER = "X-Gateway-Signature"
 TIMESTAMP_HEADER = "X-Gateway-Timestamp"
 BATCH = 20
 MAX_BACKOFF_S = 3600.0
-_DB_ERRORS = (asyncpg.PostgresError, asyncpg.InterfaceError, OSError, TimeoutError)
+_DB_ERRORS = DATABASE_ERRORS
 
 
 def sign(secret: bytes, timestamp: str, body: bytes) -> str:

@@ -584,3 +584,13 @@ select al.*, array(
 update alerts set acked_at = now(), acked_by = $2, ack_note = $3
  where id = $1 and acked_at is null
 returning *;
+
+-- name: primary_wal_position
+-- Where the primary's WAL is flushed to: every commit it acknowledged lies at or before it
+-- (gateway/reads.py waits for a standby to replay past it before reading there).
+select pg_current_wal_flush_lsn()::text;
+
+-- name: standby_replayed
+-- Whether this standby has replayed the primary's WAL up to $1; null when this server is
+-- not in recovery (a primary: not a standby to read from).
+select case when pg_is_in_recovery() then pg_last_wal_replay_lsn() >= $1::text::pg_lsn end;

@@ -23,10 +23,11 @@ from aiohttp import web
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
 from ..context import GATEWAY
-from ..db import POOL, query
+from ..db import query
 from ..endpoints import CALL, ME, api, json_response, only
 from ..errors import Denied
 from ..principal import Principal, scope
+from ..reads import READS
 from .chain import verify
 from .checkpoints import FORMAT, checkpoint_json, public_pem
 from .writer import AuditRow
@@ -186,9 +187,8 @@ async def audit_query(request: web.Request, principal: Principal, row: AuditRow)
     kind = DOWNLOADS.get(request.headers.get("Accept", "").split(";")[0].strip())
     filters = parse_filters(request.query, download=kind is not None)
     args = scoped_args(filters, principal)
-    pool = request.app[POOL]
     if kind is None:
-        async with pool.acquire() as conn, conn.transaction():
+        async with request.app[READS].acquire(request) as conn, conn.transaction():
             await conn.execute("set local plan_cache_mode = force_custom_plan")
             rows = await conn.fetch(query("audit_query"), *args)
         next_cursor = (encode_cursor(rows[-1])
@@ -202,7 +202,7 @@ async def _download(request: web.Request, principal: Principal, kind: str, sql: 
     """Stream every matching row from a server-side cursor. The first rows are fetched
     before the audit row is committed and the answer begins, so a query that fails is an
     error status, not an empty 200."""
-    async with request.app[POOL].acquire() as conn, conn.transaction():
+    async with request.app[READS].acquire(request) as conn, conn.transaction():
         await conn.execute("set local plan_cache_mode = force_custom_plan")
         cursor = await conn.cursor(sql, *args)
         rows = await cursor.fetch(PREFETCH)
@@ -253,7 +253,7 @@ _FORMULA = ("=", "+", "-", "@", "\t", "\r")
 @api("/v1/audit/verify", "audit_verify")
 async def audit_verify(request: web.Request, principal: Principal, row: AuditRow):
     """Check every hash chain; say what was checked and where the first break is."""
-    async with request.app[POOL].acquire() as conn:
+    async with request.app[READS].acquire(request) as conn:
         report = await verify(conn)
     return json_response(report.public())
 
@@ -265,7 +265,7 @@ async def access_log(request: web.Request, principal: Principal, row: AuditRow):
     filters = parse_filters(request.query, download=False, takes=WINDOW)
     at, chain, seq = filters.cursor or (None, None, None)
     catalog = request.app[GATEWAY].catalog
-    async with request.app[POOL].acquire() as conn, conn.transaction():
+    async with request.app[READS].acquire(request) as conn, conn.transaction():
         await conn.execute("set local plan_cache_mode = force_custom_plan")
         rows = await conn.fetch(query("access_log"), principal.sub, principal.euo, filters.since,
                                 filters.until, at, chain, seq, filters.limit,
@@ -325,7 +325,8 @@ def _organisation(roles, row) -> str | None:
 async def audit_keys(request: web.Request) -> web.Response:
     """The public keys of the audit checkpoints, every one ever used (no token: they are
     public, so that anyone can verify)."""
-    rows = await request.app[POOL].fetch(query("audit_keys"))
+    async with request.app[READS].acquire(request) as conn:
+        rows = await conn.fetch(query("audit_keys"))
     return json_response({"keys": [{
         "key_id": r["key_id"], "algorithm": "Ed25519",
         "public_key_pem": public_pem(Ed25519PublicKey.from_public_bytes(bytes(r["public_key"]))),
@@ -341,8 +342,9 @@ async def audit_checkpoints(request: web.Request, principal: Principal, row: Aud
     if (after is not None and not (after.isdigit() and int(after) < 2**63)) \
             or not raw_limit.isdigit() or not 1 <= int(raw_limit) <= MAX_LIMIT:
         raise Denied("bad_filter", f"after must be a checkpoint id, limit 1-{MAX_LIMIT}")
-    rows = await request.app[POOL].fetch(query("audit_checkpoints"),
-                                         int(after) if after else None, int(raw_limit))
+    async with request.app[READS].acquire(request) as conn:
+        rows = await conn.fetch(query("audit_checkpoints"), int(after) if after else None,
+                                int(raw_limit))
     return json_response({"format": FORMAT.decode().strip(),
                           "checkpoints": [checkpoint_json(r) for r in rows]})
 

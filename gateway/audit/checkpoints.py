@@ -40,7 +40,7 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
 from .. import clock
-from ..db import query
+from ..db import DATABASE_ERRORS, query
 from ..settings import ConfigError
 from .chain import HASHED, canonical, link
 from .leaves import record_leaf
@@ -222,7 +222,7 @@ class Checkpointer:
             await asyncio.sleep(self.interval_s)
             try:
                 await self.seal()
-            except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError, TimeoutError) as e:
+            except DATABASE_ERRORS as e:
                 log.warning("could not store audit checkpoints: %s", e)
 
     async def seal(self, closed: bool = False) -> int:
@@ -282,7 +282,7 @@ class Checkpointer:
                 await self._task
         try:
             await self.seal(closed=True)
-        except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError, TimeoutError) as e:
+        except DATABASE_ERRORS as e:
             log.warning("could not seal the audit chains at shutdown: %s", e)
 
 

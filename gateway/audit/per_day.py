@@ -12,10 +12,11 @@ from datetime import timedelta
 from aiohttp import web
 
 from .. import clock
-from ..db import POOL, query
+from ..db import query
 from ..endpoints import api, json_response
 from ..errors import Denied
 from ..principal import Principal
+from ..reads import READS
 from .api import FILTERS, parse_filters, scoped_args
 from .writer import AuditRow
 
@@ -46,7 +47,7 @@ async def audit_per_day(request: web.Request, principal: Principal, row: AuditRo
     if not timedelta(0) < until - since <= MAX_SPAN:
         raise Denied("bad_filter", "from must be before to, at most 366 days apart")
     filters = dataclasses.replace(filters, since=since, until=until, cursor=None, limit=None)
-    async with request.app[POOL].acquire() as conn, conn.transaction():
+    async with request.app[READS].acquire(request) as conn, conn.transaction():
         await conn.execute("set local plan_cache_mode = force_custom_plan")
         rows = await conn.fetch(PER_DAY.format(rows=query("audit_query")),
                                 *scoped_args(filters, principal))

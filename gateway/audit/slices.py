@@ -40,10 +40,11 @@ from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
 from ..context import GATEWAY
-from ..db import POOL, query
+from ..db import query
 from ..endpoints import api, json_response, only
 from ..errors import Denied
 from ..principal import Principal
+from ..reads import READS
 from .api import (
     FILTERS,
     PAGING,
@@ -192,7 +193,7 @@ async def audit_slice(request: web.Request, principal: Principal, row: AuditRow)
     subject's access log."""
     if as_subject(principal):
         row.subject_euo, row.subject_users = principal.euo, [principal.sub]
-    async with request.app[POOL].acquire() as conn:
+    async with request.app[READS].acquire(request) as conn:
         return json_response(await build_slice(conn, principal, request.query,
                                                request.app[GATEWAY].catalog.data_subject_roles,
                                                request.app[CHECKPOINTER].key))
@@ -209,7 +210,7 @@ async def audit_consistency(request: web.Request, principal: Principal, row: Aud
         if not (raw.isdigit() and int(raw) < 2**63):
             raise Denied("bad_filter", "first and second must be checkpoint ids")
         ids.append(int(raw))
-    async with request.app[POOL].acquire() as conn:
+    async with request.app[READS].acquire(request) as conn:
         return json_response(await consistency_doc(conn, *ids))
 
 

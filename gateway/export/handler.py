@@ -10,7 +10,6 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import aiohttp
-import asyncpg
 import orjson
 from aiohttp import web
 from multidict import CIMultiDict
@@ -20,7 +19,7 @@ from ..audit import AuditRow
 from ..audit.api import access_log_pages, newest_accesses
 from ..call import Call
 from ..context import GATEWAY, Gateway
-from ..db import POOL, query
+from ..db import DATABASE_ERRORS, POOL, query
 from ..endpoints import CALL, IDENTIFIER, ME, api, identifier, json_response, only
 from ..errors import Denied
 from ..policy.catalog import Catalog, Leaf, ListOf, Node, ObjectOf
@@ -567,8 +566,7 @@ def _served(gathered: Gathered) -> list[str]:
 
 
 EXPORT_SLOT_WAIT_S = 1.0     # how long a ZIP export waits for an export slot, then 503
-MIDWAY = (Denied, aiohttp.ClientError, TimeoutError, OSError, asyncpg.PostgresError,
-          asyncpg.InterfaceError)
+MIDWAY = (Denied, aiohttp.ClientError, *DATABASE_ERRORS)
 
 
 async def _zip(request: web.Request, exporter: Exporter, subject: Principal, row: AuditRow,
