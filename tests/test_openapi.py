@@ -52,6 +52,40 @@ def test_the_readme_table_is_the_openapi_document():
     assert _readme_operations() == spec
 
 
+def test_every_route_of_the_app_is_in_the_document_and_every_operation_is_a_route():
+    """Walks the application's router (the proxy's catch-all and the console's files
+    aside): an endpoint added without its description, or a description left behind by a
+    removed endpoint, fails here."""
+    from gateway.app import create_app
+
+    from .conftest import gateway_settings
+    app = create_app(gateway_settings({"telephony": "http://127.0.0.1:9",
+                                       "meeting": "http://127.0.0.1:9"}),
+                     "postgresql://127.0.0.1:9/none", migrate=False)
+    routes = {(r.method, r.resource.canonical) for r in app.router.routes()
+              if r.method in METHODS and not r.resource.canonical.startswith("/console")
+              and "{tail" not in r.resource.canonical}
+    spec = {(m.upper(), p) for p, ops in _spec()["paths"].items() for m in ops
+            if m.upper() in METHODS}
+    assert len(routes) > 30
+    assert routes == spec, {"undocumented": sorted(routes - spec),
+                            "not served": sorted(spec - routes)}
+
+
+def test_every_write_that_takes_an_idempotency_key_says_so():
+    """The gateway API's writes take an Idempotency-Key (gateway/idempotency.py): each
+    write operation of the document declares the header."""
+    writes = [(m.upper(), p, op) for p, ops in _spec()["paths"].items() for m, op in ops.items()
+              if m.upper() in {"PUT", "POST", "PATCH", "DELETE"}]
+    assert writes
+    for method, path, op in writes:
+        names = {(prm.get("in"), prm.get("name")) for prm in op.get("parameters", [])
+                 if isinstance(prm, dict)}
+        names |= {("ref", prm["$ref"]) for prm in op.get("parameters", []) if "$ref" in prm}
+        assert ("header", "Idempotency-Key") in names or \
+            ("ref", "#/components/parameters/idempotency_key") in names, f"{method} {path}"
+
+
 async def test_the_document_is_served(gateway, http):
     status, headers, body = await call(http, "GET", gateway + "/v1/openapi.json")
     assert status == 200 and orjson.loads(body) == _spec()
