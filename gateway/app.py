@@ -6,21 +6,28 @@ import asyncio
 import contextlib
 import functools
 import gc
-import importlib.resources
 import itertools
 import logging
 import secrets
 import signal
 from collections.abc import Callable
-from datetime import date
 
 import aiohttp
-import orjson
-import yaml
 from aiohttp import web
 from aiohttp.http_exceptions import HttpProcessingError
 
-from . import alerts_api, console, explain, export, pipeline, reads, retention_report, subject_requests
+from . import (
+    alerts_api,
+    console,
+    contracts_api,
+    explain,
+    export,
+    pipeline,
+    reads,
+    retention_report,
+    service_api,
+    subject_requests,
+)
 from . import break_glass as break_glass_api
 from .access_log import AccessLog
 from .alerts import SETTLE_S, AlertEvaluator
@@ -38,27 +45,23 @@ from .clock import Clock
 from .connections import ConnectionLimits, GuardedServer, connection_limits
 from .context import GATEWAY, REQUEST_ID, Gateway
 from .contracts import ContractCache
-from .db import POOL, create_pool, durability_problems, ensure_partitions, migrate, query
-from .endpoints import CALL, IDENTIFIER, api, identifier, json_object, json_response
+from .db import POOL, create_pool, durability_problems, ensure_partitions, migrate
 from .errors import Denied, error_response
 from .grants import BreakGlassCache
 from .metrics import METRICS, Metrics, metrics_view
 from .policy.authz import Policy
 from .policy.catalog import PolicyError
 from .policy.policyset import PolicySet, load_policy_set
-from .policy.retention import OWN_EXPORT_DECISION, OWN_EXPORT_EXEMPT
-from .principal import Principal
 from .proxy import stamp
 from .reads import READ_POOL_MAX, READS, Reads
 from .restrictions import RestrictionCache
+from .service_api import CLOCK, PARTITIONS
 from .settings import Settings, export_db_slots, webhook_secret
 from .webhooks import WEBHOOKS, Webhooks
 
 log = logging.getLogger("gateway")
 
 NEW_REQUEST_ID = web.AppKey("new_request_id", Callable[[], str])
-PARTITIONS = web.AppKey("partitions", PartitionWatch)
-CLOCK = web.AppKey("clock", Clock)
 CONNECTIONS = web.AppKey("connections", ConnectionLimits)
 
 
@@ -102,14 +105,9 @@ def create_app(settings: Settings, dsn: str, reload_on_sighup: bool = False,
     metrics = app[METRICS] = Metrics()
     app.cleanup_ctx.append(_resources(settings, dsn, catalog, policy, metrics, migrate))
     app.cleanup_ctx.append(_observability(settings, metrics))
-    app.router.add_get("/healthz", healthz)
-    app.router.add_get("/readyz", readyz)
+    service_api.add_routes(app)
     app.router.add_get("/metrics", metrics_view)
-    app.router.add_get("/v1/catalog", catalog_view)
-    app.router.add_get("/v1/openapi.json", openapi_view)
-    app.router.add_get("/v1/admin/euos", list_contracts)
-    app.router.add_put("/v1/admin/euos/{euo}", put_contract)
-    app.router.add_delete("/v1/admin/euos/{euo}", delete_contract)
+    contracts_api.add_routes(app)
     audit_api.add_routes(app)
     audit_per_day.add_routes(app)
     audit_slices.add_routes(app)
@@ -398,117 +396,3 @@ def _http_denial(e: web.HTTPException) -> Denied:
     if e.status in (404, 405):
         return Denied("not_found", "no such endpoint")
     return Denied("bad_request", e.reason or "request refused")
-
-
-# --- the gateway's own API -------------------------------------------------------------
-
-async def healthz(request: web.Request) -> web.Response:
-    return web.json_response({"status": "ok"})
-
-
-async def readyz(request: web.Request) -> web.Response:
-    """Ready when audit rows commit within their deadline, the mirrors are proven fresh, the
-    host's clock agrees with the database's and the backends answer. Everything is judged
-    from memory — what the writer, the mirrors' heartbeats, the clock's readings and the last
-    backend calls or probes saw — never asked here, so the answer comes at once whatever
-    PostgreSQL or a backend does."""
-    gw = request.app[GATEWAY]
-    stale = [r for r in (gw.contracts.stale_reason(), gw.restrictions.stale_reason(),
-                         gw.break_glass.stale_reason()) if r]
-    keys = gw.authn.keys
-    reasons = gw.audit.health() + stale + request.app[CLOCK].health()
-    if keys is not None and keys.stale_reason():
-        reasons.append(keys.stale_reason())       # no token can be verified
-    backends = gw.backends.health()
-    reasons += [f"backend_unreachable:{name}" for name, up in backends.items() if not up]
-    body = {"status": "not_ready" if reasons else "ready",
-            "database": not stale,   # each heartbeat is a round trip within the staleness bound
-            "backends": backends}
-    if reasons:
-        body["reasons"] = reasons
-    warnings = request.app[PARTITIONS].warnings()
-    if keys is not None and keys.warning():
-        warnings.append(keys.warning())           # the last good key set, within its grace
-    if warnings:     # rows still commit (to audit_log_default): worth a look, not a 503
-        body["warnings"] = warnings
-    return json_response(body, status=503 if reasons else 200)
-
-
-@functools.cache
-def openapi_document() -> bytes:
-    """gateway/openapi.yaml (shipped in the package) as JSON bytes, read once."""
-    text = importlib.resources.files("gateway").joinpath("openapi.yaml").read_text("utf-8")
-    return orjson.dumps(yaml.safe_load(text))
-
-
-async def openapi_view(request: web.Request) -> web.Response:
-    """The OpenAPI 3.1 description of the gateway's own API (no token: it names no data)."""
-    return web.Response(body=openapi_document(), content_type="application/json")
-
-
-@api("/v1/catalog")
-async def catalog_view(request: web.Request, principal: Principal, row: AuditRow) -> web.Response:
-    """The data sets with their purpose, retention and who may see them under the policy."""
-    gw = request.app[GATEWAY]
-    policy = gw.policy
-    out = []
-    for ds in gw.catalog.data_sets.values():
-        entry = ds.public()
-        entry["visible_to"] = policy.who_may(ds.name)
-        out.append(entry)
-    return json_response({"policy_version": gw.policy_version, "data_sets": out,
-                          "roles": [role.public() for role in gw.catalog.roles.values()],
-                          "retention": {"own_export_exempt": OWN_EXPORT_EXEMPT,
-                                        "decision": OWN_EXPORT_DECISION}})
-
-
-@api("/v1/admin/euos", "contracts")
-async def list_contracts(request: web.Request, principal: Principal, row: AuditRow) -> web.Response:
-    """Every contract, with whether it is active today."""
-    rows = await request.app[POOL].fetch(query("all_contracts"))
-    today = request.app[CLOCK].today()
-    return json_response({"contracts": [
-        {"euo_id": r["euo_id"], "partner_id": r["partner_id"],
-         "contract_end": r["contract_end"].isoformat() if r["contract_end"] else None,
-         "active": r["contract_end"] is None or r["contract_end"] > today}
-        for r in sorted(rows, key=lambda r: r["euo_id"])]})
-
-
-@api("/v1/admin/euos/{euo}", "contracts")
-async def put_contract(request: web.Request, principal: Principal, row: AuditRow) -> web.Response:
-    """Create or change the commercial relationship of an EUO with its partner."""
-    euo = identifier(request.match_info["euo"], "the EUO id")
-    row.subject_euo = euo
-    body = await json_object(request, ("partner_id", "contract_end"), "invalid_contract")
-    partner = body.get("partner_id")
-    if not isinstance(partner, str) or not IDENTIFIER.fullmatch(partner):
-        raise Denied("invalid_contract",
-                     "partner_id must be an identifier (1-128 of A-Z a-z 0-9 . _ ~ @ : -)")
-    end = body.get("contract_end")
-    if end is not None:
-        try:
-            end = date.fromisoformat(end) if isinstance(end, str) and len(end) == 10 else None
-        except ValueError:
-            end = None
-        if end is None:
-            raise Denied("invalid_contract", "contract_end must be YYYY-MM-DD or null")
-    async def change(conn):
-        return await conn.fetchrow(query("put_contract"), euo, partner, end)
-    record = await request[CALL].allow(200, 0, change=change)
-    request.app[GATEWAY].contracts.remember(euo, partner, end)
-    return json_response({"euo_id": record["euo_id"], "partner_id": record["partner_id"],
-                          "contract_end": end.isoformat() if end else None})
-
-
-@api("/v1/admin/euos/{euo}", "contracts")
-async def delete_contract(request: web.Request, principal: Principal,
-                          row: AuditRow) -> web.Response:
-    """End the relationship outright: the partner loses access at once."""
-    euo = identifier(request.match_info["euo"], "the EUO id")
-    row.subject_euo = euo
-    async def change(conn):
-        if await conn.fetchval(query("delete_contract"), euo) is None:
-            raise Denied("no_contract", "this EUO has no contract")
-    await request[CALL].allow(204, 0, change=change)
-    request.app[GATEWAY].contracts.remember(euo, None, None)
-    return web.Response(status=204)
