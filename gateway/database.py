@@ -7,7 +7,8 @@ import asyncio
 import contextlib
 import logging
 
-from .db import DatabaseUnavailable, EmbeddedPostgres, wait_for_database
+from .db import DatabaseUnavailable, wait_for_database
+from .embedded import EmbeddedPostgres
 from .settings import Settings
 
 log = logging.getLogger("gateway")

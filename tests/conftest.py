@@ -29,10 +29,10 @@ from aiohttp import web
 from multidict import CIMultiDict
 
 from gateway.app import create_app
-from gateway.db import EmbeddedPostgres
 from gateway.demo import data as demo_data
 from gateway.demo.backends import meeting_app, telephony_app
 from gateway.demo.run import seed_contracts, start_site
+from gateway.embedded import EmbeddedPostgres
 from gateway.policy.policyset import PolicySet, load_policy_set, policy_version
 from gateway.settings import DEFAULT_POLICY_DIR, Settings
 

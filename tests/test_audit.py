@@ -20,8 +20,8 @@ import pytest
 
 from gateway.audit.chain import GENESIS, HASHED, canonical, link
 from gateway.audit.writer import COLUMNS
-from gateway.db import EmbeddedPostgres
 from gateway.demo.run import seed_contracts
+from gateway.embedded import EmbeddedPostgres
 
 from .conftest import (
     call,

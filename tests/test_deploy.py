@@ -31,7 +31,7 @@ import pgserver
 import pytest
 import yaml
 
-from gateway.db import EmbeddedPostgres
+from gateway.embedded import EmbeddedPostgres
 
 from .conftest import free_port
 from .test_wheel import SHIPPED

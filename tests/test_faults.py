@@ -21,8 +21,8 @@ import pytest
 import pytest_asyncio
 
 from gateway.audit.chain import verify
-from gateway.db import EmbeddedPostgres
 from gateway.demo.run import seed_contracts
+from gateway.embedded import EmbeddedPostgres
 
 from .conftest import call, connected, gateway_settings, private_database, running_gateway, wait_for
 

@@ -20,7 +20,8 @@ from urllib.parse import urlsplit
 import asyncpg
 import pgserver
 
-from gateway.db import EmbeddedPostgres, migrate
+from gateway.db import migrate
+from gateway.embedded import EmbeddedPostgres
 from gateway.settings import SQL_DIR
 
 from .conftest import _on_database

@@ -14,8 +14,8 @@ from pathlib import Path
 import psutil
 import pytest
 
-from gateway.db import EmbeddedPostgres
 from gateway.db_watchdog import is_postmaster, postmaster_pid
+from gateway.embedded import EmbeddedPostgres
 from gateway.supervisor import RestartBudget
 
 from .conftest import SERVE, call, free_port, gateway_process, serve_env, wait_for

@@ -17,7 +17,8 @@ import asyncpg
 from aiohttp import web
 
 from ..database import database_url
-from ..db import EmbeddedPostgres, migrate, query
+from ..db import migrate, query
+from ..embedded import EmbeddedPostgres
 from ..settings import ConfigError, Settings, upstream_variable
 from ..supervisor import use_uvloop, wait_for_signal
 from ..tokens import DEV_SECRET_FILE, dev_secret, mint_token

@@ -27,7 +27,8 @@ from datetime import UTC, datetime, timedelta
 import asyncpg
 
 from gateway.audit.writer import AuditRow, AuditWriter
-from gateway.db import EmbeddedPostgres, create_pool, migrate, query
+from gateway.db import create_pool, migrate, query
+from gateway.embedded import EmbeddedPostgres
 
 USERS = 100_000
 EUOS = 1_000

@@ -19,10 +19,10 @@ import zipfile
 
 import aiohttp
 
-from gateway.db import EmbeddedPostgres
 from gateway.demo import data as demo_data
 from gateway.demo.backends import meeting_app, telephony_app
 from gateway.demo.run import seed_contracts, start_site
+from gateway.embedded import EmbeddedPostgres
 from tests.conftest import SECRET, make_token
 
 

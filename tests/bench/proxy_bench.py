@@ -36,10 +36,11 @@ import aiohttp
 import asyncpg
 from aiohttp import web
 
-from gateway.db import EmbeddedPostgres, migrate
+from gateway.db import migrate
 from gateway.demo import data as demo_data
 from gateway.demo.backends import meeting_app, telephony_app
 from gateway.demo.run import seed_contracts
+from gateway.embedded import EmbeddedPostgres
 from tests.conftest import AUDIENCE, ISSUER, SECRET, make_token
 
 USER = "/telephony/euos/euo-acme/users/u-alice"

@@ -25,7 +25,8 @@ from multidict import MultiDict
 from gateway.audit.chain import GENESIS, HASHED, canonical, link
 from gateway.audit.checkpoints import Checkpointer, key_id
 from gateway.audit.slices import build_slice, verify_slice
-from gateway.db import EmbeddedPostgres, ensure_partitions, migrate
+from gateway.db import ensure_partitions, migrate
+from gateway.embedded import EmbeddedPostgres
 from gateway.policy.catalog_files import load_catalog
 from gateway.principal import Principal
 from gateway.settings import DEFAULT_POLICY_DIR

@@ -26,9 +26,10 @@ import asyncpg
 import orjson
 from aiohttp import web
 
-from gateway.db import EmbeddedPostgres, migrate
+from gateway.db import migrate
 from gateway.demo import data as demo_data
 from gateway.demo.run import seed_contracts
+from gateway.embedded import EmbeddedPostgres
 from tests.bench.proxy_bench import free_port, wait_up
 from tests.conftest import AUDIENCE, ISSUER, SECRET, make_token
 
