@@ -25,6 +25,23 @@ select chain_id, count(*) as rows, min(seq) as first_seq, max(seq) as last_seq
 -- name: audit_chain_rows
 select * from audit_log where chain_id = $1 order by seq;
 
+-- name: audit_chain_rows_from
+-- A chain's rows after seq $2, in order (verify --incremental: after its watermark).
+select * from audit_log where chain_id = $1 and seq > $2 order by seq;
+
+-- name: audit_row_at
+select * from audit_log where chain_id = $1 and seq = $2;
+
+-- name: audit_verified
+select chain_id, seq, row_hash from audit_verified;
+
+-- name: audit_verified_set
+-- verify found the chain whole up to this row (036).
+insert into audit_verified (chain_id, seq, row_hash) values ($1, $2, $3)
+on conflict (chain_id) do update
+   set seq = excluded.seq, row_hash = excluded.row_hash, verified_at = now()
+ where audit_verified.seq <= excluded.seq;
+
 -- name: audit_query
 -- Filters are optional ($n null: no filter). $11/$12 narrow to a caller's scope:
 -- an EUO admin's EUO, or a partner's own actions and the EUOs it held while it held them.

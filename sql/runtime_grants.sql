@@ -19,6 +19,8 @@ begin
     -- rows are inserted and read through the parent: its grants cover every partition
     execute format('grant select, insert on audit_log to %I', runtime);
     execute format('grant select, insert, update on audit_chain_heads to %I', runtime);
+    -- where `gateway audit verify` last found each chain whole (036)
+    execute format('grant select, insert, update on audit_verified to %I', runtime);
     -- provider staff change contracts through the admin API; contract_history is kept by
     -- a SECURITY DEFINER trigger (008_least_privilege.sql), so it is only read
     execute format('grant select, insert, update, delete on contracts to %I', runtime);

@@ -548,6 +548,13 @@ CREATE TABLE public.audit_signing_keys (
     first_used timestamp with time zone DEFAULT now() NOT NULL
 );
 
+CREATE TABLE public.audit_verified (
+    chain_id uuid NOT NULL,
+    seq bigint NOT NULL,
+    row_hash bytea NOT NULL,
+    verified_at timestamp with time zone DEFAULT now() NOT NULL
+);
+
 CREATE TABLE public.break_glass (
     id uuid DEFAULT gen_random_uuid() NOT NULL,
     actor_role text NOT NULL,
@@ -714,6 +721,9 @@ ALTER TABLE ONLY public.audit_merkle_runs
 
 ALTER TABLE ONLY public.audit_signing_keys
     ADD CONSTRAINT audit_signing_keys_pkey PRIMARY KEY (key_id);
+
+ALTER TABLE ONLY public.audit_verified
+    ADD CONSTRAINT audit_verified_pkey PRIMARY KEY (chain_id);
 
 ALTER TABLE ONLY public.break_glass
     ADD CONSTRAINT break_glass_pkey PRIMARY KEY (id);

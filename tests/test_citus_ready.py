@@ -6,7 +6,7 @@ from __future__ import annotations
 
 # distributed by chain_id, co-located: a chain's rows, head, checkpoints and Merkle runs
 DISTRIBUTED = ("audit_log", "audit_chain_heads", "audit_checkpoints", "audit_merkle_nodes",
-               "audit_merkle_runs")
+               "audit_merkle_runs", "audit_verified")
 # small tables every node holds a copy of
 REFERENCE = ("audit_signing_keys",)
 

@@ -110,6 +110,9 @@ class ChainReport:
     # intents with no outcome row (a change or a file whose end is not recorded): not a
     # break of the chain, but never reported as complete either
     outcome_unknown: list[dict[str, Any]] = field(default_factory=list)
+    incremental: bool = False
+    # chain -> (seq, row_hash) of its last row found whole (what verify may save)
+    whole: dict[Any, tuple[int, bytes]] = field(default_factory=dict)
 
     @property
     def ok(self) -> bool:
@@ -125,17 +128,54 @@ class ChainReport:
             self.breaks.append({"chain_id": str(chain_id), "seq": seq, "problem": problem})
 
     def public(self) -> dict[str, Any]:
-        return {"ok": self.ok, "chains_checked": self.chains, "rows_checked": self.rows,
-                "first_break": self.first_break, "breaks": self.breaks,
+        return {"ok": self.ok, "incremental": self.incremental, "chains_checked": self.chains,
+                "rows_checked": self.rows, "first_break": self.first_break, "breaks": self.breaks,
                 "chains_starting_after_pruned_rows": self.pruned_chains,
                 "outcome_unknown": self.outcome_unknown}
 
 
-async def verify(conn: asyncpg.Connection) -> ChainReport:
-    """Walk every chain in order, compare its end with its head; report every broken chain."""
+async def verify(conn: asyncpg.Connection, incremental: bool = False) -> ChainReport:
+    """Walk every chain in order, compare its end with its head; report every broken chain.
+    `incremental`: each chain only from where verify last found it whole (audit_verified,
+    036): the rows after that row, linked from its hash, and that row itself unchanged if
+    still there. What the last run walked is not read again: a full run (or the signed
+    checkpoints) finds a change to it."""
     # one snapshot for heads and rows: a batch committed mid-walk must not look like a break
     async with conn.transaction(isolation="repeatable_read", readonly=True):
+        if incremental:
+            return await _verify_since(conn)
         return await _verify(conn)
+
+
+async def save_watermarks(conn: asyncpg.Connection, report: ChainReport) -> None:
+    """Record where each chain was found whole (a report without breaks only)."""
+    if report.ok and report.whole:
+        await conn.executemany(query("audit_verified_set"),
+                               [(c, seq, h) for c, (seq, h) in report.whole.items()])
+
+
+async def _verify_since(conn: asyncpg.Connection) -> ChainReport:
+    report = ChainReport(incremental=True)
+    marks = {r["chain_id"]: (r["seq"], bytes(r["row_hash"]))
+             for r in await conn.fetch(query("audit_verified"))}
+    for head in await conn.fetch(query("audit_chain_heads")):
+        chain_id = head["chain_id"]
+        if head["last_seq"] == 0:
+            continue
+        report.chains += 1
+        seq, row_hash = marks.get(chain_id, (0, None))
+        if seq:
+            row = await conn.fetchrow(query("audit_row_at"), chain_id, seq)
+            if row is not None and (bytes(row["row_hash"]) != row_hash or link(
+                    row["prev_hash"], canonical(record_values(row))) != row["row_hash"]):
+                report.broken(chain_id, seq, "the row verify last found whole was altered")
+                continue
+            if (seq, row_hash) == (head["last_seq"], bytes(head["last_hash"])):
+                continue                          # nothing new since
+        last = await _walk(conn, report, chain_id, after=(seq, row_hash) if seq else None)
+        if last is not None:
+            _compare_with_head(report, chain_id, last, head)
+    return report
 
 
 async def _verify(conn: asyncpg.Connection) -> ChainReport:
@@ -146,19 +186,8 @@ async def _verify(conn: asyncpg.Connection) -> ChainReport:
         chain_id = chain["chain_id"]
         last = await _walk(conn, report, chain_id)
         head = heads.pop(chain_id, None)
-        if last is None:
-            continue                                  # broken inside: reported already
-        last_seq, last_hash = last
-        if head is None:
-            report.broken(chain_id, last_seq, "rows without a chain head")
-        elif last_seq < head["last_seq"]:
-            report.broken(chain_id, last_seq + 1,
-                          f"rows {last_seq + 1}..{head['last_seq']} at the end of the chain "
-                          "are missing")
-        elif last_seq > head["last_seq"]:
-            report.broken(chain_id, head["last_seq"] + 1, "rows after the chain's head")
-        elif last_hash != head["last_hash"]:
-            report.broken(chain_id, last_seq, "the last row does not match the chain's head")
+        if last is not None:                          # else broken inside: reported already
+            _compare_with_head(report, chain_id, last, head)
     if heads:
         oldest_month = await conn.fetchval(query("audit_oldest_month"))
         for chain_id, head in heads.items():
@@ -176,10 +205,32 @@ async def _verify(conn: asyncpg.Connection) -> ChainReport:
     return report
 
 
-async def _walk(conn: asyncpg.Connection, report: ChainReport, chain_id) -> tuple[int, bytes] | None:
-    """Check one chain's rows in order; its last (seq, row_hash), or None if it is broken."""
+def _compare_with_head(report: ChainReport, chain_id, last: tuple[int, bytes], head) -> None:
+    last_seq, last_hash = last
+    if head is None:
+        report.broken(chain_id, last_seq, "rows without a chain head")
+    elif last_seq < head["last_seq"]:
+        report.broken(chain_id, last_seq + 1,
+                      f"rows {last_seq + 1}..{head['last_seq']} at the end of the chain "
+                      "are missing")
+    elif last_seq > head["last_seq"]:
+        report.broken(chain_id, head["last_seq"] + 1, "rows after the chain's head")
+    elif last_hash != head["last_hash"]:
+        report.broken(chain_id, last_seq, "the last row does not match the chain's head")
+    else:
+        report.whole[chain_id] = (last_seq, bytes(last_hash))
+
+
+async def _walk(conn: asyncpg.Connection, report: ChainReport, chain_id,
+                after: tuple[int, bytes] | None = None) -> tuple[int, bytes] | None:
+    """Check one chain's rows in order (with `after`, the rows past that (seq, row_hash),
+    linked from it); its last (seq, row_hash), or None if it is broken."""
     expected_seq, prev = None, None
-    async for row in conn.cursor(query("audit_chain_rows"), chain_id, prefetch=2000):
+    rows = conn.cursor(query("audit_chain_rows"), chain_id, prefetch=2000)
+    if after is not None:
+        expected_seq, prev = after[0] + 1, after[1]
+        rows = conn.cursor(query("audit_chain_rows_from"), chain_id, after[0], prefetch=2000)
+    async for row in rows:
         report.rows += 1
         seq = row["seq"]
         if expected_seq is None:

@@ -399,7 +399,8 @@ async def verify_checkpoints(conn: asyncpg.Connection,
     """Check every checkpoint's signature against `keys` and the sealed row it names."""
     report = SealReport()
     async with conn.transaction(isolation="repeatable_read", readonly=True):
-        for cp in await conn.fetch(query("audit_all_checkpoints")):
+        # streamed: memory bounded whatever the number of checkpoints
+        async for cp in conn.cursor(query("audit_all_checkpoints"), prefetch=1000):
             report.checkpoints += 1
             chain = str(cp["chain_id"])
             where = {"chain_id": chain, "seq": cp["seq"], "checkpoint": cp["id"]}

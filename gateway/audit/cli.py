@@ -15,7 +15,7 @@ from ..db import ensure_partitions, pending_migrations, query, with_lock_retries
 from ..errors import Denied
 from ..settings import Settings
 from .api import PUBLIC_FIELDS, _cell, parse_filters, public
-from .chain import verify
+from .chain import save_watermarks, verify
 from .checkpoints import (
     load_public_keys,
     load_signing_key,
@@ -35,7 +35,8 @@ async def run(dsn: str, settings: Settings, args) -> int:
                   "applied): run `gateway migrate` as the schema's owner", file=sys.stderr)
             return 2
         if args.audit_command == "verify":
-            report = await verify(conn)
+            report = await verify(conn, incremental=args.incremental)
+            await save_watermarks(conn, report)
             out = report.public()
             ok = report.ok
             if args.public_key:

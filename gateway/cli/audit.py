@@ -23,6 +23,10 @@ def register(sub) -> None:
     keys_help = ("the Ed25519 public keys: a file or http(s) URL holding PEM keys or the "
                  "answer of GET /v1/audit/keys (every key ever used, rotated ones included); "
                  "repeatable")
+    verify_cmd.add_argument("--incremental", action="store_true",
+                            help="walk each chain only from where verify last found it whole "
+                            "(a full run, the default, reads every row and finds a change to "
+                            "what was verified before)")
     verify_cmd.add_argument("--public-key", action="append", default=[], metavar="KEYS",
                             help=keys_help + ". Rows after a chain's last checkpoint are "
                             "reported as not yet sealed")
