@@ -37,7 +37,7 @@ from aiohttp import web
 
 from .audit import AuditRow, AuditWriter
 from .audit.writer import Change, outcome_unknown
-from .errors import Denied, error_response
+from .errors import Denied, error_response, refusal
 from .grammar import audit_text
 from .idempotency import Idempotent
 from .principal import Principal
@@ -201,8 +201,18 @@ class Call:
                 raise
             raise outcome_unknown(self.row.request_id) from None
 
-    async def refuse(self, denial: Denied) -> web.Response:
-        """Audit the refusal, then the error answer (docs/gateway-api.md, Errors)."""
+    async def fail(self, error: Exception) -> Denied:
+        """Audit whatever stopped the call as its refusal (Denied as it is, anything else
+        internal_error, logged) and return it to raise; Denied(503) when the row cannot be
+        committed."""
+        denial = refusal(error, self.row.request_id)
+        await self.record_refusal(denial)
+        return denial
+
+    async def refuse(self, error: Exception) -> web.Response:
+        """Audit the refusal (any failure: as `fail` tells it), then the error answer
+        (docs/gateway-api.md, Errors)."""
+        denial = refusal(error, self.row.request_id)
         try:
             await self.record_refusal(denial)
         except Denied as unavailable:

@@ -8,7 +8,7 @@ from collections.abc import Awaitable, Callable
 import orjson
 from aiohttp import web
 
-from . import idempotency, pipeline
+from . import idempotency
 from .audit import AuditRow
 from .call import Call
 from .context import GATEWAY
@@ -59,8 +59,7 @@ def api(route: str, group: str | None = None) -> Callable[[Handler], Callable]:
             except Exception as e:
                 if call.committed:
                     raise                  # the answer is under way: nothing left to say
-                return await call.refuse(
-                    e if isinstance(e, Denied) else pipeline.internal(e, row.request_id))
+                return await call.refuse(e)
         return endpoint
     return wrap
 

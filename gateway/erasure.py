@@ -37,7 +37,7 @@ from . import pipeline
 from .call import Call
 from .context import Gateway
 from .db import query
-from .errors import Denied
+from .errors import Denied, refusal
 from .policy.catalog import Leaf, ListOf, Node, ObjectOf
 from .policy.erasers import Eraser
 from .policy.erasers import route_for as _route
@@ -407,10 +407,10 @@ class Erasure:
 
     async def _refused(self, call: Call, error: Exception) -> Denied:
         """Audit a call's refusal (as far as the log can be written); the refusal."""
-        denial = error if isinstance(error, Denied) else pipeline.internal(error, self.request_id)
+        denial = refusal(error, self.request_id)
         # when the log cannot be written, the outcome still goes to the request's ledger
         with contextlib.suppress(Denied):
-            await call.record_refusal(denial)
+            await call.fail(denial)
         return denial
 
     async def _read(self, path: str) -> Any:
@@ -420,14 +420,8 @@ class Erasure:
         if time.monotonic() > self.deadline:
             return Failed(None, "erasure_deadline")
         call = self._call("GET", path)
-        gw = self.gw
         try:
-            matched = pipeline.match_route(gw, "GET", path, call)
-            target = pipeline.authorize(gw, self.subject, "GET", matched)
-            deadline = gw.backends.deadline()
-            upstream = await pipeline.send(gw, target, "GET", CIMultiDict(), call, self.client,
-                                           deadline)
-            answer = await pipeline.read_json(gw, target, upstream, call, deadline)
+            _, answer = await pipeline.fetch_json(self.gw, self.subject, path, call, self.client)
             await call.allow(answer.status, len(answer.body), answer.served, answer.removed)
         except Exception as e:
             denial = await self._refused(call, e)
@@ -441,8 +435,7 @@ class Erasure:
         call = self._call("DELETE", path)
         gw = self.gw
         try:
-            matched = pipeline.match_route(gw, "DELETE", path, call)
-            target = pipeline.authorize(gw, self.subject, "DELETE", matched)
+            target = pipeline.authorized(gw, self.subject, "DELETE", path, call)
         except Exception as e:
             denial = await self._refused(call, e)
             outcome = Outcome(names, "DELETE", path, denial.status, "failed", denial.code)

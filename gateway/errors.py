@@ -7,11 +7,15 @@ the gateway itself (5xx) with decision `error`, so an auditor can tell them apar
 
 from __future__ import annotations
 
+import logging
+
 import orjson
 from aiohttp import web
 
 # reason id -> (status, meaning). A test checks that every reason id raised in gateway/
 # is listed here with its status, and that README.md's error table lists exactly these.
+log = logging.getLogger("gateway.pipeline")
+
 REASONS: dict[str, tuple[int, str]] = {
     # the request itself
     "bad_path": (400, "the path holds a character, segment or identifier outside the grammar"),
@@ -114,6 +118,18 @@ class Denied(Exception):
         self.status = REASONS[code][0]
         self.code = code
         self.message = message
+
+
+def internal(error: Exception, request_id: str) -> Denied:
+    """An unexpected failure: logged with its traceback, answered and audited as an error."""
+    log.error("request %s failed", request_id, exc_info=error)
+    return Denied("internal_error", "the gateway could not complete the request")
+
+
+def refusal(error: Exception, request_id: str) -> Denied:
+    """What a failure is answered and audited as: a refusal as it is, anything else
+    internal_error."""
+    return error if isinstance(error, Denied) else internal(error, request_id)
 
 
 def error_response(status: int, code: str, message: str, request_id: str,

@@ -21,6 +21,7 @@ from typing import Any
 import aiohttp
 import orjson
 from aiohttp import web
+from multidict import CIMultiDict
 
 from .backend_client import Answer
 from .call import Call
@@ -62,7 +63,7 @@ async def serve(gw: Gateway, request: web.BaseRequest, request_id: str) -> web.S
     except Exception as e:
         if call.committed:         # a file under way ended (and was recorded) already
             raise
-        response = await call.refuse(e if isinstance(e, Denied) else internal(e, request_id))
+        response = await call.refuse(e)
     stamp(response.headers, request_id)
     return response
 
@@ -140,6 +141,36 @@ def authorize(gw: Gateway, principal: Principal, method: str, matched: Matched,
     _check_route(gw, route, principal, relations, action)
     return Target(route, matched.upstream, params, action, principal, relations, blocked,
                   withheld)
+
+
+def authorized(gw: Gateway, principal: Principal, method: str, path: str, call: Call,
+               about: str | None = None) -> Target:
+    """Stages 2 and 3 for a call a feature makes on someone's behalf (an export, an
+    erasure): the same match and decision as a proxied request. `about`: the user the call
+    is for whatever the route names (an export's subject), named in its row."""
+    matched = match_route(gw, method, path, call)
+    if about is not None and about not in call.row.subject_users:
+        call.row.subject_users = sorted({*call.row.subject_users, about})
+    return authorize(gw, principal, method, matched, call)
+
+
+async def open_get(gw: Gateway, principal: Principal, path: str, call: Call,
+                   client: str | None, about: str | None = None):
+    """A GET of `path` for `principal` through the proxy's stages, sent: its target, the
+    backend's answer (to read or stream; released by the caller) and the deadline."""
+    target = authorized(gw, principal, "GET", path, call, about)
+    deadline = gw.backends.deadline()
+    upstream = await send(gw, target, "GET", CIMultiDict(), call, client, deadline)
+    return target, upstream, deadline
+
+
+async def fetch_json(gw: Gateway, principal: Principal, path: str, call: Call,
+                     client: str | None, about: str | None = None) -> tuple[Target, JsonAnswer]:
+    """A GET of `path` as `principal` may see it: matched, authorized, sent, read, redacted
+    and bound to its subject exactly as the proxy would answer it (the one path the
+    features read through: a check added to the stages holds for them too)."""
+    target, upstream, deadline = await open_get(gw, principal, path, call, client, about)
+    return target, await read_json(gw, target, upstream, call, deadline)
 
 
 def _all_restricted(gw: Gateway, route: Route, principal: Principal, relations: frozenset[str],
@@ -434,12 +465,6 @@ def _check_route(gw: Gateway, route: Route, principal: Principal,
     possible = relations | route.body_relations if principal.kind.data_subject else relations
     if not route.data_sets & gw.policy.granted(principal.role, possible, "read"):
         raise Denied("dataset_not_permitted", "you may not see any data of this resource")
-
-
-def internal(error: Exception, request_id: str) -> Denied:
-    """An unexpected failure: logged with its traceback, answered and audited as an error."""
-    log.error("request %s failed", request_id, exc_info=error)
-    return Denied("internal_error", "the gateway could not complete the request")
 
 
 def _upstream_error(status: int) -> Denied:

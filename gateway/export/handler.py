@@ -12,7 +12,6 @@ from typing import Any
 import aiohttp
 import orjson
 from aiohttp import web
-from multidict import CIMultiDict
 
 from .. import pipeline
 from ..audit import AuditRow
@@ -103,26 +102,16 @@ class Exporter:
         call.row.reason = self.reason
         return call
 
-    async def _open(self, path: str, call: Call):
-        matched = pipeline.match_route(self.gw, "GET", path, call)
-        if self.viewer.sub not in call.row.subject_users:
-            # an EUO-wide source (the company directory, say) read for this user's export:
-            # the row names whose export it is, so it shows in that user's access log
-            call.row.subject_users = sorted({*call.row.subject_users, self.viewer.sub})
-        target = pipeline.authorize(self.gw, self.viewer, "GET", matched)
-        deadline = self.gw.backends.deadline()
-        upstream = await pipeline.send(self.gw, target, "GET", CIMultiDict(), call, self.client,
-                                       deadline)
-        return target, upstream, deadline
-
     async def get_json(self, path: str, out: Gathered | None = None) -> tuple[Any, Node, Any]:
         """A redacted document bound to the user, its row committed; Denied on any
         failure (audited). Also the document as the user would see it (an assisted export
         follows its identifiers: the meetings and files the user's own listing names)."""
         call = self._call(path)
         try:
-            target, upstream, deadline = await self._open(path, call)
-            answer = await pipeline.read_json(self.gw, target, upstream, call, deadline)
+            # an EUO-wide source (the company directory, say) read for this user's export:
+            # the row names whose export it is, so it shows in that user's access log
+            target, answer = await pipeline.fetch_json(self.gw, self.viewer, path, call,
+                                                       self.client, about=self.viewer.sub)
             document, served, removed = answer.document, answer.served, answer.removed
             full = document
             size = len(answer.body)
@@ -146,9 +135,7 @@ class Exporter:
             if out is not None:
                 out.add_receipt(call.row.withheld)
         except Exception as e:
-            denial = e if isinstance(e, Denied) else pipeline.internal(e, self.request_id)
-            await call.record_refusal(denial)
-            raise denial from None
+            raise await call.fail(e) from None
         return document, shape, full
 
     def _data_sets(self, *paths: str | None) -> list[str]:
@@ -235,7 +222,8 @@ class Exporter:
         before the first byte (the member is not begun)."""
         call = self._call(path)
         try:
-            target, upstream, _ = await self._open(path, call)
+            target, upstream, _ = await pipeline.open_get(self.gw, self.viewer, path, call,
+                                                          self.client, about=self.viewer.sub)
             try:
                 pipeline.check_file(target.route, upstream)
                 await call.allow(upstream.status, upstream.content_length or 0,
@@ -244,9 +232,7 @@ class Exporter:
                 upstream.release()
                 raise
         except Exception as e:
-            denial = e if isinstance(e, Denied) else pipeline.internal(e, self.request_id)
-            await call.record_refusal(denial)
-            raise denial from None
+            raise await call.fail(e) from None
         try:
             with zipped.open(file, compress=False) as member:
                 async for chunk in upstream.content.iter_chunked(CHUNK):
