@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import logging
 import time
 import uuid
 from collections import Counter
@@ -38,11 +39,14 @@ from .call import Call
 from .context import Gateway
 from .db import query
 from .errors import Denied, refusal
+from .forward import send
 from .policy.catalog import Leaf, ListOf, Node, ObjectOf
 from .policy.erasers import Eraser
 from .policy.erasers import route_for as _route
 from .principal import Principal
 from .redact import now_utc
+
+log = logging.getLogger("gateway.pipeline")
 
 
 def held(node: Node | None, value: Any, sub: str, about_them: bool) -> Counter[str]:
@@ -451,7 +455,7 @@ class Erasure:
             result.calls.append(outcome)
             return outcome
         try:
-            upstream = await pipeline.send(gw, target, "DELETE", CIMultiDict(), call,
+            upstream = await send(gw, target, "DELETE", CIMultiDict(), call,
                                            self.client, gw.backends.deadline())
             upstream.release()
         except Exception as e:
@@ -466,7 +470,7 @@ class Erasure:
             except Denied:
                 # done, but its outcome's audit row is not: the intent's row says it was
                 # sent, the erasure call row what came of it
-                pipeline.log.warning("erasure %s: the outcome of DELETE %s is not audited",
+                log.warning("erasure %s: the outcome of DELETE %s is not audited",
                                      self.request_id, path)
         result.calls.append(outcome)
         await self.ledger.finish(call_id, outcome)

@@ -7,15 +7,16 @@ Every stage either passes the request on or raises Denied with a stable reason i
 answered, once the caller is known), and a response carrying personal data is sent only
 after its row is committed. Authentication comes first so that a refusal can name who
 was refused; a caller without a valid token is only counted (see call.py).
+
+Forwarding and reading the answer are forward.py's; a file answer is files.py's, a big
+list answer lists.py's. The features that read or delete on someone's behalf (the export,
+the erasure) go through the same stages: authorized, open_get and fetch_json below.
 """
 
 from __future__ import annotations
 
-import asyncio
-import dataclasses
 import logging
-from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
+from collections.abc import Callable
 from typing import Any
 
 import aiohttp
@@ -23,26 +24,17 @@ import orjson
 from aiohttp import web
 from multidict import CIMultiDict
 
-from .backend_client import Answer
 from .call import Call
 from .context import GATEWAY, REQUEST_ID, Gateway
 from .errors import Denied
-from .grammar import CONTROL, MAX_TEXT, audit_text
+from .files import stream_file
+from .forward import JsonAnswer, Target, read_json, send
+from .grammar import CONTROL, MAX_TEXT
+from .lists import stream_list, streamed
 from .policy.authz import BREAK_GLASS, path_relations
 from .policy.catalog import ACTION_OF_METHOD, ObjectOf, Route
 from .principal import Principal
-from .proxy import CHUNK, binary_headers, forward_headers, stamp
-from .redact import (
-    RETENTION,
-    Outcome,
-    SubjectMismatch,
-    Unmappable,
-    check_shape,
-    now_utc,
-    receipt,
-    redact,
-)
-from .stream import Elements
+from .proxy import CHUNK, stamp
 from .target import Matched
 
 log = logging.getLogger("gateway.pipeline")
@@ -80,22 +72,6 @@ def direct(app: web.Application, app_handler: Callable) -> Callable:
             return await serve(gw, request, gw.new_request_id())
         return await app_handler(request)
     return dispatch
-
-
-@dataclass(slots=True)
-class Target:
-    """A backend call the caller may make: the route, and who they are to its resource.
-    Built once per request and never changed (not frozen only because a frozen
-    dataclass's __init__ pays an object.__setattr__ call per field)."""
-    route: Route
-    upstream: str                           # path and query, rebuilt from the route
-    params: Mapping[str, str]               # what the answer is bound to
-    action: str
-    principal: Principal
-    relations: frozenset[str]
-    blocked: Callable[[str], frozenset[str]] | None   # a user's restricted data sets, for
-    #                                                    the roles a restriction blocks
-    withheld: frozenset[str] = frozenset()   # those of the user the path names
 
 
 def match_route(gw: Gateway, method: str, raw_target: str, call: Call) -> Matched:
@@ -197,197 +173,16 @@ async def _serve(request: web.Request, gw: Gateway, call: Call) -> web.StreamRes
                      else (None, sorted(target.route.data_sets)))
     deadline = gw.backends.deadline()
     if target.route.binary:
-        return await _stream(request, gw, target, call, deadline)
+        return await stream_file(request, gw, target, call, deadline)
     if target.action != "read":      # written ahead: no intent row, nothing sent
         await call.intend(changed)
     upstream = await send(gw, target, request.method, request.headers, call, request.remote,
                           deadline, body)
-    if target.action == "read" and _streamed(gw, target.route, upstream):
-        return await _stream_list(request, gw, target, call, upstream)
+    if target.action == "read" and streamed(gw, target.route, upstream):
+        return await stream_list(request, gw, target, call, upstream)
     answer = await read_json(gw, target, upstream, call, deadline)
     response = web.Response(status=answer.status, body=answer.body, headers=answer.headers)
     await call.allow(answer.status, len(answer.body), answer.served, answer.removed)
-    return response
-
-
-async def send(gw: Gateway, target: Target, method: str, headers: Mapping[str, str], call: Call,
-               client: str | None, deadline: float, body: bytes | None = None
-               ) -> Answer:
-    """Stage 4: forward exactly what was authorized; a backend error status becomes our own
-    error, its body dropped."""
-    upstream = await gw.backends.send(
-        target.route.service, target.upstream, method,
-        forward_headers(headers, call.row.request_id, client, json_body=body is not None,
-                        trace=call.traceparent),
-        body, deadline)
-    if upstream.status >= 300:
-        upstream.release()
-        raise _upstream_error(upstream.status)
-    if upstream.status not in PASSED_STATUSES:
-        # an allow-list: 206 to a Range never sent, 205, 207 and the like mean something the
-        # gateway did not ask for and cannot check
-        upstream.release()
-        raise Denied("backend_unmappable",
-                     f"the backend answered {upstream.status}, which the gateway does not pass on")
-    return upstream
-
-
-PASSED_STATUSES = frozenset((200, 201, 202, 204))   # the backend statuses passed on as such
-
-
-@dataclass(slots=True)
-class JsonAnswer:
-    status: int
-    headers: dict[str, str]
-    document: Any                      # the redacted document (None: an empty answer)
-    served: list[str] = field(default_factory=list)
-    removed: list[str] = field(default_factory=list)
-    body: bytes = field(init=False)    # what is sent: the checked document, re-encoded
-
-    def __post_init__(self):
-        self.body = b"" if self.document is None else orjson.dumps(self.document)
-
-
-async def read_json(gw: Gateway, target: Target, upstream, call: Call,
-                    deadline: float) -> JsonAnswer:
-    """Stage 5: the backend's JSON, shape-checked, bound to the request's subject and
-    redacted for the caller; always re-encoded from what was checked."""
-    status = upstream.status
-    content_type = upstream.content_type.lower()
-    raw = await gw.backends.read(upstream, deadline)
-    headers = stamp({}, call.row.request_id)
-    if status == 204 or not raw:
-        return JsonAnswer(status, headers, None)
-    if not (content_type == "application/json" or content_type.endswith("+json")):
-        raise Denied("backend_unmappable", "the backend's answer is not JSON")
-    _not_encoded(upstream)
-    headers["Content-Type"] = "application/json"
-    route, principal = target.route, target.principal
-    plan = gw.plan(route, principal.role, target.relations)
-    now = call.row.at                  # decided as of the request's arrival
-    cut = gw.cutoffs(route, target.params, now)
-    try:
-        document = orjson.loads(raw)
-        if plan.passthrough and target.blocked is None and not cut.expired & route.data_sets:
-            # nothing to remove, but the shape and subject are checked all the same, and
-            # what was checked is what is sent: re-encoded, so no parser differential
-            # (a duplicate key, say) can show the client something else
-            check_shape(document, route.body, target.params, gw.catalog.identifier)
-            return JsonAnswer(status, headers, document, served=list(plan.visible))
-        redacted, outcome = redact(document, plan, principal.sub, gw.catalog, gw.policy.granted,
-                                   now, target.blocked, target.params, cut, target.withheld)
-    except SubjectMismatch as e:
-        log.warning("request %s: the backend answered about someone else (%s)",
-                    call.row.request_id, e)
-        raise Denied("backend_subject_mismatch",
-                     "the backend answered about another subject than the one asked for") from None
-    except (orjson.JSONDecodeError, Unmappable):
-        raise Denied("backend_unmappable",
-                     "the backend's answer does not match the route table") from None
-    if route.top_decided and not outcome.served:
-        raise Denied("dataset_not_permitted", "you may not see any data of this resource")
-    if outcome.subjects:
-        call.row.subject_users = sorted(outcome.subjects | set(call.row.subject_users))
-    call.row.withheld = receipt(outcome.withheld)
-    return JsonAnswer(status, headers, redacted, sorted(outcome.served), sorted(outcome.removed))
-
-
-def _streamed(gw: Gateway, route: Route, upstream) -> bool:
-    """Whether this answer is taken apart as it arrives instead of read whole: a route of
-    one list (stream.list_field) whose answer is larger than GATEWAY_STREAM_JSON_ABOVE_BYTES
-    or of unknown length."""
-    length = upstream.content_length
-    return (upstream.status == 200 and gw.list_field(route) is not None
-            and (length is None or length > gw.stream_json_above_bytes))
-
-
-async def _stream_list(request: web.Request, gw: Gateway, target: Target, call: Call,
-                       upstream) -> web.StreamResponse:
-    """A large list answer, redacted element by element as it arrives and sent on as it is
-    redacted, in bounded memory. Written ahead: the intent row (the data sets the plan
-    allows) commits before the first byte; the outcome row (the data sets, fields and
-    subjects actually served, the bytes sent, reason `cut` when it broke off) at the end.
-    Anything wrong past the first byte — a bad element, an element about someone else, a
-    stall — cuts the answer short, so the client can never take it for a whole one."""
-    route, principal = target.route, target.principal
-    field_name = gw.list_field(route)
-    try:
-        if not upstream.content_type.lower().endswith("json"):
-            raise Denied("backend_unmappable", "the backend's answer is not JSON")
-        _not_encoded(upstream)
-        plan = gw.plan(route, principal.role, target.relations)
-        now = call.row.at
-        cut = gw.cutoffs(route, target.params, now)
-        await call.intend(sorted(route.data_sets.intersection(plan.visible)), 200, 0, "served")
-    except Denied:
-        upstream.release()
-        raise
-    response = web.StreamResponse(status=200, headers=stamp(
-        {"Content-Type": "application/json"}, call.row.request_id))
-    total = Outcome()                  # what every element's redaction served and removed
-    sent, first, failure = 0, True, None
-    elements = Elements(field_name)
-    catalog, granted = gw.catalog, gw.policy.granted
-
-    def redacted(items) -> bytes:
-        nonlocal first
-        out = []
-        for element in items:
-            doc, outcome = redact({field_name: [element]}, plan, principal.sub, catalog, granted,
-                                  now, target.blocked, target.params, cut, target.withheld)
-            total.served |= outcome.served
-            total.removed |= outcome.removed
-            total.subjects |= outcome.subjects
-            for reason, counts in outcome.withheld.items():
-                for ds, n in counts.items():
-                    total.count(reason, ds, n)
-            for kept in doc.get(field_name) or ():
-                out.append(orjson.dumps(kept) if first else b"," + orjson.dumps(kept))
-                first = False
-        return b"".join(out)
-
-    try:
-        async with asyncio.timeout(gw.stream_deadline_s):
-            await response.prepare(request)
-            head = orjson.dumps(field_name)
-            await response.write(b"{" + head + b":[")
-            sent += len(head) + 3
-            async for chunk in upstream.content.iter_chunked(CHUNK):
-                out = redacted(elements.feed(chunk))
-                if out:
-                    async with asyncio.timeout(gw.stream_write_timeout_s):
-                        await response.write(out)
-                    sent += len(out)
-            out = redacted(elements.close())
-            tail, _ = redact({**elements.scalars, field_name: []}, plan, principal.sub, catalog,
-                             granted, now, target.blocked, target.params, cut, target.withheld)
-            tail.pop(field_name, None)
-            out += b"]" + (b"," + orjson.dumps(tail)[1:] if tail else b"}")
-            await response.write(out)
-            await response.write_eof()
-            sent += len(out)
-    except SubjectMismatch:
-        failure = "backend_subject_mismatch"
-    except Unmappable:
-        failure = "backend_unmappable"
-    except (TimeoutError, aiohttp.ClientError, ConnectionError, OSError) as e:
-        failure = "cut"
-        log.warning("request %s: a streamed list broke off: %s", call.row.request_id,
-                    str(e) or type(e).__name__)
-    finally:
-        upstream.release()
-        row = call.row
-        row.data_sets = sorted(total.served)
-        row.fields_removed = [audit_text(n) for n in sorted(total.removed)]
-        if total.subjects:
-            row.subject_users = sorted(total.subjects | set(row.subject_users))
-        row.withheld = receipt(total.withheld)
-        if failure is not None:
-            log.warning("request %s: a streamed list was cut (%s)", row.request_id, failure)
-            response.force_close()
-            if request.transport is not None:
-                request.transport.abort()
-        call.ended(200, sent, failure is not None, failure)
     return response
 
 
@@ -465,161 +260,5 @@ def _check_route(gw: Gateway, route: Route, principal: Principal,
     possible = relations | route.body_relations if principal.kind.data_subject else relations
     if not route.data_sets & gw.policy.granted(principal.role, possible, "read"):
         raise Denied("dataset_not_permitted", "you may not see any data of this resource")
-
-
-def _upstream_error(status: int) -> Denied:
-    if status == 404:
-        return Denied("backend_not_found", "the backend has no such resource")
-    if status in (400, 409, 422):
-        return Denied("backend_rejected", "the backend refused the request")
-    return Denied("backend_error", f"the backend answered {status}")
-
-
-async def _stream(request: web.Request, gw: Gateway, target: Target, call: Call,
-                  deadline: float) -> web.StreamResponse:
-    """Forward, commit the audit row, then copy the binary body through in chunks. At most
-    `max_streams` at once: each stalled reader holds buffers, so memory stays bounded."""
-    if gw.streams >= gw.max_streams:
-        raise Denied("streams_busy", "too many files are being downloaded; try again shortly")
-    gw.streams += 1
-    try:
-        served = sorted(target.route.binary)
-        if target.action == "read":
-            served = await _file_data_sets(gw, target, request, call, deadline)
-        else:                        # a delete: written ahead, like any change
-            await call.intend(served)
-        upstream = await send(gw, target, request.method, request.headers, call, request.remote,
-                              deadline)
-        return await _copy(request, target.route, upstream, call, served,
-                           gw.stream_write_timeout_s, gw.stream_deadline_s)
-    finally:
-        gw.streams -= 1
-
-
-async def _file_data_sets(gw: Gateway, target: Target, request: web.Request, call: Call,
-                          deadline: float) -> list[str]:
-    """The data sets a file would serve, or a refusal: 410 `retention_expired` when its data
-    set is past retention for this EUO; for a file whose data set (and time) only its list
-    entry tells (`listed_in`, a fax), that entry is fetched and redacted for the caller
-    first, and the file is served only if the entry would be."""
-    route = target.route
-    cut = gw.cutoffs(route, target.params, now_utc())
-    if cut.expired & set(route.binary):
-        raise Denied("retention_expired", "this file is past its data set's retention period")
-    if route.listed_in is None:
-        return sorted(route.binary)
-    list_route, fld = route.listed_in
-    params = {p: target.params[p] for p in list_route.param_names}
-    listing = dataclasses.replace(target, route=list_route, upstream=list_route.path.format_map(params),
-                                  params=params, action="read")
-    upstream = await send(gw, listing, "GET", request.headers, call, request.remote, deadline)
-    content_type = upstream.content_type.lower()
-    raw = await gw.backends.read(upstream, deadline)
-    _not_encoded(upstream)
-    try:
-        if not (content_type == "application/json" or content_type.endswith("+json")):
-            raise Unmappable("not JSON")
-        document = orjson.loads(raw)
-        items = document.get(fld) if isinstance(document, dict) else None
-        if not isinstance(items, list):
-            raise Unmappable(f"{fld} is not a list")
-        wanted = target.params["id"]
-        entry = next((i for i in items if isinstance(i, dict) and _listed_id(i) == wanted), None)
-        if entry is None:
-            raise Denied("backend_not_found", "the backend does not list this file")
-        principal = target.principal
-        plan = gw.plan(list_route, principal.role, target.relations)
-        _, outcome = redact({fld: [entry]}, plan, principal.sub, gw.catalog, gw.policy.granted,
-                            now_utc(), target.blocked, params,
-                            gw.cutoffs(list_route, params, now_utc()))
-    except (orjson.JSONDecodeError, Unmappable):
-        raise Denied("backend_unmappable",
-                     "the backend's list of this file does not match the route table") from None
-    if outcome.withheld.get(RETENTION):
-        raise Denied("retention_expired", "this file is past its data set's retention period")
-    if not outcome.served:
-        raise Denied("dataset_not_permitted", "you may not see this file")
-    return sorted(outcome.served)
-
-
-def _listed_id(entry: dict) -> str | None:
-    """A list entry's `id` as text (a backend may number them)."""
-    value = entry.get("id")
-    if isinstance(value, int) and not isinstance(value, bool):
-        return str(value)
-    return value if isinstance(value, str) else None
-
-
-def check_file(route: Route, upstream) -> None:
-    """A file answer must be of a media type the route declares and not re-encoded: a
-    document (JSON above all) where a file was due cannot be redacted, so it cannot pass."""
-    _not_encoded(upstream)
-    if upstream.status == 204:
-        return
-    if not route.allows_media_type(upstream.content_type.lower()):
-        raise Denied("backend_unmappable",
-                     f"the backend answered {upstream.content_type[:64]} where a file was due")
-
-
-def _not_encoded(upstream) -> None:
-    """The gateway asks for identity: an answer encoded anyway cannot be checked, so 502."""
-    if upstream.headers.get("Content-Encoding", "identity").strip().lower() not in ("", "identity"):
-        raise Denied("backend_unmappable", "the backend encoded an answer it was asked for as is")
-
-
-async def _copy(request: web.Request, route: Route, upstream, call: Call,
-                served: list[str] | None, write_timeout_s: float,
-                deadline_s: float) -> web.StreamResponse:
-    """Commit the intent row (the answer of a delete: its outcome), then copy the binary
-    body through in chunks, then queue the outcome row with the bytes delivered (reason
-    `cut` when cut). A client that takes no chunk within `write_timeout_s` is cut off: it
-    would hold a stream slot (and a backend connection) for as long as it kept its socket
-    open; so is a whole copy (a backend trickling a file) past `deadline_s`."""
-    served = served if served is not None else sorted(route.binary)
-    try:
-        check_file(route, upstream)
-        if call.intended:            # a delete's outcome: the caller waits for it
-            await call.allow(upstream.status, upstream.content_length or 0, served)
-        else:
-            await call.intend(served, upstream.status, upstream.content_length or 0, "served")
-    except Denied:
-        upstream.release()
-        raise
-    response = web.StreamResponse(status=upstream.status, headers=binary_headers(upstream.headers))
-    stamp(response.headers, call.row.request_id)
-    if upstream.content_length is not None:
-        response.content_length = upstream.content_length
-    delivered, cut = 0, True
-    writing: asyncio.Timeout | None = None
-    try:
-        async with asyncio.timeout(deadline_s) as whole:
-            await response.prepare(request)
-            async for chunk in upstream.content.iter_chunked(CHUNK):
-                async with asyncio.timeout(write_timeout_s) as writing:
-                    await response.write(chunk)
-                delivered += len(chunk)
-            async with asyncio.timeout(write_timeout_s) as writing:
-                await response.write_eof()
-        cut = False
-    except (TimeoutError, aiohttp.ClientError, ConnectionError) as e:
-        # too late for an error body: cut the connection so the client sees a short read
-        # (aborted, not closed: a close would wait for a client that reads nothing)
-        if writing is not None and writing.expired():
-            log.warning("request %s: the client took no part of a file within %g s: cut off",
-                        call.row.request_id, write_timeout_s)
-        elif whole.expired():
-            log.warning("request %s: the file was not through within %g s: cut off",
-                        call.row.request_id, deadline_s)
-        else:
-            log.warning("request %s: a binary answer broke off: %s", call.row.request_id,
-                        str(e) or type(e).__name__)
-        response.force_close()
-        if request.transport is not None:
-            request.transport.abort()
-    finally:
-        upstream.release()
-        if not call.committed:       # a read's outcome: how much of it left
-            call.ended(upstream.status, delivered, cut)
-    return response
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import re
 from collections import defaultdict
 from dataclasses import dataclass, field
@@ -17,10 +18,11 @@ from .. import pipeline
 from ..audit import AuditRow
 from ..audit.api import access_log_pages, newest_accesses
 from ..call import Call
-from ..context import GATEWAY, Gateway
+from ..context import GATEWAY, REQUEST_ID, Gateway
 from ..db import DATABASE_ERRORS, POOL, query
 from ..endpoints import CALL, IDENTIFIER, ME, api, identifier, json_response, only
 from ..errors import Denied
+from ..forward import check_file
 from ..policy.catalog import Catalog, Leaf, ListOf, Node, ObjectOf
 from ..policy.export_spec import Attachments, Source
 from ..policy.export_spec import route_of as _route_of
@@ -30,6 +32,8 @@ from ..proxy import CHUNK
 from ..redact import MASKING, RESTRICTION, RETENTION, SCOPE, join_path, now_utc
 from ..subject_requests import request_details
 from .zipstream import ZipStream
+
+log = logging.getLogger("gateway.pipeline")
 
 FORMAT = "partner-gateway-export/1"
 ASSISTED_EXPORT = "assisted_export"      # the API group of roles.yaml that may make one
@@ -83,7 +87,7 @@ class Exporter:
         self.gw: Gateway = request.app[GATEWAY]
         self.pool = request.app[POOL]
         self.actor, self.viewer, self.reason, self.assisted = actor, subject, reason, assisted
-        self.request_id = request[pipeline.REQUEST_ID]
+        self.request_id = request[REQUEST_ID]
         self.client = request.remote
         self.fill = {"euo": identifier(subject.euo, "the user's EUO"),
                      "user": identifier(subject.sub, "the user")}
@@ -127,7 +131,7 @@ class Exporter:
                         for ds in self.withhold & served_in(stripped, shape):
                             out.withheld[ds].add(f"GET {path}")
             if (where := foreign(document, shape, self.viewer.sub, self.gw.catalog)) is not None:
-                pipeline.log.warning("export %s: %s names another person at %s",
+                log.warning("export %s: %s names another person at %s",
                                      self.request_id, path, where)
                 raise Denied("backend_subject_mismatch",
                              "the backend answered with another person's data")
@@ -225,7 +229,7 @@ class Exporter:
             target, upstream, _ = await pipeline.open_get(self.gw, self.viewer, path, call,
                                                           self.client, about=self.viewer.sub)
             try:
-                pipeline.check_file(target.route, upstream)
+                check_file(target.route, upstream)
                 await call.allow(upstream.status, upstream.content_length or 0,
                                  sorted(target.route.binary))
             except Denied:
@@ -430,7 +434,7 @@ def export_document(gw: Gateway, subject: Principal, gathered: Gathered,
             services[service][name] = {"about": about(gw, name), "records": records}
     export = {"format": FORMAT, "exported_at": now_utc().isoformat(),
               "exported_from": {"gateway": request.host, "client_addr": request.remote},
-              "request_id": request[pipeline.REQUEST_ID], "policy_version": gw.policy_version}
+              "request_id": request[REQUEST_ID], "policy_version": gw.policy_version}
     if assisted:
         export["assisted"] = assisted
     document = {
@@ -660,7 +664,7 @@ def _cut(request: web.Request, response: web.StreamResponse, zipped: ZipStream,
     """Too late for an error status: the connection is cut before the ZIP directory, so
     the client sees a broken download rather than a quietly incomplete archive. Aborted,
     not closed: a close would wait for a client that reads nothing to take what is buffered."""
-    pipeline.log.error("export %s failed midway: %s", row.request_id, e)
+    log.error("export %s failed midway: %s", row.request_id, e)
     zipped.abandon()
     response.force_close()
     if request.transport is not None:
