@@ -15,8 +15,8 @@ import yaml
 from aiohttp import web
 
 from gateway.demo.run import start_site
-from gateway.export import handler as export_handler
-from gateway.export.handler import foreign, strip
+from gateway.export import gather as export_gather
+from gateway.export.document import foreign, strip
 from gateway.policy.catalog import PolicyError
 from gateway.policy.catalog_files import load_catalog
 from gateway.policy.policyset import load_policy_set
@@ -237,7 +237,7 @@ async def test_export_json_holds_the_newest_accesses_and_says_when_there_are_mor
     for _ in range(2):
         assert (await call(http, "GET", gateway + "/telephony/euos/euo-acme/users/u-alice",
                            token_for("admin")))[0] == 200
-    monkeypatch.setattr(export_handler, "EXPORT_ACCESSES", 1)
+    monkeypatch.setattr(export_gather, "EXPORT_ACCESSES", 1)
     doc, _ = await export_json(http, gateway, alice)
     held = doc["held_by_gateway"]
     assert len(held["access_log"]) == 1 and held["access_log_complete"] is False

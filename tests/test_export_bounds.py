@@ -22,7 +22,7 @@ import pytest_asyncio
 
 from gateway.audit.chain import GENESIS, HASHED, canonical, link
 from gateway.audit.writer import COLUMNS
-from gateway.export import handler as export_handler
+from gateway.export import http as export_http
 from gateway.settings import ConfigError, Settings, export_db_slots
 
 from .conftest import (
@@ -206,7 +206,7 @@ async def test_exports_beyond_the_slots_are_refused_and_the_gateway_keeps_servin
     a byte sent, audited; every other request is served meanwhile, and once the slot is
     given back an export gets it."""
     dsn, db = big_log
-    monkeypatch.setattr(export_handler, "EXPORT_SLOT_WAIT_S", 0.2)
+    monkeypatch.setattr(export_http, "EXPORT_SLOT_WAIT_S", 0.2)
     alice = token_for("alice")
     settings = gateway_settings(backends["urls"], **SMALL_POOL, export_write_timeout_s=30,
                                 export_log_deadline_s=60)

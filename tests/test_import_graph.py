@@ -133,7 +133,7 @@ def test_the_graph_is_read_whole():
     other tests cannot pass on an empty graph)."""
     assert "gateway.context" in GRAPH["gateway.pipeline"]            # from .context import …
     assert "gateway.pipeline" in GRAPH["gateway.app"]                # from . import pipeline
-    assert "gateway.policy.catalog" in GRAPH["gateway.export.handler"]   # from ..policy.catalog
+    assert "gateway.policy.catalog" in GRAPH["gateway.export.gather"]    # from ..policy.catalog
     assert "gateway.demo.run" in GRAPH["gateway.cli.demo"]           # inside a function
     assert len(GRAPH) > 60
 

@@ -12,6 +12,6 @@ last; if one breaks off midway the connection is cut before the ZIP's directory 
 written, so the client gets a broken download, never a silently partial archive.
 """
 
-from .handler import add_routes
+from .http import add_routes
 
 __all__ = ["add_routes"]
