@@ -418,9 +418,27 @@ class Erasure:
         return denial
 
     async def _read(self, path: str) -> Any:
-        """The subject's view of a GET (redacted as for them): the document; None when the
-        backend holds nothing there or nothing of it is the subject's to see (a user always
-        sees their own data: a floor); Failed when it failed or ran past the deadline."""
+        """The subject's view of a GET (redacted as for them), every page of it (a list the
+        backend pages: the pages' lists joined): the document; None when the backend holds
+        nothing there or nothing of it is the subject's to see (a user always sees their
+        own data: a floor); Failed when it failed or ran past the deadline."""
+        document = await self._read_page(path)
+        pages = 1
+        while isinstance(document, dict) and (page := pipeline.next_page(path, document)):
+            if pages >= pipeline.MAX_PAGES:
+                denial = pipeline.too_many_pages(path)
+                return Failed(denial.status, denial.code)
+            more = await self._read_page(page)
+            pages += 1
+            if not isinstance(more, dict):      # gone or failed midway: not a whole list
+                return more if isinstance(more, Failed) else Failed(404, "backend_not_found")
+            for key, value in more.items():
+                if isinstance(value, list) and isinstance(document.get(key), list):
+                    document[key] = document[key] + value
+            document["next_cursor"] = more.get("next_cursor")
+        return document
+
+    async def _read_page(self, path: str) -> Any:
         if time.monotonic() > self.deadline:
             return Failed(None, "erasure_deadline")
         call = self._call("GET", path)

@@ -85,6 +85,8 @@ REASONS: dict[str, tuple[int, str]] = {
     # failures: the backend, the database, the gateway
     "backend_unreachable": (502, "the backend cannot be reached or broke off"),
     "backend_error": (502, "the backend answered with an error status"),
+    "backend_pages_exceeded": (502, "a backend list went on past the 1000 pages an export or "
+                                     "erasure follows"),
     "backend_unmappable": (502, "the backend's answer does not fit the route table"),
     "backend_subject_mismatch": (502, "the backend answered about another EUO, user or meeting"),
     "backend_answer_too_large": (502, "the backend's JSON is over GATEWAY_MAX_JSON_ANSWER_BYTES"),

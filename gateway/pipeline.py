@@ -18,6 +18,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable
 from typing import Any
+from urllib.parse import quote
 
 import aiohttp
 import orjson
@@ -147,6 +148,25 @@ async def fetch_json(gw: Gateway, principal: Principal, path: str, call: Call,
     features read through: a check added to the stages holds for them too)."""
     target, upstream, deadline = await open_get(gw, principal, path, call, client, about)
     return target, await read_json(gw, target, upstream, call, deadline)
+
+
+MAX_PAGES = 1000      # the pages of one list a feature follows (each an audited call)
+
+
+def next_page(path: str, document: Any) -> str | None:
+    """The path of the page after `document`, a page of the list at `path` (its
+    `next_cursor`), or None on the last one. The features read every page of a list the
+    backend pages (by default or by a declared default size): an export or an erasure of
+    the first page alone would be incomplete without a word."""
+    cursor = document.get("next_cursor") if isinstance(document, dict) else None
+    if not isinstance(cursor, str) or not cursor:
+        return None
+    return f"{path}{'&' if '?' in path else '?'}cursor={quote(cursor, safe='')}"
+
+
+def too_many_pages(path: str) -> Denied:
+    return Denied("backend_pages_exceeded",
+                  f"the backend's list at {path[:200]} went on past {MAX_PAGES} pages")
 
 
 def _all_restricted(gw: Gateway, route: Route, principal: Principal, relations: frozenset[str],

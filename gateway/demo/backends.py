@@ -15,6 +15,9 @@ from aiohttp import web
 from .data import DemoData
 
 DATA = web.AppKey("data", DemoData)
+# a page size the backend applies when the caller gives no limit (None: the whole list), as
+# a real backend may: the gateway's export and erasure must then follow next_cursor
+DEFAULT_LIMIT = web.AppKey("default_limit", int)
 
 
 def _json(obj, status: int = 200) -> web.Response:
@@ -66,7 +69,7 @@ def _page(request: web.Request, rows: list[dict], at: str) -> dict:
     try:
         start = datetime.fromisoformat(q["from"]) if "from" in q else None
         end = datetime.fromisoformat(q["to"]) if "to" in q else None
-        limit = int(q["limit"]) if "limit" in q else None
+        limit = int(q["limit"]) if "limit" in q else request.app.get(DEFAULT_LIMIT)
         after = tuple(orjson.loads(base64.urlsafe_b64decode(q["cursor"] + "==="))) \
             if "cursor" in q else None
     except (ValueError, TypeError, binascii.Error, orjson.JSONDecodeError):
@@ -93,9 +96,12 @@ def _page(request: web.Request, rows: list[dict], at: str) -> dict:
     return {"rows": [r for _, r in page], "next_cursor": cursor}
 
 
-def telephony_app(data: DemoData, middlewares=()) -> web.Application:
+def telephony_app(data: DemoData, middlewares=(), default_limit: int | None = None
+                  ) -> web.Application:
     app = web.Application(middlewares=list(middlewares))
     app[DATA] = data
+    if default_limit is not None:
+        app[DEFAULT_LIMIT] = default_limit
     r = web.RouteTableDef()
 
     def euo_of(request: web.Request) -> str:
@@ -186,9 +192,12 @@ def telephony_app(data: DemoData, middlewares=()) -> web.Application:
     return app
 
 
-def meeting_app(data: DemoData, middlewares=()) -> web.Application:
+def meeting_app(data: DemoData, middlewares=(), default_limit: int | None = None
+                ) -> web.Application:
     app = web.Application(middlewares=list(middlewares))
     app[DATA] = data
+    if default_limit is not None:
+        app[DEFAULT_LIMIT] = default_limit
     r = web.RouteTableDef()
 
     def organizer(request: web.Request) -> dict:

@@ -18,6 +18,7 @@ from ..db import POOL, query
 from ..endpoints import identifier
 from ..errors import Denied
 from ..forward import check_file
+from ..pipeline import MAX_PAGES, next_page, too_many_pages
 from ..policy.catalog import Node
 from ..policy.export_spec import Attachments, Source
 from ..policy.export_spec import route_of as _route_of
@@ -137,28 +138,47 @@ class Exporter:
     async def gather(self, sources: list[Source]) -> Gathered:
         out = Gathered()
         for source in sources:
-            path = source.get.format(**self.fill)
+            first = source.get.format(**self.fill)
             att = source.attachments
-            fetched = await self._fetch(out, path, source.optional, self._data_sets(
-                source.get, att and att.get, source.follow and source.follow[1]))
-            if fetched is None:
-                continue
-            document, shape, full = fetched
-            self._file(out, path, document, shape)
-            if source.follow and isinstance(full, dict):
-                list_field, follow = source.follow
-                for item in items_of(full, list_field):
-                    sub_path = follow.format(**self.fill, id=item["id"])
-                    if sub_path in out.fetched:       # a meeting organised and attended
-                        continue
-                    # listed a moment ago, gone now (deleted meanwhile): not held, said so
-                    sub = await self._fetch(out, sub_path, True, self._data_sets(follow))
-                    if sub is not None:
-                        self._file(out, sub_path, *sub[:2])
-            if att and isinstance(full, dict):
-                self._list_attachments(out, att, full)
+            covers = self._data_sets(source.get, att and att.get,
+                                     source.follow and source.follow[1])
+            async for path, (document, shape, full) in self._pages(out, first, source.optional,
+                                                                  covers):
+                await self._take(out, source, path, document, shape, full)
         out.held_by_gateway = await held_by_gateway(self.gw, self.pool, self.viewer)
         return out
+
+    async def _pages(self, out: Gathered, first: str, optional: bool, covers: list[str]):
+        """(path, fetched) of every page of the document at `first` (one, unless the
+        backend pages it); a 404 of an optional first page yields nothing."""
+        path: str | None = first
+        for _ in range(MAX_PAGES):
+            fetched = await self._fetch(out, path, optional and path == first, covers)
+            if fetched is None:
+                return
+            yield path, fetched
+            path = next_page(first, fetched[2])
+            if path is None:
+                return
+        raise too_many_pages(first)
+
+    async def _take(self, out: Gathered, source: Source, path: str, document: Any,
+                    shape: Node, full: Any) -> None:
+        """File one page of a source, with what it leads to: the documents its items name
+        (follow) and its attachments."""
+        self._file(out, path, document, shape)
+        att = source.attachments
+        if source.follow and isinstance(full, dict):
+            list_field, follow = source.follow
+            for item in items_of(full, list_field):
+                sub_path = follow.format(**self.fill, id=item["id"])
+                if sub_path in out.fetched:       # a meeting organised and attended
+                    continue
+                # listed a moment ago, gone now (deleted meanwhile): not held, said so
+                async for page, sub in self._pages(out, sub_path, True, self._data_sets(follow)):
+                    self._file(out, page, *sub[:2])
+        if att and isinstance(full, dict):
+            self._list_attachments(out, att, full)
 
     def _file(self, out: Gathered, path: str, document: Any, shape: Node) -> None:
         service = path.strip("/").split("/")[0]
