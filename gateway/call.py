@@ -132,7 +132,8 @@ class Call:
         """A streamed answer is over: queue its outcome row (the bytes delivered, reason
         `cut` — or why, `why` — when the stream broke off). Nobody waits for it: the answer
         has gone."""
-        self.row.reason = (why or "cut") if cut else None
+        if cut:
+            self.row.reason = why or "cut"
         self._finish("allow", status, size)
         self.committed = True
         for row in self._rows(self.row):

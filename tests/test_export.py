@@ -22,7 +22,7 @@ from gateway.policy.catalog_files import load_catalog
 from gateway.policy.policyset import load_policy_set
 from gateway.policy.roles import RoleError, load_roles
 
-from .conftest import POLICY_DIR, call, gateway_settings, running_gateway
+from .conftest import POLICY_DIR, call, gateway_settings, running_gateway, wait_for
 
 SESSION = web.AppKey("session", aiohttp.ClientSession)
 
@@ -176,6 +176,30 @@ async def test_zip_attachments_are_byte_identical_to_the_backend(gateway, http, 
     assert kinds == {"voicemails", "faxes", "recordings", "documents"}
     for name, item in files.items():
         assert archive.read(name) == demo.blobs[item["id"]][1]
+
+
+async def test_each_zip_member_is_written_ahead_and_its_outcome_says_what_went_in(
+        gateway, http, token_for, db, demo):
+    """A file put into the archive is audited as a proxied file is: the intent row before
+    its first byte, the outcome row with the bytes that went in (not one row committed
+    before the copy, saying nothing of how it ended)."""
+    status, headers, body = await call(http, "GET", gateway + "/v1/me/export", token_for("alice"))
+    assert status == 200
+    files = orjson.loads(zipfile.ZipFile(io.BytesIO(body)).read("export.json"))["attachments"]
+    sizes = {item["source"].split(" ", 1)[1]: len(demo.blobs[item["id"]][1]) for item in files}
+
+    async def rows():
+        found = await db.fetch("select path, phase, bytes, reason, access from audit_log "
+                               "where request_id = $1 and path = any($2::text[])",
+                               headers["X-Request-Id"], list(sizes))
+        return found if len(found) == 2 * len(sizes) else None
+    found = await wait_for(rows)
+    assert found, "an intent and an outcome row for every member"
+    for path, size in sizes.items():
+        mine = {r["phase"]: r for r in found if r["path"] == path}
+        assert set(mine) == {"intent", "outcome"}, path
+        assert mine["outcome"]["bytes"] == size and mine["outcome"]["reason"] is None
+        assert mine["intent"]["access"] == mine["outcome"]["access"] == "served"
 
 
 async def test_the_export_and_its_backend_calls_are_audited(gateway, http, token_for, db):

@@ -212,28 +212,34 @@ class Exporter:
 
     async def stream_attachment(self, path: str, zipped: ZipStream, file: str,
                                 response: web.StreamResponse) -> None:
-        """Commit the call's row, then copy the backend's bytes into the archive. Denied
-        before the first byte (the member is not begun)."""
+        """Written ahead like any file the gateway serves: the intent row before the
+        member's first byte, the outcome row (the bytes that went into the archive, reason
+        `cut` when it broke off) after its last. Denied before the first byte (the member is
+        not begun)."""
         call = self._call(path)
         try:
             target, upstream, _ = await pipeline.open_get(self.gw, self.viewer, path, call,
                                                           self.client, about=self.viewer.sub)
             try:
                 check_file(target.route, upstream)
-                await call.allow(upstream.status, upstream.content_length or 0,
-                                 sorted(target.route.binary))
+                await call.intend(sorted(target.route.binary), upstream.status,
+                                  upstream.content_length or 0, "served")
             except Denied:
                 upstream.release()
                 raise
         except Exception as e:
             raise await call.fail(e) from None
+        delivered, cut = 0, True
         try:
             with zipped.open(file, compress=False) as member:
                 async for chunk in upstream.content.iter_chunked(CHUNK):
                     member.write(chunk)
+                    delivered += len(chunk)
                     await response.write(zipped.take())
+            cut = False
         finally:
             upstream.release()
+            call.ended(upstream.status, delivered, cut)
 
 
 async def held_by_gateway(gw: Gateway, pool, subject: Principal) -> dict[str, Any]:
