@@ -27,7 +27,8 @@ from gateway.audit.chain import GENESIS, HASHED, canonical, link
 from gateway.audit.checkpoints import Runs, key_id, load_public_keys, load_signing_key, signed_bytes
 from gateway.audit.leaves import WITHHELD, record_leaf
 from gateway.audit.merkle import Frontier
-from gateway.audit.slices import build_slice, consistency_doc, verify_consistency_doc, verify_slice
+from gateway.audit.slice_check import verify_consistency_doc, verify_slice
+from gateway.audit.slices import build_slice, consistency_doc
 from gateway.db import query
 from gateway.policy.catalog_files import load_catalog
 from gateway.principal import Principal

@@ -93,7 +93,7 @@ def _run(settings, args) -> int:
 def _verify_offline(args) -> int:
     """verify-slice / verify-consistency: files, URLs and keys only, no settings, no
     database; a document given by URL is downloaded (with --token) and checked at once."""
-    from ..audit import checkpoints, remote, slices
+    from ..audit import checkpoints, remote, slice_check
     try:
         if args.save and not remote.is_url(args.file):
             raise ConfigError("--save keeps a download: give FILE_OR_URL as an http(s) URL")
@@ -103,12 +103,12 @@ def _verify_offline(args) -> int:
             args.save.write_bytes(data)
         doc = _json(data, args.file)
         if args.audit_command == "verify-consistency":
-            report = slices.verify_consistency_doc(doc, keys)
+            report = slice_check.verify_consistency_doc(doc, keys)
         else:
             previous = (_json(remote.read(args.previous, args.token), args.previous)
                         if args.previous else None)
             # downloaded, the slice must be of the window its URL asked for
-            report = slices.verify_slice(doc, keys, previous, remote.asked(args.file),
+            report = slice_check.verify_slice(doc, keys, previous, remote.asked(args.file),
                                          remote.asked(args.previous) if args.previous else None)
             if isinstance(doc, dict) and doc.get("next_cursor"):
                 report["next_cursor"] = doc["next_cursor"]     # more rows: ask with cursor=

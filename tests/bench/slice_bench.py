@@ -24,7 +24,8 @@ from multidict import MultiDict
 
 from gateway.audit.chain import GENESIS, HASHED, canonical, link
 from gateway.audit.checkpoints import Checkpointer, key_id
-from gateway.audit.slices import build_slice, verify_slice
+from gateway.audit.slice_check import verify_slice
+from gateway.audit.slices import build_slice
 from gateway.db import ensure_partitions, migrate
 from gateway.embedded import EmbeddedPostgres
 from gateway.policy.catalog_files import load_catalog
