@@ -70,8 +70,8 @@ SHOWCASE = [
      "/v1/explain?path=/telephony/euos/euo-acme/users/u-bob/recordings"),
     ("provider staff: explain for another caller (here the EUO admin: voicemails refused, "
      "and the policy lines that decide)", "provider_staff", "staff-sam", None, None,
-     "'/v1/explain?path=/telephony/euos/euo-acme/users/u-alice/voicemails"
-     "&role=euo_admin&sub=admin@acme&euo=euo-acme'"),
+     "/v1/explain?path=/telephony/euos/euo-acme/users/u-alice/voicemails"
+     "&role=euo_admin&sub=admin@acme&euo=euo-acme"),
 ]
 
 # who signs in to the console, one per role
@@ -287,9 +287,10 @@ async def _run(settings: Settings, dsn: str) -> None:
           "ended 2025-06-30)\n")
     for label, role, sub, partner, euo, path in SHOWCASE:
         token = mint_token(settings, role, sub, partner, euo, 8 * 3600)
-        quote, path = ("'", path[1:]) if path.startswith("'") else ("", path)
+        path, _, options = path.partition(" ")     # the URL, then curl's own options
+        # quoted where a shell would read it otherwise (zsh refuses an unquoted `?`)
         print(f"# {label}\n  TOKEN={token}\n  curl -s -H \"Authorization: Bearer $TOKEN\" "
-              f"{quote}{base}{path}\n")
+              f"{shlex.quote(base + path)}{' ' + options if options else ''}\n")
     print_break_glass_and_slice(settings, base, gateway_command())
     print(f"# Console: open {base}/console/ and paste one of these tokens (one per role)")
     for role, sub, partner, euo in CONSOLE:
