@@ -160,7 +160,7 @@ def _resources(settings: Settings, dsn: str, catalog, policy: Policy, metrics: M
         break_glass = BreakGlassCache(pool, dsn, settings.mirror_staleness_s, clock)
         await break_glass.start()
         audit = AuditWriter(lanes_pool, settings.audit_queue_max, settings.audit_lanes,
-                            settings.audit_commit_timeout_s)
+                            settings.audit_commit_timeout_s, settings.audit_linger_ms / 1000)
         async with pool.acquire() as conn:     # then at each lane's (re)connection
             audit.not_durable = await durability_problems(conn)
         audit.start()

@@ -82,6 +82,8 @@ class Settings:
     audit_retention_days: int = 400
     audit_lanes: int = 1
     audit_commit_timeout_s: float = 2.0   # a request waits this long for its row, then 503
+    # while rows come concurrently, a batch waits this long for more (bigger commits)
+    audit_linger_ms: float = 1.0
     mirror_staleness_s: float = 2.0       # contracts/restrictions unproven this long: 503
     audit_signing_key_file: Path | None = None   # Ed25519 PEM; unset: generated in data_dir
     audit_checkpoint_s: float = 60.0      # chain heads signed this often (and at shutdown)
@@ -167,6 +169,7 @@ class Settings:
             audit_lanes=_int(env, "GATEWAY_AUDIT_LANES", cls.audit_lanes),
             audit_commit_timeout_s=_positive(env, "GATEWAY_AUDIT_COMMIT_TIMEOUT_S",
                                              cls.audit_commit_timeout_s),
+            audit_linger_ms=_linger(env),
             mirror_staleness_s=_positive(env, "GATEWAY_MIRROR_STALENESS_S", cls.mirror_staleness_s),
             audit_signing_key_file=(Path(env["GATEWAY_AUDIT_SIGNING_KEY_FILE"])
                                     if env.get("GATEWAY_AUDIT_SIGNING_KEY_FILE") else None),
@@ -378,6 +381,14 @@ def _positive(env: Mapping[str, str], name: str, default: float) -> float:
     value = _float(env, name, default)
     if not value > 0:   # zero or NaN would refuse every request
         raise ConfigError(f"{name}={env.get(name)!r} must be a number of seconds above 0")
+    return value
+
+
+def _linger(env: Mapping[str, str]) -> float:
+    value = _float(env, "GATEWAY_AUDIT_LINGER_MS", Settings.audit_linger_ms)
+    if not 0 <= value <= 50:     # longer would hold every answer for it
+        raise ConfigError(f"GATEWAY_AUDIT_LINGER_MS={env.get('GATEWAY_AUDIT_LINGER_MS')!r} "
+                          "must be between 0 and 50 (milliseconds)")
     return value
 
 

@@ -121,3 +121,40 @@ async def test_rows_with_awkward_arrays_are_written_as_they_were_hashed(database
         assert tuple(row) == (items, list(reversed(items)), items)
     async with db.acquire() as conn:
         assert (await verify(conn)).ok
+
+
+async def _stream_of_rows(database_url, linger_s: float, rows: int = 120,
+                          spacing_s: float = 0.002) -> tuple[int, list[int]]:
+    """Rows arriving one at a time, `spacing_s` apart (a steady load), each waited for by
+    its own caller; (batches written, the rows of each lone commit made before the load)."""
+    pool = await create_pool(database_url, 1, 2)
+    writer = AuditWriter(pool, queue_max=1000, lanes=1, linger_s=linger_s)
+    sizes: list[int] = []
+    writer.on_batch = lambda n, _seconds: sizes.append(n)
+    writer.start()
+    try:
+        for i in range(3):      # lone calls, a pause longer than the linger apart
+            await writer.commit(AuditRow(at=now_utc(), request_id=f"lone-{i}", status=200))
+            await asyncio.sleep(2 * linger_s)
+        lone = list(sizes)
+        waiting = []
+        for _ in range(rows):
+            waiting.append(asyncio.ensure_future(writer.commit(
+                AuditRow(at=now_utc(), request_id=f"stream-{uuid.uuid4().hex}", status=200))))
+            await asyncio.sleep(spacing_s)
+        await asyncio.gather(*waiting)
+    finally:
+        await writer.close()
+        await pool.close()
+    return len(sizes) - len(lone), lone
+
+
+async def test_under_a_steady_load_a_batch_lingers_for_more_rows_and_a_lone_row_never_waits(
+        gateway, database_url):
+    """GATEWAY_AUDIT_LINGER_MS: while rows keep coming faster than one a linger, a batch
+    waits (at most the linger) for more, so a load is written in fewer, bigger commits;
+    rows a pause apart are each written at once, alone."""
+    plain, lone = await _stream_of_rows(database_url, linger_s=0.0)
+    lingering, lone_lingering = await _stream_of_rows(database_url, linger_s=0.02)
+    assert lone == lone_lingering == [1, 1, 1]
+    assert lingering * 2 <= plain, (lingering, plain)

@@ -23,6 +23,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import math
 import operator
 import uuid
 from collections import deque
@@ -42,6 +43,7 @@ log = logging.getLogger("gateway.audit")
 
 BATCH_MAX = 5000
 LANES = 1          # batches in flight at once (each lane its own chain)
+LINGER_ROWS = 64   # a lingering batch stops waiting once it holds this many rows
 COMMIT_TIMEOUT_S = 2.0
 DEADLINE_MARGIN_S = 0.005   # the database's deadline for a batch: this much before ours
 PROBE_EVERY_S = 0.5   # while failing and idle, how often a lane checks the database is back
@@ -128,8 +130,15 @@ class AuditWriter:
     """Queues rows and commits them through a few lanes, each a chain of its own."""
 
     def __init__(self, pool: asyncpg.Pool, queue_max: int, lanes: int = LANES,
-                 commit_timeout_s: float = COMMIT_TIMEOUT_S):
+                 commit_timeout_s: float = COMMIT_TIMEOUT_S, linger_s: float = 0.0):
         self.pool = pool
+        # while rows keep coming faster than one a linger, a batch waits up to this long
+        # for more before it is written: fewer, bigger commits (one transaction id, one
+        # fsync each) under load; a row after a pause longer than the linger is written at
+        # once. The arrival gap: the last one, and a moving average of them.
+        self.linger_s = linger_s
+        self._last_arrival = -math.inf
+        self._gap = self._avg_gap = math.inf
         self._loop = asyncio.get_running_loop()    # once: each lookup is a getpid() on 3.11
         # (rows, seconds from taking the batch to its COMMIT) of every committed batch
         self.on_batch: Callable[[int, float], None] | None = None
@@ -158,6 +167,10 @@ class AuditWriter:
             fut.set_exception(unavailable())
             return fut
         now = loop.time()
+        self._gap = now - self._last_arrival
+        self._avg_gap = self._gap if self._avg_gap == math.inf else \
+            0.8 * self._avg_gap + 0.2 * min(self._gap, 1.0)
+        self._last_arrival = now
         deadline = now + self.commit_timeout_s if wait else None
         self._queue.append(_Pending(row, fut, now, deadline, change))
         if deadline is not None and self._watch is None:
@@ -166,6 +179,10 @@ class AuditWriter:
         self._drained.clear()
         self._arrived.set()
         return fut
+
+    def _steady(self) -> bool:
+        """Rows come faster than one a linger (the last one too): more will come soon."""
+        return self._gap < self.linger_s and self._avg_gap < self.linger_s
 
     def record_nowait(self, row: AuditRow) -> None:
         """Queue a row nobody waits for (denials carry no personal data)."""
@@ -336,6 +353,8 @@ class _Lane:
         writer = self.writer
         while True:
             batch = writer._take()
+            if batch and len(batch) < LINGER_ROWS and writer._steady():
+                batch += await self._linger(len(batch))
             if batch:
                 self.writing_since = batch[0].queued_at
                 self.batch = batch
@@ -354,6 +373,19 @@ class _Lane:
                 with contextlib.suppress(TimeoutError):
                     async with asyncio.timeout(PROBE_EVERY_S):
                         await writer._arrived.wait()
+
+    async def _linger(self, have: int) -> list[_Pending]:
+        """Wait up to the writer's linger for more rows (until LINGER_ROWS are there);
+        what came meanwhile."""
+        writer = self.writer
+        loop = writer._loop
+        until = loop.time() + writer.linger_s
+        while have + len(writer._queue) < LINGER_ROWS and (left := until - loop.time()) > 0:
+            writer._arrived.clear()          # wake on the next arrival (this lane takes all)
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(left):
+                    await writer._arrived.wait()
+        return writer._take()
 
     async def _connect(self) -> None:
         if self.conn is not None and _closed(self.conn):
