@@ -335,7 +335,15 @@ def test_a_user_sees_who_accessed_their_data_downloads_it_and_files_a_request(br
     assert not by_id(browser, "tab-audit").is_displayed()
     assert not by_id(browser, "tab-requests").is_displayed()
     rows = wait(browser, lambda d: table_rows(d, "access-table"), what="access log")
-    assert any(r[1] == "provider staff" and r[2] == "Provider" and "user_name" in r[4] for r in rows), rows
+    # in words: who, what happened, which of her data as the Provider's table names it
+    assert any(r[1] == "provider staff" and r[2] == "Provider" and r[3].startswith("saw")
+               and "your first and last name" in r[4] for r in rows), rows
+    assert any(r[1] == "provider staff" and r[3].startswith("changed") for r in rows), rows
+    assert not any("user_name" in r[4] or "telephony:" in r[3] for r in rows), rows
+    # the raw fields one click away
+    browser.find_element(By.CSS_SELECTOR, "#access-table tbody tr details summary").click()
+    raw = browser.find_element(By.CSS_SELECTOR, "#access-table tbody tr details code").text
+    assert re.search(r"(GET|PATCH|PUT|POST|DELETE) · (telephony|meeting):/", raw), raw
     # her own requests (the console's included) are not in her access log
     assert all(r[1] != "user" for r in rows), rows
     # emergency access is shown as such, with its purpose and ticket

@@ -54,6 +54,28 @@ function list(values) {
   return Array.isArray(values) ? values.join(", ") : (values === null || values === undefined ? "" : String(values));
 }
 
+// A data set as the Provider's published table calls it (its `seed` row in the catalog:
+// "User first and last name", "Voicemails (.wav)"), never its id; unknown ones as they are.
+function dataSetLabel(name) {
+  const d = catalog.data_sets.find((x) => x.name === name);
+  return d && d.seed ? d.seed.replace(/\s*\(\*\*\)\s*$/, "") : String(name);
+}
+
+function inWords(names) {
+  return (names || []).map((n) => `your ${dataSetLabel(n).replace(/^User /, "").toLowerCase()}`)
+    .join("; ");
+}
+
+// What an access of a user's access log did, in words, so that the row reads as a sentence
+// (who · what happened · your data): the raw fields (method, route, data set ids) sit under
+// "details" for auditors.
+function whatHappened(a) {
+  if (a.decision !== "allow") return "was refused access to";
+  const verb = {served: "saw", named: "named in a request", explained: "asked why the gateway decides on"}[a.access]
+    || (a.access === "acted_upon" ? (a.action === "DELETE" ? "deleted" : "changed") : "accessed");
+  return a.outcome === "unknown" ? `${verb} (whether it was carried out is not recorded)` : verb;
+}
+
 function bytes(n) {
   if (n < 1024) return `${n} B`;
   if (n < 1024 * 1024) return `${(n / 1024).toFixed(1)} KiB`;
@@ -468,8 +490,11 @@ async function loadAccessLog() {
       el("td", {title: a.at}, when(a.at)),
       el("td", null, roleLabel(a.accessor.role)),
       el("td", null, a.accessor.organisation || ""),
-      el("td", null, `${a.action || ""} ${a.route || ""}`),
-      el("td", null, list(a.data_sets)),
+      el("td", null, whatHappened(a), el("details", {class: "raw"},
+        el("summary", null, "details"),
+        el("code", null, [a.action, a.route, list(a.data_sets), a.reason, a.phase]
+          .filter(Boolean).join(" · ")))),
+      el("td", null, inWords(a.data_sets)),
       el("td", {class: "decision-" + a.decision}, a.decision || ""),
       el("td", {class: "break-glass"}, a.break_glass
         ? `break-glass: ${a.break_glass.purpose} (ticket ${a.break_glass.ticket})` : ""))));
