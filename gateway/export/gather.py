@@ -18,7 +18,7 @@ from ..db import POOL, query
 from ..endpoints import identifier
 from ..errors import Denied
 from ..forward import check_file
-from ..pipeline import MAX_PAGES, next_page, too_many_pages
+from ..pipeline import next_page, too_many_pages
 from ..policy.catalog import Node
 from ..policy.export_spec import Attachments, Source
 from ..policy.export_spec import route_of as _route_of
@@ -152,7 +152,7 @@ class Exporter:
         """(path, fetched) of every page of the document at `first` (one, unless the
         backend pages it); a 404 of an optional first page yields nothing."""
         path: str | None = first
-        for _ in range(MAX_PAGES):
+        for _ in range(pipeline.MAX_PAGES):
             fetched = await self._fetch(out, path, optional and path == first, covers)
             if fetched is None:
                 return
