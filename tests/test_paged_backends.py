@@ -101,16 +101,19 @@ async def test_an_erasure_deletes_what_every_page_lists(gateways, http, token_fo
 
 
 async def test_a_list_past_the_page_bound_fails_the_export_and_the_erasure(
-        gateways, http, token_for, monkeypatch):
+        gateways, http, token_for, monkeypatch, db):
     """A list that goes on past pipeline.MAX_PAGES (here 2 pages of one voicemail, of 3) is
     an explicit 502 backend_pages_exceeded for the export, and an erasure that deletes
     none of it, never a silently partial export or erasure."""
     paged, _, data, seen = gateways
     monkeypatch.setattr(pipeline, "MAX_PAGES", 2)
-    status, _, body = await call(http, "GET", paged + "/v1/me/export?format=json",
-                                 token_for(**ALICE))
+    status, headers, body = await call(http, "GET", paged + "/v1/me/export?format=json",
+                                       token_for(**ALICE))
     assert status == 502, body
     assert orjson.loads(body)["error"]["code"] == "backend_pages_exceeded"
+    rows = await db.fetch("select decision, status, reason from audit_log where request_id = $1",
+                          headers["X-Request-Id"])
+    assert ("error", 502, "backend_pages_exceeded") in [tuple(r) for r in rows], rows
 
     before = list(data.voicemails["u-alice"])
     assert len(before) == 3
