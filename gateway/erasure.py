@@ -422,20 +422,20 @@ class Erasure:
         backend pages: the pages' lists joined): the document; None when the backend holds
         nothing there or nothing of it is the subject's to see (a user always sees their
         own data: a floor); Failed when it failed or ran past the deadline."""
-        document = await self._read_page(path)
-        pages = 1
-        while isinstance(document, dict) and (page := pipeline.next_page(path, document)):
-            if pages >= pipeline.MAX_PAGES:
-                denial = pipeline.too_many_pages(path)
-                return Failed(denial.status, denial.code)
-            more = await self._read_page(page)
-            pages += 1
-            if not isinstance(more, dict):      # gone or failed midway: not a whole list
-                return more if isinstance(more, Failed) else Failed(404, "backend_not_found")
-            for key, value in more.items():
-                if isinstance(value, list) and isinstance(document.get(key), list):
-                    document[key] = document[key] + value
-            document["next_cursor"] = more.get("next_cursor")
+        document = None
+        try:
+            async for page, more in pipeline.pages(path, self._read_page):
+                if page == path:
+                    document = more
+                    continue
+                if not isinstance(more, dict):      # gone or failed midway: not a whole list
+                    return more if isinstance(more, Failed) else Failed(404, "backend_not_found")
+                for key, value in more.items():
+                    if isinstance(value, list) and isinstance(document.get(key), list):
+                        document[key] = document[key] + value
+                document["next_cursor"] = more.get("next_cursor")
+        except Denied as e:         # past the pages followed: not a whole list
+            return Failed(e.status, e.code)
         return document
 
     async def _read_page(self, path: str) -> Any:

@@ -16,7 +16,7 @@ the erasure) go through the same stages: authorized, open_get and fetch_json bel
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 from urllib.parse import quote
 
@@ -162,6 +162,23 @@ def next_page(path: str, document: Any) -> str | None:
     if not isinstance(cursor, str) or not cursor:
         return None
     return f"{path}{'&' if '?' in path else '?'}cursor={quote(cursor, safe='')}"
+
+
+async def pages(first: str, read: Callable[[str], Awaitable[Any]],
+                document_of: Callable[[Any], Any] = lambda page: page
+                ) -> AsyncIterator[tuple[str, Any]]:
+    """(path, what `read` gave for it) for every page of the list at `first`, following
+    its `next_cursor` (`document_of` a page: its document; a page that is None or no dict
+    has no next), at most MAX_PAGES: past them Denied backend_pages_exceeded. The one
+    walk of a paged list the features (export, erasure) read through."""
+    path: str | None = first
+    for _ in range(MAX_PAGES):
+        page = await read(path)
+        yield path, page
+        path = None if page is None else next_page(first, document_of(page))
+        if path is None:
+            return
+    raise too_many_pages(first)
 
 
 def too_many_pages(path: str) -> Denied:

@@ -9,6 +9,7 @@ import copy
 import orjson
 import pytest_asyncio
 
+from gateway import pipeline
 from gateway.demo import data as demo_data
 from gateway.demo.backends import meeting_app, telephony_app
 from gateway.demo.run import start_site
@@ -17,6 +18,7 @@ from .conftest import Seen, call, gateway_settings, running_gateway
 
 ALICE = {"role": "user", "sub": "u-alice", "euo": "euo-acme"}
 DIRK = {"role": "user", "sub": "u-dirk", "euo": "euo-globex"}
+ACME_ADMIN = {"role": "euo_admin", "sub": "admin@acme", "euo": "euo-acme"}
 GLOBEX_ADMIN = {"role": "euo_admin", "sub": "admin@globex", "euo": "euo-globex"}
 
 
@@ -96,3 +98,35 @@ async def test_an_erasure_deletes_what_every_page_lists(gateways, http, token_fo
     deletes = sorted(p for m, p, _ in seen.requests if m == "DELETE")
     assert deletes == [f"/euos/euo-globex/users/u-dirk/voicemails/vm-u-dirk-{n}"
                        for n in (1, 2, 3)]
+
+
+async def test_a_list_past_the_page_bound_fails_the_export_and_the_erasure(
+        gateways, http, token_for, monkeypatch, db):
+    """A list that goes on past pipeline.MAX_PAGES (here 2 pages of one voicemail, of 3) is
+    an explicit 502 backend_pages_exceeded for the export, and an erasure that deletes
+    none of it, never a silently partial export or erasure."""
+    paged, _, data, seen = gateways
+    monkeypatch.setattr(pipeline, "MAX_PAGES", 2)
+    status, headers, body = await call(http, "GET", paged + "/v1/me/export?format=json",
+                                       token_for(**ALICE))
+    assert status == 502, body
+    assert orjson.loads(body)["error"]["code"] == "backend_pages_exceeded"
+    rows = await db.fetch("select decision, status, reason from audit_log where request_id = $1",
+                          headers["X-Request-Id"])
+    assert ("error", 502, "backend_pages_exceeded") in [tuple(r) for r in rows], rows
+
+    before = list(data.voicemails["u-alice"])
+    assert len(before) == 3
+    seen.requests.clear()
+    status, _, body = await call(http, "POST", paged + "/v1/me/requests", token_for(**ALICE),
+                                 json={"type": "erasure", "data_sets": ["voicemails"]})
+    assert status == 201, body
+    request = orjson.loads(body)["id"]
+    status, _, body = await call(http, "PATCH", f"{paged}/v1/requests/{request}",
+                                 token_for(**ACME_ADMIN), json={"status": "accepted"})
+    assert status == 200, body
+    answer = orjson.loads(body)
+    assert answer["status"] != "completed", body
+    assert "backend_pages_exceeded" in body.decode(), body
+    assert data.voicemails["u-alice"] == before
+    assert not [p for m, p, _ in seen.requests if m == "DELETE"]

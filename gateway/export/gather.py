@@ -18,7 +18,6 @@ from ..db import POOL, query
 from ..endpoints import identifier
 from ..errors import Denied
 from ..forward import check_file
-from ..pipeline import MAX_PAGES, next_page, too_many_pages
 from ..policy.catalog import Node
 from ..policy.export_spec import Attachments, Source
 from ..policy.export_spec import route_of as _route_of
@@ -151,16 +150,11 @@ class Exporter:
     async def _pages(self, out: Gathered, first: str, optional: bool, covers: list[str]):
         """(path, fetched) of every page of the document at `first` (one, unless the
         backend pages it); a 404 of an optional first page yields nothing."""
-        path: str | None = first
-        for _ in range(MAX_PAGES):
-            fetched = await self._fetch(out, path, optional and path == first, covers)
-            if fetched is None:
-                return
-            yield path, fetched
-            path = next_page(first, fetched[2])
-            if path is None:
-                return
-        raise too_many_pages(first)
+        async def read(path: str):
+            return await self._fetch(out, path, optional and path == first, covers)
+        async for path, fetched in pipeline.pages(first, read, lambda f: f[2]):
+            if fetched is not None:
+                yield path, fetched
 
     async def _take(self, out: Gathered, source: Source, path: str, document: Any,
                     shape: Node, full: Any) -> None:
