@@ -34,6 +34,7 @@ from .alerts import SETTLE_S, AlertEvaluator
 from .audit import AuditRow, AuditWriter
 from .audit import api as audit_api
 from .audit import per_day as audit_per_day
+from .audit import report as audit_report
 from .audit import slices as audit_slices
 from .audit.checkpoints import CHECKPOINTER, Checkpointer, signing_key
 from .authn import Authenticator
@@ -111,6 +112,7 @@ def create_app(settings: Settings, dsn: str, reload_on_sighup: bool = False,
     audit_api.add_routes(app)
     audit_per_day.add_routes(app)
     audit_slices.add_routes(app)
+    audit_report.add_routes(app)
     explain.add_routes(app)
     subject_requests.add_routes(app)
     break_glass_api.add_routes(app)

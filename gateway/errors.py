@@ -34,6 +34,8 @@ REASONS: dict[str, tuple[int, str]] = {
                                  "long or holds an unknown field"),
     "invalid_ack": (400, "an alert's acknowledgement lacks a note (1-1000 characters) or holds "
                          "an unknown field"),
+    "bad_report": (400, "a monthly report's month is not YYYY-MM, its format unknown, or it "
+                          "names no EUO or partner"),
     "bad_filter": (400, "an audit or request filter is malformed, repeated or unknown"),
     "bad_explain": (400, "explain needs a method and a backend path"),
     "bad_cursor": (400, "the paging cursor is not one the gateway gave out"),
@@ -74,6 +76,8 @@ REASONS: dict[str, tuple[int, str]] = {
     "unknown_route": (404, "no route of the route table matches (never forwarded)"),
     "not_found": (404, "no such gateway endpoint"),
     "no_contract": (404, "the EUO has no contract"),
+    "report_out_of_scope": (403, "the report is about an EUO or partner outside the caller's "
+                                  "audit scope"),
     "no_such_request": (404, "no such data-subject request in the caller's scope"),
     "no_such_grant": (404, "no such break-glass grant in the caller's scope"),
     "no_such_alert": (404, "no such alert in the caller's scope"),

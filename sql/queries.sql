@@ -611,3 +611,75 @@ select pg_current_wal_flush_lsn()::text;
 -- Whether this standby has replayed the primary's WAL up to $1; null when this server is
 -- not in recovery (a primary: not a standby to read from).
 select case when pg_is_in_recovery() then pg_last_wal_replay_lsn() >= $1::text::pg_lsn end;
+
+-- name: report_accesses
+-- The monthly report (gateway/audit/report.py, GET /v1/reports/monthly): $1..$2 the month
+-- [start, end), $3 an EUO (null: any), $4 a partner (null: any): rows about the EUO, or
+-- about the partner's customers while it held them (as audit_query narrows a partner).
+-- Allowed calls by the caller's role and the data sets they touched (an outcome row
+-- repeats its intent: counted once).
+select a.actor_role as role, ds as item, count(*) as count
+  from audit_log a cross join unnest(a.data_sets) ds
+ where a.at >= $1 and a.at < $2 and a.decision = 'allow' and a.phase is distinct from 'outcome'
+   and ($3::text is null or a.subject_euo = $3)
+   and ($4::text is null or exists (
+        select 1 from contract_history h
+         where h.partner_id = $4 and h.euo_id = a.subject_euo and a.at >= h.started_at
+           and (h.ended_at is null or a.at < h.ended_at)))
+ group by 1, 2 order by 1, 2;
+
+-- name: report_refusals
+select a.actor_role as role, a.reason as item, count(*) as count
+  from audit_log a
+ where a.at >= $1 and a.at < $2 and a.decision = 'deny'
+   and ($3::text is null or a.subject_euo = $3)
+   and ($4::text is null or exists (
+        select 1 from contract_history h
+         where h.partner_id = $4 and h.euo_id = a.subject_euo and a.at >= h.started_at
+           and (h.ended_at is null or a.at < h.ended_at)))
+ group by 1, 2 order by 1, 2;
+
+-- name: report_break_glass
+select g.created_at, g.actor_role, g.euo_id, g.user_sub, g.purpose, g.ticket, g.ends_at,
+       g.ended_at
+  from break_glass g
+ where g.created_at >= $1 and g.created_at < $2
+   and ($3::text is null or g.euo_id = $3)
+   and ($4::text is null or exists (
+        select 1 from contract_history h
+         where h.partner_id = $4 and h.euo_id = g.euo_id and g.created_at >= h.started_at
+           and (h.ended_at is null or g.created_at < h.ended_at)))
+ order by g.created_at;
+
+-- name: report_requests
+-- Whether each met its 30-day deadline: resolved (completed, rejected, withdrawn) by its due
+-- date; still open past it: no; still open before it: null (not yet known).
+select r.id, r.euo_id, r.user_sub, r.type, r.status, r.created_at, r.due_at,
+       case when r.status in ('completed', 'rejected', 'withdrawn') then r.updated_at <= r.due_at
+            when now() > r.due_at then false end as met_deadline
+  from dsr_requests r
+ where r.created_at >= $1 and r.created_at < $2
+   and ($3::text is null or r.euo_id = $3)
+   and ($4::text is null or exists (
+        select 1 from contract_history h
+         where h.partner_id = $4 and h.euo_id = r.euo_id and r.created_at >= h.started_at
+           and (h.ended_at is null or r.created_at < h.ended_at)))
+ order by r.created_at;
+
+-- name: report_alerts
+select al.raised_at, al.rule, al.observed, al.limit_value, al.acked_at, al.acked_by, al.ack_note
+  from alerts al
+ where al.raised_at >= $1 and al.raised_at < $2
+   and ($3::text is null or $3 = any(al.subject_euos) or al.actor_euo = $3)
+   and ($4::text is null or al.actor_partner = $4 or exists (
+        select 1 from contract_history h
+         where h.partner_id = $4 and h.euo_id = any(al.subject_euos)
+           and al.observed_to >= h.started_at
+           and (h.ended_at is null or al.observed_from < h.ended_at)))
+ order by al.raised_at;
+
+-- name: report_partner_held
+-- Whether partner $1 held EUO $2 at some time in [$3, $4).
+select exists (select 1 from contract_history h
+                where h.partner_id = $1 and h.euo_id = $2 and h.started_at < $4
+                  and (h.ended_at is null or h.ended_at > $3));

@@ -322,6 +322,19 @@ def test_a_partner_and_an_euo_admin_see_only_their_scope(browser, demo):
     assert problems(browser) == []
 
 
+def test_an_euo_admin_downloads_this_months_report_and_it_renders_with_its_charts(browser, demo):
+    assert demo.call("GET", "/telephony/euos/euo-acme/users/u-alice", "euo_admin")[0] == 200
+    sign_in(browser, demo, "euo_admin")
+    by_id(browser, "download-report").click()
+    month = time.strftime("%Y-%m", time.gmtime())
+    report = downloaded(browser, f"report-{month}.html")
+    wait(browser, lambda d: "saved" in by_id(d, "download-status").text, what="report saved")
+    browser.get(report.as_uri())
+    assert browser.find_element(By.TAG_NAME, "h1").text == f"Access report, {month}"
+    assert "EUO euo-acme" in browser.find_element(By.TAG_NAME, "body").text
+    assert len(browser.find_elements(By.CSS_SELECTOR, "figure svg rect")) >= 1
+
+
 def test_a_user_sees_who_accessed_their_data_downloads_it_and_files_a_request(browser, demo):
     assert demo.call("GET", "/telephony/euos/euo-acme/users/u-alice", "provider_staff")[0] == 200
     ticket = f"INC-{time.monotonic_ns()}"

@@ -14,9 +14,9 @@ import sys
 from ..db import DatabaseUnavailable
 from ..policy.catalog import PolicyError
 from ..settings import ConfigError, Settings
-from . import audit, database, demo, policy, retention, serving, token
+from . import audit, database, demo, policy, report, retention, serving, token
 
-FAMILIES = (serving, database, demo, audit, policy, retention, token)
+FAMILIES = (serving, database, demo, audit, report, policy, retention, token)
 NOISY = ("pgserver", "casbin", "casbin.policy", "casbin.enforcer", "casbin.role")
 
 

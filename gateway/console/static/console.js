@@ -390,6 +390,22 @@ async function auditDownload(kind) {
   }
 }
 
+// This month's report (GET /v1/reports/monthly) in the caller's scope, as a printable HTML
+// page: about the EUO of the filter when one is given (staff must name one; a partner's
+// report without it covers all its customers).
+async function reportDownload() {
+  const month = new Date().toISOString().slice(0, 7);
+  const file = `report-${month}.html`;
+  say("download-status", "Preparing the report…");
+  try {
+    const euo = $("f-euo").value.trim();
+    const n = await download("/v1/reports/monthly" + query({month, format: "html", euo: euo || null}),
+      "text/html", file, (got) => say("download-status", `${bytes(got)} received…`));
+    say("download-status", `${file} saved (${bytes(n)}).`);
+  } catch (e) {
+    say("download-status", `Report failed: ${e.message}`, true);
+  }
+}
 
 async function loadChart() {
   const current = ticket("chart");
@@ -627,6 +643,7 @@ document.addEventListener("DOMContentLoaded", () => {
   $("audit-older").addEventListener("click", () => { audit.page += 1; loadAuditPage(); });
   $("audit-newer").addEventListener("click", () => { audit.page = Math.max(0, audit.page - 1); loadAuditPage(); });
   $("download-csv").addEventListener("click", () => auditDownload("csv"));
+  $("download-report").addEventListener("click", reportDownload);
   $("download-ndjson").addEventListener("click", () => auditDownload("ndjson"));
   $("verify").addEventListener("click", verifyChains);
   $("access-older").addEventListener("click", () => { access.page += 1; loadAccessLog(); });
