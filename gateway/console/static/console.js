@@ -216,7 +216,8 @@ async function signIn(jwt) {
   $("who").hidden = false;
   const org = organisation(c.role, c.partner, c.euo);
   $("who-text").textContent = `${c.sub} · ${mine.label}${org ? " · " + org : ""}`;
-  const tabs = {audit: may("audit"), requests: may("requests"), mydata: mine.data_subject};
+  const tabs = {audit: may("audit"), requests: may("requests"), alerts: may("audit"),
+                mydata: mine.data_subject};
   $("tabs").hidden = false;
   for (const [tab, open] of Object.entries(tabs)) $("tab-" + tab).hidden = !open;
   fillDataSets();
@@ -249,10 +250,11 @@ function show(tab) {
     b.classList.toggle("active", b.dataset.tab === tab);
     b.setAttribute("aria-pressed", String(b.dataset.tab === tab));
   }
-  for (const id of ["audit", "mydata", "requests"]) $(id).hidden = id !== tab;
+  for (const id of ["audit", "mydata", "requests", "alerts"]) $(id).hidden = id !== tab;
   if (tab === "audit") openAudit();
   if (tab === "mydata") openMyData();
   if (tab === "requests") loadRequests();
+  if (tab === "alerts") loadAlerts();
 }
 
 let catalog = {data_sets: []};
@@ -626,6 +628,75 @@ async function answerRequest(id, status, resolution) {
   }
 }
 
+// --- alerts -------------------------------------------------------------------------------
+
+// The audit explorer opened on the rows an alert counted (its `audit` query).
+function showAuditRows(link) {
+  const params = new URL(link, location.href).searchParams;
+  const fields = {actor: "f-actor", dataset: "f-dataset", decision: "f-decision"};
+  for (const [name, id] of Object.entries(fields)) $(id).value = params.get(name) || "";
+  for (const [name, id] of [["from", "f-from"], ["to", "f-to"]]) {
+    const t = params.get(name) ? new Date(params.get(name)) : null;
+    // the inputs keep whole seconds: the window's end rounds up, so no counted row is left out
+    if (t && name === "to" && t.getMilliseconds()) t.setSeconds(t.getSeconds() + 1, 0);
+    $(id).value = t ? localInput(t) : "";
+  }
+  show("audit");
+  searchAudit();
+}
+
+async function loadAlerts() {
+  const current = ticket("alerts");
+  say("alerts-status", "Loading…");
+  try {
+    const r = await api("/v1/alerts" + query({acked: $("al-acked").value, limit: 100}));
+    if (!current()) return;
+    $("alerts-table").tBodies[0].replaceChildren(...r.alerts.map((a) => {
+      const who = a.actor.sub !== null && a.actor.sub !== undefined
+        ? `${roleLabel(a.actor.role)} · ${a.actor.sub}` : roleLabel(a.actor.role);
+      const open = el("button", {type: "button"}, "open in the audit explorer");
+      open.addEventListener("click", () => showAuditRows(a.audit));
+      let ack;
+      if (a.acked_at) {
+        ack = el("td", null, `${when(a.acked_at)} by ${a.acked_by}: ${a.ack_note}`);
+      } else {
+        const note = el("input", {type: "text", placeholder: "note", maxlength: "1000",
+                                  "aria-label": "acknowledgement note"});
+        const button = el("button", {type: "button", "data-id": a.id}, "Acknowledge");
+        button.addEventListener("click", () => ackAlert(a.id, note.value));
+        ack = el("td", {class: "answer"}, note, button);
+      }
+      return el("tr", {"data-id": a.id},
+        el("td", {title: a.raised_at}, when(a.raised_at)),
+        el("td", null, a.rule),
+        el("td", null, who),
+        el("td", null, `${when(a.window.from)} – ${when(a.window.to)}`),
+        el("td", null, a.observed),
+        el("td", null, a.limit),
+        el("td", null, a.baseline === null ? "" : `${a.baseline} × ${a.factor}`),
+        el("td", null, open),
+        ack);
+    }));
+    say("alerts-status", r.alerts.length ? "" : "No alert.");
+  } catch (e) {
+    say("alerts-status", e.message, true);
+  }
+}
+
+async function ackAlert(id, note) {
+  if (!note.trim()) {
+    say("alerts-status", "Write a note to acknowledge an alert.", true);
+    return;
+  }
+  try {
+    await api(`/v1/alerts/${encodeURIComponent(id)}/ack`, {method: "POST", body: {note}});
+    await loadAlerts();
+    say("alerts-status", "Acknowledged.");
+  } catch (e) {
+    say("alerts-status", e.message, true);
+  }
+}
+
 // --- wiring -------------------------------------------------------------------------------
 
 document.addEventListener("DOMContentLoaded", () => {
@@ -644,6 +715,8 @@ document.addEventListener("DOMContentLoaded", () => {
   $("audit-newer").addEventListener("click", () => { audit.page = Math.max(0, audit.page - 1); loadAuditPage(); });
   $("download-csv").addEventListener("click", () => auditDownload("csv"));
   $("download-report").addEventListener("click", reportDownload);
+  $("al-refresh").addEventListener("click", loadAlerts);
+  $("al-acked").addEventListener("change", loadAlerts);
   $("download-ndjson").addEventListener("click", () => auditDownload("ndjson"));
   $("verify").addEventListener("click", verifyChains);
   $("access-older").addEventListener("click", () => { access.page += 1; loadAccessLog(); });
