@@ -2,7 +2,8 @@
 change to one that forgets the other fails here: the roles (roles.yaml), the backend API
 (routes.yaml, service by service), the alert rules (alerts.yaml), the retention rules
 (datasets.yaml), the request states (subject_requests.TRANSITIONS) and the assisted
-export's purposes (export.yaml, also the OpenAPI enum). The data-set table is pinned by
+export's purposes (export.yaml, also the OpenAPI enum), and the audit rows' access kinds
+(audit.api.ACCESS, also the OpenAPI enums). The data-set table is pinned by
 tests/test_floors.py."""
 
 from __future__ import annotations
@@ -125,3 +126,19 @@ def test_the_assisted_export_purposes_are_those_of_export_yaml():
     operation = spec["paths"]["/v1/euos/{euo}/users/{user}/export"]["get"]
     (purpose,) = [p for p in operation["parameters"] if p.get("name") == "purpose"]
     assert purpose["schema"]["enum"] == purposes
+
+
+def test_the_access_table_and_enums_are_the_audit_access_kinds():
+    """docs/audit.md's `access` table and the OpenAPI document's access filter and row
+    field name exactly gateway.audit.api.ACCESS (and null, a refusal's)."""
+    from gateway.audit.api import ACCESS
+
+    table = [row[0].strip("`") for row in _rows("audit.md", "| `access` | the row is")]
+    assert table == [*ACCESS, "null"]
+    spec = yaml.safe_load((ROOT / "gateway" / "openapi.yaml").read_text())
+    (access,) = [p for p in spec["paths"]["/v1/audit"]["get"]["parameters"]
+                 if p.get("name") == "access"]
+    assert access["schema"]["enum"] == list(ACCESS)
+    fields = [s["properties"]["access"]["enum"] for s in spec["components"]["schemas"].values()
+              if "access" in s.get("properties", {})]
+    assert fields and all(enum == [*ACCESS, None] for enum in fields)
