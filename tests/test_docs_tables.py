@@ -1,8 +1,10 @@
 """Tables of the docs that restate a policy file or the code are tested equal to it, so a
 change to one that forgets the other fails here: the roles (roles.yaml), the backend API
 (routes.yaml, service by service), the alert rules (alerts.yaml), the retention rules
-(datasets.yaml) and the request states (subject_requests.TRANSITIONS). The data-set table
-is pinned by tests/test_floors.py."""
+(datasets.yaml), the request states (subject_requests.TRANSITIONS) and the assisted
+export's purposes (export.yaml, also the OpenAPI enum), and the audit rows' access kinds
+(audit.api.ACCESS, also the OpenAPI enums). The data-set table is pinned by
+tests/test_floors.py."""
 
 from __future__ import annotations
 
@@ -111,3 +113,32 @@ def test_the_request_states_table_is_the_state_machine():
         for b in re.findall(r"`(\w+)`", before):
             moves.update((b, a) for a in re.findall(r"`(\w+)`", after))
     assert moves == set(TRANSITIONS)
+
+
+def test_the_assisted_export_purposes_are_those_of_export_yaml():
+    """docs/data-subject-rights.md's list of purposes and the OpenAPI document's enum are
+    the ids of `assisted.purposes` in export.yaml."""
+    purposes = list(_policy("export.yaml")["assisted"]["purposes"])
+    text = (DOCS / "data-subject-rights.md").read_text()
+    listed = text.split("Purposes (`assisted.purposes` in `export.yaml`):", 1)[1].split(".", 1)[0]
+    assert re.findall(r"`(\w+)`", listed) == purposes
+    spec = yaml.safe_load((ROOT / "gateway" / "openapi.yaml").read_text())
+    operation = spec["paths"]["/v1/euos/{euo}/users/{user}/export"]["get"]
+    (purpose,) = [p for p in operation["parameters"] if p.get("name") == "purpose"]
+    assert purpose["schema"]["enum"] == purposes
+
+
+def test_the_access_table_and_enums_are_the_audit_access_kinds():
+    """docs/audit.md's `access` table and the OpenAPI document's access filter and row
+    field name exactly gateway.audit.api.ACCESS (and null, a refusal's)."""
+    from gateway.audit.api import ACCESS
+
+    table = [row[0].strip("`") for row in _rows("audit.md", "| `access` | the row is")]
+    assert table == [*ACCESS, "null"]
+    spec = yaml.safe_load((ROOT / "gateway" / "openapi.yaml").read_text())
+    (access,) = [p for p in spec["paths"]["/v1/audit"]["get"]["parameters"]
+                 if p.get("name") == "access"]
+    assert access["schema"]["enum"] == list(ACCESS)
+    fields = [s["properties"]["access"]["enum"] for s in spec["components"]["schemas"].values()
+              if "access" in s.get("properties", {})]
+    assert fields and all(enum == [*ACCESS, None] for enum in fields)
