@@ -95,11 +95,36 @@ class AlertEvaluator:
         self.poll_s, self.settle_s = poll_s, settle_s
         self._baselines: dict[tuple, float | None] = {}
         self._task: asyncio.Task | None = None
+        # what lets a pass skip a measure that cannot pass its limit, exactly: per (rule,
+        # key), the value last measured and what the rows since can have added to it (a
+        # count: one per row; distinct subjects: the subjects they named). Kept only while
+        # this process is the one moving the watermark (`_mark`): rows another evaluator
+        # read are not in it, so a watermark moved elsewhere empties it.
+        self._last: dict[tuple[str, str], int] = {}
+        self._since: dict[tuple[str, str], tuple[int, set[str]]] = {}
+        self._mark: tuple | None = None
 
     def use(self, rules: tuple[AlertRule, ...], version: str) -> None:
         """A reloaded policy's rules, from the next pass on."""
         self.rules, self.version = rules, version
         self._baselines.clear()
+        self._forget()
+
+    def _forget(self) -> None:
+        self._last.clear()
+        self._since.clear()
+        self._mark = None
+
+    def _may_pass(self, rule: AlertRule, key: str) -> bool:
+        """Whether the rule's value for the key can be above its limit now: its last
+        measure plus all the rows since could add (rows leaving the window only lower it);
+        unknown: yes."""
+        last = self._last.get((rule.name, key))
+        if last is None:
+            return True
+        rows, subjects = self._since.get((rule.name, key), (0, set()))
+        grown = len(subjects) if rule.measure == "distinct_subjects" else rows
+        return last + grown > rule.limit
 
     def start(self) -> None:
         self._task = asyncio.create_task(self._running())
@@ -128,6 +153,8 @@ class AlertEvaluator:
                 return None
             await conn.execute(query("alert_watermark_init"), self.settle_s)
             mark = await conn.fetchrow(query("alert_watermark"))
+            if self._mark != tuple(mark):
+                self._forget()               # another evaluator moved it: start afresh
             rows = await conn.fetch(query("alert_new_rows"), mark["at"], mark["chain_id"],
                                     mark["seq"], self.settle_s, BATCH_ROWS)
             if not rows:
@@ -138,13 +165,25 @@ class AlertEvaluator:
                     key = _wanted(rule, row)
                     if key is not None:
                         touched[rule, key] = row["at"]     # the latest: rows come in order
+                        count, subjects = self._since.get((rule.name, key), (0, set()))
+                        if rule.measure == "distinct_subjects" and len(subjects) <= rule.limit:
+                            subjects.update(row["subject_users"] or ())
+                        self._since[rule.name, key] = (count + 1, subjects)
             for (rule, key), at in touched.items():
-                alert = await self._measure(conn, rule, key, at)
+                if not self._may_pass(rule, key):
+                    continue                 # cannot be above its limit: nothing to ask
+                alert, observed = await self._measure(conn, rule, key, at)
+                self._last[rule.name, key] = observed
+                self._since.pop((rule.name, key), None)
                 if alert is not None:
                     raised.append(alert)
             last = rows[-1]
             await conn.execute(query("alert_watermark_move"), last["at"], last["chain_id"],
                                last["seq"])
+            self._mark = (last["at"], last["chain_id"], last["seq"])
+            if len(self._last) > 100_000:    # keys seen long ago: measured again when seen
+                self._forget()
+                self._mark = (last["at"], last["chain_id"], last["seq"])
         for alert in raised:
             log.warning("alert %s raised: %s %s observed %s (limit %s)", alert["id"],
                         alert["rule"], alert["key"], alert["observed"], alert["limit_value"])
@@ -153,22 +192,24 @@ class AlertEvaluator:
         return len(rows)
 
     async def _measure(self, conn, rule: AlertRule, key: str, at: datetime):
+        """(the alert raised or None, the value observed; unknown: above the limit)."""
         start = at - rule.window
         if await conn.fetchval(query("alert_recent"), rule.name, key, start):
-            return None                      # this window already alerted
+            return None, rule.limit + 1      # this window already alerted
         hours = rule.working_hours
         wh = (hours.start, hours.end, list(hours.weekdays)) if hours else (None, None, None)
         m = await conn.fetchrow(query("alert_measure"), rule.per, key, start, at, rule.measure,
                                 rule.data_set, sorted(rule.roles) or None, *wh)
-        if m["observed"] <= rule.limit:
-            return None
+        observed = m["observed"]
+        if observed <= rule.limit:
+            return None, observed
         baseline = None
         if rule.baseline is not None:
             if m["actor_role"] is None:
-                return None                  # an anonymous caller has no role peers
+                return None, observed        # an anonymous caller has no role peers
             baseline = await self._baseline(conn, rule, m["actor_role"], key, start, wh)
-            if baseline is not None and m["observed"] <= rule.baseline.factor * baseline:
-                return None
+            if baseline is not None and observed <= rule.baseline.factor * baseline:
+                return None, observed
         alert = await conn.fetchrow(
             query("alert_raise"), rule.name, rule.per, key, start, start, at, m["observed"],
             rule.limit, baseline, rule.baseline.factor if rule.baseline else None,
@@ -176,7 +217,7 @@ class AlertEvaluator:
             list(m["subject_euos"]), audit_link(rule, key, start, at), self.version)
         if alert is not None and self.queue_event is not None:
             await self.queue_event(conn, {"alert": public(alert)})
-        return alert
+        return alert, observed
 
     async def _baseline(self, conn, rule: AlertRule, role: str, key: str,
                         start: datetime, wh) -> float | None:

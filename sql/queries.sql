@@ -508,7 +508,7 @@ update alert_watermark set at = $1, chain_id = $2, seq = $3, moved_at = now();
 -- The audit rows after the watermark, settled ($4 seconds old: a batch of an older time
 -- commits within the audit writer's deadline), in (at, chain_id, seq) order, at most $5
 select at, chain_id, seq, actor_sub, actor_role, actor_partner, actor_euo, data_sets,
-       decision, phase
+       decision, phase, subject_users
   from audit_log
  where (at, chain_id, seq) > ($1, $2, $3) and at <= now() - make_interval(secs => $4)
  order by at, chain_id, seq
