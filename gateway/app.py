@@ -42,6 +42,7 @@ from .contracts import ContractCache
 from .db import POOL, create_pool, durability_problems, ensure_partitions, migrate, query
 from .endpoints import CALL, IDENTIFIER, api, identifier, json_object, json_response
 from .errors import Denied, error_response
+from .listener import Listener
 from .metrics import METRICS, Metrics, metrics_view
 from .policyset import PolicySet, load_policy_set
 from .principal import Principal
@@ -147,11 +148,14 @@ def _resources(settings: Settings, dsn: str, catalog, policy: Policy, metrics: M
         # before anything that decides by the time of day: the database's clock, read once
         clock = app[CLOCK] = Clock(pool, settings.max_clock_skew_s)
         await clock.start()
-        contracts = ContractCache(pool, dsn, settings.mirror_staleness_s, clock)
+        # one LISTEN connection for every mirror, straight to PostgreSQL (not a pooler)
+        listener = Listener(settings.database_listen_url or dsn, clock,
+                            settings.mirror_staleness_s)
+        contracts = ContractCache(pool, listener, settings.mirror_staleness_s, clock)
         await contracts.start()
-        restrictions = RestrictionCache(pool, dsn, settings.mirror_staleness_s)
+        restrictions = RestrictionCache(pool, listener, settings.mirror_staleness_s)
         await restrictions.start()
-        break_glass = BreakGlassCache(pool, dsn, settings.mirror_staleness_s, clock)
+        break_glass = BreakGlassCache(pool, listener, settings.mirror_staleness_s, clock)
         await break_glass.start()
         audit = AuditWriter(lanes_pool, settings.audit_queue_max, settings.audit_lanes,
                             settings.audit_commit_timeout_s)
@@ -225,6 +229,7 @@ def _resources(settings: Settings, dsn: str, catalog, policy: Policy, metrics: M
             await contracts.close()
             await restrictions.close()
             await break_glass.close()
+            await listener.close()
             await partitions.close()
             await clock.close()
             await backends.close()

@@ -47,6 +47,7 @@ class Settings:
     listen_host: str = "127.0.0.1"
     listen_port: int = 8080
     database_url: str | None = None
+    database_listen_url: str | None = None   # the mirrors' LISTEN connection; unset: database_url
     data_dir: Path = Path(".gateway")
     upstreams: Mapping[str, str] = field(default_factory=dict)
     jwt_secret: str | None = None
@@ -132,6 +133,7 @@ class Settings:
             listen_host=host,
             listen_port=port,
             database_url=env.get("GATEWAY_DATABASE_URL") or None,
+            database_listen_url=env.get("GATEWAY_DATABASE_LISTEN_URL") or None,
             data_dir=Path(env.get("GATEWAY_DATA_DIR", ".gateway")),
             upstreams=upstreams,
             jwt_secret=env.get("GATEWAY_JWT_SECRET") or None,

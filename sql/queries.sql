@@ -278,8 +278,13 @@ select min(to_date(substr(c.relname, 12, 4) || substr(c.relname, 17, 2), 'YYYYMM
   from pg_inherits i join pg_class c on c.oid = i.inhrelid
  where i.inhparent = 'audit_log'::regclass and c.relname ~ '^audit_log_y[0-9]{4}m[0-9]{2}$';
 
--- name: mirror_heartbeat
-select pg_notify($1, $2);
+-- name: deployment_heartbeat
+-- The deployment's heartbeat (gateway/listener.py): "<seq> <sender> <the database's time>".
+select pg_notify($1, $2 || ' ' || extract(epoch from clock_timestamp())::text);
+
+-- name: heartbeat_lock
+-- Whether this session is (now) the deployment's heartbeat sender.
+select pg_try_advisory_lock($1);
 
 -- name: recorded_migrations
 select version from schema_migrations;
