@@ -135,10 +135,11 @@ def _resources(settings: Settings, dsn: str, catalog, policy: Policy, metrics: M
         # calls holding every other connection cannot keep a row from being written
         shared = settings.db_pool_max - settings.audit_lanes
         pool = await create_pool(dsn, min(settings.db_pool_min, shared), shared,
-                                 settings.db_acquire_timeout_s, settings.db_synchronous_commit)
+                                 settings.db_acquire_timeout_s, settings.db_synchronous_commit,
+                                 settings.database_pooler)
         lanes_pool = await create_pool(dsn, settings.audit_lanes, settings.audit_lanes,
                                        settings.audit_commit_timeout_s,
-                                       settings.db_synchronous_commit)
+                                       settings.db_synchronous_commit, settings.database_pooler)
         if migrating:
             async with pool.acquire() as conn:
                 await migrate(conn)

@@ -38,6 +38,9 @@ def upstream_variable(service: str) -> str:
 ACCESS_LOG_FORMATS = ("off", "json")
 
 
+DATABASE_POOLERS = ("none", "transaction")
+
+
 class ConfigError(Exception):
     """A configuration mistake, with a message an operator can act on."""
 
@@ -77,6 +80,8 @@ class Settings:
     # set on every connection of the gateway, whatever the server's default: a commit the
     # gateway answers for is durable (on) or applied on the synchronous standby (remote_apply)
     db_synchronous_commit: str = "on"
+    # `transaction`: GATEWAY_DATABASE_URL goes through a transaction-mode pooler (PgBouncer)
+    database_pooler: str = "none"
     audit_queue_max: int = 50_000
     audit_retention_days: int = 400
     audit_lanes: int = 1
@@ -160,6 +165,8 @@ class Settings:
                                            cls.db_acquire_timeout_s),
             db_synchronous_commit=env.get("GATEWAY_DB_SYNCHRONOUS_COMMIT",
                                           cls.db_synchronous_commit),
+            database_pooler=_choice(env, "GATEWAY_DATABASE_POOLER", cls.database_pooler,
+                                    DATABASE_POOLERS),
             audit_retention_days=_int(env, "GATEWAY_AUDIT_RETENTION_DAYS", cls.audit_retention_days),
             audit_lanes=_int(env, "GATEWAY_AUDIT_LANES", cls.audit_lanes),
             audit_commit_timeout_s=_positive(env, "GATEWAY_AUDIT_COMMIT_TIMEOUT_S",

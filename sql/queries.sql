@@ -225,11 +225,6 @@ update webhook_outbox
 insert into webhook_deliveries (outbox_id, attempt, url, status, error, duration_ms)
 values ($1, $2, $3, $4, $5, $6);
 
--- name: audit_lane_session
--- A lane's statements end server-side by the commit deadline too (a COPY stuck behind a
--- lock must not outlive the request that gave up on it).
-select set_config('statement_timeout', $1, false);
-
 -- name: audit_write_probe
 -- Whether a COPY into audit_log could start now (run inside a transaction, then rolled back).
 lock table only audit_log in row exclusive mode;
