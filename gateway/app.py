@@ -49,6 +49,7 @@ from .contracts import ContractCache
 from .db import POOL, create_pool, durability_problems, ensure_partitions, migrate
 from .errors import Denied, error_response
 from .grants import BreakGlassCache
+from .listener import Listener
 from .metrics import METRICS, Metrics, metrics_view
 from .policy.authz import Policy
 from .policy.catalog import PolicyError
@@ -137,10 +138,11 @@ def _resources(settings: Settings, dsn: str, catalog, policy: Policy, metrics: M
         # calls holding every other connection cannot keep a row from being written
         shared = settings.db_pool_max - settings.audit_lanes
         pool = await create_pool(dsn, min(settings.db_pool_min, shared), shared,
-                                 settings.db_acquire_timeout_s, settings.db_synchronous_commit)
+                                 settings.db_acquire_timeout_s, settings.db_synchronous_commit,
+                                 settings.database_pooler)
         lanes_pool = await create_pool(dsn, settings.audit_lanes, settings.audit_lanes,
                                        settings.audit_commit_timeout_s,
-                                       settings.db_synchronous_commit)
+                                       settings.db_synchronous_commit, settings.database_pooler)
         # the audit queries' standby, if any: a small pool of its own (gateway/reads.py),
         # empty at first: a standby down must not keep the gateway from starting
         standby = None if settings.database_read_url is None else await create_pool(
@@ -155,11 +157,14 @@ def _resources(settings: Settings, dsn: str, catalog, policy: Policy, metrics: M
         # before anything that decides by the time of day: the database's clock, read once
         clock = app[CLOCK] = Clock(pool, settings.max_clock_skew_s)
         await clock.start()
-        contracts = ContractCache(pool, dsn, settings.mirror_staleness_s, clock)
+        # one LISTEN connection for every mirror, straight to PostgreSQL (not a pooler)
+        listener = Listener(settings.database_listen_url or dsn, clock,
+                            settings.mirror_staleness_s)
+        contracts = ContractCache(pool, listener, settings.mirror_staleness_s, clock)
         await contracts.start()
-        restrictions = RestrictionCache(pool, dsn, settings.mirror_staleness_s)
+        restrictions = RestrictionCache(pool, listener, settings.mirror_staleness_s)
         await restrictions.start()
-        break_glass = BreakGlassCache(pool, dsn, settings.mirror_staleness_s, clock)
+        break_glass = BreakGlassCache(pool, listener, settings.mirror_staleness_s, clock)
         await break_glass.start()
         audit = AuditWriter(lanes_pool, settings.audit_queue_max, settings.audit_lanes,
                             settings.audit_commit_timeout_s, settings.audit_linger_ms / 1000)
@@ -233,6 +238,7 @@ def _resources(settings: Settings, dsn: str, catalog, policy: Policy, metrics: M
             await contracts.close()
             await restrictions.close()
             await break_glass.close()
+            await listener.close()
             await partitions.close()
             await clock.close()
             await backends.close()

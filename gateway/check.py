@@ -54,7 +54,7 @@ def runtime_privileges(sql_dir: Path = SQL_DIR) -> tuple[tuple[str, tuple[str, .
 
 MIGRATE_HINT = "run `gateway migrate` as the schema's owner"
 SECRET_FIELDS = ("jwt_secret",)
-URL_FIELDS = ("database_url", "jwt_jwks_url", "webhook_url")
+URL_FIELDS = ("database_url", "database_listen_url", "jwt_jwks_url", "webhook_url")
 
 
 @dataclass
@@ -244,6 +244,8 @@ def effective_configuration(settings: Settings) -> list[str]:
             value = ", ".join(f"{k}={mask_url(v)}" for k, v in value.items()) or "(none)"
         elif f.name == "database_url":
             value = "(unset: embedded PostgreSQL under data_dir)"
+        elif f.name == "database_listen_url":
+            value = "(unset: database_url)"
         lines.append(f"{f.name} = {value}")
     return lines
 

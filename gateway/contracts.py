@@ -11,6 +11,7 @@ import asyncpg
 
 from .clock import HOST_CLOCK, Clock, HostClock
 from .db import query
+from .listener import Listener
 from .notified import STALENESS_S, NotifiedCache
 
 
@@ -19,9 +20,9 @@ class ContractCache(NotifiedCache):
     unavailable_code = "contracts_unavailable"
     what = "contracts table"
 
-    def __init__(self, pool: asyncpg.Pool, dsn: str, staleness_s: float = STALENESS_S,
+    def __init__(self, pool: asyncpg.Pool, listener: Listener, staleness_s: float = STALENESS_S,
                  clock: Clock | HostClock = HOST_CLOCK):
-        super().__init__(pool, dsn, staleness_s)
+        super().__init__(pool, listener, staleness_s)
         self._by_euo: dict[str, tuple[str, date | None]] = {}
         self.clock = clock      # a contract ends by the database's date, not the host's
 

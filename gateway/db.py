@@ -114,18 +114,30 @@ class Pool(asyncpg.Pool):
 
 
 async def create_pool(dsn: str, min_size: int, max_size: int,
-                      acquire_timeout_s: float = 5.0, synchronous_commit: str = "on") -> Pool:
+                      acquire_timeout_s: float = 5.0, synchronous_commit: str = "on",
+                      pooler: str = "none") -> Pool:
     """A pool of the process's (app.py makes two: the audit lanes' connections, set apart,
     and one for everything else). Small on purpose: the audit writer batches, and requests
     touch the database only for contracts changes and admin calls. asyncpg.create_pool
     takes no pool class, so its defaults are restated here. Every connection commits at
     `synchronous_commit` whatever the server's default (a server set to `off` would lose
-    the rows of answered requests in a crash)."""
+    the rows of answered requests in a crash).
+
+    Through a transaction-mode pooler (`pooler="transaction"`, PgBouncer), a connection is
+    a different server session from one transaction to the next, so nothing may rest on the
+    session: no setting is sent at connection start (PgBouncer refuses them; the server's or
+    the role's own `synchronous_commit` is then what commits by, and the writer's
+    durability check refuses readiness when it is weaker than `on`), and no prepared
+    statement is kept (asyncpg's statement cache off: PgBouncer 1.18, Debian 12's, cannot
+    route named prepared statements; asyncpg's unnamed ones are parsed and executed in one
+    exchange, never split by a Sync the pooler could switch servers at)."""
+    pooled = pooler == "transaction"
     return await Pool(dsn, min_size=min_size, max_size=max_size, max_queries=50_000,
                       max_inactive_connection_lifetime=300.0, loop=None, connect=connect,
                       connection_class=asyncpg.Connection, record_class=asyncpg.Record,
                       command_timeout=10, acquire_timeout_s=acquire_timeout_s,
-                      server_settings={"synchronous_commit": synchronous_commit})
+                      statement_cache_size=0 if pooled else 100,
+                      server_settings={} if pooled else {"synchronous_commit": synchronous_commit})
 
 
 async def durability_problems(conn: asyncpg.Connection, session: bool = True) -> list[str]:

@@ -13,6 +13,7 @@ import asyncpg
 
 from .clock import HOST_CLOCK, Clock, HostClock
 from .db import query
+from .listener import Listener
 from .notified import STALENESS_S, NotifiedCache
 from .principal import Principal
 
@@ -34,9 +35,9 @@ class BreakGlassCache(NotifiedCache):
     unavailable_code = "break_glass_unavailable"
     what = "break-glass grants"
 
-    def __init__(self, pool: asyncpg.Pool, dsn: str, staleness_s: float = STALENESS_S,
+    def __init__(self, pool: asyncpg.Pool, listener: Listener, staleness_s: float = STALENESS_S,
                  clock: Clock | HostClock = HOST_CLOCK):
-        super().__init__(pool, dsn, staleness_s)
+        super().__init__(pool, listener, staleness_s)
         self.clock = clock        # a grant ends by the database's time, not the host's
         self._by_caller: dict[tuple[str, str, str | None], dict[str, Grant]] = {}
         # grants ended early, until their planned end: a record read before the end and

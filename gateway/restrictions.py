@@ -12,6 +12,7 @@ import asyncpg
 import orjson
 
 from .db import query
+from .listener import Listener
 from .notified import STALENESS_S, NotifiedCache
 
 NONE: frozenset[str] = frozenset()
@@ -22,8 +23,8 @@ class RestrictionCache(NotifiedCache):
     unavailable_code = "restrictions_unavailable"
     what = "processing restrictions"
 
-    def __init__(self, pool: asyncpg.Pool, dsn: str, staleness_s: float = STALENESS_S):
-        super().__init__(pool, dsn, staleness_s)
+    def __init__(self, pool: asyncpg.Pool, listener: Listener, staleness_s: float = STALENESS_S):
+        super().__init__(pool, listener, staleness_s)
         self._users: dict[tuple[str, str], frozenset[str]] = {}
 
     def restricted(self, euo: str, user: str) -> frozenset[str]:

@@ -38,6 +38,9 @@ def upstream_variable(service: str) -> str:
 ACCESS_LOG_FORMATS = ("off", "json")
 
 
+DATABASE_POOLERS = ("none", "transaction")
+
+
 class ConfigError(Exception):
     """A configuration mistake, with a message an operator can act on."""
 
@@ -49,6 +52,7 @@ class Settings:
     database_url: str | None = None
     database_read_url: str | None = None    # a standby for the audit queries (gateway/reads.py)
     database_read_max_wait_s: float = 1.0   # for its replay to reach the primary's, then the primary
+    database_listen_url: str | None = None   # the mirrors' LISTEN connection; unset: database_url
     data_dir: Path = Path(".gateway")
     upstreams: Mapping[str, str] = field(default_factory=dict)
     jwt_secret: str | None = None
@@ -78,6 +82,8 @@ class Settings:
     # set on every connection of the gateway, whatever the server's default: a commit the
     # gateway answers for is durable (on) or applied on the synchronous standby (remote_apply)
     db_synchronous_commit: str = "on"
+    # `transaction`: GATEWAY_DATABASE_URL goes through a transaction-mode pooler (PgBouncer)
+    database_pooler: str = "none"
     audit_queue_max: int = 50_000
     audit_retention_days: int = 400
     audit_lanes: int = 1
@@ -139,6 +145,7 @@ class Settings:
             database_read_url=env.get("GATEWAY_DATABASE_READ_URL") or None,
             database_read_max_wait_s=_positive(env, "GATEWAY_DATABASE_READ_MAX_WAIT_S",
                                                cls.database_read_max_wait_s),
+            database_listen_url=env.get("GATEWAY_DATABASE_LISTEN_URL") or None,
             data_dir=Path(env.get("GATEWAY_DATA_DIR", ".gateway")),
             upstreams=upstreams,
             jwt_secret=env.get("GATEWAY_JWT_SECRET") or None,
@@ -165,6 +172,8 @@ class Settings:
                                            cls.db_acquire_timeout_s),
             db_synchronous_commit=env.get("GATEWAY_DB_SYNCHRONOUS_COMMIT",
                                           cls.db_synchronous_commit),
+            database_pooler=_choice(env, "GATEWAY_DATABASE_POOLER", cls.database_pooler,
+                                    DATABASE_POOLERS),
             audit_retention_days=_int(env, "GATEWAY_AUDIT_RETENTION_DAYS", cls.audit_retention_days),
             audit_lanes=_int(env, "GATEWAY_AUDIT_LANES", cls.audit_lanes),
             audit_commit_timeout_s=_positive(env, "GATEWAY_AUDIT_COMMIT_TIMEOUT_S",

@@ -242,11 +242,6 @@ update webhook_outbox
 insert into webhook_deliveries (outbox_id, attempt, url, status, error, duration_ms)
 values ($1, $2, $3, $4, $5, $6);
 
--- name: audit_lane_session
--- A lane's statements end server-side by the commit deadline too (a COPY stuck behind a
--- lock must not outlive the request that gave up on it).
-select set_config('statement_timeout', $1, false);
-
 -- name: audit_write_probe
 -- Whether a COPY into audit_log could start now (run inside a transaction, then rolled back).
 lock table only audit_log in row exclusive mode;
@@ -295,8 +290,13 @@ select min(to_date(substr(c.relname, 12, 4) || substr(c.relname, 17, 2), 'YYYYMM
   from pg_inherits i join pg_class c on c.oid = i.inhrelid
  where i.inhparent = 'audit_log'::regclass and c.relname ~ '^audit_log_y[0-9]{4}m[0-9]{2}$';
 
--- name: mirror_heartbeat
-select pg_notify($1, $2);
+-- name: deployment_heartbeat
+-- The deployment's heartbeat (gateway/listener.py): "<seq> <sender> <the database's time>".
+select pg_notify($1, $2 || ' ' || extract(epoch from clock_timestamp())::text);
+
+-- name: heartbeat_lock
+-- Whether this session is (now) the deployment's heartbeat sender.
+select pg_try_advisory_lock($1);
 
 -- name: recorded_migrations
 select version from schema_migrations;

@@ -121,6 +121,13 @@ CREATE FUNCTION public.audit_append(batch public.audit_row_in[], chain uuid, las
 declare
     head bigint;
 begin
+    -- no lock waited for much past the deadline (a batch stuck behind `lock table
+    -- audit_log` must not outlive the request that gave up on it): a quarter second past
+    -- it, as the writer gives up first (at the deadline, and asks the server to cancel);
+    -- set for this transaction only: the lane's connection keeps no session state, so a
+    -- transaction pooler can carry it
+    perform set_config('lock_timeout', greatest(1, ceil(left_s * 1000) + 250)::bigint || 'ms',
+                       true);
     -- plpgsql, not sql: its statement's plan is kept for the session (a sql function with
     -- a data-modifying statement is planned again at each call: ~100 µs a batch)
     with go as materialized (

@@ -67,11 +67,12 @@ def signal_all(pids, sig) -> None:
             os.kill(pid, sig)
 
 
-async def listener_pids(dsn: str, channel: str) -> set[int]:
-    """The backends of every gateway listener on this channel (application_name says so)."""
+async def listener_pids(dsn: str) -> set[int]:
+    """The backends of every gateway listener (application_name says so): one per process,
+    for every mirror."""
     async with connected(dsn) as conn:
         rows = await conn.fetch("select pid from pg_stat_activity where application_name = $1",
-                                f"gateway listener {channel}")
+                                "gateway listener")
     return {r["pid"] for r in rows}
 
 
@@ -195,7 +196,7 @@ async def test_a_silent_or_lost_listener_never_serves_a_deleted_contract_for_lon
     try:
         async with faulty_gateway(backends, private_db) as gw:
             assert (await call(http, "GET", gw + ACME, partner))[0] == 200
-            pids = await listener_pids(dsn, "gateway_contracts")
+            pids = await listener_pids(dsn)
             assert len(pids) == 1
             pid = pids.pop()
             async with connected(dsn) as conn:
@@ -214,7 +215,7 @@ async def test_a_silent_or_lost_listener_never_serves_a_deleted_contract_for_lon
             assert all(s[1] != 200 for s in seen[first_refusal:]), seen
             assert seen[-1][2] == "no_active_contract", seen
             if fault == "freeze":
-                assert await listener_pids(dsn, "gateway_contracts") - {pid}   # a new listener
+                assert await listener_pids(dsn) - {pid}   # a new listener
     finally:
         if frozen:
             signal_all(frozen, signal.SIGCONT)
@@ -366,18 +367,20 @@ async def test_a_refused_change_leaves_its_refusal_and_nothing_else(backends, pr
 
 async def test_retention_counted_from_a_contract_end_fails_closed_on_a_stale_mirror(
         backends, private_db, http, token_for):
-    """While the contracts listener is frozen past the staleness bound, a route whose
-    retention counts from the contract end (an EUO's identity) is refused with 503 for
-    provider staff too; one whose retention needs no contract (a user record) is served."""
+    """While the contracts mirror is stale past the staleness bound (a change it cannot
+    re-read: the table locked), a route whose retention counts from the contract end (an
+    EUO's identity) is refused with 503 for provider staff too; one whose retention needs no
+    contract (a user record) is served."""
     _, dsn = private_db
     staff = token_for("staff")
-    frozen = None
-    try:
-        async with faulty_gateway(backends, private_db) as gw:
-            assert (await call(http, "GET", gw + ACME, staff))[0] == 200
-            frozen = await listener_pids(dsn, "gateway_contracts")
-            assert len(frozen) == 1
-            signal_all(frozen, signal.SIGSTOP)
+    async with faulty_gateway(backends, private_db) as gw, connected(dsn) as locker:
+        assert (await call(http, "GET", gw + ACME, staff))[0] == 200
+        lock = locker.transaction()
+        await lock.start()
+        try:
+            await locker.execute("lock table contracts in access exclusive mode")
+            async with connected(dsn) as notifier:
+                await notifier.execute("select pg_notify('gateway_contracts', 'euo-acme')")
 
             async def refused():
                 status, _, body = await call(http, "GET", gw + ACME, staff)
@@ -386,9 +389,12 @@ async def test_retention_counted_from_a_contract_end_fails_closed_on_a_stale_mir
             assert await wait_for(refused, timeout=STALENESS_S + 3)
             status, _, body = await call(http, "GET", gw + ALICE, staff)
             assert status == 200 and b"Alice" in body
-    finally:
-        if frozen:
-            signal_all(frozen, signal.SIGCONT)
+        finally:
+            await lock.rollback()
+
+        async def served():
+            return (await call(http, "GET", gw + ACME, staff))[0] == 200
+        assert await wait_for(served, timeout=15)
 
 
 async def test_a_call_waits_for_a_pooled_connection_no_longer_than_its_bound(backends, private_db,

@@ -16,6 +16,7 @@ import asyncpg
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from gateway.listener import Listener
 from gateway.notified import NotifiedCache
 
 CHANNEL = "gateway_test_notified"
@@ -26,8 +27,8 @@ class GatedMirror(NotifiedCache):
     unavailable_code = "test_mirror_unavailable"
     what = "test table"
 
-    def __init__(self, pool, dsn, staleness_s):
-        super().__init__(pool, dsn, staleness_s)
+    def __init__(self, pool, listener, staleness_s):
+        super().__init__(pool, listener, staleness_s)
         self.table: dict[str, int] = {}     # what the database holds
         self.mirror: dict[str, int] = {}    # what the process believes
         self.reads: list[tuple[str, asyncio.Event]] = []   # re-reads under way, in order
@@ -67,13 +68,15 @@ class GatedMirror(NotifiedCache):
 @contextlib.asynccontextmanager
 async def mirror(dsn: str, staleness_s: float = 5.0):
     pool = await asyncpg.create_pool(dsn, min_size=1, max_size=2)
-    cache = GatedMirror(pool, dsn, staleness_s)
+    listener = Listener(dsn, staleness_s=staleness_s)
+    cache = GatedMirror(pool, listener, staleness_s)
     notifier = await asyncpg.connect(dsn)
     try:
         await cache.start()
         yield cache, notifier
     finally:
         await cache.close()
+        await listener.close()
         notifier.terminate()
         await pool.close()
 
@@ -155,7 +158,8 @@ async def test_a_change_heard_while_the_whole_table_loads_is_read_again_once_it_
     heard before it lands must be read again afterwards, or the mirror keeps the old value
     with every heartbeat answered."""
     pool = await asyncpg.create_pool(database_url, min_size=1, max_size=2)
-    cache = GatedMirror(pool, database_url, 5.0)
+    listener = Listener(database_url, staleness_s=5.0)
+    cache = GatedMirror(pool, listener, 5.0)
     cache.table = {"euo-1": 1}
     cache.load_gate = asyncio.Event()
     notifier = await asyncpg.connect(database_url)
@@ -174,6 +178,7 @@ async def test_a_change_heard_while_the_whole_table_loads_is_read_again_once_it_
         cache.load_gate.set()
         await asyncio.gather(starting, return_exceptions=True)
         await cache.close()
+        await listener.close()
         notifier.terminate()
         await pool.close()
 
@@ -229,3 +234,50 @@ async def _any_order(dsn: str, changes, releases) -> None:
         got = {k: v for k, v in cache.mirror.items() if not k.startswith("marker")}
         assert got == expected, (changes, releases)
         assert cache.stale_reason() is None
+
+
+class OtherMirror(GatedMirror):
+    channel = "gateway_test_notified_other"
+
+
+async def test_one_connection_listens_for_every_mirror_and_its_loss_fails_them_all_closed(
+        database_url):
+    """Two mirrors on one listener: one backend LISTENs on both channels and hands each
+    change to its mirror. Its backend terminated, both refuse at once; the listener comes
+    back with both channels LISTENed again and both mirrors reloaded."""
+    pool = await asyncpg.create_pool(database_url, min_size=1, max_size=2)
+    listener = Listener(database_url, staleness_s=2.0)
+    first, second = GatedMirror(pool, listener, 2.0), OtherMirror(pool, listener, 2.0)
+    notifier = await asyncpg.connect(database_url)
+    try:
+        await first.start()
+        await second.start()
+        pid = listener.conn.get_server_pid()
+        assert await notifier.fetchval(
+            "select count(*) from pg_stat_activity where application_name = 'gateway listener'"
+            " and pid = $1", pid) == 1
+        first.table["euo-1"], second.table["euo-2"] = 1, 2
+        await notifier.execute("select pg_notify($1, 'euo-1')", first.channel)
+        await notifier.execute("select pg_notify($1, 'euo-2')", second.channel)
+        await until(lambda: first.heard == ["euo-1"] and second.heard == ["euo-2"])
+        for cache in (first, second):
+            await end_read(cache, cache.reads[0])
+        assert first.mirror == {"euo-1": 1} and second.mirror == {"euo-2": 2}
+
+        second.table["euo-2"] = 3          # changed while nobody listens: the reload reads it
+        assert await notifier.fetchval("select pg_terminate_backend($1)", pid)
+        await until(lambda: first.stale_reason() and second.stale_reason(), timeout=2.0)
+        await until(lambda: first.stale_reason() is None and second.stale_reason() is None,
+                    timeout=10.0)
+        assert listener.conn.get_server_pid() != pid and second.mirror == {"euo-2": 3}
+        await notifier.execute("select pg_notify($1, 'euo-2')", second.channel)
+        await notifier.execute("select pg_notify($1, 'euo-1')", first.channel)
+        await until(lambda: first.heard[-1:] == ["euo-1"] and second.heard[-1:] == ["euo-2"])
+    finally:
+        for cache in (first, second):
+            for _key, gate in cache.reads:
+                gate.set()
+            await cache.close()
+        await listener.close()
+        notifier.terminate()
+        await pool.close()

@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import signal
+import time
 from pathlib import Path
 from urllib.parse import urlsplit
 
@@ -37,12 +38,12 @@ async def test_workers_share_the_port_and_keep_separate_chains(backends, databas
         assert proc.wait(timeout=30) == 0
 
 
-async def test_each_worker_holds_its_pool_max_and_one_listener_per_mirror(backends, database_url,
-                                                                          http, tmp_path):
+async def test_each_worker_holds_its_pool_max_and_one_listener(backends, database_url, http,
+                                                               tmp_path):
     """What to size PostgreSQL's max_connections by (docs/configuration.md): each worker
-    holds GATEWAY_DB_POOL_MAX (its audit lanes' and its pool's) plus a LISTEN connection for
-    each mirror (contracts, restrictions, break-glass grants). A database of its own, so
-    that nothing else is counted; GATEWAY_DB_POOL_MAX=6 leaves the pool 5, all opened at
+    holds GATEWAY_DB_POOL_MAX (its audit lanes' and its pool's) plus one LISTEN connection
+    for every mirror (contracts, restrictions, break-glass grants). A database of its own,
+    so that nothing else is counted; GATEWAY_DB_POOL_MAX=6 leaves the pool 5, all opened at
     start."""
     async with two_roles(database_url) as roles, gateway_process(
             http, backends, roles.owner_dsn, tmp_path, "--workers", "2", GATEWAY_DB_POOL_MAX="6",
@@ -54,21 +55,37 @@ async def test_each_worker_holds_its_pool_max_and_one_listener_per_mirror(backen
             async def held():
                 return await admin.fetchval(
                     "select count(*) from pg_stat_activity where datname = $1", database)
-            expected = 2 * (6 + MIRRORS)
+            expected = 2 * (6 + LISTENERS)
             assert await wait_for(lambda: _equals(held, expected), timeout=20), await held()
             listeners = await admin.fetchval(
                 "select count(*) from pg_stat_activity where datname = $1 "
-                "and application_name like 'gateway listener %'", database)
-            assert listeners == 2 * MIRRORS
+                "and application_name = 'gateway listener'", database)
+            assert listeners == 2 * LISTENERS
             readme = (Path(__file__).parent.parent / "docs" / "configuration.md").read_text()
-            assert f"holds up to `GATEWAY_DB_POOL_MAX` + {MIRRORS} connections" in readme
+            assert f"holds up to `GATEWAY_DB_POOL_MAX` + {LISTENERS} connections" in readme
+            # and of the two, one beats the deployment's heartbeat, one every 0.5 s
+            beats: list[str] = []
+            watcher = await asyncpg.connect(roles.owner_dsn)     # NOTIFY is per database
+            await watcher.add_listener("gateway_heartbeat", lambda *a: beats.append(a[3]))
+            started = time.monotonic()
+            await wait_for(lambda: _after(len(beats) >= 5), timeout=10)
+            took = time.monotonic() - started
+            watcher.terminate()
+            assert took > 4 * 0.5 * 0.8, beats        # no more than one every 0.5 s
+            assert len({beat.split()[1] for beat in beats}) == 1, beats
+            assert [int(beat.split()[0]) for beat in beats] == sorted(
+                int(beat.split()[0]) for beat in beats)
         finally:
             await admin.close()
         proc.send_signal(signal.SIGTERM)
         proc.wait(30)
 
 
-MIRRORS = 3      # contracts, restrictions, break-glass grants: each LISTENs on its own
+LISTENERS = 1    # contracts, restrictions, break-glass grants: one connection LISTENs for all
+
+
+async def _after(value):
+    return value
 
 
 async def _equals(read, expected) -> bool:

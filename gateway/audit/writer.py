@@ -396,8 +396,6 @@ class _Lane:
             # the lane keeps its connection: no pool round trip (and reset) per batch
             conn = await self.writer.pool.acquire()
             self.conn = conn
-            await conn.execute(query("audit_lane_session"),
-                               f"{int(self.writer.commit_timeout_s * 1000)}ms")
             fields = [r[0] for r in await conn.fetch(query("audit_row_in_fields"))]
             if fields != list(COLUMNS):
                 raise RuntimeError("the database's audit_row_in does not have the writer's "
