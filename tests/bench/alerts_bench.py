@@ -15,28 +15,13 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import os
 import shutil
-import subprocess
-import sys
 import tempfile
 from pathlib import Path
 
-import asyncpg
-
-from gateway.db import migrate
-from gateway.demo.run import seed_contracts
-from gateway.embedded import EmbeddedPostgres
-from tests.bench.proxy_bench import (
-    USER,
-    bench_data,
-    cpu_seconds,
-    free_port,
-    wait_up,
-    wrk_result,
-    wrk_start,
-)
-from tests.conftest import AUDIENCE, ISSUER, POLICY_DIR, SECRET, make_token
+from tests.bench.proxy_bench import USER, cpu_seconds, wrk_result, wrk_start
+from tests.bench.scale_bench import bench_stack, serving
+from tests.conftest import POLICY_DIR, make_token
 
 
 def _policies(rules: bool) -> Path:
@@ -48,37 +33,14 @@ def _policies(rules: bool) -> Path:
 
 
 async def main_async(args) -> None:
-    server = EmbeddedPostgres(tempfile.mkdtemp(prefix="gateway-alerts-bench-db-"))
-    dsn = server.start()
-    conn = await asyncpg.connect(dsn)
-    await migrate(conn)
-    await conn.close()
-    await seed_contracts(dsn, bench_data())
-    postmaster = int((server.pgdata / "postmaster.pid").read_text().split()[0])
-    me = [sys.executable, "-m", "tests.bench.proxy_bench"]
-    tel, meet = free_port(), free_port()
-    backends = [subprocess.Popen(me + ["--backend", str(tel)]),
-                subprocess.Popen(me + ["--backend", str(meet)],
-                                 env=dict(os.environ, BENCH_SERVICE="meeting"))]
     token = make_token(ttl=3600, role="provider_staff", sub="staff-bench")
     dirs = {"shipped rules": _policies(True), "rules: []": _policies(False)}
     results: dict[str, list[dict[str, float]]] = {name: [] for name in dirs}
-    try:
-        await wait_up(f"http://127.0.0.1:{tel}/euos/euo-acme")
+    async with bench_stack() as (dsn, postmaster, tel, meet):
         for _ in range(args.rounds):
             for name, policy in dirs.items():
-                gw = free_port()
-                env = dict(os.environ, GATEWAY_DATABASE_URL=dsn, GATEWAY_LISTEN=f"127.0.0.1:{gw}",
-                           GATEWAY_UPSTREAM_TELEPHONY=f"http://127.0.0.1:{tel}",
-                           GATEWAY_UPSTREAM_MEETING=f"http://127.0.0.1:{meet}",
-                           GATEWAY_JWT_SECRET=SECRET, GATEWAY_JWT_ISSUER=ISSUER,
-                           GATEWAY_JWT_AUDIENCE=AUDIENCE, GATEWAY_POLICY_DIR=str(policy),
-                           GATEWAY_DATA_DIR=tempfile.mkdtemp(prefix="gateway-alerts-gw-"))
-                proc = subprocess.Popen([sys.executable, "-m", "gateway", "serve"], env=env,
-                                        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-                try:
-                    await wait_up(f"http://127.0.0.1:{gw}/healthz")
-                    url = f"http://127.0.0.1:{gw}{USER}"
+                async with serving(dsn, tel, meet, policy_dir=str(policy)) as (proc, base):
+                    url = base + USER
                     wrk_result(wrk_start(url, token, 1, args.connections))      # warm
                     gw0, pg0 = cpu_seconds(proc.pid), cpu_seconds(postmaster)
                     run = wrk_result(wrk_start(url, token, args.duration, args.connections))
@@ -89,26 +51,18 @@ async def main_async(args) -> None:
                     results[name].append({"rps": run["rps"],
                                           "gw": (cpu_seconds(proc.pid) - gw0) / n * 1e6,
                                           "pg": (cpu_seconds(postmaster) - pg0) / n * 1e6})
-                finally:
-                    proc.terminate()
-                    proc.wait()
-        print(f"one gateway process, {args.connections} connections, {args.rounds} windows of "
-              f"{args.duration} s each (+{args.settle:g} s for the evaluator to catch up); median")
-        print(f"{'alerts.yaml':<14} {'req/s':>7} {'gateway µs/req':>14} {'PG µs/req':>9} {'sum':>6}")
-        med = {}
-        for name, runs in results.items():
-            m = {k: sorted(r[k] for r in runs)[len(runs) // 2] for k in ("rps", "gw", "pg")}
-            med[name] = m
-            print(f"{name:<14} {m['rps']:>7.0f} {m['gw']:>14.0f} {m['pg']:>9.0f} "
-                  f"{m['gw'] + m['pg']:>6.0f}")
-        base = med["rules: []"]["gw"] + med["rules: []"]["pg"]
-        cost = med["shipped rules"]["gw"] + med["shipped rules"]["pg"] - base
-        print(f"the shipped rules cost {cost:.1f} µs a request: {100 * cost / base:+.1f} %")
-    finally:
-        for p in backends:
-            p.terminate()
-            p.wait()
-        server.stop()
+    print(f"one gateway process, {args.connections} connections, {args.rounds} windows of "
+          f"{args.duration} s each (+{args.settle:g} s for the evaluator to catch up); median")
+    print(f"{'alerts.yaml':<14} {'req/s':>7} {'gateway µs/req':>14} {'PG µs/req':>9} {'sum':>6}")
+    med = {}
+    for name, runs in results.items():
+        m = {k: sorted(r[k] for r in runs)[len(runs) // 2] for k in ("rps", "gw", "pg")}
+        med[name] = m
+        print(f"{name:<14} {m['rps']:>7.0f} {m['gw']:>14.0f} {m['pg']:>9.0f} "
+              f"{m['gw'] + m['pg']:>6.0f}")
+    base = med["rules: []"]["gw"] + med["rules: []"]["pg"]
+    cost = med["shipped rules"]["gw"] + med["shipped rules"]["pg"] - base
+    print(f"the shipped rules cost {cost:.1f} µs a request: {100 * cost / base:+.1f} %")
 
 
 def main() -> None:

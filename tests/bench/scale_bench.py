@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import os
 import subprocess
 import sys
@@ -65,12 +66,15 @@ async def _window(conn, postmaster: int, url: str, token: str, duration: int,
             "connections": await _connections(conn)}
 
 
-async def main_async(args) -> None:
-    data_dir = tempfile.mkdtemp(prefix="gateway-scale-bench-")
-    server = EmbeddedPostgres(data_dir)
+@contextlib.asynccontextmanager
+async def bench_stack():
+    """An embedded PostgreSQL, migrated and seeded, and the demo backends as processes:
+    (DSN, the postmaster's pid, the telephony and the meeting backend's ports)."""
+    server = EmbeddedPostgres(tempfile.mkdtemp(prefix="gateway-bench-db-"))
     dsn = server.start()
     conn = await asyncpg.connect(dsn)
     await migrate(conn)
+    await conn.close()
     await seed_contracts(dsn, bench_data())
     postmaster = int((server.pgdata / "postmaster.pid").read_text().split()[0])
     me = [sys.executable, "-m", "tests.bench.proxy_bench"]
@@ -78,48 +82,63 @@ async def main_async(args) -> None:
     backends = [subprocess.Popen(me + ["--backend", str(tel)]),
                 subprocess.Popen(me + ["--backend", str(meet)],
                                  env=dict(os.environ, BENCH_SERVICE="meeting"))]
-    token = make_token(ttl=3600, role="user", sub="u-alice", euo="euo-acme")
-    results: dict[tuple[str, int], list[dict]] = {}
     try:
         await wait_up(f"http://127.0.0.1:{tel}/euos/euo-acme")
-        for _ in range(args.rounds):
-            for linger in args.linger_ms:
-                gw = free_port()
-                env = dict(os.environ, GATEWAY_DATABASE_URL=dsn, GATEWAY_LISTEN=f"127.0.0.1:{gw}",
-                           GATEWAY_UPSTREAM_TELEPHONY=f"http://127.0.0.1:{tel}",
-                           GATEWAY_UPSTREAM_MEETING=f"http://127.0.0.1:{meet}",
-                           GATEWAY_JWT_SECRET=SECRET, GATEWAY_JWT_ISSUER=ISSUER,
-                           GATEWAY_JWT_AUDIENCE=AUDIENCE, GATEWAY_AUDIT_LINGER_MS=linger,
-                           GATEWAY_DATA_DIR=tempfile.mkdtemp(prefix="gateway-scale-gw-"))
-                proc = subprocess.Popen([sys.executable, "-m", "gateway", "serve", "--workers",
-                                         str(args.workers)], env=env,
-                                        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-                try:
-                    await wait_up(f"http://127.0.0.1:{gw}/healthz")
-                    for c in args.connections:
-                        results.setdefault((linger, c), []).append(await _window(
-                            conn, postmaster, f"http://127.0.0.1:{gw}{USER}", token,
-                            args.duration, c))
-                finally:
-                    proc.terminate()
-                    proc.wait()
-        print(f"{args.workers} gateway processes, one PostgreSQL; median of {args.rounds} "
-              f"windows of {args.duration} s (min-max)")
-        print(f"{'linger ms':>9} {'conns':>5} {'req/s':>7} {'p50 ms':>7} {'p99 ms':>7} "
-              f"{'rows/commit':>11} {'xids/req':>8} {'PG µs/row':>9} {'PG conns':>8}")
-        for (linger, c), runs in sorted(results.items(), key=lambda kv: (kv[0][1], kv[0][0])):
-            def med(key, runs=runs):
-                values = sorted(r[key] for r in runs)
-                return values[len(values) // 2]
-            print(f"{linger:>9} {c:>5} {med('rps'):>7.0f} {med('p50'):>7.2f} {med('p99'):>7.2f} "
-                  f"{med('rows_per_commit'):>11.1f} {med('xids_per_req'):>8.2f} "
-                  f"{med('pg_us_per_row'):>9.0f} {med('connections'):>8.0f}")
+        yield dsn, postmaster, tel, meet
     finally:
         for p in backends:
             p.terminate()
             p.wait()
-        await conn.close()
         server.stop()
+
+
+@contextlib.asynccontextmanager
+async def serving(dsn: str, tel: int, meet: int, workers: int = 1, **settings: str):
+    """`gateway serve` (with `settings` as GATEWAY_* variables) until the block ends: its
+    process and its base URL."""
+    gw = free_port()
+    env = dict(os.environ, GATEWAY_DATABASE_URL=dsn, GATEWAY_LISTEN=f"127.0.0.1:{gw}",
+               GATEWAY_UPSTREAM_TELEPHONY=f"http://127.0.0.1:{tel}",
+               GATEWAY_UPSTREAM_MEETING=f"http://127.0.0.1:{meet}",
+               GATEWAY_JWT_SECRET=SECRET, GATEWAY_JWT_ISSUER=ISSUER, GATEWAY_JWT_AUDIENCE=AUDIENCE,
+               GATEWAY_DATA_DIR=tempfile.mkdtemp(prefix="gateway-bench-gw-"),
+               **{f"GATEWAY_{k.upper()}": v for k, v in settings.items()})
+    proc = subprocess.Popen([sys.executable, "-m", "gateway", "serve", "--workers", str(workers)],
+                            env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        await wait_up(f"http://127.0.0.1:{gw}/healthz")
+        yield proc, f"http://127.0.0.1:{gw}"
+    finally:
+        proc.terminate()
+        proc.wait()
+
+
+async def main_async(args) -> None:
+    token = make_token(ttl=3600, role="user", sub="u-alice", euo="euo-acme")
+    results: dict[tuple[str, int], list[dict]] = {}
+    async with bench_stack() as (dsn, postmaster, tel, meet):
+        conn = await asyncpg.connect(dsn)
+        try:
+            for _ in range(args.rounds):
+                for linger in args.linger_ms:
+                    async with serving(dsn, tel, meet, args.workers,
+                                       audit_linger_ms=linger) as (_, base):
+                        for c in args.connections:
+                            results.setdefault((linger, c), []).append(await _window(
+                                conn, postmaster, base + USER, token, args.duration, c))
+        finally:
+            await conn.close()
+    print(f"{args.workers} gateway processes, one PostgreSQL; median of {args.rounds} "
+          f"windows of {args.duration} s")
+    print(f"{'linger ms':>9} {'conns':>5} {'req/s':>7} {'p50 ms':>7} {'p99 ms':>7} "
+          f"{'rows/commit':>11} {'xids/req':>8} {'PG µs/row':>9} {'PG conns':>8}")
+    for (linger, c), runs in sorted(results.items(), key=lambda kv: (kv[0][1], kv[0][0])):
+        def med(key, runs=runs):
+            values = sorted(r[key] for r in runs)
+            return values[len(values) // 2]
+        print(f"{linger:>9} {c:>5} {med('rps'):>7.0f} {med('p50'):>7.2f} {med('p99'):>7.2f} "
+              f"{med('rows_per_commit'):>11.1f} {med('xids_per_req'):>8.2f} "
+              f"{med('pg_us_per_row'):>9.0f} {med('connections'):>8.0f}")
 
 
 def main() -> None:
