@@ -11,12 +11,16 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
+import re
+import secrets
 from collections.abc import Callable
 from datetime import UTC, datetime, time, timedelta
 from typing import Any
 from urllib.parse import urlencode
 
 import asyncpg
+import orjson
 
 from .db import DATABASE_ERRORS, query
 from .policy.alert_rules import AlertRule
@@ -24,27 +28,92 @@ from .policy.alert_rules import AlertRule
 log = logging.getLogger("gateway.alerts")
 
 ALERT_LOCK = 0x616C_6572     # an advisory lock id ("aler"): one evaluator at a time
+TAKEOVER_POLLS = 5           # another process's evaluator takes over after this many polls
+                             # without a pass by the one that made the last
 # a row is evaluated once this much older than the backend deadline and the audit commit
 # timeout (app.py): a row's `at` is its request's start, committed after the backend answered
 SETTLE_S = 5.0
 BATCH_ROWS = 5000            # the most new audit rows one pass reads
+_PER = {"actor": 0, "partner": 1, "euo": 2}    # where a group names each key
 _DB_ERRORS = DATABASE_ERRORS
 
 
-def _wanted(rule: AlertRule, row: Any) -> str | None:
-    """The key (actor sub, partner or EUO) under which this new row may change the rule's
-    value, or None when it cannot: a cheap test in Python, so a pass asks the database
-    once per rule and key touched, never per row."""
-    if row["phase"] == "outcome":
-        return None
-    if rule.roles and row["actor_role"] not in rule.roles:
-        return None
-    if rule.data_set is not None and rule.data_set not in row["data_sets"]:
-        return None
-    if (row["decision"] == "deny") != (rule.measure == "refusals"):
-        return None
-    return {"actor": row["actor_sub"], "partner": row["actor_partner"],
-            "euo": row["actor_euo"]}[rule.per]
+_WORD = re.compile(r"[A-Za-z0-9_.:@-]{1,128}")
+
+
+def _literal(value: object) -> str:
+    """A rule's value as an SQL literal: a word of the policy grammar (a measure, role or
+    data set, validated at load), a clock time or ISO weekdays, else refused."""
+    if value is None:
+        return "null"
+    if isinstance(value, time):
+        return f"'{value.isoformat()}'::time"
+    if isinstance(value, str) and _WORD.fullmatch(value):
+        return f"'{value}'"
+    if isinstance(value, (tuple, list, frozenset)):
+        words = [_literal(v) if isinstance(v, str) else str(int(v)) for v in sorted(value)]
+        return f"array[{', '.join(words)}]"
+    raise ValueError(f"not a rule value: {value!r}")
+
+
+def _pass_sql(rules: tuple[AlertRule, ...]) -> str:
+    """The query a pass reads its new rows with, for these rules ($1-$3 the watermark,
+    $4 the settling lag, $5 BATCH_ROWS).
+
+    It reads the rows after the watermark in index order, settled (a batch of an older time
+    commits within the audit writer's deadline), at most BATCH_ROWS. Each row is matched
+    with every rule once (one flag a rule: its roles, its data set and alert_counts_of,
+    the one definition alert_measure counts with too; the rule's values are written in,
+    so each flag is planned for its own rule) and grouped by actor, partner and EUO, the
+    keys a rule counts under. One row comes back, none when nothing is new: the last row
+    read (the watermark's next place), how many were read, per group touched [sub,
+    partner, EUO, then per rule the rows counted and the last one's time], and per group
+    [sub, partner, EUO, then per distinct_subjects rule the lists of subjects named]."""
+    flags, counted, named = [], [], []
+    for i, rule in enumerate(rules):
+        hours = rule.working_hours
+        roles = (f"actor_role = any({_literal(rule.roles)}::text[])" if rule.roles
+                 else "true")
+        data_set = (f"{_literal(rule.data_set)} = any(data_sets)" if rule.data_set
+                    else "true")
+        flags.append(
+            f"{roles} and {data_set} and alert_counts_of(decision, access, method, path,"
+            f" status, at, {_literal(rule.measure)}, {_literal(hours and hours.start)},"
+            f" {_literal(hours and hours.end)},"
+            f" {_literal(hours.weekdays) if hours else 'null'}::integer[]) as f{i}")
+        counted.append(f"count(*) filter (where f{i}), max(at) filter (where f{i})")
+        if rule.measure == "distinct_subjects":
+            named.append(f"jsonb_agg(subject_users) filter (where f{i})")
+    any_flag = " or ".join(f"f{i}" for i in range(len(rules)))
+    distinct = [i for i, rule in enumerate(rules) if rule.measure == "distinct_subjects"]
+    keys = "actor_sub, actor_partner, actor_euo"
+    return f"""
+with new as materialized (
+    select at, chain_id, seq, {keys}, subject_users, phase, {", ".join(flags)}
+      from audit_log
+     where (at, chain_id, seq) > ($1, $2, $3) and at <= now() - make_interval(secs => $4)
+     order by at, chain_id, seq
+     limit $5
+), counted as (
+    select jsonb_build_array({keys}, {", ".join(counted)}) as g
+      from new where phase is distinct from 'outcome' and ({any_flag})
+     group by {keys}
+), named as (
+    select jsonb_build_array({keys}, {", ".join(named) or "null"}) as g
+      from (select {keys}, subject_users,
+                   {", ".join(f"bool_or(f{i}) as f{i}" for i in distinct) or "null"}
+              from new
+             where phase is distinct from 'outcome'
+               and ({" or ".join(f"f{i}" for i in distinct) or "false"})
+             group by {keys}, subject_users) one_each
+     group by {keys}
+), last as (
+    select at, chain_id, seq from new order by at desc, chain_id desc, seq desc limit 1
+)
+select last.at, last.chain_id, last.seq, (select count(*) from new) as read,
+       (select coalesce(jsonb_agg(g), '[]') from counted) as counted,
+       (select coalesce(jsonb_agg(g), '[]') from named) as named
+  from last"""
 
 
 def audit_link(rule: AlertRule, key: str, start: datetime, end: datetime) -> str:
@@ -90,23 +159,30 @@ class AlertEvaluator:
                  queue_event: Callable | None = None, observe: Callable[[str], None] | None = None,
                  poll_s: float = 1.0, settle_s: float = SETTLE_S):
         self.pool, self.rules, self.version = pool, rules, version
+        self._sql = _pass_sql(rules) if rules else None
         self.queue_event = queue_event      # (conn, payload): the alert.raised webhook
         self.observe = observe              # told each raised alert's rule (metrics)
         self.poll_s, self.settle_s = poll_s, settle_s
+        self.name = f"{os.getpid()}-{secrets.token_hex(4)}"     # who made a pass
         self._baselines: dict[tuple, float | None] = {}
         self._task: asyncio.Task | None = None
         # what lets a pass skip a measure that cannot pass its limit, exactly: per (rule,
-        # key), the value last measured and what the rows since can have added to it (a
-        # count: one per row; distinct subjects: the subjects they named). Kept only while
-        # this process is the one moving the watermark (`_mark`): rows another evaluator
-        # read are not in it, so a watermark moved elsewhere empties it.
+        # key), the value last measured and what the rows since can have added to it (the
+        # rows counted; distinct subjects: the subjects they named, up to one more than the
+        # limit). Kept only while this process is the one moving the watermark (`_mark`):
+        # rows another evaluator read are not in it, so a watermark moved elsewhere empties
+        # it.
         self._last: dict[tuple[str, str], int] = {}
-        self._since: dict[tuple[str, str], tuple[int, set[str]]] = {}
+        self._since: dict[tuple[str, str], int | set[str]] = {}
         self._mark: tuple | None = None
+        # per (rule, key), the end of the latest window alerted: a window that overlaps it
+        # raises nothing more, without asking (an alert, once raised, stays)
+        self._alerted: dict[tuple[str, str], datetime] = {}
 
     def use(self, rules: tuple[AlertRule, ...], version: str) -> None:
         """A reloaded policy's rules, from the next pass on."""
         self.rules, self.version = rules, version
+        self._sql = _pass_sql(rules) if rules else None
         self._baselines.clear()
         self._forget()
 
@@ -122,9 +198,8 @@ class AlertEvaluator:
         last = self._last.get((rule.name, key))
         if last is None:
             return True
-        rows, subjects = self._since.get((rule.name, key), (0, set()))
-        grown = len(subjects) if rule.measure == "distinct_subjects" else rows
-        return last + grown > rule.limit
+        since = self._since.get((rule.name, key), 0)
+        return last + (len(since) if isinstance(since, set) else since) > rule.limit
 
     def start(self) -> None:
         self._task = asyncio.create_task(self._running())
@@ -146,55 +221,95 @@ class AlertEvaluator:
 
     async def evaluate(self) -> int | None:
         """One pass; the number of audit rows read, or None when another evaluator holds
-        the lock."""
+        the lock. The new rows are read and matched with the rules in PostgreSQL: what
+        comes back is one line per rule and key they touched, whatever their number."""
+        try:
+            return await self._pass()
+        except BaseException:
+            self._forget()                   # what a failed pass measured may not hold
+            raise
+
+    async def _pass(self) -> int | None:
         raised: list[Any] = []
         async with self.pool.acquire() as conn, conn.transaction():
             if not await conn.fetchval("select pg_try_advisory_xact_lock($1)", ALERT_LOCK):
                 return None
             await conn.execute(query("alert_watermark_init"), self.settle_s)
-            mark = await conn.fetchrow(query("alert_watermark"))
-            if self._mark != tuple(mark):
-                self._forget()               # another evaluator moved it: start afresh
-            rows = await conn.fetch(query("alert_new_rows"), mark["at"], mark["chain_id"],
-                                    mark["seq"], self.settle_s, BATCH_ROWS)
-            if not rows:
+            mark = await conn.fetchrow(query("alert_watermark"), TAKEOVER_POLLS * self.poll_s)
+            if mark["evaluator"] not in (None, self.name) and mark["recent"]:
+                return None                  # another process is the evaluator
+            if not self.rules:               # nothing to raise: nothing to read
+                await conn.execute(query("alert_watermark_skip"), self.settle_s, self.name)
+                self._forget()
                 return 0
-            touched: dict[tuple[AlertRule, str], datetime] = {}
-            for row in rows:
-                for rule in self.rules:
-                    key = _wanted(rule, row)
-                    if key is not None:
-                        touched[rule, key] = row["at"]     # the latest: rows come in order
-                        count, subjects = self._since.get((rule.name, key), (0, set()))
-                        if rule.measure == "distinct_subjects" and len(subjects) <= rule.limit:
-                            subjects.update(row["subject_users"] or ())
-                        self._since[rule.name, key] = (count + 1, subjects)
-            for (rule, key), at in touched.items():
+            here = (mark["at"], mark["chain_id"], mark["seq"])
+            if self._mark != here:
+                self._forget()               # another evaluator moved it: start afresh
+            # the new rows in index order, read up to the batch's end and no further: never
+            # all rows since the watermark sorted first, which the planner picks when it
+            # takes them for few (a range to now() is guessed at 0.5 % of the table)
+            await conn.execute("set local enable_sort = off")
+            new = await conn.fetchrow(self._sql, mark["at"], mark["chain_id"], mark["seq"],
+                                      self.settle_s, BATCH_ROWS)
+            await conn.execute("set local enable_sort = on")
+            if new is None:              # nothing new: this pass made all the same
+                await conn.execute(query("alert_watermark_move"), *here, self.name)
+                self._mark = here
+                return 0
+            rules = {rule.name: rule for rule in self.rules}
+            touched: dict[tuple[str, str], datetime] = {}     # the last counted row's time
+            for group in orjson.loads(new["counted"]):
+                for i, rule in enumerate(self.rules):
+                    rows, key = group[3 + 2 * i], group[_PER[rule.per]]
+                    if rows and key is not None:
+                        at = datetime.fromisoformat(group[4 + 2 * i])
+                        touched[rule.name, key] = max(at, touched.get((rule.name, key), at))
+                        if rule.measure != "distinct_subjects":
+                            self._since[rule.name, key] = (
+                                self._since.get((rule.name, key), 0) + rows)
+            distinct = [r for r in self.rules if r.measure == "distinct_subjects"]
+            for group in orjson.loads(new["named"]):
+                for i, rule in enumerate(distinct):
+                    lists, key = group[3 + i], group[_PER[rule.per]]
+                    if lists and key is not None:
+                        named = self._since.setdefault((rule.name, key), set())
+                        for subjects in lists:
+                            if len(named) > rule.limit:
+                                break        # past the limit already: measured
+                            named.update(subjects)
+            for (name, key), at in touched.items():
+                rule = rules[name]
+                alerted = self._alerted.get((name, key))
+                if alerted is not None and alerted > at - rule.window:
+                    continue                 # this window already alerted, known here
                 if not self._may_pass(rule, key):
                     continue                 # cannot be above its limit: nothing to ask
                 alert, observed = await self._measure(conn, rule, key, at)
-                self._last[rule.name, key] = observed
-                self._since.pop((rule.name, key), None)
+                self._last[name, key] = observed
+                self._since.pop((name, key), None)
                 if alert is not None:
                     raised.append(alert)
-            last = rows[-1]
-            await conn.execute(query("alert_watermark_move"), last["at"], last["chain_id"],
-                               last["seq"])
-            self._mark = (last["at"], last["chain_id"], last["seq"])
+            await conn.execute(query("alert_watermark_move"), new["at"], new["chain_id"],
+                               new["seq"], self.name)
+            self._mark = (new["at"], new["chain_id"], new["seq"])
             if len(self._last) > 100_000:    # keys seen long ago: measured again when seen
                 self._forget()
-                self._mark = (last["at"], last["chain_id"], last["seq"])
-        for alert in raised:
+                self._alerted.clear()
+                self._mark = (new["at"], new["chain_id"], new["seq"])
+        for alert in raised:             # committed: known here from now on
+            self._alerted[alert["rule"], alert["key"]] = alert["observed_to"]
             log.warning("alert %s raised: %s %s observed %s (limit %s)", alert["id"],
                         alert["rule"], alert["key"], alert["observed"], alert["limit_value"])
             if self.observe:
                 self.observe(alert["rule"])
-        return len(rows)
+        return new["read"]
 
     async def _measure(self, conn, rule: AlertRule, key: str, at: datetime):
         """(the alert raised or None, the value observed; unknown: above the limit)."""
         start = at - rule.window
-        if await conn.fetchval(query("alert_recent"), rule.name, key, start):
+        alerted = await conn.fetchval(query("alert_recent"), rule.name, key, start)
+        if alerted is not None:
+            self._alerted[rule.name, key] = alerted
             return None, rule.limit + 1      # this window already alerted
         hours = rule.working_hours
         wh = (hours.start, hours.end, list(hours.weekdays)) if hours else (None, None, None)

@@ -499,20 +499,27 @@ values (now() - make_interval(secs => $1), '00000000-0000-0000-0000-000000000000
 on conflict (id) do nothing;
 
 -- name: alert_watermark
-select at, chain_id, seq from alert_watermark for update;
+-- Where the evaluators are, who made the last pass ($1 takeover seconds: whether it is
+-- recent enough that another process leaves the next pass to it)
+select at, chain_id, seq, evaluator,
+       moved_at > now() - make_interval(secs => $1) as recent
+  from alert_watermark for update;
 
 -- name: alert_watermark_move
-update alert_watermark set at = $1, chain_id = $2, seq = $3, moved_at = now();
+-- A pass made by $4, the watermark at its last row read (unchanged when none was new)
+update alert_watermark set at = $1, chain_id = $2, seq = $3, evaluator = $4,
+                           moved_at = now();
 
--- name: alert_new_rows
--- The audit rows after the watermark, settled ($4 seconds old: a batch of an older time
--- commits within the audit writer's deadline), in (at, chain_id, seq) order, at most $5
-select at, chain_id, seq, actor_sub, actor_role, actor_partner, actor_euo, data_sets,
-       decision, phase, subject_users
-  from audit_log
- where (at, chain_id, seq) > ($1, $2, $3) and at <= now() - make_interval(secs => $4)
- order by at, chain_id, seq
- limit $5;
+-- name: alert_watermark_skip
+-- A pass made by $2 with no rule in force: the watermark moves past every settled row
+-- without reading them
+update alert_watermark
+   set at = greatest(at, now() - make_interval(secs => $1)),
+       chain_id = case when at < now() - make_interval(secs => $1)
+                       then 'ffffffff-ffff-ffff-ffff-ffffffffffff' else chain_id end,
+       seq = case when at < now() - make_interval(secs => $1)
+                  then 9223372036854775807 else seq end,
+       evaluator = $2, moved_at = now();
 
 -- name: alert_measure
 -- One rule's value for one key over ($3, $4]: $1 per, $2 key, $5 measure, $6 data set
@@ -557,8 +564,9 @@ select percentile_cont(0.5) within group (
   from per_bucket;
 
 -- name: alert_recent
--- Whether this rule already alerted about this key for a window overlapping ($3, ...]
-select 1 from alerts where rule = $1 and key = $2 and observed_to > $3 limit 1;
+-- The end of the latest window this rule alerted about this key for, when it overlaps
+-- ($3, ...]; else null
+select max(observed_to) from alerts where rule = $1 and key = $2 and observed_to > $3;
 
 -- name: alert_raise
 insert into alerts (rule, per, key, window_start, observed_from, observed_to, observed,

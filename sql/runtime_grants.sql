@@ -59,4 +59,5 @@ begin
     execute format('grant select, insert, update on alert_watermark to %I', runtime);
     execute format('grant execute on function alert_rows(text, text, timestamptz, timestamptz) to %I', runtime);
     execute format('grant execute on function alert_counts(audit_log, text, time, time, integer[]) to %I', runtime);
+    execute format('grant execute on function alert_counts_of(text, text, text, text, integer, timestamptz, text, time, time, integer[]) to %I', runtime);
 end $$;

@@ -82,17 +82,23 @@ PARTITION BY RANGE (at);
 CREATE FUNCTION public.alert_counts(a public.audit_log, measure text, wh_start time without time zone, wh_end time without time zone, wh_days integer[]) RETURNS boolean
     LANGUAGE sql IMMUTABLE
     AS $$
+    select alert_counts_of(a.decision, a.access, a.method, a.path, a.status, a.at, measure,
+                           wh_start, wh_end, wh_days)
+$$;
+
+CREATE FUNCTION public.alert_counts_of(decision text, access text, method text, path text, status integer, at timestamp with time zone, measure text, wh_start time without time zone, wh_end time without time zone, wh_days integer[]) RETURNS boolean
+    LANGUAGE sql IMMUTABLE
+    AS $$
     select case measure
-        when 'distinct_subjects' then a.decision = 'allow'
-                                      and a.access in ('served', 'acted_upon')
-        when 'rows' then a.decision = 'allow'
-        when 'refusals' then a.decision = 'deny'
-        when 'break_glass' then a.decision = 'allow' and a.method = 'POST'
-                                and a.path = '/v1/break-glass' and a.status < 300
-        when 'off_hours' then a.decision = 'allow' and a.access in ('served', 'acted_upon') and (
-            extract(isodow from a.at at time zone 'UTC')::integer <> all(wh_days)
-            or (a.at at time zone 'UTC')::time < wh_start
-            or (a.at at time zone 'UTC')::time >= wh_end)
+        when 'distinct_subjects' then decision = 'allow' and access in ('served', 'acted_upon')
+        when 'rows' then decision = 'allow'
+        when 'refusals' then decision = 'deny'
+        when 'break_glass' then decision = 'allow' and method = 'POST'
+                                and path = '/v1/break-glass' and status < 300
+        when 'off_hours' then decision = 'allow' and access in ('served', 'acted_upon') and (
+            date_part('isodow', at at time zone 'UTC')::integer <> all(wh_days)
+            or (at at time zone 'UTC')::time < wh_start
+            or (at at time zone 'UTC')::time >= wh_end)
         else false
     end
 $$;
@@ -426,6 +432,7 @@ CREATE TABLE public.alert_watermark (
     chain_id uuid NOT NULL,
     seq bigint NOT NULL,
     moved_at timestamp with time zone DEFAULT now() NOT NULL,
+    evaluator text,
     CONSTRAINT alert_watermark_id_check CHECK (id)
 );
 

@@ -298,10 +298,13 @@ async def audit_counters(conn: asyncpg.Connection) -> tuple[int, int]:
             int(await conn.fetchval("select pg_snapshot_xmax(pg_current_snapshot())::text")))
 
 
-def wrk_start(url: str, token: str, duration: int, connections: int) -> subprocess.Popen:
+def wrk_start(url: str, token: str | None, duration: int, connections: int,
+              script: str | None = None) -> subprocess.Popen:
+    """wrk on `url` with one bearer token, or with a Lua `script` that makes each request."""
+    how = ["-s", script] if script else ["-H", f"Authorization: Bearer {token}"]
     return subprocess.Popen(
-        ["wrk", "-t1", f"-c{connections}", f"-d{duration}s", "--latency",
-         "-H", f"Authorization: Bearer {token}", url], stdout=subprocess.PIPE, text=True)
+        ["wrk", "-t1", f"-c{connections}", f"-d{duration}s", "--latency", *how, url],
+        stdout=subprocess.PIPE, text=True)
 
 
 def wrk_result(proc: subprocess.Popen) -> dict[str, float]:
