@@ -30,8 +30,9 @@ log = logging.getLogger("gateway.alerts")
 ALERT_LOCK = 0x616C_6572     # an advisory lock id ("aler"): one evaluator at a time
 TAKEOVER_POLLS = 5           # another process's evaluator takes over after this many polls
                              # without a pass by the one that made the last
-# a row is evaluated once this much older than the backend deadline and the audit commit
-# timeout (app.py): a row's `at` is its request's start, committed after the backend answered
+# a row is evaluated once this much old, by default (app.py passes the backend deadline,
+# the audit commit timeout and GATEWAY_ALERT_SETTLE_S: a row's `at` is its request's start,
+# committed after the backend answered)
 SETTLE_S = 5.0
 BATCH_ROWS = 5000            # the most new audit rows one pass reads
 _PER = {"actor": 0, "partner": 1, "euo": 2}    # where a group names each key

@@ -30,7 +30,7 @@ from . import (
 )
 from . import break_glass as break_glass_api
 from .access_log import AccessLog
-from .alerts import SETTLE_S, AlertEvaluator
+from .alerts import AlertEvaluator
 from .audit import AuditRow, AuditWriter
 from .audit import api as audit_api
 from .audit import per_day as audit_per_day
@@ -201,7 +201,8 @@ def _resources(settings: Settings, dsn: str, catalog, policy: Policy, metrics: M
                                                                      payload),
             observe=metrics.observe_alert,
             # a row's `at` is its request's start; it commits once the backend answered
-            settle_s=settings.backend_deadline_s + settings.audit_commit_timeout_s + SETTLE_S)
+            settle_s=(settings.backend_deadline_s + settings.audit_commit_timeout_s
+                      + settings.alert_settle_s))
         alerts.start()
         authn = Authenticator(settings, catalog.roles, clock)
         await authn.start()          # the issuer's key set, if any: fetched, then kept fresh

@@ -90,6 +90,9 @@ class Settings:
     audit_commit_timeout_s: float = 2.0   # a request waits this long for its row, then 503
     # while rows come concurrently, a batch waits this long for more (bigger commits)
     audit_linger_ms: float = 1.0
+    # an audit row is evaluated for alerts once this much older than the backend deadline
+    # and the audit commit timeout (the clocks' and the writer's margin)
+    alert_settle_s: float = 5.0
     mirror_staleness_s: float = 2.0       # contracts/restrictions unproven this long: 503
     audit_signing_key_file: Path | None = None   # Ed25519 PEM; unset: generated in data_dir
     audit_checkpoint_s: float = 60.0      # chain heads signed this often (and at shutdown)
@@ -179,6 +182,7 @@ class Settings:
             audit_commit_timeout_s=_positive(env, "GATEWAY_AUDIT_COMMIT_TIMEOUT_S",
                                              cls.audit_commit_timeout_s),
             audit_linger_ms=_linger(env),
+            alert_settle_s=_positive(env, "GATEWAY_ALERT_SETTLE_S", cls.alert_settle_s),
             mirror_staleness_s=_positive(env, "GATEWAY_MIRROR_STALENESS_S", cls.mirror_staleness_s),
             audit_signing_key_file=(Path(env["GATEWAY_AUDIT_SIGNING_KEY_FILE"])
                                     if env.get("GATEWAY_AUDIT_SIGNING_KEY_FILE") else None),

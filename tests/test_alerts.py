@@ -148,10 +148,11 @@ async def alerting_gateway(backends, database_url, template_database, tmp_path,
     port = site._server.sockets[0].getsockname()[1]
     key = tmp_path / "webhook.key"
     key.write_bytes(b"k" * 32 + b"\n")
-    # short deadlines: a row is evaluated once older than both and 5 s (the settling lag)
+    # short deadlines: a row is evaluated once older than both and the settling margin
     settings = gateway_settings(backends["urls"], webhook_url=f"http://127.0.0.1:{port}/in",
                                 webhook_secret_file=key, webhook_poll_s=0.05,
-                                backend_deadline_s=2.0, audit_commit_timeout_s=2.0)
+                                backend_deadline_s=2.0, audit_commit_timeout_s=2.0,
+                                alert_settle_s=0.5)
     async with own_database(database_url, template_database) as dsn:
         apps, runners, bases = [], [], []
         pool = await asyncpg.create_pool(dsn, min_size=1, max_size=2)
@@ -197,30 +198,23 @@ async def test_a_trawl_a_probe_and_repeated_break_glass_raise_one_alert_each(
         now = datetime.now(UTC)
         # 30 days' history of two colleagues, about 20 users an hour each (the baseline),
         # written before the watermark: history, never itself alerted on
-        for peer in ("staff-ann", "staff-bo"):
-            for day in range(1, 6):
-                at = now - timedelta(days=day)
-                for n in range(20):
-                    await writer.commit(_read(dict(role="provider_staff", sub=peer),
-                                              at + timedelta(seconds=n),
-                                              [f"u-hist-{n}"], "euo-acme"))
+        rows = [_read(dict(role="provider_staff", sub=peer), now - timedelta(days=day)
+                      + timedelta(seconds=n), [f"u-hist-{n}"], "euo-acme")
+                for peer in ("staff-ann", "staff-bo") for day in range(1, 6) for n in range(20)]
         # normal traffic now: a colleague looks at 20 users, a partner's portal at a few
-        for n in range(20):
-            await writer.commit(_read(dict(role="provider_staff", sub="staff-ann"), now,
-                                      [f"u-norm-{n}"], "euo-acme"))
-        for n in range(5):
-            await writer.commit(_read(PAT, now, [f"u-pat-{n}"], "euo-acme"))
+        rows += [_read(dict(role="provider_staff", sub="staff-ann"), now, [f"u-norm-{n}"],
+                       "euo-acme") for n in range(20)]
+        rows += [_read(PAT, now, [f"u-pat-{n}"], "euo-acme") for n in range(5)]
         # the trawl: 400 users of two partners' customers in a couple of minutes
-        for n in range(400):
-            await writer.commit(_read(EVE, now + timedelta(milliseconds=10 * n),
-                                      [f"u-{n}"], ("euo-acme", "euo-initech")[n % 2]))
+        rows += [_read(EVE, now + timedelta(milliseconds=10 * n), [f"u-{n}"],
+                       ("euo-acme", "euo-initech")[n % 2]) for n in range(400)]
         # a partner's portal reads connection statistics 501 times (of one user: a partner
         # reading them in bulk is the rule, however many users)
         bulk = _read(BLUE, now, ["u-farid"], "euo-initech")
-        for n in range(501):
-            await writer.commit(dataclasses.replace(
-                bulk, request_id=uuid.uuid4().hex, at=now + timedelta(milliseconds=n),
-                data_sets=["connection_statistics"]))
+        rows += [dataclasses.replace(bulk, request_id=uuid.uuid4().hex,
+                                     at=now + timedelta(milliseconds=n),
+                                     data_sets=["connection_statistics"]) for n in range(501)]
+        await asyncio.gather(*(writer.commit(row) for row in rows))   # batched by the writer
         # the probe: a partner's token refused 25 times (another partner's customer)
         for n in range(25):
             status, _, _ = await call(http, "GET", base + f"/telephony/euos/euo-initech/"
