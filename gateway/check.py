@@ -153,7 +153,7 @@ async def check_database(dsn: str, found: Findings, migrating: bool = False) -> 
         found.passed.append(f"database reachable as {role}, schema current")
         found.passed.append(
             f"database max_connections is {await conn.fetchval('show max_connections')}: each "
-            "gateway worker process holds GATEWAY_DB_POOL_MAX + 3 (docs/scale.md)")
+            "gateway worker process holds GATEWAY_DB_POOL_MAX + 1, its listener (docs/scale.md)")
         not_durable = await durability_problems(conn, session=False)
         if not_durable:
             found.problems.append(f"the database's commits are not durable ({', '.join(not_durable)}):"
