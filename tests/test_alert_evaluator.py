@@ -107,14 +107,14 @@ async def test_one_process_evaluates_while_it_lives_and_another_takes_over(
         assert await first.evaluate() == 0
         await write(_row("someone", ["u-1"]))
         assert await second.evaluate() is None       # the first made the last pass
-        assert await first.evaluate() == 1
         loop = asyncio.get_running_loop()
-        stopped = loop.time()                        # the first evaluates no more
+        stopped = loop.time()    # before the first's last pass began (its moved_at is later)
+        assert await first.evaluate() == 1           # and then evaluates no more
 
         async def took_over() -> bool:
             return await second.evaluate() is not None
         assert await wait_for(took_over, timeout=10)
-        assert loop.time() - stopped >= TAKEOVER_POLLS * 0.1 - 0.05
+        assert loop.time() - stopped >= TAKEOVER_POLLS * 0.1 - 0.05   # clocks' rounding
         assert await first.evaluate() is None        # and keeps it now
 
 
