@@ -62,7 +62,7 @@ def test_an_unreadable_policy_is_one_line_and_exit_2(world_dir, unreadable, comm
            "GATEWAY_UPSTREAM_MEETING": "http://127.0.0.1:9",
            "GATEWAY_LISTEN": f"127.0.0.1:{free_port()}",
            "GATEWAY_DATABASE_URL": "postgresql://127.0.0.1:9/none",
-           "GATEWAY_DB_CONNECT_TIMEOUT_S": "1"}
+           "GATEWAY_DB_CONNECT_TIMEOUT_S": "0.1"}
     done = subprocess.run([*as_another_user(), sys.executable, "-m", "gateway",
                            *COMMANDS[command]], env=env, capture_output=True, text=True,
                           timeout=120, cwd=world_dir)
@@ -83,7 +83,7 @@ def test_a_short_hs256_secret_is_refused(tmp_path, command):
            "GATEWAY_UPSTREAM_MEETING": "http://127.0.0.1:9",
            "GATEWAY_LISTEN": f"127.0.0.1:{free_port()}",
            "GATEWAY_DATABASE_URL": "postgresql://127.0.0.1:9/none",
-           "GATEWAY_DB_CONNECT_TIMEOUT_S": "1"}
+           "GATEWAY_DB_CONNECT_TIMEOUT_S": "0.1"}
     done = subprocess.run([sys.executable, "-m", "gateway", command], env=env,
                           capture_output=True, text=True, timeout=120)
     out = done.stdout + done.stderr
@@ -105,7 +105,7 @@ def test_a_signing_key_file_that_is_no_key_is_refused_at_start(tmp_path, command
            "GATEWAY_UPSTREAM_MEETING": "http://127.0.0.1:9",
            "GATEWAY_LISTEN": f"127.0.0.1:{free_port()}",
            "GATEWAY_DATABASE_URL": "postgresql://127.0.0.1:9/none",
-           "GATEWAY_DB_CONNECT_TIMEOUT_S": "1"}
+           "GATEWAY_DB_CONNECT_TIMEOUT_S": "0.1"}
     done = subprocess.run([sys.executable, "-m", "gateway", command], env=env,
                           capture_output=True, text=True, timeout=120)
     out = done.stdout + done.stderr
