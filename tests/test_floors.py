@@ -20,7 +20,7 @@ from gateway.policy.catalog import PolicyError
 from gateway.policy.policyset import load_policy_set
 
 from .conftest import POLICY_DIR, audit_row, call, free_port, gateway_process, serve_env, wait_for
-from .roles import gateway_cli
+from .roles import gateway_cli, gateway_run
 
 README = POLICY_DIR.parent / "docs" / "contract.md"      # the data-set table
 VOICEMAILS = "/telephony/euos/euo-acme/users/u-alice/voicemails"
@@ -160,12 +160,12 @@ async def test_check_refuses_a_lowered_floor_and_warns_of_a_declared_one(gateway
     floor = _lower(policy_dir, which)
     env = serve_env(backends, database_url, tmp_path, free_port(),
                     GATEWAY_POLICY_DIR=str(policy_dir))
-    done = await gateway_cli("check", env=env)
+    done = await gateway_run("check", env=env)
     assert done.returncode == 2, done.stdout
     assert any(line.startswith(f"problem: policy {policy_dir}") and floor in line
                for line in done.stdout.splitlines()), done.stdout
     _declare(policy_dir, floor)
-    done = await gateway_cli("check", env=env)
+    done = await gateway_run("check", env=env)
     assert done.returncode == 0, done.stdout
     assert any(line.startswith(f"warning: policy {policy_dir}: floor {floor} lowered")
                for line in done.stdout.splitlines()), done.stdout

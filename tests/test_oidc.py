@@ -23,7 +23,7 @@ from .conftest import (
     wait_for,
 )
 from .oidc_provider import AUDIENCE, new_keys, running_provider
-from .roles import gateway_cli
+from .roles import gateway_run
 
 PATH = "/telephony/euos/euo-acme"
 
@@ -253,11 +253,11 @@ async def test_gateway_check_fetches_the_issuers_keys(backends, database_url, tm
     would start, not ready) when they cannot be fetched."""
     env = serve_env(backends, database_url, tmp_path, free_port(), GATEWAY_JWT_SECRET="",
                     GATEWAY_JWT_ISSUER=provider.issuer)
-    done = await gateway_cli("check", env=env)
+    done = await gateway_run("check", env=env)
     assert (f"ok: token issuer's key set: 4 signing keys (discovered from {provider.issuer})"
             in done.stdout.splitlines()), done.stdout + done.stderr
     await provider.go_down()
-    done = await gateway_cli("check", env=env)
+    done = await gateway_run("check", env=env)
     assert any(line.startswith("warning: token issuer's key set cannot be fetched")
                for line in done.stdout.splitlines()), done.stdout
 
