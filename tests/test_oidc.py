@@ -28,11 +28,18 @@ from .roles import gateway_run
 PATH = "/telephony/euos/euo-acme"
 
 
-@pytest_asyncio.fixture
-async def provider(tmp_path, http):
-    """A fresh OpenID Provider for each test (tests rotate its keys and stop it)."""
-    async with running_provider(tmp_path, http) as p:
+@pytest_asyncio.fixture(scope="module")
+async def _provider_process(tmp_path_factory, http):
+    """The OpenID Provider's process, started once for the module (~0.5 s each)."""
+    async with running_provider(tmp_path_factory.mktemp("oidc"), http) as p:
         yield p
+
+
+@pytest_asyncio.fixture
+async def provider(_provider_process):
+    """The OpenID Provider as started, for each test (tests rotate its keys and stop it)."""
+    await _provider_process.reset()
+    return _provider_process
 
 
 @pytest_asyncio.fixture
