@@ -299,6 +299,7 @@ def pytest_runtest_logreport(report):
     _durations[report.nodeid] = _durations.get(report.nodeid, 0.0) + report.duration
 
 
+@pytest.hookimpl(trylast=True)         # after -m and -k have deselected what does not run
 def pytest_collection_modifyitems(session, config, items):
     known = config.cache.get(DURATIONS_KEY, {}) if config.cache is not None else {}
     weight: dict[str, float] = {}
