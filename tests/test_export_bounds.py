@@ -240,6 +240,10 @@ async def test_exports_beyond_the_slots_are_refused_and_the_gateway_keeps_servin
             assert r.status == 200           # it has the slot (the rest is left unread)
 
 
+# ~4.5 s (60,000 accesses read and zipped twice over): the full suite's. In the quick loop
+# test_export's whole-log test checks the ZIP's access log against the paged API, and the
+# tests above check the bounds on a client that stalls or trickles
+@pytest.mark.slow
 async def test_a_reading_client_gets_the_whole_log_first_and_every_member(big_log, backends,
                                                                           http, token_for):
     """Bounds that cut a stalled client within seconds do not touch a client that reads:
