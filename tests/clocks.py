@@ -15,8 +15,10 @@ def faked_clock_env(offset_file: Path, offset: str = "+0") -> dict[str, str]:
     syntax: "+800d", "-2d", "-30"); write another offset to `offset_file` to step it."""
     offset_file.write_text(offset + "\n")
     _, env = libfaketime.get_reload_information()
-    env.pop("FAKETIME_NO_CACHE", None)         # re-read the file at most once a second
-    return {**env, "DONT_FAKE_MONOTONIC": "1", "FAKETIME_CACHE_DURATION": "1",
+    # re-read the file at most once a second: libfaketime re-reads it once the second has
+    # moved on by more than FAKETIME_CACHE_DURATION, so 0 is once a second (1 was every 2 s)
+    env.pop("FAKETIME_NO_CACHE", None)
+    return {**env, "DONT_FAKE_MONOTONIC": "1", "FAKETIME_CACHE_DURATION": "0",
             "FAKETIME_TIMESTAMP_FILE": str(offset_file)}
 
 

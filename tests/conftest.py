@@ -282,10 +282,48 @@ async def wait_for(predicate, timeout: float = 3.0):
 POLICY_DIR = Path(DEFAULT_POLICY_DIR)
 
 
+# The longest modules first. Under -n 2 a test of 20 s that happened to be shuffled to the
+# end ran alone while the other worker had nothing left: the run took up to 15 s longer.
+# Each run keeps how long each test took (setup, call and teardown) in pytest's cache; the
+# next one, after pytest-randomly's shuffle, moves the modules that hold a test of LONG_S or
+# more to the front, the longest first, each module's tests kept together and in their
+# shuffled order (its fixtures set up once). A first run, or one without the cache, keeps
+# the shuffled order as it is.
+DURATIONS_KEY = "gateway/durations"
+LONG_S = 3.0
+_durations: dict[str, float] = {}
+
+
+def pytest_runtest_logreport(report):
+    """(Under xdist the controller is handed every worker's reports: it keeps them all.)"""
+    _durations[report.nodeid] = _durations.get(report.nodeid, 0.0) + report.duration
+
+
+@pytest.hookimpl(trylast=True)         # after -m and -k have deselected what does not run
+def pytest_collection_modifyitems(session, config, items):
+    known = config.cache.get(DURATIONS_KEY, {}) if config.cache is not None else {}
+    weight: dict[str, float] = {}
+    for item in items:
+        module = item.nodeid.split("::")[0]
+        weight[module] = max(weight.get(module, 0.0), known.get(item.nodeid, 0.0))
+    order = {module: -w for module, w in weight.items() if w >= LONG_S}
+    first = {module: i for i, module in enumerate(sorted(order, key=order.get))}
+    items.sort(key=lambda item: first.get(item.nodeid.split("::")[0], len(first)))
+
+
+def _keep_durations(config) -> None:
+    if config.cache is None or hasattr(config, "workerinput") or not _durations:
+        return
+    known = config.cache.get(DURATIONS_KEY, {})
+    known.update({nodeid: round(seconds, 2) for nodeid, seconds in _durations.items()})
+    config.cache.set(DURATIONS_KEY, known)
+
+
 def pytest_sessionfinish(session, exitstatus):
     """PostgreSQL data directories are ~40-160 MB each and pytest keeps its last three
     runs' temporary directories: remove each one the run left (its servers are stopped by
-    now), all but its log."""
+    now), all but its log. The run's durations are kept (above)."""
+    _keep_durations(session.config)
     factory = getattr(session.config, "_tmp_path_factory", None)
     basetemp = getattr(factory, "_basetemp", None)
     if basetemp is None or not basetemp.is_dir():

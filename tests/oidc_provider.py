@@ -80,6 +80,7 @@ class Provider:
         self.http = http
         self.keys = keys
         self.ever = {k["kid"]: k for k in keys}     # every key it signed with, withdrawn ones too
+        self.first_keys = keys
 
     async def token(self, client: str, alg: str = "RS256") -> str:
         """An access token for `client` from the token endpoint, signed with `alg`."""
@@ -106,6 +107,14 @@ class Provider:
     async def cache_control(self, value: str | None) -> None:
         """The Cache-Control header of the JWKS answer."""
         await self._control("cache-control", {"value": value})
+
+    async def reset(self) -> None:
+        """As it was started: up, its first keys (the node provider built anew on them, as
+        use_keys does: no token or grant of before), the JWKS's own Cache-Control."""
+        await self.go_down(False)
+        await self.cache_control(None)
+        await self.use_keys(self.first_keys)
+        self.ever = {k["kid"]: k for k in self.first_keys}
 
     async def _control(self, what: str, body: dict) -> None:
         async with self.http.put(f"{self.issuer}/__test/{what}", json=body) as r:

@@ -64,9 +64,9 @@ async def test_an_unreachable_database_is_a_problem_and_its_password_stays_hidde
         backends, tmp_path):
     dsn = f"postgresql://gw:hunter2-password@127.0.0.1:{free_port()}/gateway"
     done = await check(serve_env(backends, dsn, tmp_path, free_port(),
-                                 GATEWAY_DB_CONNECT_TIMEOUT_S="1"))
+                                 GATEWAY_DB_CONNECT_TIMEOUT_S="0.1"))
     assert done.returncode == 2
-    assert any(line.startswith("problem: the database is not reachable after 1 s")
+    assert any(line.startswith("problem: the database is not reachable after 0.1 s")
                for line in done.stdout.splitlines()), done.stdout
     assert "hunter2" not in done.stdout + done.stderr
     assert "database_url = postgresql://gw:***@127.0.0.1" in done.stdout

@@ -12,7 +12,7 @@ from gateway.demo.run import seed_contracts
 
 from .clocks import faked_clock_env, step
 from .conftest import call, gateway_process, wait_for
-from .roles import as_role, gateway_cli, migrated_with_grants, two_roles
+from .roles import as_role, gateway_cli, gateway_run, migrated_with_grants, two_roles
 
 MONTH = "to_char(now() - make_interval(months => $1), '\"audit_log_y\"YYYY\"m\"MM')"
 
@@ -65,7 +65,7 @@ async def test_maintain_never_drops_this_or_last_month(database_url):
     async with two_roles(database_url) as roles:
         await migrated_with_grants(roles)
         last, before_last = await with_months_before(roles.owner_dsn, 1, 2)
-        done = await gateway_cli("audit", "maintain", env=as_role(
+        done = await gateway_run("audit", "maintain", env=as_role(
             roles.owner_dsn, GATEWAY_AUDIT_RETENTION_DAYS="1"))
         assert done.returncode == 0, done.stdout + done.stderr
         assert f"dropped {before_last}" in done.stdout

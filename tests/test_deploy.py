@@ -17,7 +17,6 @@ import asyncio
 import copy
 import importlib.util
 import json
-import os
 import re
 import shutil
 import subprocess
@@ -33,7 +32,7 @@ import yaml
 
 from gateway.embedded import EmbeddedPostgres
 
-from .conftest import free_port
+from .conftest import free_port, gateway_main
 from .test_wheel import SHIPPED
 
 REPO = Path(__file__).resolve().parent.parent
@@ -353,9 +352,10 @@ async def test_the_init_sql_makes_roles_with_which_the_owner_migrates_and_the_ru
         await ok(psql, "--no-psqlrc", "--set", "ON_ERROR_STOP=1", "--dbname", dsn("postgres", "gateway"),
                  "--file", DEPLOY / "initdb" / "10-roles.sql",
                  env={"GATEWAY_OWNER_PASSWORD": "test-only", "GATEWAY_RUNTIME_PASSWORD": "test-only"})
-        await ok(sys.executable, "-m", "gateway", "migrate",
-                 env={**os.environ, "GATEWAY_DATABASE_URL": dsn("gateway_owner"),
-                      "GATEWAY_DATA_DIR": str(tmp_path / "state")})
+        # in this process (test_the_gateway_serves_without_pgserver runs migrate as one)
+        done = await asyncio.to_thread(gateway_main, "migrate", env={
+            "GATEWAY_DATABASE_URL": dsn("gateway_owner"), "GATEWAY_DATA_DIR": str(tmp_path / "state")})
+        assert done.returncode == 0, done.stdout + done.stderr
 
         conn = await asyncpg.connect(dsn("postgres"))
         try:

@@ -180,7 +180,7 @@ async def test_a_trickling_reader_is_cut_at_the_logs_deadline(big_log, backends,
     # the write timeout well past the deadline: on a loaded machine a write can wait a
     # second or more for this (in-process) client, and the deadline must be what cuts it
     settings = gateway_settings(backends["urls"], **SMALL_POOL, export_write_timeout_s=10,
-                                export_log_deadline_s=2.5)
+                                export_log_deadline_s=1.5)
     async with running_gateway(settings, dsn) as gw:
         sock, started = await _stalled(gw, token_for("alice"), rcvbuf=1 << 16)
         loop, got = asyncio.get_running_loop(), []
@@ -193,8 +193,9 @@ async def test_a_trickling_reader_is_cut_at_the_logs_deadline(big_log, backends,
             pass
         sock.close()
         (cut,) = _cuts(caplog)
-        assert "the access log was not taken within 2.5 s" in cut.getMessage()
-        assert 2.5 <= cut.created - started < 6
+        # (by then at most ~1.2 MB read and ~4 MB in the kernel's buffers, of ~11 MB)
+        assert "the access log was not taken within 1.5 s" in cut.getMessage()
+        assert 1.5 <= cut.created - started < 5
         assert not _complete(b"".join(got))
 
 
@@ -240,6 +241,10 @@ async def test_exports_beyond_the_slots_are_refused_and_the_gateway_keeps_servin
             assert r.status == 200           # it has the slot (the rest is left unread)
 
 
+# ~4.5 s (60,000 accesses read and zipped twice over): the full suite's. In the quick loop
+# test_export's whole-log test checks the ZIP's access log against the paged API, and the
+# tests above check the bounds on a client that stalls or trickles
+@pytest.mark.slow
 async def test_a_reading_client_gets_the_whole_log_first_and_every_member(big_log, backends,
                                                                           http, token_for):
     """Bounds that cut a stalled client within seconds do not touch a client that reads:

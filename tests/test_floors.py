@@ -6,6 +6,7 @@ reload, unless lowered_floors.yaml names the floor with a reason; then check war
 
 from __future__ import annotations
 
+import logging
 import re
 import signal
 from pathlib import Path
@@ -20,7 +21,7 @@ from gateway.policy.catalog import PolicyError
 from gateway.policy.policyset import load_policy_set
 
 from .conftest import POLICY_DIR, audit_row, call, free_port, gateway_process, serve_env, wait_for
-from .roles import gateway_cli
+from .roles import gateway_run
 
 README = POLICY_DIR.parent / "docs" / "contract.md"      # the data-set table
 VOICEMAILS = "/telephony/euos/euo-acme/users/u-alice/voicemails"
@@ -160,12 +161,12 @@ async def test_check_refuses_a_lowered_floor_and_warns_of_a_declared_one(gateway
     floor = _lower(policy_dir, which)
     env = serve_env(backends, database_url, tmp_path, free_port(),
                     GATEWAY_POLICY_DIR=str(policy_dir))
-    done = await gateway_cli("check", env=env)
+    done = await gateway_run("check", env=env)
     assert done.returncode == 2, done.stdout
     assert any(line.startswith(f"problem: policy {policy_dir}") and floor in line
                for line in done.stdout.splitlines()), done.stdout
     _declare(policy_dir, floor)
-    done = await gateway_cli("check", env=env)
+    done = await gateway_run("check", env=env)
     assert done.returncode == 0, done.stdout
     assert any(line.startswith(f"warning: policy {policy_dir}: floor {floor} lowered")
                for line in done.stdout.splitlines()), done.stdout
@@ -173,13 +174,17 @@ async def test_check_refuses_a_lowered_floor_and_warns_of_a_declared_one(gateway
 
 
 @pytest.mark.parametrize("which", LOWERINGS)
-async def test_serve_refuses_a_lowered_floor(backends, policy_dir, tmp_path, which):
+async def test_serve_refuses_a_lowered_floor(backends, policy_dir, tmp_path, which, caplog):
+    """(In this process, its log records read as a process's stderr: a floor refused is
+    refused before the database, which is nowhere, is waited for; test_policy's bad policy
+    runs serve as a process.)"""
     floor = _lower(policy_dir, which)
     env = serve_env(backends, "postgresql://127.0.0.1:9/none", tmp_path, free_port(),
-                    GATEWAY_POLICY_DIR=str(policy_dir))
-    done = await gateway_cli("serve", env=env)
+                    GATEWAY_POLICY_DIR=str(policy_dir), GATEWAY_DB_CONNECT_TIMEOUT_S="0.2")
+    caplog.set_level(logging.INFO)
+    done = await gateway_run("serve", env=env)
     assert done.returncode == 2
-    assert floor in done.stderr and "Traceback" not in done.stderr
+    assert floor in done.stderr and "Traceback" not in done.stderr + caplog.text
 
 
 @pytest.mark.slow

@@ -13,6 +13,7 @@ import asyncio
 import contextlib
 
 import asyncpg
+import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -205,6 +206,7 @@ async def test_reads_finishing_out_of_order_leave_the_latest_committed_value(dat
     await _any_order(database_url, [(0, 1), (0, None)], [1, 0])
 
 
+@pytest.mark.slow           # the property run (25 orders); the case that broke runs above
 @settings(max_examples=25, deadline=None, derandomize=True,
           suppress_health_check=list(HealthCheck))
 @given(changes=st.lists(st.tuples(st.integers(0, 2), st.one_of(st.none(), st.integers(1, 9))),

@@ -1,8 +1,11 @@
 """What an operator trips over gets one line and exit 2, never a traceback: a policy file or
-directory the gateway may not read, an HS256 secret too short to be one."""
+directory the gateway may not read, an HS256 secret too short to be one. (Files root may not
+read need a process that is not root: `serve` and `check` run as processes there, and in
+this process for the mistakes in settings.)"""
 
 from __future__ import annotations
 
+import logging
 import os
 import shutil
 import subprocess
@@ -12,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from .conftest import POLICY_DIR, free_port
+from .conftest import POLICY_DIR, free_port, gateway_main
 
 NOBODY = 65534
 
@@ -62,7 +65,7 @@ def test_an_unreadable_policy_is_one_line_and_exit_2(world_dir, unreadable, comm
            "GATEWAY_UPSTREAM_MEETING": "http://127.0.0.1:9",
            "GATEWAY_LISTEN": f"127.0.0.1:{free_port()}",
            "GATEWAY_DATABASE_URL": "postgresql://127.0.0.1:9/none",
-           "GATEWAY_DB_CONNECT_TIMEOUT_S": "1"}
+           "GATEWAY_DB_CONNECT_TIMEOUT_S": "0.1"}
     done = subprocess.run([*as_another_user(), sys.executable, "-m", "gateway",
                            *COMMANDS[command]], env=env, capture_output=True, text=True,
                           timeout=120, cwd=world_dir)
@@ -75,41 +78,41 @@ def test_an_unreadable_policy_is_one_line_and_exit_2(world_dir, unreadable, comm
 
 
 @pytest.mark.parametrize("command", ["serve", "check"])
-def test_a_short_hs256_secret_is_refused(tmp_path, command):
+def test_a_short_hs256_secret_is_refused(tmp_path, command, caplog):
     """Five characters were a warning: any token the gateway accepted gave the key away to
     an offline guess. Now a problem, like a missing key."""
-    env = {**os.environ, "GATEWAY_DATA_DIR": str(tmp_path), "GATEWAY_JWT_SECRET": "short",
+    env = {"GATEWAY_DATA_DIR": str(tmp_path), "GATEWAY_JWT_SECRET": "short",
            "GATEWAY_UPSTREAM_TELEPHONY": "http://127.0.0.1:9",
            "GATEWAY_UPSTREAM_MEETING": "http://127.0.0.1:9",
            "GATEWAY_LISTEN": f"127.0.0.1:{free_port()}",
            "GATEWAY_DATABASE_URL": "postgresql://127.0.0.1:9/none",
-           "GATEWAY_DB_CONNECT_TIMEOUT_S": "1"}
-    done = subprocess.run([sys.executable, "-m", "gateway", command], env=env,
-                          capture_output=True, text=True, timeout=120)
+           "GATEWAY_DB_CONNECT_TIMEOUT_S": "0.1"}
+    caplog.set_level(logging.INFO)     # what a process would have logged to its stderr
+    done = gateway_main(command, env=env)       # in this process: the database is nowhere
     out = done.stdout + done.stderr
     assert done.returncode == 2 and "Traceback" not in out, out
     assert "GATEWAY_JWT_SECRET is 5 bytes: an HS256 key needs at least 32" in out, out
     if command == "serve":       # refused before it waits for the database
-        assert "database" not in done.stderr, out
+        assert "database" not in done.stderr + caplog.text, out + caplog.text
 
 
 @pytest.mark.parametrize("command", ["serve", "check"])
-def test_a_signing_key_file_that_is_no_key_is_refused_at_start(tmp_path, command):
+def test_a_signing_key_file_that_is_no_key_is_refused_at_start(tmp_path, command, caplog):
     """A placeholder left in the mounted Secret once let `serve` start and each worker die
     at start, over and over, until the restart budget gave up (exit 1)."""
     key = tmp_path / "audit-signing-key.pem"
     key.write_text("REPLACE_ME: -----BEGIN PRIVATE KEY----- ... -----END PRIVATE KEY-----\n")
-    env = {**os.environ, "GATEWAY_DATA_DIR": str(tmp_path), "GATEWAY_JWT_SECRET": "k" * 40,
+    env = {"GATEWAY_DATA_DIR": str(tmp_path), "GATEWAY_JWT_SECRET": "k" * 40,
            "GATEWAY_AUDIT_SIGNING_KEY_FILE": str(key),
            "GATEWAY_UPSTREAM_TELEPHONY": "http://127.0.0.1:9",
            "GATEWAY_UPSTREAM_MEETING": "http://127.0.0.1:9",
            "GATEWAY_LISTEN": f"127.0.0.1:{free_port()}",
            "GATEWAY_DATABASE_URL": "postgresql://127.0.0.1:9/none",
-           "GATEWAY_DB_CONNECT_TIMEOUT_S": "1"}
-    done = subprocess.run([sys.executable, "-m", "gateway", command], env=env,
-                          capture_output=True, text=True, timeout=120)
+           "GATEWAY_DB_CONNECT_TIMEOUT_S": "0.1"}
+    caplog.set_level(logging.INFO)     # what a process would have logged to its stderr
+    done = gateway_main(command, env=env)       # in this process: the database is nowhere
     out = done.stdout + done.stderr
     assert done.returncode == 2 and "Traceback" not in out, out
     assert f"GATEWAY_AUDIT_SIGNING_KEY_FILE {key}" in out, out
     if command == "serve":
-        assert "database" not in done.stderr, out
+        assert "database" not in done.stderr + caplog.text, out + caplog.text

@@ -10,6 +10,7 @@ import orjson
 import pytest
 from aiohttp import web
 
+from gateway import backends as backends_module
 from gateway.demo.run import start_site
 
 from .conftest import call, gateway_settings, running_gateway
@@ -120,10 +121,12 @@ async def test_staff_cannot_delete_a_voicemail_but_its_user_can(gateway, http, t
 @pytest.fixture
 async def faulty(backends, database_url):
     """A gateway whose telephony backend misbehaves as each request asks (?fault=...)."""
+    done = asyncio.Event()
+
     async def handler(request):
         fault = request.path.split("/")[2]          # /euos/<fault>/...
-        if fault == "slow":
-            await asyncio.sleep(2)
+        if fault == "slow":         # past the gateway's read timeout: until the test is done
+            await done.wait()
         if fault == "malformed":
             return web.Response(body=b'{"id": "malformed", "name": ', content_type="application/json")
         if fault == "shape":
@@ -141,6 +144,7 @@ async def faulty(backends, database_url):
     settings = gateway_settings(urls, backend_read_timeout_s=0.5)
     async with running_gateway(settings, database_url) as gw:
         yield gw
+        done.set()
     await runner.cleanup()
 
 
@@ -169,9 +173,14 @@ async def test_unreachable_backend_is_502(backends, database_url, http, token_fo
 
 
 async def test_readiness_answers_at_once_while_a_backend_hangs(backends, database_url, http,
-                                                               token_for):
+                                                               token_for, monkeypatch):
     """A backend that takes connections and never answers: `/readyz` says so from what the
-    last probe saw, at once (it waited for a live probe of 2 s before)."""
+    last probe saw, at once (it waited for a live probe of 2 s before). The gateway's start
+    waits for its first probes: theirs are cut at 0.3 s here; a probe after that would take
+    the whole PROBE_TIMEOUT_S again, which /readyz must not wait for."""
+    probe_timeout_s = backends_module.PROBE_TIMEOUT_S
+    assert probe_timeout_s >= 1.0         # what a live probe on /readyz would take, below
+    monkeypatch.setattr(backends_module, "PROBE_TIMEOUT_S", 0.3)
     held: list[asyncio.StreamWriter] = []
 
     async def hold(reader, writer):
@@ -182,6 +191,7 @@ async def test_readiness_answers_at_once_while_a_backend_hangs(backends, databas
     urls = dict(backends["urls"], telephony=f"http://127.0.0.1:{port}")
     try:
         async with running_gateway(gateway_settings(urls), database_url) as gw:
+            monkeypatch.setattr(backends_module, "PROBE_TIMEOUT_S", probe_timeout_s)
             for _ in range(3):
                 started = time.monotonic()
                 status, _, body = await call(http, "GET", gw + "/readyz")

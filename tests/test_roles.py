@@ -8,7 +8,14 @@ import asyncpg
 import orjson
 
 from .conftest import call, free_port, gateway_process, serve_env, wait_for
-from .roles import as_role, drop_last_migration, gateway_cli, migrated_with_grants, two_roles
+from .roles import (
+    as_role,
+    drop_last_migration,
+    gateway_cli,
+    gateway_run,
+    migrated_with_grants,
+    two_roles,
+)
 from .test_webhooks import receiving, secret_file
 
 ALICE = "/telephony/euos/euo-acme/users/u-alice"
@@ -17,7 +24,7 @@ ALICE = "/telephony/euos/euo-acme/users/u-alice"
 async def test_the_runtime_role_serves_audits_and_changes_contracts_and_requests(
         database_url, backends, http, token_for, tmp_path):
     async with two_roles(database_url) as roles, receiving() as (receiver, hook_url):
-        await migrated_with_grants(roles)
+        await migrated_with_grants(roles, process=True)
         async with gateway_process(http, backends, roles.runtime_dsn, tmp_path,
                                    "--no-migrate", GATEWAY_WEBHOOK_URL=hook_url,
                                    GATEWAY_WEBHOOK_SECRET_FILE=str(secret_file(tmp_path))
@@ -123,14 +130,14 @@ async def test_without_this_months_partition_rows_land_in_the_default_one_and_ve
                                          "where request_id = $1", headers["X-Request-Id"])
             assert where == "audit_log_default"
 
-            check = await gateway_cli("check", env=serve_env(backends, roles.runtime_dsn,
+            check = await gateway_run("check", env=serve_env(backends, roles.runtime_dsn,
                                                              tmp_path, free_port()))
             assert check.returncode == 0, check.stdout
             assert f"warning: audit partitions missing: {month}" in check.stdout
-            verify = await gateway_cli("audit", "verify", env=as_role(roles.runtime_dsn))
+            verify = await gateway_run("audit", "verify", env=as_role(roles.runtime_dsn))
             assert verify.returncode == 0 and orjson.loads(verify.stdout)["ok"] is True
 
-            maintain = await gateway_cli("audit", "maintain", env=as_role(roles.owner_dsn))
+            maintain = await gateway_run("audit", "maintain", env=as_role(roles.owner_dsn))
             assert maintain.returncode == 1
             assert f"could not create {month}: audit_log_default already holds rows" \
                 in maintain.stdout
@@ -150,12 +157,12 @@ async def test_maintain_creates_the_partitions_ahead_and_prunes_and_the_runtime_
             await owner.execute(f'drop table "{last}"')
         finally:
             await owner.close()
-        refused = await gateway_cli("audit", "maintain", env=as_role(roles.runtime_dsn))
+        refused = await gateway_run("audit", "maintain", env=as_role(roles.runtime_dsn))
         assert refused.returncode == 2 and "Traceback" not in refused.stderr
         assert "run it as the schema's owner" in refused.stderr
-        done = await gateway_cli("audit", "maintain", env=as_role(roles.owner_dsn))
+        done = await gateway_run("audit", "maintain", env=as_role(roles.owner_dsn))
         assert done.returncode == 0, done.stderr
         assert "dropped audit_log_y2020m03" in done.stdout
         assert f"created {last}" in done.stdout and done.stdout.count("created") == 1
-        again = await gateway_cli("audit", "maintain", env=as_role(roles.owner_dsn))
+        again = await gateway_run("audit", "maintain", env=as_role(roles.owner_dsn))
         assert again.returncode == 0 and "created" not in again.stdout
