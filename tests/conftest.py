@@ -301,7 +301,8 @@ def pytest_runtest_logreport(report):
 
 @pytest.hookimpl(trylast=True)         # after -m and -k have deselected what does not run
 def pytest_collection_modifyitems(session, config, items):
-    known = config.cache.get(DURATIONS_KEY, {}) if config.cache is not None else {}
+    cache = getattr(config, "cache", None)         # None under -p no:cacheprovider
+    known = cache.get(DURATIONS_KEY, {}) if cache is not None else {}
     weight: dict[str, float] = {}
     for item in items:
         module = item.nodeid.split("::")[0]
@@ -312,11 +313,12 @@ def pytest_collection_modifyitems(session, config, items):
 
 
 def _keep_durations(config) -> None:
-    if config.cache is None or hasattr(config, "workerinput") or not _durations:
+    cache = getattr(config, "cache", None)
+    if cache is None or hasattr(config, "workerinput") or not _durations:
         return
-    known = config.cache.get(DURATIONS_KEY, {})
+    known = cache.get(DURATIONS_KEY, {})
     known.update({nodeid: round(seconds, 2) for nodeid, seconds in _durations.items()})
-    config.cache.set(DURATIONS_KEY, known)
+    cache.set(DURATIONS_KEY, known)
 
 
 def pytest_sessionfinish(session, exitstatus):
