@@ -81,17 +81,23 @@ async def test_one_process_beats_and_another_takes_over_within_the_bound(deploym
             killed_at = loop.time()
             await dead[1].close()
             await dead[0].close()
-            await until(lambda: any(p[0].sender for p in processes), timeout=STALENESS_S)
             await until(lambda: any(at > killed_at and sender != dead[0]._token
                                     for at, sender in heard), timeout=STALENESS_S)
             took_over = next(at for at, sender in heard if at > killed_at) - killed_at
             assert took_over < STALENESS_S
+            # the first beat heard may be a rescue from a process that did not get the lock
+            # (the dead one's session had not ended yet) while the other got it later: by
+            # design. The window starts once the lock's new holder has been heard
+            await until(lambda: any(p[0].sender for p in processes), timeout=STALENESS_S)
+            (new,) = [p for p in processes if p[0].sender]
+            await until(lambda: any(at > killed_at and sender == new[0]._token
+                                    for at, sender in heard), timeout=STALENESS_S)
             start = loop.time()
             await asyncio.sleep(1.5)
             watching.cancel()
             assert worst < STALENESS_S, worst
             window = [sender for at, sender in heard if at >= start]
-            assert len(set(window)) == 1 and dead[0]._token not in window, window
+            assert set(window) == {new[0]._token}, window
             assert [p[0].sender for p in processes].count(True) == 1
         finally:
             for listener, cache in processes:
