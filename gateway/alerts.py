@@ -12,7 +12,6 @@ import asyncio
 import contextlib
 import logging
 import os
-import re
 import secrets
 from collections.abc import Callable
 from datetime import UTC, datetime, time, timedelta
@@ -23,7 +22,7 @@ import asyncpg
 import orjson
 
 from .db import DATABASE_ERRORS, query
-from .policy.alert_rules import AlertRule
+from .policy.alert_rules import RULE_WORD, AlertRule
 
 log = logging.getLogger("gateway.alerts")
 
@@ -39,9 +38,6 @@ _PER = {"actor": 0, "partner": 1, "euo": 2}    # where a group names each key
 _DB_ERRORS = DATABASE_ERRORS
 
 
-_WORD = re.compile(r"[A-Za-z0-9_.:@-]{1,128}")
-
-
 def _literal(value: object) -> str:
     """A rule's value as an SQL literal: a word of the policy grammar (a measure, role or
     data set, validated at load), a clock time or ISO weekdays, else refused."""
@@ -49,7 +45,7 @@ def _literal(value: object) -> str:
         return "null"
     if isinstance(value, time):
         return f"'{value.isoformat()}'::time"
-    if isinstance(value, str) and _WORD.fullmatch(value):
+    if isinstance(value, str) and RULE_WORD.fullmatch(value):
         return f"'{value}'"
     if isinstance(value, (tuple, list, frozenset)):
         words = [_literal(v) if isinstance(v, str) else str(int(v)) for v in sorted(value)]

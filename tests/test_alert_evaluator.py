@@ -170,3 +170,19 @@ _ROW = st.tuples(st.sampled_from(["ann", "bo"]),
 @given(chunks=st.lists(st.lists(_ROW, max_size=12), min_size=1, max_size=6))
 def test_the_shortcut_never_changes_what_is_raised(database_url, template_database, chunks):
     asyncio.run(_both(database_url, template_database, chunks))
+
+
+async def test_a_rule_naming_a_role_of_any_letters_is_evaluated(database_url, template_database):
+    """roles.yaml takes any identifier for a role name, accented letters too; the evaluator
+    writes a rule's roles into its query, and such a name failed there (ValueError when the
+    evaluator was built, at start or on a reload) where it should simply count."""
+    rule = AlertRule(name="checks", description="", measure="refusals", per="actor",
+                     window=timedelta(minutes=5), limit=2, roles=frozenset({"prüfer"}))
+    async with _log(database_url, template_database) as (pool, write):
+        evaluator = AlertEvaluator(pool, (rule,), "test", settle_s=0.0)
+        await evaluator.evaluate()                   # the watermark: now
+        rows = [dataclasses.replace(_row("auditor-1", [], deny=True), actor_role=role)
+                for role in ("prüfer", "prüfer", "pruefer", "prüfer")]
+        await write(*rows)
+        await _evaluated(evaluator)
+        assert await _alerts(pool) == [("checks", "auditor-1", 3)]    # its role's rows only

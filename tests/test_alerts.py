@@ -14,6 +14,7 @@ from pathlib import Path
 import asyncpg
 import orjson
 import pytest
+import yaml
 from aiohttp import web
 
 from gateway.app import create_app
@@ -98,6 +99,41 @@ def test_a_file_of_any_wrong_shape_is_a_policy_error(tmp_path):
             load_policy_set(policy)
     (policy / "alerts.yaml").write_text("rules: []\n")
     assert load_policy_set(policy).alert_rules == ()
+
+
+def _with_data_set(policy: Path, name: str) -> None:
+    """A data set `name` added to the policy as connection_statistics is (its read lines),
+    holding the CDR statistics' `errors` field, and named by the bulk rule instead."""
+    doc = yaml.safe_load((policy / "datasets.yaml").read_text())
+    doc["datasets"][name] = dict(doc["datasets"]["connection_statistics"])
+    (policy / "datasets.yaml").write_text(yaml.safe_dump(doc, allow_unicode=True))
+    lines = (policy / "policy.csv").read_text().splitlines()
+    (policy / "policy.csv").write_text("\n".join(
+        lines + [line.replace("connection_statistics", name)
+                 for line in lines if "connection_statistics" in line]) + "\n")
+    for file, old in (("routes.yaml", "errors: connection_statistics"),
+                      ("alerts.yaml", "data_set: connection_statistics")):
+        text = (policy / file).read_text()
+        assert old in text
+        (policy / file).write_text(text.replace(old, old.split(": ")[0] + ": " + name, 1))
+
+
+@pytest.mark.parametrize("name", ["connection'statistics", "connection\\statistics",
+                                  "connection statistics"])
+def test_a_rule_may_not_name_a_data_set_its_query_could_not_hold(tmp_path, name):
+    """The evaluator writes a rule's data set into its query as a literal: a name with a
+    quote, a backslash or a space is refused at load, naming the rule (it failed as a
+    ValueError when the evaluator was built, at start or on a reload); the same policy
+    with a plain new name loads."""
+    policy = _own_policy(tmp_path)
+    _with_data_set(policy, name)
+    with pytest.raises(PolicyError, match="rule bulk_connection_statistics: data_set .* cannot "
+                                          "be named by a rule"):
+        load_policy_set(policy)
+    plain = _own_policy(tmp_path / "plain")
+    _with_data_set(plain, "connection_stats")
+    rules = {rule.name: rule for rule in load_policy_set(plain).alert_rules}
+    assert rules["bulk_connection_statistics"].data_set == "connection_stats"
 
 
 async def test_gateway_check_refuses_a_bad_alerts_file_and_a_missing_one(

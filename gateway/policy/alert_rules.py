@@ -20,6 +20,10 @@ ALERTS_FILE = "alerts.yaml"
 MEASURES = ("distinct_subjects", "rows", "refusals", "break_glass", "off_hours")
 PER = ("actor", "partner", "euo")
 RULE_NAME = re.compile(r"[a-z][a-z0-9_]{0,47}")
+# a role or data set a rule names, as the evaluator writes it into its query (a literal,
+# alerts._literal): every role name (an identifier) fits; a data set named with a quote,
+# a backslash or a space is refused here, at load, not by the evaluator at start or reload
+RULE_WORD = re.compile(r"[\w.:@-]{1,128}")
 _DURATION = re.compile(r"([1-9][0-9]{0,4})([mhd])")
 _UNIT = {"m": "minutes", "h": "hours", "d": "days"}
 _CLOCK = re.compile(r"([01][0-9]|2[0-3]):([0-5][0-9])")
@@ -121,6 +125,9 @@ def _rule(n: int, raw: Any, catalog: Catalog) -> AlertRule:
     if data_set is not None and (not isinstance(data_set, str)
                                  or data_set not in catalog.data_sets):
         raise PolicyError(f"{where}: data_set {data_set!r} is not in datasets.yaml")
+    if data_set is not None and not RULE_WORD.fullmatch(data_set):
+        raise PolicyError(f"{where}: data_set {data_set!r} cannot be named by a rule: only "
+                          "names of letters, digits and _ . : @ - can")
     if measure == "rows" and data_set is None:
         raise PolicyError(f"{where}: measure rows needs a data_set")
     roles = raw.get("roles", [])
@@ -129,6 +136,8 @@ def _rule(n: int, raw: Any, catalog: Catalog) -> AlertRule:
     unknown = sorted(set(roles) - set(catalog.roles))
     if unknown:
         raise PolicyError(f"{where}: roles {unknown} are not in roles.yaml")
+    if odd := sorted(r for r in roles if not RULE_WORD.fullmatch(r)):
+        raise PolicyError(f"{where}: roles {odd} cannot be named by a rule")
     if raw.get("baseline") is not None and per != "actor":
         raise PolicyError(f"{where}: a baseline compares an actor with its role peers: "
                           "only with per: actor")
