@@ -54,6 +54,7 @@ def runtime_privileges(sql_dir: Path = SQL_DIR) -> tuple[tuple[str, tuple[str, .
 
 MIGRATE_HINT = "run `gateway migrate` as the schema's owner"
 SECRET_FIELDS = ("jwt_secret",)
+LISTENERS_PER_PROCESS = 1     # gateway/listener.py: one LISTEN connection for every mirror
 URL_FIELDS = ("database_url", "database_listen_url", "jwt_jwks_url", "webhook_url")
 
 
@@ -124,9 +125,44 @@ def check_settings(settings: Settings, found: Findings) -> None:
             found.problems += [p for p in str(e).split("; ") if p not in found.problems]
 
 
-async def check_database(dsn: str, found: Findings, migrating: bool = False) -> None:
+@dataclass(frozen=True)
+class Deployment:
+    """How many gateway processes share the database: `serve --workers` per pod, pods."""
+    settings: Settings
+    workers: int = 1
+    pods: int = 1
+
+
+def connection_budget(deployment: Deployment, max_connections: int,
+                      reserved: int) -> tuple[bool, str]:
+    """Whether the deployment's connections fit in what the server lets the gateway's role
+    open, and the line that says so: each process holds GATEWAY_DB_POOL_MAX plus its one
+    listener; behind a transaction pooler only the listeners reach PostgreSQL directly (the
+    pooler's own server connections, its default_pool_size, come on top)."""
+    settings, processes = deployment.settings, deployment.workers * deployment.pods
+    available = max_connections - reserved
+    who = f"{deployment.workers} workers (--workers) × {deployment.pods} pods (--pods)"
+    limit = (f"max_connections {max_connections}, {reserved} reserved for superusers: "
+             f"{available} for the gateway")
+    if settings.database_pooler == "transaction":
+        need = processes * LISTENERS_PER_PROCESS
+        return need <= available, (
+            f"database connections: {need} listeners ({who}) straight to PostgreSQL; the "
+            f"{processes * settings.db_pool_max} pooled ones (GATEWAY_DB_POOL_MAX "
+            f"{settings.db_pool_max} each) go through the pooler, whose server connections "
+            f"come on top; {limit}")
+    per_process = settings.db_pool_max + LISTENERS_PER_PROCESS
+    need = processes * per_process
+    return need <= available, (
+        f"database connections: {need} = {per_process} a process (GATEWAY_DB_POOL_MAX "
+        f"{settings.db_pool_max} + {LISTENERS_PER_PROCESS} listener) × {who}; {limit}")
+
+
+async def check_database(dsn: str, found: Findings, migrating: bool = False,
+                         deployment: Deployment | None = None) -> None:
     """Schema current, partitions ahead and, for a role that does not own the schema, its
-    grants. With `migrating`, first migrate and create the partitions ahead (the owner's job)."""
+    grants; with `deployment`, its connections against max_connections. With `migrating`,
+    first migrate and create the partitions ahead (the owner's job)."""
     try:
         conn = await asyncpg.connect(dsn, timeout=10)
     except Exception as e:      # wait_for_database let it through a moment ago
@@ -151,9 +187,21 @@ async def check_database(dsn: str, found: Findings, migrating: bool = False) -> 
                                   f"not applied): {MIGRATE_HINT}")
             return
         found.passed.append(f"database reachable as {role}, schema current")
-        found.passed.append(
-            f"database max_connections is {await conn.fetchval('show max_connections')}: each "
-            "gateway worker process holds GATEWAY_DB_POOL_MAX + 1, its listener (docs/scale.md)")
+        limits = await conn.fetchrow(query("connection_limits"))
+        if deployment is None:
+            found.passed.append(
+                f"database max_connections is {limits['max_connections']}: each gateway worker "
+                f"process holds GATEWAY_DB_POOL_MAX + {LISTENERS_PER_PROCESS}, its listener "
+                "(docs/scale.md)")
+        else:
+            fits, line = connection_budget(deployment, limits["max_connections"],
+                                           limits["reserved"])
+            if fits:
+                found.passed.append(line)
+            else:
+                found.problems.append(
+                    f"{line}: too few; raise max_connections, lower GATEWAY_DB_POOL_MAX or "
+                    "put a transaction pooler in front (docs/scale.md)")
         not_durable = await durability_problems(conn, session=False)
         if not_durable:
             found.problems.append(f"the database's commits are not durable ({', '.join(not_durable)}):"

@@ -294,6 +294,14 @@ select min(to_date(substr(c.relname, 12, 4) || substr(c.relname, 17, 2), 'YYYYMM
 -- The deployment's heartbeat (gateway/listener.py): "<seq> <sender> <the database's time>".
 select pg_notify($1, $2 || ' ' || extract(epoch from clock_timestamp())::text);
 
+-- name: connection_limits
+-- What `gateway check` sizes the deployment's connections against: max_connections, less
+-- the slots kept for superusers (and, from PostgreSQL 16, for pg_use_reserved_connections).
+select current_setting('max_connections')::int as max_connections,
+       (select coalesce(sum(setting::int), 0) from pg_settings
+         where name in ('superuser_reserved_connections', 'reserved_connections'))::int
+           as reserved;
+
 -- name: heartbeat_lock
 -- Whether this session is (now) the deployment's heartbeat sender.
 select pg_try_advisory_lock($1);

@@ -12,7 +12,7 @@ import asyncpg
 from gateway.check import runtime_privileges
 from gateway.db import SQL_DIR
 
-from .conftest import POLICY_DIR, SECRET, free_port, gateway_main, serve_env
+from .conftest import POLICY_DIR, SECRET, connected, free_port, gateway_main, own_database, serve_env
 from .roles import drop_last_migration, gateway_cli, migrated_with_grants, two_roles
 
 
@@ -34,10 +34,51 @@ async def test_a_good_setup_passes_and_prints_no_secret(database_url, backends, 
     assert "jwt_secret = (set, hidden)" in out and f"{roles.runtime}:***@" in out
     for line in ("ok: settings", f"role {roles.runtime} holds the runtime grants",
                  "ok: backend telephony answers", "ok: backend meeting answers",
-                 "database commits are durable", "each gateway worker process holds "
-                 "GATEWAY_DB_POOL_MAX + 1, its listener", "0 problems, 0 warnings"):
+                 "database commits are durable", "0 problems, 0 warnings"):
         assert line in out
-    assert re.search(r"database max_connections is \d+", out)
+    assert re.search(r"ok: database connections: 13 = 13 a process \(GATEWAY_DB_POOL_MAX 12 "
+                     r"\+ 1 listener\) × 1 workers \(--workers\) × 1 pods \(--pods\); "
+                     r"max_connections \d+, \d+ reserved for superusers: \d+ for the gateway",
+                     out), out
+
+
+async def test_a_deployment_with_more_connections_than_the_server_allows_is_a_problem(
+        database_url, template_database, backends, tmp_path):
+    """`check --workers W --pods P` sizes the deployment's connections: W × P processes of
+    GATEWAY_DB_POOL_MAX + 1 (its listener) each, against max_connections less the slots
+    reserved for superusers: the most processes that fit pass, a process or two more is a
+    problem; behind a transaction pooler only the listeners count."""
+    async with own_database(database_url, template_database) as dsn, connected(dsn) as conn:
+        limits = await conn.fetchrow("select current_setting('max_connections')::int as m, "
+                                     "current_setting('superuser_reserved_connections')::int "
+                                     "+ coalesce(current_setting('reserved_connections', true)"
+                                     "::int, 0) as r")
+        available = limits["m"] - limits["r"]
+        env = {k: v for k, v in serve_env(backends, dsn, tmp_path, free_port(),
+                                          GATEWAY_DB_POOL_MAX="4").items()
+               if k.startswith("GATEWAY_")}
+        pods = available // 5                              # 5 connections a process
+        fits = await asyncio.to_thread(gateway_main, "check", "--pods", str(pods), env=env)
+        assert fits.returncode == 0, fits.stdout
+        assert (f"ok: database connections: {pods * 5} = 5 a process (GATEWAY_DB_POOL_MAX 4 + 1 "
+                f"listener) × 1 workers (--workers) × {pods} pods (--pods); max_connections "
+                f"{limits['m']}, {limits['r']} reserved for superusers: {available} for the "
+                "gateway") in fits.stdout.splitlines(), fits.stdout
+        over = await asyncio.to_thread(gateway_main, "check", "--workers", "2", "--pods",
+                                       str(pods // 2 + 1), env=env)
+        assert over.returncode == 2
+        assert any(line.startswith(f"problem: database connections: {(pods // 2 + 1) * 10} = ")
+                   and line.endswith("too few; raise max_connections, lower GATEWAY_DB_POOL_MAX "
+                                     "or put a transaction pooler in front (docs/scale.md)")
+                   for line in over.stdout.splitlines()), over.stdout
+        pooled = await asyncio.to_thread(gateway_main, "check", "--pods", str(available), env={
+            **env, "GATEWAY_DATABASE_POOLER": "transaction", "GATEWAY_DATABASE_LISTEN_URL":
+            dsn})
+        assert f"ok: database connections: {available} listeners (1 workers (--workers) × " \
+            f"{available} pods (--pods)) straight to PostgreSQL" in pooled.stdout, pooled.stdout
+        bad = await asyncio.to_thread(gateway_main, "check", "--workers", "0", env=env)
+        assert bad.returncode == 2 and "--workers: must be a whole number of at least 1" \
+            in bad.stderr, bad.stderr
 
 
 async def test_a_policy_that_breaks_a_floor_is_a_problem(database_url, backends, tmp_path):

@@ -3,6 +3,7 @@ deployment is connected to."""
 
 from __future__ import annotations
 
+import argparse
 import asyncio
 import contextlib
 import sys
@@ -11,7 +12,14 @@ from datetime import UTC, datetime
 import asyncpg
 import orjson
 
-from ..check import Findings, check_backends, check_database, check_settings, effective_configuration
+from ..check import (
+    Deployment,
+    Findings,
+    check_backends,
+    check_database,
+    check_settings,
+    effective_configuration,
+)
 from ..database import database_url, with_database
 from ..db import DatabaseUnavailable, ensure_partitions, grant_runtime, migrate, query
 from ..settings import Settings
@@ -20,9 +28,16 @@ COMMANDS = ("migrate", "grant", "check", "contracts")
 
 
 def register(sub) -> None:
-    sub.add_parser("check", help="check settings, policy, database and backends; print the "
-                   "effective configuration (secrets masked); exit 2 on a problem"
-                   ).set_defaults(run=lambda settings, args: _check(settings))
+    check = sub.add_parser("check", help="check settings, policy, database and backends; "
+                           "print the effective configuration (secrets masked); exit 2 on a "
+                           "problem")
+    check.add_argument("--workers", type=_at_least_one, default=1,
+                       help="the deployment's `serve --workers` per pod, for the connection "
+                       "budget (default 1)")
+    check.add_argument("--pods", type=_at_least_one, default=1,
+                       help="how many pods (hosts, instances) serve against this database, "
+                       "for the connection budget (default 1)")
+    check.set_defaults(run=lambda settings, args: _check(settings, args.workers, args.pods))
     sub.add_parser("migrate", help="apply the SQL migrations, create the audit partitions "
                    "ahead, and exit (as the schema's owner)"
                    ).set_defaults(run=lambda settings, args: with_database(settings, _migrate))
@@ -37,6 +52,12 @@ def register(sub) -> None:
                              "contract_end, active)"
                              ).set_defaults(run=lambda settings, args: with_database(
                                  settings, _list_contracts))
+
+
+def _at_least_one(text: str) -> int:
+    if not text.isdigit() or int(text) < 1:
+        raise argparse.ArgumentTypeError(f"must be a whole number of at least 1, not {text!r}")
+    return int(text)
 
 
 async def _migrate(dsn: str) -> int:
@@ -72,7 +93,7 @@ async def _grant(dsn: str, role: str) -> int:
     return 0
 
 
-def _check(settings: Settings) -> int:
+def _check(settings: Settings, workers: int = 1, pods: int = 1) -> int:
     """Print the effective configuration and one line per check; 0 if no problem, else 2."""
     found = Findings()
     print("configuration:")
@@ -85,7 +106,8 @@ def _check(settings: Settings) -> int:
         except DatabaseUnavailable as e:
             found.problems.append(str(e))
         else:
-            asyncio.run(check_database(dsn, found))
+            asyncio.run(check_database(dsn, found,
+                                       deployment=Deployment(settings, workers, pods)))
         asyncio.run(check_backends(settings, found))
     for line in found.lines():
         print(line)
