@@ -155,8 +155,7 @@ class AlertEvaluator:
     def __init__(self, pool: asyncpg.Pool, rules: tuple[AlertRule, ...], version: str,
                  queue_event: Callable | None = None, observe: Callable[[str], None] | None = None,
                  poll_s: float = 1.0, settle_s: float = SETTLE_S):
-        self.pool, self.rules, self.version = pool, rules, version
-        self._sql = _pass_sql(rules) if rules else None
+        self.pool = pool
         self.queue_event = queue_event      # (conn, payload): the alert.raised webhook
         self.observe = observe              # told each raised alert's rule (metrics)
         self.poll_s, self.settle_s = poll_s, settle_s
@@ -175,11 +174,15 @@ class AlertEvaluator:
         # per (rule, key), the end of the latest window alerted: a window that overlaps it
         # raises nothing more, without asking (an alert, once raised, stays)
         self._alerted: dict[tuple[str, str], datetime] = {}
+        self.use(rules, version)
 
     def use(self, rules: tuple[AlertRule, ...], version: str) -> None:
-        """A reloaded policy's rules, from the next pass on."""
+        """These rules (a reloaded policy's), from the next pass on: the pass's query and
+        lookups made once here, not at each pass."""
         self.rules, self.version = rules, version
         self._sql = _pass_sql(rules) if rules else None
+        self._by_name = {rule.name: rule for rule in rules}
+        self._distinct = [rule for rule in rules if rule.measure == "distinct_subjects"]
         self._baselines.clear()
         self._forget()
 
@@ -253,7 +256,6 @@ class AlertEvaluator:
                 await conn.execute(query("alert_watermark_move"), *here, self.name)
                 self._mark = here
                 return 0
-            rules = {rule.name: rule for rule in self.rules}
             touched: dict[tuple[str, str], datetime] = {}     # the last counted row's time
             for group in orjson.loads(new["counted"]):
                 for i, rule in enumerate(self.rules):
@@ -264,9 +266,8 @@ class AlertEvaluator:
                         if rule.measure != "distinct_subjects":
                             self._since[rule.name, key] = (
                                 self._since.get((rule.name, key), 0) + rows)
-            distinct = [r for r in self.rules if r.measure == "distinct_subjects"]
             for group in orjson.loads(new["named"]):
-                for i, rule in enumerate(distinct):
+                for i, rule in enumerate(self._distinct):
                     lists, key = group[3 + i], group[_PER[rule.per]]
                     if lists and key is not None:
                         named = self._since.setdefault((rule.name, key), set())
@@ -275,7 +276,7 @@ class AlertEvaluator:
                                 break        # past the limit already: measured
                             named.update(subjects)
             for (name, key), at in touched.items():
-                rule = rules[name]
+                rule = self._by_name[name]
                 alerted = self._alerted.get((name, key))
                 if alerted is not None and alerted > at - rule.window:
                     continue                 # this window already alerted, known here
